@@ -1,0 +1,1 @@
+// placeholder: keeps the library non-empty until its sources land

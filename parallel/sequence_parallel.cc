@@ -1,0 +1,66 @@
+// Single-rank path of sequence_parallel.h (the distributed methods land with parallel/ proper).
+#include "parallel/sequence_parallel.h"
+
+#include "core/check.h"
+#include "kernels/attention.h"
+
+namespace lasp {
+
+SpMethod sp_method_from_name(const std::string& name) {
+  if (name == "lasp2") return SpMethod::Lasp2;
+  if (name == "lasp1") return SpMethod::Lasp1;
+  if (name == "ring") return SpMethod::Ring;
+  if (name == "allgather_kv") return SpMethod::AllGatherKV;
+  LASP_FAIL() << "unknown sp_method '" << name << "', expected lasp2 | lasp1 | ring | allgather_kv";
+  return SpMethod::Lasp2;
+}
+
+const char* sp_method_name(SpMethod m) {
+  switch (m) {
+    case SpMethod::Lasp2: return "lasp2";
+    case SpMethod::Lasp1: return "lasp1";
+    case SpMethod::Ring: return "ring";
+    case SpMethod::AllGatherKV: return "allgather_kv";
+  }
+  return "?";
+}
+
+int SpContext::size() const { return 1; }
+int SpContext::rank() const { return 0; }
+
+std::vector<int64_t> sp_local_positions(const SpContext& ctx, int64_t local_len) {
+  std::vector<int64_t> p(static_cast<size_t>(local_len));
+  for (int64_t i = 0; i < local_len; ++i) p[i] = i;
+  return p;
+}
+
+void sp_linear_attention_forward(const SpContext& ctx, Tensor& o, const Tensor& q, const Tensor& k,
+                                 const Tensor& v, const Decay& decay, SpSaved& saved, int chunk) {
+  Tensor no_state;
+  linear_attention_forward(o, no_state, q, k, v, decay, Tensor(), chunk);
+}
+
+void sp_linear_attention_backward(const SpContext& ctx, Tensor& dq, Tensor& dk, Tensor& dv,
+                                  Tensor& d_log_decay, const Tensor& q, const Tensor& k,
+                                  const Tensor& v, const Decay& decay, const SpSaved& saved,
+                                  const Tensor& d_o, int chunk) {
+  Tensor no_grad;
+  linear_attention_backward(dq, dk, dv, d_log_decay, no_grad, q, k, v, decay, Tensor(), d_o,
+                            Tensor(), chunk);
+}
+
+void sp_attention_forward(const SpContext& ctx, Tensor& o, const Tensor& q, const Tensor& k,
+                          const Tensor& v, float scale, SpSaved& saved) {
+  Tensor lse = Tensor::empty({q.dim(0), q.dim(2), q.dim(1)},
+                             q.is_cuda() ? DType::F32 : q.dtype(), q.device());
+  attention_forward(o, lse, q, k, v, scale, /*causal=*/true, 0);
+  saved.tensors = {lse};
+}
+
+void sp_attention_backward(const SpContext& ctx, Tensor& dq, Tensor& dk, Tensor& dv,
+                           const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+                           const Tensor& d_o, float scale, const SpSaved& saved) {
+  attention_backward(dq, dk, dv, q, k, v, o, saved.tensors.at(0), d_o, scale, true, 0);
+}
+
+}  // namespace lasp
