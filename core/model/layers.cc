@@ -1,0 +1,322 @@
+#include "core/model/layers.h"
+
+#include <cmath>
+
+#include "kernels/gemm.h"
+
+namespace lasp {
+
+namespace {
+
+uint64_t splitmix64(uint64_t& s) {
+  uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+Param make_param(const std::string& name, Tensor value, bool weight_decay, bool tp_sharded) {
+  Param p;
+  p.name = name;
+  p.value = value;
+  p.grad = Tensor::zeros(value.shape(), value.dtype(), value.device());
+  p.weight_decay = weight_decay;
+  p.tp_sharded = tp_sharded;
+  return p;
+}
+
+std::string layer_name(int layer, const char* what) {
+  return "layers." + std::to_string(layer) + "." + what;
+}
+
+// y = x W^T, then the TP all-reduce for row-parallel projections.
+void row_parallel_forward(Tensor& y, const Tensor& x, const Tensor& w, const ModelParallel& par) {
+  linear_forward(y, x, w);
+  if (par.tp_size > 1) par.tp_all_reduce(y);
+}
+
+// dx (+)= dy W and dW += dy^T x for a column-parallel projection.
+void column_parallel_backward(Tensor& dx, bool accumulate, Param& w, const Tensor& dy,
+                              const Tensor& x) {
+  gemm(dx, dy, false, w.value, false, 1.0f, accumulate ? 1.0f : 0.0f);
+  gemm(w.grad, dy, true, x, false, 1.0f, 1.0f);
+}
+
+Tensor like(const Tensor& t, const Shape& shape) { return Tensor::empty(shape, t.dtype(), t.device()); }
+
+}  // namespace
+
+Tensor init_normal(const Shape& full_shape, double std, uint64_t seed, const std::string& name,
+                   DType dtype) {
+  uint64_t s = seed * 0x100000001B3ull;
+  for (char c : name) s = (s ^ static_cast<uint8_t>(c)) * 0x100000001B3ull;
+  Tensor t = Tensor::empty(full_shape, dtype);
+  const int64_t n = t.numel();
+  for (int64_t i = 0; i < n; i += 2) {  // Box-Muller: two normals per pair of uniforms
+    const double u1 = (static_cast<double>(splitmix64(s) >> 11) + 1.0) * 0x1.0p-53;
+    const double u2 = static_cast<double>(splitmix64(s) >> 11) * 0x1.0p-53;
+    const double r = std::sqrt(-2.0 * std::log(u1));
+    t.set_item(i, std * r * std::cos(2 * M_PI * u2));
+    if (i + 1 < n) t.set_item(i + 1, std * r * std::sin(2 * M_PI * u2));
+  }
+  return t;
+}
+
+Tensor shard(const Tensor& full, int dim, int tp_size, int tp_rank) {
+  if (tp_size == 1) return full;
+  const int64_t n = full.dim(dim);
+  LASP_CHECK(n % tp_size == 0) << "cannot split dimension " << dim << " of " << full.str() << " across "
+                               << tp_size << " tensor-parallel ranks";
+  const int64_t part = n / tp_size;
+  return full.slice(dim, tp_rank * part, (tp_rank + 1) * part).contiguous();
+}
+
+// ============================================================== linear attention
+LinearAttentionLayer::LinearAttentionLayer(const ModelConfig& cfg, const ModelParallel& par,
+                                           int layer, uint64_t seed, DType dtype) {
+  const int64_t C = cfg.hidden, D = cfg.head_dim, Hf = cfg.heads;
+  heads_ = Hf / par.tp_size;
+  head_dim_ = D;
+  has_feature_map_ = cfg.feature_map != "none";
+  feature_map_ = cfg.feature_map == "silu"   ? Activation::Silu
+                 : cfg.feature_map == "relu" ? Activation::Relu
+                                             : Activation::Elu1;
+  decay_mode_ = decay_mode_from_name(cfg.decay);
+  const double sd = cfg.init_std, sd_out = cfg.init_std / std::sqrt(2.0 * cfg.layers);
+  auto col = [&](const char* what, double std, int64_t rows) {
+    const std::string name = layer_name(layer, what);
+    return make_param(name, shard(init_normal({rows, C}, std, seed, name, dtype), 0, par.tp_size, par.tp_rank),
+                      true, par.tp_size > 1);
+  };
+  wq_ = col("attn.wq", sd, Hf * D);
+  wk_ = col("attn.wk", sd, Hf * D);
+  wv_ = col("attn.wv", sd, Hf * D);
+  wz_ = col("attn.wz", sd, Hf * D);
+  {
+    const std::string name = layer_name(layer, "attn.wo");
+    wo_ = make_param(name, shard(init_normal({C, Hf * D}, sd_out, seed, name, dtype), 1, par.tp_size, par.tp_rank),
+                     true, par.tp_size > 1);
+  }
+  norm_w_ = make_param(layer_name(layer, "attn.out_norm"),
+                       shard(Tensor::full({Hf * D}, 1.0, dtype), 0, par.tp_size, par.tp_rank), false,
+                       par.tp_size > 1);
+  if (decay_mode_ == DecayMode::DataDependent) {
+    wgate_ = col("attn.wgate", sd, Hf);
+    // Bias so that a = sigmoid(x w + b)^(1/16) starts close to 1 (long memory), as in GLA.
+    bgate_ = make_param(layer_name(layer, "attn.bgate"),
+                        shard(Tensor::full({Hf}, 4.0, dtype), 0, par.tp_size, par.tp_rank), false,
+                        par.tp_size > 1);
+  }
+  if (decay_mode_ == DecayMode::Constant) {
+    // Lightning Attention's per-head rates: log a_h = -2^(-8 (h + 1) / H) over the global heads.
+    head_log_decay_ = Tensor::empty({heads_}, dtype);
+    for (int64_t h = 0; h < heads_; ++h) {
+      const int64_t global = par.tp_rank * heads_ + h;
+      head_log_decay_.set_item(h, -std::pow(2.0, -8.0 * (global + 1) / Hf));
+    }
+  }
+}
+
+std::vector<Param*> LinearAttentionLayer::params() {
+  std::vector<Param*> p = {&wq_, &wk_, &wv_, &wz_, &wo_, &norm_w_};
+  if (decay_mode_ == DecayMode::DataDependent) {
+    p.push_back(&wgate_);
+    p.push_back(&bgate_);
+  }
+  return p;
+}
+
+namespace {
+constexpr float kGateScale = 1.0f / 16.0f;  // log a = logsigmoid(x w + b) / 16
+}
+
+void LinearAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerContext& ctx) {
+  const int64_t N = x.dim(0), H = heads_, D = head_dim_, HD = H * D;
+  const Shape heads4 = {ctx.batch, ctx.length, H, D};
+  x_ = x;
+  q_pre_ = like(x, {N, HD});
+  k_pre_ = like(x, {N, HD});
+  v_ = like(x, {N, HD});
+  linear_forward(q_pre_, x, wq_.value);
+  linear_forward(k_pre_, x, wk_.value);
+  linear_forward(v_, x, wv_.value);
+  if (has_feature_map_) {
+    q_ = like(x, {N, HD});
+    k_ = like(x, {N, HD});
+    activation_forward(q_, q_pre_, feature_map_);
+    activation_forward(k_, k_pre_, feature_map_);
+  } else {
+    q_ = q_pre_;
+    k_ = k_pre_;
+  }
+  Decay decay;
+  decay.mode = decay_mode_;
+  if (decay_mode_ == DecayMode::Constant) decay.per_head = head_log_decay_;
+  if (decay_mode_ == DecayMode::DataDependent) {
+    gate_pre_ = like(x, {N, H});
+    linear_forward(gate_pre_, x, wgate_.value);
+    bias_add(gate_pre_, bgate_.value);
+    log_a_ = like(x, {N, H});
+    activation_forward(log_a_, gate_pre_, Activation::LogSigmoid, kGateScale);
+    decay.per_token = log_a_.view({ctx.batch, ctx.length, H});
+  }
+  o_ = like(x, {N, HD});
+  Tensor o4 = o_.view(heads4);
+  sp_linear_attention_forward(ctx.par->sp, o4, q_.view(heads4), k_.view(heads4), v_.view(heads4), decay,
+                              sp_saved_, static_cast<int>(ctx.cfg->chunk));
+  o_norm_ = like(x, {N, HD});
+  o_rstd_ = like(x, {N, H});
+  rmsnorm_forward(o_norm_, o_rstd_, o_, norm_w_.value, static_cast<float>(ctx.cfg->norm_eps), D);
+  z_ = like(x, {N, HD});
+  linear_forward(z_, x, wz_.value);
+  gated_ = like(x, {N, HD});
+  swiglu_forward(gated_, z_, o_norm_);  // silu(z) * norm(o)
+  row_parallel_forward(y, gated_, wo_.value, *ctx.par);
+}
+
+void LinearAttentionLayer::backward(Tensor& dx, const Tensor& dy, const LayerContext& ctx) {
+  const int64_t N = dy.dim(0), H = heads_, D = head_dim_, HD = H * D;
+  const Shape heads4 = {ctx.batch, ctx.length, H, D};
+  Tensor d_gated = like(dy, {N, HD});
+  linear_backward(d_gated, wo_.grad, dy, gated_, wo_.value);
+  Tensor dz = like(dy, {N, HD}), d_onorm = like(dy, {N, HD});
+  swiglu_backward(dz, d_onorm, d_gated, z_, o_norm_);
+  column_parallel_backward(dx, false, wz_, dz, x_);
+  Tensor d_o = like(dy, {N, HD});
+  rmsnorm_backward(d_o, norm_w_.grad, d_onorm, o_, norm_w_.value, o_rstd_, D);
+
+  Decay decay;
+  decay.mode = decay_mode_;
+  if (decay_mode_ == DecayMode::Constant) decay.per_head = head_log_decay_;
+  Tensor d_log_a;
+  if (decay_mode_ == DecayMode::DataDependent) {
+    decay.per_token = log_a_.view({ctx.batch, ctx.length, H});
+    d_log_a = like(dy, {ctx.batch, ctx.length, H});
+  }
+  Tensor dq = like(dy, {N, HD}), dk = like(dy, {N, HD}), dv = like(dy, {N, HD});
+  Tensor dq4 = dq.view(heads4), dk4 = dk.view(heads4), dv4 = dv.view(heads4);
+  sp_linear_attention_backward(ctx.par->sp, dq4, dk4, dv4, d_log_a, q_.view(heads4), k_.view(heads4),
+                               v_.view(heads4), decay, sp_saved_, d_o.view(heads4),
+                               static_cast<int>(ctx.cfg->chunk));
+  if (decay_mode_ == DecayMode::DataDependent) {
+    Tensor d_gate = like(dy, {N, H});
+    activation_backward(d_gate, d_log_a.view({N, H}), gate_pre_, Activation::LogSigmoid, kGateScale);
+    bias_backward(bgate_.grad, d_gate);
+    column_parallel_backward(dx, true, wgate_, d_gate, x_);
+  }
+  if (has_feature_map_) {
+    Tensor dq_pre = like(dy, {N, HD}), dk_pre = like(dy, {N, HD});
+    activation_backward(dq_pre, dq, q_pre_, feature_map_);
+    activation_backward(dk_pre, dk, k_pre_, feature_map_);
+    dq = dq_pre;
+    dk = dk_pre;
+  }
+  column_parallel_backward(dx, true, wq_, dq, x_);
+  column_parallel_backward(dx, true, wk_, dk, x_);
+  column_parallel_backward(dx, true, wv_, dv, x_);
+  if (ctx.par->tp_size > 1) ctx.par->tp_all_reduce(dx);
+}
+
+// ============================================================== softmax attention
+SoftmaxAttentionLayer::SoftmaxAttentionLayer(const ModelConfig& cfg, const ModelParallel& par,
+                                             int layer, uint64_t seed, DType dtype) {
+  const int64_t C = cfg.hidden, D = cfg.head_dim;
+  heads_ = cfg.heads / par.tp_size;
+  kv_heads_ = cfg.kv_heads / par.tp_size;
+  head_dim_ = D;
+  theta_ = static_cast<float>(cfg.rope_theta);
+  const double sd = cfg.init_std, sd_out = cfg.init_std / std::sqrt(2.0 * cfg.layers);
+  auto col = [&](const char* what, int64_t rows) {
+    const std::string name = layer_name(layer, what);
+    return make_param(name, shard(init_normal({rows, C}, sd, seed, name, dtype), 0, par.tp_size, par.tp_rank),
+                      true, par.tp_size > 1);
+  };
+  wq_ = col("attn.wq", cfg.heads * D);
+  wk_ = col("attn.wk", cfg.kv_heads * D);
+  wv_ = col("attn.wv", cfg.kv_heads * D);
+  const std::string name = layer_name(layer, "attn.wo");
+  wo_ = make_param(name, shard(init_normal({C, cfg.heads * D}, sd_out, seed, name, dtype), 1, par.tp_size, par.tp_rank),
+                   true, par.tp_size > 1);
+}
+
+std::vector<Param*> SoftmaxAttentionLayer::params() { return {&wq_, &wk_, &wv_, &wo_}; }
+
+void SoftmaxAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerContext& ctx) {
+  const int64_t N = x.dim(0), D = head_dim_;
+  x_ = x;
+  q_ = like(x, {N, heads_ * D});
+  k_ = like(x, {N, kv_heads_ * D});
+  v_ = like(x, {N, kv_heads_ * D});
+  linear_forward(q_, x, wq_.value);
+  linear_forward(k_, x, wk_.value);
+  linear_forward(v_, x, wv_.value);
+  Tensor q4 = q_.view({ctx.batch, ctx.length, heads_, D});
+  Tensor k4 = k_.view({ctx.batch, ctx.length, kv_heads_, D});
+  positions_ = sp_local_positions(ctx.par->sp, ctx.length);
+  rope_forward(q4, positions_, theta_);
+  rope_forward(k4, positions_, theta_);
+  o_ = like(x, {N, heads_ * D});
+  Tensor o4 = o_.view({ctx.batch, ctx.length, heads_, D});
+  sp_attention_forward(ctx.par->sp, o4, q4, k4, v_.view({ctx.batch, ctx.length, kv_heads_, D}),
+                       static_cast<float>(1.0 / std::sqrt(double(D))), sp_saved_);
+  row_parallel_forward(y, o_, wo_.value, *ctx.par);
+}
+
+void SoftmaxAttentionLayer::backward(Tensor& dx, const Tensor& dy, const LayerContext& ctx) {
+  const int64_t N = dy.dim(0), D = head_dim_;
+  Tensor d_o = like(dy, {N, heads_ * D});
+  linear_backward(d_o, wo_.grad, dy, o_, wo_.value);
+  Tensor dq = like(dy, {N, heads_ * D}), dk = like(dy, {N, kv_heads_ * D}), dv = like(dy, {N, kv_heads_ * D});
+  const Shape qs = {ctx.batch, ctx.length, heads_, D}, ks = {ctx.batch, ctx.length, kv_heads_, D};
+  Tensor dq4 = dq.view(qs), dk4 = dk.view(ks), dv4 = dv.view(ks);
+  sp_attention_backward(ctx.par->sp, dq4, dk4, dv4, q_.view(qs), k_.view(ks), v_.view(ks), o_.view(qs),
+                        d_o.view(qs), static_cast<float>(1.0 / std::sqrt(double(D))), sp_saved_);
+  rope_backward(dq4, positions_, theta_);
+  rope_backward(dk4, positions_, theta_);
+  column_parallel_backward(dx, false, wq_, dq, x_);
+  column_parallel_backward(dx, true, wk_, dk, x_);
+  column_parallel_backward(dx, true, wv_, dv, x_);
+  if (ctx.par->tp_size > 1) ctx.par->tp_all_reduce(dx);
+}
+
+// ============================================================== MLP
+Mlp::Mlp(const ModelConfig& cfg, const ModelParallel& par, int layer, uint64_t seed, DType dtype)
+    : par_(&par) {
+  const int64_t C = cfg.hidden, F = cfg.mlp_hidden;
+  const double sd = cfg.init_std, sd_out = cfg.init_std / std::sqrt(2.0 * cfg.layers);
+  auto make = [&](const char* what, const Shape& full, double std, int dim) {
+    const std::string name = layer_name(layer, what);
+    return make_param(name, shard(init_normal(full, std, seed, name, dtype), dim, par.tp_size, par.tp_rank), true,
+                      par.tp_size > 1);
+  };
+  w_gate_ = make("mlp.w_gate", {F, C}, sd, 0);
+  w_up_ = make("mlp.w_up", {F, C}, sd, 0);
+  w_down_ = make("mlp.w_down", {C, F}, sd_out, 1);
+}
+
+std::vector<Param*> Mlp::params() { return {&w_gate_, &w_up_, &w_down_}; }
+
+void Mlp::forward(Tensor& y, const Tensor& x, const LayerContext& ctx) {
+  const int64_t N = x.dim(0), F = w_gate_.value.dim(0);
+  x_ = x;
+  gate_ = like(x, {N, F});
+  up_ = like(x, {N, F});
+  h_ = like(x, {N, F});
+  linear_forward(gate_, x, w_gate_.value);
+  linear_forward(up_, x, w_up_.value);
+  swiglu_forward(h_, gate_, up_);
+  row_parallel_forward(y, h_, w_down_.value, *par_);
+}
+
+void Mlp::backward(Tensor& dx, const Tensor& dy, const LayerContext& ctx) {
+  const int64_t N = dy.dim(0), F = w_gate_.value.dim(0);
+  Tensor dh = like(dy, {N, F});
+  linear_backward(dh, w_down_.grad, dy, h_, w_down_.value);
+  Tensor dgate = like(dy, {N, F}), dup = like(dy, {N, F});
+  swiglu_backward(dgate, dup, dh, gate_, up_);
+  column_parallel_backward(dx, false, w_gate_, dgate, x_);
+  column_parallel_backward(dx, true, w_up_, dup, x_);
+  if (par_->tp_size > 1) par_->tp_all_reduce(dx);
+}
+
+}  // namespace lasp

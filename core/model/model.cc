@@ -1,0 +1,158 @@
+#include "core/model/model.h"
+
+#include <sstream>
+
+#include "kernels/ops.h"
+
+namespace lasp {
+
+struct Model::Block {
+  char kind;  // 'L' or 'S'
+  Param norm1, norm2;
+  std::unique_ptr<LinearAttentionLayer> linear;
+  std::unique_ptr<SoftmaxAttentionLayer> softmax;
+  std::unique_ptr<Mlp> mlp;
+  // saved for backward: x (block input), n1 = norm1(x), x1 = x + mixer(n1), n2 = norm2(x1)
+  Tensor x, n1, rstd1, x1, n2, rstd2;
+};
+
+namespace {
+Param replicated(const std::string& name, Tensor value, bool weight_decay) {
+  Param p;
+  p.name = name;
+  p.value = value;
+  p.grad = Tensor::zeros(value.shape(), value.dtype(), value.device());
+  p.weight_decay = weight_decay;
+  return p;
+}
+}  // namespace
+
+Model::Model(const ModelConfig& cfg, const ModelParallel& par, uint64_t seed, DType dtype, Device device)
+    : cfg_(cfg), par_(par), dtype_(dtype), device_(device) {
+  LASP_CHECK(device.is_cpu()) << "the model runs on CPU in this build of lasp; train.device=cuda is not "
+                                 "supported yet (see docs/kernels.md for the CUDA kernels)";
+  LASP_CHECK(par.tp_size == 1 || par.tp_all_reduce) << "tensor parallelism needs an all-reduce";
+  const int64_t C = cfg.hidden, V = cfg.vocab_size;
+  embedding_ = replicated("embedding", init_normal({V, C}, cfg.init_std, seed, "embedding", dtype), false);
+  final_norm_ = replicated("final_norm", Tensor::full({C}, 1.0, dtype), false);
+  if (!cfg.tie_embeddings) {
+    lm_head_ = replicated("lm_head", init_normal({V, C}, cfg.init_std, seed, "lm_head", dtype), true);
+  }
+  for (int64_t i = 0; i < cfg.layers; ++i) {
+    auto b = std::make_unique<Block>();
+    const int layer = static_cast<int>(i);
+    b->kind = cfg.pattern[i % cfg.pattern.size()];
+    b->norm1 = replicated("layers." + std::to_string(i) + ".norm1", Tensor::full({C}, 1.0, dtype), false);
+    b->norm2 = replicated("layers." + std::to_string(i) + ".norm2", Tensor::full({C}, 1.0, dtype), false);
+    if (b->kind == 'L') {
+      b->linear = std::make_unique<LinearAttentionLayer>(cfg, par_, layer, seed, dtype);
+    } else {
+      b->softmax = std::make_unique<SoftmaxAttentionLayer>(cfg, par_, layer, seed, dtype);
+    }
+    b->mlp = std::make_unique<Mlp>(cfg, par_, layer, seed, dtype);
+    blocks_.push_back(std::move(b));
+  }
+  for (Param* p : params()) {
+    num_params_full_ += p->value.numel() * (p->tp_sharded ? par.tp_size : 1);
+  }
+}
+
+Model::~Model() = default;
+
+std::vector<Param*> Model::params() {
+  std::vector<Param*> out = {&embedding_};
+  for (auto& b : blocks_) {
+    out.push_back(&b->norm1);
+    for (Param* p : b->linear ? b->linear->params() : b->softmax->params()) out.push_back(p);
+    out.push_back(&b->norm2);
+    for (Param* p : b->mlp->params()) out.push_back(p);
+  }
+  out.push_back(&final_norm_);
+  if (!cfg_.tie_embeddings) out.push_back(&lm_head_);
+  return out;
+}
+
+void Model::zero_grad() {
+  for (Param* p : params()) p->grad.zero_();
+}
+
+std::string Model::signature() const {
+  std::ostringstream os;
+  os << "linear-llama v1 vocab=" << cfg_.vocab_size << " hidden=" << cfg_.hidden << " layers=" << cfg_.layers
+     << " heads=" << cfg_.heads << " kv_heads=" << cfg_.kv_heads << " head_dim=" << cfg_.head_dim
+     << " mlp=" << cfg_.mlp_hidden << " pattern=" << cfg_.pattern << " tied=" << cfg_.tie_embeddings
+     << " decay=" << cfg_.decay << " feature_map=" << cfg_.feature_map << " dtype=" << dtype_name(dtype_);
+  return os.str();
+}
+
+double Model::forward_backward(const Tensor& inputs, const Tensor& targets, float loss_scale) {
+  return run(inputs, targets, loss_scale, true);
+}
+
+double Model::forward_loss(const Tensor& inputs, const Tensor& targets) {
+  return run(inputs, targets, 0.0f, false);
+}
+
+double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale, bool backward) {
+  LASP_CHECK(inputs.ndim() == 2 && inputs.dtype() == DType::I32) << "model: inputs must be int32 [B, L], got "
+                                                                 << inputs.str();
+  LASP_CHECK(targets.shape() == inputs.shape() && targets.dtype() == DType::I32)
+      << "model: targets must match inputs, got " << targets.str();
+  const int64_t B = inputs.dim(0), L = inputs.dim(1), N = B * L, C = cfg_.hidden;
+  const float eps = static_cast<float>(cfg_.norm_eps);
+  LayerContext ctx{&cfg_, &par_, B, L};
+  auto act = [&]() { return Tensor::empty({N, C}, dtype_, device_); };
+
+  Tensor tokens = inputs.view({N});
+  Tensor x = act();
+  embedding_forward(x, embedding_.value, tokens);
+  for (auto& b : blocks_) {
+    b->x = x;
+    b->n1 = act();
+    b->rstd1 = Tensor::empty({N, 1}, dtype_, device_);
+    rmsnorm_forward(b->n1, b->rstd1, x, b->norm1.value, eps);
+    Tensor mix = act();
+    if (b->linear) b->linear->forward(mix, b->n1, ctx);
+    else b->softmax->forward(mix, b->n1, ctx);
+    add_inplace(mix, x);  // x1 = x + mixer(norm1(x))
+    b->x1 = mix;
+    b->n2 = act();
+    b->rstd2 = Tensor::empty({N, 1}, dtype_, device_);
+    rmsnorm_forward(b->n2, b->rstd2, b->x1, b->norm2.value, eps);
+    Tensor out = act();
+    b->mlp->forward(out, b->n2, ctx);
+    add_inplace(out, b->x1);  // x2 = x1 + mlp(norm2(x1))
+    x = out;
+  }
+  Tensor h = act(), h_rstd = Tensor::empty({N, 1}, dtype_, device_);
+  rmsnorm_forward(h, h_rstd, x, final_norm_.value, eps);
+  Param& head = cfg_.tie_embeddings ? embedding_ : lm_head_;
+  Tensor dh = backward ? act() : Tensor();
+  Tensor dw = backward ? head.grad : Tensor();
+  const double loss = lm_head_cross_entropy(dh, dw, h, head.value, targets.view({N}), loss_scale, cfg_.ce_chunk);
+  if (!backward) return loss;
+
+  Tensor dx = act();
+  rmsnorm_backward(dx, final_norm_.grad, dh, x, final_norm_.value, h_rstd);
+  for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
+    Block& b = **it;
+    // dx holds d(x2). Through the MLP branch into d(x1).
+    Tensor dn2 = act();
+    b.mlp->backward(dn2, dx, ctx);
+    Tensor dx1 = act();
+    rmsnorm_backward(dx1, b.norm2.grad, dn2, b.x1, b.norm2.value, b.rstd2);
+    add_inplace(dx1, dx);
+    // Through the mixer branch into d(x).
+    Tensor dn1 = act();
+    if (b.linear) b.linear->backward(dn1, dx1, ctx);
+    else b.softmax->backward(dn1, dx1, ctx);
+    Tensor dxin = act();
+    rmsnorm_backward(dxin, b.norm1.grad, dn1, b.x, b.norm1.value, b.rstd1);
+    add_inplace(dxin, dx1);
+    dx = dxin;
+  }
+  embedding_backward(embedding_.grad, dx, tokens);
+  return loss;
+}
+
+}  // namespace lasp

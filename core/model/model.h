@@ -1,0 +1,49 @@
+// Linear-Llama: token embedding -> blocks (RMSNorm -> mixer -> residual -> RMSNorm -> SwiGLU MLP
+// -> residual) -> final RMSNorm -> LM head with the fused, chunked cross-entropy.
+// The mixer of layer i is pattern[i % pattern.size()]: 'L' linear attention, 'S' softmax attention.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/model/layers.h"
+
+namespace lasp {
+
+class Model {
+ public:
+  Model(const ModelConfig& cfg, const ModelParallel& par, uint64_t seed, DType dtype,
+        Device device = cpu());
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  std::vector<Param*> params();
+  void zero_grad();
+  // Parameters of the whole model (all TP shards counted once).
+  int64_t num_params_full() const { return num_params_full_; }
+  // A string that changes whenever the model's shapes change (checkpoint compatibility).
+  std::string signature() const;
+
+  // Forward and backward on this rank's tokens: inputs and targets int32 [B, L] (targets -1 are
+  // ignored). Gradients accumulate loss_scale * d(sum of token losses); returns the summed loss
+  // of this rank's targets.
+  double forward_backward(const Tensor& inputs, const Tensor& targets, float loss_scale);
+  // Summed loss without gradients (validation).
+  double forward_loss(const Tensor& inputs, const Tensor& targets);
+
+ private:
+  struct Block;
+  double run(const Tensor& inputs, const Tensor& targets, float loss_scale, bool backward);
+
+  ModelConfig cfg_;
+  ModelParallel par_;
+  DType dtype_;
+  Device device_;
+  int64_t num_params_full_ = 0;
+  Param embedding_, final_norm_, lm_head_;
+  std::vector<std::unique_ptr<Block>> blocks_;
+};
+
+}  // namespace lasp

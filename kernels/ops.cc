@@ -1,0 +1,368 @@
+// CPU implementations of kernels/ops.h.
+#include "kernels/ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "kernels/dispatch.h"
+#include "kernels/gemm.h"
+
+namespace lasp {
+
+namespace {
+
+void check_cpu(const Tensor& t, const char* what) {
+  LASP_CHECK(t.defined()) << what << ": undefined tensor";
+  LASP_CHECK(t.device().is_cpu()) << what << ": this op has no CUDA implementation yet, got " << t.str();
+  LASP_CHECK(t.is_contiguous()) << what << ": expected a contiguous tensor, got " << t.str();
+}
+
+void check_like(const Tensor& a, const Tensor& b, const char* what) {
+  check_cpu(a, what);
+  check_cpu(b, what);
+  LASP_CHECK(a.shape() == b.shape() && a.dtype() == b.dtype())
+      << what << ": tensors differ: " << a.str() << " vs " << b.str();
+}
+
+template <typename T>
+T sigmoid(T x) {
+  return x >= 0 ? T(1) / (T(1) + std::exp(-x)) : std::exp(x) / (T(1) + std::exp(x));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- RMSNorm
+void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, float eps,
+                     int64_t group) {
+  check_like(y, x, "rmsnorm_forward");
+  const int64_t C = x.dim(-1), N = x.numel() / C;
+  if (group == 0) group = C;
+  LASP_CHECK(C % group == 0) << "rmsnorm_forward: " << C << " features not divisible by group " << group;
+  const int64_t G = C / group;
+  check_tensor(rstd, "rmsnorm_forward: rstd", x.dtype(), {N, G});
+  if (w.defined()) check_tensor(w, "rmsnorm_forward: w", x.dtype(), {C});
+  LASP_DISPATCH_CPU_FLOAT(x.dtype(), "rmsnorm_forward", T, {
+    const T* xp = x.data<T>();
+    const T* wp = w.defined() ? w.data<T>() : nullptr;
+    T* yp = y.data<T>();
+    T* rp = rstd.data<T>();
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t g = 0; g < G; ++g) {
+        const T* xr = xp + n * C + g * group;
+        T* yr = yp + n * C + g * group;
+        double ss = 0;
+        for (int64_t i = 0; i < group; ++i) ss += double(xr[i]) * xr[i];
+        const T r = T(1.0 / std::sqrt(ss / group + eps));
+        rp[n * G + g] = r;
+        for (int64_t i = 0; i < group; ++i) yr[i] = xr[i] * r * (wp ? wp[g * group + i] : T(1));
+      }
+    }
+  });
+}
+
+void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
+                      const Tensor& rstd, int64_t group) {
+  check_like(dx, x, "rmsnorm_backward");
+  check_like(dy, x, "rmsnorm_backward");
+  const int64_t C = x.dim(-1), N = x.numel() / C;
+  if (group == 0) group = C;
+  const int64_t G = C / group;
+  check_tensor(rstd, "rmsnorm_backward: rstd", x.dtype(), {N, G});
+  if (dw.defined()) check_tensor(dw, "rmsnorm_backward: dw", x.dtype(), {C});
+  // With xhat = x * r: dx = r * (g - xhat * mean(g * xhat)), g = dy * w.
+  LASP_DISPATCH_CPU_FLOAT(x.dtype(), "rmsnorm_backward", T, {
+    const T* xp = x.data<T>();
+    const T* dyp = dy.data<T>();
+    const T* wp = w.defined() ? w.data<T>() : nullptr;
+    const T* rp = rstd.data<T>();
+    T* dxp = dx.data<T>();
+    T* dwp = dw.defined() ? dw.data<T>() : nullptr;
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t o = n * C + g * group;
+        const T r = rp[n * G + g];
+        double dot = 0;
+        for (int64_t i = 0; i < group; ++i) {
+          const T gi = dyp[o + i] * (wp ? wp[g * group + i] : T(1));
+          dot += double(gi) * xp[o + i] * r;
+          if (dwp) dwp[g * group + i] += dyp[o + i] * xp[o + i] * r;
+        }
+        const T m = T(dot / group);
+        for (int64_t i = 0; i < group; ++i) {
+          const T gi = dyp[o + i] * (wp ? wp[g * group + i] : T(1));
+          dxp[o + i] = r * (gi - xp[o + i] * r * m);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- gated units
+void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
+  check_like(h, gate, "swiglu_forward");
+  check_like(up, gate, "swiglu_forward");
+  LASP_DISPATCH_CPU_FLOAT(gate.dtype(), "swiglu_forward", T, {
+    const T* g = gate.data<T>();
+    const T* u = up.data<T>();
+    T* o = h.data<T>();
+    for (int64_t i = 0, n = gate.numel(); i < n; ++i) o[i] = g[i] * sigmoid(g[i]) * u[i];
+  });
+}
+
+void swiglu_backward(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tensor& gate,
+                     const Tensor& up) {
+  check_like(d_gate, gate, "swiglu_backward");
+  check_like(d_up, gate, "swiglu_backward");
+  check_like(dh, gate, "swiglu_backward");
+  LASP_DISPATCH_CPU_FLOAT(gate.dtype(), "swiglu_backward", T, {
+    const T* g = gate.data<T>();
+    const T* u = up.data<T>();
+    const T* d = dh.data<T>();
+    T* dg = d_gate.data<T>();
+    T* du = d_up.data<T>();
+    for (int64_t i = 0, n = gate.numel(); i < n; ++i) {
+      const T s = sigmoid(g[i]);
+      du[i] = d[i] * g[i] * s;
+      dg[i] = d[i] * u[i] * s * (T(1) + g[i] * (T(1) - s));  // d silu = s (1 + x (1 - s))
+    }
+  });
+}
+
+// ---------------------------------------------------------------- pointwise
+void activation_forward(Tensor& y, const Tensor& x, Activation f, float scale) {
+  check_like(y, x, "activation_forward");
+  LASP_DISPATCH_CPU_FLOAT(x.dtype(), "activation_forward", T, {
+    const T* xp = x.data<T>();
+    T* yp = y.data<T>();
+    const int64_t n = x.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = xp[i];
+      switch (f) {
+        case Activation::Silu: yp[i] = v * sigmoid(v); break;
+        case Activation::Relu: yp[i] = v > 0 ? v : T(0); break;
+        case Activation::Elu1: yp[i] = v > 0 ? v + T(1) : std::exp(v); break;
+        // log sigmoid(v) = -log(1 + e^-v), computed stably on both sides.
+        case Activation::LogSigmoid:
+          yp[i] = T(scale) * (v >= 0 ? -std::log1p(std::exp(-v)) : v - std::log1p(std::exp(v)));
+          break;
+      }
+    }
+  });
+}
+
+void activation_backward(Tensor& dx, const Tensor& dy, const Tensor& x, Activation f, float scale) {
+  check_like(dx, x, "activation_backward");
+  check_like(dy, x, "activation_backward");
+  LASP_DISPATCH_CPU_FLOAT(x.dtype(), "activation_backward", T, {
+    const T* xp = x.data<T>();
+    const T* dyp = dy.data<T>();
+    T* dxp = dx.data<T>();
+    const int64_t n = x.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = xp[i];
+      T d = 0;
+      switch (f) {
+        case Activation::Silu: {
+          const T s = sigmoid(v);
+          d = s * (T(1) + v * (T(1) - s));
+          break;
+        }
+        case Activation::Relu: d = v > 0 ? T(1) : T(0); break;
+        case Activation::Elu1: d = v > 0 ? T(1) : std::exp(v); break;
+        case Activation::LogSigmoid: d = T(scale) * sigmoid(-v); break;
+      }
+      dxp[i] = dyp[i] * d;
+    }
+  });
+}
+
+// ---------------------------------------------------------------- RoPE
+namespace {
+void rope_rotate(Tensor& x, const std::vector<int64_t>& positions, float theta, double sign) {
+  check_cpu(x, "rope");
+  LASP_CHECK(x.ndim() == 4) << "rope: expected [B, T, H, D], got " << x.str();
+  const int64_t B = x.dim(0), T_ = x.dim(1), H = x.dim(2), D = x.dim(3);
+  LASP_CHECK(D % 2 == 0) << "rope: head dim must be even, got " << D;
+  LASP_CHECK_EQ(static_cast<int64_t>(positions.size()), T_) << "rope: one position per token";
+  const int64_t half = D / 2;
+  std::vector<double> cs(static_cast<size_t>(T_ * half)), sn(cs.size());
+  for (int64_t t = 0; t < T_; ++t) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double ang = positions[t] * std::pow(double(theta), -2.0 * i / D);
+      cs[t * half + i] = std::cos(ang);
+      sn[t * half + i] = sign * std::sin(ang);
+    }
+  }
+  LASP_DISPATCH_CPU_FLOAT(x.dtype(), "rope", T, {
+    T* p = x.data<T>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T_; ++t)
+        for (int64_t h = 0; h < H; ++h) {
+          T* r = p + ((b * T_ + t) * H + h) * D;
+          for (int64_t i = 0; i < half; ++i) {
+            const T c = T(cs[t * half + i]), s = T(sn[t * half + i]);
+            const T a = r[i], bb = r[i + half];
+            r[i] = a * c - bb * s;
+            r[i + half] = a * s + bb * c;
+          }
+        }
+  });
+}
+}  // namespace
+
+void rope_forward(Tensor& x, const std::vector<int64_t>& positions, float theta) {
+  rope_rotate(x, positions, theta, 1.0);
+}
+// The rotation is orthogonal, so its gradient is the inverse rotation.
+void rope_backward(Tensor& dx, const std::vector<int64_t>& positions, float theta) {
+  rope_rotate(dx, positions, theta, -1.0);
+}
+
+// ---------------------------------------------------------------- embedding
+void embedding_forward(Tensor& out, const Tensor& table, const Tensor& tokens) {
+  check_cpu(out, "embedding_forward");
+  check_cpu(table, "embedding_forward");
+  check_cpu(tokens, "embedding_forward");
+  const int64_t V = table.dim(0), C = table.dim(1), N = tokens.numel();
+  check_tensor(out, "embedding_forward: out", table.dtype(), {N, C});
+  const int32_t* tok = tokens.data<int32_t>();
+  LASP_DISPATCH_CPU_FLOAT(table.dtype(), "embedding_forward", T, {
+    const T* tp = table.data<T>();
+    T* op = out.data<T>();
+    for (int64_t n = 0; n < N; ++n) {
+      LASP_CHECK(tok[n] >= 0 && tok[n] < V) << "embedding_forward: token " << tok[n] << " at position " << n
+                                            << " is outside the vocabulary [0, " << V << ")";
+      std::copy(tp + tok[n] * C, tp + (tok[n] + 1) * C, op + n * C);
+    }
+  });
+}
+
+void embedding_backward(Tensor& d_table, const Tensor& d_out, const Tensor& tokens) {
+  check_cpu(d_table, "embedding_backward");
+  const int64_t C = d_table.dim(1), N = tokens.numel();
+  check_tensor(d_out, "embedding_backward: d_out", d_table.dtype(), {N, C});
+  const int32_t* tok = tokens.data<int32_t>();
+  LASP_DISPATCH_CPU_FLOAT(d_table.dtype(), "embedding_backward", T, {
+    T* dt = d_table.data<T>();
+    const T* dp = d_out.data<T>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) dt[tok[n] * C + c] += dp[n * C + c];
+  });
+}
+
+// ---------------------------------------------------------------- LM head + cross-entropy
+double lm_head_cross_entropy(Tensor& d_h, Tensor& d_w, const Tensor& h, const Tensor& w,
+                             const Tensor& targets, float loss_scale, int64_t chunk) {
+  check_cpu(h, "lm_head_cross_entropy");
+  check_cpu(w, "lm_head_cross_entropy");
+  check_cpu(targets, "lm_head_cross_entropy");
+  const int64_t N = h.dim(0), C = h.dim(1), V = w.dim(0);
+  check_tensor(w, "lm_head_cross_entropy: w", h.dtype(), {V, C});
+  check_tensor(targets, "lm_head_cross_entropy: targets", DType::I32, {N});
+  if (d_h.defined()) check_tensor(d_h, "lm_head_cross_entropy: d_h", h.dtype(), {N, C});
+  if (d_w.defined()) check_tensor(d_w, "lm_head_cross_entropy: d_w", h.dtype(), {V, C});
+  LASP_CHECK(chunk > 0) << "lm_head_cross_entropy: chunk must be positive";
+  const int32_t* tg = targets.data<int32_t>();
+  double total = 0;
+  Tensor logits = Tensor::empty({std::min(chunk, std::max<int64_t>(N, 1)), V}, h.dtype());
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t rows = std::min(chunk, N - r0);
+    Tensor hc = h.slice(0, r0, r0 + rows);
+    Tensor lc = logits.slice(0, 0, rows);
+    gemm(lc, hc, false, w, true);  // logits = h W^T
+    LASP_DISPATCH_CPU_FLOAT(h.dtype(), "lm_head_cross_entropy", T, {
+      T* lp = lc.data<T>();
+      for (int64_t r = 0; r < rows; ++r) {
+        T* row = lp + r * V;
+        const int32_t t = tg[r0 + r];
+        if (t < 0) {  // ignored position: no loss, no gradient
+          std::fill(row, row + V, T(0));
+          continue;
+        }
+        LASP_CHECK(t < V) << "lm_head_cross_entropy: target " << t << " at row " << r0 + r
+                          << " is outside the vocabulary [0, " << V << ")";
+        T mx = -std::numeric_limits<T>::infinity();
+        for (int64_t j = 0; j < V; ++j) mx = std::max(mx, row[j]);
+        double z = 0;
+        for (int64_t j = 0; j < V; ++j) z += std::exp(double(row[j] - mx));
+        const double lse = double(mx) + std::log(z);
+        total += lse - row[t];
+        // dlogits = softmax - onehot, scaled; reuse the logits buffer.
+        for (int64_t j = 0; j < V; ++j) row[j] = T(std::exp(double(row[j]) - lse) * loss_scale);
+        row[t] -= T(loss_scale);
+      }
+    });
+    if (d_h.defined()) {
+      Tensor dhc = d_h.slice(0, r0, r0 + rows);
+      gemm(dhc, lc, false, w, false);  // d_h = dlogits W
+    }
+    if (d_w.defined()) gemm(d_w, lc, true, hc, false, 1.0f, 1.0f);  // d_w += dlogits^T h
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------- bias
+void bias_add(Tensor& y, const Tensor& b) {
+  check_cpu(y, "bias_add");
+  const int64_t C = y.dim(-1), N = y.numel() / C;
+  check_tensor(b, "bias_add: b", y.dtype(), {C});
+  LASP_DISPATCH_CPU_FLOAT(y.dtype(), "bias_add", T, {
+    T* yp = y.data<T>();
+    const T* bp = b.data<T>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) yp[n * C + c] += bp[c];
+  });
+}
+
+void bias_backward(Tensor& db, const Tensor& dy) {
+  check_cpu(dy, "bias_backward");
+  const int64_t C = dy.dim(-1), N = dy.numel() / C;
+  check_tensor(db, "bias_backward: db", dy.dtype(), {C});
+  LASP_DISPATCH_CPU_FLOAT(dy.dtype(), "bias_backward", T, {
+    T* dp = db.data<T>();
+    const T* gp = dy.data<T>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) dp[c] += gp[n * C + c];
+  });
+}
+
+// ---------------------------------------------------------------- vectors
+void add_inplace(Tensor& y, const Tensor& x, float alpha) {
+  check_like(y, x, "add_inplace");
+  LASP_DISPATCH_CPU_FLOAT(y.dtype(), "add_inplace", T, {
+    T* yp = y.data<T>();
+    const T* xp = x.data<T>();
+    for (int64_t i = 0, n = y.numel(); i < n; ++i) yp[i] += T(alpha) * xp[i];
+  });
+}
+
+void scale_inplace(Tensor& y, float alpha) {
+  check_cpu(y, "scale_inplace");
+  LASP_DISPATCH_CPU_FLOAT(y.dtype(), "scale_inplace", T, {
+    T* yp = y.data<T>();
+    for (int64_t i = 0, n = y.numel(); i < n; ++i) yp[i] *= T(alpha);
+  });
+}
+
+double sum_of_squares(const Tensor& x) {
+  check_cpu(x, "sum_of_squares");
+  double s = 0;
+  LASP_DISPATCH_CPU_FLOAT(x.dtype(), "sum_of_squares", T, {
+    const T* p = x.data<T>();
+    for (int64_t i = 0, n = x.numel(); i < n; ++i) s += double(p[i]) * p[i];
+  });
+  return s;
+}
+
+bool all_finite(const Tensor& x) {
+  check_cpu(x, "all_finite");
+  bool ok = true;
+  LASP_DISPATCH_CPU_FLOAT(x.dtype(), "all_finite", T, {
+    const T* p = x.data<T>();
+    for (int64_t i = 0, n = x.numel(); i < n && ok; ++i) ok = std::isfinite(p[i]);
+  });
+  return ok;
+}
+
+}  // namespace lasp

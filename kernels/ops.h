@@ -1,0 +1,62 @@
+// The model's small ops: norms, activations, rotary embedding, embedding lookup, the fused
+// LM head + cross-entropy, and vector helpers. Each is a forward/backward pair of plain functions
+// (llm.c style). Activations are [N, C] row-major with N = tokens (batch * sequence).
+// CPU: fp32 or fp64 throughout.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace lasp {
+
+// --- RMSNorm over groups of `group` consecutive features (group = C: the usual RMSNorm;
+// group = head_dim: a per-head norm). y = x * rstd * w with rstd = 1 / sqrt(mean_group(x^2) + eps).
+// x, y [N, C]; w [C] (undefined = no weight); rstd [N, C / group] saved for the backward.
+void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, float eps,
+                     int64_t group = 0);
+// dx written; dw accumulated (+=) when defined.
+void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
+                      const Tensor& rstd, int64_t group = 0);
+
+// --- Gated units: h = silu(gate) * up (SwiGLU; also the SiLU output gate of linear attention).
+void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up);
+void swiglu_backward(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tensor& gate,
+                     const Tensor& up);
+
+// --- Pointwise maps y = f(x). Identity maps are not called.
+enum class Activation { Silu, Relu, Elu1, LogSigmoid };
+// LogSigmoid computes scale * log(sigmoid(x)) (a decay gate in log space, <= 0).
+void activation_forward(Tensor& y, const Tensor& x, Activation f, float scale = 1.0f);
+void activation_backward(Tensor& dx, const Tensor& dy, const Tensor& x, Activation f,
+                         float scale = 1.0f);
+
+// --- Rotary position embedding on x [B, T, H, D] in place, rotating pairs (i, i + D/2) of each
+// head by angle position * theta^(-2i/D); positions has T entries. The backward rotates back.
+void rope_forward(Tensor& x, const std::vector<int64_t>& positions, float theta);
+void rope_backward(Tensor& dx, const std::vector<int64_t>& positions, float theta);
+
+// --- Token embedding: out[n] = table[tokens[n]]; tokens int32 [N] (checked against V).
+void embedding_forward(Tensor& out, const Tensor& table, const Tensor& tokens);
+void embedding_backward(Tensor& d_table, const Tensor& d_out, const Tensor& tokens);  // +=
+
+// --- Fused LM head + cross-entropy, chunked over rows so the full [N, V] logits never exist.
+// For each row n with targets[n] >= 0: loss_n = logsumexp(h_n W^T) - (h_n W^T)[targets[n]].
+// Returns sum_n loss_n (unscaled). When d_h is defined, also writes d_h = loss_scale * dloss/dh
+// and accumulates d_w += loss_scale * dloss/dW (d_w may be undefined). h [N, C], w [V, C],
+// targets int32 [N] (-1 = ignore). `chunk` rows at a time.
+double lm_head_cross_entropy(Tensor& d_h, Tensor& d_w, const Tensor& h, const Tensor& w,
+                             const Tensor& targets, float loss_scale, int64_t chunk);
+
+// --- Bias: y[n, :] += b;  db += sum_n dy[n, :].
+void bias_add(Tensor& y, const Tensor& b);
+void bias_backward(Tensor& db, const Tensor& dy);
+
+// --- Vector helpers (any shape, same shape for both operands).
+void add_inplace(Tensor& y, const Tensor& x, float alpha = 1.0f);  // y += alpha * x
+void scale_inplace(Tensor& y, float alpha);
+double sum_of_squares(const Tensor& x);  // in double
+bool all_finite(const Tensor& x);
+
+}  // namespace lasp
