@@ -1,0 +1,26 @@
+// `lasp train` and `lasp eval`: the training loop, readable top to bottom.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+
+namespace lasp {
+
+struct TrainResult {
+  int64_t steps_done = 0;
+  double first_loss = 0, last_loss = 0;
+  double val_loss = 0;  // final validation loss (nats per token)
+  std::vector<double> losses;  // training loss per step (this run's steps)
+};
+
+// Trains with `cfg` (MPI must be initialised when the world has several ranks). Returns the losses
+// for tests; writes run.dir (config.yaml, metrics.jsonl, tb/, checkpoints/).
+TrainResult train(const Config& cfg, const std::string& config_source);
+
+int train_main(int argc, char** argv);  // lasp train CONFIG [--set k=v ...]
+int eval_main(int argc, char** argv);    // lasp eval CONFIG [--checkpoint DIR] [--set k=v ...]
+int export_main(int argc, char** argv);  // lasp export CONFIG --output FILE [--checkpoint DIR]
+
+}  // namespace lasp

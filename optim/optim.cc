@@ -1,0 +1,62 @@
+#include "optim/optim.h"
+
+#include <cmath>
+
+#include "kernels/dispatch.h"
+#include "kernels/ops.h"
+
+namespace lasp {
+
+AdamW::AdamW(const OptimConfig& cfg, std::vector<Param*> params) : cfg_(cfg), params_(std::move(params)) {
+  for (Param* p : params_) {
+    m_.push_back(Tensor::zeros(p->value.shape(), p->value.dtype(), p->value.device()));
+    v_.push_back(Tensor::zeros(p->value.shape(), p->value.dtype(), p->value.device()));
+  }
+}
+
+void AdamW::step(double lr) {
+  ++t_;
+  const double b1 = cfg_.beta1, b2 = cfg_.beta2, eps = cfg_.eps;
+  const double c1 = 1.0 - std::pow(b1, double(t_)), c2 = 1.0 - std::pow(b2, double(t_));
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Param& p = *params_[i];
+    const double wd = p.weight_decay ? cfg_.weight_decay : 0.0;
+    LASP_DISPATCH_CPU_FLOAT(p.value.dtype(), "AdamW::step", T, {
+      T* w = p.value.data<T>();
+      const T* g = p.grad.data<T>();
+      T* m = m_[i].data<T>();
+      T* v = v_[i].data<T>();
+      for (int64_t j = 0, n = p.value.numel(); j < n; ++j) {
+        m[j] = T(b1 * m[j] + (1 - b1) * g[j]);
+        v[j] = T(b2 * v[j] + (1 - b2) * double(g[j]) * g[j]);
+        const double update = (m[j] / c1) / (std::sqrt(v[j] / c2) + eps) + wd * w[j];
+        w[j] = T(w[j] - lr * update);
+      }
+    });
+  }
+}
+
+double learning_rate(const OptimConfig& cfg, int64_t step, int64_t total) {
+  const double peak = cfg.lr, floor = cfg.lr * cfg.min_lr_ratio;
+  if (step < cfg.warmup_steps) return peak * double(step + 1) / double(cfg.warmup_steps);
+  if (cfg.schedule == "constant") return peak;
+  const double span = std::max<int64_t>(1, total - cfg.warmup_steps);
+  const double t = std::min(1.0, double(step - cfg.warmup_steps) / span);
+  if (cfg.schedule == "cosine") return floor + (peak - floor) * 0.5 * (1.0 + std::cos(M_PI * t));
+  // wsd: stable at the peak, then linear decay to the floor over the last decay_fraction.
+  const double decay_start = 1.0 - cfg.decay_fraction;
+  if (t <= decay_start || cfg.decay_fraction <= 0) return peak;
+  return peak + (floor - peak) * (t - decay_start) / cfg.decay_fraction;
+}
+
+double grad_sum_of_squares(const std::vector<Param*>& params) {
+  double s = 0;
+  for (const Param* p : params) s += sum_of_squares(p->grad);
+  return s;
+}
+
+void scale_grads(const std::vector<Param*>& params, double factor) {
+  for (Param* p : params) scale_inplace(p->grad, static_cast<float>(factor));
+}
+
+}  // namespace lasp
