@@ -116,22 +116,22 @@ std::string where(const std::string& source, const YAML::Node& node) {
 
 const char* kind_name(Field::Kind k) {
   switch (k) {
-    case Field::Int: return "integer";
-    case Field::UInt: return "non-negative integer";
-    case Field::Float: return "number";
-    case Field::Bool: return "boolean (true/false)";
-    case Field::String: return "string";
+    case Field::Int: return "an integer";
+    case Field::UInt: return "a non-negative integer";
+    case Field::Float: return "a number";
+    case Field::Bool: return "a boolean (true/false)";
+    case Field::String: return "a string";
   }
   return "?";
 }
 
 // Converts one YAML scalar into the field, with the checks of the schema.
 void assign(const Field& f, const YAML::Node& node, const std::string& at) {
-  LASP_CHECK(node.IsScalar()) << at << ": " << f.name() << " must be a " << kind_name(f.kind)
+  LASP_CHECK(node.IsScalar()) << at << ": " << f.name() << " must be " << kind_name(f.kind)
                               << ", got a " << (node.IsMap() ? "map" : node.IsSequence() ? "list" : "null");
   const std::string text = node.Scalar();
   auto bad_type = [&]() {
-    LASP_FAIL() << at << ": " << f.name() << " must be a " << kind_name(f.kind) << ", got '" << text << "'";
+    LASP_FAIL() << at << ": " << f.name() << " must be " << kind_name(f.kind) << ", got '" << text << "'";
   };
   auto check_range = [&](double v) {
     LASP_CHECK(v >= f.lo && v <= f.hi) << at << ": " << f.name() << " = " << text << " is out of range, allowed ["
