@@ -17,13 +17,7 @@
 
 #include "core/check.h"
 #include "data/checksum.h"
-// protobuf_generate (CMake 3.25, without APPEND_PATH) writes the generated header to the build
-// root rather than build/launch/; accept either place.
-#if __has_include("launch/checkpoint.pb.h")
 #include "launch/checkpoint.pb.h"
-#else
-#include "checkpoint.pb.h"
-#endif
 
 namespace lasp {
 

@@ -17,11 +17,7 @@
 #include "core/check.h"
 #include "data/checksum.h"
 #include "launch/checkpoint.h"
-#if __has_include("launch/checkpoint.pb.h")
 #include "launch/checkpoint.pb.h"
-#else
-#include "checkpoint.pb.h"
-#endif
 
 namespace lasp {
 namespace {
