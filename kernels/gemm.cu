@@ -1,0 +1,164 @@
+// CUDA GEMM through cuBLASLt (called by gemm() in gemm.cc for CUDA tensors).
+//
+// Row-major C[m, n] = alpha op(A) op(B) + beta C. cuBLASLt is column-major, and a row-major
+// matrix read column-major is its transpose, so we ask cuBLASLt for
+//   C^T[n, m] = op(B)^T[n, k] op(A)^T[k, m]
+// with B's buffer as the first operand and A's as the second; the trans flags carry over as is.
+// Supported: A, B bf16 with C bf16 or fp32; or A, B, C fp32. Accumulation is always fp32
+// (CUBLAS_COMPUTE_32F: plain fp32 for fp32 operands, no TF32).
+// One cuBLASLt handle and one 32 MiB workspace per device, created on first use; the chosen
+// algorithm is cached per (shape, transposes, dtypes, alignment, beta != 0).
+#include <cuda_bf16.h>
+
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "core/tensor.h"
+#include "kernels/cuda_utils.cuh"
+
+namespace lasp {
+namespace {
+
+constexpr size_t kWorkspaceBytes = 32u << 20;
+constexpr int kMaxDevices = 64;
+
+struct LtDeviceContext {
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+};
+
+using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, int, int, int, int, int, int>;
+
+std::mutex g_mu;
+LtDeviceContext g_ctx[kMaxDevices];
+std::map<AlgoKey, cublasLtMatmulAlgo_t> g_algos;
+
+LtDeviceContext& context(int dev) {
+  LASP_CHECK(dev >= 0 && dev < kMaxDevices) << "gemm_cuda: device index " << dev << " out of range";
+  LtDeviceContext& c = g_ctx[dev];
+  if (!c.handle) {
+    CUBLAS_CHECK(cublasLtCreate(&c.handle));
+    CUDA_CHECK(cudaMalloc(&c.workspace, kWorkspaceBytes));
+  }
+  return c;
+}
+
+cudaDataType_t cuda_type(DType t) {
+  switch (t) {
+    case DType::BF16: return CUDA_R_16BF;
+    case DType::F32: return CUDA_R_32F;
+    default: LASP_FAIL() << "gemm_cuda: unsupported dtype " << dtype_name(t);
+  }
+  return CUDA_R_32F;
+}
+
+// Largest power of two (<= 256) dividing the address: cuBLASLt picks kernels by alignment.
+int alignment_of(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  int al = 256;
+  while (al > 1 && (a % al) != 0) al /= 2;
+  return al;
+}
+
+__global__ void scale_kernel_f32(float* c, int64_t n, float beta) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) c[i] = beta == 0.0f ? 0.0f : beta * c[i];
+}
+__global__ void scale_kernel_bf16(__nv_bfloat16* c, int64_t n, float beta) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) c[i] = __float2bfloat16(beta == 0.0f ? 0.0f : beta * __bfloat162float(c[i]));
+}
+
+struct LtDescriptors {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t x = nullptr, y = nullptr, c = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  ~LtDescriptors() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (c) cublasLtMatrixLayoutDestroy(c);
+    if (y) cublasLtMatrixLayoutDestroy(y);
+    if (x) cublasLtMatrixLayoutDestroy(x);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+}  // namespace
+
+void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
+               float beta) {
+  const DType ab = a.dtype();
+  LASP_CHECK(b.dtype() == ab) << "gemm_cuda: A and B must share a dtype, got " << a.str() << " and "
+                              << b.str();
+  const bool ok = (ab == DType::BF16 && (c.dtype() == DType::BF16 || c.dtype() == DType::F32)) ||
+                  (ab == DType::F32 && c.dtype() == DType::F32);
+  LASP_CHECK(ok) << "gemm_cuda supports bf16 x bf16 -> bf16/fp32 and fp32 x fp32 -> fp32, got "
+                 << a.str() << " x " << b.str() << " -> " << c.str();
+  const int64_t m = trans_a ? a.dim(1) : a.dim(0);
+  const int64_t k = trans_a ? a.dim(0) : a.dim(1);
+  const int64_t n = trans_b ? b.dim(0) : b.dim(1);
+  if (m == 0 || n == 0) return;
+  cudaStream_t stream = cuda_stream();
+  if (k == 0) {  // C = beta C: cuBLASLt does not take k = 0
+    const int64_t cn = c.numel();
+    const int threads = 256;
+    const int blocks = ceil_div(cn, threads);
+    if (c.dtype() == DType::F32) {
+      scale_kernel_f32<<<blocks, threads, 0, stream>>>(c.data<float>(), cn, beta);
+    } else {
+      scale_kernel_bf16<<<blocks, threads, 0, stream>>>(
+          static_cast<__nv_bfloat16*>(c.raw()), cn, beta);
+    }
+    CUDA_CHECK_LAUNCH("gemm_cuda (k = 0)");
+    return;
+  }
+
+  const int dev = a.device().index;
+  std::lock_guard<std::mutex> lock(g_mu);
+  LtDeviceContext& ctx = context(dev);
+
+  // First operand X = B's buffer (column-major: b.dim(1) x b.dim(0)), second Y = A's buffer.
+  const cublasOperation_t op_x = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_y = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cudaDataType_t t_ab = cuda_type(ab), t_c = cuda_type(c.dtype());
+  LtDescriptors d;
+  CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_x, sizeof(op_x)));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_y, sizeof(op_y)));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.x, t_ab, b.dim(1), b.dim(0), b.dim(1)));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.y, t_ab, a.dim(1), a.dim(0), a.dim(1)));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, t_c, n, m, n));
+
+  const int al_x = alignment_of(b.raw()), al_y = alignment_of(a.raw()), al_c = alignment_of(c.raw());
+  const AlgoKey key{dev, m, n, k, trans_a, trans_b, static_cast<int>(ab),
+                    static_cast<int>(c.dtype()), al_x, al_y, al_c, beta != 0.0f};
+  auto it = g_algos.find(key);
+  if (it == g_algos.end()) {
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
+    const size_t ws = kWorkspaceBytes;
+    const uint32_t ax = al_x, ay = al_y, ac = al_c;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &ax, sizeof(ax)));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ay, sizeof(ay)));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof(ac)));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof(ac)));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.x, d.y, d.c, d.c, d.pref, 1,
+                                                &result, &found));
+    LASP_CHECK(found > 0) << "gemm_cuda: cuBLASLt found no algorithm for " << a.str()
+                          << (trans_a ? "^T" : "") << " x " << b.str() << (trans_b ? "^T" : "")
+                          << " -> " << c.str();
+    it = g_algos.emplace(key, result.algo).first;
+  }
+  CUBLAS_CHECK(cublasLtMatmul(ctx.handle, d.op, &alpha, b.raw(), d.x, a.raw(), d.y, &beta, c.raw(),
+                              d.c, c.raw(), d.c, &it->second, ctx.workspace, kWorkspaceBytes,
+                              stream));
+}
+
+}  // namespace lasp

@@ -1,0 +1,257 @@
+// Kernel benchmark (see bench_kernels.h). Inputs are random bf16 (a 16 Mi-element random block
+// tiled over each tensor: never zeros, which run faster than real data), and every tensor is far
+// larger than L2, so repeated runs measure HBM, not the cache.
+#include "launch/bench_kernels.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/device.h"
+#include "core/log.h"
+#include "core/tensor.h"
+#include "kernels/gemm.h"
+#include "kernels/linear_attention.h"
+
+#ifdef LASP_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace lasp {
+
+#ifndef LASP_HAVE_CUDA
+
+int bench_kernels_main(int, char**) {
+  std::fprintf(stderr,
+               "lasp bench kernels: this build has no CUDA backend (configure with -DLASP_CUDA=ON "
+               "on a machine with nvcc); nothing to measure\n");
+  return 2;
+}
+
+#else
+
+namespace {
+
+constexpr double kBf16PeakFlops = 790e12;  // measured dense bf16 rate on an H200 (KINDS.md)
+
+#define BENCH_CUDA(expr)                                                                  \
+  do {                                                                                    \
+    cudaError_t e_ = (expr);                                                              \
+    LASP_CHECK(e_ == cudaSuccess) << #expr << ": " << cudaGetErrorString(e_);            \
+  } while (0)
+
+struct Options {
+  std::string csv;
+  int iters = 10, warmup = 3;
+  bool quick = false;
+};
+
+struct Row {
+  std::string op, shape;
+  double ms, floor_ms;
+};
+
+// Median time in ms of fn() over `iters` runs after `warmup` runs, each bracketed by events.
+double time_ms(const std::function<void()>& fn, const Options& opt) {
+  auto stream = static_cast<cudaStream_t>(current_stream().handle);
+  for (int i = 0; i < opt.warmup; ++i) fn();
+  BENCH_CUDA(cudaStreamSynchronize(stream));
+  cudaEvent_t start, stop;
+  BENCH_CUDA(cudaEventCreate(&start));
+  BENCH_CUDA(cudaEventCreate(&stop));
+  std::vector<double> t;
+  for (int i = 0; i < opt.iters; ++i) {
+    BENCH_CUDA(cudaEventRecord(start, stream));
+    fn();
+    BENCH_CUDA(cudaEventRecord(stop, stream));
+    BENCH_CUDA(cudaEventSynchronize(stop));
+    float ms = 0;
+    BENCH_CUDA(cudaEventElapsedTime(&ms, start, stop));
+    t.push_back(ms);
+  }
+  BENCH_CUDA(cudaEventDestroy(start));
+  BENCH_CUDA(cudaEventDestroy(stop));
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+// A random bf16 tensor on the GPU: one random block, tiled.
+Tensor random_bf16(const Shape& shape, double stddev, uint32_t seed) {
+  Tensor t = Tensor::empty(shape, DType::BF16, cuda());
+  const int64_t n = t.numel();
+  const int64_t block = std::min<int64_t>(n, int64_t{1} << 24);
+  std::vector<uint16_t> host(static_cast<size_t>(block));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, static_cast<float>(stddev));
+  for (auto& h : host) h = float_to_bf16(dist(rng));
+  auto* dst = static_cast<uint16_t*>(t.raw());
+  for (int64_t off = 0; off < n; off += block) {
+    const int64_t len = std::min(block, n - off);
+    device_memcpy(dst + off, cuda(), host.data(), cpu(), static_cast<size_t>(len) * 2);
+  }
+  return t;
+}
+
+Tensor random_f32(const Shape& shape, float lo, float hi, uint32_t seed) {
+  Tensor h = Tensor::empty(shape, DType::F32);
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  float* p = h.data<float>();
+  for (int64_t i = 0; i < h.numel(); ++i) p[i] = dist(rng);
+  return h.to(cuda());
+}
+
+double measure_bandwidth(const Options& opt) {
+  const size_t bytes = size_t{2} << 30;  // 2 GiB each way
+  Tensor src = Tensor::empty({static_cast<int64_t>(bytes)}, DType::U8, cuda());
+  Tensor dst = Tensor::empty({static_cast<int64_t>(bytes)}, DType::U8, cuda());
+  BENCH_CUDA(cudaMemset(src.raw(), 1, bytes));
+  auto stream = static_cast<cudaStream_t>(current_stream().handle);
+  const double ms = time_ms(
+      [&] { BENCH_CUDA(cudaMemcpyAsync(dst.raw(), src.raw(), bytes, cudaMemcpyDeviceToDevice, stream)); },
+      opt);
+  return 2.0 * bytes / (ms * 1e-3);
+}
+
+void print_table(const char* title, const std::vector<Row>& rows, const char* floor_what) {
+  std::printf("\n%s (floor: %s)\n", title, floor_what);
+  std::printf("%-34s %-30s %10s %10s %8s\n", "op", "shape", "time_ms", "floor_ms", "ratio");
+  for (const Row& r : rows)
+    std::printf("%-34s %-30s %10.3f %10.3f %8.2f\n", r.op.c_str(), r.shape.c_str(), r.ms, r.floor_ms,
+                r.ms / r.floor_ms);
+  std::fflush(stdout);
+}
+
+std::vector<Row> bench_gemm(const Options& opt) {
+  struct G {
+    int64_t m, n, k;
+    const char* what;
+  };
+  std::vector<G> shapes = {{8192, 8192, 8192, "square"},
+                           {16384, 2048, 2048, "1B attn proj 2048->2048"},
+                           {16384, 8192, 2048, "1B mlp up 2048->8192"},
+                           {16384, 2048, 8192, "1B mlp down 8192->2048"}};
+  if (opt.quick) shapes[0] = {4096, 4096, 4096, "square"};
+  std::vector<Row> rows;
+  uint32_t seed = 1;
+  for (const G& g : shapes) {
+    // y[m, n] = x[m, k] W[n, k]^T, the linear layer's layout.
+    Tensor x = random_bf16({g.m, g.k}, 1.0, seed++), w = random_bf16({g.n, g.k}, 0.02, seed++);
+    Tensor y = Tensor::empty({g.m, g.n}, DType::BF16, cuda());
+    const double ms = time_ms([&] { gemm(y, x, false, w, true); }, opt);
+    const double flops = 2.0 * g.m * g.n * g.k;
+    char shape[96];
+    std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m), static_cast<long>(g.n),
+                  static_cast<long>(g.k));
+    rows.push_back({std::string("gemm bf16 ") + g.what, shape, ms, flops / kBf16PeakFlops * 1e3});
+    std::printf("  gemm %s: %.3f ms, %.0f TFLOP/s\n", shape, ms, flops / (ms * 1e-3) / 1e12);
+  }
+  return rows;
+}
+
+std::vector<Row> bench_linear_attention(const Options& opt, double bandwidth) {
+  std::vector<int64_t> lengths = {8192, 65536, 262144};
+  if (opt.quick) lengths = {8192, 65536};
+  const int64_t B = 1, H = 16, D = 128;
+  std::vector<Row> rows;
+  for (int64_t T : lengths) {
+    const Shape x{B, T, H, D};
+    const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+    Tensor q = random_bf16(x, scale, 11), k = random_bf16(x, scale, 12), v = random_bf16(x, 1.0, 13);
+    Tensor d_o = random_bf16(x, 1.0, 14);
+    Tensor o = Tensor::empty(x, DType::BF16, cuda()), fs;
+    Tensor dq = Tensor::empty(x, DType::BF16, cuda()), dk = Tensor::empty(x, DType::BF16, cuda()),
+           dv = Tensor::empty(x, DType::BF16, cuda());
+    const double tensor_bytes = static_cast<double>(B * T * H * D) * 2;
+    for (DecayMode mode : {DecayMode::Constant, DecayMode::DataDependent}) {
+      Decay decay;
+      decay.mode = mode;
+      Tensor dlog, dinit;
+      double decay_bytes = 0;
+      if (mode == DecayMode::Constant) decay.per_head = random_f32({H}, -0.1f, -0.001f, 21);
+      if (mode == DecayMode::DataDependent) {
+        decay.per_token = random_f32({B, T, H}, -0.1f, 0.0f, 22);
+        dlog = Tensor::empty({B, T, H}, DType::F32, cuda());
+        decay_bytes = static_cast<double>(B * T * H) * 4;
+      }
+      const Tensor none;
+      const double fwd = time_ms([&] { linear_attention_forward(o, fs, q, k, v, decay, none); }, opt);
+      const double fwdbwd = time_ms(
+          [&] {
+            linear_attention_forward(o, fs, q, k, v, decay, none);
+            linear_attention_backward(dq, dk, dv, dlog, dinit, q, k, v, decay, none, d_o, none);
+          },
+          opt);
+      char shape[96];
+      std::snprintf(shape, sizeof shape, "B=%ld T=%ld H=%ld D=%ld", static_cast<long>(B),
+                    static_cast<long>(T), static_cast<long>(H), static_cast<long>(D));
+      const std::string name = std::string("linear_attention ") + decay_mode_name(mode);
+      // Floors: fwd moves q, k, v, o once; fwd+bwd moves q, k, v, o, dO, dq, dk, dv once
+      // (plus the per-token decays and their gradient).
+      rows.push_back({name + " fwd", shape, fwd, (4 * tensor_bytes + decay_bytes) / bandwidth * 1e3});
+      rows.push_back({name + " fwd+bwd", shape, fwdbwd,
+                      (8 * tensor_bytes + 2 * decay_bytes) / bandwidth * 1e3});
+      std::printf("  %s %s: fwd %.3f ms, fwd+bwd %.3f ms\n", name.c_str(), shape, fwd, fwdbwd);
+    }
+  }
+  return rows;
+}
+
+}  // namespace
+
+int bench_kernels_main(int argc, char** argv) {
+  Options opt;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&](const char* flag) -> std::string {
+      LASP_CHECK(i + 1 < argc) << "bench kernels: " << flag << " needs a value";
+      return argv[++i];
+    };
+    if (a == "--csv") opt.csv = value("--csv");
+    else if (a == "--iters") opt.iters = std::stoi(value("--iters"));
+    else if (a == "--warmup") opt.warmup = std::stoi(value("--warmup"));
+    else if (a == "--quick") opt.quick = true;
+    else if (a == "kernels" || a == "bench") continue;
+    else LASP_FAIL() << "bench kernels: unknown argument '" << a
+                     << "' (expected --csv PATH, --iters N, --warmup N, --quick)";
+  }
+  LASP_CHECK(opt.iters >= 1 && opt.warmup >= 0) << "bench kernels: --iters must be >= 1";
+  if (!cuda_available()) {
+    std::fprintf(stderr, "lasp bench kernels: no CUDA device visible; nothing to measure\n");
+    return 2;
+  }
+  cudaDeviceProp prop{};
+  BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize >> 20);
+  const double bw = measure_bandwidth(opt);
+  std::printf("HBM bandwidth (2 GiB device-to-device copy, read + write): %.2f TB/s\n", bw / 1e12);
+
+  const std::vector<Row> gemm_rows = bench_gemm(opt);
+  print_table("GEMM (bf16 in, bf16 out, fp32 accumulate)", gemm_rows, "flops / 790 TFLOP/s");
+  const std::vector<Row> la_rows = bench_linear_attention(opt, bw);
+  char floor_what[96];
+  std::snprintf(floor_what, sizeof floor_what, "bytes / %.2f TB/s measured", bw / 1e12);
+  print_table("Linear attention (bf16 q/k/v/o, fp32 state)", la_rows, floor_what);
+
+  if (!opt.csv.empty()) {
+    std::ofstream f(opt.csv);
+    LASP_CHECK(f.good()) << "bench kernels: cannot write --csv " << opt.csv;
+    f << "op,shape,time_ms,floor_ms,ratio\n";
+    f << "hbm_copy,2GiB," << 0 << "," << 0 << "," << bw / 1e12 << "\n";
+    for (const auto* rows : {&gemm_rows, &la_rows})
+      for (const Row& r : *rows)
+        f << r.op << "," << r.shape << "," << r.ms << "," << r.floor_ms << "," << r.ms / r.floor_ms
+          << "\n";
+  }
+  return 0;
+}
+
+#endif  // LASP_HAVE_CUDA
+
+}  // namespace lasp

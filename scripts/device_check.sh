@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# One-call GPU check for the device machine: build (CUDA, sm_90a), run the GPU tests (GPU kernels
+# vs the CPU ones), the CPU unit tests if time allows, and the kernel benchmark; logs and a short
+# summary go to $OUT (at most 8 files). Every step runs even if an earlier one failed; the summary
+# is printed last.
+#
+#   OUT=/some/dir scripts/device_check.sh [--quick] [--no-cpu-tests]
+#
+# Environment: OUT (default ./device_out), BUILD (default /tmp/lasp-build-gpu), BUDGET_S (wall
+# seconds for the whole script, default 520). If the project cannot be configured on the device
+# (missing yaml-cpp / OpenBLAS / protobuf / GoogleTest there), the script falls back to binaries
+# prebuilt elsewhere and carried in .prebuilt/ (lasp_gpu_tests, lasp_tests, lib/ with their
+# shared libraries): see docs/kernels.md.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$ROOT/device_out}
+BUILD=${BUILD:-/tmp/lasp-build-gpu}
+BUDGET_S=${BUDGET_S:-520}
+QUICK=0
+CPU_TESTS=1
+for a in "$@"; do
+  case "$a" in
+    --quick) QUICK=1 ;;
+    --no-cpu-tests) CPU_TESTS=0 ;;
+    *) echo "device_check.sh: unknown argument $a (expected --quick, --no-cpu-tests)"; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT"
+START=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+say() { echo "$*" | tee -a "$SUMMARY"; }
+# Seconds left for a step: the smaller of its cap and what remains of the budget (minus 15 s
+# reserved for the summary); at least 1.
+left() {
+  local cap=$1 rem
+  rem=$((BUDGET_S - ($(date +%s) - START) - 15))
+  ((rem < cap)) && cap=$rem
+  ((cap < 1)) && cap=1
+  echo "$cap"
+}
+
+say "== device_check $(date -u +%FT%TZ) in $ROOT"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  nvcc --version | tail -2
+  cmake --version | head -1
+  uname -r
+} >"$OUT/env.txt" 2>&1
+head -2 "$OUT/env.txt" | tee -a "$SUMMARY"
+
+# ---- 1. build ----
+GPU_BIN="" CPU_BIN="" LASP_BIN="" BUILD_STATUS="failed"
+if timeout "$(left 60)" cmake -S "$ROOT" -B "$BUILD" -DLASP_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
+    -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1; then
+  if timeout "$(left 300)" cmake --build "$BUILD" -j 16 --target lasp_gpu_tests >>"$OUT/build.log" 2>&1; then
+    GPU_BIN="$BUILD/tests/lasp_gpu_tests"
+    BUILD_STATUS="built on device"
+  fi
+  if ((CPU_TESTS)) && timeout "$(left 200)" cmake --build "$BUILD" -j 16 --target lasp_tests >>"$OUT/build.log" 2>&1; then
+    CPU_BIN="$BUILD/tests/lasp_tests"
+  fi
+  if [ -f "$ROOT/launch/main.cc" ] && timeout "$(left 120)" cmake --build "$BUILD" -j 16 --target lasp >>"$OUT/build.log" 2>&1; then
+    LASP_BIN="$BUILD/lasp"
+  fi
+fi
+if [ -z "$GPU_BIN" ] && [ -x "$ROOT/.prebuilt/lasp_gpu_tests" ]; then
+  say "device build failed (see build.log tail below); using carried .prebuilt/ binaries"
+  tail -5 "$OUT/build.log" | tee -a "$SUMMARY"
+  export LD_LIBRARY_PATH="$ROOT/.prebuilt/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+  GPU_BIN="$ROOT/.prebuilt/lasp_gpu_tests"
+  [ -x "$ROOT/.prebuilt/lasp_tests" ] && CPU_BIN="$ROOT/.prebuilt/lasp_tests"
+  BUILD_STATUS="prebuilt (carried)"
+fi
+say "build: $BUILD_STATUS"
+grep -E "error|warning: " "$OUT/build.log" | grep -v "^--" | head -20 | tee -a "$SUMMARY"
+
+# ---- 2. GPU tests ----
+GPU_RESULT="not run"
+if [ -n "$GPU_BIN" ]; then
+  timeout "$(left 200)" "$GPU_BIN" --gtest_color=no 2>&1 | tee "$OUT/gpu_tests.log"
+  rc=$?
+  GPU_RESULT="rc=$rc; $(grep -E '^\[  PASSED  \]|^\[  FAILED  \]|^\[  SKIPPED \] [0-9]' "$OUT/gpu_tests.log" | tr '\n' ' ')"
+fi
+
+# ---- 3. CPU unit tests ----
+CPU_RESULT="not run"
+if ((CPU_TESTS)) && [ -n "$CPU_BIN" ]; then
+  timeout "$(left 120)" "$CPU_BIN" --gtest_color=no --gtest_brief=1 2>&1 | tee "$OUT/cpu_tests.log" | tail -30
+  rc=$?
+  CPU_RESULT="rc=$rc; $(grep -E '^\[  PASSED  \]|^\[  FAILED  \]' "$OUT/cpu_tests.log" | tr '\n' ' ')"
+fi
+
+# ---- 4. kernel benchmark ----
+BENCH_ARGS="--csv $OUT/bench.csv"
+((QUICK)) && BENCH_ARGS="$BENCH_ARGS --quick"
+BENCH_RESULT="not run"
+if [ -n "$LASP_BIN" ]; then
+  timeout "$(left 240)" "$LASP_BIN" bench kernels $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
+  rc=$?
+  BENCH_RESULT="rc=$rc (lasp bench kernels)"
+  ((rc == 0)) || LASP_BIN=""
+fi
+if [ -z "$LASP_BIN" ] && [ -n "$GPU_BIN" ]; then
+  LASP_BENCH_ARGS="$BENCH_ARGS" timeout "$(left 240)" "$GPU_BIN" --gtest_color=no \
+    --gtest_filter='BenchKernels.*' 2>&1 | tee "$OUT/bench.log"
+  BENCH_RESULT="rc=$? (through lasp_gpu_tests --gtest_filter=BenchKernels.*)"
+fi
+
+# ---- summary ----
+say ""
+say "== summary ($(($(date +%s) - START)) s)"
+say "build:      $BUILD_STATUS"
+say "gpu tests:  $GPU_RESULT"
+grep -E '^\[  FAILED  \] [A-Za-z]' "$OUT/gpu_tests.log" 2>/dev/null | sort -u | tee -a "$SUMMARY"
+say "cpu tests:  $CPU_RESULT"
+grep -E '^\[  FAILED  \] [A-Za-z]' "$OUT/cpu_tests.log" 2>/dev/null | sort -u | head -20 | tee -a "$SUMMARY"
+say "benchmark:  $BENCH_RESULT"
+if [ -f "$OUT/bench.log" ]; then
+  sed -n '/^HBM bandwidth/p;/^GEMM/,$p' "$OUT/bench.log" | grep -v '^\[' | tee -a "$SUMMARY"
+fi

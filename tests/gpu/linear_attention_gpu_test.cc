@@ -1,0 +1,199 @@
+// CUDA linear attention against the CPU implementation (itself tested against float64 naive
+// references), run in fp32 on the same bf16-rounded inputs. Fresh random inputs per run (the
+// seed is printed on failure), odd sequence lengths, every decay mode, with and without initial
+// state and final-state gradient, NaN-poisoned outputs.
+//
+// Thresholds (relative Frobenius error ||gpu - cpu|| / ||cpu||): the GPU rounds its matmul
+// operands to bf16 (Q K^T o M, the bf16 copy of the state, diag(e) K, diag(b) Q) and its bf16
+// outputs once, each a 2^-9 relative rounding, so errors land at 2e-3 .. 6e-3:
+//   o, dq, dk, dv                    2e-2
+//   final_state, d_initial_state     2e-2 (fp32 outputs built from bf16 operands)
+//   d_log_decay                      5e-2 (a difference q.dq - k.dk followed by a suffix sum)
+#include <gtest/gtest.h>
+
+#include "kernels/linear_attention.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace lasp {
+namespace {
+
+using namespace gpu_test;
+
+constexpr double kTolOut = 2e-2, kTolState = 2e-2, kTolDlog = 5e-2;
+
+struct LaCase {
+  int64_t B, T, H, D;
+  DecayMode mode;
+  bool with_init, with_dfinal;
+};
+
+std::string describe(const LaCase& c) {
+  std::ostringstream os;
+  os << "B=" << c.B << " T=" << c.T << " H=" << c.H << " D=" << c.D << " decay="
+     << decay_mode_name(c.mode) << " init=" << c.with_init << " dfinal=" << c.with_dfinal;
+  return os.str();
+}
+
+struct LaInputs {
+  Tensor q, k, v, d_o, init, d_final;  // CPU fp32 (bf16-representable for q, k, v, d_o)
+  Decay decay;                         // CPU fp32
+};
+
+LaInputs make_inputs(const LaCase& c, std::mt19937& rng) {
+  LaInputs in;
+  const Shape x{c.B, c.T, c.H, c.D}, s{c.B, c.H, c.D, c.D};
+  const double scale = 1.0 / std::sqrt(static_cast<double>(c.D));
+  in.q = random_bf16_values(x, rng, scale);
+  in.k = random_bf16_values(x, rng, scale);
+  in.v = random_bf16_values(x, rng);
+  in.d_o = random_bf16_values(x, rng);
+  if (c.with_init) in.init = random_bf16_values(s, rng);
+  if (c.with_dfinal) in.d_final = random_bf16_values(s, rng);
+  in.decay.mode = c.mode;
+  if (c.mode == DecayMode::Constant) in.decay.per_head = random_uniform({c.H}, rng, -0.3, -0.005);
+  if (c.mode == DecayMode::DataDependent)
+    in.decay.per_token = random_uniform({c.B, c.T, c.H}, rng, -0.6, 0.0);
+  return in;
+}
+
+Decay decay_to_cuda(const Decay& d) {
+  Decay g;
+  g.mode = d.mode;
+  if (d.per_head.defined()) g.per_head = d.per_head.to(cuda());
+  if (d.per_token.defined()) g.per_token = d.per_token.to(cuda());
+  return g;
+}
+
+Tensor cuda_or_undefined(const Tensor& t, DType dt) { return t.defined() ? to_cuda(t, dt) : Tensor(); }
+
+void expect_close(const Tensor& gpu, const Tensor& cpu, double tol, const char* what) {
+  const auto out = gpu.to_vector();
+  EXPECT_EQ(count_non_finite(out), 0) << what << ": unwritten or non-finite outputs";
+  const double err = rel_error(out, cpu.to_vector());
+  EXPECT_LT(err, tol) << what;
+}
+
+void check_forward(const LaCase& c) {
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
+  std::mt19937 rng(seed);
+  const LaInputs in = make_inputs(c, rng);
+  const Shape x{c.B, c.T, c.H, c.D}, s{c.B, c.H, c.D, c.D};
+
+  Tensor o_ref = Tensor::empty(x, DType::F32), fs_ref = Tensor::empty(s, DType::F32);
+  linear_attention_forward(o_ref, fs_ref, in.q, in.k, in.v, in.decay, in.init);
+
+  Tensor o = poisoned_cuda(x, DType::BF16), fs = poisoned_cuda(s, DType::F32);
+  linear_attention_forward(o, fs, to_cuda(in.q, DType::BF16), to_cuda(in.k, DType::BF16),
+                           to_cuda(in.v, DType::BF16), decay_to_cuda(in.decay),
+                           cuda_or_undefined(in.init, DType::F32));
+  expect_close(o, o_ref, kTolOut, "o");
+  expect_close(fs, fs_ref, kTolState, "final_state");
+}
+
+void check_backward(const LaCase& c) {
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
+  std::mt19937 rng(seed);
+  const LaInputs in = make_inputs(c, rng);
+  const Shape x{c.B, c.T, c.H, c.D}, s{c.B, c.H, c.D, c.D}, g{c.B, c.T, c.H};
+  const bool data = c.mode == DecayMode::DataDependent;
+
+  Tensor dq_ref = Tensor::empty(x, DType::F32), dk_ref = Tensor::empty(x, DType::F32),
+         dv_ref = Tensor::empty(x, DType::F32), dinit_ref = Tensor::empty(s, DType::F32);
+  Tensor dlog_ref = data ? Tensor::empty(g, DType::F32) : Tensor();
+  linear_attention_backward(dq_ref, dk_ref, dv_ref, dlog_ref, dinit_ref, in.q, in.k, in.v, in.decay,
+                            in.init, in.d_o, in.d_final);
+
+  Tensor dq = poisoned_cuda(x, DType::BF16), dk = poisoned_cuda(x, DType::BF16),
+         dv = poisoned_cuda(x, DType::BF16), dinit = poisoned_cuda(s, DType::F32);
+  Tensor dlog = data ? poisoned_cuda(g, DType::F32) : Tensor();
+  linear_attention_backward(dq, dk, dv, dlog, dinit, to_cuda(in.q, DType::BF16),
+                            to_cuda(in.k, DType::BF16), to_cuda(in.v, DType::BF16),
+                            decay_to_cuda(in.decay), cuda_or_undefined(in.init, DType::F32),
+                            to_cuda(in.d_o, DType::BF16), cuda_or_undefined(in.d_final, DType::F32));
+  expect_close(dq, dq_ref, kTolOut, "dq");
+  expect_close(dk, dk_ref, kTolOut, "dk");
+  expect_close(dv, dv_ref, kTolOut, "dv");
+  expect_close(dinit, dinit_ref, kTolState, "d_initial_state");
+  if (data) expect_close(dlog, dlog_ref, kTolDlog, "d_log_decay");
+}
+
+std::vector<LaCase> cases_for(DecayMode mode) {
+  std::vector<LaCase> cs;
+  for (int64_t D : {64, 128}) {
+    for (int64_t T : {1, 100, 257}) cs.push_back({2, T, 3, D, mode, T != 100, T != 1});
+  }
+  // Many chunks per segment (segments hold several chunks when B*H is small).
+  cs.push_back({1, 9000, 2, 64, mode, true, true});
+  cs.push_back({1, 3001, 1, 128, mode, false, true});
+  return cs;
+}
+
+TEST(LinearAttentionGpu, ForwardMatchesCpuWithoutDecay) {
+  LASP_SKIP_WITHOUT_GPU();
+  for (const auto& c : cases_for(DecayMode::None)) check_forward(c);
+}
+TEST(LinearAttentionGpu, ForwardMatchesCpuWithConstantDecay) {
+  LASP_SKIP_WITHOUT_GPU();
+  for (const auto& c : cases_for(DecayMode::Constant)) check_forward(c);
+}
+TEST(LinearAttentionGpu, ForwardMatchesCpuWithDataDependentDecay) {
+  LASP_SKIP_WITHOUT_GPU();
+  for (const auto& c : cases_for(DecayMode::DataDependent)) check_forward(c);
+}
+TEST(LinearAttentionGpu, BackwardMatchesCpuWithoutDecay) {
+  LASP_SKIP_WITHOUT_GPU();
+  for (const auto& c : cases_for(DecayMode::None)) check_backward(c);
+}
+TEST(LinearAttentionGpu, BackwardMatchesCpuWithConstantDecay) {
+  LASP_SKIP_WITHOUT_GPU();
+  for (const auto& c : cases_for(DecayMode::Constant)) check_backward(c);
+}
+TEST(LinearAttentionGpu, BackwardMatchesCpuWithDataDependentDecayIncludingDecayGradient) {
+  LASP_SKIP_WITHOUT_GPU();
+  for (const auto& c : cases_for(DecayMode::DataDependent)) check_backward(c);
+}
+
+TEST(LinearAttentionGpu, StateOnlyForwardAndPartialBackwardSkipUndefinedOutputs) {
+  LASP_SKIP_WITHOUT_GPU();
+  const LaCase c{1, 300, 2, 64, DecayMode::DataDependent, true, true};
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE("seed=" + std::to_string(seed));
+  std::mt19937 rng(seed);
+  const LaInputs in = make_inputs(c, rng);
+  const Shape x{c.B, c.T, c.H, c.D}, s{c.B, c.H, c.D, c.D};
+  const Tensor q = to_cuda(in.q, DType::BF16), k = to_cuda(in.k, DType::BF16),
+               v = to_cuda(in.v, DType::BF16), init = to_cuda(in.init, DType::F32);
+  const Decay gd = decay_to_cuda(in.decay);
+
+  // Forward with o undefined: only the final state.
+  Tensor none, fs_ref = Tensor::empty(s, DType::F32), o_ref = Tensor::empty(x, DType::F32);
+  linear_attention_forward(o_ref, fs_ref, in.q, in.k, in.v, in.decay, in.init);
+  Tensor fs = poisoned_cuda(s, DType::F32);
+  linear_attention_forward(none, fs, q, k, v, gd, init);
+  expect_close(fs, fs_ref, kTolState, "final_state (state-only pass)");
+
+  // Backward asking for dv only, with d_o undefined (counts as zero): dv = K dS_final terms only.
+  Tensor dv_ref = Tensor::empty(x, DType::F32), n1, n2, n3, n4;
+  linear_attention_backward(n1, n2, dv_ref, n3, n4, in.q, in.k, in.v, in.decay, in.init, Tensor(),
+                            in.d_final);
+  Tensor dv = poisoned_cuda(x, DType::BF16), m1, m2, m3, m4;
+  linear_attention_backward(m1, m2, dv, m3, m4, q, k, v, gd, init, Tensor(),
+                            to_cuda(in.d_final, DType::F32));
+  expect_close(dv, dv_ref, kTolOut, "dv (only output, no d_o)");
+}
+
+TEST(LinearAttentionGpu, RejectsUnsupportedHeadDimAndDtypesWithAClearError) {
+  LASP_SKIP_WITHOUT_GPU();
+  Decay none;
+  Tensor o = Tensor::zeros({1, 8, 1, 96}, DType::BF16, cuda()), fs;
+  Tensor x96 = Tensor::zeros({1, 8, 1, 96}, DType::BF16, cuda());
+  EXPECT_THROW(linear_attention_forward(o, fs, x96, x96, x96, none, Tensor()), Error);
+  Tensor o32 = Tensor::zeros({1, 8, 1, 64}, DType::F32, cuda());
+  Tensor x32 = Tensor::zeros({1, 8, 1, 64}, DType::F32, cuda());
+  EXPECT_THROW(linear_attention_forward(o32, fs, x32, x32, x32, none, Tensor()), Error);
+}
+
+}  // namespace
+}  // namespace lasp
