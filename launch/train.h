@@ -16,8 +16,10 @@ struct TrainResult {
 };
 
 // Trains with `cfg` (MPI must be initialised when the world has several ranks). Returns the losses
-// for tests; writes run.dir (config.yaml, metrics.jsonl, tb/, checkpoints/).
-TrainResult train(const Config& cfg, const std::string& config_source);
+// for tests; writes run.dir (config.yaml, metrics.jsonl, tb/, checkpoints/). With stop_after > 0
+// the run ends after that many steps of this invocation with a checkpoint, as if the job had been
+// stopped (resume with checkpoint.resume=auto); the schedule still spans train.steps.
+TrainResult train(const Config& cfg, const std::string& config_source, int64_t stop_after = -1);
 
 int train_main(int argc, char** argv);  // lasp train CONFIG [--set k=v ...]
 int eval_main(int argc, char** argv);    // lasp eval CONFIG [--checkpoint DIR] [--set k=v ...]

@@ -1,1 +1,0 @@
-// placeholder: keeps the library non-empty until its sources land
