@@ -640,6 +640,8 @@ void init_distributed(int* argc, char*** argv) {
   (void)argc;
   (void)argv;
 #endif
+  LASP_CHECK(!g_world) << "world() was used before init_distributed(); call init_distributed first "
+                          "(references to the old single-rank world would dangle)";
   g_world = WorldFactory::make_world();
   set_process_rank(g_world->rank());
   g_initialised = true;
