@@ -14,15 +14,20 @@ void set_process_rank(int rank) { g_rank = rank; }
 
 namespace detail {
 
-CheckMessage::CheckMessage(const char* file, int line, const char* condition) {
+CheckMessage::CheckMessage(const char* file, int line, const char* condition) : condition_(condition) {
   const char* base = std::strrchr(file, '/');
-  stream_ << "[rank " << process_rank() << "] " << (base ? base + 1 : file) << ":" << line << ": ";
-  if (condition) stream_ << "check failed: " << condition << ": ";
+  prefix_ = "[rank " + std::to_string(process_rank()) + "] " + (base ? base + 1 : file) + ":" +
+            std::to_string(line) + ": ";
 }
 
 CheckMessage::~CheckMessage() noexcept(false) {
   // Never throw while another exception is unwinding the stack.
-  if (std::uncaught_exceptions() == 0) throw Error(stream_.str());
+  if (std::uncaught_exceptions() != 0) return;
+  std::string message = stream_.str();
+  if (message.empty() || (condition_ && message.rfind("(", 0) == 0)) {
+    message = std::string("check failed: ") + (condition_ ? condition_ : "") + " " + message;
+  }
+  throw Error(prefix_ + message);
 }
 
 }  // namespace detail

@@ -3,7 +3,8 @@
 //   LASP_CHECK(n > 0) << "model.layers must be positive, got " << n;
 //   LASP_CHECK_EQ(a.numel(), b.numel()) << "in rmsnorm_forward";
 //
-// A failed check throws lasp::Error whose message starts with "[rank R] file:line: ".
+// A failed check throws lasp::Error whose message is "[rank R] file:line: <message>", or
+// "[rank R] file:line: check failed: <condition>" when the check streams no message.
 // launch/ catches it at the top, prints it and exits non-zero; tests can EXPECT_THROW it.
 #pragma once
 
@@ -35,6 +36,8 @@ class CheckMessage {
   }
 
  private:
+  std::string prefix_;     // "[rank R] file:line: "
+  const char* condition_;  // shown only when the check gives no message of its own
   std::ostringstream stream_;
 };
 }  // namespace detail

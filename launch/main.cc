@@ -32,7 +32,7 @@ const char* kUsage =
     "  eval CONFIG [--checkpoint DIR]               validation loss of a checkpoint\n"
     "  prepare-data --input F... --output-dir D     text files -> token shards (byte tokenizer)\n"
     "  inspect CHECKPOINT_DIR                       print what a checkpoint holds\n"
-    "  export CHECKPOINT_DIR --format safetensors --output FILE   weights for Python\n"
+    "  export CONFIG --output FILE [--checkpoint DIR]   weights as .safetensors for Python\n"
     "  bench kernels|data [options]                 benchmarks (each prints one table)\n"
     "Run `lasp <command> --help` for the options of a command.\n";
 
