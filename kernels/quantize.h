@@ -22,10 +22,11 @@
 //   Nearest     round to nearest, ties to even (deterministic);
 //   Stochastic  round up with probability (v - lo) / (hi - lo): E[q] = v (unbiased);
 //   MsEden      Quartet II's micro-scaled EDEN: RTN on the elements, then per correction block
-//               (eden_block elements along cols, several groups) the factor
-//               c = <x, x_rtn> ... see quantize.cc; the group scales times c are stochastically
-//               rounded onto the scale grid. Unbiased in expectation over a random rotation: the
-//               caller rotates x with a randomized Hadamard transform of block eden_block first.
+//               (eden_block elements along cols, several groups) c = <x, x> / <x, x_rtn>, and
+//               each group scale times c is stochastically rounded onto the scale grid (E4M3 or
+//               E8M0), so E[x_hat] = c x_rtn. Unbiased in expectation over a uniformly random
+//               rotation (EDEN): the caller rotates x with a randomized Hadamard transform of
+//               block eden_block first (one RHT stage leaves a small residual bias, see docs).
 // Clipping (forward pass, Quartet / QuEST): Quest sets each group's scale from its RMS instead
 // of its absmax (MXFP4 only), clips, and records a mask (1 = not clipped) for the backward.
 #pragma once
