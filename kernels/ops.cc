@@ -10,6 +10,36 @@
 
 namespace lasp {
 
+// CUDA implementations (kernels/ops.cu), same arguments as the public functions.
+#ifdef LASP_HAVE_CUDA
+void rmsnorm_forward_cuda(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, float eps, int64_t group);
+void rmsnorm_backward_cuda(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
+                           const Tensor& rstd, int64_t group);
+void swiglu_forward_cuda(Tensor& h, const Tensor& gate, const Tensor& up);
+void swiglu_backward_cuda(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tensor& gate, const Tensor& up);
+void activation_forward_cuda(Tensor& y, const Tensor& x, Activation f, float scale);
+void activation_backward_cuda(Tensor& dx, const Tensor& dy, const Tensor& x, Activation f, float scale);
+void rope_rotate_cuda(Tensor& x, const std::vector<int64_t>& positions, float theta, float sign);
+void embedding_forward_cuda(Tensor& out, const Tensor& table, const Tensor& tokens);
+void embedding_backward_cuda(Tensor& d_table, const Tensor& d_out, const Tensor& tokens);
+double lm_head_cross_entropy_cuda(Tensor& d_h, Tensor& d_w, const Tensor& h, const Tensor& w,
+                                  const Tensor& targets, float loss_scale, int64_t chunk);
+void bias_add_cuda(Tensor& y, const Tensor& b);
+void bias_backward_cuda(Tensor& db, const Tensor& dy);
+void adamw_update_cuda(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m, Tensor& v, float lr,
+                       float beta1, float beta2, float eps, float weight_decay, float c1, float c2);
+void cast_cuda(Tensor& dst, const Tensor& src);
+void add_inplace_cuda(Tensor& y, const Tensor& x, float alpha);
+void scale_inplace_cuda(Tensor& y, float alpha);
+double sum_of_squares_cuda(const Tensor& x);
+bool all_finite_cuda(const Tensor& x);
+#define LASP_ON_CUDA(t, call) \
+  if ((t).defined() && (t).is_cuda()) return call
+#else
+#define LASP_ON_CUDA(t, call) \
+  LASP_CHECK(!(t).defined() || !(t).is_cuda()) << "this build of lasp has no CUDA support"
+#endif
+
 namespace {
 
 void check_cpu(const Tensor& t, const char* what) {
@@ -35,6 +65,7 @@ T sigmoid(T x) {
 // ---------------------------------------------------------------- RMSNorm
 void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, float eps,
                      int64_t group) {
+  LASP_ON_CUDA(x, rmsnorm_forward_cuda(y, rstd, x, w, eps, group));
   check_like(y, x, "rmsnorm_forward");
   const int64_t C = x.dim(-1), N = x.numel() / C;
   if (group == 0) group = C;
@@ -63,6 +94,7 @@ void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, 
 
 void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
                       const Tensor& rstd, int64_t group) {
+  LASP_ON_CUDA(x, rmsnorm_backward_cuda(dx, dw, dy, x, w, rstd, group));
   check_like(dx, x, "rmsnorm_backward");
   check_like(dy, x, "rmsnorm_backward");
   const int64_t C = x.dim(-1), N = x.numel() / C;
@@ -100,6 +132,7 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
 
 // ---------------------------------------------------------------- gated units
 void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
+  LASP_ON_CUDA(gate, swiglu_forward_cuda(h, gate, up));
   check_like(h, gate, "swiglu_forward");
   check_like(up, gate, "swiglu_forward");
   LASP_DISPATCH_CPU_FLOAT(gate.dtype(), "swiglu_forward", T, {
@@ -112,6 +145,7 @@ void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
 
 void swiglu_backward(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tensor& gate,
                      const Tensor& up) {
+  LASP_ON_CUDA(gate, swiglu_backward_cuda(d_gate, d_up, dh, gate, up));
   check_like(d_gate, gate, "swiglu_backward");
   check_like(d_up, gate, "swiglu_backward");
   check_like(dh, gate, "swiglu_backward");
@@ -131,6 +165,7 @@ void swiglu_backward(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tenso
 
 // ---------------------------------------------------------------- pointwise
 void activation_forward(Tensor& y, const Tensor& x, Activation f, float scale) {
+  LASP_ON_CUDA(x, activation_forward_cuda(y, x, f, scale));
   check_like(y, x, "activation_forward");
   LASP_DISPATCH_CPU_FLOAT(x.dtype(), "activation_forward", T, {
     const T* xp = x.data<T>();
@@ -152,6 +187,7 @@ void activation_forward(Tensor& y, const Tensor& x, Activation f, float scale) {
 }
 
 void activation_backward(Tensor& dx, const Tensor& dy, const Tensor& x, Activation f, float scale) {
+  LASP_ON_CUDA(x, activation_backward_cuda(dx, dy, x, f, scale));
   check_like(dx, x, "activation_backward");
   check_like(dy, x, "activation_backward");
   LASP_DISPATCH_CPU_FLOAT(x.dtype(), "activation_backward", T, {
@@ -180,6 +216,7 @@ void activation_backward(Tensor& dx, const Tensor& dy, const Tensor& x, Activati
 // ---------------------------------------------------------------- RoPE
 namespace {
 void rope_rotate(Tensor& x, const std::vector<int64_t>& positions, float theta, double sign) {
+  LASP_ON_CUDA(x, rope_rotate_cuda(x, positions, theta, static_cast<float>(sign)));
   check_cpu(x, "rope");
   LASP_CHECK(x.ndim() == 4) << "rope: expected [B, T, H, D], got " << x.str();
   const int64_t B = x.dim(0), T_ = x.dim(1), H = x.dim(2), D = x.dim(3);
@@ -221,6 +258,7 @@ void rope_backward(Tensor& dx, const std::vector<int64_t>& positions, float thet
 
 // ---------------------------------------------------------------- embedding
 void embedding_forward(Tensor& out, const Tensor& table, const Tensor& tokens) {
+  LASP_ON_CUDA(table, embedding_forward_cuda(out, table, tokens));
   check_cpu(out, "embedding_forward");
   check_cpu(table, "embedding_forward");
   check_cpu(tokens, "embedding_forward");
@@ -239,6 +277,7 @@ void embedding_forward(Tensor& out, const Tensor& table, const Tensor& tokens) {
 }
 
 void embedding_backward(Tensor& d_table, const Tensor& d_out, const Tensor& tokens) {
+  LASP_ON_CUDA(d_table, embedding_backward_cuda(d_table, d_out, tokens));
   check_cpu(d_table, "embedding_backward");
   const int64_t C = d_table.dim(1), N = tokens.numel();
   check_tensor(d_out, "embedding_backward: d_out", d_table.dtype(), {N, C});
@@ -254,6 +293,7 @@ void embedding_backward(Tensor& d_table, const Tensor& d_out, const Tensor& toke
 // ---------------------------------------------------------------- LM head + cross-entropy
 double lm_head_cross_entropy(Tensor& d_h, Tensor& d_w, const Tensor& h, const Tensor& w,
                              const Tensor& targets, float loss_scale, int64_t chunk) {
+  LASP_ON_CUDA(h, lm_head_cross_entropy_cuda(d_h, d_w, h, w, targets, loss_scale, chunk));
   check_cpu(h, "lm_head_cross_entropy");
   check_cpu(w, "lm_head_cross_entropy");
   check_cpu(targets, "lm_head_cross_entropy");
@@ -304,6 +344,7 @@ double lm_head_cross_entropy(Tensor& d_h, Tensor& d_w, const Tensor& h, const Te
 
 // ---------------------------------------------------------------- bias
 void bias_add(Tensor& y, const Tensor& b) {
+  LASP_ON_CUDA(y, bias_add_cuda(y, b));
   check_cpu(y, "bias_add");
   const int64_t C = y.dim(-1), N = y.numel() / C;
   check_tensor(b, "bias_add: b", y.dtype(), {C});
@@ -316,6 +357,7 @@ void bias_add(Tensor& y, const Tensor& b) {
 }
 
 void bias_backward(Tensor& db, const Tensor& dy) {
+  LASP_ON_CUDA(dy, bias_backward_cuda(db, dy));
   check_cpu(dy, "bias_backward");
   const int64_t C = dy.dim(-1), N = dy.numel() / C;
   check_tensor(db, "bias_backward: db", dy.dtype(), {C});
@@ -329,6 +371,7 @@ void bias_backward(Tensor& db, const Tensor& dy) {
 
 // ---------------------------------------------------------------- vectors
 void add_inplace(Tensor& y, const Tensor& x, float alpha) {
+  LASP_ON_CUDA(y, add_inplace_cuda(y, x, alpha));
   check_like(y, x, "add_inplace");
   LASP_DISPATCH_CPU_FLOAT(y.dtype(), "add_inplace", T, {
     T* yp = y.data<T>();
@@ -338,6 +381,7 @@ void add_inplace(Tensor& y, const Tensor& x, float alpha) {
 }
 
 void scale_inplace(Tensor& y, float alpha) {
+  LASP_ON_CUDA(y, scale_inplace_cuda(y, alpha));
   check_cpu(y, "scale_inplace");
   LASP_DISPATCH_CPU_FLOAT(y.dtype(), "scale_inplace", T, {
     T* yp = y.data<T>();
@@ -346,6 +390,7 @@ void scale_inplace(Tensor& y, float alpha) {
 }
 
 double sum_of_squares(const Tensor& x) {
+  LASP_ON_CUDA(x, sum_of_squares_cuda(x));
   check_cpu(x, "sum_of_squares");
   double s = 0;
   LASP_DISPATCH_CPU_FLOAT(x.dtype(), "sum_of_squares", T, {
@@ -356,6 +401,7 @@ double sum_of_squares(const Tensor& x) {
 }
 
 bool all_finite(const Tensor& x) {
+  LASP_ON_CUDA(x, all_finite_cuda(x));
   check_cpu(x, "all_finite");
   bool ok = true;
   LASP_DISPATCH_CPU_FLOAT(x.dtype(), "all_finite", T, {
@@ -363,6 +409,34 @@ bool all_finite(const Tensor& x) {
     for (int64_t i = 0, n = x.numel(); i < n && ok; ++i) ok = std::isfinite(p[i]);
   });
   return ok;
+}
+
+// ---------------------------------------------------------------- AdamW, cast
+void adamw_update(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m, Tensor& v, float lr,
+                  float beta1, float beta2, float eps, float weight_decay, float c1, float c2) {
+  LASP_ON_CUDA(w, adamw_update_cuda(w, w_compute, g, m, v, lr, beta1, beta2, eps, weight_decay, c1, c2));
+  check_like(g, w, "adamw_update");
+  check_like(m, w, "adamw_update");
+  check_like(v, w, "adamw_update");
+  LASP_DISPATCH_CPU_FLOAT(w.dtype(), "adamw_update", T, {
+    T* wp = w.data<T>();
+    const T* gp = g.data<T>();
+    T* mp = m.data<T>();
+    T* vp = v.data<T>();
+    for (int64_t j = 0, n = w.numel(); j < n; ++j) {
+      mp[j] = T(beta1 * mp[j] + (1 - beta1) * gp[j]);
+      vp[j] = T(beta2 * vp[j] + (1 - beta2) * double(gp[j]) * gp[j]);
+      const double update = (mp[j] / c1) / (std::sqrt(vp[j] / c2) + eps) + weight_decay * double(wp[j]);
+      wp[j] = T(wp[j] - double(lr) * update);
+    }
+  });
+  if (w_compute.defined()) w_compute.copy_from(w);
+}
+
+void cast(Tensor& dst, const Tensor& src) {
+  LASP_ON_CUDA(dst, cast_cuda(dst, src));
+  LASP_CHECK(dst.shape() == src.shape()) << "cast: " << src.str() << " -> " << dst.str();
+  dst.copy_from(src);
 }
 
 }  // namespace lasp

@@ -1,7 +1,11 @@
 // The model's small ops: norms, activations, rotary embedding, embedding lookup, the fused
-// LM head + cross-entropy, and vector helpers. Each is a forward/backward pair of plain functions
-// (llm.c style). Activations are [N, C] row-major with N = tokens (batch * sequence).
-// CPU: fp32 or fp64 throughout.
+// LM head + cross-entropy, the AdamW update, and vector helpers. Each is a forward/backward pair
+// of plain functions (llm.c style). Activations are [N, C] row-major with N = tokens.
+// CPU: fp32 or fp64 throughout (every tensor of a call has one dtype).
+// CUDA (mixed precision): activations and their gradients bf16 or fp32, each tensor independently
+// (math in fp32); weights of norms fp32, weight gradients fp32 (accumulated), rstd fp32;
+// the LM head weight bf16 with d_w fp32; tokens/targets int32. Each function dispatches on the
+// device of its first tensor argument to <name>_cuda in kernels/ops.cu.
 #pragma once
 
 #include <cstdint>
@@ -52,6 +56,15 @@ double lm_head_cross_entropy(Tensor& d_h, Tensor& d_w, const Tensor& h, const Te
 // --- Bias: y[n, :] += b;  db += sum_n dy[n, :].
 void bias_add(Tensor& y, const Tensor& b);
 void bias_backward(Tensor& db, const Tensor& dy);
+
+// --- AdamW on one parameter (see optim/optim.h for the formula): w, m, v fp32; g fp32;
+// w_compute (optional, bf16 on CUDA) receives the updated w rounded for the next forward.
+// c1 = 1 - beta1^t, c2 = 1 - beta2^t.
+void adamw_update(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m, Tensor& v, float lr,
+                  float beta1, float beta2, float eps, float weight_decay, float c1, float c2);
+
+// --- dst = src converted to dst's dtype (same shape, same device; RNE for narrowing).
+void cast(Tensor& dst, const Tensor& src);
 
 // --- Vector helpers (any shape, same shape for both operands).
 void add_inplace(Tensor& y, const Tensor& x, float alpha = 1.0f);  // y += alpha * x

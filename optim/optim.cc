@@ -2,7 +2,6 @@
 
 #include <cmath>
 
-#include "kernels/dispatch.h"
 #include "kernels/ops.h"
 
 namespace lasp {
@@ -16,23 +15,13 @@ AdamW::AdamW(const OptimConfig& cfg, std::vector<Param*> params) : cfg_(cfg), pa
 
 void AdamW::step(double lr) {
   ++t_;
-  const double b1 = cfg_.beta1, b2 = cfg_.beta2, eps = cfg_.eps;
-  const double c1 = 1.0 - std::pow(b1, double(t_)), c2 = 1.0 - std::pow(b2, double(t_));
+  const double c1 = 1.0 - std::pow(cfg_.beta1, double(t_)), c2 = 1.0 - std::pow(cfg_.beta2, double(t_));
   for (size_t i = 0; i < params_.size(); ++i) {
     Param& p = *params_[i];
     const double wd = p.weight_decay ? cfg_.weight_decay : 0.0;
-    LASP_DISPATCH_CPU_FLOAT(p.value.dtype(), "AdamW::step", T, {
-      T* w = p.value.data<T>();
-      const T* g = p.grad.data<T>();
-      T* m = m_[i].data<T>();
-      T* v = v_[i].data<T>();
-      for (int64_t j = 0, n = p.value.numel(); j < n; ++j) {
-        m[j] = T(b1 * m[j] + (1 - b1) * g[j]);
-        v[j] = T(b2 * v[j] + (1 - b2) * double(g[j]) * g[j]);
-        const double update = (m[j] / c1) / (std::sqrt(v[j] / c2) + eps) + wd * w[j];
-        w[j] = T(w[j] - lr * update);
-      }
-    });
+    adamw_update(p.value, p.compute, p.grad, m_[i], v_[i], static_cast<float>(lr), static_cast<float>(cfg_.beta1),
+                 static_cast<float>(cfg_.beta2), static_cast<float>(cfg_.eps), static_cast<float>(wd),
+                 static_cast<float>(c1), static_cast<float>(c2));
   }
 }
 

@@ -27,8 +27,9 @@ namespace lasp {
 // A trainable tensor and its gradient (same shape, dtype and device).
 struct Param {
   std::string name;
-  Tensor value;
-  Tensor grad;
+  Tensor value;    // the master weights (fp32; fp64 in gradient tests)
+  Tensor grad;     // same dtype as value
+  Tensor compute;  // optional lower-precision copy the forward reads (bf16 on CUDA); undefined on CPU
   bool weight_decay = true;  // matrices decay; norms, biases and embeddings do not
   bool tp_sharded = false;   // differs across TP ranks (else replicated on them)
 };
