@@ -92,8 +92,8 @@ double evaluate(Model& model, const TokenStream& val, const Config& cfg, const G
     count += static_cast<double>(inputs.numel());
   }
   // Sum over SP and DP ranks (TP ranks hold the same loss: count them once).
-  loss = all_reduce_scalar(world(), loss) / grid.tp();
-  count = all_reduce_scalar(world(), count) / grid.tp();
+  loss = all_reduce_scalar(grid.world(), loss) / grid.tp();
+  count = all_reduce_scalar(grid.world(), count) / grid.tp();
   return loss / count;
 }
 
@@ -118,9 +118,9 @@ std::vector<NamedTensor> checkpoint_tensors(Model& model, AdamW& opt) {
 
 }  // namespace
 
-TrainResult train(const Config& cfg, const std::string& config_source, int64_t stop_after) {
-  Grid grid(world(), static_cast<int>(cfg.parallel.tp), static_cast<int>(cfg.parallel.sp), static_cast<int>(cfg.parallel.dp));
-  const bool rank0 = world().rank() == 0;
+TrainResult train(const Config& cfg, const std::string& config_source, int64_t stop_after, Comm* comm) {
+  Grid grid(comm ? *comm : world(), static_cast<int>(cfg.parallel.tp), static_cast<int>(cfg.parallel.sp), static_cast<int>(cfg.parallel.dp));
+  const bool rank0 = grid.world().rank() == 0;
   LASP_CHECK(cfg.train.device != "cuda") << config_source << ": train.device = cuda: the training loop runs on "
                                             "CPU in this version (the CUDA kernels are benchmarked with "
                                             "`lasp bench kernels`); use train.device=cpu or auto";
@@ -133,7 +133,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   if (rank0) {
     std::filesystem::create_directories(cfg.run.dir);
     std::ofstream(cfg.run.dir + "/config.yaml") << yaml;
-    LASP_INFO() << "lasp train: " << config_source << " (world " << world().size() << " = dp " << grid.dp()
+    LASP_INFO() << "lasp train: " << config_source << " (world " << grid.world().size() << " = dp " << grid.dp()
                 << " x sp " << grid.sp() << " x tp " << grid.tp() << ", sp_method "
                 << cfg.parallel.sp_method << ")\n--- resolved config ---\n" << yaml << "---";
   }
@@ -176,9 +176,12 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
     CheckpointState st;
     st.model_signature = model.signature();
     st.tensors = checkpoint_tensors(model, opt);
-    st.world_size = world().size();
-    st.rank = world().rank();
-    load_checkpoint(resume_dir, world().rank(), st);
+    st.world_size = grid.world().size();
+    st.rank = grid.world().rank();
+    st.tp = grid.tp();
+    st.sp = grid.sp();
+    st.dp = grid.dp();
+    load_checkpoint(resume_dir, grid.world().rank(), st);
     start_step = st.step;
     opt.set_steps_taken(static_cast<int64_t>(st.scalars.count("adam_steps") ? st.scalars.at("adam_steps") : st.step));
     sampler.set_position(st.sampler);
@@ -194,9 +197,12 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
     st.tensors = checkpoint_tensors(model, opt);
     st.sampler = sampler.position();
     st.scalars["adam_steps"] = static_cast<double>(opt.steps_taken());
-    st.world_size = world().size();
-    st.rank = world().rank();
-    save_checkpoint(cfg.run.dir, st, static_cast<int>(cfg.checkpoint.keep_last), [] { world().barrier(); });
+    st.world_size = grid.world().size();
+    st.rank = grid.world().rank();
+    st.tp = grid.tp();
+    st.sp = grid.sp();
+    st.dp = grid.dp();
+    save_checkpoint(cfg.run.dir, st, static_cast<int>(cfg.checkpoint.keep_last), [&grid] { grid.world().barrier(); });
     if (rank0) LASP_INFO() << "checkpoint saved at step " << step;
   };
   auto prev_int = std::signal(SIGINT, on_stop_signal);
@@ -222,7 +228,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
     // Every SP and DP rank saw different tokens of the same weights: sum their gradients.
     if (grid.sp() > 1) all_reduce_gradients(grid.sp_group(), all_grads, bucket, false);
     if (grid.dp() > 1) all_reduce_gradients(grid.dp_group(), all_grads, bucket, false);
-    loss = all_reduce_scalar(world(), loss) / grid.tp() / global_tokens;
+    loss = all_reduce_scalar(grid.world(), loss) / grid.tp() / global_tokens;
 
     // Global gradient norm: TP shards summed over the TP group, replicated tensors counted once.
     double sq = 0;
@@ -272,7 +278,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
       metrics.log(step + 1, {{"val_loss", vl}});
     }
     const bool stop_requested = stop_after > 0 && step + 1 - start_step >= stop_after;
-    const bool stop = all_reduce_scalar(world(), g_stop_signal.load() != 0 ? 1.0 : 0.0) > 0 || stop_requested;
+    const bool stop = all_reduce_scalar(grid.world(), g_stop_signal.load() != 0 ? 1.0 : 0.0) > 0 || stop_requested;
     if ((cfg.checkpoint.every > 0 && (step + 1) % cfg.checkpoint.every == 0) || last || stop) save(step + 1);
     if (stop) {
       if (!stop_requested) {

@@ -8,6 +8,8 @@
 
 namespace lasp {
 
+class Comm;
+
 struct TrainResult {
   int64_t steps_done = 0;
   double first_loss = 0, last_loss = 0;
@@ -19,7 +21,9 @@ struct TrainResult {
 // for tests; writes run.dir (config.yaml, metrics.jsonl, tb/, checkpoints/). With stop_after > 0
 // the run ends after that many steps of this invocation with a checkpoint, as if the job had been
 // stopped (resume with checkpoint.resume=auto); the schedule still spans train.steps.
-TrainResult train(const Config& cfg, const std::string& config_source, int64_t stop_after = -1);
+// `comm` is the group of ranks that train together (default: the world).
+TrainResult train(const Config& cfg, const std::string& config_source, int64_t stop_after = -1,
+                  Comm* comm = nullptr);
 
 int train_main(int argc, char** argv);  // lasp train CONFIG [--set k=v ...]
 int eval_main(int argc, char** argv);    // lasp eval CONFIG [--checkpoint DIR] [--set k=v ...]

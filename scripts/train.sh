@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds lasp and trains the default small model on the built-in corpus
-# (on CPU when there is no GPU). Extra arguments go to `lasp train`, e.g. --set train.steps=50.
+# on CPU: two ranks under mpirun splitting every sequence with LASP-2 sequence parallelism
+# (LASP_RANKS=1 for one process). Extra arguments go to `lasp train`, e.g. --set train.steps=50.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/setup.sh"
@@ -12,5 +13,10 @@ export LASP_CUDA=${LASP_CUDA:-OFF}
 export LASP_BUILD_DIR=${LASP_BUILD_DIR:-$root/build-train}
 "$root/scripts/build.sh" --target lasp
 config=${LASP_CONFIG:-$root/configs/tiny.yaml}
+ranks=${LASP_RANKS:-2}
 cd "$root"
+if [ "$ranks" -gt 1 ] && command -v mpirun >/dev/null; then
+  exec mpirun -np "$ranks" --oversubscribe "$LASP_BUILD_DIR/lasp" train "$config" \
+    --set parallel.sp="$ranks" --set parallel.sp_method=lasp2 "$@"
+fi
 exec "$LASP_BUILD_DIR/lasp" train "$config" "$@"

@@ -1,0 +1,178 @@
+// The whole model under every rank layout this world size allows (SP, DP x SP, TP x SP, TP, DP)
+// and every sequence-parallel method: loss and every gradient after one step equal the
+// single-process model on the full batch, and 20 training steps give the same loss curve.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "core/log.h"
+#include "core/model/model.h"
+#include "launch/train.h"
+#include "parallel/grad_sync.h"
+#include "parallel/grid.h"
+#include "tests/mpi/mpi_test_util.h"
+
+namespace lasp {
+namespace {
+
+struct Layout {
+  int tp, sp, dp;
+  std::string str() const {
+    return "tp" + std::to_string(tp) + "_sp" + std::to_string(sp) + "_dp" + std::to_string(dp);
+  }
+};
+
+std::vector<Layout> layouts_for(int world_size) {
+  if (world_size == 1) return {{1, 1, 1}};
+  if (world_size == 2) return {{1, 2, 1}, {2, 1, 1}, {1, 1, 2}};
+  if (world_size == 4) return {{1, 4, 1}, {1, 2, 2}, {2, 2, 1}};
+  return {{1, world_size, 1}};
+}
+
+ModelConfig small_model(const std::string& decay) {
+  ModelConfig m;
+  m.vocab_size = 32;
+  m.hidden = 16;
+  m.layers = 2;
+  m.heads = 4;
+  m.kv_heads = 2;
+  m.head_dim = 8;
+  m.mlp_hidden = 32;
+  m.pattern = "LS";
+  m.decay = decay;
+  m.chunk = 3;  // chunks straddle the rank boundaries
+  m.ce_chunk = 7;
+  m.init_std = 0.2;
+  return m;
+}
+
+// Which dimension of the full tensor this rank's TP shard was cut from (0 or 1), found by value.
+int shard_dim(const Tensor& full, const Tensor& local, int tp, int rank) {
+  if (full.shape() == local.shape()) return -1;
+  for (int d = 0; d < 2; ++d) {
+    if (full.dim(d) % tp != 0) continue;
+    Tensor s = shard(full, d, tp, rank);
+    if (s.shape() == local.shape() && testing::scaled_max_error(s, local) == 0.0) return d;
+  }
+  return -2;
+}
+
+class ModelLayouts : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ModelLayouts, OneStepLossAndEveryGradientMatchSingleProcess) {
+  const std::string method = GetParam();
+  const uint64_t seed = testing::shared_seed();
+  SCOPED_TRACE("LASP_TEST_SEED=" + std::to_string(seed));
+  for (const std::string decay : {"constant", "data"}) {
+    for (const Layout lay : layouts_for(world().size())) {
+      SCOPED_TRACE(lay.str() + " " + method + " decay=" + decay);
+      for (bool zigzag : {false, true}) {
+        const ModelConfig mc = small_model(decay);
+        const int64_t B = 2, T = 24;  // per DP rank; T divisible by 2 * sp
+        std::mt19937_64 rng(seed);
+        std::uniform_int_distribution<int> tok(0, static_cast<int>(mc.vocab_size) - 1);
+        std::vector<int32_t> tokens(static_cast<size_t>(lay.dp * B * (T + 1)));
+        for (auto& t : tokens) t = tok(rng);
+        const float scale = 1.0f / static_cast<float>(lay.dp * B * T);
+
+        // Reference: one process, the full global batch.
+        ModelParallel single;
+        Model ref(mc, single, seed, DType::F32);
+        Tensor in = Tensor::empty({lay.dp * B, T}, DType::I32), tg = Tensor::empty({lay.dp * B, T}, DType::I32);
+        for (int64_t r = 0; r < lay.dp * B; ++r)
+          for (int64_t i = 0; i < T; ++i) {
+            in.data<int32_t>()[r * T + i] = tokens[r * (T + 1) + i];
+            tg.data<int32_t>()[r * T + i] = tokens[r * (T + 1) + i + 1];
+          }
+        ref.zero_grad();
+        const double ref_loss = ref.forward_backward(in, tg, scale);
+
+        // Distributed: this rank's rows (DP) and positions (SP).
+        Grid grid(world(), lay.tp, lay.sp, lay.dp);
+        ModelParallel par;
+        par.sp.comm = lay.sp > 1 ? &grid.sp_group() : nullptr;
+        par.sp.method = sp_method_from_name(method);
+        par.sp.zigzag = zigzag;
+        par.tp_size = lay.tp;
+        par.tp_rank = grid.tp_rank();
+        par.tp_all_reduce = [&grid](Tensor& t) { grid.tp_group().all_reduce_sum(t); };
+        Model model(mc, par, seed, DType::F32);
+        const int64_t L = T / lay.sp;
+        const std::vector<int64_t> pos = sp_local_positions(par.sp, L);
+        Tensor lin = Tensor::empty({B, L}, DType::I32), ltg = Tensor::empty({B, L}, DType::I32);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t i = 0; i < L; ++i) {
+            const int64_t row = grid.dp_rank() * B + b;
+            lin.data<int32_t>()[b * L + i] = tokens[row * (T + 1) + pos[i]];
+            ltg.data<int32_t>()[b * L + i] = tokens[row * (T + 1) + pos[i] + 1];
+          }
+        model.zero_grad();
+        Tensor loss = Tensor::full({1}, model.forward_backward(lin, ltg, scale), DType::F64);
+        grid.world().all_reduce_sum(loss);
+        std::vector<Tensor> grads;
+        for (Param* p : model.params()) grads.push_back(p->grad);
+        if (lay.sp > 1) all_reduce_gradients(grid.sp_group(), grads, 1 << 16, false);
+        if (lay.dp > 1) all_reduce_gradients(grid.dp_group(), grads, 1 << 16, false);
+
+        EXPECT_NEAR(loss.item(0) / lay.tp, ref_loss, 1e-5 * ref_loss) << "zigzag " << zigzag;
+        auto ref_params = ref.params();
+        auto params = model.params();
+        ASSERT_EQ(ref_params.size(), params.size());
+        for (size_t i = 0; i < params.size(); ++i) {
+          ASSERT_EQ(ref_params[i]->name, params[i]->name);
+          const int d = shard_dim(ref_params[i]->value, params[i]->value, lay.tp, grid.tp_rank());
+          ASSERT_GE(d, -1) << params[i]->name << ": cannot locate the TP shard";
+          const Tensor expect = d < 0 ? ref_params[i]->grad : shard(ref_params[i]->grad, d, lay.tp, grid.tp_rank());
+          EXPECT_LE(testing::scaled_max_error(params[i]->grad, expect), 1e-5)
+              << params[i]->name << " zigzag " << zigzag;
+        }
+      }
+    }
+  }
+}
+
+TEST_P(ModelLayouts, TwentyTrainingStepsGiveTheSameLossCurveAsOneProcess) {
+  set_log_quiet(true);
+  const std::string method = GetParam();
+  const auto tmp = std::filesystem::temp_directory_path();
+  for (const Layout lay : layouts_for(world().size())) {
+    SCOPED_TRACE(lay.str() + " " + method);
+    Config c = parse_config(
+        "model:\n  vocab_size: 256\n  hidden: 32\n  layers: 2\n  heads: 4\n  kv_heads: 2\n  head_dim: 8\n"
+        "  mlp_hidden: 64\n  pattern: LS\n  chunk: 8\n  decay: data\ntrain:\n  batch_size: 2\n  seq_len: 32\n"
+        "  steps: 20\neval:\n  every: 0\n  tokens: 512\ncheckpoint:\n  every: 0\nrun:\n  log_every: 1000\n",
+        "test");
+    // The reference folds the DP ranks' sequences into one batch, in DP-rank order.
+    Config ref_cfg = c;
+    ref_cfg.train.batch_size = c.train.batch_size * lay.dp;
+    ref_cfg.run.dir = (tmp / ("lasp_mpi_ref_" + std::to_string(world().rank()))).string();
+    std::filesystem::remove_all(ref_cfg.run.dir);
+    auto self = Comm::self();
+    const TrainResult ref = train(ref_cfg, "reference", -1, self.get());
+
+    c.parallel.tp = lay.tp;
+    c.parallel.sp = lay.sp;
+    c.parallel.dp = lay.dp;
+    c.parallel.sp_method = method;
+    c.run.dir = (tmp / "lasp_mpi_dist").string();
+    if (world().rank() == 0) std::filesystem::remove_all(c.run.dir);
+    world().barrier();
+    const TrainResult dist = train(c, "distributed");
+    ASSERT_EQ(dist.losses.size(), ref.losses.size());
+    for (size_t s = 0; s < ref.losses.size(); ++s) {
+      EXPECT_NEAR(dist.losses[s], ref.losses[s], 1e-4 * ref.losses[s]) << "step " << s + 1;
+    }
+    EXPECT_LT(ref.losses.back(), ref.losses.front() - 1.0);
+    world().barrier();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, ModelLayouts, ::testing::Values("lasp2", "lasp1", "ring", "allgather_kv"),
+                         [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
+
+}  // namespace
+}  // namespace lasp
