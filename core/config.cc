@@ -76,10 +76,10 @@ std::vector<Field> schema(Config& c) {
       {"parallel", "zigzag", K::Bool, &c.parallel.zigzag, 0, 0, {}, "zigzag sequence split (load balance)"},
       {"parallel", "bucket_mb", K::Float, &c.parallel.bucket_mb, 0.001, kInf, {}, "gradient all-reduce bucket size"},
       {"parallel", "comm_timeout_s", K::Float, &c.parallel.comm_timeout_s, 1, kInf, {}, "collective timeout before abort"},
-      {"checkpoint", "every", K::Int, &c.checkpoint.every, 0, kInf, {}, "steps between checkpoints (0: at the end only)"},
+      {"checkpoint", "every", K::Int, &c.checkpoint.every, -1, kInf, {}, "steps between checkpoints (0: at the end only, -1: never)"},
       {"checkpoint", "keep_last", K::Int, &c.checkpoint.keep_last, 1, kInf, {}, "checkpoints kept"},
       {"checkpoint", "resume", K::String, &c.checkpoint.resume, 0, 0, {}, "none | auto | <checkpoint dir>"},
-      {"eval", "every", K::Int, &c.eval.every, 0, kInf, {}, "steps between validation runs (0: at the end only)"},
+      {"eval", "every", K::Int, &c.eval.every, -1, kInf, {}, "steps between validation runs (0: at the end only, -1: never)"},
       {"eval", "tokens", K::Int, &c.eval.tokens, 1, kInf, {}, "validation tokens per run"},
   };
 }

@@ -73,13 +73,13 @@ struct ParallelConfig {
 };
 
 struct CheckpointConfig {
-  int64_t every = 0;        // steps between checkpoints; 0 = only at the end
+  int64_t every = 0;        // steps between checkpoints; 0 = only at the end; -1 = never
   int64_t keep_last = 3;
   std::string resume = "none";  // none | auto | <checkpoint directory>
 };
 
 struct EvalConfig {
-  int64_t every = 100;      // steps between validation runs; 0 = only at the end
+  int64_t every = 100;      // steps between validation runs; 0 = only at the end; -1 = never
   int64_t tokens = 16384;   // validation tokens per run
 };
 

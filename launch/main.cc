@@ -7,6 +7,7 @@
 #include "core/check.h"
 #include "data/dataset.h"
 #include "launch/bench_kernels.h"
+#include "launch/bench_sp.h"
 #include "launch/checkpoint.h"
 #include "launch/train.h"
 #include "parallel/comm.h"
@@ -33,7 +34,7 @@ const char* kUsage =
     "  prepare-data --input F... --output-dir D     text files -> token shards (byte tokenizer)\n"
     "  inspect CHECKPOINT_DIR                       print what a checkpoint holds\n"
     "  export CONFIG --output FILE [--checkpoint DIR]   weights as .safetensors for Python\n"
-    "  bench kernels|data [options]                 benchmarks (each prints one table)\n"
+    "  bench kernels|data|sp [options]              benchmarks (each prints one table)\n"
     "Run `lasp <command> --help` for the options of a command.\n";
 
 int inspect_main(int argc, char** argv) {
@@ -49,7 +50,8 @@ int bench_main(int argc, char** argv) {
   const std::string what = argc > 1 ? argv[1] : "";
   if (what == "kernels") return lasp::bench_kernels_main(argc - 1, argv + 1);
   if (what == "data") return lasp::bench_data_main(argc - 1, argv + 1);
-  std::cerr << "usage: lasp bench kernels|data [options]\n";
+  if (what == "sp") return lasp::bench_sp_main(argc - 1, argv + 1);
+  std::cerr << "usage: lasp bench kernels|data|sp [options]\n";
   return 2;
 }
 

@@ -216,7 +216,14 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   const double t_start = now_s();
   double t_last = t_start;
   int64_t tokens_since = 0;
+  std::vector<Comm*> groups = {&grid.world(), &grid.tp_group(), &grid.sp_group(), &grid.dp_group()};
+  auto comm_time = [&groups]() {
+    double s = 0;
+    for (Comm* g : groups) s += g->total_seconds();
+    return s;
+  };
   for (int64_t step = start_step; step < cfg.train.steps; ++step) {
+    const double step_t0 = now_s(), comm_t0 = comm_time();
     // Batch: DP picks sequences, SP slices them.
     sampler.next(window);
     Tensor inputs, targets;
@@ -248,6 +255,8 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
     }
     const double lr = learning_rate(cfg.optim, step, cfg.train.steps);
     opt.step(lr);
+    result.step_seconds.push_back(now_s() - step_t0);
+    result.comm_seconds.push_back(comm_time() - comm_t0);
 
     // Progress and metrics.
     tokens_since += static_cast<int64_t>(global_tokens);
@@ -279,7 +288,10 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
     }
     const bool stop_requested = stop_after > 0 && step + 1 - start_step >= stop_after;
     const bool stop = all_reduce_scalar(grid.world(), g_stop_signal.load() != 0 ? 1.0 : 0.0) > 0 || stop_requested;
-    if ((cfg.checkpoint.every > 0 && (step + 1) % cfg.checkpoint.every == 0) || last || stop) save(step + 1);
+    if (cfg.checkpoint.every >= 0 &&
+        ((cfg.checkpoint.every > 0 && (step + 1) % cfg.checkpoint.every == 0) || last || stop)) {
+      save(step + 1);
+    }
     if (stop) {
       if (!stop_requested) {
         LASP_WARN() << "stopped by signal " << g_stop_signal.load() << " after step " << step + 1
@@ -294,6 +306,8 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   }
   std::signal(SIGINT, prev_int);
   std::signal(SIGTERM, prev_term);
+  result.peak_memory_mib = peak_rss_mib();
+  if (cfg.eval.every < 0) return result;
   result.val_loss = evaluate(model, data.val, cfg, grid);
   if (rank0) LASP_INFO() << "final validation loss " << result.val_loss << " (" << cfg.train.steps << " steps, "
                          << format_eta(now_s() - t_start) << " elapsed)";

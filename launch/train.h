@@ -15,6 +15,9 @@ struct TrainResult {
   double first_loss = 0, last_loss = 0;
   double val_loss = 0;  // final validation loss (nats per token)
   std::vector<double> losses;  // training loss per step (this run's steps)
+  std::vector<double> step_seconds;  // wall time per step
+  std::vector<double> comm_seconds;  // time inside collectives per step (all groups, host side)
+  double peak_memory_mib = 0;        // CUDA peak allocated, or the process's peak RSS on CPU
 };
 
 // Trains with `cfg` (MPI must be initialised when the world has several ranks). Returns the losses

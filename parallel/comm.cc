@@ -190,10 +190,12 @@ class Watchdog {
   std::list<Entry> active_;
 };
 
-// Registers a blocking call with the watchdog for the lifetime of the scope.
+// Registers a blocking call with the watchdog for the lifetime of the scope, and adds its wall
+// time to the comm's counter (host time: for NCCL calls, the enqueue time only).
 class WatchScope {
  public:
-  WatchScope(const Comm& c, CommOp op) {
+  WatchScope(Comm& c, CommOp op)
+      : comm_(c), op_(op), start_(std::chrono::steady_clock::now()) {
     std::ostringstream what;
     what << comm_op_name(op) << " on comm '" << c.name() << "' (rank " << c.rank() << " of "
          << c.size() << ")";
@@ -201,9 +203,13 @@ class WatchScope {
   }
   ~WatchScope() {
     if (active_) Watchdog::get().end(handle_);
+    comm_.add_seconds(op_, std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
   }
 
  private:
+  Comm& comm_;
+  CommOp op_;
+  std::chrono::steady_clock::time_point start_;
   bool active_ = false;
   Watchdog::Handle handle_;
 };
@@ -347,6 +353,12 @@ void Comm::count(CommOp op, size_t bytes) {
 }
 
 void Comm::reset_counters() { counters_ = {}; }
+
+double Comm::total_seconds() const {
+  double s = 0;
+  for (const auto& c : counters_) s += c.seconds;
+  return s;
+}
 
 namespace {
 // Which transport a tensor takes.

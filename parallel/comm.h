@@ -38,6 +38,7 @@ const char* comm_op_name(CommOp op);
 struct CommCounter {
   int64_t calls = 0;
   int64_t bytes = 0;
+  double seconds = 0;  // wall time inside the calls (host side)
 };
 
 class Comm {
@@ -71,6 +72,9 @@ class Comm {
 
   const CommCounter& counter(CommOp op) const { return counters_[static_cast<int>(op)]; }
   void reset_counters();
+  // Seconds spent in every kind of call since the last reset.
+  double total_seconds() const;
+  void add_seconds(CommOp op, double s) { counters_[static_cast<int>(op)].seconds += s; }
 
   struct Impl;  // MPI / NCCL handles (comm.cc)
 
