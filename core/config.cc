@@ -56,6 +56,13 @@ std::vector<Field> schema(Config& c) {
       {"model", "rope_theta", K::Float, &c.model.rope_theta, 1, kInf, {}, "RoPE base (softmax layers)"},
       {"model", "init_std", K::Float, &c.model.init_std, 0, 10, {}, "weight init standard deviation"},
       {"model", "ce_chunk", K::Int, &c.model.ce_chunk, 1, kInf, {}, "rows per fused LM-head/cross-entropy chunk"},
+      {"precision", "attention", K::String, &c.model.precision.attention, 0, 0, {"bf16", "fp8", "fp4"}, "attention projections"},
+      {"precision", "mlp", K::String, &c.model.precision.mlp, 0, 0, {"bf16", "fp8", "fp4"}, "MLP projections"},
+      {"precision", "lm_head", K::String, &c.model.precision.lm_head, 0, 0, {"bf16", "fp8", "fp4"}, "LM head"},
+      {"precision", "fp8_scaling", K::String, &c.model.precision.fp8_scaling, 0, 0, {"per_tensor", "delayed", "block"}, "FP8 scales"},
+      {"precision", "fp4_format", K::String, &c.model.precision.fp4_format, 0, 0, {"mxfp4", "nvfp4"}, "FP4 element/scale format"},
+      {"precision", "fp4_backward", K::String, &c.model.precision.fp4_backward, 0, 0, {"sr", "ms_eden"}, "FP4 backward quantizer"},
+      {"precision", "hadamard_block", K::Int, &c.model.precision.hadamard_block, 2, 4096, {}, "Hadamard rotation block"},
       {"data", "train", K::String, &c.data.train, 0, 0, {}, "'builtin' or comma-separated shard paths/globs"},
       {"data", "val", K::String, &c.data.val, 0, 0, {}, "validation shards (empty: tail of train)"},
       {"data", "val_fraction", K::Float, &c.data.val_fraction, 0, 0.5, {}, "tail share held out when val is empty"},
@@ -197,6 +204,8 @@ void validate(const Config& c, const std::string& source) {
       << source << ": model.kv_heads (" << m.kv_heads << ") must be divisible by parallel.tp (" << p.tp << ")";
   LASP_CHECK(m.mlp_hidden % p.tp == 0) << source << ": model.mlp_hidden (" << m.mlp_hidden
                                        << ") must be divisible by parallel.tp (" << p.tp << ")";
+  const int64_t hb = c.model.precision.hadamard_block;
+  LASP_CHECK((hb & (hb - 1)) == 0) << source << ": precision.hadamard_block must be a power of two, got " << hb;
   LASP_CHECK(c.checkpoint.resume == "none" || c.checkpoint.resume == "auto" || !c.checkpoint.resume.empty())
       << source << ": checkpoint.resume must be none, auto or a checkpoint directory";
 }

@@ -26,6 +26,18 @@ struct TrainConfig {
   std::string dtype = "fp32";   // compute dtype: fp32 (CPU) | bf16 (CUDA)
 };
 
+// Precision of the matrix products per kind of layer (core/model/projection.h). Embeddings,
+// norms and the attention kernels always stay in bf16/fp32.
+struct PrecisionConfig {
+  std::string attention = "bf16";    // q, k, v, gate, out projections: bf16 | fp8 | fp4
+  std::string mlp = "bf16";          // SwiGLU projections: bf16 | fp8 | fp4
+  std::string lm_head = "bf16";      // LM head: bf16 | fp8 | fp4
+  std::string fp8_scaling = "per_tensor";  // per_tensor | delayed | block
+  std::string fp4_format = "mxfp4";  // mxfp4 | nvfp4
+  std::string fp4_backward = "sr";   // sr (stochastic rounding) | ms_eden
+  int64_t hadamard_block = 32;       // rotation block (power of two)
+};
+
 struct ModelConfig {
   int64_t vocab_size = 256;
   int64_t hidden = 128;
@@ -43,6 +55,7 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   double init_std = 0.02;
   int64_t ce_chunk = 1024;    // rows per chunk of the fused LM head + cross-entropy
+  PrecisionConfig precision;
 };
 
 struct DataConfig {

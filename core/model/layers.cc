@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "core/model/projection.h"
 #include "kernels/gemm.h"
 
 namespace lasp {
@@ -30,16 +31,15 @@ std::string layer_name(int layer, const char* what) {
 }
 
 // y = x W^T, then the TP all-reduce for row-parallel projections.
-void row_parallel_forward(Tensor& y, const Tensor& x, const Tensor& w, const ModelParallel& par) {
-  linear_forward(y, x, w);
+void row_parallel_forward(Tensor& y, const Tensor& x, Param& w, const ModelParallel& par) {
+  projection_forward(y, x, w);
   if (par.tp_size > 1) par.tp_all_reduce(y);
 }
 
 // dx (+)= dy W and dW += dy^T x for a column-parallel projection.
 void column_parallel_backward(Tensor& dx, bool accumulate, Param& w, const Tensor& dy,
                               const Tensor& x) {
-  gemm(dx, dy, false, w.value, false, 1.0f, accumulate ? 1.0f : 0.0f);
-  gemm(w.grad, dy, true, x, false, 1.0f, 1.0f);
+  projection_backward(dx, accumulate, w, dy, x);
 }
 
 Tensor like(const Tensor& t, const Shape& shape) { return Tensor::empty(shape, t.dtype(), t.device()); }
@@ -100,6 +100,7 @@ LinearAttentionLayer::LinearAttentionLayer(const ModelConfig& cfg, const ModelPa
   norm_w_ = make_param(layer_name(layer, "attn.out_norm"),
                        shard(Tensor::full({Hf * D}, 1.0, dtype), 0, par.tp_size, par.tp_rank), false,
                        par.tp_size > 1);
+  for (Param* p : {&wq_, &wk_, &wv_, &wz_, &wo_}) p->precision = precision_from_name(cfg.precision.attention);
   if (decay_mode_ == DecayMode::DataDependent) {
     wgate_ = col("attn.wgate", sd, Hf);
     // Bias so that a = sigmoid(x w + b)^(1/16) starts close to 1 (long memory), as in GLA.
@@ -137,9 +138,9 @@ void LinearAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerContex
   q_pre_ = like(x, {N, HD});
   k_pre_ = like(x, {N, HD});
   v_ = like(x, {N, HD});
-  linear_forward(q_pre_, x, wq_.value);
-  linear_forward(k_pre_, x, wk_.value);
-  linear_forward(v_, x, wv_.value);
+  projection_forward(q_pre_, x, wq_);
+  projection_forward(k_pre_, x, wk_);
+  projection_forward(v_, x, wv_);
   if (has_feature_map_) {
     q_ = like(x, {N, HD});
     k_ = like(x, {N, HD});
@@ -154,7 +155,7 @@ void LinearAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerContex
   if (decay_mode_ == DecayMode::Constant) decay.per_head = head_log_decay_;
   if (decay_mode_ == DecayMode::DataDependent) {
     gate_pre_ = like(x, {N, H});
-    linear_forward(gate_pre_, x, wgate_.value);
+    projection_forward(gate_pre_, x, wgate_);
     bias_add(gate_pre_, bgate_.value);
     log_a_ = like(x, {N, H});
     activation_forward(log_a_, gate_pre_, Activation::LogSigmoid, kGateScale);
@@ -168,17 +169,17 @@ void LinearAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerContex
   o_rstd_ = like(x, {N, H});
   rmsnorm_forward(o_norm_, o_rstd_, o_, norm_w_.value, static_cast<float>(ctx.cfg->norm_eps), D);
   z_ = like(x, {N, HD});
-  linear_forward(z_, x, wz_.value);
+  projection_forward(z_, x, wz_);
   gated_ = like(x, {N, HD});
   swiglu_forward(gated_, z_, o_norm_);  // silu(z) * norm(o)
-  row_parallel_forward(y, gated_, wo_.value, *ctx.par);
+  row_parallel_forward(y, gated_, wo_, *ctx.par);
 }
 
 void LinearAttentionLayer::backward(Tensor& dx, const Tensor& dy, const LayerContext& ctx) {
   const int64_t N = dy.dim(0), H = heads_, D = head_dim_, HD = H * D;
   const Shape heads4 = {ctx.batch, ctx.length, H, D};
   Tensor d_gated = like(dy, {N, HD});
-  linear_backward(d_gated, wo_.grad, dy, gated_, wo_.value);
+  projection_backward(d_gated, false, wo_, dy, gated_);
   Tensor dz = like(dy, {N, HD}), d_onorm = like(dy, {N, HD});
   swiglu_backward(dz, d_onorm, d_gated, z_, o_norm_);
   column_parallel_backward(dx, false, wz_, dz, x_);
@@ -237,6 +238,7 @@ SoftmaxAttentionLayer::SoftmaxAttentionLayer(const ModelConfig& cfg, const Model
   const std::string name = layer_name(layer, "attn.wo");
   wo_ = make_param(name, shard(init_normal({C, cfg.heads * D}, sd_out, seed, name, dtype), 1, par.tp_size, par.tp_rank),
                    true, par.tp_size > 1);
+  for (Param* p : {&wq_, &wk_, &wv_, &wo_}) p->precision = precision_from_name(cfg.precision.attention);
 }
 
 std::vector<Param*> SoftmaxAttentionLayer::params() { return {&wq_, &wk_, &wv_, &wo_}; }
@@ -247,9 +249,9 @@ void SoftmaxAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerConte
   q_ = like(x, {N, heads_ * D});
   k_ = like(x, {N, kv_heads_ * D});
   v_ = like(x, {N, kv_heads_ * D});
-  linear_forward(q_, x, wq_.value);
-  linear_forward(k_, x, wk_.value);
-  linear_forward(v_, x, wv_.value);
+  projection_forward(q_, x, wq_);
+  projection_forward(k_, x, wk_);
+  projection_forward(v_, x, wv_);
   Tensor q4 = q_.view({ctx.batch, ctx.length, heads_, D});
   Tensor k4 = k_.view({ctx.batch, ctx.length, kv_heads_, D});
   positions_ = sp_local_positions(ctx.par->sp, ctx.length);
@@ -259,13 +261,13 @@ void SoftmaxAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerConte
   Tensor o4 = o_.view({ctx.batch, ctx.length, heads_, D});
   sp_attention_forward(ctx.par->sp, o4, q4, k4, v_.view({ctx.batch, ctx.length, kv_heads_, D}),
                        static_cast<float>(1.0 / std::sqrt(double(D))), sp_saved_);
-  row_parallel_forward(y, o_, wo_.value, *ctx.par);
+  row_parallel_forward(y, o_, wo_, *ctx.par);
 }
 
 void SoftmaxAttentionLayer::backward(Tensor& dx, const Tensor& dy, const LayerContext& ctx) {
   const int64_t N = dy.dim(0), D = head_dim_;
   Tensor d_o = like(dy, {N, heads_ * D});
-  linear_backward(d_o, wo_.grad, dy, o_, wo_.value);
+  projection_backward(d_o, false, wo_, dy, o_);
   Tensor dq = like(dy, {N, heads_ * D}), dk = like(dy, {N, kv_heads_ * D}), dv = like(dy, {N, kv_heads_ * D});
   const Shape qs = {ctx.batch, ctx.length, heads_, D}, ks = {ctx.batch, ctx.length, kv_heads_, D};
   Tensor dq4 = dq.view(qs), dk4 = dk.view(ks), dv4 = dv.view(ks);
@@ -292,6 +294,7 @@ Mlp::Mlp(const ModelConfig& cfg, const ModelParallel& par, int layer, uint64_t s
   w_gate_ = make("mlp.w_gate", {F, C}, sd, 0);
   w_up_ = make("mlp.w_up", {F, C}, sd, 0);
   w_down_ = make("mlp.w_down", {C, F}, sd_out, 1);
+  for (Param* p : {&w_gate_, &w_up_, &w_down_}) p->precision = precision_from_name(cfg.precision.mlp);
 }
 
 std::vector<Param*> Mlp::params() { return {&w_gate_, &w_up_, &w_down_}; }
@@ -302,16 +305,16 @@ void Mlp::forward(Tensor& y, const Tensor& x, const LayerContext& ctx) {
   gate_ = like(x, {N, F});
   up_ = like(x, {N, F});
   h_ = like(x, {N, F});
-  linear_forward(gate_, x, w_gate_.value);
-  linear_forward(up_, x, w_up_.value);
+  projection_forward(gate_, x, w_gate_);
+  projection_forward(up_, x, w_up_);
   swiglu_forward(h_, gate_, up_);
-  row_parallel_forward(y, h_, w_down_.value, *par_);
+  row_parallel_forward(y, h_, w_down_, *par_);
 }
 
 void Mlp::backward(Tensor& dx, const Tensor& dy, const LayerContext& ctx) {
   const int64_t N = dy.dim(0), F = w_gate_.value.dim(0);
   Tensor dh = like(dy, {N, F});
-  linear_backward(dh, w_down_.grad, dy, h_, w_down_.value);
+  projection_backward(dh, false, w_down_, dy, h_);
   Tensor dgate = like(dy, {N, F}), dup = like(dy, {N, F});
   swiglu_backward(dgate, dup, dh, gate_, up_);
   column_parallel_backward(dx, false, w_gate_, dgate, x_);

@@ -24,6 +24,10 @@
 
 namespace lasp {
 
+// Precision of a weight's matrix products (core/model/projection.h).
+enum class Precision { Full, Fp8, Fp4 };
+struct ProjectionState;  // low-precision state of one projection (scales, saved operands); projection.cc
+
 // A trainable tensor and its gradient (same shape, dtype and device).
 struct Param {
   std::string name;
@@ -32,6 +36,8 @@ struct Param {
   Tensor compute;  // optional lower-precision copy the forward reads (bf16 on CUDA); undefined on CPU
   bool weight_decay = true;  // matrices decay; norms, biases and embeddings do not
   bool tp_sharded = false;   // differs across TP ranks (else replicated on them)
+  Precision precision = Precision::Full;   // of the products this weight takes part in
+  std::shared_ptr<ProjectionState> state;  // created on first use by projection.cc
 };
 
 // How this rank takes part in the model's parallelism.
