@@ -1,0 +1,726 @@
+// CUDA implementations of kernels/ops.h (the CPU versions in kernels/ops.cc dispatch here).
+//
+// Dtypes (mixed precision, see ops.h): activations and their gradients bf16 or fp32, each tensor
+// independently, math in fp32; norm weights fp32; weight gradients fp32 and accumulated (+=)
+// exactly where the CPU version accumulates; rstd fp32; embedding table bf16 or fp32 with d_table
+// fp32; LM head weight bf16 or fp32 with d_w fp32. Everything runs on current_stream();
+// functions that return host values (the loss, sums, flags) synchronise it.
+//
+// Column sums (rmsnorm dw, bias db) are deterministic: a [splits, C] fp32 partial buffer written
+// by blocks of 32 columns x 8 row lanes, then summed in split order. Embedding gradients use
+// atomicAdd (order-dependent in the last bits), as tokens repeat arbitrarily.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "core/tensor.h"
+#include "kernels/gemm.h"
+#include "kernels/ops.h"
+#include "kernels/ops_cuda_util.cuh"
+
+namespace lasp {
+
+using namespace ops_cuda;
+
+void cast_cuda(Tensor& dst, const Tensor& src);  // below; the LM head converts operands with it
+
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float sigmoidf_(float x) {
+  return x >= 0.0f ? 1.0f / (1.0f + __expf(-x)) : __expf(x) / (1.0f + __expf(x));
+}
+
+// A device int32 flag (0 = fine) that kernels raise on invalid input; read() synchronises.
+struct DeviceFlag {
+  Tensor t;
+  explicit DeviceFlag(Device d) : t(Tensor::zeros({1}, DType::I32, d)) {}
+  int* ptr() const { return t.data<int32_t>(); }
+  int read() const { return static_cast<int>(t.to(cpu()).data<int32_t>()[0]); }
+};
+
+// ---------------------------------------------------------------- column sums
+// out[c] += sum_n f(n, c) over n < N, deterministic (fixed split and reduction order).
+constexpr int kColTile = 32, kRowLanes = 8;
+
+template <typename F>
+__global__ void colsum_partial_kernel(F f, float* partial, int64_t N, int64_t C, int64_t rows_per_split) {
+  __shared__ float red[kRowLanes][kColTile + 1];
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kColTile) + threadIdx.x;
+  const int64_t r0 = blockIdx.y * rows_per_split;
+  const int64_t r1 = min(N, r0 + rows_per_split);
+  float acc = 0.0f;
+  if (c < C)
+    for (int64_t n = r0 + threadIdx.y; n < r1; n += kRowLanes) acc += f(n, c);
+  red[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kRowLanes; ++i) s += red[i][threadIdx.x];
+    partial[blockIdx.y * C + c] = s;
+  }
+}
+
+__global__ void colsum_finish_kernel(float* out, const float* partial, int splits, int64_t C) {
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float s = 0.0f;
+    for (int i = 0; i < splits; ++i) s += partial[i * C + c];
+    out[c] += s;
+  }
+}
+
+template <typename F>
+void column_sum_accumulate(float* out, const F& f, int64_t N, int64_t C, Device dev, const char* what) {
+  if (N == 0 || C == 0) return;
+  const int64_t col_blocks = (C + kColTile - 1) / kColTile;
+  // Enough row splits to fill the GPU (~1k blocks), each at least 64 rows long.
+  const int64_t want = std::max<int64_t>(1, 1024 / col_blocks);
+  const int64_t splits = std::min<int64_t>({want, (N + 63) / 64, 1024});
+  const int64_t rps = (N + splits - 1) / splits;
+  const int64_t used = (N + rps - 1) / rps;
+  Tensor partial = Tensor::empty({used, C}, DType::F32, dev);
+  colsum_partial_kernel<<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(used)),
+                          dim3(kColTile, kRowLanes), 0, cuda_stream()>>>(f, partial.data<float>(), N, C, rps);
+  CUDA_CHECK_LAUNCH(what);
+  colsum_finish_kernel<<<grid_for(C, kThreads), kThreads, 0, cuda_stream()>>>(
+      out, partial.data<float>(), static_cast<int>(used), C);
+  CUDA_CHECK_LAUNCH(what);
+}
+
+// ---------------------------------------------------------------- RMSNorm
+// One warp per (row n, group g): rstd = 1 / sqrt(mean(x^2) + eps), y = x * rstd * w.
+__global__ void rmsnorm_forward_kernel(FloatOut y, float* rstd, FloatIn x, const float* w, int64_t N,
+                                       int64_t C, int64_t group, float eps) {
+  const int lane = threadIdx.x % 32;
+  const int64_t G = C / group;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t ng = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32; ng < N * G;
+       ng += warps) {
+    const int64_t n = ng / G, g = ng % G, base = n * C + g * group;
+    float ss = 0.0f;
+    for (int64_t i = lane; i < group; i += 32) {
+      const float v = x[base + i];
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    const float r = rsqrtf(ss / static_cast<float>(group) + eps);
+    if (lane == 0) rstd[ng] = r;
+    for (int64_t i = lane; i < group; i += 32)
+      y.set(base + i, x[base + i] * r * (w ? w[g * group + i] : 1.0f));
+  }
+}
+
+// dx = r * (gi - xhat * mean(gi * xhat)) with gi = dy * w, xhat = x * r.
+__global__ void rmsnorm_backward_kernel(FloatOut dx, FloatIn dy, FloatIn x, const float* w,
+                                        const float* rstd, int64_t N, int64_t C, int64_t group) {
+  const int lane = threadIdx.x % 32;
+  const int64_t G = C / group;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t ng = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32; ng < N * G;
+       ng += warps) {
+    const int64_t n = ng / G, g = ng % G, base = n * C + g * group;
+    const float r = rstd[ng];
+    float dot = 0.0f;
+    for (int64_t i = lane; i < group; i += 32)
+      dot += dy[base + i] * (w ? w[g * group + i] : 1.0f) * x[base + i] * r;
+    const float m = warp_sum(dot) / static_cast<float>(group);
+    for (int64_t i = lane; i < group; i += 32) {
+      const float gi = dy[base + i] * (w ? w[g * group + i] : 1.0f);
+      dx.set(base + i, r * (gi - x[base + i] * r * m));
+    }
+  }
+}
+
+// dw[c] += sum_n dy[n, c] x[n, c] rstd[n, c / group].
+struct RmsNormDw {
+  FloatIn dy, x;
+  const float* rstd;
+  int64_t C, group;
+  __device__ float operator()(int64_t n, int64_t c) const {
+    return dy[n * C + c] * x[n * C + c] * rstd[n * (C / group) + c / group];
+  }
+};
+
+// ---------------------------------------------------------------- gated units, pointwise
+__global__ void swiglu_forward_kernel(FloatOut h, FloatIn gate, FloatIn up, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float g = gate[i];
+    h.set(i, g * sigmoidf_(g) * up[i]);
+  }
+}
+
+__global__ void swiglu_backward_kernel(FloatOut d_gate, FloatOut d_up, FloatIn dh, FloatIn gate,
+                                       FloatIn up, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float g = gate[i], u = up[i], d = dh[i], s = sigmoidf_(g);
+    d_up.set(i, d * g * s);
+    d_gate.set(i, d * u * s * (1.0f + g * (1.0f - s)));  // d silu = s (1 + x (1 - s))
+  }
+}
+
+__device__ __forceinline__ float activation_value(float v, int f, float scale) {
+  switch (static_cast<Activation>(f)) {
+    case Activation::Silu: return v * sigmoidf_(v);
+    case Activation::Relu: return v > 0.0f ? v : 0.0f;
+    case Activation::Elu1: return v > 0.0f ? v + 1.0f : expf(v);
+    case Activation::LogSigmoid:  // log sigmoid(v) = -log(1 + e^-v), stable on both sides
+      return scale * (v >= 0.0f ? -log1pf(expf(-v)) : v - log1pf(expf(v)));
+  }
+  return 0.0f;
+}
+
+__device__ __forceinline__ float activation_slope(float v, int f, float scale) {
+  switch (static_cast<Activation>(f)) {
+    case Activation::Silu: {
+      const float s = sigmoidf_(v);
+      return s * (1.0f + v * (1.0f - s));
+    }
+    case Activation::Relu: return v > 0.0f ? 1.0f : 0.0f;
+    case Activation::Elu1: return v > 0.0f ? 1.0f : expf(v);
+    case Activation::LogSigmoid: return scale * sigmoidf_(-v);
+  }
+  return 0.0f;
+}
+
+__global__ void activation_forward_kernel(FloatOut y, FloatIn x, int f, float scale, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y.set(i, activation_value(x[i], f, scale));
+}
+
+__global__ void activation_backward_kernel(FloatOut dx, FloatIn dy, FloatIn x, int f, float scale,
+                                           int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dx.set(i, dy[i] * activation_slope(x[i], f, scale));
+}
+
+// ---------------------------------------------------------------- RoPE
+// One thread per (t, h, i < D/2), looping over the batch. The angle position * theta^(-2i/D) is
+// formed and reduced in double (positions reach 1e6 and more, where fp32 angles lose the
+// fraction); positions are either affine (p0 + t * step, passed as scalars) or read from `pos`.
+__global__ void rope_kernel(FloatOut x, const int64_t* pos, int64_t p0, int64_t step, int64_t B,
+                            int64_t T, int64_t H, int64_t D, double log_theta, float sign) {
+  const int64_t half = D / 2, total = T * H * half;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx % half, th = idx / half, h = th % H, t = th / H;
+    const double p = pos ? static_cast<double>(pos[t]) : static_cast<double>(p0 + t * step);
+    const double ang = p * exp(-2.0 * static_cast<double>(i) / static_cast<double>(D) * log_theta);
+    double sd, cd;
+    sincos(ang, &sd, &cd);
+    const float c = static_cast<float>(cd), s = sign * static_cast<float>(sd);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t r = ((b * T + t) * H + h) * D;
+      const float a = x.get(r + i), bb = x.get(r + i + half);
+      x.set(r + i, a * c - bb * s);
+      x.set(r + i + half, a * s + bb * c);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- embedding
+__global__ void embedding_forward_kernel(FloatOut out, FloatIn table, const int32_t* tokens, int64_t N,
+                                         int64_t V, int64_t C, int* bad) {
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    const int32_t t = tokens[n];
+    const bool ok = t >= 0 && t < V;
+    if (!ok && threadIdx.x == 0) atomicExch(bad, 1);
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
+      out.set(n * C + c, ok ? table[static_cast<int64_t>(t) * C + c] : 0.0f);
+  }
+}
+
+__global__ void embedding_backward_kernel(float* d_table, FloatIn d_out, const int32_t* tokens, int64_t N,
+                                          int64_t V, int64_t C, int* bad) {
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    const int32_t t = tokens[n];
+    if (t < 0 || t >= V) {
+      if (threadIdx.x == 0) atomicExch(bad, 1);
+      continue;
+    }
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
+      atomicAdd(d_table + static_cast<int64_t>(t) * C + c, d_out[n * C + c]);
+  }
+}
+
+// ---------------------------------------------------------------- LM head + cross-entropy
+// One block per row of the chunk's fp32 logits: lse by an online max/sum, the row loss
+// lse - logit[target] (double, per row), and dlogits = loss_scale (softmax - onehot) when wanted.
+// Ignored rows (target < 0) get loss 0 and zero dlogits; out-of-range targets raise `bad`.
+constexpr int kCeThreads = 1024;
+
+__global__ void __launch_bounds__(kCeThreads)
+    cross_entropy_rows_kernel(FloatOut dlogits, const float* logits, const int32_t* targets,
+                              double* row_loss, int64_t V, float loss_scale, bool want_grad, int* bad) {
+  __shared__ float scratch_f[32];
+  const int64_t r = blockIdx.x;
+  const float* row = logits + r * V;
+  const int32_t t = targets[r];
+  if (t < 0 || t >= V) {
+    if (t >= V && threadIdx.x == 0) atomicExch(bad, 1);
+    if (threadIdx.x == 0) row_loss[r] = 0.0;
+    if (want_grad)
+      for (int64_t j = threadIdx.x; j < V; j += blockDim.x) dlogits.set(r * V + j, 0.0f);
+    return;
+  }
+  // Per-thread running (max, sum of exp(x - max)), then merged across the block.
+  float m = -INFINITY, s = 0.0f;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    const float x = row[j];
+    if (x > m) {
+      s = s * __expf(m - x) + 1.0f;
+      m = x;
+    } else {
+      s += __expf(x - m);
+    }
+  }
+  // Block max first, then every thread rescales its sum to it.
+  float bm = warp_max(m);
+  __shared__ float wmax[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  if (lane == 0) wmax[warp] = bm;
+  __syncthreads();
+  bm = warp_max(lane < nwarps ? wmax[lane] : -INFINITY);
+  const float scaled = m == -INFINITY ? 0.0f : s * __expf(m - bm);
+  const float total = block_sum(scaled, scratch_f);
+  const float lse = bm + logf(total);
+  if (threadIdx.x == 0) row_loss[r] = static_cast<double>(lse) - static_cast<double>(row[t]);
+  if (!want_grad) return;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    const float p = __expf(row[j] - lse) * loss_scale;
+    dlogits.set(r * V + j, j == t ? p - loss_scale : p);
+  }
+}
+
+// ---------------------------------------------------------------- bias, AdamW, vectors
+__global__ void bias_add_kernel(FloatOut y, FloatIn b, int64_t n, int64_t C) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y.set(i, y.get(i) + b[i % C]);
+}
+
+struct BiasDb {
+  FloatIn dy;
+  int64_t C;
+  __device__ float operator()(int64_t n, int64_t c) const { return dy[n * C + c]; }
+};
+
+__global__ void adamw_kernel(float* w, FloatOut w_compute, FloatIn g, float* m, float* v, int64_t n,
+                             float lr, float beta1, float beta2, float eps, float weight_decay, float c1,
+                             float c2) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float gi = g[i];
+    const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+    const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    const float update = (mi / c1) / (sqrtf(vi / c2) + eps) + weight_decay * w[i];
+    const float wi = w[i] - lr * update;
+    w[i] = wi;
+    if (w_compute.p) w_compute.set(i, wi);
+  }
+}
+
+// Element types cast_cuda converts between.
+enum class CastType : int { F64, F32, BF16, F16 };
+
+__device__ __forceinline__ double cast_load(const void* p, CastType t, int64_t i) {
+  switch (t) {
+    case CastType::F64: return static_cast<const double*>(p)[i];
+    case CastType::F32: return static_cast<const float*>(p)[i];
+    case CastType::BF16: return __bfloat162float(static_cast<const bf16*>(p)[i]);
+    case CastType::F16: return __half2float(static_cast<const __half*>(p)[i]);
+  }
+  return 0.0;
+}
+
+__device__ __forceinline__ void cast_store(void* p, CastType t, int64_t i, double v) {
+  switch (t) {
+    case CastType::F64: static_cast<double*>(p)[i] = v; break;
+    case CastType::F32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
+    // Narrowing goes through fp32 (exact from fp32 sources, as on the CPU).
+    case CastType::BF16: static_cast<bf16*>(p)[i] = __float2bfloat16_rn(static_cast<float>(v)); break;
+    case CastType::F16: static_cast<__half*>(p)[i] = __float2half_rn(static_cast<float>(v)); break;
+  }
+}
+
+__global__ void cast_kernel(void* dst, CastType dt, const void* src, CastType st, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    cast_store(dst, dt, i, cast_load(src, st, i));
+}
+
+__global__ void add_inplace_kernel(FloatOut y, FloatIn x, float alpha, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y.set(i, y.get(i) + alpha * x[i]);
+}
+
+__global__ void scale_inplace_kernel(FloatOut y, float alpha, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y.set(i, y.get(i) * alpha);
+}
+
+// One double partial per block; the host adds the partials in order (deterministic).
+__global__ void sum_of_squares_kernel(double* partial, FloatIn x, int64_t n) {
+  __shared__ double scratch[32];
+  double acc = 0.0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const double v = x[i];
+    acc += v * v;
+  }
+  acc = block_sum(acc, scratch);
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+__global__ void all_finite_kernel(int* bad, FloatIn x, int64_t n) {
+  bool ok = true;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    ok = ok && isfinite(x[i]);
+  if (__syncthreads_or(!ok) && threadIdx.x == 0) atomicExch(bad, 1);
+}
+
+int64_t resolve_group(const char* fn, int64_t C, int64_t group) {
+  if (group == 0) group = C;
+  LASP_CHECK(group > 0 && C % group == 0) << fn << ": " << C << " features not divisible by group " << group;
+  return group;
+}
+
+const float* optional_f32(const Tensor& t, const char* what, int64_t C) {
+  if (!t.defined()) return nullptr;
+  check_f32(t, what, {C});
+  return t.data<float>();
+}
+
+}  // namespace
+
+// ============================================================================ entry points
+
+void rmsnorm_forward_cuda(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, float eps,
+                          int64_t group) {
+  check_activation(x, "rmsnorm_forward: x");
+  const int64_t C = x.dim(-1), N = C ? x.numel() / C : 0;
+  group = resolve_group("rmsnorm_forward", C, group);
+  check_activation(y, "rmsnorm_forward: y", x.numel());
+  check_f32(rstd, "rmsnorm_forward: rstd (fp32 on CUDA)", {N, C / group});
+  const float* wp = optional_f32(w, "rmsnorm_forward: w (fp32 on CUDA)", C);
+  const int64_t rows = N * (C / group);
+  if (rows == 0) return;
+  rmsnorm_forward_kernel<<<grid_for(rows * 32, kThreads), kThreads, 0, cuda_stream()>>>(
+      out_of(y), rstd.data<float>(), in_of(x), wp, N, C, group, eps);
+  CUDA_CHECK_LAUNCH("rmsnorm_forward");
+}
+
+void rmsnorm_backward_cuda(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
+                           const Tensor& rstd, int64_t group) {
+  check_activation(x, "rmsnorm_backward: x");
+  const int64_t C = x.dim(-1), N = C ? x.numel() / C : 0;
+  group = resolve_group("rmsnorm_backward", C, group);
+  check_activation(dx, "rmsnorm_backward: dx", x.numel());
+  check_activation(dy, "rmsnorm_backward: dy", x.numel());
+  check_f32(rstd, "rmsnorm_backward: rstd (fp32 on CUDA)", {N, C / group});
+  const float* wp = optional_f32(w, "rmsnorm_backward: w (fp32 on CUDA)", C);
+  float* dwp = const_cast<float*>(optional_f32(dw, "rmsnorm_backward: dw (fp32 on CUDA)", C));
+  const int64_t rows = N * (C / group);
+  if (rows == 0) return;
+  rmsnorm_backward_kernel<<<grid_for(rows * 32, kThreads), kThreads, 0, cuda_stream()>>>(
+      out_of(dx), in_of(dy), in_of(x), wp, rstd.data<float>(), N, C, group);
+  CUDA_CHECK_LAUNCH("rmsnorm_backward");
+  if (dwp)
+    column_sum_accumulate(dwp, RmsNormDw{in_of(dy), in_of(x), rstd.data<float>(), C, group}, N, C,
+                          x.device(), "rmsnorm_backward (dw)");
+}
+
+void swiglu_forward_cuda(Tensor& h, const Tensor& gate, const Tensor& up) {
+  check_activation(gate, "swiglu_forward: gate");
+  const int64_t n = gate.numel();
+  check_activation(up, "swiglu_forward: up", n);
+  check_activation(h, "swiglu_forward: h", n);
+  if (n == 0) return;
+  swiglu_forward_kernel<<<grid_for(n, kThreads), kThreads, 0, cuda_stream()>>>(out_of(h), in_of(gate),
+                                                                                in_of(up), n);
+  CUDA_CHECK_LAUNCH("swiglu_forward");
+}
+
+void swiglu_backward_cuda(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tensor& gate,
+                          const Tensor& up) {
+  check_activation(gate, "swiglu_backward: gate");
+  const int64_t n = gate.numel();
+  check_activation(up, "swiglu_backward: up", n);
+  check_activation(dh, "swiglu_backward: dh", n);
+  check_activation(d_gate, "swiglu_backward: d_gate", n);
+  check_activation(d_up, "swiglu_backward: d_up", n);
+  if (n == 0) return;
+  swiglu_backward_kernel<<<grid_for(n, kThreads), kThreads, 0, cuda_stream()>>>(
+      out_of(d_gate), out_of(d_up), in_of(dh), in_of(gate), in_of(up), n);
+  CUDA_CHECK_LAUNCH("swiglu_backward");
+}
+
+void activation_forward_cuda(Tensor& y, const Tensor& x, Activation f, float scale) {
+  check_activation(x, "activation_forward: x");
+  const int64_t n = x.numel();
+  check_activation(y, "activation_forward: y", n);
+  if (n == 0) return;
+  activation_forward_kernel<<<grid_for(n, kThreads), kThreads, 0, cuda_stream()>>>(
+      out_of(y), in_of(x), static_cast<int>(f), scale, n);
+  CUDA_CHECK_LAUNCH("activation_forward");
+}
+
+void activation_backward_cuda(Tensor& dx, const Tensor& dy, const Tensor& x, Activation f, float scale) {
+  check_activation(x, "activation_backward: x");
+  const int64_t n = x.numel();
+  check_activation(dy, "activation_backward: dy", n);
+  check_activation(dx, "activation_backward: dx", n);
+  if (n == 0) return;
+  activation_backward_kernel<<<grid_for(n, kThreads), kThreads, 0, cuda_stream()>>>(
+      out_of(dx), in_of(dy), in_of(x), static_cast<int>(f), scale, n);
+  CUDA_CHECK_LAUNCH("activation_backward");
+}
+
+void rope_rotate_cuda(Tensor& x, const std::vector<int64_t>& positions, float theta, float sign) {
+  check_activation(x, "rope");
+  LASP_CHECK(x.ndim() == 4) << "rope: expected [B, T, H, D], got " << x.str();
+  const int64_t B = x.dim(0), T = x.dim(1), H = x.dim(2), D = x.dim(3);
+  LASP_CHECK(D % 2 == 0) << "rope: head dim must be even, got " << D;
+  LASP_CHECK_EQ(static_cast<int64_t>(positions.size()), T) << "rope: one position per token";
+  LASP_CHECK(theta > 0) << "rope: theta must be positive, got " << theta;
+  if (x.numel() == 0) return;
+  // Positions are nearly always p0, p0 + 1, ...: then no copy. Otherwise they travel to the
+  // device in a temporary (freed on the host at return; the caching allocator hands it out
+  // again only to later work, which on the same stream runs after this kernel).
+  const int64_t p0 = positions[0], step = T > 1 ? positions[1] - positions[0] : 1;
+  bool affine = true;
+  for (int64_t t = 0; t < T && affine; ++t) affine = positions[t] == p0 + t * step;
+  Tensor pos;
+  if (!affine) {
+    pos = Tensor::empty({T}, DType::I64, x.device());
+    device_memcpy(pos.raw(), x.device(), positions.data(), cpu(), static_cast<size_t>(T) * sizeof(int64_t));
+  }
+  rope_kernel<<<grid_for(T * H * (D / 2), kThreads), kThreads, 0, cuda_stream()>>>(
+      out_of(x), affine ? nullptr : pos.data<int64_t>(), p0, step, B, T, H, D,
+      std::log(static_cast<double>(theta)), sign);
+  CUDA_CHECK_LAUNCH("rope");
+}
+
+void embedding_forward_cuda(Tensor& out, const Tensor& table, const Tensor& tokens) {
+  check_activation(table, "embedding_forward: table");
+  LASP_CHECK(table.ndim() == 2) << "embedding_forward: table must be [V, C], got " << table.str();
+  const int64_t V = table.dim(0), C = table.dim(1), N = tokens.numel();
+  LASP_CHECK(tokens.is_cuda()) << "embedding_forward: tokens must be on the GPU, got " << tokens.str();
+  check_tensor(tokens, "embedding_forward: tokens", DType::I32, {N});
+  check_activation(out, "embedding_forward: out", N * C);
+  if (N == 0 || C == 0) return;
+  DeviceFlag bad(table.device());
+  embedding_forward_kernel<<<grid_for(N, 1, 65536), kThreads, 0, cuda_stream()>>>(
+      out_of(out), in_of(table), tokens.data<int32_t>(), N, V, C, bad.ptr());
+  CUDA_CHECK_LAUNCH("embedding_forward");
+  LASP_CHECK(bad.read() == 0) << "embedding_forward: a token is outside the vocabulary [0, " << V << ")";
+}
+
+void embedding_backward_cuda(Tensor& d_table, const Tensor& d_out, const Tensor& tokens) {
+  LASP_CHECK(d_table.ndim() == 2) << "embedding_backward: d_table must be [V, C], got " << d_table.str();
+  const int64_t V = d_table.dim(0), C = d_table.dim(1), N = tokens.numel();
+  check_f32(d_table, "embedding_backward: d_table (fp32 on CUDA)", {V, C});
+  LASP_CHECK(tokens.is_cuda()) << "embedding_backward: tokens must be on the GPU, got " << tokens.str();
+  check_tensor(tokens, "embedding_backward: tokens", DType::I32, {N});
+  check_activation(d_out, "embedding_backward: d_out", N * C);
+  if (N == 0 || C == 0) return;
+  DeviceFlag bad(d_table.device());
+  embedding_backward_kernel<<<grid_for(N, 1, 65536), kThreads, 0, cuda_stream()>>>(
+      d_table.data<float>(), in_of(d_out), tokens.data<int32_t>(), N, V, C, bad.ptr());
+  CUDA_CHECK_LAUNCH("embedding_backward");
+  LASP_CHECK(bad.read() == 0) << "embedding_backward: a token is outside the vocabulary [0, " << V << ")";
+}
+
+// Per chunk of rows: logits = h W^T (fp32, cuBLASLt), the row kernel above, then
+// d_h = dlogits W and d_w += dlogits^T h. Operands are bf16 when h or W is bf16 (the other is
+// converted: W once, h per chunk), fp32 when both are.
+double lm_head_cross_entropy_cuda(Tensor& d_h, Tensor& d_w, const Tensor& h, const Tensor& w,
+                                  const Tensor& targets, float loss_scale, int64_t chunk) {
+  const char* fn = "lm_head_cross_entropy";
+  check_activation(h, "lm_head_cross_entropy: h");
+  check_activation(w, "lm_head_cross_entropy: w");
+  LASP_CHECK(h.ndim() == 2 && w.ndim() == 2 && h.dim(1) == w.dim(1))
+      << fn << ": h must be [N, C] and w [V, C], got " << h.str() << " and " << w.str();
+  const int64_t N = h.dim(0), C = h.dim(1), V = w.dim(0);
+  LASP_CHECK(targets.is_cuda()) << fn << ": targets must be on the GPU, got " << targets.str();
+  check_tensor(targets, "lm_head_cross_entropy: targets", DType::I32, {N});
+  if (d_h.defined()) {
+    check_activation(d_h, "lm_head_cross_entropy: d_h", N * C);
+    LASP_CHECK(d_h.ndim() == 2) << fn << ": d_h must be [N, C], got " << d_h.str();
+  }
+  if (d_w.defined()) check_f32(d_w, "lm_head_cross_entropy: d_w (fp32 on CUDA)", {V, C});
+  LASP_CHECK(chunk > 0) << fn << ": chunk must be positive";
+  if (N == 0) return 0.0;
+  LASP_CHECK(V > 0) << fn << ": empty vocabulary";
+
+  const Device dev = h.device();
+  const DType op = (h.dtype() == DType::BF16 || w.dtype() == DType::BF16) ? DType::BF16 : DType::F32;
+  Tensor w_op = w;
+  if (w.dtype() != op) {
+    w_op = Tensor::empty(w.shape(), op, dev);
+    cast_cuda(w_op, w);
+  }
+  const bool want_grad = d_h.defined() || d_w.defined();
+  const int64_t rows_max = std::min(chunk, N);
+  Tensor logits = Tensor::empty({rows_max, V}, DType::F32, dev);
+  Tensor dlogits = want_grad ? Tensor::empty({rows_max, V}, op, dev) : Tensor();
+  Tensor h_op_buf = h.dtype() != op ? Tensor::empty({rows_max, C}, op, dev) : Tensor();
+  // gemm() writes bf16 or fp32 C from bf16 operands, only fp32 from fp32 ones.
+  const bool dh_via_f32 = d_h.defined() && op == DType::F32 && d_h.dtype() != DType::F32;
+  Tensor dh_buf = dh_via_f32 ? Tensor::empty({rows_max, C}, DType::F32, dev) : Tensor();
+  Tensor row_loss = Tensor::empty({N}, DType::F64, dev);
+  DeviceFlag bad(dev);
+
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t rows = std::min(chunk, N - r0);
+    Tensor hc = h.slice(0, r0, r0 + rows);
+    if (h_op_buf.defined()) {
+      Tensor conv = h_op_buf.slice(0, 0, rows);
+      cast_cuda(conv, hc);
+      hc = conv;
+    }
+    Tensor lc = logits.slice(0, 0, rows);
+    gemm(lc, hc, false, w_op, true);  // logits = h W^T
+    Tensor dlc = want_grad ? dlogits.slice(0, 0, rows) : Tensor();
+    cross_entropy_rows_kernel<<<static_cast<unsigned>(rows), kCeThreads, 0, cuda_stream()>>>(
+        want_grad ? out_of(dlc) : FloatOut{}, lc.data<float>(), targets.data<int32_t>() + r0,
+        row_loss.data<double>() + r0, V, loss_scale, want_grad, bad.ptr());
+    CUDA_CHECK_LAUNCH("lm_head_cross_entropy (rows)");
+    if (d_h.defined()) {
+      Tensor dhc = d_h.slice(0, r0, r0 + rows);
+      if (dh_via_f32) {
+        Tensor tmp = dh_buf.slice(0, 0, rows);
+        gemm(tmp, dlc, false, w_op, false);
+        cast_cuda(dhc, tmp);
+      } else {
+        gemm(dhc, dlc, false, w_op, false);  // d_h = dlogits W
+      }
+    }
+    if (d_w.defined()) gemm(d_w, dlc, true, hc, false, 1.0f, 1.0f);  // d_w += dlogits^T h
+  }
+  LASP_CHECK(bad.read() == 0) << fn << ": a target is outside the vocabulary [0, " << V << ")";
+  const std::vector<double> losses = row_loss.to_vector();
+  double total = 0.0;
+  for (double l : losses) total += l;
+  return total;
+}
+
+void bias_add_cuda(Tensor& y, const Tensor& b) {
+  check_activation(y, "bias_add: y");
+  const int64_t C = y.dim(-1);
+  check_activation(b, "bias_add: b", C);
+  if (y.numel() == 0) return;
+  bias_add_kernel<<<grid_for(y.numel(), kThreads), kThreads, 0, cuda_stream()>>>(out_of(y), in_of(b),
+                                                                                  y.numel(), C);
+  CUDA_CHECK_LAUNCH("bias_add");
+}
+
+void bias_backward_cuda(Tensor& db, const Tensor& dy) {
+  check_activation(dy, "bias_backward: dy");
+  const int64_t C = dy.dim(-1), N = C ? dy.numel() / C : 0;
+  check_f32(db, "bias_backward: db (fp32 on CUDA)", {C});
+  column_sum_accumulate(db.data<float>(), BiasDb{in_of(dy), C}, N, C, dy.device(), "bias_backward");
+}
+
+void adamw_update_cuda(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m, Tensor& v, float lr,
+                       float beta1, float beta2, float eps, float weight_decay, float c1, float c2) {
+  const Shape& s = w.shape();
+  check_f32(w, "adamw_update: w (fp32 master weights)", s);
+  check_f32(m, "adamw_update: m", s);
+  check_f32(v, "adamw_update: v", s);
+  check_activation(g, "adamw_update: g", w.numel());
+  if (w_compute.defined()) check_activation(w_compute, "adamw_update: w_compute", w.numel());
+  const int64_t n = w.numel();
+  if (n == 0) return;
+  adamw_kernel<<<grid_for(n, kThreads), kThreads, 0, cuda_stream()>>>(
+      w.data<float>(), w_compute.defined() ? out_of(w_compute) : FloatOut{}, in_of(g), m.data<float>(),
+      v.data<float>(), n, lr, beta1, beta2, eps, weight_decay, c1, c2);
+  CUDA_CHECK_LAUNCH("adamw_update");
+}
+
+namespace {
+CastType cast_type(const Tensor& t, const char* what) {
+  switch (t.dtype()) {
+    case DType::F64: return CastType::F64;
+    case DType::F32: return CastType::F32;
+    case DType::BF16: return CastType::BF16;
+    case DType::F16: return CastType::F16;
+    default: LASP_FAIL() << "cast: " << what << " must be fp64, fp32, bf16 or fp16, got " << t.str();
+  }
+  return CastType::F32;
+}
+}  // namespace
+
+void cast_cuda(Tensor& dst, const Tensor& src) {
+  LASP_CHECK(dst.shape() == src.shape()) << "cast: " << src.str() << " -> " << dst.str();
+  LASP_CHECK(dst.is_cuda() && src.is_cuda() && dst.device() == src.device())
+      << "cast: both tensors must be on one GPU, got " << src.str() << " -> " << dst.str();
+  LASP_CHECK(dst.is_contiguous() && src.is_contiguous())
+      << "cast: contiguous tensors only, got " << src.str() << " -> " << dst.str();
+  const int64_t n = dst.numel();
+  if (n == 0) return;
+  if (dst.dtype() == src.dtype()) {
+    CUDA_CHECK(cudaMemcpyAsync(dst.raw(), src.raw(), dst.nbytes(), cudaMemcpyDeviceToDevice, cuda_stream()));
+    return;
+  }
+  cast_kernel<<<grid_for(n, kThreads), kThreads, 0, cuda_stream()>>>(dst.raw(), cast_type(dst, "dst"),
+                                                                      src.raw(), cast_type(src, "src"), n);
+  CUDA_CHECK_LAUNCH("cast");
+}
+
+void add_inplace_cuda(Tensor& y, const Tensor& x, float alpha) {
+  check_activation(y, "add_inplace: y");
+  check_activation(x, "add_inplace: x", y.numel());
+  LASP_CHECK(x.shape() == y.shape()) << "add_inplace: shapes differ: " << y.str() << " vs " << x.str();
+  const int64_t n = y.numel();
+  if (n == 0) return;
+  add_inplace_kernel<<<grid_for(n, kThreads), kThreads, 0, cuda_stream()>>>(out_of(y), in_of(x), alpha, n);
+  CUDA_CHECK_LAUNCH("add_inplace");
+}
+
+void scale_inplace_cuda(Tensor& y, float alpha) {
+  check_activation(y, "scale_inplace: y");
+  const int64_t n = y.numel();
+  if (n == 0) return;
+  scale_inplace_kernel<<<grid_for(n, kThreads), kThreads, 0, cuda_stream()>>>(out_of(y), alpha, n);
+  CUDA_CHECK_LAUNCH("scale_inplace");
+}
+
+double sum_of_squares_cuda(const Tensor& x) {
+  check_activation(x, "sum_of_squares: x");
+  const int64_t n = x.numel();
+  if (n == 0) return 0.0;
+  const int blocks = grid_for(n, kThreads * 4, 1024);
+  Tensor partial = Tensor::empty({blocks}, DType::F64, x.device());
+  sum_of_squares_kernel<<<blocks, kThreads, 0, cuda_stream()>>>(partial.data<double>(), in_of(x), n);
+  CUDA_CHECK_LAUNCH("sum_of_squares");
+  double s = 0.0;
+  for (double p : partial.to_vector()) s += p;
+  return s;
+}
+
+bool all_finite_cuda(const Tensor& x) {
+  check_activation(x, "all_finite: x");
+  const int64_t n = x.numel();
+  if (n == 0) return true;
+  DeviceFlag bad(x.device());
+  all_finite_kernel<<<grid_for(n, kThreads * 4, 1024), kThreads, 0, cuda_stream()>>>(bad.ptr(), in_of(x), n);
+  CUDA_CHECK_LAUNCH("all_finite");
+  return bad.read() == 0;
+}
+
+}  // namespace lasp
