@@ -23,7 +23,7 @@ struct TrainConfig {
   int64_t batch_size = 8;     // sequences per data-parallel rank per step
   int64_t seq_len = 256;      // tokens per sequence (split across SP ranks)
   std::string device = "auto";  // auto | cpu | cuda
-  std::string dtype = "fp32";   // compute dtype: fp32 (CPU) | bf16 (CUDA)
+  std::string dtype = "auto";   // compute dtype: auto | fp32 (CPU) | bf16 (CUDA, fp32 master weights)
 };
 
 // Precision of the matrix products per kind of layer (core/model/projection.h). Embeddings,

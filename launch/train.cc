@@ -8,6 +8,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -20,6 +21,7 @@
 #include "data/dataset.h"
 #include "launch/checkpoint.h"
 #include "launch/metrics.h"
+#include "kernels/ops.h"
 #include "optim/optim.h"
 #include "parallel/comm.h"
 #include "parallel/grad_sync.h"
@@ -105,6 +107,52 @@ std::string first_non_finite_grad(Model& model) {
   return "";
 }
 
+// The device this rank trains on: train.device (auto = CUDA when present), the GPU picked by the
+// node-local rank. Checks train.dtype against it (CPU: fp32; CUDA: bf16 with fp32 master weights).
+Device training_device(const Config& cfg, const std::string& source) {
+  const bool want_cuda = cfg.train.device == "cuda" || (cfg.train.device == "auto" && cuda_available());
+  LASP_CHECK(!want_cuda || cuda_available())
+      << source << ": train.device = cuda, but " << (cuda_device_count() == 0 ? "no CUDA device is visible" : "")
+      << " (this build " << (cuda_available() ? "has" : "may lack") << " CUDA support)";
+  if (!want_cuda) {
+    LASP_CHECK(cfg.train.dtype == "fp32" || cfg.train.dtype == "auto")
+        << source << ": train.dtype = " << cfg.train.dtype << ": CPU training computes in fp32";
+    return cpu();
+  }
+  LASP_CHECK(cfg.train.dtype == "bf16" || cfg.train.dtype == "auto")
+      << source << ": train.dtype = " << cfg.train.dtype << ": CUDA training computes in bf16 (fp32 master weights)";
+  int local = 0;
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"}) {
+    if (const char* v = std::getenv(var)) {
+      local = std::atoi(v);
+      break;
+    }
+  }
+  const int index = local % cuda_device_count();
+  cuda_set_device(index);
+  return cuda(index);
+}
+
+// CPU copies of device tensors for checkpoint files (CPU tensors are used as they are).
+std::vector<NamedTensor> host_views(const std::vector<NamedTensor>& tensors) {
+  std::vector<NamedTensor> out;
+  for (const auto& t : tensors) out.push_back({t.name, t.tensor.to(cpu())});
+  return out;
+}
+
+// After a load into host copies: copy back to the device and refresh the bf16 compute copies.
+void copy_back(const std::vector<NamedTensor>& device, const std::vector<NamedTensor>& host, Model& model) {
+  for (size_t i = 0; i < device.size(); ++i) {
+    if (device[i].tensor.is_cuda()) {
+      Tensor d = device[i].tensor;
+      d.copy_from(host[i].tensor);
+    }
+  }
+  for (Param* p : model.params()) {
+    if (p->compute.defined()) cast(p->compute, p->value);
+  }
+}
+
 std::vector<NamedTensor> checkpoint_tensors(Model& model, AdamW& opt) {
   std::vector<NamedTensor> out;
   auto params = model.params();
@@ -121,11 +169,7 @@ std::vector<NamedTensor> checkpoint_tensors(Model& model, AdamW& opt) {
 TrainResult train(const Config& cfg, const std::string& config_source, int64_t stop_after, Comm* comm) {
   Grid grid(comm ? *comm : world(), static_cast<int>(cfg.parallel.tp), static_cast<int>(cfg.parallel.sp), static_cast<int>(cfg.parallel.dp));
   const bool rank0 = grid.world().rank() == 0;
-  LASP_CHECK(cfg.train.device != "cuda") << config_source << ": train.device = cuda: the training loop runs on "
-                                            "CPU in this version (the CUDA kernels are benchmarked with "
-                                            "`lasp bench kernels`); use train.device=cpu or auto";
-  LASP_CHECK(cfg.train.dtype == "fp32") << config_source << ": train.dtype = " << cfg.train.dtype
-                                        << ": CPU training computes in fp32";
+  const Device device = training_device(cfg, config_source);
   set_comm_timeout(cfg.parallel.comm_timeout_s);
 
   // Run folder and the resolved configuration.
@@ -153,6 +197,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   par.tp_size = grid.tp();
   par.tp_rank = grid.tp_rank();
   par.tp_all_reduce = [&grid](Tensor& t) { grid.tp_group().all_reduce_sum(t); };
+  par.device = device;
   Model model(cfg.model, par, cfg.train.seed, DType::F32);
   auto params = model.params();
   AdamW opt(cfg.optim, params);
@@ -175,13 +220,15 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   if (!resume_dir.empty()) {
     CheckpointState st;
     st.model_signature = model.signature();
-    st.tensors = checkpoint_tensors(model, opt);
+    const std::vector<NamedTensor> live = checkpoint_tensors(model, opt);
+    st.tensors = host_views(live);
     st.world_size = grid.world().size();
     st.rank = grid.world().rank();
     st.tp = grid.tp();
     st.sp = grid.sp();
     st.dp = grid.dp();
     load_checkpoint(resume_dir, grid.world().rank(), st);
+    copy_back(live, st.tensors, model);
     start_step = st.step;
     opt.set_steps_taken(static_cast<int64_t>(st.scalars.count("adam_steps") ? st.scalars.at("adam_steps") : st.step));
     sampler.set_position(st.sampler);
@@ -194,7 +241,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
     st.step = step;
     st.config_yaml = yaml;
     st.model_signature = model.signature();
-    st.tensors = checkpoint_tensors(model, opt);
+    st.tensors = host_views(checkpoint_tensors(model, opt));
     st.sampler = sampler.position();
     st.scalars["adam_steps"] = static_cast<double>(opt.steps_taken());
     st.world_size = grid.world().size();
@@ -277,7 +324,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
         LASP_INFO() << line;
       }
       metrics.log(step + 1, {{"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm}, {"tokens_per_s", tok_s},
-                             {"peak_rss_mib", peak_rss_mib()}, {"elapsed_s", t - t_start}});
+                             {"peak_memory_mib", device.is_cuda() ? cuda_memory_stats().peak_allocated / 1048576.0 : peak_rss_mib()}, {"elapsed_s", t - t_start}});
       t_last = t;
       tokens_since = 0;
     }
@@ -306,7 +353,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   }
   std::signal(SIGINT, prev_int);
   std::signal(SIGTERM, prev_term);
-  result.peak_memory_mib = peak_rss_mib();
+  result.peak_memory_mib = device.is_cuda() ? cuda_memory_stats().peak_allocated / 1048576.0 : peak_rss_mib();
   if (cfg.eval.every < 0) return result;
   result.val_loss = evaluate(model, data.val, cfg, grid);
   if (rank0) LASP_INFO() << "final validation loss " << result.val_loss << " (" << cfg.train.steps << " steps, "
@@ -396,14 +443,17 @@ LoadedModel load_trained_model(const Config& cfg, const std::string& dir_arg) {
   m.par.tp_size = grid.tp();
   m.par.tp_rank = grid.tp_rank();
   m.par.tp_all_reduce = [&grid](Tensor& t) { grid.tp_group().all_reduce_sum(t); };
+  m.par.device = training_device(cfg, "config");
   m.model = std::make_unique<Model>(cfg.model, m.par, cfg.train.seed, DType::F32);
   AdamW opt(cfg.optim, m.model->params());
   CheckpointState st;
   st.model_signature = m.model->signature();
-  st.tensors = checkpoint_tensors(*m.model, opt);
+  const std::vector<NamedTensor> live = checkpoint_tensors(*m.model, opt);
+  st.tensors = host_views(live);
   st.world_size = world().size();
   st.rank = world().rank();
   load_checkpoint(m.dir, world().rank(), st);
+  copy_back(live, st.tensors, *m.model);
   m.step = st.step;
   return m;
 }
@@ -450,7 +500,7 @@ int export_main(int argc, char** argv) {
   LASP_CHECK(cfg.parallel.tp == 1) << "export of tensor-parallel checkpoints is not supported yet";
   LoadedModel m = load_trained_model(cfg, a.checkpoint);
   std::vector<NamedTensor> tensors;
-  for (Param* p : m.model->params()) tensors.push_back({p->name, p->value});
+  for (Param* p : m.model->params()) tensors.push_back({p->name, p->value.to(cpu())});
   if (world().rank() == 0) {
     export_safetensors(output, tensors);
     std::cout << "wrote " << tensors.size() << " tensors of step " << m.step << " to " << output << "\n";

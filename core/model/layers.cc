@@ -16,15 +16,6 @@ uint64_t splitmix64(uint64_t& s) {
   return z ^ (z >> 31);
 }
 
-Param make_param(const std::string& name, Tensor value, bool weight_decay, bool tp_sharded) {
-  Param p;
-  p.name = name;
-  p.value = value;
-  p.grad = Tensor::zeros(value.shape(), value.dtype(), value.device());
-  p.weight_decay = weight_decay;
-  p.tp_sharded = tp_sharded;
-  return p;
-}
 
 std::string layer_name(int layer, const char* what) {
   return "layers." + std::to_string(layer) + "." + what;
@@ -43,8 +34,29 @@ void column_parallel_backward(Tensor& dx, bool accumulate, Param& w, const Tenso
 }
 
 Tensor like(const Tensor& t, const Shape& shape) { return Tensor::empty(shape, t.dtype(), t.device()); }
+// Statistics (norm rstd, log decays): fp32 on CUDA, the activations' dtype on CPU.
+Tensor stat_like(const Tensor& t, const Shape& shape) {
+  return Tensor::empty(shape, t.is_cuda() ? DType::F32 : t.dtype(), t.device());
+}
 
 }  // namespace
+
+DType compute_dtype(Device device, DType master) { return device.is_cuda() ? DType::BF16 : master; }
+
+Param make_param(const std::string& name, const Tensor& value, bool weight_decay, bool tp_sharded,
+                 Device device) {
+  Param p;
+  p.name = name;
+  p.value = value.to(device);
+  p.grad = Tensor::zeros(value.shape(), value.dtype(), device);
+  p.weight_decay = weight_decay;
+  p.tp_sharded = tp_sharded;
+  if (device.is_cuda() && value.ndim() == 2) {
+    p.compute = Tensor::empty(value.shape(), DType::BF16, device);
+    cast(p.compute, p.value);
+  }
+  return p;
+}
 
 Tensor init_normal(const Shape& full_shape, double std, uint64_t seed, const std::string& name,
                    DType dtype) {
@@ -86,7 +98,7 @@ LinearAttentionLayer::LinearAttentionLayer(const ModelConfig& cfg, const ModelPa
   auto col = [&](const char* what, double std, int64_t rows) {
     const std::string name = layer_name(layer, what);
     return make_param(name, shard(init_normal({rows, C}, std, seed, name, dtype), 0, par.tp_size, par.tp_rank),
-                      true, par.tp_size > 1);
+                      true, par.tp_size > 1, par.device);
   };
   wq_ = col("attn.wq", sd, Hf * D);
   wk_ = col("attn.wk", sd, Hf * D);
@@ -95,26 +107,27 @@ LinearAttentionLayer::LinearAttentionLayer(const ModelConfig& cfg, const ModelPa
   {
     const std::string name = layer_name(layer, "attn.wo");
     wo_ = make_param(name, shard(init_normal({C, Hf * D}, sd_out, seed, name, dtype), 1, par.tp_size, par.tp_rank),
-                     true, par.tp_size > 1);
+                     true, par.tp_size > 1, par.device);
   }
   norm_w_ = make_param(layer_name(layer, "attn.out_norm"),
                        shard(Tensor::full({Hf * D}, 1.0, dtype), 0, par.tp_size, par.tp_rank), false,
-                       par.tp_size > 1);
+                       par.tp_size > 1, par.device);
   for (Param* p : {&wq_, &wk_, &wv_, &wz_, &wo_}) p->precision = precision_from_name(cfg.precision.attention);
   if (decay_mode_ == DecayMode::DataDependent) {
     wgate_ = col("attn.wgate", sd, Hf);
     // Bias so that a = sigmoid(x w + b)^(1/16) starts close to 1 (long memory), as in GLA.
     bgate_ = make_param(layer_name(layer, "attn.bgate"),
                         shard(Tensor::full({Hf}, 4.0, dtype), 0, par.tp_size, par.tp_rank), false,
-                        par.tp_size > 1);
+                        par.tp_size > 1, par.device);
   }
   if (decay_mode_ == DecayMode::Constant) {
     // Lightning Attention's per-head rates: log a_h = -2^(-8 (h + 1) / H) over the global heads.
-    head_log_decay_ = Tensor::empty({heads_}, dtype);
+    Tensor rates = Tensor::empty({heads_}, dtype);
     for (int64_t h = 0; h < heads_; ++h) {
       const int64_t global = par.tp_rank * heads_ + h;
-      head_log_decay_.set_item(h, -std::pow(2.0, -8.0 * (global + 1) / Hf));
+      rates.set_item(h, -std::pow(2.0, -8.0 * (global + 1) / Hf));
     }
+    head_log_decay_ = rates.to(par.device);
   }
 }
 
@@ -157,7 +170,7 @@ void LinearAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerContex
     gate_pre_ = like(x, {N, H});
     projection_forward(gate_pre_, x, wgate_);
     bias_add(gate_pre_, bgate_.value);
-    log_a_ = like(x, {N, H});
+    log_a_ = stat_like(x, {N, H});
     activation_forward(log_a_, gate_pre_, Activation::LogSigmoid, kGateScale);
     decay.per_token = log_a_.view({ctx.batch, ctx.length, H});
   }
@@ -166,7 +179,7 @@ void LinearAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerContex
   sp_linear_attention_forward(ctx.par->sp, o4, q_.view(heads4), k_.view(heads4), v_.view(heads4), decay,
                               sp_saved_, static_cast<int>(ctx.cfg->chunk));
   o_norm_ = like(x, {N, HD});
-  o_rstd_ = like(x, {N, H});
+  o_rstd_ = stat_like(x, {N, H});
   rmsnorm_forward(o_norm_, o_rstd_, o_, norm_w_.value, static_cast<float>(ctx.cfg->norm_eps), D);
   z_ = like(x, {N, HD});
   projection_forward(z_, x, wz_);
@@ -192,7 +205,7 @@ void LinearAttentionLayer::backward(Tensor& dx, const Tensor& dy, const LayerCon
   Tensor d_log_a;
   if (decay_mode_ == DecayMode::DataDependent) {
     decay.per_token = log_a_.view({ctx.batch, ctx.length, H});
-    d_log_a = like(dy, {ctx.batch, ctx.length, H});
+    d_log_a = stat_like(dy, {ctx.batch, ctx.length, H});
   }
   Tensor dq = like(dy, {N, HD}), dk = like(dy, {N, HD}), dv = like(dy, {N, HD});
   Tensor dq4 = dq.view(heads4), dk4 = dk.view(heads4), dv4 = dv.view(heads4);
@@ -230,14 +243,14 @@ SoftmaxAttentionLayer::SoftmaxAttentionLayer(const ModelConfig& cfg, const Model
   auto col = [&](const char* what, int64_t rows) {
     const std::string name = layer_name(layer, what);
     return make_param(name, shard(init_normal({rows, C}, sd, seed, name, dtype), 0, par.tp_size, par.tp_rank),
-                      true, par.tp_size > 1);
+                      true, par.tp_size > 1, par.device);
   };
   wq_ = col("attn.wq", cfg.heads * D);
   wk_ = col("attn.wk", cfg.kv_heads * D);
   wv_ = col("attn.wv", cfg.kv_heads * D);
   const std::string name = layer_name(layer, "attn.wo");
   wo_ = make_param(name, shard(init_normal({C, cfg.heads * D}, sd_out, seed, name, dtype), 1, par.tp_size, par.tp_rank),
-                   true, par.tp_size > 1);
+                   true, par.tp_size > 1, par.device);
   for (Param* p : {&wq_, &wk_, &wv_, &wo_}) p->precision = precision_from_name(cfg.precision.attention);
 }
 
@@ -289,7 +302,7 @@ Mlp::Mlp(const ModelConfig& cfg, const ModelParallel& par, int layer, uint64_t s
   auto make = [&](const char* what, const Shape& full, double std, int dim) {
     const std::string name = layer_name(layer, what);
     return make_param(name, shard(init_normal(full, std, seed, name, dtype), dim, par.tp_size, par.tp_rank), true,
-                      par.tp_size > 1);
+                      par.tp_size > 1, par.device);
   };
   w_gate_ = make("mlp.w_gate", {F, C}, sd, 0);
   w_up_ = make("mlp.w_up", {F, C}, sd, 0);

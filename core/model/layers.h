@@ -42,6 +42,7 @@ struct Param {
 
 // How this rank takes part in the model's parallelism.
 struct ModelParallel {
+  Device device = cpu();  // where parameters and activations live
   SpContext sp;
   int tp_size = 1;
   int tp_rank = 0;
@@ -54,6 +55,12 @@ Tensor init_normal(const Shape& full_shape, double std, uint64_t seed, const std
                    DType dtype);
 // Rows [r * n / tp, (r + 1) * n / tp) of dimension `dim` (0 or 1) of a full tensor.
 Tensor shard(const Tensor& full, int dim, int tp_size, int tp_rank);
+// A parameter on `device` from its CPU initial value. On CUDA, matrices also get the bf16 copy the
+// forward reads (Param::compute).
+Param make_param(const std::string& name, const Tensor& value, bool weight_decay, bool tp_sharded,
+                 Device device);
+// The dtype of activations on `device` for master dtype `master`: bf16 on CUDA, else `master`.
+DType compute_dtype(Device device, DType master);
 
 struct LayerContext {
   const ModelConfig* cfg;

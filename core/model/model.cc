@@ -16,22 +16,15 @@ struct Model::Block {
   Tensor x, n1, rstd1, x1, n2, rstd2;
 };
 
-namespace {
-Param replicated(const std::string& name, Tensor value, bool weight_decay) {
-  Param p;
-  p.name = name;
-  p.value = value;
-  p.grad = Tensor::zeros(value.shape(), value.dtype(), value.device());
-  p.weight_decay = weight_decay;
-  return p;
-}
-}  // namespace
-
-Model::Model(const ModelConfig& cfg, const ModelParallel& par, uint64_t seed, DType dtype, Device device)
-    : cfg_(cfg), par_(par), dtype_(dtype), device_(device) {
-  LASP_CHECK(device.is_cpu()) << "the model runs on CPU in this build of lasp; train.device=cuda is not "
-                                 "supported yet (see docs/kernels.md for the CUDA kernels)";
+Model::Model(const ModelConfig& cfg, const ModelParallel& par, uint64_t seed, DType dtype)
+    : cfg_(cfg), par_(par), dtype_(dtype), device_(par.device), act_dtype_(compute_dtype(par.device, dtype)) {
   LASP_CHECK(par.tp_size == 1 || par.tp_all_reduce) << "tensor parallelism needs an all-reduce";
+  LASP_CHECK(device_.is_cpu() || dtype == DType::F32) << "CUDA models keep fp32 master weights, got "
+                                                      << dtype_name(dtype);
+  const Device device = device_;
+  auto replicated = [device](const std::string& name, const Tensor& value, bool weight_decay) {
+    return make_param(name, value, weight_decay, false, device);
+  };
   const int64_t C = cfg.hidden, V = cfg.vocab_size;
   embedding_ = replicated("embedding", init_normal({V, C}, cfg.init_std, seed, "embedding", dtype), false);
   final_norm_ = replicated("final_norm", Tensor::full({C}, 1.0, dtype), false);
@@ -101,15 +94,17 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
   const int64_t B = inputs.dim(0), L = inputs.dim(1), N = B * L, C = cfg_.hidden;
   const float eps = static_cast<float>(cfg_.norm_eps);
   LayerContext ctx{&cfg_, &par_, B, L};
-  auto act = [&]() { return Tensor::empty({N, C}, dtype_, device_); };
+  auto act = [&]() { return Tensor::empty({N, C}, act_dtype_, device_); };
+  const DType stat = device_.is_cuda() ? DType::F32 : act_dtype_;
+  auto weights = [](const Param& p) { return p.compute.defined() ? p.compute : p.value; };
 
-  Tensor tokens = inputs.view({N});
+  Tensor tokens = inputs.to(device_).view({N});
   Tensor x = act();
-  embedding_forward(x, embedding_.value, tokens);
+  embedding_forward(x, weights(embedding_), tokens);
   for (auto& b : blocks_) {
     b->x = x;
     b->n1 = act();
-    b->rstd1 = Tensor::empty({N, 1}, dtype_, device_);
+    b->rstd1 = Tensor::empty({N, 1}, stat, device_);
     rmsnorm_forward(b->n1, b->rstd1, x, b->norm1.value, eps);
     Tensor mix = act();
     if (b->linear) b->linear->forward(mix, b->n1, ctx);
@@ -117,19 +112,20 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
     add_inplace(mix, x);  // x1 = x + mixer(norm1(x))
     b->x1 = mix;
     b->n2 = act();
-    b->rstd2 = Tensor::empty({N, 1}, dtype_, device_);
+    b->rstd2 = Tensor::empty({N, 1}, stat, device_);
     rmsnorm_forward(b->n2, b->rstd2, b->x1, b->norm2.value, eps);
     Tensor out = act();
     b->mlp->forward(out, b->n2, ctx);
     add_inplace(out, b->x1);  // x2 = x1 + mlp(norm2(x1))
     x = out;
   }
-  Tensor h = act(), h_rstd = Tensor::empty({N, 1}, dtype_, device_);
+  Tensor h = act(), h_rstd = Tensor::empty({N, 1}, stat, device_);
   rmsnorm_forward(h, h_rstd, x, final_norm_.value, eps);
   Param& head = cfg_.tie_embeddings ? embedding_ : lm_head_;
   Tensor dh = backward ? act() : Tensor();
   Tensor dw = backward ? head.grad : Tensor();
-  const double loss = lm_head_cross_entropy(dh, dw, h, head.value, targets.view({N}), loss_scale, cfg_.ce_chunk);
+  const double loss =
+      lm_head_cross_entropy(dh, dw, h, weights(head), targets.to(device_).view({N}), loss_scale, cfg_.ce_chunk);
   if (!backward) return loss;
 
   Tensor dx = act();

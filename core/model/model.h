@@ -13,8 +13,9 @@ namespace lasp {
 
 class Model {
  public:
-  Model(const ModelConfig& cfg, const ModelParallel& par, uint64_t seed, DType dtype,
-        Device device = cpu());
+  // Parameters and activations live on par.device; `dtype` is the master dtype (fp32, or fp64 for
+  // gradient tests on CPU). On CUDA activations are bf16 and matrices have bf16 compute copies.
+  Model(const ModelConfig& cfg, const ModelParallel& par, uint64_t seed, DType dtype);
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
@@ -25,6 +26,7 @@ class Model {
   int64_t num_params_full() const { return num_params_full_; }
   // A string that changes whenever the model's shapes change (checkpoint compatibility).
   std::string signature() const;
+  Device device() const { return device_; }
 
   // Forward and backward on this rank's tokens: inputs and targets int32 [B, L] (targets -1 are
   // ignored). Gradients accumulate loss_scale * d(sum of token losses); returns the summed loss
@@ -41,6 +43,7 @@ class Model {
   ModelParallel par_;
   DType dtype_;
   Device device_;
+  DType act_dtype_;
   int64_t num_params_full_ = 0;
   Param embedding_, final_norm_, lm_head_;
   std::vector<std::unique_ptr<Block>> blocks_;
