@@ -4,7 +4,11 @@
 # summary go to $OUT (at most 8 files). Every step runs even if an earlier one failed; the summary
 # is printed last.
 #
-#   OUT=/some/dir scripts/device_check.sh [--quick] [--no-cpu-tests]
+#   OUT=/some/dir scripts/device_check.sh [--quick] [--cpu-tests] [--no-train]
+#
+# Also trains TRAIN_CONFIGS (default configs/linear_llama3_1b.yaml) for TRAIN_STEPS steps on the GPU
+# (extra --set options in TRAIN_SET), checks that TensorBoard reads the run's event files, and with
+# 2+ GPUs runs the multi-rank tests over NCCL.
 #
 # Environment: OUT (default ./device_out), BUILD (default /tmp/lasp-build-gpu), BUDGET_S (wall
 # seconds for the whole script, default 520). If the project cannot be configured on the device
@@ -18,12 +22,18 @@ OUT=${OUT:-$ROOT/device_out}
 BUILD=${BUILD:-/tmp/lasp-build-gpu}
 BUDGET_S=${BUDGET_S:-520}
 QUICK=0
-CPU_TESTS=1
+CPU_TESTS=0
+TRAIN=1
+TRAIN_CONFIGS=${TRAIN_CONFIGS:-linear_llama3_1b.yaml}
+TRAIN_STEPS=${TRAIN_STEPS:-6}
+TRAIN_SET=${TRAIN_SET:-}
 for a in "$@"; do
   case "$a" in
     --quick) QUICK=1 ;;
+    --cpu-tests) CPU_TESTS=1 ;;
     --no-cpu-tests) CPU_TESTS=0 ;;
-    *) echo "device_check.sh: unknown argument $a (expected --quick, --no-cpu-tests)"; exit 2 ;;
+    --no-train) TRAIN=0 ;;
+    *) echo "device_check.sh: unknown argument $a (expected --quick, --cpu-tests, --no-train)"; exit 2 ;;
   esac
 done
 mkdir -p "$OUT"
@@ -63,6 +73,9 @@ if timeout "$(left 60)" cmake -S "$ROOT" -B "$BUILD" -DLASP_CUDA=ON -DCMAKE_CUDA
   fi
   if [ -f "$ROOT/launch/main.cc" ] && timeout "$(left 120)" cmake --build "$BUILD" -j 16 --target lasp >>"$OUT/build.log" 2>&1; then
     LASP_BIN="$BUILD/lasp"
+  fi
+  if (($(nvidia-smi -L 2>/dev/null | wc -l) >= 2)); then
+    timeout "$(left 120)" cmake --build "$BUILD" -j 16 --target lasp_mpi_tests >>"$OUT/build.log" 2>&1
   fi
 fi
 if [ -z "$GPU_BIN" ] && [ -x "$ROOT/.prebuilt/lasp_gpu_tests" ]; then
@@ -108,6 +121,36 @@ if [ -z "$LASP_BIN" ] && [ -n "$GPU_BIN" ]; then
   BENCH_RESULT="rc=$? (through lasp_gpu_tests --gtest_filter=BenchKernels.*)"
 fi
 
+# ---- 5. training on the GPU: the 1B linear model, a few steps ----
+TRAIN_RESULT="not run"
+if [ -n "$LASP_BIN" ] && ((TRAIN)); then
+  for cfg in $TRAIN_CONFIGS; do
+    name=$(basename "$cfg" .yaml)
+    timeout "$(left 200)" "$LASP_BIN" train "$ROOT/configs/$cfg" --set train.steps="$TRAIN_STEPS" \
+      --set run.dir=/tmp/lasp-run-$name $TRAIN_SET 2>&1 | grep -v '^  ' | tee "$OUT/train_$name.log" | tail -12
+    TRAIN_RESULT="$TRAIN_RESULT | $name rc=$? $(grep -E '^step' "$OUT/train_$name.log" | tail -1)"
+  done
+  TRAIN_RESULT=${TRAIN_RESULT#not run | }
+  # TensorBoard reads the event files the run wrote (issue: metrics).
+  tb_dir=$(ls -d /tmp/lasp-run-*/tb 2>/dev/null | head -1)
+  if [ -n "$tb_dir" ]; then
+    TB_RESULT=$(timeout "$(left 60)" python3 -c "
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+ea = EventAccumulator('$tb_dir'); ea.Reload()
+tags = ea.Tags()['scalars']; print('tensorboard read', len(ea.Scalars('loss')), 'loss points; tags', sorted(tags))
+" 2>&1 | tail -1)
+  fi
+fi
+
+# ---- 6. multi-GPU: the multi-rank tests on NCCL (device tensors) when there are 2+ GPUs ----
+MPI_RESULT="not run"
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+if ((NGPU >= 2)) && [ -x "$BUILD/tests/lasp_mpi_tests" ]; then
+  export NCCL_NVLS_ENABLE=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+  timeout "$(left 120)" mpirun -np 2 --bind-to none "$BUILD/tests/lasp_mpi_tests" 2>&1 | tail -40 >"$OUT/mpi_tests.log"
+  MPI_RESULT="rc=$? $(tail -1 "$OUT/mpi_tests.log")"
+fi
+
 # ---- summary ----
 say ""
 say "== summary ($(($(date +%s) - START)) s)"
@@ -116,6 +159,9 @@ say "gpu tests:  $GPU_RESULT"
 grep -E '^\[  FAILED  \] [A-Za-z]' "$OUT/gpu_tests.log" 2>/dev/null | sort -u | tee -a "$SUMMARY"
 say "cpu tests:  $CPU_RESULT"
 grep -E '^\[  FAILED  \] [A-Za-z]' "$OUT/cpu_tests.log" 2>/dev/null | sort -u | head -20 | tee -a "$SUMMARY"
+say "training:   $TRAIN_RESULT"
+say "tensorboard: ${TB_RESULT:-not run}"
+say "multi-gpu:  $MPI_RESULT"
 say "benchmark:  $BENCH_RESULT"
 if [ -f "$OUT/bench.log" ]; then
   sed -n '/^HBM bandwidth/p;/^GEMM/,$p' "$OUT/bench.log" | grep -v '^\[' | tee -a "$SUMMARY"

@@ -62,16 +62,24 @@ Tensor init_normal(const Shape& full_shape, double std, uint64_t seed, const std
                    DType dtype) {
   uint64_t s = seed * 0x100000001B3ull;
   for (char c : name) s = (s ^ static_cast<uint8_t>(c)) * 0x100000001B3ull;
-  Tensor t = Tensor::empty(full_shape, dtype);
+  Tensor t = Tensor::empty(full_shape, DType::F64);
+  double* p = t.data<double>();
   const int64_t n = t.numel();
   for (int64_t i = 0; i < n; i += 2) {  // Box-Muller: two normals per pair of uniforms
     const double u1 = (static_cast<double>(splitmix64(s) >> 11) + 1.0) * 0x1.0p-53;
     const double u2 = static_cast<double>(splitmix64(s) >> 11) * 0x1.0p-53;
     const double r = std::sqrt(-2.0 * std::log(u1));
-    t.set_item(i, std * r * std::cos(2 * M_PI * u2));
-    if (i + 1 < n) t.set_item(i + 1, std * r * std::sin(2 * M_PI * u2));
+    p[i] = std * r * std::cos(2 * M_PI * u2);
+    if (i + 1 < n) p[i + 1] = std * r * std::sin(2 * M_PI * u2);
   }
-  return t;
+  if (dtype == DType::F64) return t;
+  Tensor out = Tensor::empty(full_shape, dtype);
+  if (dtype == DType::F32) {
+    float* q = out.data<float>();
+    for (int64_t i = 0; i < n; ++i) q[i] = static_cast<float>(p[i]);
+    return out;
+  }
+  return t.to(dtype);
 }
 
 Tensor shard(const Tensor& full, int dim, int tp_size, int tp_rank) {
