@@ -7,11 +7,15 @@
 //
 // Thresholds (relative Frobenius error ||gpu - cpu|| / ||cpu||):
 //   o                 2e-2  (P rounded to bf16 before P V, o rounded to bf16: each <= 2^-9)
-//   dq, dk, dv        3e-2  (P and dS rounded to bf16 before the products, outputs rounded)
+//   dq, dk, dv        3e-2  (P and dS rounded to bf16 before the products, outputs rounded),
+//                     with ||cpu|| floored at 1e-3 sqrt(n): a gradient that vanishes in exact
+//                     arithmetic (one visible key: dS = P (dP - Dr) = 0) is rounding noise in
+//                     both implementations (~1e-6 on the GPU, ~1e-17 on the CPU)
 //   lse               |gpu - cpu| <= 1e-4 (1 + |cpu|) per row: fp32 scores of bf16 inputs; rows
 //                     without a visible key must be -inf in both
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <sstream>
@@ -41,7 +45,8 @@ std::string describe(const AttnCase& c) {
 }
 
 const AttnCase kCases[] = {
-    {2, 1, 1, 2, 2, 64, true, 0},        // T = 1
+    {2, 1, 1, 2, 2, 64, true, 0},        // T = 1 (dq = dk = 0 in exact arithmetic)
+    {1, 1, 300, 2, 1, 64, true, 299},    // one query (decoding) against 300 keys
     {1, 300, 300, 4, 2, 64, true, 0},    // T = 300, GQA 2:1
     {2, 300, 300, 2, 2, 128, false, 0},  // non-causal
     {1, 77, 300, 4, 1, 128, true, 223},  // last rank of a gathered sequence, MQA
@@ -73,6 +78,19 @@ void expect_close(const Tensor& gpu, const Tensor& ref, double tol, const char* 
   const std::vector<double> out = gpu.to_vector();
   EXPECT_EQ(count_non_finite(out), 0) << what << ": unwritten or non-finite outputs";
   EXPECT_LT(rel_error(out, ref.to_vector()), tol) << what;
+}
+
+void expect_grad_close(const Tensor& gpu, const Tensor& ref, const char* what) {
+  const std::vector<double> out = gpu.to_vector(), r = ref.to_vector();
+  ASSERT_EQ(out.size(), r.size());
+  EXPECT_EQ(count_non_finite(out), 0) << what << ": unwritten or non-finite outputs";
+  double num = 0, den = 0;
+  for (size_t i = 0; i < r.size(); ++i) {
+    num += (out[i] - r[i]) * (out[i] - r[i]);
+    den += r[i] * r[i];
+  }
+  const double floor = 1e-3 * std::sqrt(static_cast<double>(r.size()));
+  EXPECT_LT(std::sqrt(num) / std::max(std::sqrt(den), floor), kTolGrad) << what;
 }
 
 void expect_lse_close(const Tensor& gpu, const Tensor& ref) {
@@ -150,10 +168,10 @@ void check_backward(const AttnCase& c, bool want_dq, bool want_dkdv) {
   Tensor dv = want_dkdv ? poisoned_cuda(ks, DType::BF16) : Tensor();
   attention_backward(dq, dk, dv, bf16_cuda(in.q), bf16_cuda(in.k), bf16_cuda(in.v), bf16_cuda(o_vals),
                      lse_vals.to(cuda()), bf16_cuda(in.d_o), scale_of(c), c.causal, c.q_offset);
-  if (want_dq) expect_close(dq, dq_ref, kTolGrad, "dq");
+  if (want_dq) expect_grad_close(dq, dq_ref, "dq");
   if (want_dkdv) {
-    expect_close(dk, dk_ref, kTolGrad, "dk");
-    expect_close(dv, dv_ref, kTolGrad, "dv");
+    expect_grad_close(dk, dk_ref, "dk");
+    expect_grad_close(dv, dv_ref, "dv");
   }
 }
 
@@ -195,9 +213,9 @@ TEST(AttentionGpu, BackwardOnAKeySubsetWithGlobalLseMatchesCpu) {
              dv = poisoned_cuda(ks, DType::BF16);
       attention_backward(dq, dk, dv, bf16_cuda(in.q), bf16_cuda(ksub), bf16_cuda(vsub), bf16_cuda(o_vals),
                          lse_vals.to(cuda()), bf16_cuda(in.d_o), scale_of(c), c.causal, off);
-      expect_close(dq, dq_ref, kTolGrad, "dq (partial)");
-      expect_close(dk, dk_ref, kTolGrad, "dk");
-      expect_close(dv, dv_ref, kTolGrad, "dv");
+      expect_grad_close(dq, dq_ref, "dq (partial)");
+      expect_grad_close(dk, dk_ref, "dk");
+      expect_grad_close(dv, dv_ref, "dv");
     }
   }
 }
