@@ -2,21 +2,40 @@
 // these two functions, which apply the projection's precision:
 //   full  the model's compute dtype: fp32 on CPU; bf16 operands with fp32 accumulation on CUDA
 //         (the forward reads the bf16 copy Param::compute, gradients land in the fp32 master grad)
-//   fp8   E4M3 forward operands, E5M2 gradients in dgrad and wgrad, fp32 accumulation
-//   fp4   Quartet: Hadamard-rotated MXFP4/NVFP4 operands, QuEST clipping forward, stochastic
-//         rounding or MS-EDEN backward (kernels/quantize.h)
-// On CPU the low-precision products are emulated exactly (quantize, dequantize, fp32 GEMM).
+//   fp8   E4M3 forward operands, E5M2 gradients in dgrad and wgrad, fp32 accumulation; scales per
+//         tensor (current or delayed amax) or per block (1x128 activations/gradients, 128x128
+//         weights), each GEMM operand quantized along that GEMM's inner dimension
+//   fp4   Quartet: Hadamard-rotated MXFP4/NVFP4 operands, QuEST clipping forward (MXFP4; NVFP4
+//         forward is RTN), stochastic rounding or MS-EDEN backward (kernels/quantize.h)
+// On CPU the low-precision products are emulated exactly (quantize, dequantize, fp32 GEMM); the
+// low-precision paths take fp32 CPU tensors. docs/low_precision.md has the details.
+//
+// Options: the precision of each weight is Param::precision (set by the model from the config
+// section 'precision:'); the remaining knobs (fp8_scaling, fp4_format, fp4_backward,
+// hadamard_block) and the random seed are process-wide, set once with set_projection_options.
+// The FP4 backward's randomness is a pure function of (seed, parameter name, step, call index
+// within the step), so a run resumed at a step boundary draws exactly what the uninterrupted run
+// drew, provided the trainer calls set_projection_step(step) before each step.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
+#include "core/config.h"
 #include "core/model/layers.h"
 
 namespace lasp {
 
 Precision precision_from_name(const std::string& name);  // "bf16" (= full), "fp8", "fp4"
 const char* precision_name(Precision p);
+
+// Process-wide low-precision options (validated here; defaults = PrecisionConfig{}, seed 0).
+void set_projection_options(const PrecisionConfig& config, uint64_t seed);
+// The optimizer step about to run (0-based); keys the FP4 backward's random draws.
+void set_projection_step(int64_t step);
+// The seed of the call-th FP4 backward of parameter `name` in `step` (exposed for tests).
+uint64_t projection_backward_seed(uint64_t seed, const std::string& name, int64_t step, uint64_t call);
 
 // y = x W^T  (x [N, in], W [out, in], y [N, out]).
 void projection_forward(Tensor& y, const Tensor& x, Param& w);
