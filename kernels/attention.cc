@@ -10,6 +10,7 @@
 // The backward uses the lse it is given, so called on a subset of the keys with the merged
 // (global) o and lse it returns exactly that subset's share of dk, dv and a summand of dq
 // (ring attention relies on this).
+#include "core/profile.h"
 #include "kernels/attention.h"
 
 #include <cblas.h>
@@ -237,6 +238,7 @@ void backward_cpu(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& q, const Ten
 
 void attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                        float scale, bool causal, int64_t q_offset) {
+  LASP_PROFILE_SCOPE("attention_forward");
   const char* fn = "attention_forward";
   const Dims d = check_qkv(fn, q, k, v);
   check_layout(o, fn, "o", q.shape(), q);
@@ -263,6 +265,7 @@ void attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k,
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& q, const Tensor& k,
                         const Tensor& v, const Tensor& o, const Tensor& lse, const Tensor& d_o,
                         float scale, bool causal, int64_t q_offset) {
+  LASP_PROFILE_SCOPE("attention_backward");
   const char* fn = "attention_backward";
   const Dims d = check_qkv(fn, q, k, v);
   check_layout(o, fn, "o", q.shape(), q);

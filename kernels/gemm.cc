@@ -3,6 +3,8 @@
 
 #include <cblas.h>
 
+#include "core/profile.h"
+
 namespace lasp {
 
 #ifdef LASP_HAVE_CUDA
@@ -12,6 +14,7 @@ void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool t
 
 void gemm(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
           float beta) {
+  LASP_PROFILE_SCOPE("gemm");
   LASP_CHECK(a.ndim() == 2 && b.ndim() == 2 && c.ndim() == 2)
       << "gemm expects 2-D tensors, got " << a.str() << ", " << b.str() << " -> " << c.str();
   LASP_CHECK(a.is_contiguous() && b.is_contiguous() && c.is_contiguous()) << "gemm: operands must be contiguous";

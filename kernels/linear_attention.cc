@@ -10,6 +10,7 @@
 //   e[r]   = exp(cum[L-1] - cum[r])             decay from row r to the chunk end
 //   bL     = exp(cum[L-1])                      whole-chunk decay
 // Every factor is <= 1, so strong decays underflow to 0 gracefully instead of overflowing.
+#include "core/profile.h"
 #include "kernels/linear_attention.h"
 
 #include <cblas.h>
@@ -438,6 +439,7 @@ void backward_cpu(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_log_decay, Tenso
 void linear_attention_forward(Tensor& o, Tensor& final_state, const Tensor& q, const Tensor& k,
                               const Tensor& v, const Decay& decay, const Tensor& initial_state,
                               int chunk) {
+  LASP_PROFILE_SCOPE("linear_attention_forward");
   const char* fn = "linear_attention_forward";
   const Dims d = check_common(fn, q, k, v, decay, initial_state, chunk);
   if (o.defined()) check_layout(o, fn, "o", q.shape(), q);
@@ -472,6 +474,7 @@ void linear_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_log
                                Tensor& d_initial_state, const Tensor& q, const Tensor& k,
                                const Tensor& v, const Decay& decay, const Tensor& initial_state,
                                const Tensor& d_o, const Tensor& d_final_state, int chunk) {
+  LASP_PROFILE_SCOPE("linear_attention_backward");
   const char* fn = "linear_attention_backward";
   const Dims d = check_common(fn, q, k, v, decay, initial_state, chunk);
   const Shape state_shape{d.B, d.H, d.D, d.D};

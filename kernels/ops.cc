@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 
+#include "core/profile.h"
 #include "kernels/dispatch.h"
 #include "kernels/gemm.h"
 
@@ -65,6 +66,7 @@ T sigmoid(T x) {
 // ---------------------------------------------------------------- RMSNorm
 void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, float eps,
                      int64_t group) {
+  LASP_PROFILE_SCOPE("rmsnorm_forward");
   LASP_ON_CUDA(x, rmsnorm_forward_cuda(y, rstd, x, w, eps, group));
   check_like(y, x, "rmsnorm_forward");
   const int64_t C = x.dim(-1), N = x.numel() / C;
@@ -94,6 +96,7 @@ void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, 
 
 void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
                       const Tensor& rstd, int64_t group) {
+  LASP_PROFILE_SCOPE("rmsnorm_backward");
   LASP_ON_CUDA(x, rmsnorm_backward_cuda(dx, dw, dy, x, w, rstd, group));
   check_like(dx, x, "rmsnorm_backward");
   check_like(dy, x, "rmsnorm_backward");
@@ -132,6 +135,7 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
 
 // ---------------------------------------------------------------- gated units
 void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
+  LASP_PROFILE_SCOPE("swiglu_forward");
   LASP_ON_CUDA(gate, swiglu_forward_cuda(h, gate, up));
   check_like(h, gate, "swiglu_forward");
   check_like(up, gate, "swiglu_forward");
@@ -145,6 +149,7 @@ void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
 
 void swiglu_backward(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tensor& gate,
                      const Tensor& up) {
+  LASP_PROFILE_SCOPE("swiglu_backward");
   LASP_ON_CUDA(gate, swiglu_backward_cuda(d_gate, d_up, dh, gate, up));
   check_like(d_gate, gate, "swiglu_backward");
   check_like(d_up, gate, "swiglu_backward");
@@ -165,6 +170,7 @@ void swiglu_backward(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tenso
 
 // ---------------------------------------------------------------- pointwise
 void activation_forward(Tensor& y, const Tensor& x, Activation f, float scale) {
+  LASP_PROFILE_SCOPE("activation_forward");
   LASP_ON_CUDA(x, activation_forward_cuda(y, x, f, scale));
   check_like(y, x, "activation_forward");
   LASP_DISPATCH_CPU_FLOAT(x.dtype(), "activation_forward", T, {
@@ -187,6 +193,7 @@ void activation_forward(Tensor& y, const Tensor& x, Activation f, float scale) {
 }
 
 void activation_backward(Tensor& dx, const Tensor& dy, const Tensor& x, Activation f, float scale) {
+  LASP_PROFILE_SCOPE("activation_backward");
   LASP_ON_CUDA(x, activation_backward_cuda(dx, dy, x, f, scale));
   check_like(dx, x, "activation_backward");
   check_like(dy, x, "activation_backward");
@@ -216,6 +223,7 @@ void activation_backward(Tensor& dx, const Tensor& dy, const Tensor& x, Activati
 // ---------------------------------------------------------------- RoPE
 namespace {
 void rope_rotate(Tensor& x, const std::vector<int64_t>& positions, float theta, double sign) {
+  LASP_PROFILE_SCOPE("rope");
   LASP_ON_CUDA(x, rope_rotate_cuda(x, positions, theta, static_cast<float>(sign)));
   check_cpu(x, "rope");
   LASP_CHECK(x.ndim() == 4) << "rope: expected [B, T, H, D], got " << x.str();
@@ -258,6 +266,7 @@ void rope_backward(Tensor& dx, const std::vector<int64_t>& positions, float thet
 
 // ---------------------------------------------------------------- embedding
 void embedding_forward(Tensor& out, const Tensor& table, const Tensor& tokens) {
+  LASP_PROFILE_SCOPE("embedding_forward");
   LASP_ON_CUDA(table, embedding_forward_cuda(out, table, tokens));
   check_cpu(out, "embedding_forward");
   check_cpu(table, "embedding_forward");
@@ -277,6 +286,7 @@ void embedding_forward(Tensor& out, const Tensor& table, const Tensor& tokens) {
 }
 
 void embedding_backward(Tensor& d_table, const Tensor& d_out, const Tensor& tokens) {
+  LASP_PROFILE_SCOPE("embedding_backward");
   LASP_ON_CUDA(d_table, embedding_backward_cuda(d_table, d_out, tokens));
   check_cpu(d_table, "embedding_backward");
   const int64_t C = d_table.dim(1), N = tokens.numel();
@@ -293,6 +303,7 @@ void embedding_backward(Tensor& d_table, const Tensor& d_out, const Tensor& toke
 // ---------------------------------------------------------------- LM head + cross-entropy
 double lm_head_cross_entropy(Tensor& d_h, Tensor& d_w, const Tensor& h, const Tensor& w,
                              const Tensor& targets, float loss_scale, int64_t chunk) {
+  LASP_PROFILE_SCOPE("lm_head_cross_entropy");
   LASP_ON_CUDA(h, lm_head_cross_entropy_cuda(d_h, d_w, h, w, targets, loss_scale, chunk));
   check_cpu(h, "lm_head_cross_entropy");
   check_cpu(w, "lm_head_cross_entropy");
@@ -344,6 +355,7 @@ double lm_head_cross_entropy(Tensor& d_h, Tensor& d_w, const Tensor& h, const Te
 
 // ---------------------------------------------------------------- bias
 void bias_add(Tensor& y, const Tensor& b) {
+  LASP_PROFILE_SCOPE("bias_add");
   LASP_ON_CUDA(y, bias_add_cuda(y, b));
   check_cpu(y, "bias_add");
   const int64_t C = y.dim(-1), N = y.numel() / C;
@@ -357,6 +369,7 @@ void bias_add(Tensor& y, const Tensor& b) {
 }
 
 void bias_backward(Tensor& db, const Tensor& dy) {
+  LASP_PROFILE_SCOPE("bias_backward");
   LASP_ON_CUDA(dy, bias_backward_cuda(db, dy));
   check_cpu(dy, "bias_backward");
   const int64_t C = dy.dim(-1), N = dy.numel() / C;
@@ -371,6 +384,7 @@ void bias_backward(Tensor& db, const Tensor& dy) {
 
 // ---------------------------------------------------------------- vectors
 void add_inplace(Tensor& y, const Tensor& x, float alpha) {
+  LASP_PROFILE_SCOPE("add_inplace");
   LASP_ON_CUDA(y, add_inplace_cuda(y, x, alpha));
   check_like(y, x, "add_inplace");
   LASP_DISPATCH_CPU_FLOAT(y.dtype(), "add_inplace", T, {
@@ -381,6 +395,7 @@ void add_inplace(Tensor& y, const Tensor& x, float alpha) {
 }
 
 void scale_inplace(Tensor& y, float alpha) {
+  LASP_PROFILE_SCOPE("scale_inplace");
   LASP_ON_CUDA(y, scale_inplace_cuda(y, alpha));
   check_cpu(y, "scale_inplace");
   LASP_DISPATCH_CPU_FLOAT(y.dtype(), "scale_inplace", T, {
@@ -390,6 +405,7 @@ void scale_inplace(Tensor& y, float alpha) {
 }
 
 double sum_of_squares(const Tensor& x) {
+  LASP_PROFILE_SCOPE("sum_of_squares");
   LASP_ON_CUDA(x, sum_of_squares_cuda(x));
   check_cpu(x, "sum_of_squares");
   double s = 0;
@@ -401,6 +417,7 @@ double sum_of_squares(const Tensor& x) {
 }
 
 bool all_finite(const Tensor& x) {
+  LASP_PROFILE_SCOPE("all_finite");
   LASP_ON_CUDA(x, all_finite_cuda(x));
   check_cpu(x, "all_finite");
   bool ok = true;
@@ -414,6 +431,7 @@ bool all_finite(const Tensor& x) {
 // ---------------------------------------------------------------- AdamW, cast
 void adamw_update(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m, Tensor& v, float lr,
                   float beta1, float beta2, float eps, float weight_decay, float c1, float c2) {
+  LASP_PROFILE_SCOPE("adamw_update");
   LASP_ON_CUDA(w, adamw_update_cuda(w, w_compute, g, m, v, lr, beta1, beta2, eps, weight_decay, c1, c2));
   check_like(g, w, "adamw_update");
   check_like(m, w, "adamw_update");
@@ -434,6 +452,7 @@ void adamw_update(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m, Tens
 }
 
 void cast(Tensor& dst, const Tensor& src) {
+  LASP_PROFILE_SCOPE("cast");
   LASP_ON_CUDA(dst, cast_cuda(dst, src));
   LASP_CHECK(dst.shape() == src.shape()) << "cast: " << src.str() << " -> " << dst.str();
   dst.copy_from(src);

@@ -18,6 +18,7 @@
 #include "core/check.h"
 #include "core/log.h"
 #include "core/model/model.h"
+#include "core/profile.h"
 #include "data/dataset.h"
 #include "launch/checkpoint.h"
 #include "launch/metrics.h"
@@ -270,6 +271,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
     return s;
   };
   for (int64_t step = start_step; step < cfg.train.steps; ++step) {
+    if (step == start_step + 1) profile_reset();  // leave the first (warm-up) step out
     const double step_t0 = now_s(), comm_t0 = comm_time();
     // Batch: DP picks sequences, SP slices them.
     sampler.next(window);
@@ -318,9 +320,11 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
       const double eta = (cfg.train.steps - step - 1) * (t - t_start) / double(step + 1 - start_step);
       if (rank0) {
         char line[256];
-        std::snprintf(line, sizeof line, "step %6lld/%lld | loss %.4f | lr %.3e | grad norm %.3f | %.0f tok/s | ETA %s",
+        const double mem_gib = device.is_cuda() ? cuda_memory_stats().peak_allocated / 1073741824.0 : peak_rss_mib() / 1024;
+        std::snprintf(line, sizeof line,
+                      "step %6lld/%lld | loss %.4f | lr %.3e | grad norm %.3f | %.0f tok/s | peak mem %.1f GiB | ETA %s",
                       static_cast<long long>(step + 1), static_cast<long long>(cfg.train.steps), loss, lr, grad_norm,
-                      tok_s, format_eta(eta).c_str());
+                      tok_s, mem_gib, format_eta(eta).c_str());
         LASP_INFO() << line;
       }
       metrics.log(step + 1, {{"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm}, {"tokens_per_s", tok_s},
@@ -353,6 +357,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   }
   std::signal(SIGINT, prev_int);
   std::signal(SIGTERM, prev_term);
+  if (profile_enabled() && rank0) LASP_INFO() << profile_report();
   result.peak_memory_mib = device.is_cuda() ? cuda_memory_stats().peak_allocated / 1048576.0 : peak_rss_mib();
   if (cfg.eval.every < 0) return result;
   result.val_loss = evaluate(model, data.val, cfg, grid);

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "core/profile.h"
 #include "kernels/ops.h"
 
 namespace lasp {
@@ -14,6 +15,7 @@ AdamW::AdamW(const OptimConfig& cfg, std::vector<Param*> params) : cfg_(cfg), pa
 }
 
 void AdamW::step(double lr) {
+  LASP_PROFILE_SCOPE("optimizer");
   ++t_;
   const double c1 = 1.0 - std::pow(cfg_.beta1, double(t_)), c2 = 1.0 - std::pow(cfg_.beta2, double(t_));
   for (size_t i = 0; i < params_.size(); ++i) {

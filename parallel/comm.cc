@@ -1,5 +1,7 @@
 #include "parallel/comm.h"
 
+#include "core/profile.h"
+
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -195,7 +197,7 @@ class Watchdog {
 class WatchScope {
  public:
   WatchScope(Comm& c, CommOp op)
-      : comm_(c), op_(op), start_(std::chrono::steady_clock::now()) {
+      : profile_("comm"), comm_(c), op_(op), start_(std::chrono::steady_clock::now()) {
     std::ostringstream what;
     what << comm_op_name(op) << " on comm '" << c.name() << "' (rank " << c.rank() << " of "
          << c.size() << ")";
@@ -207,6 +209,7 @@ class WatchScope {
   }
 
  private:
+  ProfileScope profile_;
   Comm& comm_;
   CommOp op_;
   std::chrono::steady_clock::time_point start_;

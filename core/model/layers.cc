@@ -1,6 +1,8 @@
 #include "core/model/layers.h"
 
+#include <algorithm>
 #include <cmath>
+#include <thread>
 
 #include "core/model/projection.h"
 #include "kernels/gemm.h"
@@ -58,28 +60,30 @@ Param make_param(const std::string& name, const Tensor& value, bool weight_decay
   return p;
 }
 
+// Counter-based: element i draws from splitmix64 of (key, i), so the values do not depend on how
+// the work is split across threads (large models initialise on every core).
 Tensor init_normal(const Shape& full_shape, double std, uint64_t seed, const std::string& name,
                    DType dtype) {
-  uint64_t s = seed * 0x100000001B3ull;
-  for (char c : name) s = (s ^ static_cast<uint8_t>(c)) * 0x100000001B3ull;
-  Tensor t = Tensor::empty(full_shape, DType::F64);
-  double* p = t.data<double>();
+  uint64_t key = seed * 0x100000001B3ull;
+  for (char c : name) key = (key ^ static_cast<uint8_t>(c)) * 0x100000001B3ull;
+  Tensor t = Tensor::empty(full_shape, dtype == DType::F64 ? DType::F64 : DType::F32);
   const int64_t n = t.numel();
-  for (int64_t i = 0; i < n; i += 2) {  // Box-Muller: two normals per pair of uniforms
-    const double u1 = (static_cast<double>(splitmix64(s) >> 11) + 1.0) * 0x1.0p-53;
-    const double u2 = static_cast<double>(splitmix64(s) >> 11) * 0x1.0p-53;
-    const double r = std::sqrt(-2.0 * std::log(u1));
-    p[i] = std * r * std::cos(2 * M_PI * u2);
-    if (i + 1 < n) p[i + 1] = std * r * std::sin(2 * M_PI * u2);
-  }
-  if (dtype == DType::F64) return t;
-  Tensor out = Tensor::empty(full_shape, dtype);
-  if (dtype == DType::F32) {
-    float* q = out.data<float>();
-    for (int64_t i = 0; i < n; ++i) q[i] = static_cast<float>(p[i]);
-    return out;
-  }
-  return t.to(dtype);
+  auto fill = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      uint64_t s1 = key ^ (static_cast<uint64_t>(i) * 2), s2 = key ^ (static_cast<uint64_t>(i) * 2 + 1);
+      const double u1 = (static_cast<double>(splitmix64(s1) >> 11) + 1.0) * 0x1.0p-53;
+      const double u2 = static_cast<double>(splitmix64(s2) >> 11) * 0x1.0p-53;
+      const double v = std * std::sqrt(-2.0 * std::log(u1)) * std::cos(2 * M_PI * u2);  // Box-Muller
+      if (t.dtype() == DType::F64) t.data<double>()[i] = v;
+      else t.data<float>()[i] = static_cast<float>(v);
+    }
+  };
+  const int64_t threads = n < (1 << 20) ? 1 : std::max(1u, std::thread::hardware_concurrency());
+  std::vector<std::thread> pool;
+  for (int64_t w = 1; w < threads; ++w) pool.emplace_back(fill, n * w / threads, n * (w + 1) / threads);
+  fill(0, n / threads);
+  for (auto& th : pool) th.join();
+  return t.dtype() == dtype ? t : t.to(dtype);
 }
 
 Tensor shard(const Tensor& full, int dim, int tp_size, int tp_rank) {

@@ -1,0 +1,34 @@
+// Where the time goes: with LASP_PROFILE=1 in the environment, every LASP_PROFILE_SCOPE region
+// synchronises the device at its ends and adds its wall time, minus the time of regions nested in
+// it, to a per-name total. `lasp train` prints the table at the end. Off (the default) a scope
+// costs one branch.
+#pragma once
+
+#include <string>
+
+namespace lasp {
+
+bool profile_enabled();
+void profile_reset();
+// One line per region: name, calls, total ms, share of the profiled time.
+std::string profile_report();
+
+class ProfileScope {
+ public:
+  explicit ProfileScope(const char* name);
+  ~ProfileScope();
+  ProfileScope(const ProfileScope&) = delete;
+  ProfileScope& operator=(const ProfileScope&) = delete;
+
+ private:
+  const char* name_;
+  double start_ = 0;
+  double child_ = 0;  // seconds spent in nested scopes
+  ProfileScope* parent_ = nullptr;
+};
+
+}  // namespace lasp
+
+#define LASP_PROFILE_CONCAT_(a, b) a##b
+#define LASP_PROFILE_CONCAT(a, b) LASP_PROFILE_CONCAT_(a, b)
+#define LASP_PROFILE_SCOPE(name) ::lasp::ProfileScope LASP_PROFILE_CONCAT(lasp_profile_, __LINE__)(name)
