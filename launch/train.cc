@@ -200,6 +200,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   par.tp_all_reduce = [&grid](Tensor& t) { grid.tp_group().all_reduce_sum(t); };
   par.device = device;
   Model model(cfg.model, par, cfg.train.seed, DType::F32);
+  model.set_recompute(cfg.train.recompute);
   auto params = model.params();
   AdamW opt(cfg.optim, params);
   std::vector<Tensor> sharded_grads, replicated_grads, all_grads;

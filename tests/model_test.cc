@@ -91,6 +91,28 @@ TEST(Model, InitialLossIsNearUniformAndParameterCountMatchesShapes) {
   EXPECT_EQ(model.num_params_full(), expected);
 }
 
+TEST(Model, BlockRecomputationGivesIdenticalLossAndGradients) {
+  for (const char* decay : {"constant", "data"}) {
+    const ModelConfig cfg = tiny_model(decay, "silu", false);
+    ModelParallel par;
+    Model keep(cfg, par, 5, DType::F64), recompute(cfg, par, 5, DType::F64);
+    recompute.set_recompute("block");
+    std::mt19937 rng(11);
+    Tensor inputs, targets;
+    make_batch(rng, 2, 9, cfg.vocab_size, inputs, targets);
+    keep.zero_grad();
+    recompute.zero_grad();
+    EXPECT_EQ(keep.forward_backward(inputs, targets, 0.1f), recompute.forward_backward(inputs, targets, 0.1f));
+    auto a = keep.params(), b = recompute.params();
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_EQ(a[i]->grad.to_vector(), b[i]->grad.to_vector()) << a[i]->name;
+    }
+  }
+  ModelParallel par;
+  Model m(tiny_model("none", "none", true), par, 1, DType::F32);
+  EXPECT_THROW(m.set_recompute("selective"), Error);
+}
+
 TEST(Model, RejectsTokensOutsideTheVocabulary) {
   ModelConfig cfg = tiny_model("none", "none", true);
   ModelParallel par;

@@ -143,6 +143,13 @@ LinearAttentionLayer::LinearAttentionLayer(const ModelConfig& cfg, const ModelPa
   }
 }
 
+void LinearAttentionLayer::release() {
+  for (Tensor* t : {&x_, &q_pre_, &k_pre_, &q_, &k_, &v_, &gate_pre_, &log_a_, &o_, &o_norm_, &o_rstd_, &z_, &gated_}) {
+    *t = Tensor();
+  }
+  sp_saved_ = SpSaved();
+}
+
 std::vector<Param*> LinearAttentionLayer::params() {
   std::vector<Param*> p = {&wq_, &wk_, &wv_, &wz_, &wo_, &norm_w_};
   if (decay_mode_ == DecayMode::DataDependent) {
@@ -266,6 +273,11 @@ SoftmaxAttentionLayer::SoftmaxAttentionLayer(const ModelConfig& cfg, const Model
   for (Param* p : {&wq_, &wk_, &wv_, &wo_}) p->precision = precision_from_name(cfg.precision.attention);
 }
 
+void SoftmaxAttentionLayer::release() {
+  for (Tensor* t : {&x_, &q_, &k_, &v_, &o_}) *t = Tensor();
+  sp_saved_ = SpSaved();
+}
+
 std::vector<Param*> SoftmaxAttentionLayer::params() { return {&wq_, &wk_, &wv_, &wo_}; }
 
 void SoftmaxAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerContext& ctx) {
@@ -320,6 +332,10 @@ Mlp::Mlp(const ModelConfig& cfg, const ModelParallel& par, int layer, uint64_t s
   w_up_ = make("mlp.w_up", {F, C}, sd, 0);
   w_down_ = make("mlp.w_down", {C, F}, sd_out, 1);
   for (Param* p : {&w_gate_, &w_up_, &w_down_}) p->precision = precision_from_name(cfg.precision.mlp);
+}
+
+void Mlp::release() {
+  for (Tensor* t : {&x_, &gate_, &up_, &h_}) *t = Tensor();
 }
 
 std::vector<Param*> Mlp::params() { return {&w_gate_, &w_up_, &w_down_}; }

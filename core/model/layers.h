@@ -78,6 +78,7 @@ class LinearAttentionLayer {
                        DType dtype);
   void forward(Tensor& y, const Tensor& x, const LayerContext& ctx);
   void backward(Tensor& dx, const Tensor& dy, const LayerContext& ctx);  // dx written
+  void release();  // drops the saved activations (activation recomputation)
   std::vector<Param*> params();
 
  private:
@@ -100,6 +101,7 @@ class SoftmaxAttentionLayer {
                         uint64_t seed, DType dtype);
   void forward(Tensor& y, const Tensor& x, const LayerContext& ctx);
   void backward(Tensor& dx, const Tensor& dy, const LayerContext& ctx);
+  void release();
   std::vector<Param*> params();
 
  private:
@@ -117,6 +119,7 @@ class Mlp {
   Mlp(const ModelConfig& cfg, const ModelParallel& par, int layer, uint64_t seed, DType dtype);
   void forward(Tensor& y, const Tensor& x, const LayerContext& ctx);
   void backward(Tensor& dx, const Tensor& dy, const LayerContext& ctx);
+  void release();
   std::vector<Param*> params();
 
  private:

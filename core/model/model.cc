@@ -78,6 +78,46 @@ std::string Model::signature() const {
   return os.str();
 }
 
+namespace {
+// Drops what a block saved for its backward, except its input.
+template <typename BlockT>
+void release_block(BlockT& b) {
+  b.n1 = b.rstd1 = b.x1 = b.n2 = b.rstd2 = Tensor();
+  if (b.linear) b.linear->release();
+  if (b.softmax) b.softmax->release();
+  b.mlp->release();
+}
+}  // namespace
+
+void Model::set_recompute(const std::string& mode) {
+  LASP_CHECK(mode == "none" || mode == "block") << "recompute mode '" << mode << "': expected none | block";
+  recompute_ = mode == "block";
+}
+
+// x2 = x1 + mlp(norm2(x1)) with x1 = x + mixer(norm1(x)); saves what the backward reads.
+Tensor Model::block_forward(Block& b, const Tensor& x, const LayerContext& ctx) {
+  const int64_t N = x.dim(0), C = cfg_.hidden;
+  const float eps = static_cast<float>(cfg_.norm_eps);
+  const DType stat = device_.is_cuda() ? DType::F32 : act_dtype_;
+  auto act = [&]() { return Tensor::empty({N, C}, act_dtype_, device_); };
+  b.x = x;
+  b.n1 = act();
+  b.rstd1 = Tensor::empty({N, 1}, stat, device_);
+  rmsnorm_forward(b.n1, b.rstd1, x, b.norm1.value, eps);
+  Tensor mix = act();
+  if (b.linear) b.linear->forward(mix, b.n1, ctx);
+  else b.softmax->forward(mix, b.n1, ctx);
+  add_inplace(mix, x);
+  b.x1 = mix;
+  b.n2 = act();
+  b.rstd2 = Tensor::empty({N, 1}, stat, device_);
+  rmsnorm_forward(b.n2, b.rstd2, b.x1, b.norm2.value, eps);
+  Tensor out = act();
+  b.mlp->forward(out, b.n2, ctx);
+  add_inplace(out, b.x1);
+  return out;
+}
+
 double Model::forward_backward(const Tensor& inputs, const Tensor& targets, float loss_scale) {
   return run(inputs, targets, loss_scale, true);
 }
@@ -101,22 +141,10 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
   Tensor tokens = inputs.to(device_).view({N});
   Tensor x = act();
   embedding_forward(x, weights(embedding_), tokens);
+  const bool drop = recompute_ || !backward;  // keep only block inputs
   for (auto& b : blocks_) {
-    b->x = x;
-    b->n1 = act();
-    b->rstd1 = Tensor::empty({N, 1}, stat, device_);
-    rmsnorm_forward(b->n1, b->rstd1, x, b->norm1.value, eps);
-    Tensor mix = act();
-    if (b->linear) b->linear->forward(mix, b->n1, ctx);
-    else b->softmax->forward(mix, b->n1, ctx);
-    add_inplace(mix, x);  // x1 = x + mixer(norm1(x))
-    b->x1 = mix;
-    b->n2 = act();
-    b->rstd2 = Tensor::empty({N, 1}, stat, device_);
-    rmsnorm_forward(b->n2, b->rstd2, b->x1, b->norm2.value, eps);
-    Tensor out = act();
-    b->mlp->forward(out, b->n2, ctx);
-    add_inplace(out, b->x1);  // x2 = x1 + mlp(norm2(x1))
+    Tensor out = block_forward(*b, x, ctx);
+    if (drop) release_block(*b);
     x = out;
   }
   Tensor h = act(), h_rstd = Tensor::empty({N, 1}, stat, device_);
@@ -132,6 +160,7 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
   rmsnorm_backward(dx, final_norm_.grad, dh, x, final_norm_.value, h_rstd);
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;
+    if (recompute_) block_forward(b, b.x, ctx);  // the activations this block's backward reads
     // dx holds d(x2). Through the MLP branch into d(x1).
     Tensor dn2 = act();
     b.mlp->backward(dn2, dx, ctx);
@@ -146,6 +175,7 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
     rmsnorm_backward(dxin, b.norm1.grad, dn1, b.x, b.norm1.value, b.rstd1);
     add_inplace(dxin, dx1);
     dx = dxin;
+    if (recompute_) release_block(b);
   }
   embedding_backward(embedding_.grad, dx, tokens);
   return loss;

@@ -35,9 +35,15 @@ class Model {
   // Summed loss without gradients (validation).
   double forward_loss(const Tensor& inputs, const Tensor& targets);
 
+  // Activation recomputation: "none" keeps every block's activations for the backward; "block"
+  // keeps only each block's input and recomputes the block's forward during the backward (memory
+  // per rank: one [tokens, hidden] tensor per block plus one block's activations).
+  void set_recompute(const std::string& mode);
+
  private:
   struct Block;
   double run(const Tensor& inputs, const Tensor& targets, float loss_scale, bool backward);
+  Tensor block_forward(Block& b, const Tensor& x, const LayerContext& ctx);
 
   ModelConfig cfg_;
   ModelParallel par_;
@@ -47,6 +53,7 @@ class Model {
   int64_t num_params_full_ = 0;
   Param embedding_, final_norm_, lm_head_;
   std::vector<std::unique_ptr<Block>> blocks_;
+  bool recompute_ = false;
 };
 
 }  // namespace lasp
