@@ -359,6 +359,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   std::signal(SIGINT, prev_int);
   std::signal(SIGTERM, prev_term);
   if (profile_enabled() && rank0) LASP_INFO() << profile_report();
+  result.on_cuda = device.is_cuda();
   result.peak_memory_mib = device.is_cuda() ? cuda_memory_stats().peak_allocated / 1048576.0 : peak_rss_mib();
   if (cfg.eval.every < 0) return result;
   result.val_loss = evaluate(model, data.val, cfg, grid);

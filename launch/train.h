@@ -18,6 +18,7 @@ struct TrainResult {
   std::vector<double> step_seconds;  // wall time per step
   std::vector<double> comm_seconds;  // time inside collectives per step (all groups, host side)
   double peak_memory_mib = 0;        // CUDA peak allocated, or the process's peak RSS on CPU
+  bool on_cuda = false;
 };
 
 // Trains with `cfg` (MPI must be initialised when the world has several ranks). Returns the losses
