@@ -1,0 +1,40 @@
+// gemm_fp8 dispatch: CUDA tensors go to gemm_fp8_cuda (gemm_fp8.cu), CPU tensors to the exact
+// emulation in quantize.cc.
+#include "kernels/gemm_fp8.h"
+
+namespace lasp {
+
+#ifdef LASP_HAVE_CUDA
+void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha,
+                   float beta, bool fast_accum);
+#endif
+
+void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha, float beta,
+              bool fast_accum) {
+  LASP_CHECK(a.codes.defined() && b.codes.defined() && c.defined())
+      << "gemm_fp8: operands and output must be defined";
+  check_same_device(a.codes, b.codes, "gemm_fp8");
+  check_same_device(a.codes, c, "gemm_fp8");
+  if (c.is_cuda()) {
+#ifdef LASP_HAVE_CUDA
+    return gemm_fp8_cuda(c, a, b, alpha, beta, fast_accum);
+#endif
+  }
+  LASP_CHECK(c.dtype() == DType::F32) << "gemm_fp8 on CPU writes fp32, got " << c.str();
+  Tensor prod = Tensor::empty(c.shape(), DType::F32);
+  gemm_fp8_emulated(prod, a, b);
+  float* out = c.data<float>();
+  const float* p = prod.data<float>();
+  for (int64_t i = 0; i < c.numel(); ++i)
+    out[i] = alpha * p[i] + (beta == 0.0f ? 0.0f : beta * out[i]);
+}
+
+#ifndef LASP_HAVE_CUDA
+int64_t gemm_fp8_fallback_count() { return 0; }
+
+void gemm_fp4_emulated_cuda(Tensor&, const QuantizedFp4&, const QuantizedFp4&) {
+  LASP_FAIL() << "gemm_fp4_emulated_cuda: this build has no CUDA backend";
+}
+#endif
+
+}  // namespace lasp

@@ -1,0 +1,368 @@
+// FP8 GEMM through cuBLASLt, and the FP4 GEMM emulated on bf16 tensor cores (API and limits in
+// gemm_fp8.h, design in docs/fp8_gpu.md).
+//
+// Layout mapping. Our row-major C[M, N] = A[M, K] B[N, K]^T, read column-major, is the
+// N x M matrix C^T (ld N) = B A^T, i.e. cuBLASLt's D = op(A') op(B') with
+//   A' = B's buffer as a column-major K x N matrix (ld K), op(A') = T  -> N x K
+//   B' = A's buffer as a column-major K x M matrix (ld K), op(B') = N  -> K x M
+// which is exactly the "TN" form Hopper FP8 needs (both operands K-major). So cuBLASLt's
+// m = N, n = M, k = K, its A is our B and its B is our A — the scales swap the same way.
+//
+// Block scale layouts cuBLASLt wants (cuBLAS docs 3.1.4.5.1), for an operand with `outer`
+// rows (cuBLASLt's M for A', N for B') and L = ceil(K / 128) blocks along K:
+//   VEC128_32F     outer-major: scale(o, kb) at kb * outer + o (ours is [rows, L] row-major,
+//                  so it is transposed on the fly);
+//   BLK128x128_32F K-major, column stride L4 = round_up(L, 4): scale(t, kb) at t * L4 + kb
+//                  (ours is [ceil(rows/128), L] row-major: padded to L4).
+// The scale pointers must be 16-byte aligned (fresh allocations are); cuBLASLt's M and N must
+// be multiples of 4 (ours: N % 16 == 0 is required, M is padded to 16).
+#include <cuda_bf16.h>
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <tuple>
+
+#include "core/log.h"
+#include "core/tensor.h"
+#include "kernels/cuda_utils.cuh"
+#include "kernels/gemm.h"
+#include "kernels/gemm_fp8.h"
+#include "kernels/quantize_cuda.h"
+
+namespace lasp {
+namespace {
+
+constexpr size_t kWorkspaceBytes = 32u << 20;
+constexpr int kMaxDevices = 64;
+constexpr int64_t kFp8Align = 16;  // elements (= bytes) for K-major FP8 rows; also N for C
+constexpr int64_t kScaleBlock = kFp8BlockSize;
+
+struct LtContext {
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+};
+
+// (device, M padded, N, K, A fmt, B fmt, A mode, B mode, C dtype, beta != 0, fast accum)
+using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, int, int, int, int, int>;
+
+std::mutex g_mu;
+LtContext g_ctx[kMaxDevices];
+std::map<AlgoKey, cublasLtMatmulAlgo_t> g_algos;
+std::atomic<int64_t> g_fallbacks{0};
+
+LtContext& context(int dev) {
+  LASP_CHECK(dev >= 0 && dev < kMaxDevices) << "gemm_fp8: device index " << dev << " out of range";
+  LtContext& c = g_ctx[dev];
+  if (!c.handle) {
+    CUBLAS_CHECK(cublasLtCreate(&c.handle));
+    CUDA_CHECK(cudaMalloc(&c.workspace, kWorkspaceBytes));
+  }
+  return c;
+}
+
+const char* format_name(Fp8Format f) { return f == Fp8Format::E4M3 ? "e4m3" : "e5m2"; }
+const char* scaling_name(Fp8Scaling s) {
+  return s == Fp8Scaling::PerTensor ? "per-tensor" : s == Fp8Scaling::Block1x128 ? "1x128" : "128x128";
+}
+cudaDataType_t fp8_cuda_type(Fp8Format f) {
+  return f == Fp8Format::E4M3 ? CUDA_R_8F_E4M3 : CUDA_R_8F_E5M2;
+}
+
+// "A e4m3 1x128 [M, K] x B e4m3 128x128 [N, K]^T -> C bf16 [M, N]" for error messages.
+std::string describe(const QuantizedFp8& a, const QuantizedFp8& b, const Tensor& c) {
+  std::ostringstream s;
+  s << "A " << format_name(a.format) << " " << scaling_name(a.scaling) << " [" << a.rows() << ", "
+    << a.cols() << "] x B " << format_name(b.format) << " " << scaling_name(b.scaling) << " ["
+    << b.rows() << ", " << b.cols() << "]^T -> C " << c.str();
+  return s.str();
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+void check_operand(const QuantizedFp8& q, const char* name) {
+  LASP_CHECK(q.codes.defined() && q.codes.is_cuda() && q.codes.dtype() == DType::U8 &&
+             q.codes.is_contiguous())
+      << "gemm_fp8: " << name << " codes must be contiguous uint8 CUDA, got " << q.codes.str();
+  const int64_t rows = q.rows(), nb = (q.cols() + kScaleBlock - 1) / kScaleBlock;
+  const int64_t want = q.scaling == Fp8Scaling::PerTensor ? 1
+                       : q.scaling == Fp8Scaling::Block1x128 ? rows * nb
+                                                             : ((rows + kScaleBlock - 1) / kScaleBlock) * nb;
+  LASP_CHECK(q.scales.defined() && q.scales.is_cuda() && q.scales.dtype() == DType::F32 &&
+             q.scales.is_contiguous() && q.scales.numel() == want)
+      << "gemm_fp8: " << name << " scales must be contiguous fp32 CUDA with " << want
+      << " entries for " << scaling_name(q.scaling) << " scaling of [" << rows << ", " << q.cols()
+      << "], got " << q.scales.str();
+}
+
+// out[kb * outer_p + o] = scale of (row o, K block kb) for o < outer, 1 for padded rows.
+// src_kind: 0 per tensor (broadcast), 1 = 1x128 [rows, nb], 2 = 128x128 [ceil(rows/128), nb].
+__global__ void vec128_scales_kernel(float* out, int64_t outer_p, int64_t outer, int64_t nb,
+                                     const float* in, int src_kind) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= outer_p * nb) return;
+  const int64_t kb = i / outer_p, o = i % outer_p;
+  float v = 1.0f;
+  if (o < outer) {
+    v = src_kind == 0 ? in[0] : src_kind == 1 ? in[o * nb + kb] : in[(o / kScaleBlock) * nb + kb];
+  }
+  out[i] = v;
+}
+
+// out[t * l4 + kb] = in[t * nb + kb], zero in the padding kb >= nb.
+__global__ void blk_scales_kernel(float* out, int64_t tiles, int64_t l4, int64_t nb, const float* in) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= tiles * l4) return;
+  const int64_t t = i / l4, kb = i % l4;
+  out[i] = kb < nb ? in[t * nb + kb] : 0.0f;
+}
+
+__global__ void scale_f32_kernel(float* c, int64_t n, float beta) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) c[i] = beta == 0.0f ? 0.0f : beta * c[i];
+}
+__global__ void scale_bf16_kernel(__nv_bfloat16* c, int64_t n, float beta) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) c[i] = __float2bfloat16_rn(beta == 0.0f ? 0.0f : beta * __bfloat162float(c[i]));
+}
+// c = bf16(t + beta * c) (the fallback's epilogue for bf16 C).
+__global__ void add_scaled_bf16_kernel(__nv_bfloat16* c, const float* t, int64_t n, float beta) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) c[i] = __float2bfloat16_rn(t[i] + (beta == 0.0f ? 0.0f : beta * __bfloat162float(c[i])));
+}
+
+void scale_c(Tensor& c, float beta) {
+  const int64_t n = c.numel();
+  cudaStream_t stream = cuda_stream();
+  if (c.dtype() == DType::F32) {
+    scale_f32_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(c.data<float>(), n, beta);
+  } else {
+    scale_bf16_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(static_cast<__nv_bfloat16*>(c.raw()), n, beta);
+  }
+  CUDA_CHECK_LAUNCH("gemm_fp8 (k = 0)");
+}
+
+struct OperandScales {
+  Tensor buffer;  // keeps a rearranged copy alive
+  const void* ptr = nullptr;
+  int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F;
+};
+
+// The cuBLASLt scale argument of one operand with `outer_p` (possibly padded) rows.
+OperandScales prepare_scales(const QuantizedFp8& q, int64_t outer_p, bool block_mode,
+                             bool force_vec128) {
+  OperandScales s;
+  if (!block_mode) {
+    s.ptr = q.scales.raw();
+    return s;
+  }
+  const Device dev = q.codes.device();
+  const int64_t nb = (q.cols() + kScaleBlock - 1) / kScaleBlock;
+  cudaStream_t stream = cuda_stream();
+  if (q.scaling == Fp8Scaling::Block128x128 && !force_vec128) {
+    const int64_t tiles = q.scales.dim(0), l4 = round_up(nb, 4);
+    LASP_CHECK(tiles == (outer_p + kScaleBlock - 1) / kScaleBlock)
+        << "gemm_fp8: internal error, 128x128 tiles " << tiles << " for " << outer_p << " rows";
+    s.buffer = Tensor::empty({tiles * l4}, DType::F32, dev);
+    blk_scales_kernel<<<ceil_div(tiles * l4, 256), 256, 0, stream>>>(
+        s.buffer.data<float>(), tiles, l4, nb, q.scales.data<float>());
+    s.mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+  } else {
+    const int src = q.scaling == Fp8Scaling::PerTensor ? 0 : q.scaling == Fp8Scaling::Block1x128 ? 1 : 2;
+    s.buffer = Tensor::empty({nb * outer_p}, DType::F32, dev);
+    vec128_scales_kernel<<<ceil_div(nb * outer_p, 256), 256, 0, stream>>>(
+        s.buffer.data<float>(), outer_p, q.rows(), nb, q.scales.data<float>(), src);
+    s.mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+  }
+  CUDA_CHECK_LAUNCH("gemm_fp8 (scale layout)");
+  s.ptr = s.buffer.raw();
+  return s;
+}
+
+struct LtDescriptors {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  ~LtDescriptors() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (c) cublasLtMatrixLayoutDestroy(c);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+// Exact fallback: fp32 dequantization and the fp32 GEMM (what gemm_fp8_emulated computes).
+void gemm_fp8_dequantized(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha,
+                          float beta) {
+  const int64_t m = a.rows(), n = b.rows(), k = a.cols();
+  const Device dev = c.device();
+  Tensor ad = Tensor::empty(a.codes.shape(), DType::F32, dev);
+  Tensor bd = Tensor::empty(b.codes.shape(), DType::F32, dev);
+  dequantize_fp8_cuda(ad, a);
+  dequantize_fp8_cuda(bd, b);
+  const Tensor a2 = ad.view({m, k}), b2 = bd.view({n, k});
+  if (c.dtype() == DType::F32) {
+    gemm(c, a2, false, b2, true, alpha, beta);
+    return;
+  }
+  Tensor t = Tensor::empty({m, n}, DType::F32, dev);
+  gemm(t, a2, false, b2, true, alpha, 0.0f);
+  add_scaled_bf16_kernel<<<ceil_div(m * n, 256), 256, 0, cuda_stream()>>>(
+      static_cast<__nv_bfloat16*>(c.raw()), t.data<float>(), m * n, beta);
+  CUDA_CHECK_LAUNCH("gemm_fp8 (fallback epilogue)");
+}
+
+}  // namespace
+
+int64_t gemm_fp8_fallback_count() { return g_fallbacks.load(); }
+
+void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha,
+                   float beta, bool fast_accum) {
+  check_operand(a, "A");
+  check_operand(b, "B");
+  const int64_t m = a.rows(), k = a.cols(), n = b.rows();
+  const std::string what = describe(a, b, c);
+  LASP_CHECK(b.cols() == k) << "gemm_fp8: inner dims differ: " << what;
+  LASP_CHECK(c.is_cuda() && c.is_contiguous() && c.ndim() == 2 && c.dim(0) == m && c.dim(1) == n &&
+             (c.dtype() == DType::F32 || c.dtype() == DType::BF16))
+      << "gemm_fp8: C must be a contiguous bf16/fp32 CUDA tensor [" << m << ", " << n << "]: " << what;
+  LASP_CHECK(!(a.format == Fp8Format::E5M2 && b.format == Fp8Format::E5M2))
+      << "gemm_fp8: E5M2 x E5M2 is not supported by cuBLASLt (use E4M3 for the non-gradient "
+         "operand): "
+      << what;
+  const bool block = a.scaling != Fp8Scaling::PerTensor || b.scaling != Fp8Scaling::PerTensor;
+  LASP_CHECK(!(block && fast_accum))
+      << "gemm_fp8: fast accumulation is only available with per-tensor scaling: " << what;
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    scale_c(c, beta);
+    return;
+  }
+  LASP_CHECK(k % kFp8Align == 0 && n % kFp8Align == 0)
+      << "gemm_fp8: cuBLASLt FP8 needs K and N to be multiples of 16 (16-byte aligned K-major rows "
+         "and C rows), got M = "
+      << m << ", N = " << n << ", K = " << k << ": " << what
+      << "; pad K/N or use gemm_fp8_emulated";
+  LASP_CHECK(aligned16(a.codes.raw()) && aligned16(b.codes.raw()) && aligned16(c.raw()))
+      << "gemm_fp8: cuBLASLt FP8 needs 16-byte aligned A, B and C pointers (views with an offset "
+         "are not): "
+      << what;
+
+  const Device dev = c.device();
+  cudaStream_t stream = cuda_stream();
+  // A ragged M is padded to 16 (zero codes; C rows beyond M are scratch): the rows of A and C
+  // are contiguous prefixes, so padding is one copy each way.
+  const int64_t mp = round_up(m, kFp8Align);
+  Tensor a_codes = a.codes, c_run = c;
+  if (mp != m) {
+    a_codes = Tensor::empty({mp, k}, DType::U8, dev);
+    CUDA_CHECK(cudaMemcpyAsync(a_codes.raw(), a.codes.raw(), static_cast<size_t>(m * k),
+                               cudaMemcpyDeviceToDevice, stream));
+    CUDA_CHECK(cudaMemsetAsync(static_cast<uint8_t*>(a_codes.raw()) + m * k, 0,
+                               static_cast<size_t>((mp - m) * k), stream));
+    c_run = Tensor::empty({mp, n}, c.dtype(), dev);
+    if (beta != 0.0f) {
+      CUDA_CHECK(cudaMemcpyAsync(c_run.raw(), c.raw(), c.nbytes(), cudaMemcpyDeviceToDevice, stream));
+    }
+  }
+  // cuBLASLt's A is our B (outer N), its B is our A (outer mp).
+  const bool both_tiles = a.scaling == Fp8Scaling::Block128x128 && b.scaling == Fp8Scaling::Block128x128;
+  const OperandScales s_lt_a = prepare_scales(b, n, block, false);
+  const OperandScales s_lt_b = prepare_scales(a, mp, block, both_tiles);
+
+  cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
+  bool found = true;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    LtContext& ctx = context(dev.index);
+    LtDescriptors d;
+    const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
+    const int8_t fast = fast_accum ? 1 : 0;
+    const cudaDataType_t t_c = c.dtype() == DType::F32 ? CUDA_R_32F : CUDA_R_16BF;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast)));
+    if (block) {
+      CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                                                  &s_lt_a.mode, sizeof(s_lt_a.mode)));
+      CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+                                                  &s_lt_b.mode, sizeof(s_lt_b.mode)));
+    }
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                                                &s_lt_a.ptr, sizeof(s_lt_a.ptr)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                                                &s_lt_b.ptr, sizeof(s_lt_b.ptr)));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, fp8_cuda_type(b.format), k, n, k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, fp8_cuda_type(a.format), k, mp, k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, t_c, n, mp, n));
+
+    const AlgoKey key{dev.index, mp, n, k, static_cast<int>(b.format), static_cast<int>(a.format),
+                      s_lt_a.mode, s_lt_b.mode, static_cast<int>(c.dtype()), beta != 0.0f, fast};
+    auto it = g_algos.find(key);
+    if (it == g_algos.end()) {
+      CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
+      const size_t ws = kWorkspaceBytes;
+      CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                        &ws, sizeof(ws)));
+      cublasLtMatmulHeuristicResult_t result{};
+      int count = 0;
+      status = cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1,
+                                              &result, &count);
+      found = status == CUBLAS_STATUS_SUCCESS && count > 0;
+      if (found) it = g_algos.emplace(key, result.algo).first;
+    }
+    if (found) {
+      status = cublasLtMatmul(ctx.handle, d.op, &alpha, b.codes.raw(), d.a,
+                              a_codes.raw(), d.b, &beta, c_run.raw(), d.c, c_run.raw(), d.c,
+                              &it->second, ctx.workspace, kWorkspaceBytes, stream);
+    }
+  }
+  if (!found || status != CUBLAS_STATUS_SUCCESS) {
+    const char* why = found ? "cublasLtMatmul failed" : "cuBLASLt found no FP8 algorithm";
+    LASP_CHECK(block) << "gemm_fp8: " << why << " (status " << cublasGetStatusString(status)
+                      << ") for " << what << " (cuBLASLt m = " << n << ", n = " << mp << ", k = " << k
+                      << ")";
+    g_fallbacks.fetch_add(1);
+    LASP_WARN() << "gemm_fp8: " << why << " (status " << cublasGetStatusString(status) << ") for "
+                << what << "; falling back to fp32 dequantize + fp32 GEMM (exact, slow)";
+    gemm_fp8_dequantized(c, a, b, alpha, beta);
+    return;
+  }
+  if (mp != m) {
+    CUDA_CHECK(cudaMemcpyAsync(c.raw(), c_run.raw(), c.nbytes(), cudaMemcpyDeviceToDevice, stream));
+  }
+}
+
+void gemm_fp4_emulated_cuda(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b) {
+  LASP_CHECK(a.format == b.format) << "gemm_fp4_emulated_cuda: operands in different FP4 formats";
+  LASP_CHECK(a.cols() == b.cols()) << "gemm_fp4_emulated_cuda: inner dims differ, A " << a.codes.str()
+                                   << ", B " << b.codes.str();
+  const int64_t m = a.rows(), n = b.rows(), k = a.cols();
+  LASP_CHECK(c.is_cuda() && c.ndim() == 2 && c.dim(0) == m && c.dim(1) == n &&
+             (c.dtype() == DType::F32 || c.dtype() == DType::BF16))
+      << "gemm_fp4_emulated_cuda: C must be a bf16/fp32 CUDA tensor [" << m << ", " << n << "], got "
+      << c.str();
+  static std::once_flag logged;
+  std::call_once(logged, [] {
+    int dev = 0, major = 0, minor = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    LASP_INFO() << "FP4 emulated on sm_" << major << minor
+                << ": FP4 GEMMs dequantize E2M1 x group scale exactly to bf16 and run bf16 tensor "
+                   "cores with fp32 accumulation (no native FP4 path in this build)";
+  });
+  // E2M1 x E8M0 and E2M1 x E4M3 have at most 6 significant bits: exact in bf16. The tensor
+  // scales go to the epilogue (alpha), as in gemm_fp4_emulated.
+  Tensor ad = Tensor::empty(a.codes.shape(), DType::BF16, c.device());
+  Tensor bd = Tensor::empty(b.codes.shape(), DType::BF16, c.device());
+  dequantize_fp4_cuda(ad, a, false);
+  dequantize_fp4_cuda(bd, b, false);
+  gemm(c, ad.view({m, k}), false, bd.view({n, k}), true, a.tensor_scale * b.tensor_scale);
+}
+
+}  // namespace lasp

@@ -1,0 +1,47 @@
+// FP8 GEMM (cuBLASLt on Hopper) and the FP4 GEMM emulated on bf16 tensor cores.
+//
+//   gemm_fp8(c, a, b, alpha, beta):  C[M, N] = alpha * deq(A) deq(B)^T + beta * C
+//
+// A [M, K] and B [N, K] are QuantizedFp8 (kernels/quantize.h) quantized along K: both operands
+// K-major, which is cuBLASLt's required FP8 "TN" layout (docs/fp8_gpu.md has the mapping).
+// Formats: E4M3 x E4M3, E4M3 x E5M2, E5M2 x E4M3 (gradients are E5M2; E5M2 x E5M2 is refused,
+// cuBLASLt has no such kernel). C: bf16 or fp32. Accumulation in fp32, fast accumulation OFF
+// unless asked for (per-tensor scaling only: cuBLASLt's block-scaled kernels do not offer it).
+//
+// Scaling (the scales are the dequantization factors, applied by cuBLASLt per operand):
+//   PerTensor x PerTensor  -> CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F (device scale pointers,
+//                             no host sync);
+//   any Block*             -> VEC128_32F (1x128) / BLK128x128_32F (128x128) block scaling,
+//                             Hopper only (cuBLAS >= 12.9). cuBLASLt has no 128x128 x 128x128
+//                             kernel, so then A's tile scales are expanded to 1x128 (exact), and
+//                             a per-tensor operand next to a block one is expanded likewise.
+//                             Should cuBLASLt refuse a block-scaled problem, the GEMM falls back
+//                             to fp32 dequantize + fp32 GEMM (exact, slow) with a warning, and
+//                             gemm_fp8_fallback_count() counts it.
+// Shape limits of cuBLASLt FP8 (16-byte aligned K-major rows): K and N multiples of 16, all
+// pointers 16-byte aligned; violations throw naming the shapes. M is free: a ragged M is padded
+// to a multiple of 16 internally (copy of A and C).
+//
+// CPU tensors run gemm_fp8_emulated (fp32 C only).
+#pragma once
+
+#include <cstdint>
+
+#include "core/tensor.h"
+#include "kernels/quantize.h"
+
+namespace lasp {
+
+void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha = 1.0f,
+              float beta = 0.0f, bool fast_accum = false);
+
+// How many gemm_fp8 calls took the exact-but-slow fallback since the process started.
+int64_t gemm_fp8_fallback_count();
+
+// C[M, N] (fp32 or bf16, CUDA) = tensor_scale_a * tensor_scale_b * deq(A) deq(B)^T for FP4 A
+// [M, K], B [N, K] in the same format: dequantizes the codes x group scales exactly to bf16 and
+// runs the bf16 cuBLASLt GEMM with the tensor scales as alpha. Hopper has no FP4 tensor cores;
+// the first call logs "FP4 GEMM emulated on sm_90 ...".
+void gemm_fp4_emulated_cuda(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b);
+
+}  // namespace lasp

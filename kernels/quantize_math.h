@@ -1,0 +1,221 @@
+// Scalar low-precision math shared by the CUDA quantizers (kernels/quantize.cu) and compiled for
+// the host too, so tests can check it against the CPU reference (core/dtype.cc,
+// kernels/quantize.cc) code for code without a GPU.
+//
+// Every rule here mirrors the CPU code exactly: round to nearest, ties to even, saturating
+// encoders (the only mode the quantizers use), the same float expressions in the same order
+// (so no fused multiply-add can change a result: there is no a * b + c below in float), and the
+// counter-based draws of kernels/counter_rng.h for stochastic rounding.
+#pragma once
+
+#include <math.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/counter_rng.h"
+
+namespace lasp::qmath {
+
+LASP_HOST_DEVICE inline uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b;
+#endif
+}
+
+LASP_HOST_DEVICE inline float bits_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float x;
+  std::memcpy(&x, &b, 4);
+  return x;
+#endif
+}
+
+LASP_HOST_DEVICE inline float quiet_nan() { return bits_float(0x7FC00000u); }
+
+// 2^e for e in [-149, 127], exact (subnormal below -126).
+LASP_HOST_DEVICE inline float pow2(int e) {
+  if (e >= -126) return bits_float(static_cast<uint32_t>(e + 127) << 23);
+  return bits_float(1u << (e + 149));
+}
+
+// Saturating RTN-even encode of a finite a >= 0 onto a 1.EBITS.MBITS format with bias BIAS;
+// returns the code without the sign, capped at max_code (the largest finite value's code).
+// With exp = max(floor(log2 a), min_exp) and r = rint(a / 2^(exp - MBITS)), the code is
+// ((exp + BIAS - 1) << MBITS) + r: r in [2^MBITS, 2^(MBITS+1)] for normal results (a carry
+// r = 2^(MBITS+1) lands on the next binade's code), and exp = min_exp gives subnormals code r.
+template <int EBITS, int MBITS, int BIAS>
+LASP_HOST_DEVICE inline uint32_t encode_abs_saturating(float a, uint32_t max_code) {
+  constexpr int kMinExp = 1 - BIAS;
+  int exp = static_cast<int>((float_bits(a) >> 23) & 0xFFu) - 127;  // zero/subnormal: clamped
+  if (exp < kMinExp) exp = kMinExp;
+  const float r = rintf(a * pow2(MBITS - exp));  // the scaling is exact (power of two)
+  const uint32_t code =
+      (static_cast<uint32_t>(exp + BIAS - 1) << MBITS) + static_cast<uint32_t>(r);
+  return code > max_code ? max_code : code;
+}
+
+// ---- E4M3 ("fn": no inf, S.1111.111 = NaN, max 448)
+LASP_HOST_DEVICE inline uint8_t e4m3_encode(float x) {
+  const uint32_t sign = (float_bits(x) >> 31) << 7;
+  if (isnan(x)) return static_cast<uint8_t>(sign | 0x7Fu);
+  const float a = fabsf(x);
+  if (isinf(a)) return static_cast<uint8_t>(sign | 0x7Eu);
+  return static_cast<uint8_t>(sign | encode_abs_saturating<4, 3, 7>(a, 0x7Eu));
+}
+LASP_HOST_DEVICE inline float e4m3_decode(uint8_t c) {
+  const uint32_t exp = (c >> 3) & 0xFu, mant = c & 0x7u;
+  float v;
+  if ((c & 0x7Fu) == 0x7Fu) {
+    v = quiet_nan();
+  } else if (exp == 0) {
+    v = static_cast<float>(mant) * pow2(-9);
+  } else {
+    v = static_cast<float>(8u + mant) * pow2(static_cast<int>(exp) - 10);
+  }
+  return (c & 0x80u) ? -v : v;
+}
+
+// ---- E5M2 (IEEE-like, max 57344)
+LASP_HOST_DEVICE inline uint8_t e5m2_encode(float x) {
+  const uint32_t sign = (float_bits(x) >> 31) << 7;
+  if (isnan(x)) return static_cast<uint8_t>(sign | 0x7Eu);
+  const float a = fabsf(x);
+  if (isinf(a)) return static_cast<uint8_t>(sign | 0x7Bu);
+  return static_cast<uint8_t>(sign | encode_abs_saturating<5, 2, 15>(a, 0x7Bu));
+}
+LASP_HOST_DEVICE inline float e5m2_decode(uint8_t c) {
+  const uint32_t exp = (c >> 2) & 0x1Fu, mant = c & 0x3u;
+  float v;
+  if (exp == 31) {
+    v = mant == 0 ? bits_float(0x7F800000u) : quiet_nan();
+  } else if (exp == 0) {
+    v = static_cast<float>(mant) * pow2(-16);
+  } else {
+    v = static_cast<float>(4u + mant) * pow2(static_cast<int>(exp) - 17);
+  }
+  return (c & 0x80u) ? -v : v;
+}
+
+// ---- E2M1 (code in the low nibble; saturates to +-6, NaN encodes as +-6)
+LASP_HOST_DEVICE inline uint8_t e2m1_encode(float x) {
+  const uint32_t sign = (float_bits(x) >> 31) << 3;
+  const float a = fabsf(x);
+  if (isnan(x) || isinf(a)) return static_cast<uint8_t>(sign | 0x7u);
+  return static_cast<uint8_t>(sign | encode_abs_saturating<2, 1, 1>(a, 0x7u));
+}
+LASP_HOST_DEVICE inline float e2m1_decode(uint8_t c) {
+  const uint32_t exp = (c >> 1) & 0x3u, mant = c & 0x1u;
+  const float v = exp == 0 ? 0.5f * static_cast<float>(mant)
+                           : static_cast<float>(2u + mant) * pow2(static_cast<int>(exp) - 2);
+  return (c & 0x8u) ? -v : v;
+}
+
+// ---- E8M0 (2^(c - 127), 0xFF = NaN)
+LASP_HOST_DEVICE inline float e8m0_decode(uint8_t c) {
+  return c == 0xFF ? quiet_nan() : pow2(static_cast<int>(c) - 127);
+}
+// The largest power of two <= x (x > 0 finite), clamped to [2^-127, 2^127]: for normal x that
+// is the biased exponent field itself; subnormals clamp to code 0.
+LASP_HOST_DEVICE inline uint8_t e8m0_floor(float x) {
+  return static_cast<uint8_t>((float_bits(x) >> 23) & 0xFFu);
+}
+
+// ---- helpers of kernels/quantize.cc, same expressions
+
+constexpr float kE4M3MaxF = 448.0f;
+constexpr float kE5M2MaxF = 57344.0f;
+constexpr float kE2M1MaxF = 6.0f;
+constexpr float kQuestAlpha = 2.92247856f;  // = kQuestAlphaE2M1 in quantize.h
+
+// Stochastic rounding of v onto the E2M1 grid: up when u < (|v| - lo) / (hi - lo).
+LASP_HOST_DEVICE inline uint8_t e2m1_round_stochastic(float v, float u) {
+  const uint32_t sign = (float_bits(v) >> 31) << 3;
+  const float a = fminf(fabsf(v), kE2M1MaxF);
+  uint8_t lo = 0;
+  while (lo < 7 && e2m1_decode(static_cast<uint8_t>(lo + 1)) <= a) ++lo;
+  const float glo = e2m1_decode(lo);
+  if (lo == 7 || glo == a) return static_cast<uint8_t>(sign | lo);
+  const float p = (a - glo) / (e2m1_decode(static_cast<uint8_t>(lo + 1)) - glo);
+  return static_cast<uint8_t>(sign | (u < p ? lo + 1u : lo));
+}
+
+// Smallest E4M3 code whose value is >= s (s > 0 finite), capped at 448.
+LASP_HOST_DEVICE inline uint8_t e4m3_ceil(float s) {
+  if (s >= kE4M3MaxF) return 0x7E;
+  uint8_t code = e4m3_encode(s);
+  if (e4m3_decode(code) < s) ++code;
+  return code;
+}
+
+// Smallest power of two X with a / X <= 6 (a > 0).
+LASP_HOST_DEVICE inline uint8_t e8m0_no_clip(float a) {
+  int code = e8m0_floor(a / kE2M1MaxF);
+  while (code < 254 && a / e8m0_decode(static_cast<uint8_t>(code)) > kE2M1MaxF) ++code;
+  return static_cast<uint8_t>(code);
+}
+
+// One FP4 group's rules (quantize_fp4 in quantize.cc, modes Nearest, Quest, Stochastic).
+struct Fp4GroupRule {
+  bool mx = true;          // MXFP4 (E8M0 scales) or NVFP4 (E4M3 scales)
+  bool quest = false;      // QuEST clipping (MXFP4 + Nearest)
+  bool stochastic = false;  // stochastic element rounding
+  float tensor_scale = 1.0f;
+  uint64_t seed = 0, stream = 0;
+};
+
+// Quantizes elements [c0, c1) of one row: `load(c)` returns x[row, c] as float, `flat` is the
+// row's first flat element index (row * cols, the SR draw address). Writes codes[c] (and
+// mask[c] when mask != nullptr) for the group and returns the group's scale code.
+template <typename Load>
+LASP_HOST_DEVICE inline uint8_t fp4_quantize_group(const Load& load, int64_t c0, int64_t c1,
+                                                   uint64_t flat, const Fp4GroupRule& rule,
+                                                   uint8_t* codes, uint8_t* mask) {
+  float gmax = 0.0f;
+  double sumsq = 0.0;  // x * x is exact in double, so fused or not the sum is the same
+  for (int64_t c = c0; c < c1; ++c) {
+    const float x = load(c);
+    gmax = fmaxf(gmax, fabsf(x));
+    sumsq += static_cast<double>(x) * x;
+  }
+  const float ts = rule.tensor_scale;
+  uint8_t sc;
+  if (gmax == 0.0f) {
+    sc = rule.mx ? 127 : 0;
+  } else if (rule.mx && rule.quest) {
+    const float rms = static_cast<float>(sqrt(sumsq / static_cast<double>(c1 - c0)));
+    sc = e8m0_floor(fmaxf(kQuestAlpha * rms / kE2M1MaxF, 1e-38f));
+  } else if (rule.mx && !rule.stochastic) {
+    const int e = static_cast<int>(e8m0_floor(gmax)) - 2;
+    sc = static_cast<uint8_t>(e > 0 ? e : 0);
+  } else if (rule.mx) {
+    sc = e8m0_no_clip(gmax);
+  } else if (!rule.stochastic) {
+    sc = e4m3_encode(gmax / kE2M1MaxF / ts);
+  } else {
+    sc = e4m3_ceil(gmax / kE2M1MaxF / ts);
+  }
+  const float s = rule.mx ? e8m0_decode(sc) : e4m3_decode(sc);
+  for (int64_t c = c0; c < c1; ++c) {
+    if (s == 0.0f) {
+      codes[c] = 0;
+      if (mask) mask[c] = 1;
+      continue;
+    }
+    const float v = load(c) / (s * ts);
+    if (mask) mask[c] = fabsf(v) <= kE2M1MaxF ? 1 : 0;
+    codes[c] = rule.stochastic
+                   ? e2m1_round_stochastic(v, philox_uniform(rule.seed, rule.stream,
+                                                             flat + static_cast<uint64_t>(c)))
+                   : e2m1_encode(v);
+  }
+  return sc;
+}
+
+}  // namespace lasp::qmath

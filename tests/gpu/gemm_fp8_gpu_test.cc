@@ -1,0 +1,246 @@
+// FP8 GEMM (cuBLASLt) against gemm_fp8_emulated (CPU, fp32) on the same quantized operands,
+// and the emulated FP4 GEMM (bf16 tensor cores) against gemm_fp4_emulated.
+// Tolerances (relative Frobenius error vs the fp32 reference):
+//   fp8, fp32 C: 5e-4 — every fp8 product is exact in fp32, but Hopper's FP8 MMA keeps partial
+//     sums with fewer bits than fp32 between promotions to the fp32 accumulator (fast
+//     accumulation off); a plain fp32 summation-order difference alone would be ~1e-6;
+//   fast accumulation: 5e-3 (no promotion: the partial-sum precision loss compounds over K);
+//   bf16 C: 8e-3 — one bf16 rounding of the result dominates;
+//   fp4 emulated, fp32 C: 1e-5 — bf16 operands are exact, fp32 accumulation.
+// Every case prints its shapes, formats and scalings; gemm_fp8_fallback_count() tells whether
+// cuBLASLt ran the block-scaled problem itself.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+
+#include "kernels/gemm_fp8.h"
+#include "kernels/quantize.h"
+#include "tests/gpu/gpu_test_util.h"
+
+#ifdef LASP_HAVE_CUDA
+#include "kernels/quantize_cuda.h"
+#endif
+
+namespace lasp {
+namespace {
+
+using namespace gpu_test;
+
+TEST(GemmFp8Cpu, CpuTensorsRunTheExactEmulationWithAlphaAndBeta) {
+  std::mt19937 rng(fresh_seed());
+  const Tensor x = random_bf16_values({9, 48}, rng), w = random_bf16_values({16, 48}, rng);
+  const QuantizedFp8 a = quantize_fp8(x, Fp8Format::E4M3, Fp8Scaling::Block1x128);
+  const QuantizedFp8 b = quantize_fp8(w, Fp8Format::E4M3, Fp8Scaling::Block128x128);
+  Tensor ref = Tensor::empty({9, 16}, DType::F32);
+  gemm_fp8_emulated(ref, a, b);
+  const Tensor c0 = random_bf16_values({9, 16}, rng);
+  Tensor c = c0.clone();
+  gemm_fp8(c, a, b, 0.5f, 2.0f);
+  for (int64_t i = 0; i < c.numel(); ++i)
+    EXPECT_FLOAT_EQ(static_cast<float>(c.item(i)), 0.5f * static_cast<float>(ref.item(i)) +
+                                                       2.0f * static_cast<float>(c0.item(i)));
+}
+
+#ifdef LASP_HAVE_CUDA
+
+QuantizedFp8 to_device(const QuantizedFp8& q) {
+  QuantizedFp8 d = q;
+  d.codes = q.codes.to(cuda());
+  d.scales = q.scales.to(cuda());
+  return d;
+}
+
+const char* scaling_str(Fp8Scaling s) {
+  return s == Fp8Scaling::PerTensor ? "tensor" : s == Fp8Scaling::Block1x128 ? "1x128" : "128x128";
+}
+
+struct Fp8Case {
+  int64_t m, n, k;
+};
+
+// One GEMM: CPU-quantized operands copied to the GPU (identical codes), compared with the CPU.
+void check_fp8(const Fp8Case& g, Fp8Format fa, Fp8Format fb, Fp8Scaling sa, Fp8Scaling sb, DType cdt,
+               float alpha, float beta, bool fast, double tol) {
+  const uint32_t seed = fresh_seed();
+  const int64_t fallbacks_before = gemm_fp8_fallback_count();
+  SCOPED_TRACE(testing::Message() << "M=" << g.m << " N=" << g.n << " K=" << g.k << " A "
+                                  << (fa == Fp8Format::E4M3 ? "e4m3 " : "e5m2 ") << scaling_str(sa)
+                                  << " B " << (fb == Fp8Format::E4M3 ? "e4m3 " : "e5m2 ")
+                                  << scaling_str(sb) << " C " << dtype_name(cdt) << " alpha=" << alpha
+                                  << " beta=" << beta << " fast_accum=" << fast << " seed=" << seed);
+  std::mt19937 rng(seed);
+  // Rows of very different magnitude, so block scales matter.
+  Tensor x = random_bf16_values({g.m, g.k}, rng), w = random_bf16_values({g.n, g.k}, rng, 0.05);
+  for (int64_t i = 0; i < x.numel(); ++i)
+    if ((i / g.k) % 3 == 1) x.set_item(i, x.item(i) * 100.0);
+  const QuantizedFp8 a = quantize_fp8(x, fa, sa), b = quantize_fp8(w, fb, sb);
+  const Tensor c0 = random_bf16_values({g.m, g.n}, rng);
+  Tensor ref = Tensor::empty({g.m, g.n}, DType::F32);
+  gemm_fp8_emulated(ref, a, b);
+  {
+    float* r = ref.data<float>();
+    for (int64_t i = 0; i < ref.numel(); ++i)
+      r[i] = alpha * r[i] + beta * static_cast<float>(c0.item(i));
+  }
+  Tensor out = beta == 0.0f ? poisoned_cuda({g.m, g.n}, cdt) : to_cuda(c0, cdt);
+  gemm_fp8(out, to_device(a), to_device(b), alpha, beta, fast);
+  const std::vector<double> got = out.to_vector();
+  EXPECT_EQ(count_non_finite(got), 0) << "unwritten or non-finite outputs";
+  const double err = rel_error(got, ref.to_vector());
+  EXPECT_LT(err, tol) << "relative error " << err << "; fallbacks in this call: "
+                      << gemm_fp8_fallback_count() - fallbacks_before;
+}
+
+const Fp8Case kCases[] = {{16, 16, 16},   {1, 32, 64},     {17, 48, 144},  {100, 272, 128},
+                          {257, 128, 384}, {128, 256, 512}, {64, 16, 1024}};
+
+TEST(GemmFp8Gpu, PerTensorE4M3MatchesEmulationForFp32AndBf16OutputAndRaggedM) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  for (const auto& g : kCases) {
+    check_fp8(g, Fp8Format::E4M3, Fp8Format::E4M3, Fp8Scaling::PerTensor, Fp8Scaling::PerTensor,
+              DType::F32, 1.0f, 0.0f, false, 5e-4);
+    check_fp8(g, Fp8Format::E4M3, Fp8Format::E4M3, Fp8Scaling::PerTensor, Fp8Scaling::PerTensor,
+              DType::BF16, 1.0f, 0.0f, false, 8e-3);
+  }
+}
+
+TEST(GemmFp8Gpu, GradientFormatsE5M2TimesE4M3InBothOperandOrders) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  for (const auto& g : kCases) {
+    check_fp8(g, Fp8Format::E5M2, Fp8Format::E4M3, Fp8Scaling::PerTensor, Fp8Scaling::PerTensor,
+              DType::F32, 1.0f, 0.0f, false, 5e-4);
+    check_fp8(g, Fp8Format::E4M3, Fp8Format::E5M2, Fp8Scaling::PerTensor, Fp8Scaling::PerTensor,
+              DType::BF16, 1.0f, 0.0f, false, 8e-3);
+  }
+}
+
+TEST(GemmFp8Gpu, AlphaBetaAndFastAccumulation) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  for (const auto& g : kCases) {
+    check_fp8(g, Fp8Format::E4M3, Fp8Format::E4M3, Fp8Scaling::PerTensor, Fp8Scaling::PerTensor,
+              DType::F32, 0.5f, 1.0f, false, 5e-4);
+    check_fp8(g, Fp8Format::E4M3, Fp8Format::E4M3, Fp8Scaling::PerTensor, Fp8Scaling::PerTensor,
+              DType::BF16, -2.0f, 0.25f, false, 8e-3);
+    check_fp8(g, Fp8Format::E4M3, Fp8Format::E4M3, Fp8Scaling::PerTensor, Fp8Scaling::PerTensor,
+              DType::F32, 1.0f, 0.0f, true, 5e-3);
+  }
+}
+
+TEST(GemmFp8Gpu, BlockScalingEveryCombinationMatchesEmulation) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  const Fp8Scaling kAll[] = {Fp8Scaling::PerTensor, Fp8Scaling::Block1x128, Fp8Scaling::Block128x128};
+  for (const auto& g : kCases)
+    for (Fp8Scaling sa : kAll)
+      for (Fp8Scaling sb : kAll) {
+        if (sa == Fp8Scaling::PerTensor && sb == Fp8Scaling::PerTensor) continue;
+        check_fp8(g, Fp8Format::E4M3, Fp8Format::E4M3, sa, sb, DType::F32, 1.0f, 0.0f, false, 5e-4);
+        check_fp8(g, Fp8Format::E5M2, Fp8Format::E4M3, sa, sb, DType::BF16, 0.5f, 1.0f, false, 8e-3);
+      }
+}
+
+// With K a multiple of 128 the block-scaled problems must run inside cuBLASLt on sm_90 (the
+// fallback is exact but ~10x slower); ragged K is reported, not required.
+TEST(GemmFp8Gpu, BlockScaledProblemsRunInCublasLtNotTheFallback) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  const int64_t before = gemm_fp8_fallback_count();
+  check_fp8({256, 256, 512}, Fp8Format::E4M3, Fp8Format::E4M3, Fp8Scaling::Block1x128,
+            Fp8Scaling::Block128x128, DType::BF16, 1.0f, 0.0f, false, 8e-3);
+  check_fp8({256, 256, 512}, Fp8Format::E4M3, Fp8Format::E4M3, Fp8Scaling::Block1x128,
+            Fp8Scaling::Block1x128, DType::F32, 1.0f, 0.0f, false, 5e-4);
+  EXPECT_EQ(gemm_fp8_fallback_count() - before, 0)
+      << "cuBLASLt refused 1x128 / 128x128 block scaling here (see the warning above)";
+  const int64_t mid = gemm_fp8_fallback_count();
+  check_fp8({64, 48, 144}, Fp8Format::E4M3, Fp8Format::E4M3, Fp8Scaling::Block1x128,
+            Fp8Scaling::Block128x128, DType::F32, 1.0f, 0.0f, false, 5e-4);
+  std::printf("[ info ] block scaling with K = 144 (ragged last block): %s\n",
+              gemm_fp8_fallback_count() == mid ? "cuBLASLt" : "fallback");
+}
+
+TEST(GemmFp8Gpu, GpuQuantizedOperandsGiveTheSameProductAsCpuQuantized) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  std::mt19937 rng(fresh_seed());
+  const Tensor x = random_bf16_values({200, 256}, rng), w = random_bf16_values({96, 256}, rng, 0.02);
+  const QuantizedFp8 a = quantize_fp8_cuda(x.to(DType::BF16).to(cuda()), Fp8Format::E4M3, Fp8Scaling::Block1x128);
+  const QuantizedFp8 b = quantize_fp8_cuda(w.to(cuda()), Fp8Format::E4M3, Fp8Scaling::Block128x128);
+  Tensor ref = Tensor::empty({200, 96}, DType::F32);
+  gemm_fp8_emulated(ref, quantize_fp8(x, Fp8Format::E4M3, Fp8Scaling::Block1x128),
+                    quantize_fp8(w, Fp8Format::E4M3, Fp8Scaling::Block128x128));
+  Tensor out = poisoned_cuda({200, 96}, DType::F32);
+  gemm_fp8(out, a, b);
+  EXPECT_LT(rel_error(out, ref), 5e-4);
+}
+
+TEST(GemmFp8Gpu, ViolationsOfCublasLtLimitsFailWithAClearError) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  auto q = [](int64_t r, int64_t k, Fp8Format f, Fp8Scaling s = Fp8Scaling::PerTensor) {
+    return quantize_fp8_cuda(Tensor::full({r, k}, 0.5, DType::F32, cuda()), f, s);
+  };
+  const Fp8Format e4 = Fp8Format::E4M3, e5 = Fp8Format::E5M2;
+  auto expect_error = [](const std::function<void()>& fn, const char* must_mention) {
+    try {
+      fn();
+      ADD_FAILURE() << "expected an error mentioning '" << must_mention << "'";
+    } catch (const Error& e) {
+      std::printf("[ info ] %s\n", e.what());
+      EXPECT_NE(std::string(e.what()).find(must_mention), std::string::npos) << e.what();
+    }
+  };
+  Tensor c = Tensor::zeros({32, 32}, DType::F32, cuda());
+  expect_error([&] { gemm_fp8(c, q(32, 24, e4), q(32, 24, e4)); }, "multiples of 16");  // K = 24
+  Tensor c24 = Tensor::zeros({32, 24}, DType::F32, cuda());
+  expect_error([&] { gemm_fp8(c24, q(32, 32, e4), q(24, 32, e4)); }, "multiples of 16");  // N = 24
+  expect_error([&] { gemm_fp8(c, q(32, 32, e5), q(32, 32, e5)); }, "E5M2 x E5M2");
+  expect_error([&] { gemm_fp8(c, q(32, 32, e4, Fp8Scaling::Block1x128), q(32, 32, e4), 1.0f, 0.0f, true); },
+               "fast accumulation");
+  Tensor wrong = Tensor::zeros({31, 32}, DType::F32, cuda());
+  expect_error([&] { gemm_fp8(wrong, q(32, 32, e4), q(32, 32, e4)); }, "[32, 32]");
+  Tensor c64 = Tensor::zeros({32, 32}, DType::F64, cuda());
+  expect_error([&] { gemm_fp8(c64, q(32, 32, e4), q(32, 32, e4)); }, "bf16/fp32");
+}
+
+// ---------------------------------------------------------------- FP4 emulated on bf16
+
+TEST(GemmFp4EmulatedGpu, MatchesCpuEmulationForMxfp4AndNvfp4) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  const uint32_t seed = fresh_seed();
+  std::mt19937 rng(seed);
+  struct G {
+    int64_t m, n, k;
+  };
+  for (const G& g : {G{1, 1, 32}, G{17, 33, 96}, G{100, 64, 256}, G{3, 200, 50}}) {
+    const Tensor x = random_bf16_values({g.m, g.k}, rng), w = random_bf16_values({g.n, g.k}, rng, 0.1);
+    for (Fp4Format f : {Fp4Format::MXFP4, Fp4Format::NVFP4})
+      for (Fp4Rounding r : {Fp4Rounding::Nearest, Fp4Rounding::Stochastic}) {
+        SCOPED_TRACE(testing::Message() << "M=" << g.m << " N=" << g.n << " K=" << g.k << " format "
+                                        << int(f) << " rounding " << int(r) << " seed " << seed);
+        Fp4Options o;
+        o.format = f;
+        o.rounding = r;
+        o.seed = seed;
+        const QuantizedFp4 a = quantize_fp4(x, o);
+        o.stream = 1;
+        const QuantizedFp4 b = quantize_fp4(w, o);
+        Tensor ref = Tensor::empty({g.m, g.n}, DType::F32);
+        gemm_fp4_emulated(ref, a, b);
+        QuantizedFp4 da = a, db = b;
+        da.codes = a.codes.to(cuda());
+        da.scales = a.scales.to(cuda());
+        db.codes = b.codes.to(cuda());
+        db.scales = b.scales.to(cuda());
+        Tensor out = poisoned_cuda({g.m, g.n}, DType::F32);
+        gemm_fp4_emulated_cuda(out, da, db);
+        EXPECT_LT(rel_error(out, ref), 1e-5);
+        Tensor out16 = poisoned_cuda({g.m, g.n}, DType::BF16);
+        gemm_fp4_emulated_cuda(out16, da, db);
+        EXPECT_LT(rel_error(out16, ref), 8e-3);
+      }
+  }
+}
+
+#endif  // LASP_HAVE_CUDA
+
+}  // namespace
+}  // namespace lasp

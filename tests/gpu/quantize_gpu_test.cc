@@ -1,0 +1,378 @@
+// CUDA quantizers (kernels/quantize_cuda.h) against the CPU ones (kernels/quantize.h): codes,
+// scales, masks and tensor scales must be bit-identical; dequantization too.
+//
+// The QuantizeDeviceMath tests need no GPU: they run the host/device scalar code of
+// kernels/quantize_math.h (what the kernels execute) on the host against core/dtype.cc and the
+// CPU quantizer, so a logic error shows up even on machines without a GPU.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <vector>
+
+#include "kernels/quantize.h"
+#include "kernels/quantize_math.h"
+#include "tests/gpu/gpu_test_util.h"
+
+#ifdef LASP_HAVE_CUDA
+#include "kernels/quantize_cuda.h"
+#endif
+
+namespace lasp {
+namespace {
+
+using namespace gpu_test;
+
+bool same_float(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
+  return qmath::float_bits(a) == qmath::float_bits(b);
+}
+
+// Inputs with the cases quantizers get wrong: N(0, 1) rows at very different magnitudes, an
+// all-zero row, exact zeros, outliers, and values on format boundaries.
+Tensor tricky_input(const Shape& shape, std::mt19937& rng) {
+  Tensor t = Tensor::empty(shape, DType::F32);
+  const int64_t cols = shape.back(), rows = t.numel() / std::max<int64_t>(cols, 1);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_real_distribution<float> ud(0.0f, 1.0f);
+  float* p = t.data<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float row_scale = r % 5 == 1 ? 1e-3f : r % 5 == 2 ? 300.0f : r % 5 == 3 ? 0.0f : 1.0f;
+    for (int64_t c = 0; c < cols; ++c) {
+      float v = nd(rng) * row_scale;
+      const float u = ud(rng);
+      if (u < 0.03f) v = 0.0f;
+      if (u > 0.995f) v *= 40.0f;  // outliers
+      p[r * cols + c] = v;
+    }
+  }
+  return t;
+}
+
+// Rounds every element to bf16 (so fp32 and bf16 GPU inputs hold the same values).
+Tensor bf16_rounded(const Tensor& x) {
+  Tensor y = x.clone();
+  float* p = y.data<float>();
+  for (int64_t i = 0; i < y.numel(); ++i) p[i] = bf16_to_float(float_to_bf16(p[i]));
+  return y;
+}
+
+// Byte-exact comparison with a readable report of the first mismatches.
+::testing::AssertionResult bytes_equal(const Tensor& gpu, const Tensor& cpu, const char* what,
+                                       const Tensor* x = nullptr) {
+  const Tensor g = gpu.is_cuda() ? gpu.to(lasp::cpu()) : gpu;
+  if (g.shape() != cpu.shape() || g.dtype() != cpu.dtype())
+    return ::testing::AssertionFailure() << what << ": GPU " << g.str() << " vs CPU " << cpu.str();
+  const auto* a = static_cast<const uint8_t*>(g.raw());
+  const auto* b = static_cast<const uint8_t*>(cpu.raw());
+  const size_t elem = dtype_size(cpu.dtype());
+  int64_t bad = 0;
+  std::ostringstream first;
+  for (int64_t i = 0; i < cpu.numel(); ++i) {
+    if (std::memcmp(a + i * elem, b + i * elem, elem) == 0) continue;
+    if (bad < 5) {
+      first << "\n  [" << i << "] gpu " << g.item(i) << " cpu " << cpu.item(i);
+      if (x && x->numel() == cpu.numel()) first << " (x = " << x->item(i) << ")";
+    }
+    ++bad;
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << what << ": " << bad << " of " << cpu.numel()
+                                       << " entries differ" << first.str();
+}
+
+// ---------------------------------------------------------------- host: device math vs CPU
+
+TEST(QuantizeDeviceMath, DecodersMatchCpuForEveryCode) {
+  for (int c = 0; c < 256; ++c) {
+    const auto code = static_cast<uint8_t>(c);
+    EXPECT_TRUE(same_float(qmath::e4m3_decode(code), e4m3_to_float(code))) << "e4m3 code " << c;
+    EXPECT_TRUE(same_float(qmath::e5m2_decode(code), e5m2_to_float(code))) << "e5m2 code " << c;
+    if (c < 255) {
+      EXPECT_TRUE(same_float(qmath::e8m0_decode(code), e8m0_to_float(code))) << "e8m0 " << c;
+    }
+    if (c < 16) {
+      EXPECT_TRUE(same_float(qmath::e2m1_decode(code), e2m1_to_float(code))) << "e2m1 " << c;
+    }
+  }
+  EXPECT_TRUE(std::isnan(qmath::e8m0_decode(0xFF)));
+}
+
+TEST(QuantizeDeviceMath, EncodersMatchCpuOnGridPointsMidpointsAndRandomFloats) {
+  std::vector<float> probes = {0.0f, -0.0f, 1e-45f, -1e-45f, 1e-38f, 3e38f, -3e38f,
+                               std::numeric_limits<float>::infinity(),
+                               -std::numeric_limits<float>::infinity(),
+                               std::numeric_limits<float>::quiet_NaN()};
+  // Every representable value of each format, the midpoints between neighbours and the floats
+  // just beside them (ties to even and the rounding boundaries).
+  auto add_grid = [&](float (*decode)(uint8_t), int ncodes) {
+    std::vector<float> vals;
+    for (int c = 0; c < ncodes; ++c) {
+      const float v = decode(static_cast<uint8_t>(c));
+      if (std::isfinite(v) && v >= 0) vals.push_back(v);
+    }
+    std::sort(vals.begin(), vals.end());
+    for (size_t i = 0; i < vals.size(); ++i) {
+      for (float s : {1.0f, -1.0f}) {
+        probes.push_back(s * vals[i]);
+        if (i + 1 < vals.size()) {
+          const float mid = 0.5f * (vals[i] + vals[i + 1]);
+          probes.push_back(s * mid);
+          probes.push_back(s * std::nextafter(mid, 0.0f));
+          probes.push_back(s * std::nextafter(mid, 1e30f));
+        }
+      }
+    }
+    probes.push_back(vals.back() * 1.0625f);  // just above max: saturates
+  };
+  add_grid(e4m3_to_float, 256);
+  add_grid(e5m2_to_float, 256);
+  add_grid(e2m1_to_float, 16);
+  std::mt19937 rng(fresh_seed());
+  std::uniform_real_distribution<float> lg(-40.0f, 20.0f), sg(-1.0f, 1.0f);
+  for (int i = 0; i < 200000; ++i) probes.push_back(std::copysign(std::exp2(lg(rng)), sg(rng)));
+  int bad = 0;
+  for (float x : probes) {
+    const bool ok = qmath::e4m3_encode(x) == float_to_e4m3(x, true) &&
+                    qmath::e5m2_encode(x) == float_to_e5m2(x, true) &&
+                    qmath::e2m1_encode(x) == float_to_e2m1(x);
+    if (!ok && bad++ < 10) {
+      ADD_FAILURE() << "x = " << x << " e4m3 " << int(qmath::e4m3_encode(x)) << "/"
+                    << int(float_to_e4m3(x, true)) << " e5m2 " << int(qmath::e5m2_encode(x)) << "/"
+                    << int(float_to_e5m2(x, true)) << " e2m1 " << int(qmath::e2m1_encode(x)) << "/"
+                    << int(float_to_e2m1(x)) << " (device/cpu)";
+    }
+    if (std::isfinite(x) && x > 0) {
+      EXPECT_EQ(qmath::e8m0_floor(x), e8m0_floor(x)) << "e8m0_floor(" << x << ")";
+    }
+  }
+  EXPECT_EQ(bad, 0) << "of " << probes.size() << " probes";
+}
+
+TEST(QuantizeDeviceMath, StochasticRoundingMatchesCpu) {
+  std::mt19937 rng(fresh_seed());
+  std::uniform_real_distribution<float> v(-7.0f, 7.0f), u(0.0f, 1.0f);
+  int bad = 0;
+  for (int i = 0; i < 100000; ++i) {
+    float x = v(rng);
+    if (i % 7 == 0) x = e2m1_to_float(static_cast<uint8_t>(i % 16));  // grid points
+    const float uu = u(rng);
+    if (qmath::e2m1_round_stochastic(x, uu) != e2m1_round_stochastic(x, uu)) ++bad;
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+// The per-group routine the FP4 kernel runs, executed on the host over every group, against
+// quantize_fp4 (CPU) for each supported mode.
+TEST(QuantizeDeviceMath, Fp4GroupRoutineReproducesCpuQuantizerBitForBit) {
+  const uint32_t seed = fresh_seed();
+  std::mt19937 rng(seed);
+  struct Mode {
+    Fp4Format f;
+    Fp4Rounding r;
+    Fp4Clip c;
+  };
+  const Mode modes[] = {{Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
+                        {Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::Quest},
+                        {Fp4Format::MXFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
+                        {Fp4Format::NVFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
+                        {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax}};
+  for (const Shape& shape : {Shape{13, 77}, Shape{5, 3, 64}, Shape{1, 31}}) {
+    const Tensor x = tricky_input(shape, rng);
+    for (const Mode& m : modes) {
+      Fp4Options o;
+      o.format = m.f;
+      o.rounding = m.r;
+      o.clip = m.c;
+      o.seed = seed;
+      o.stream = 3;
+      SCOPED_TRACE(testing::Message() << "shape " << shape_str(shape) << " format " << int(m.f)
+                                      << " rounding " << int(m.r) << " clip " << int(m.c)
+                                      << " seed " << seed);
+      const QuantizedFp4 ref = quantize_fp4(x, o);
+      qmath::Fp4GroupRule rule;
+      rule.mx = m.f == Fp4Format::MXFP4;
+      rule.quest = m.c == Fp4Clip::Quest;
+      rule.stochastic = m.r == Fp4Rounding::Stochastic;
+      rule.tensor_scale = ref.tensor_scale;
+      rule.seed = o.seed;
+      rule.stream = o.stream;
+      const int64_t rows = ref.rows(), cols = ref.cols(), group = ref.group();
+      const int64_t ngroups = (cols + group - 1) / group;
+      Tensor codes = Tensor::empty(x.shape(), DType::U8), scales = Tensor::empty({rows, ngroups}, DType::U8);
+      Tensor mask = Tensor::empty(x.shape(), DType::U8);
+      const float* xs = x.data<float>();
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t g = 0; g < ngroups; ++g) {
+          const float* xr = xs + r * cols;
+          auto load = [xr](int64_t c) { return xr[c]; };
+          scales.data<uint8_t>()[r * ngroups + g] = qmath::fp4_quantize_group(
+              load, g * group, std::min(cols, (g + 1) * group), static_cast<uint64_t>(r * cols), rule,
+              codes.data<uint8_t>() + r * cols, rule.quest ? mask.data<uint8_t>() + r * cols : nullptr);
+        }
+      EXPECT_TRUE(bytes_equal(codes, ref.codes, "codes", &x));
+      EXPECT_TRUE(bytes_equal(scales, ref.scales, "scales"));
+      if (rule.quest) {
+        EXPECT_TRUE(bytes_equal(mask, ref.mask, "mask", &x));
+      }
+    }
+  }
+}
+
+#ifdef LASP_HAVE_CUDA
+
+// ---------------------------------------------------------------- GPU vs CPU
+
+const Shape kShapes[] = {{1, 1}, {3, 17}, {37, 200}, {130, 129}, {2, 129, 300}, {256, 256}};
+
+TEST(QuantizeGpu, Fp8CodesAndScalesMatchCpuForEveryScalingFormatAndInputDtype) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  const uint32_t seed = fresh_seed();
+  std::mt19937 rng(seed);
+  for (const Shape& shape : kShapes) {
+    const Tensor x = bf16_rounded(tricky_input(shape, rng));
+    for (Fp8Format f : {Fp8Format::E4M3, Fp8Format::E5M2})
+      for (Fp8Scaling s : {Fp8Scaling::PerTensor, Fp8Scaling::Block1x128, Fp8Scaling::Block128x128})
+        for (DType in : {DType::F32, DType::BF16}) {
+          SCOPED_TRACE(testing::Message() << "shape " << shape_str(shape) << " format " << int(f)
+                                          << " scaling " << int(s) << " input " << dtype_name(in)
+                                          << " seed " << seed);
+          const QuantizedFp8 ref = quantize_fp8(x, f, s);
+          const QuantizedFp8 q = quantize_fp8_cuda(to_cuda(x, in), f, s);
+          EXPECT_EQ(q.format, f);
+          EXPECT_EQ(q.scaling, s);
+          EXPECT_TRUE(bytes_equal(q.codes, ref.codes, "codes", &x));
+          EXPECT_TRUE(bytes_equal(q.scales, ref.scales, "scales"));
+          // Dequantization: fp32 bit-exact; bf16 = the CPU value rounded once.
+          const Tensor deq_ref = dequantize_fp8(ref);
+          Tensor out = poisoned_cuda(shape, DType::F32);
+          dequantize_fp8_cuda(out, q);
+          EXPECT_TRUE(bytes_equal(out, deq_ref, "dequantized fp32"));
+          Tensor out16 = poisoned_cuda(shape, DType::BF16);
+          dequantize_fp8_cuda(out16, q);
+          EXPECT_TRUE(bytes_equal(out16.to(lasp::cpu()).to(DType::F32), bf16_rounded(deq_ref),
+                                  "dequantized bf16"));
+        }
+  }
+}
+
+TEST(QuantizeGpu, Fp8DelayedScalingFollowsTheSameHistoryAsCpu) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  AmaxHistory cpu_hist(3), gpu_hist(3);
+  for (int step = 0; step < 6; ++step) {
+    Tensor x = tricky_input({40, 96}, rng);
+    if (step == 2) x.set_item(5, 1e4);  // an outlier: saturates now, widens the next scales
+    const QuantizedFp8 ref = quantize_fp8(x, Fp8Format::E4M3, Fp8Scaling::PerTensor, &cpu_hist);
+    const QuantizedFp8 q = quantize_fp8_cuda(x.to(cuda()), Fp8Format::E4M3, Fp8Scaling::PerTensor, &gpu_hist);
+    EXPECT_TRUE(bytes_equal(q.codes, ref.codes, "codes", &x)) << "step " << step;
+    EXPECT_TRUE(bytes_equal(q.scales, ref.scales, "scales")) << "step " << step;
+    EXPECT_EQ(gpu_hist.amax(), cpu_hist.amax()) << "step " << step;
+  }
+}
+
+TEST(QuantizeGpu, Fp8NonFiniteInputPoisonsTheScaleInsteadOfPassingSilently) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  Tensor x = Tensor::full({4, 32}, 1.0, DType::F32);
+  x.set_item(7, std::nan(""));
+  const QuantizedFp8 q = quantize_fp8_cuda(x.to(cuda()), Fp8Format::E4M3, Fp8Scaling::PerTensor);
+  EXPECT_TRUE(std::isnan(q.scales.to_vector()[0])) << "per-tensor scale must be NaN for a NaN input";
+  AmaxHistory hist(2);
+  EXPECT_THROW(quantize_fp8_cuda(x.to(cuda()), Fp8Format::E4M3, Fp8Scaling::PerTensor, &hist), Error);
+}
+
+TEST(QuantizeGpu, Fp4CodesScalesMasksAndTensorScaleMatchCpuInEveryMode) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  const uint32_t seed = fresh_seed();
+  std::mt19937 rng(seed);
+  struct Mode {
+    Fp4Format f;
+    Fp4Rounding r;
+    Fp4Clip c;
+  };
+  const Mode modes[] = {{Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
+                        {Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::Quest},
+                        {Fp4Format::MXFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
+                        {Fp4Format::NVFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
+                        {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax}};
+  for (const Shape& shape : kShapes) {
+    const Tensor x = bf16_rounded(tricky_input(shape, rng));
+    for (const Mode& m : modes)
+      for (DType in : {DType::F32, DType::BF16}) {
+        Fp4Options o;
+        o.format = m.f;
+        o.rounding = m.r;
+        o.clip = m.c;
+        o.seed = seed;
+        o.stream = 11;
+        SCOPED_TRACE(testing::Message() << "shape " << shape_str(shape) << " format " << int(m.f)
+                                        << " rounding " << int(m.r) << " clip " << int(m.c)
+                                        << " input " << dtype_name(in) << " seed " << seed);
+        const QuantizedFp4 ref = quantize_fp4(x, o);
+        const QuantizedFp4 q = quantize_fp4_cuda(to_cuda(x, in), o);
+        EXPECT_EQ(qmath::float_bits(q.tensor_scale), qmath::float_bits(ref.tensor_scale))
+            << "tensor_scale gpu " << q.tensor_scale << " cpu " << ref.tensor_scale;
+        EXPECT_TRUE(bytes_equal(q.codes, ref.codes, "codes", &x));
+        EXPECT_TRUE(bytes_equal(q.scales, ref.scales, "scales"));
+        if (m.c == Fp4Clip::Quest) {
+          EXPECT_TRUE(bytes_equal(q.mask, ref.mask, "mask", &x));
+        }
+        for (bool with_ts : {true, false}) {
+          Tensor out = poisoned_cuda(shape, DType::F32);
+          dequantize_fp4_cuda(out, q, with_ts);
+          EXPECT_TRUE(bytes_equal(out, dequantize_fp4(ref, with_ts), "dequantized")) << "with_ts " << with_ts;
+        }
+        // Without the tensor scale, bf16 holds every dequantized value exactly.
+        Tensor out16 = poisoned_cuda(shape, DType::BF16);
+        dequantize_fp4_cuda(out16, q, false);
+        EXPECT_TRUE(bytes_equal(out16.to(lasp::cpu()).to(DType::F32), dequantize_fp4(ref, false),
+                                "dequantized bf16 (exact)"));
+      }
+  }
+}
+
+TEST(QuantizeGpu, Fp4StochasticRoundingDependsOnlyOnSeedStreamAndIndex) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  std::mt19937 rng(fresh_seed());
+  const Tensor x = tricky_input({64, 96}, rng);
+  Fp4Options o;
+  o.rounding = Fp4Rounding::Stochastic;
+  o.seed = 1234;
+  const Tensor a = quantize_fp4_cuda(x.to(cuda()), o).codes.to(lasp::cpu());
+  const Tensor b = quantize_fp4_cuda(x.to(cuda()), o).codes.to(lasp::cpu());
+  EXPECT_TRUE(bytes_equal(a, b, "same seed twice"));
+  o.seed = 1235;
+  const Tensor c = quantize_fp4_cuda(x.to(cuda()), o).codes.to(lasp::cpu());
+  EXPECT_FALSE(bytes_equal(c, a, "another seed")) << "a different seed must change some draws";
+}
+
+TEST(QuantizeGpu, UnsupportedModesAndBadInputsFailWithAClearError) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  const Tensor x = Tensor::full({4, 32}, 1.0, DType::F32, cuda());
+  Fp4Options o;
+  o.rounding = Fp4Rounding::MsEden;
+  EXPECT_THROW(quantize_fp4_cuda(x, o), Error);
+  o.rounding = Fp4Rounding::Stochastic;
+  o.clip = Fp4Clip::Quest;
+  EXPECT_THROW(quantize_fp4_cuda(x, o), Error);
+  Tensor bad = Tensor::full({4, 32}, 1.0, DType::F32);
+  bad.set_item(3, INFINITY);
+  EXPECT_THROW(quantize_fp4_cuda(bad.to(cuda()), Fp4Options{}), Error);
+  EXPECT_THROW(quantize_fp8_cuda(Tensor::full({4, 32}, 1.0, DType::F32), Fp8Format::E4M3,
+                                 Fp8Scaling::PerTensor),
+               Error)
+      << "CPU tensors must be refused";
+  AmaxHistory hist;
+  EXPECT_THROW(quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128, &hist), Error);
+}
+
+#endif  // LASP_HAVE_CUDA
+
+}  // namespace
+}  // namespace lasp
