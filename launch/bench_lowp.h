@@ -1,0 +1,17 @@
+// `lasp bench lowp`: bf16 vs FP8 GEMMs on the GPU, plus the FP8 quantization kernels.
+//
+// Shapes (y[M, N] = x[M, K] W[N, K]^T, the linear layer's layout): 8192^3 and the 1B model's
+// projections at M = 16384 tokens (K x N = 2048x2048, 2048x8192, 8192x2048). One table:
+//   shape, bf16 ms, fp8 ms (per-tensor E4M3 x E4M3 -> bf16, cuBLASLt, fast accumulation off),
+//   fp8 1x128/128x128 block-scaled ms, TFLOP/s of each, time / floor (floors: 790 TFLOP/s
+//   bf16, 1450 TFLOP/s fp8, dense H200 rates), fp8 speedup over bf16, and the time of
+//   quantizing x (bf16 -> E4M3 per tensor and 1x128).
+//   --iters N (default 20), --warmup N (default 5), --quick (4096^3 and M = 4096)
+// Returns non-zero with a message in a CPU-only build or without a GPU.
+#pragma once
+
+namespace lasp {
+
+int bench_lowp_main(int argc, char** argv);
+
+}  // namespace lasp
