@@ -35,6 +35,17 @@ namespace {
 std::atomic<int> g_stop_signal{0};
 void on_stop_signal(int sig) { g_stop_signal = sig; }
 
+// Routes SIGINT and SIGTERM to the stop flag while a run is in progress; restores the old handlers.
+struct StopSignalGuard {
+  StopSignalGuard() : prev_int(std::signal(SIGINT, on_stop_signal)), prev_term(std::signal(SIGTERM, on_stop_signal)) {}
+  ~StopSignalGuard() {
+    std::signal(SIGINT, prev_int);
+    std::signal(SIGTERM, prev_term);
+  }
+  void (*prev_int)(int);
+  void (*prev_term)(int);
+};
+
 double now_s() {
   using namespace std::chrono;
   return duration<double>(steady_clock::now().time_since_epoch()).count();
@@ -171,6 +182,8 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   Grid grid(comm ? *comm : world(), static_cast<int>(cfg.parallel.tp), static_cast<int>(cfg.parallel.sp), static_cast<int>(cfg.parallel.dp));
   const bool rank0 = grid.world().rank() == 0;
   const Device device = training_device(cfg, config_source);
+  g_stop_signal = 0;  // a signal that stopped an earlier run in this process is spent
+  StopSignalGuard signals;  // SIGTERM/SIGINT from here on: finish the step, checkpoint, return
   set_comm_timeout(cfg.parallel.comm_timeout_s);
 
   // Run folder and the resolved configuration.
@@ -254,8 +267,6 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
     save_checkpoint(cfg.run.dir, st, static_cast<int>(cfg.checkpoint.keep_last), [&grid] { grid.world().barrier(); });
     if (rank0) LASP_INFO() << "checkpoint saved at step " << step;
   };
-  auto prev_int = std::signal(SIGINT, on_stop_signal);
-  auto prev_term = std::signal(SIGTERM, on_stop_signal);
 
   const int64_t T = cfg.train.seq_len, B = cfg.train.batch_size;
   const double global_tokens = static_cast<double>(B * T * grid.dp());
@@ -351,13 +362,9 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
       } else if (rank0) {
         LASP_INFO() << "stopped after " << stop_after << " steps (--stop-after); resume with checkpoint.resume=auto";
       }
-      std::signal(SIGINT, prev_int);
-      std::signal(SIGTERM, prev_term);
       return result;
     }
   }
-  std::signal(SIGINT, prev_int);
-  std::signal(SIGTERM, prev_term);
   if (profile_enabled() && rank0) LASP_INFO() << profile_report();
   result.on_cuda = device.is_cuda();
   result.peak_memory_mib = device.is_cuda() ? cuda_memory_stats().peak_allocated / 1048576.0 : peak_rss_mib();

@@ -1,10 +1,14 @@
 // The training loop end to end on CPU: the loss falls, resume is exact, bad states stop training.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
+#include <csignal>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 
 #include "core/check.h"
 #include "core/config.h"
@@ -69,6 +73,33 @@ TEST(Train, ResumeGivesBitIdenticalLosses) {
   ASSERT_EQ(a.losses.size(), 40u);
   ASSERT_EQ(b.losses.size(), 20u);
   for (int i = 0; i < 20; ++i) EXPECT_EQ(a.losses[20 + i], b.losses[i]) << "step " << 21 + i;
+}
+
+TEST(Train, SigtermSavesACheckpointAndStopsAfterTheCurrentStep) {
+  set_log_quiet(true);
+  Config c = small_config(fresh_dir("sigterm"));
+  c.train.steps = 100000;  // would take far too long: the signal must end it
+  c.checkpoint.every = 0;
+  const std::string dir = c.run.dir;
+  std::thread killer([dir] {
+    // config.yaml is written after train() took over SIGTERM; give it a few steps more.
+    while (!std::filesystem::exists(dir + "/config.yaml")) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    std::raise(SIGTERM);
+  });
+  const TrainResult r = train(c, "small.yaml");
+  killer.join();
+  EXPECT_GT(r.steps_done, 0);
+  EXPECT_LT(r.steps_done, 100000);
+  char name[32];
+  std::snprintf(name, sizeof name, "step_%08lld", static_cast<long long>(r.steps_done));
+  EXPECT_TRUE(std::filesystem::exists(std::filesystem::path(c.run.dir) / "checkpoints" / name / "manifest.pb"))
+      << "expected a checkpoint of step " << r.steps_done;
+  // The run continues from it.
+  Config more = c;
+  more.train.steps = r.steps_done + 2;
+  more.checkpoint.resume = "auto";
+  EXPECT_EQ(train(more, "small.yaml").losses.size(), 2u);
 }
 
 TEST(Train, NonFiniteLossStopsWithAReport) {
