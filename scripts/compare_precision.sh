@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The precision comparison: the same small model (configs/tiny.yaml, or $LASP_CONFIG) trained for
+# the same tokens, one process on CPU, with the attention and MLP projections in
+#   bf16           full precision (fp32 on CPU)
+#   fp8            E4M3 forward, E5M2 gradients ($FP8_SCALING: per_tensor | delayed | block)
+#   mxfp4_sr       Quartet: MXFP4 QuEST forward, MXFP4 stochastic-rounding backward
+#   nvfp4_sr       NVFP4 RTN forward, NVFP4 stochastic-rounding backward
+#   nvfp4_ms_eden  NVFP4 RTN forward, NVFP4 MS-EDEN backward (Quartet II)
+# The LM head stays in bf16 in every run (it is fused with the cross-entropy, not a projection).
+# Runs go to runs/precision/<name>; the loss curves to runs/precision/loss.png; the script ends
+# with a table of final validation losses and their gaps relative to bf16.
+#   scripts/compare_precision.sh                        # all five runs, sequentially
+#   VARIANTS="bf16 fp8" scripts/compare_precision.sh --set train.steps=50   # extra args -> lasp train
+#   SKIP_TRAIN=1 scripts/compare_precision.sh           # only the plot and the table
+# On CPU the FP4 runs cost ~3 s a step (emulated quantizers), the bf16 run ~0.15 s: the measured
+# comparison in docs/low_precision.md uses --set train.steps=100.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+export LASP_CUDA=${LASP_CUDA:-OFF}
+export LASP_BUILD_DIR=${LASP_BUILD_DIR:-$root/build-train}
+export LASP_JOBS=${LASP_JOBS:-2}
+config=${LASP_CONFIG:-$root/configs/tiny.yaml}
+out=${PRECISION_DIR:-runs/precision}
+variants=${VARIANTS:-"bf16 fp8 mxfp4_sr nvfp4_sr nvfp4_ms_eden"}
+block=${HADAMARD_BLOCK:-32}  # divides the tiny model's 128 / 64 / 384 and the 2048 tokens per step
+fp8_scaling=${FP8_SCALING:-per_tensor}
+python=${PYTHON:-/usr/bin/python3}
+# One BLAS thread: the emulated low-precision runs spend most of their time in the (single-threaded)
+# quantizers, and spinning BLAS threads only compete with them for the cores.
+export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
+
+if [ -z "${SKIP_TRAIN:-}" ]; then
+  "$root/scripts/build.sh" --target lasp
+fi
+
+# The --set overrides of one variant.
+variant_args() {
+  case "$1" in
+    bf16) echo "--set precision.attention=bf16 --set precision.mlp=bf16" ;;
+    fp8) echo "--set precision.attention=fp8 --set precision.mlp=fp8 --set precision.fp8_scaling=$fp8_scaling" ;;
+    mxfp4_sr) echo "--set precision.attention=fp4 --set precision.mlp=fp4 --set precision.fp4_format=mxfp4 --set precision.fp4_backward=sr --set precision.hadamard_block=$block" ;;
+    nvfp4_sr) echo "--set precision.attention=fp4 --set precision.mlp=fp4 --set precision.fp4_format=nvfp4 --set precision.fp4_backward=sr --set precision.hadamard_block=$block" ;;
+    nvfp4_ms_eden) echo "--set precision.attention=fp4 --set precision.mlp=fp4 --set precision.fp4_format=nvfp4 --set precision.fp4_backward=ms_eden --set precision.hadamard_block=$block" ;;
+    *) echo "compare_precision.sh: unknown variant '$1' (bf16 fp8 mxfp4_sr nvfp4_sr nvfp4_ms_eden)" >&2; return 1 ;;
+  esac
+}
+
+files=()
+for v in $variants; do
+  args=$(variant_args "$v")
+  if [ -z "${SKIP_TRAIN:-}" ]; then
+    rm -rf "$out/$v"
+    mkdir -p "$out"
+    echo "=== $v: lasp train $config $args $*"
+    start=$(date +%s)
+    # shellcheck disable=SC2086  # $args is a list of words
+    "$LASP_BUILD_DIR/lasp" train "$config" --set run.dir="$out/$v" --set checkpoint.every=-1 $args "$@" \
+      >"$out/$v.log" 2>&1 || { tail -20 "$out/$v.log"; echo "=== $v failed (log: $out/$v.log)" >&2; exit 1; }
+    echo "    $(( $(date +%s) - start )) s, $(grep -o 'final validation loss.*' "$out/$v.log" | tail -1)"
+  fi
+  files+=("$out/$v/metrics.jsonl")
+done
+
+"$python" "$root/scripts/plot_metrics.py" "${files[@]}" -o "$out/loss.png" \
+  --title "tiny model, same tokens: projections in bf16 / fp8 / fp4 (lm_head bf16)"
+echo "plot: $out/loss.png"
+
+# Final validation loss (the last val_loss of each run) and the gap relative to bf16.
+"$python" - "${files[@]}" <<'PY'
+import json, os, sys
+rows = []
+for path in sys.argv[1:]:
+    val, loss = None, None
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("val_loss") is not None: val = r["val_loss"]
+            if r.get("loss") is not None: loss = r["loss"]
+    rows.append((os.path.basename(os.path.dirname(path)), val, loss))
+base = dict((n, v) for n, v, _ in rows).get("bf16")
+print("| run | final val loss | gap vs bf16 | final train loss |")
+print("|---|---|---|---|")
+for name, val, loss in rows:
+    gap = f"{100 * (val - base) / base:+.2f}%" if base and val is not None else "-"
+    fmt = lambda x: f"{x:.4f}" if x is not None else "-"
+    print(f"| {name} | {fmt(val)} | {gap} | {fmt(loss)} |")
+PY
