@@ -3,6 +3,11 @@
 // The math and the API are in quantize.h; the scale rules are spelled out where they are chosen.
 #include "kernels/quantize.h"
 
+#ifdef LASP_HAVE_CUDA
+#include "kernels/gemm_fp8.h"
+#include "kernels/quantize_cuda.h"
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -115,6 +120,9 @@ int64_t fp8_scale_index(const QuantizedFp8& q, int64_t r, int64_t c) {
 
 QuantizedFp8 quantize_fp8(const Tensor& x, Fp8Format format, Fp8Scaling scaling,
                           AmaxHistory* delayed) {
+#ifdef LASP_HAVE_CUDA
+  if (x.is_cuda()) return quantize_fp8_cuda(x, format, scaling, delayed);
+#endif
   const Rows2D d = check_input(x, "quantize_fp8");
   LASP_CHECK(delayed == nullptr || scaling == Fp8Scaling::PerTensor)
       << "quantize_fp8: delayed (amax history) scaling is per tensor only";
@@ -158,6 +166,9 @@ QuantizedFp8 quantize_fp8(const Tensor& x, Fp8Format format, Fp8Scaling scaling,
 }
 
 void dequantize_fp8(Tensor& out, const QuantizedFp8& q) {
+#ifdef LASP_HAVE_CUDA
+  if (q.codes.is_cuda()) return dequantize_fp8_cuda(out, q);
+#endif
   check_tensor(out, "dequantize_fp8: out", DType::F32, q.codes.shape());
   const uint8_t* codes = q.codes.data<uint8_t>();
   const float* scales = q.scales.data<float>();
@@ -171,12 +182,15 @@ void dequantize_fp8(Tensor& out, const QuantizedFp8& q) {
 }
 
 Tensor dequantize_fp8(const QuantizedFp8& q) {
-  Tensor out = Tensor::empty(q.codes.shape(), DType::F32);
+  Tensor out = Tensor::empty(q.codes.shape(), DType::F32, q.codes.device());
   dequantize_fp8(out, q);
   return out;
 }
 
 void gemm_fp8_emulated(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b) {
+#ifdef LASP_HAVE_CUDA
+  if (c.is_cuda()) return gemm_fp8(c, a, b);  // cuBLASLt FP8 on Hopper
+#endif
   LASP_CHECK(a.cols() == b.cols()) << "gemm_fp8_emulated: inner dims differ, A " << a.codes.str()
                                    << ", B " << b.codes.str();
   check_tensor(c, "gemm_fp8_emulated: c", DType::F32, {a.rows(), b.rows()});
@@ -247,6 +261,9 @@ QuantizedFp4 quantize_nvfp4(const Tensor& x, Fp4Rounding rounding, uint64_t seed
 }
 
 QuantizedFp4 quantize_fp4(const Tensor& x, const Fp4Options& opt) {
+#ifdef LASP_HAVE_CUDA
+  if (x.is_cuda()) return quantize_fp4_cuda(x, opt);
+#endif
   const Rows2D d = check_input(x, "quantize_fp4");
   const bool mx = opt.format == Fp4Format::MXFP4;
   const bool quest = opt.clip == Fp4Clip::Quest;
@@ -362,6 +379,9 @@ QuantizedFp4 quantize_fp4(const Tensor& x, const Fp4Options& opt) {
 }
 
 void dequantize_fp4(Tensor& out, const QuantizedFp4& q, bool with_tensor_scale) {
+#ifdef LASP_HAVE_CUDA
+  if (q.codes.is_cuda()) return dequantize_fp4_cuda(out, q, with_tensor_scale);
+#endif
   check_tensor(out, "dequantize_fp4: out", DType::F32, q.codes.shape());
   const int64_t rows = q.rows(), cols = q.cols(), group = q.group();
   const uint8_t* codes = q.codes.data<uint8_t>();
@@ -375,12 +395,15 @@ void dequantize_fp4(Tensor& out, const QuantizedFp4& q, bool with_tensor_scale) 
 }
 
 Tensor dequantize_fp4(const QuantizedFp4& q, bool with_tensor_scale) {
-  Tensor out = Tensor::empty(q.codes.shape(), DType::F32);
+  Tensor out = Tensor::empty(q.codes.shape(), DType::F32, q.codes.device());
   dequantize_fp4(out, q, with_tensor_scale);
   return out;
 }
 
 void gemm_fp4_emulated(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b) {
+#ifdef LASP_HAVE_CUDA
+  if (c.is_cuda()) return gemm_fp4_emulated_cuda(c, a, b);  // exact dequantize + bf16 GEMM on sm_90
+#endif
   LASP_CHECK(a.format == b.format) << "gemm_fp4_emulated: operands in different FP4 formats";
   LASP_CHECK(a.cols() == b.cols()) << "gemm_fp4_emulated: inner dims differ, A " << a.codes.str()
                                    << ", B " << b.codes.str();

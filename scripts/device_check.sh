@@ -121,6 +121,13 @@ if [ -z "$LASP_BIN" ] && [ -n "$GPU_BIN" ]; then
   BENCH_RESULT="rc=$? (through lasp_gpu_tests --gtest_filter=BenchKernels.*)"
 fi
 
+# ---- 4b. low-precision GEMMs (bf16 vs fp8) ----
+LOWP_RESULT="not run"
+if [ -n "$LASP_BIN" ]; then
+  timeout "$(left 120)" "$LASP_BIN" bench lowp 2>&1 | tee "$OUT/bench_lowp.log" | tail -20
+  LOWP_RESULT="rc=$? (lasp bench lowp)"
+fi
+
 # ---- 5. training on the GPU: the 1B linear model, a few steps ----
 TRAIN_RESULT="not run"
 if [ -n "$LASP_BIN" ] && ((TRAIN)); then
@@ -162,6 +169,7 @@ grep -E '^\[  FAILED  \] [A-Za-z]' "$OUT/cpu_tests.log" 2>/dev/null | sort -u | 
 say "training:   $TRAIN_RESULT"
 say "tensorboard: ${TB_RESULT:-not run}"
 say "multi-gpu:  $MPI_RESULT"
+say "lowp bench: $LOWP_RESULT"
 say "benchmark:  $BENCH_RESULT"
 if [ -f "$OUT/bench.log" ]; then
   sed -n '/^HBM bandwidth/p;/^GEMM/,$p' "$OUT/bench.log" | grep -v '^\[' | tee -a "$SUMMARY"
