@@ -9,7 +9,7 @@
 #
 # usage: scripts/reproduce_lasp2.sh [--gpus N] [--models linear,hybrid] [--methods lasp2,lasp1,ring]
 #                                   [--min-per-gpu 16384] [--max-per-gpu 1048576] [--steps 3]
-#                                   [--hostfile FILE] [--time-limit SECONDS]
+#                                   [--hostfile FILE] [--time-limit SECONDS] [--factor 2]
 # Several nodes: pass an Open MPI host file (one line per node: "node1 slots=8") with --hostfile and
 # --gpus = the total GPU count; the run directory must be on a shared file system.
 set -uo pipefail
@@ -22,6 +22,7 @@ max_per=1048576
 steps=3
 hostfile=""
 time_limit=900
+factor=2
 while [ $# -gt 0 ]; do
   case "$1" in
     --gpus) gpus=$2; shift ;;
@@ -32,6 +33,7 @@ while [ $# -gt 0 ]; do
     --steps) steps=$2; shift ;;
     --hostfile) hostfile=$2; shift ;;
     --time-limit) time_limit=$2; shift ;;
+    --factor) factor=$2; shift ;;
     -h|--help) sed -n 2,16p "$0"; exit 0 ;;
     *) echo "reproduce_lasp2.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -75,7 +77,7 @@ for model in ${models//,/ }; do
         echo "$model,$method,$total,$per,,,,,$gpus" >>"$out/raw/rows.csv"
         break
       fi
-      per=$((per * 2))
+      per=$((per * factor))
     done
   done
 done
