@@ -57,8 +57,8 @@ say "== device_check $(date -u +%FT%TZ) in $ROOT"
   nvcc --version | tail -2
   cmake --version | head -1
   uname -r
-} >"$OUT/env.txt" 2>&1
-head -2 "$OUT/env.txt" | tee -a "$SUMMARY"
+} >/tmp/lasp_env.txt 2>&1
+tee -a "$SUMMARY" </tmp/lasp_env.txt
 
 # ---- 1. build ----
 GPU_BIN="" CPU_BIN="" LASP_BIN="" BUILD_STATUS="failed"
@@ -136,6 +136,9 @@ if [ -n "$LASP_BIN" ] && ((TRAIN)); then
     timeout "$(left 200)" "$LASP_BIN" train "$ROOT/configs/$cfg" --set train.steps="$TRAIN_STEPS" \
       --set run.dir=/tmp/lasp-run-$name $TRAIN_SET 2>&1 | grep -v '^  ' | tee "$OUT/train_$name.log" | tail -12
     TRAIN_RESULT="$TRAIN_RESULT | $name rc=$? $(grep -E '^step' "$OUT/train_$name.log" | tail -1)"
+    # Where the time goes (LASP_PROFILE synchronises around every region, so this run is slower).
+    LASP_PROFILE=1 timeout "$(left 120)" "$LASP_BIN" train "$ROOT/configs/$cfg" --set train.steps=3 \
+      --set run.dir=/tmp/lasp-prof-$name $TRAIN_SET 2>&1 | sed -n '/^profile/,$p' >>"$OUT/train_$name.log"
   done
   TRAIN_RESULT=${TRAIN_RESULT#not run | }
   # TensorBoard reads the event files the run wrote (issue: metrics).
