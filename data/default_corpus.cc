@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/random.h"
 #include "data/dataset.h"
 
 namespace lasp {
@@ -41,12 +42,7 @@ namespace {
 class CorpusRng {
  public:
   explicit CorpusRng(uint64_t seed) : state_(seed) {}
-  uint64_t next() {
-    uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
+  uint64_t next() { return splitmix64(state_); }
   // Uniform in [0, n) (multiply-shift; the bias is below 2^-50 for our n).
   int below(int n) { return static_cast<int>((static_cast<unsigned __int128>(next()) * n) >> 64); }
   int range(int lo, int hi) { return lo + below(hi - lo + 1); }  // inclusive

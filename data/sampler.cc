@@ -3,18 +3,12 @@
 #include <utility>
 
 #include "core/check.h"
+#include "core/random.h"
 #include "data/dataset.h"
 
 namespace lasp {
 
 namespace {
-
-uint64_t splitmix64(uint64_t& state) {
-  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 // Uniform in [0, n), exact (Lemire's multiply-shift with rejection).
 uint64_t uniform_below(uint64_t& state, uint64_t n) {

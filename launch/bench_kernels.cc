@@ -2,6 +2,7 @@
 // tiled over each tensor: never zeros, which run faster than real data), and every tensor is far
 // larger than L2, so repeated runs measure HBM, not the cache.
 #include "launch/bench_kernels.h"
+#include "launch/bench_util.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -56,45 +57,13 @@ struct Row {
   double ms, floor_ms;
 };
 
-// Median time in ms of fn() over `iters` runs after `warmup` runs, each bracketed by events.
 double time_ms(const std::function<void()>& fn, const Options& opt) {
-  auto stream = static_cast<cudaStream_t>(current_stream().handle);
-  for (int i = 0; i < opt.warmup; ++i) fn();
-  BENCH_CUDA(cudaStreamSynchronize(stream));
-  cudaEvent_t start, stop;
-  BENCH_CUDA(cudaEventCreate(&start));
-  BENCH_CUDA(cudaEventCreate(&stop));
-  std::vector<double> t;
-  for (int i = 0; i < opt.iters; ++i) {
-    BENCH_CUDA(cudaEventRecord(start, stream));
-    fn();
-    BENCH_CUDA(cudaEventRecord(stop, stream));
-    BENCH_CUDA(cudaEventSynchronize(stop));
-    float ms = 0;
-    BENCH_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    t.push_back(ms);
-  }
-  BENCH_CUDA(cudaEventDestroy(start));
-  BENCH_CUDA(cudaEventDestroy(stop));
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return median_event_ms(fn, opt.iters, opt.warmup);
 }
 
 // A random bf16 tensor on the GPU: one random block, tiled.
 Tensor random_bf16(const Shape& shape, double stddev, uint32_t seed) {
-  Tensor t = Tensor::empty(shape, DType::BF16, cuda());
-  const int64_t n = t.numel();
-  const int64_t block = std::min<int64_t>(n, int64_t{1} << 24);
-  std::vector<uint16_t> host(static_cast<size_t>(block));
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, static_cast<float>(stddev));
-  for (auto& h : host) h = float_to_bf16(dist(rng));
-  auto* dst = static_cast<uint16_t*>(t.raw());
-  for (int64_t off = 0; off < n; off += block) {
-    const int64_t len = std::min(block, n - off);
-    device_memcpy(dst + off, cuda(), host.data(), cpu(), static_cast<size_t>(len) * 2);
-  }
-  return t;
+  return random_bf16_cuda(shape, stddev, seed);
 }
 
 Tensor random_f32(const Shape& shape, float lo, float hi, uint32_t seed) {

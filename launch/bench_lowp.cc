@@ -1,6 +1,7 @@
 // Low-precision GEMM benchmark (see bench_lowp.h). Inputs are random bf16 (one random 16 Mi
 // element block tiled over each tensor: never zeros, which run faster than real data).
 #include "launch/bench_lowp.h"
+#include "launch/bench_util.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -52,44 +53,12 @@ struct Options {
   bool quick = false;
 };
 
-// Median ms of fn() over `iters` event-bracketed runs after `warmup` runs.
 double time_ms(const std::function<void()>& fn, const Options& opt) {
-  auto stream = static_cast<cudaStream_t>(current_stream().handle);
-  for (int i = 0; i < opt.warmup; ++i) fn();
-  LOWP_CUDA(cudaStreamSynchronize(stream));
-  cudaEvent_t start, stop;
-  LOWP_CUDA(cudaEventCreate(&start));
-  LOWP_CUDA(cudaEventCreate(&stop));
-  std::vector<double> t;
-  for (int i = 0; i < opt.iters; ++i) {
-    LOWP_CUDA(cudaEventRecord(start, stream));
-    fn();
-    LOWP_CUDA(cudaEventRecord(stop, stream));
-    LOWP_CUDA(cudaEventSynchronize(stop));
-    float ms = 0;
-    LOWP_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    t.push_back(ms);
-  }
-  LOWP_CUDA(cudaEventDestroy(start));
-  LOWP_CUDA(cudaEventDestroy(stop));
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return median_event_ms(fn, opt.iters, opt.warmup);
 }
 
 Tensor random_bf16(const Shape& shape, double stddev, uint32_t seed) {
-  Tensor t = Tensor::empty(shape, DType::BF16, cuda());
-  const int64_t n = t.numel();
-  const int64_t block = std::min<int64_t>(n, int64_t{1} << 24);
-  std::vector<uint16_t> host(static_cast<size_t>(block));
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, static_cast<float>(stddev));
-  for (auto& h : host) h = float_to_bf16(dist(rng));
-  auto* dst = static_cast<uint16_t*>(t.raw());
-  for (int64_t off = 0; off < n; off += block) {
-    const int64_t len = std::min(block, n - off);
-    device_memcpy(dst + off, cuda(), host.data(), cpu(), static_cast<size_t>(len) * 2);
-  }
-  return t;
+  return random_bf16_cuda(shape, stddev, seed);
 }
 
 struct Shape3 {

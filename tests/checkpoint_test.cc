@@ -16,6 +16,7 @@
 
 #include "core/check.h"
 #include "data/checksum.h"
+#include "tests/test_util.h"
 #include "launch/checkpoint.h"
 #include "launch/checkpoint.pb.h"
 
@@ -24,18 +25,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "lasp_ckpt_test_XXXXXX").string();
-    path_ = mkdtemp(tmpl.data());
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
+using testing::TempDir;
 
 // Bitwise CRC32 (reflected 0xEDB88320), the reference for the table-driven one.
 uint32_t reference_crc32(const void* data, size_t n) {

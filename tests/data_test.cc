@@ -18,26 +18,14 @@
 
 #include "core/check.h"
 #include "data/dataset.h"
+#include "tests/test_util.h"
 
 namespace lasp {
 namespace {
 
 namespace fs = std::filesystem;
 
-// A fresh directory under /tmp, removed when the test ends.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "lasp_data_test_XXXXXX").string();
-    path_ = mkdtemp(tmpl.data());
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
+using testing::TempDir;
 
 std::vector<uint32_t> random_tokens(std::mt19937_64& rng, size_t n, uint32_t vocab) {
   std::vector<uint32_t> t(n);

@@ -13,6 +13,7 @@
 
 #include "core/check.h"
 #include "data/checksum.h"
+#include "tests/test_util.h"
 #include "launch/metrics.h"
 #include "launch/tensorboard.pb.h"
 
@@ -21,18 +22,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "lasp_metrics_test_XXXXXX").string();
-    path_ = mkdtemp(tmpl.data());
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
+using testing::TempDir;
 
 // Bitwise CRC32C (Castagnoli, reflected 0x82F63B78) and TFRecord's mask, written from the spec.
 uint32_t reference_crc32c(const void* data, size_t n) {

@@ -3,14 +3,35 @@
 
 #include <gtest/gtest.h>
 
+#include <stdlib.h>
+
 #include <cmath>
+#include <filesystem>
 #include <functional>
+#include <string>
 #include <limits>
 #include <random>
 
 #include "core/tensor.h"
 
 namespace lasp::testing {
+
+// A fresh directory under the temporary folder, removed when the test ends.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& prefix = "lasp_test") {
+    std::string tmpl = (std::filesystem::temp_directory_path() / (prefix + "_XXXXXX")).string();
+    path_ = mkdtemp(tmpl.data());
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
 
 inline Tensor random_tensor(const Shape& shape, std::mt19937& rng, double scale = 1.0,
                             DType dtype = DType::F64) {

@@ -5,19 +5,12 @@
 #include <thread>
 
 #include "core/model/projection.h"
+#include "core/random.h"
 #include "kernels/gemm.h"
 
 namespace lasp {
 
 namespace {
-
-uint64_t splitmix64(uint64_t& s) {
-  uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 
 std::string layer_name(int layer, const char* what) {
   return "layers." + std::to_string(layer) + "." + what;

@@ -1,0 +1,63 @@
+#include "launch/bench_util.h"
+
+#ifdef LASP_HAVE_CUDA
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <random>
+#include <vector>
+
+#include "core/check.h"
+#include "core/device.h"
+
+#define BENCH_UTIL_CUDA(expr)                                                         \
+  do {                                                                                \
+    cudaError_t err_ = (expr);                                                        \
+    LASP_CHECK(err_ == cudaSuccess) << #expr << ": " << cudaGetErrorString(err_);     \
+  } while (0)
+
+namespace lasp {
+
+double median_event_ms(const std::function<void()>& fn, int iters, int warmup) {
+  auto stream = static_cast<cudaStream_t>(current_stream().handle);
+  for (int i = 0; i < warmup; ++i) fn();
+  BENCH_UTIL_CUDA(cudaStreamSynchronize(stream));
+  cudaEvent_t start, stop;
+  BENCH_UTIL_CUDA(cudaEventCreate(&start));
+  BENCH_UTIL_CUDA(cudaEventCreate(&stop));
+  std::vector<double> t;
+  for (int i = 0; i < iters; ++i) {
+    BENCH_UTIL_CUDA(cudaEventRecord(start, stream));
+    fn();
+    BENCH_UTIL_CUDA(cudaEventRecord(stop, stream));
+    BENCH_UTIL_CUDA(cudaEventSynchronize(stop));
+    float ms = 0;
+    BENCH_UTIL_CUDA(cudaEventElapsedTime(&ms, start, stop));
+    t.push_back(ms);
+  }
+  BENCH_UTIL_CUDA(cudaEventDestroy(start));
+  BENCH_UTIL_CUDA(cudaEventDestroy(stop));
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+Tensor random_bf16_cuda(const Shape& shape, double stddev, uint32_t seed) {
+  Tensor t = Tensor::empty(shape, DType::BF16, cuda());
+  const int64_t n = t.numel();
+  const int64_t block = std::min<int64_t>(n, int64_t{1} << 24);
+  std::vector<uint16_t> host(static_cast<size_t>(block));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, static_cast<float>(stddev));
+  for (auto& h : host) h = float_to_bf16(dist(rng));
+  auto* dst = static_cast<uint16_t*>(t.raw());
+  for (int64_t off = 0; off < n; off += block) {
+    const int64_t len = std::min(block, n - off);
+    device_memcpy(dst + off, cuda(), host.data(), cpu(), static_cast<size_t>(len) * 2);
+  }
+  return t;
+}
+
+}  // namespace lasp
+
+#endif  // LASP_HAVE_CUDA

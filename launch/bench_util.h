@@ -1,0 +1,22 @@
+// Shared pieces of the CUDA benchmarks (`lasp bench kernels`, `lasp bench lowp`).
+#pragma once
+
+#ifdef LASP_HAVE_CUDA
+
+#include <cstdint>
+#include <functional>
+
+#include "core/tensor.h"
+
+namespace lasp {
+
+// Median time in ms of fn() over `iters` runs after `warmup` runs, each bracketed by CUDA events
+// on the current stream.
+double median_event_ms(const std::function<void()>& fn, int iters, int warmup);
+
+// A bf16 CUDA tensor of N(0, stddev) values (one random block of up to 16 M values, tiled).
+Tensor random_bf16_cuda(const Shape& shape, double stddev, uint32_t seed);
+
+}  // namespace lasp
+
+#endif  // LASP_HAVE_CUDA
