@@ -6,39 +6,48 @@
 //   b[r]  = exp(L[r]),  e[r] = exp(L[C-1] - L[r]),  bC = exp(L[C-1])
 //   O_c   = ((Q K^T) o M) V + diag(b) Q S_{c-1}
 //   S_c   = bC S_{c-1} + (diag(e) K)^T V
+// L is computed once per call for every chunk (la_chunk_logcum_kernel, [B*H, nchunks, C] fp32)
+// and loaded with the chunk's tiles.
 //
 // Parallelism (LASP-2 inside one GPU): the chunks of each (b, h) are split into `nseg` segments
-// of `seg_chunks` chunks, one thread block per (segment, b, h), so that B*H*nseg blocks fill the
-// chip even at B*H = 16. The forward runs three kernels:
-//   1. la_state_kernel: per segment, the state M_j its chunks build from zero, and its log total
-//      decay log g_j (reads k, v).
-//   2. la_combine_forward_kernel: per (b, h), prefix P_0 = S_init, P_{j+1} = g_j P_j + M_j
-//      (elementwise over D x D); P_nseg is the final state.
-//   3. la_output_kernel: per segment, walk the chunks from S = P_j, computing O_c (reads q, k, v,
-//      writes o).
-// The state S (fp32) lives in registers as WMMA accumulator fragments (each of the 8 warps owns
-// (D/16)^2 / 8 tiles of 16 x 16); a bf16 copy in shared memory feeds the Q S products.
+// of `seg_chunks` chunks, and the value columns of the state into kSplit tiles of NV = D / kSplit
+// columns. One thread block per (value tile z, segment, b, h); two blocks fit per SM, so a walk
+// over a segment overlaps with the other block's loads and syncs.
 //
-// The backward (gradient of <dO, O> + <dS_final, S_final>) mirrors it:
-//   la_state_kernel + combine           -> P_j (forward states at segment starts), g_j
-//   la_dstate_kernel                    -> per segment, dM_j = sum over its chunks of
-//                                          (decay to the segment start) (diag(b) Q)^T dO
-//   la_combine_backward_kernel          -> E_j = dS at the end of segment j (suffix combine from
-//                                          dS_final), d_initial_state = g_0 E_0 + dM_0
-//   la_dq_kernel (forward walk from P_j)  dQ = ((dO V^T) o M) K + diag(b) dO S_{c-1}^T
-//   la_dkdv_kernel (reverse walk from E_j) with dS = gradient of S_c:
-//       dV = ((Q K^T) o M)^T dO + diag(e) K dS,   dK = ((dO V^T) o M)^T Q + diag(e) V dS^T,
-//       dS_{c-1} = bC dS + (diag(b) Q)^T dO
-//   Data-dependent decays: with global cumulative log decays Lambda_t,
-//       dLambda_t = q_t . dq_t - k_t . dk_t  (+ <dS_final, S_final> at t = T-1),
-//       d log a_t = sum_{r >= t} dLambda_r   (la_dlog_scan_kernel, in float64).
+// Two kernel templates do all the work:
+//   la_segment_state_kernel<D, reverse>: from zero, S = bC S + (diag(f) X)^T Y[:, z] over the
+//     segment's chunks (forward: X = K, Y = V, f = e, giving M_j;  reverse: X = Q, Y = dO, f = b,
+//     walking backwards, giving dM_j). Double-buffered cp.async loads.
+//   la_walk_kernel<D, reverse>: walks a segment from a given state S (columns z) and writes
+//     out[:, z] per chunk. With operands A1, A2 (all D columns) and A3 (columns z):
+//       forward: out = ((A1 A2^T) o M) A3 + diag(b) A1 S,        S = bC S + (diag(e) A2)^T A3
+//       reverse: out = ((A1 A2^T) o M^T) A3 + diag(e) A1 S,      S = bC S + (diag(b) A2)^T A3
+//     (reverse walks the chunks backwards and masks the transposed product.)
+// The passes (with P_j the state entering segment j, E_j the state gradient leaving it):
+//   o  = walk<fwd>(A1 = Q,  A2 = K,  A3 = V,  S = P_j)
+//   dQ = walk<fwd>(A1 = dO, A2 = V,  A3 = K,  S = P_j^T)      = ((dO V^T) o M) K + diag(b) dO S^T
+//   dV = walk<rev>(A1 = K,  A2 = Q,  A3 = dO, S = E_j)        = ((K Q^T) o M^T) dO + diag(e) K dS
+//   dK = walk<rev>(A1 = V,  A2 = dO, A3 = Q,  S = E_j^T)      = ((V dO^T) o M^T) Q + diag(e) V dS^T
+//   (S^T follows the same recurrence with the roles of its operands swapped.)
+// Segment states: la_segment_state_kernel gives M_j and log g_j, la_combine_forward_kernel the
+// prefixes P_0 = S_init, P_{j+1} = g_j P_j + M_j (P_nseg = final state); in backward the reverse
+// state kernel gives dM_j and la_combine_backward_kernel E_{nseg-1} = dS_final,
+// E_{j-1} = g_j E_j + dM_j, d_initial_state = g_0 E_0 + dM_0.
+// Data-dependent decays: with global cumulative log decays Lambda_t,
+//   dLambda_t = q_t . dq_t - k_t . dk_t  (+ <dS_final, S_final> at t = T-1)  (the dQ and dK walks
+//   add their column tile's share with atomics), d log a_t = sum_{r >= t} dLambda_r
+//   (la_dlog_scan_kernel, in float64).
 // Per-segment states cost B*H*nseg*D*D*4 bytes (16 MiB at B*H = 16, D = 128), independent of T;
 // storing per-chunk states instead would cost D/C = 2 times the size of q in fp32: recomputing
 // them by walking each segment is cheaper than writing and re-reading them.
 //
-// Stages of one chunk step are separated by __syncthreads; every product is a block-level
-// WMMA GEMM between shared-memory tiles (row stride padded by 16 bytes against bank conflicts)
-// into an fp32 shared-memory tile or the register-resident state.
+// Walk stages per chunk, separated by __syncthreads:
+//   load  (cp.async; A1 of the next chunk is issued as soon as A1 is free)
+//   A     masked product tiles (only the 10 causal 16 x 16 tiles of the 4 x 4) -> bf16 sP;
+//         out accumulators = A1 S (from the bf16 state copy), row-scaled, kept in registers
+//   B     out += sP A3, store bf16 rows (and the dlog dot shares); diag(f) A2 in place
+//   C     state update in registers, new bf16 state copy
+// Tiles are padded by 16 bytes per row against bank conflicts.
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -55,40 +64,43 @@ namespace wm = nvcuda::wmma;
 using bf16 = __nv_bfloat16;
 using RowMajor = wm::row_major;
 using ColMajor = wm::col_major;
+using AccFrag = wm::fragment<wm::accumulator, 16, 16, 16, float>;
 
 constexpr int kChunk = 64;  // C: rows per chunk
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
+constexpr int kSplit = 2;         // value-column tiles of the state, one block each
+constexpr int kBlocksPerSm = 2;   // the walk kernels are sized for two resident blocks per SM
 
 struct LaParams {
-  const bf16 *q, *k, *v, *dout;
-  bf16 *o, *dq, *dk, *dv;
-  const float* log_tok;   // [B, T, H] log a per token, or null
-  const float* log_head;  // [H] log a per head, or null
-  float* states;          // [B*H, nseg, D, D]: segment-local states M_j, then prefixes P_j
-  float* dstates;         // [B*H, nseg, D, D]: dM_j, then E_j
-  float* logg;            // [B*H, nseg]: log total decay per segment
-  float* dlog;            // [B, T, H] d log a, or null
+  const bf16 *a1, *a2, *a3;  // walk / state operands (see the file comment)
+  bf16* out;                 // walk output [B, T, H, D] (columns z), or null
+  const bf16* dot_src;       // dlog share: dlog[t] += dot_sign * out[t, z] . dot_src[t, z]
+  float dot_sign;
+  float* dlog;               // [B, T, H]
+  const float* lc;           // [B*H, nchunks, C] within-chunk cumulative log decays
+  float* states;             // [B*H, nseg, D, D] segment states (state kernel output, walk input)
+  float* logg;               // [B*H, nseg] log total decay per segment
+  bool transposed;           // walk starts from the transpose of its segment state
   int B, T, H, nseg, seg_chunks, nchunks;
 };
 
-// Shared-memory tile strides (elements).
 template <int D>
-struct Tiles {
-  static constexpr int ldx = D + 8;        // bf16 [C, D] tiles (q, k, v, dO)
-  static constexpr int lds = D + 8;        // bf16 [D, D] state copy
-  static constexpr int ldpf = kChunk + 4;  // fp32 [C, C]
-  static constexpr int ldpb = kChunk + 8;  // bf16 [C, C]
-  static constexpr int ldo = D + 4;        // fp32 [C, D]
+struct Shapes {
+  static constexpr int NV = D / kSplit;    // state columns per block
+  static constexpr int ldx = D + 8;        // bf16 [C, D] operand tiles
+  static constexpr int ldv = NV + 8;       // bf16 [C, NV] column tiles and the [D, NV] state copy
+  static constexpr int ldp = kChunk + 8;   // bf16 [C, C] masked product
   static constexpr int x_bytes = kChunk * ldx * 2;
-  static constexpr int s_bytes = D * lds * 2;
-  static constexpr int pf_bytes = kChunk * ldpf * 4;
-  static constexpr int pb_bytes = kChunk * ldpb * 2;
-  static constexpr int o_bytes = kChunk * ldo * 4;
+  static constexpr int v_bytes = kChunk * ldv * 2;
+  static constexpr int s_bytes = D * ldv * 2;
+  static constexpr int p_bytes = kChunk * ldp * 2;
   static constexpr int scratch_bytes = kWarps * 256 * 4;
-  static constexpr int decay_bytes = (3 * kChunk + 32) * 4;
-  static constexpr int state_frags = (D / 16) * (D / 16) / kWarps;
-  static_assert(state_frags * kWarps == (D / 16) * (D / 16), "state tiles must split over warps");
+  static constexpr int l_bytes = kChunk * 4;
+  static constexpr int state_frags = (D / 16) * (NV / 16) / kWarps;
+  static constexpr int out_frags = (kChunk / 16) * (NV / 16) / kWarps;
+  static_assert(state_frags * kWarps == (D / 16) * (NV / 16), "state tiles must split over warps");
+  static_assert(out_frags * kWarps == (kChunk / 16) * (NV / 16), "out tiles must split over warps");
 };
 
 // Carves consecutive 128-byte aligned regions out of dynamic shared memory.
@@ -103,72 +115,92 @@ struct SmemCarver {
 };
 __host__ __device__ constexpr int carved(int bytes) { return (bytes + 127) / 128 * 128; }
 
-using AccFrag = wm::fragment<wm::accumulator, 16, 16, 16, float>;
-
-template <typename Layout>
-__device__ const bf16* tile_a(const bf16* a, int ld, int i, int kk) {
-  if constexpr (std::is_same<Layout, RowMajor>::value) return a + i * 16 * ld + kk * 16;
-  else return a + kk * 16 * ld + i * 16;
+// ---- cp.async ------------------------------------------------------------------------------
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
 }
-template <typename Layout>
-__device__ const bf16* tile_b(const bf16* b, int ld, int kk, int j) {
-  if constexpr (std::is_same<Layout, RowMajor>::value) return b + kk * 16 * ld + j * 16;
-  else return b + j * 16 * ld + kk * 16;
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Rows [t0, t0 + rows) of COLS columns of one head of a [B, T, H, D] bf16 tensor (g points at the
+// first element) into a [C, ld] tile; rows past `rows` are zero-filled.
+template <int COLS>
+__device__ void load_tile_async(bf16* s, int ld, const bf16* g, int64_t row_stride, int rows) {
+  constexpr int vpr = COLS / 8;
+  for (int i = threadIdx.x; i < kChunk * vpr; i += kThreads) {
+    const int r = i / vpr, c8 = i % vpr;
+    const bool ok = r < rows;
+    cp_async16(s + r * ld + c8 * 8, g + (ok ? r : 0) * row_stride + c8 * 8, ok);
+  }
+}
+__device__ void load_logcum_async(float* s, const float* g) {
+  if (threadIdx.x < kChunk / 4) cp_async16(s + 4 * threadIdx.x, g + 4 * threadIdx.x, true);
 }
 
-// c[M, N] (fp32 shared, row-major) = (accumulate ? c : 0) + A[M, K] B[K, N].
-// LA / LB say how A and B are stored: RowMajor (X[i][j] at x[i*ld + j]) or ColMajor
-// (X[i][j] at x[j*ld + i], i.e. the transpose of a row-major tile).
-template <int M, int N, int K, typename LA, typename LB>
-__device__ void block_gemm(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb,
-                           bool accumulate) {
-  constexpr int TN = N / 16, tiles = (M / 16) * TN;
-  const int warp = threadIdx.x / 32;
-  for (int t = warp; t < tiles; t += kWarps) {
-    const int i = t / TN, j = t % TN;
-    AccFrag acc;
-    if (accumulate) wm::load_matrix_sync(acc, c + i * 16 * ldc + j * 16, ldc, wm::mem_row_major);
-    else wm::fill_fragment(acc, 0.0f);
+// x[r][:] *= exp(L[r]) (by_b) or exp(L[C-1] - L[r]) (e), bf16 [C, COLS] tile in place.
+template <int COLS>
+__device__ void scale_rows_bf16(bf16* x, int ld, const float* L, bool by_b) {
+  constexpr int vpr = COLS / 8;
+  const float last = L[kChunk - 1];
+  for (int i = threadIdx.x; i < kChunk * vpr; i += kThreads) {
+    const int r = i / vpr, c8 = i % vpr;
+    const float f = __expf(by_b ? L[r] : last - L[r]);
+    uint4* ptr = reinterpret_cast<uint4*>(x + r * ld + c8 * 8);
+    uint4 u = *ptr;
+    __nv_bfloat162* h2 = reinterpret_cast<__nv_bfloat162*>(&u);
 #pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
-      wm::fragment<wm::matrix_a, 16, 16, 16, bf16, LA> fa;
-      wm::fragment<wm::matrix_b, 16, 16, 16, bf16, LB> fb;
-      wm::load_matrix_sync(fa, tile_a<LA>(a, lda, i, kk), lda);
-      wm::load_matrix_sync(fb, tile_b<LB>(b, ldb, kk, j), ldb);
-      wm::mma_sync(acc, fa, fb, acc);
+    for (int e = 0; e < 4; ++e) {
+      const float2 val = __bfloat1622float2(h2[e]);
+      h2[e] = __floats2bfloat162_rn(val.x * f, val.y * f);
     }
-    wm::store_matrix_sync(c + i * 16 * ldc + j * 16, acc, ldc, wm::mem_row_major);
+    *ptr = u;
   }
 }
 
-// The register-resident D x D state: warp w owns tiles t = w + n * kWarps (row-major tile order).
+// 8 fp32 -> 8 bf16 packed in 16 bytes.
+__device__ __forceinline__ uint4 pack_bf16x8(const float* v) {
+  uint4 u;
+  __nv_bfloat162* h2 = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) h2[e] = __floats2bfloat162_rn(v[2 * e], v[2 * e + 1]);
+  return u;
+}
+
+// The register-resident state tile [D, NV] (columns z of the D x D state): warp w owns the
+// 16 x 16 tiles t = w + i * kWarps in row-major tile order.
 template <int D>
-struct StateRegs {
-  static constexpr int TN = D / 16, n = Tiles<D>::state_frags;
+struct StateTile {
+  using SH = Shapes<D>;
+  static constexpr int TN = SH::NV / 16, n = SH::state_frags;
   AccFrag f[n];
 
-  __device__ static int tile(int idx) { return threadIdx.x / 32 + idx * kWarps; }
+  __device__ static int tile(int i) { return threadIdx.x / 32 + i * kWarps; }
 
-  __device__ void load(const float* g) {  // fp32 [D, D] row-major in global memory
-#pragma unroll
-    for (int i = 0; i < n; ++i) {
-      const int t = tile(i);
-      wm::load_matrix_sync(f[i], g + (t / TN) * 16 * D + (t % TN) * 16, D, wm::mem_row_major);
-    }
-  }
   __device__ void zero() {
 #pragma unroll
     for (int i = 0; i < n; ++i) wm::fill_fragment(f[i], 0.0f);
   }
-  __device__ void store(float* g) const {
+  // Columns [col0, col0 + NV) of the fp32 [D, D] row-major matrix g, or of its transpose.
+  __device__ void load(const float* g, int col0, bool transposed) {
 #pragma unroll
     for (int i = 0; i < n; ++i) {
-      const int t = tile(i);
-      wm::store_matrix_sync(g + (t / TN) * 16 * D + (t % TN) * 16, f[i], D, wm::mem_row_major);
+      const int t = tile(i), r0 = (t / TN) * 16, c0 = col0 + (t % TN) * 16;
+      if (transposed) wm::load_matrix_sync(f[i], g + c0 * D + r0, D, wm::mem_col_major);
+      else wm::load_matrix_sync(f[i], g + r0 * D + c0, D, wm::mem_row_major);
     }
   }
-  // S = decay * S + X^T Y with X, Y bf16 [C, D] row-major tiles (X^T read column-major).
-  __device__ void update(float decay, const bf16* x, const bf16* y, int ld) {
+  __device__ void store(float* g, int col0) const {
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      const int t = tile(i), r0 = (t / TN) * 16, c0 = col0 + (t % TN) * 16;
+      wm::store_matrix_sync(g + r0 * D + c0, f[i], D, wm::mem_row_major);
+    }
+  }
+  // S = decay * S + X^T Y with X a bf16 [C, D] tile (ld ldx) and Y a bf16 [C, NV] tile (ld ldy).
+  __device__ void update(float decay, const bf16* x, int ldx, const bf16* y, int ldy) {
 #pragma unroll
     for (int i = 0; i < n; ++i) {
       const int t = tile(i), ti = t / TN, tj = t % TN;
@@ -178,193 +210,110 @@ struct StateRegs {
       for (int kk = 0; kk < kChunk / 16; ++kk) {
         wm::fragment<wm::matrix_a, 16, 16, 16, bf16, ColMajor> fa;
         wm::fragment<wm::matrix_b, 16, 16, 16, bf16, RowMajor> fb;
-        wm::load_matrix_sync(fa, x + kk * 16 * ld + ti * 16, ld);
-        wm::load_matrix_sync(fb, y + kk * 16 * ld + tj * 16, ld);
+        wm::load_matrix_sync(fa, x + kk * 16 * ldx + ti * 16, ldx);
+        wm::load_matrix_sync(fb, y + kk * 16 * ldy + tj * 16, ldy);
         wm::mma_sync(f[i], fa, fb, f[i]);
       }
     }
   }
-  // Writes the bf16 copy used as a GEMM operand (through this warp's 16 x 16 fp32 scratch).
-  __device__ void to_bf16(bf16* s, int lds, float* scratch_all) const {
-    const int lane = threadIdx.x % 32;
-    float* scratch = scratch_all + (threadIdx.x / 32) * 256;
+  // The bf16 copy [D, NV] (ld lds) used as a GEMM operand, through this warp's fp32 scratch.
+  __device__ void to_bf16(bf16* s, int lds, float* scratch) const {
+    const int lane = threadIdx.x % 32, rr = lane / 2, cc = (lane % 2) * 8;
 #pragma unroll
     for (int i = 0; i < n; ++i) {
       const int t = tile(i), ti = t / TN, tj = t % TN;
       wm::store_matrix_sync(scratch, f[i], 16, wm::mem_row_major);
       __syncwarp();
-#pragma unroll
-      for (int e = lane; e < 256; e += 32)
-        s[(ti * 16 + e / 16) * lds + tj * 16 + e % 16] = __float2bfloat16(scratch[e]);
+      *reinterpret_cast<uint4*>(s + (ti * 16 + rr) * lds + tj * 16 + cc) = pack_bf16x8(scratch + rr * 16 + cc);
       __syncwarp();
     }
   }
 };
 
-// Rows [t0, t0 + rows) of one head of a [B, T, H, D] bf16 tensor into a [C, ld] tile; rows past
-// `rows` are zero. 16-byte loads.
-template <int D>
-__device__ void load_rows(bf16* s, int ld, const bf16* g, int64_t row_stride, int rows) {
-  constexpr int vpr = D / 8;
-  for (int i = threadIdx.x; i < kChunk * vpr; i += kThreads) {
-    const int r = i / vpr, c8 = i % vpr;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (r < rows) val = __ldg(reinterpret_cast<const uint4*>(g + r * row_stride + c8 * 8));
-    *reinterpret_cast<uint4*>(s + r * ld + c8 * 8) = val;
-  }
+struct ChunkRange {
+  int begin, end;
+};
+__device__ ChunkRange segment_chunks(const LaParams& p, int seg) {
+  const int begin = seg * p.seg_chunks;
+  return {begin, min(begin + p.seg_chunks, p.nchunks)};
 }
 
-// fp32 [C, ld] tile rows -> bf16 global rows (the first `rows`).
-template <int D>
-__device__ void store_rows(bf16* g, int64_t row_stride, const float* s, int ld, int rows) {
-  constexpr int vpr = D / 8;
-  for (int i = threadIdx.x; i < rows * vpr; i += kThreads) {
-    const int r = i / vpr, c8 = i % vpr;
-    const float* src = s + r * ld + c8 * 8;
-    __align__(16) bf16 out[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) out[e] = __float2bfloat16(src[e]);
-    *reinterpret_cast<uint4*>(g + r * row_stride + c8 * 8) = *reinterpret_cast<const uint4*>(out);
-  }
-}
-
-// Scales the rows of a bf16 [C, ld] tile in place: x[r][:] *= f[r].
-template <int D>
-__device__ void scale_rows_bf16(bf16* x, int ld, const float* f) {
-  for (int i = threadIdx.x; i < kChunk * D; i += kThreads) {
-    const int r = i / D, c = i % D;
-    x[r * ld + c] = __float2bfloat16(__bfloat162float(x[r * ld + c]) * f[r]);
-  }
-}
-template <int D>
-__device__ void scale_rows_f32(float* x, int ld, const float* f) {
-  for (int i = threadIdx.x; i < kChunk * D; i += kThreads) {
-    const int r = i / D, c = i % D;
-    x[r * ld + c] *= f[r];
-  }
-}
-
-// Decay mask applied to an fp32 [C, C] product, written as bf16.
-//   transposed = false: out[r][s] = p[r][s] * exp(L[r] - L[s]) for s <= r, else 0
-//   transposed = true:  out[s][r] = p[s][r] * exp(L[r] - L[s]) for r >= s, else 0
-template <bool transposed>
-__device__ void mask_to_bf16(bf16* out, const float* p, const float* L) {
-  for (int i = threadIdx.x; i < kChunk * kChunk; i += kThreads) {
-    const int row = i / kChunk, col = i % kChunk;
-    const int r = transposed ? col : row, s = transposed ? row : col;
-    const float val = s <= r ? p[row * Tiles<64>::ldpf + col] * __expf(L[r] - L[s]) : 0.0f;
-    out[row * Tiles<64>::ldpb + col] = __float2bfloat16(val);
-  }
-}
-
-__device__ float log_decay_at(const LaParams& p, int b, int t, int h) {
-  if (p.log_tok) return p.log_tok[(static_cast<int64_t>(b) * p.T + t) * p.H + h];
-  if (p.log_head) return p.log_head[h];
-  return 0.0f;
-}
-
-// Warp 0 fills L[r] (inclusive cumsum), B[r] = exp(L[r]), E[r] = exp(L[C-1] - L[r]) and
-// L[C] = L[C-1] (the chunk's log total decay) for the chunk's rows (log a = 0 past `rows`).
-__device__ void chunk_decays(float* L, float* Bf, float* Ef, const LaParams& p, int b, int h, int t0,
-                             int rows) {
-  if (threadIdx.x >= 32) return;
-  const int lane = threadIdx.x, r0 = 2 * lane, r1 = r0 + 1;
-  const float x0 = r0 < rows ? log_decay_at(p, b, t0 + r0, h) : 0.0f;
-  const float x1 = r1 < rows ? log_decay_at(p, b, t0 + r1, h) : 0.0f;
-  const float pair = x0 + x1;
+// ---------------------------------------------------------------------------------------------
+// 0. Within-chunk cumulative log decays, one warp per (chunk, b*h).
+// ---------------------------------------------------------------------------------------------
+__global__ void la_chunk_logcum_kernel(float* lc, const float* log_tok, const float* log_head, int T,
+                                       int H, int nchunks) {
+  const int c = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  if (c >= nchunks) return;
+  const int t0 = c * kChunk, r0 = 2 * lane, r1 = r0 + 1;
+  auto at = [&](int r) -> float {
+    const int t = t0 + r;
+    if (t >= T) return 0.0f;
+    if (log_tok) return log_tok[(static_cast<int64_t>(b) * T + t) * H + h];
+    return log_head ? log_head[h] : 0.0f;
+  };
+  const float x0 = at(r0), x1 = at(r1), pair = x0 + x1;
   float incl = pair;
 #pragma unroll
   for (int off = 1; off < 32; off *= 2) {
     const float y = __shfl_up_sync(0xffffffffu, incl, off);
     if (lane >= off) incl += y;
   }
-  const float l0 = incl - pair + x0, l1 = incl;
-  const float last = __shfl_sync(0xffffffffu, incl, 31);
-  L[r0] = l0;
-  L[r1] = l1;
-  Bf[r0] = __expf(l0);
-  Bf[r1] = __expf(l1);
-  Ef[r0] = __expf(last - l0);
-  Ef[r1] = __expf(last - l1);
-  if (lane == 0) L[kChunk] = last;
-}
-
-struct ChunkRange {
-  int begin, end;
-};
-__device__ ChunkRange segment_chunks(const LaParams& p) {
-  const int begin = blockIdx.x * p.seg_chunks;
-  return {begin, min(begin + p.seg_chunks, p.nchunks)};
+  float* out = lc + (static_cast<int64_t>(bh) * nchunks + c) * kChunk;
+  out[r0] = incl - pair + x0;
+  out[r1] = incl;
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1. Segment-local states M_j (from zero) and log total decays.
+// 1. Segment-local states from zero: forward M_j (X = K, Y = V, f = e), reverse dM_j (X = Q,
+//    Y = dO, f = b, chunks walked backwards). Double-buffered loads.
 // ---------------------------------------------------------------------------------------------
-template <int D>
-__global__ void __launch_bounds__(kThreads) la_state_kernel(LaParams p) {
-  using TL = Tiles<D>;
+template <int D, bool kReverse>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_segment_state_kernel(LaParams p) {
+  using SH = Shapes<D>;
   extern __shared__ __align__(128) unsigned char smem[];
-  SmemCarver sc{smem};
-  bf16* sK = sc.take<bf16>(TL::x_bytes);
-  bf16* sV = sc.take<bf16>(TL::x_bytes);
-  float* sL = sc.take<float>(TL::decay_bytes);
-  float *sB = sL + kChunk + 32, *sE = sB + kChunk;
+  // Two buffers of [X tile | Y tile | L], `stage` bytes apart (computed offsets keep the buffer
+  // index out of local memory).
+  constexpr int stage = carved(SH::x_bytes) + carved(SH::v_bytes) + carved(SH::l_bytes);
+  auto sX = [&](int buf) { return reinterpret_cast<bf16*>(smem + buf * stage); };
+  auto sY = [&](int buf) { return reinterpret_cast<bf16*>(smem + buf * stage + carved(SH::x_bytes)); };
+  auto sL = [&](int buf) {
+    return reinterpret_cast<float*>(smem + buf * stage + carved(SH::x_bytes) + carved(SH::v_bytes));
+  };
 
-  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int z = blockIdx.x, seg = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const int col0 = z * SH::NV;
   const int64_t rs = static_cast<int64_t>(p.H) * D;
-  const ChunkRange cr = segment_chunks(p);
-  StateRegs<D> S;
+  const ChunkRange cr = segment_chunks(p, seg);
+  const int n = cr.end - cr.begin;
+  auto issue = [&](int i, int buf) {
+    const int c = kReverse ? cr.end - 1 - i : cr.begin + i;
+    const int t0 = c * kChunk, rows = min(kChunk, p.T - t0);
+    const int64_t base = (static_cast<int64_t>(b) * p.T + t0) * rs + static_cast<int64_t>(h) * D;
+    load_tile_async<D>(sX(buf), SH::ldx, p.a1 + base, rs, rows);
+    load_tile_async<SH::NV>(sY(buf), SH::ldv, p.a3 + base + col0, rs, rows);
+    load_logcum_async(sL(buf), p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
+    cp_async_commit();
+  };
+
+  StateTile<D> S;
   S.zero();
   float logg = 0.0f;
-  for (int c = cr.begin; c < cr.end; ++c) {
-    const int t0 = c * kChunk, rows = min(kChunk, p.T - t0);
-    const int64_t base = (static_cast<int64_t>(b) * p.T + t0) * rs + static_cast<int64_t>(h) * D;
-    load_rows<D>(sK, TL::ldx, p.k + base, rs, rows);
-    load_rows<D>(sV, TL::ldx, p.v + base, rs, rows);
-    chunk_decays(sL, sB, sE, p, b, h, t0, rows);
+  if (n > 0) issue(0, 0);
+  for (int i = 0; i < n; ++i) {
+    const int buf = i & 1;
+    cp_async_wait_all();
+    __syncthreads();  // chunk i is in buffer buf; every warp is done with buffer buf ^ 1
+    if (i + 1 < n) issue(i + 1, buf ^ 1);
+    scale_rows_bf16<D>(sX(buf), SH::ldx, sL(buf), kReverse);  // diag(e) K or diag(b) Q
     __syncthreads();
-    scale_rows_bf16<D>(sK, TL::ldx, sE);  // diag(e) K
-    __syncthreads();
-    S.update(__expf(sL[kChunk]), sK, sV, TL::ldx);
-    logg += sL[kChunk];
-    __syncthreads();
+    const float last = sL(buf)[kChunk - 1];
+    S.update(__expf(last), sX(buf), SH::ldx, sY(buf), SH::ldv);
+    logg += last;
   }
-  const int64_t sidx = static_cast<int64_t>(bh) * p.nseg + blockIdx.x;
-  S.store(p.states + sidx * D * D);
-  if (threadIdx.x == 0) p.logg[sidx] = logg;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward 1. Segment-local dM_j: reverse walk from zero, dM = bC dM + (diag(b) Q)^T dO.
-// ---------------------------------------------------------------------------------------------
-template <int D>
-__global__ void __launch_bounds__(kThreads) la_dstate_kernel(LaParams p) {
-  using TL = Tiles<D>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  SmemCarver sc{smem};
-  bf16* sQ = sc.take<bf16>(TL::x_bytes);
-  bf16* sDO = sc.take<bf16>(TL::x_bytes);
-  float* sL = sc.take<float>(TL::decay_bytes);
-  float *sB = sL + kChunk + 32, *sE = sB + kChunk;
-
-  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const int64_t rs = static_cast<int64_t>(p.H) * D;
-  const ChunkRange cr = segment_chunks(p);
-  StateRegs<D> dS;
-  dS.zero();
-  for (int c = cr.end - 1; c >= cr.begin; --c) {
-    const int t0 = c * kChunk, rows = min(kChunk, p.T - t0);
-    const int64_t base = (static_cast<int64_t>(b) * p.T + t0) * rs + static_cast<int64_t>(h) * D;
-    load_rows<D>(sQ, TL::ldx, p.q + base, rs, rows);
-    load_rows<D>(sDO, TL::ldx, p.dout + base, rs, rows);
-    chunk_decays(sL, sB, sE, p, b, h, t0, rows);
-    __syncthreads();
-    scale_rows_bf16<D>(sQ, TL::ldx, sB);  // diag(b) Q
-    __syncthreads();
-    dS.update(__expf(sL[kChunk]), sQ, sDO, TL::ldx);
-    __syncthreads();
-  }
-  dS.store(p.dstates + (static_cast<int64_t>(bh) * p.nseg + blockIdx.x) * D * D);
+  S.store(p.states + (static_cast<int64_t>(bh) * p.nseg + seg) * D * D, col0);
+  if (!kReverse && z == 0 && threadIdx.x == 0) p.logg[bh * p.nseg + seg] = logg;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -413,197 +362,167 @@ __global__ void la_combine_backward_kernel(float* dstates, const float* logg, co
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3. Forward output: walk the segment's chunks from S = P_j.
+// 3. Walks: o, dQ (forward) and dV, dK (reverse); see the file comment.
 // ---------------------------------------------------------------------------------------------
-template <int D>
-__global__ void __launch_bounds__(kThreads, 1) la_output_kernel(LaParams p) {
-  using TL = Tiles<D>;
+// The 10 causal 16 x 16 tiles (row block >= column block) of a 64 x 64 chunk product.
+__constant__ int8_t kTriRow[10] = {0, 1, 1, 2, 2, 2, 3, 3, 3, 3};
+__constant__ int8_t kTriCol[10] = {0, 0, 1, 0, 1, 2, 0, 1, 2, 3};
+
+template <int D, bool kReverse>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParams p) {
+  using SH = Shapes<D>;
+  constexpr int NV = SH::NV, TN = NV / 16;
   extern __shared__ __align__(128) unsigned char smem[];
   SmemCarver sc{smem};
-  bf16* sQ = sc.take<bf16>(TL::x_bytes);
-  bf16* sK = sc.take<bf16>(TL::x_bytes);
-  bf16* sV = sc.take<bf16>(TL::x_bytes);
-  bf16* sS = sc.take<bf16>(TL::s_bytes);
-  float* sPf = sc.take<float>(TL::pf_bytes);
-  bf16* sPb = sc.take<bf16>(TL::pb_bytes);
-  float* sO = sc.take<float>(TL::o_bytes);
-  float* sScratch = sc.take<float>(TL::scratch_bytes);
-  float* sL = sc.take<float>(TL::decay_bytes);
-  float *sB = sL + kChunk + 32, *sE = sB + kChunk;
+  bf16* sA1 = sc.take<bf16>(SH::x_bytes);
+  bf16* sA2 = sc.take<bf16>(SH::x_bytes);
+  bf16* sA3 = sc.take<bf16>(SH::v_bytes);
+  bf16* sS = sc.take<bf16>(SH::s_bytes);
+  bf16* sP = sc.take<bf16>(SH::p_bytes);
+  float* sScratchAll = sc.take<float>(SH::scratch_bytes);
+  float* sL = sc.take<float>(SH::l_bytes);
+  float* sRowDot = sc.take<float>(SH::l_bytes);
+  bf16* sDotSrc = sc.take<bf16>(SH::v_bytes);  // last: only allocated when p.dot_src is set
 
-  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int z = blockIdx.x, seg = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, rr = lane / 2, cc = (lane % 2) * 8;
+  float* scratch = sScratchAll + warp * 256;
+  const int col0 = z * NV;
   const int64_t rs = static_cast<int64_t>(p.H) * D;
-  const ChunkRange cr = segment_chunks(p);
-  StateRegs<D> S;
-  S.load(p.states + (static_cast<int64_t>(bh) * p.nseg + blockIdx.x) * D * D);
-  S.to_bf16(sS, TL::lds, sScratch);
-  for (int c = cr.begin; c < cr.end; ++c) {
-    const int t0 = c * kChunk, rows = min(kChunk, p.T - t0);
-    const int64_t base = (static_cast<int64_t>(b) * p.T + t0) * rs + static_cast<int64_t>(h) * D;
-    // load
-    load_rows<D>(sQ, TL::ldx, p.q + base, rs, rows);
-    load_rows<D>(sK, TL::ldx, p.k + base, rs, rows);
-    load_rows<D>(sV, TL::ldx, p.v + base, rs, rows);
-    chunk_decays(sL, sB, sE, p, b, h, t0, rows);
-    __syncthreads();
-    // mma: P = Q K^T, O = Q S
-    block_gemm<kChunk, kChunk, D, RowMajor, ColMajor>(sPf, TL::ldpf, sQ, TL::ldx, sK, TL::ldx, false);
-    block_gemm<kChunk, D, D, RowMajor, RowMajor>(sO, TL::ldo, sQ, TL::ldx, sS, TL::lds, false);
-    __syncthreads();
-    // decay: P o M, diag(b) Q S, diag(e) K
-    mask_to_bf16<false>(sPb, sPf, sL);
-    scale_rows_f32<D>(sO, TL::ldo, sB);
-    scale_rows_bf16<D>(sK, TL::ldx, sE);
-    __syncthreads();
-    // mma: O += (P o M) V; state update S = bC S + (diag(e) K)^T V
-    block_gemm<kChunk, D, kChunk, RowMajor, RowMajor>(sO, TL::ldo, sPb, TL::ldpb, sV, TL::ldx, true);
-    if (c + 1 < cr.end) {
-      S.update(__expf(sL[kChunk]), sK, sV, TL::ldx);
-      S.to_bf16(sS, TL::lds, sScratch);
-    }
-    __syncthreads();
-    // store
-    store_rows<D>(p.o + base, rs, sO, TL::ldo, rows);
+  const ChunkRange cr = segment_chunks(p, seg);
+  const int n = cr.end - cr.begin;
+  auto chunk_of = [&](int i) { return kReverse ? cr.end - 1 - i : cr.begin + i; };
+  auto base_of = [&](int c) {
+    return (static_cast<int64_t>(b) * p.T + c * kChunk) * rs + static_cast<int64_t>(h) * D;
+  };
+  auto rows_of = [&](int c) { return min(kChunk, p.T - c * kChunk); };
+  auto issue_a1 = [&](int i) {
+    const int c = chunk_of(i);
+    load_tile_async<D>(sA1, SH::ldx, p.a1 + base_of(c), rs, rows_of(c));
+    cp_async_commit();
+  };
+  auto issue_rest = [&](int i) {
+    const int c = chunk_of(i), rows = rows_of(c);
+    const int64_t base = base_of(c);
+    load_tile_async<D>(sA2, SH::ldx, p.a2 + base, rs, rows);
+    load_tile_async<NV>(sA3, SH::ldv, p.a3 + base + col0, rs, rows);
+    if (p.dot_src) load_tile_async<NV>(sDotSrc, SH::ldv, p.dot_src + base + col0, rs, rows);
+    load_logcum_async(sL, p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
+    cp_async_commit();
+  };
+
+  StateTile<D> S;
+  S.load(p.states + (static_cast<int64_t>(bh) * p.nseg + seg) * D * D, col0, p.transposed);
+  S.to_bf16(sS, SH::ldv, scratch);
+  if (threadIdx.x < kChunk) sRowDot[threadIdx.x] = 0.0f;
+  if (n > 0) {
+    issue_a1(0);
+    issue_rest(0);
   }
-}
+  for (int i = 0; i < n; ++i) {
+    const int c = chunk_of(i), t0 = c * kChunk, rows = rows_of(c);
+    const int64_t base = base_of(c);
+    const bool more = i + 1 < n;
+    cp_async_wait_all();
+    __syncthreads();  // load: this chunk's tiles and the state copy are ready
 
-// ---------------------------------------------------------------------------------------------
-// Backward 2. dQ: forward walk from S = P_j. Also dLambda_t = q_t . dq_t into dlog.
-// ---------------------------------------------------------------------------------------------
-template <int D>
-__global__ void __launch_bounds__(kThreads, 1) la_dq_kernel(LaParams p) {
-  using TL = Tiles<D>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  SmemCarver sc{smem};
-  bf16* sQ = sc.take<bf16>(TL::x_bytes);
-  bf16* sK = sc.take<bf16>(TL::x_bytes);
-  bf16* sV = sc.take<bf16>(TL::x_bytes);
-  bf16* sDO = sc.take<bf16>(TL::x_bytes);
-  bf16* sS = sc.take<bf16>(TL::s_bytes);
-  float* sPf = sc.take<float>(TL::pf_bytes);
-  bf16* sPb = sc.take<bf16>(TL::pb_bytes);
-  float* sO = sc.take<float>(TL::o_bytes);
-  float* sScratch = sc.take<float>(TL::scratch_bytes);
-  float* sL = sc.take<float>(TL::decay_bytes);
-  float *sB = sL + kChunk + 32, *sE = sB + kChunk;
-
-  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t rs = static_cast<int64_t>(p.H) * D;
-  const ChunkRange cr = segment_chunks(p);
-  StateRegs<D> S;
-  S.load(p.states + (static_cast<int64_t>(bh) * p.nseg + blockIdx.x) * D * D);
-  S.to_bf16(sS, TL::lds, sScratch);
-  for (int c = cr.begin; c < cr.end; ++c) {
-    const int t0 = c * kChunk, rows = min(kChunk, p.T - t0);
-    const int64_t base = (static_cast<int64_t>(b) * p.T + t0) * rs + static_cast<int64_t>(h) * D;
-    load_rows<D>(sDO, TL::ldx, p.dout + base, rs, rows);
-    load_rows<D>(sV, TL::ldx, p.v + base, rs, rows);
-    load_rows<D>(sK, TL::ldx, p.k + base, rs, rows);
-    if (p.dlog) load_rows<D>(sQ, TL::ldx, p.q + base, rs, rows);
-    chunk_decays(sL, sB, sE, p, b, h, t0, rows);
-    __syncthreads();
-    // dP = dO V^T; dQ = dO S^T
-    block_gemm<kChunk, kChunk, D, RowMajor, ColMajor>(sPf, TL::ldpf, sDO, TL::ldx, sV, TL::ldx, false);
-    block_gemm<kChunk, D, D, RowMajor, ColMajor>(sO, TL::ldo, sDO, TL::ldx, sS, TL::lds, false);
-    __syncthreads();
-    mask_to_bf16<false>(sPb, sPf, sL);
-    scale_rows_f32<D>(sO, TL::ldo, sB);
-    __syncthreads();
-    // dQ += (dP o M) K
-    block_gemm<kChunk, D, kChunk, RowMajor, RowMajor>(sO, TL::ldo, sPb, TL::ldpb, sK, TL::ldx, true);
-    __syncthreads();
-    if (p.dq) store_rows<D>(p.dq + base, rs, sO, TL::ldo, rows);
-    if (p.dlog) {
-      for (int r = warp; r < rows; r += kWarps) {
-        float dot = 0.0f;
-        for (int d = lane; d < D; d += 32) dot += __bfloat162float(sQ[r * TL::ldx + d]) * sO[r * TL::ldo + d];
-        for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        if (lane == 0) p.dlog[(static_cast<int64_t>(b) * p.T + t0 + r) * p.H + h] = dot;
+    // A: masked product tiles. Forward: P = A1 A2^T, keep s <= r (r = row, s = column).
+    //    Reverse: P^T = A1 A2^T with row s, column r, keep s <= r.
+    for (int k = warp; k < 10; k += kWarps) {
+      const int pr = kReverse ? kTriCol[k] : kTriRow[k], pc = kReverse ? kTriRow[k] : kTriCol[k];
+      AccFrag acc;
+      wm::fill_fragment(acc, 0.0f);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wm::fragment<wm::matrix_a, 16, 16, 16, bf16, RowMajor> fa;
+        wm::fragment<wm::matrix_b, 16, 16, 16, bf16, ColMajor> fb;
+        wm::load_matrix_sync(fa, sA1 + pr * 16 * SH::ldx + kk * 16, SH::ldx);
+        wm::load_matrix_sync(fb, sA2 + pc * 16 * SH::ldx + kk * 16, SH::ldx);
+        wm::mma_sync(acc, fa, fb, acc);
       }
-    }
-    if (c + 1 < cr.end) {
-      scale_rows_bf16<D>(sK, TL::ldx, sE);
-      __syncthreads();
-      S.update(__expf(sL[kChunk]), sK, sV, TL::ldx);
-      S.to_bf16(sS, TL::lds, sScratch);
-    }
-    __syncthreads();
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward 3. dK, dV: reverse walk from dS = E_j. Also dLambda_t -= k_t . dk_t in dlog.
-// ---------------------------------------------------------------------------------------------
-template <int D>
-__global__ void __launch_bounds__(kThreads, 1) la_dkdv_kernel(LaParams p) {
-  using TL = Tiles<D>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  SmemCarver sc{smem};
-  bf16* sQ = sc.take<bf16>(TL::x_bytes);
-  bf16* sK = sc.take<bf16>(TL::x_bytes);
-  bf16* sV = sc.take<bf16>(TL::x_bytes);
-  bf16* sDO = sc.take<bf16>(TL::x_bytes);
-  bf16* sS = sc.take<bf16>(TL::s_bytes);
-  float* sPf = sc.take<float>(TL::pf_bytes);
-  bf16* sPb = sc.take<bf16>(TL::pb_bytes);
-  float* sO = sc.take<float>(TL::o_bytes);
-  float* sScratch = sc.take<float>(TL::scratch_bytes);
-  float* sL = sc.take<float>(TL::decay_bytes);
-  float *sB = sL + kChunk + 32, *sE = sB + kChunk;
-
-  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t rs = static_cast<int64_t>(p.H) * D;
-  const ChunkRange cr = segment_chunks(p);
-  StateRegs<D> dS;
-  dS.load(p.dstates + (static_cast<int64_t>(bh) * p.nseg + blockIdx.x) * D * D);
-  dS.to_bf16(sS, TL::lds, sScratch);
-  for (int c = cr.end - 1; c >= cr.begin; --c) {
-    const int t0 = c * kChunk, rows = min(kChunk, p.T - t0);
-    const int64_t base = (static_cast<int64_t>(b) * p.T + t0) * rs + static_cast<int64_t>(h) * D;
-    load_rows<D>(sQ, TL::ldx, p.q + base, rs, rows);
-    load_rows<D>(sK, TL::ldx, p.k + base, rs, rows);
-    load_rows<D>(sV, TL::ldx, p.v + base, rs, rows);
-    load_rows<D>(sDO, TL::ldx, p.dout + base, rs, rows);
-    chunk_decays(sL, sB, sE, p, b, h, t0, rows);
-    __syncthreads();
-    // P^T = K Q^T;  dV = K dS
-    block_gemm<kChunk, kChunk, D, RowMajor, ColMajor>(sPf, TL::ldpf, sK, TL::ldx, sQ, TL::ldx, false);
-    block_gemm<kChunk, D, D, RowMajor, RowMajor>(sO, TL::ldo, sK, TL::ldx, sS, TL::lds, false);
-    __syncthreads();
-    mask_to_bf16<true>(sPb, sPf, sL);
-    scale_rows_f32<D>(sO, TL::ldo, sE);
-    __syncthreads();
-    // dV += (P o M)^T dO;  dP^T = V dO^T
-    block_gemm<kChunk, D, kChunk, RowMajor, RowMajor>(sO, TL::ldo, sPb, TL::ldpb, sDO, TL::ldx, true);
-    block_gemm<kChunk, kChunk, D, RowMajor, ColMajor>(sPf, TL::ldpf, sV, TL::ldx, sDO, TL::ldx, false);
-    __syncthreads();
-    if (p.dv) store_rows<D>(p.dv + base, rs, sO, TL::ldo, rows);
-    mask_to_bf16<true>(sPb, sPf, sL);
-    scale_rows_bf16<D>(sV, TL::ldx, sE);  // diag(e) V
-    __syncthreads();
-    // dK = diag(e) V dS^T + (dP o M)^T Q
-    block_gemm<kChunk, D, D, RowMajor, ColMajor>(sO, TL::ldo, sV, TL::ldx, sS, TL::lds, false);
-    __syncthreads();
-    block_gemm<kChunk, D, kChunk, RowMajor, RowMajor>(sO, TL::ldo, sPb, TL::ldpb, sQ, TL::ldx, true);
-    __syncthreads();
-    if (p.dk) store_rows<D>(p.dk + base, rs, sO, TL::ldo, rows);
-    if (p.dlog) {
-      for (int r = warp; r < rows; r += kWarps) {
-        float dot = 0.0f;
-        for (int d = lane; d < D; d += 32) dot += __bfloat162float(sK[r * TL::ldx + d]) * sO[r * TL::ldo + d];
-        for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        if (lane == 0) p.dlog[(static_cast<int64_t>(b) * p.T + t0 + r) * p.H + h] -= dot;
+      wm::store_matrix_sync(scratch, acc, 16, wm::mem_row_major);
+      __syncwarp();
+      const int row = pr * 16 + rr;
+      float vals[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int col = pc * 16 + cc + e;
+        const int r = kReverse ? col : row, s = kReverse ? row : col;
+        vals[e] = s <= r ? scratch[rr * 16 + cc + e] * __expf(sL[r] - sL[s]) : 0.0f;
       }
+      *reinterpret_cast<uint4*>(sP + row * SH::ldp + pc * 16 + cc) = pack_bf16x8(vals);
+      __syncwarp();
     }
-    if (c > cr.begin) {
-      scale_rows_bf16<D>(sQ, TL::ldx, sB);  // diag(b) Q
-      __syncthreads();
-      dS.update(__expf(sL[kChunk]), sQ, sDO, TL::ldx);
-      dS.to_bf16(sS, TL::lds, sScratch);
+    // A: out = diag(f) A1 S, f = b (forward) or e (reverse), in registers.
+    AccFrag acc_o[SH::out_frags];
+#pragma unroll
+    for (int j = 0; j < SH::out_frags; ++j) {
+      const int t = warp + j * kWarps, oi = t / TN, oj = t % TN;
+      wm::fill_fragment(acc_o[j], 0.0f);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wm::fragment<wm::matrix_a, 16, 16, 16, bf16, RowMajor> fa;
+        wm::fragment<wm::matrix_b, 16, 16, 16, bf16, RowMajor> fb;
+        wm::load_matrix_sync(fa, sA1 + oi * 16 * SH::ldx + kk * 16, SH::ldx);
+        wm::load_matrix_sync(fb, sS + kk * 16 * SH::ldv + oj * 16, SH::ldv);
+        wm::mma_sync(acc_o[j], fa, fb, acc_o[j]);
+      }
+      wm::store_matrix_sync(scratch, acc_o[j], 16, wm::mem_row_major);
+      __syncwarp();
+      const int r = oi * 16 + rr;
+      const float f = __expf(kReverse ? sL[kChunk - 1] - sL[r] : sL[r]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) scratch[rr * 16 + cc + e] *= f;
+      __syncwarp();
+      wm::load_matrix_sync(acc_o[j], scratch, 16, wm::mem_row_major);
+      __syncwarp();
     }
+    __syncthreads();  // sP complete; A1 is free
+    if (more) issue_a1(i + 1);
+
+    // B: out += sP A3 over the causal column blocks; store; dlog shares.
+#pragma unroll
+    for (int j = 0; j < SH::out_frags; ++j) {
+      const int t = warp + j * kWarps, oi = t / TN, oj = t % TN;
+      const int kb = kReverse ? oi : 0, ke = kReverse ? kChunk / 16 : oi + 1;
+      for (int kk = kb; kk < ke; ++kk) {
+        wm::fragment<wm::matrix_a, 16, 16, 16, bf16, RowMajor> fa;
+        wm::fragment<wm::matrix_b, 16, 16, 16, bf16, RowMajor> fb;
+        wm::load_matrix_sync(fa, sP + oi * 16 * SH::ldp + kk * 16, SH::ldp);
+        wm::load_matrix_sync(fb, sA3 + kk * 16 * SH::ldv + oj * 16, SH::ldv);
+        wm::mma_sync(acc_o[j], fa, fb, acc_o[j]);
+      }
+      wm::store_matrix_sync(scratch, acc_o[j], 16, wm::mem_row_major);
+      __syncwarp();
+      const int r = oi * 16 + rr;
+      const float* vals = scratch + rr * 16 + cc;
+      if (p.out && r < rows)
+        *reinterpret_cast<uint4*>(p.out + base + r * rs + col0 + oj * 16 + cc) = pack_bf16x8(vals);
+      if (p.dot_src) {
+        const bf16* src = sDotSrc + r * SH::ldv + oj * 16 + cc;
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot += vals[e] * __bfloat162float(src[e]);
+        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+        if (lane % 2 == 0) atomicAdd(sRowDot + r, dot);
+      }
+      __syncwarp();
+    }
+    if (more) scale_rows_bf16<D>(sA2, SH::ldx, sL, kReverse);  // diag(e) A2 or diag(b) A2
     __syncthreads();
+
+    // C: state update and its bf16 copy; flush the dlog shares.
+    if (more) {
+      S.update(__expf(sL[kChunk - 1]), sA2, SH::ldx, sA3, SH::ldv);
+      S.to_bf16(sS, SH::ldv, scratch);
+    }
+    if (p.dot_src && threadIdx.x < rows) {
+      atomicAdd(p.dlog + (static_cast<int64_t>(b) * p.T + t0 + threadIdx.x) * p.H + h,
+                p.dot_sign * sRowDot[threadIdx.x]);
+      sRowDot[threadIdx.x] = 0.0f;
+    }
+    __syncthreads();  // A2, A3, L and the dot source are free
+    if (more) issue_rest(i + 1);
   }
 }
 
@@ -649,22 +568,37 @@ int sm_count() {
 }
 
 template <int D>
-int smem_walk_bytes(int x_tiles) {
-  using TL = Tiles<D>;
-  return x_tiles * carved(TL::x_bytes) + carved(TL::s_bytes) + carved(TL::pf_bytes) +
-         carved(TL::pb_bytes) + carved(TL::o_bytes) + carved(TL::scratch_bytes) +
-         carved(TL::decay_bytes);
+int smem_walk_bytes(bool with_dot) {
+  using SH = Shapes<D>;
+  return 2 * carved(SH::x_bytes) + carved(SH::v_bytes) + carved(SH::s_bytes) + carved(SH::p_bytes) +
+         carved(SH::scratch_bytes) + 2 * carved(SH::l_bytes) + (with_dot ? carved(SH::v_bytes) : 0);
 }
 template <int D>
 int smem_state_bytes() {
-  return 2 * carved(Tiles<D>::x_bytes) + carved(Tiles<D>::decay_bytes);
+  using SH = Shapes<D>;
+  return 2 * (carved(SH::x_bytes) + carved(SH::v_bytes) + carved(SH::l_bytes));
 }
 
 template <typename Kernel>
-void launch(Kernel kernel, const char* what, dim3 grid, int smem, const LaParams& p) {
+void launch(Kernel kernel, const char* what, const LaParams& p, int smem) {
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<grid, kThreads, smem, cuda_stream()>>>(p);
+  kernel<<<dim3(kSplit, p.nseg, p.B * p.H), kThreads, smem, cuda_stream()>>>(p);
   CUDA_CHECK_LAUNCH(what);
+}
+
+// One walk: out (may be null) from operands a1, a2, a3 and the segment states (transposed or not).
+template <int D, bool kReverse>
+void run_walk(LaParams p, const char* what, const bf16* a1, const bf16* a2, const bf16* a3,
+              bf16* out, float* states, bool transposed, const bf16* dot_src, float dot_sign) {
+  p.a1 = a1;
+  p.a2 = a2;
+  p.a3 = a3;
+  p.out = out;
+  p.states = states;
+  p.transposed = transposed;
+  p.dot_src = p.dlog ? dot_src : nullptr;
+  p.dot_sign = dot_sign;
+  launch(la_walk_kernel<D, kReverse>, what, p, smem_walk_bytes<D>(p.dot_src != nullptr));
 }
 
 const bf16* bf16_ptr(const Tensor& t) { return t.defined() ? static_cast<const bf16*>(t.raw()) : nullptr; }
@@ -691,8 +625,8 @@ void check_cuda_args(const char* fn, std::initializer_list<std::pair<const Tenso
   }
 }
 
-// Common setup: sizes, segments, decay pointers.
-LaParams make_params(const char* fn, const Tensor& q, const Decay& decay) {
+// Common setup: sizes, segments, and the within-chunk cumulative log decays (written to `lc`).
+LaParams make_params(const char* fn, const Tensor& q, const Decay& decay, Tensor& lc) {
   LaParams p{};
   p.B = static_cast<int>(q.dim(0));
   p.T = static_cast<int>(q.dim(1));
@@ -702,23 +636,33 @@ LaParams make_params(const char* fn, const Tensor& q, const Decay& decay) {
   LASP_CHECK(q.dim(1) < (int64_t{1} << 31) && static_cast<int64_t>(p.B) * p.H < 65536)
       << fn << ": sizes out of range for the CUDA kernel: " << q.str();
   p.nchunks = ceil_div(p.T, kChunk);
-  // Segments: fill the SMs in one wave (the walk kernels run one block per SM).
+  // Segments: one wave of kBlocksPerSm blocks per SM, kSplit blocks per (segment, b, h).
   const int bh = p.B * p.H;
-  int nseg = std::max(1, sm_count() / bh);
+  int nseg = std::max(1, kBlocksPerSm * sm_count() / (bh * kSplit));
   nseg = std::min(nseg, std::max(1, p.nchunks));
   p.seg_chunks = std::max(1, ceil_div(p.nchunks, nseg));
   p.nseg = std::max(1, ceil_div(p.nchunks, p.seg_chunks));
-  if (decay.mode == DecayMode::Constant) p.log_head = f32_ptr(decay.per_head);
-  if (decay.mode == DecayMode::DataDependent) p.log_tok = f32_ptr(decay.per_token);
+  if (p.nchunks > 0) {
+    lc = Tensor::empty({bh, p.nchunks, kChunk}, DType::F32, q.device());
+    p.lc = lc.data<float>();
+    const float* log_tok = decay.mode == DecayMode::DataDependent ? f32_ptr(decay.per_token) : nullptr;
+    const float* log_head = decay.mode == DecayMode::Constant ? f32_ptr(decay.per_head) : nullptr;
+    la_chunk_logcum_kernel<<<dim3(ceil_div(p.nchunks, kWarps), bh), kThreads, 0, cuda_stream()>>>(
+        lc.data<float>(), log_tok, log_head, p.T, p.H, p.nchunks);
+    CUDA_CHECK_LAUNCH("la_chunk_logcum_kernel");
+  }
   return p;
 }
 
+// Segment states M_j and log g_j (from k, v), then the prefixes P_j in place and the final state.
 template <int D>
-void run_states(LaParams& p, const Tensor& init, const Tensor& final_state, const Tensor& d_final,
-                float* final_dot) {
+void run_states(LaParams p, const bf16* k, const bf16* v, const Tensor& init,
+                const Tensor& final_state, const Tensor& d_final, float* final_dot) {
   const int bh = p.B * p.H;
   if (p.nchunks > 0) {
-    launch(la_state_kernel<D>, "la_state_kernel", dim3(p.nseg, bh), smem_state_bytes<D>(), p);
+    p.a1 = k;
+    p.a3 = v;
+    launch(la_segment_state_kernel<D, false>, "la_segment_state_kernel", p, smem_state_bytes<D>());
   } else {
     CUDA_CHECK(cudaMemsetAsync(p.states, 0, sizeof(float) * bh * D * D, cuda_stream()));
     CUDA_CHECK(cudaMemsetAsync(p.logg, 0, sizeof(float) * bh, cuda_stream()));
@@ -732,19 +676,17 @@ void run_states(LaParams& p, const Tensor& init, const Tensor& final_state, cons
 template <int D>
 void forward_impl(Tensor& o, Tensor& final_state, const Tensor& q, const Tensor& k, const Tensor& v,
                   const Decay& decay, const Tensor& init) {
-  LaParams p = make_params("linear_attention_forward", q, decay);
-  p.q = bf16_ptr(q);
-  p.k = bf16_ptr(k);
-  p.v = bf16_ptr(v);
-  p.o = bf16_out(o);
+  Tensor lc;
+  LaParams p = make_params("linear_attention_forward", q, decay, lc);
   const int bh = p.B * p.H;
   Tensor states = Tensor::empty({bh, p.nseg, D, D}, DType::F32, q.device());
   Tensor logg = Tensor::empty({bh, p.nseg}, DType::F32, q.device());
   p.states = states.data<float>();
   p.logg = logg.data<float>();
-  run_states<D>(p, init, final_state, Tensor(), nullptr);
+  run_states<D>(p, bf16_ptr(k), bf16_ptr(v), init, final_state, Tensor(), nullptr);
   if (o.defined() && p.nchunks > 0)
-    launch(la_output_kernel<D>, "la_output_kernel", dim3(p.nseg, bh), smem_walk_bytes<D>(3), p);
+    run_walk<D, false>(p, "la_walk_kernel (o)", bf16_ptr(q), bf16_ptr(k), bf16_ptr(v), bf16_out(o),
+                       p.states, false, nullptr, 0.0f);
 }
 
 template <int D>
@@ -752,41 +694,48 @@ void backward_impl(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dlog, Tensor& d_i
                    const Tensor& k, const Tensor& v, const Decay& decay, const Tensor& init,
                    const Tensor& d_o_in, const Tensor& d_final) {
   if (!dq.defined() && !dk.defined() && !dv.defined() && !dlog.defined() && !d_init.defined()) return;
-  LaParams p = make_params("linear_attention_backward", q, decay);
+  Tensor lc;
+  LaParams p = make_params("linear_attention_backward", q, decay, lc);
   const int bh = p.B * p.H;
   Tensor d_o = d_o_in;
   if (!d_o.defined()) d_o = Tensor::zeros(q.shape(), DType::BF16, q.device());
-  p.q = bf16_ptr(q);
-  p.k = bf16_ptr(k);
-  p.v = bf16_ptr(v);
-  p.dout = bf16_ptr(d_o);
-  p.dq = bf16_out(dq);
-  p.dk = bf16_out(dk);
-  p.dv = bf16_out(dv);
+  const bf16 *pq = bf16_ptr(q), *pk = bf16_ptr(k), *pv = bf16_ptr(v), *pdo = bf16_ptr(d_o);
   p.dlog = f32_out(dlog);
   Tensor states = Tensor::empty({bh, p.nseg, D, D}, DType::F32, q.device());
   Tensor dstates = Tensor::empty({bh, p.nseg, D, D}, DType::F32, q.device());
   Tensor logg = Tensor::empty({bh, p.nseg}, DType::F32, q.device());
   Tensor final_dot;
   p.states = states.data<float>();
-  p.dstates = dstates.data<float>();
   p.logg = logg.data<float>();
   if (p.dlog && d_final.defined()) final_dot = Tensor::zeros({bh}, DType::F32, q.device());
 
-  run_states<D>(p, init, Tensor(), d_final, f32_out(final_dot));
+  run_states<D>(p, pk, pv, init, Tensor(), d_final, f32_out(final_dot));
   if (p.nchunks > 0) {
-    launch(la_dstate_kernel<D>, "la_dstate_kernel", dim3(p.nseg, bh), smem_state_bytes<D>(), p);
+    LaParams ps = p;
+    ps.a1 = pq;
+    ps.a3 = pdo;
+    ps.states = dstates.data<float>();
+    launch(la_segment_state_kernel<D, true>, "la_segment_state_kernel (reverse)", ps,
+           smem_state_bytes<D>());
   } else {
-    CUDA_CHECK(cudaMemsetAsync(p.dstates, 0, sizeof(float) * bh * D * D, cuda_stream()));
+    CUDA_CHECK(cudaMemsetAsync(dstates.data<float>(), 0, sizeof(float) * bh * D * D, cuda_stream()));
   }
   la_combine_backward_kernel<<<dim3(D * D / 256, bh), 256, 0, cuda_stream()>>>(
-      p.dstates, p.logg, f32_ptr(d_final), f32_out(d_init), p.nseg, D * D);
+      dstates.data<float>(), p.logg, f32_ptr(d_final), f32_out(d_init), p.nseg, D * D);
   CUDA_CHECK_LAUNCH("la_combine_backward_kernel");
   if (p.nchunks == 0) return;
-  if (p.dq || p.dlog)
-    launch(la_dq_kernel<D>, "la_dq_kernel", dim3(p.nseg, bh), smem_walk_bytes<D>(4), p);
-  if (p.dk || p.dv || p.dlog)
-    launch(la_dkdv_kernel<D>, "la_dkdv_kernel", dim3(p.nseg, bh), smem_walk_bytes<D>(4), p);
+  if (p.dlog)
+    CUDA_CHECK(cudaMemsetAsync(p.dlog, 0, sizeof(float) * static_cast<size_t>(p.B) * p.T * p.H,
+                               cuda_stream()));
+  if (dq.defined() || p.dlog)
+    run_walk<D, false>(p, "la_walk_kernel (dq)", pdo, pv, pk, bf16_out(dq), states.data<float>(),
+                       true, pq, 1.0f);
+  if (dv.defined())
+    run_walk<D, true>(p, "la_walk_kernel (dv)", pk, pq, pdo, bf16_out(dv), dstates.data<float>(),
+                      false, nullptr, 0.0f);
+  if (dk.defined() || p.dlog)
+    run_walk<D, true>(p, "la_walk_kernel (dk)", pv, pdo, pq, bf16_out(dk), dstates.data<float>(),
+                      true, pk, -1.0f);
   if (p.dlog) {
     la_dlog_scan_kernel<<<bh, 256, 0, cuda_stream()>>>(p.dlog, f32_ptr(final_dot), p.T, p.H);
     CUDA_CHECK_LAUNCH("la_dlog_scan_kernel");

@@ -124,9 +124,13 @@ std::vector<LaCase> cases_for(DecayMode mode) {
   for (int64_t D : {64, 128}) {
     for (int64_t T : {1, 100, 257}) cs.push_back({2, T, 3, D, mode, T != 100, T != 1});
   }
-  // Many chunks per segment (segments hold several chunks when B*H is small).
+  // Several chunks per segment (segments hold several chunks when B*H is small).
   cs.push_back({1, 9000, 2, 64, mode, true, true});
   cs.push_back({1, 3001, 1, 128, mode, false, true});
+  // Long walks: B*H large enough for one segment per (b, h), so each block walks every chunk
+  // (exercises the load pipeline over many chunks and a partial last chunk).
+  cs.push_back({2, 1000, 36, 128, mode, true, true});
+  cs.push_back({1, 2500, 70, 64, mode, false, false});
   return cs;
 }
 
