@@ -1,4 +1,4 @@
-// CUDA linear attention: tiled forward and backward on tensor cores (WMMA bf16 -> fp32).
+// CUDA linear attention: tiled forward and backward on tensor cores (mma.sync bf16 -> fp32).
 //
 // Math: DESIGN.md "Linear attention math". Per (batch b, head h) and chunk c of C = 64 rows with
 // within-chunk cumulative log decays L[r] = sum_{i<=r} log a_i (rows past T count as log a = 0):
@@ -49,9 +49,8 @@
 //   C     state update in registers, new bf16 state copy
 // Tiles are padded by 16 bytes per row against bank conflicts.
 #include <cuda_bf16.h>
-#include <mma.h>
 
-#include <type_traits>
+#include <cstdint>
 
 #include "core/tensor.h"
 #include "kernels/cuda_utils.cuh"
@@ -60,11 +59,7 @@
 namespace lasp {
 namespace {
 
-namespace wm = nvcuda::wmma;
 using bf16 = __nv_bfloat16;
-using RowMajor = wm::row_major;
-using ColMajor = wm::col_major;
-using AccFrag = wm::fragment<wm::accumulator, 16, 16, 16, float>;
 
 constexpr int kChunk = 64;  // C: rows per chunk
 constexpr int kWarps = 8;
@@ -95,7 +90,6 @@ struct Shapes {
   static constexpr int v_bytes = kChunk * ldv * 2;
   static constexpr int s_bytes = D * ldv * 2;
   static constexpr int p_bytes = kChunk * ldp * 2;
-  static constexpr int scratch_bytes = kWarps * 256 * 4;
   static constexpr int l_bytes = kChunk * 4;
   static constexpr int state_frags = (D / 16) * (NV / 16) / kWarps;
   static constexpr int out_frags = (kChunk / 16) * (NV / 16) / kWarps;
@@ -160,13 +154,77 @@ __device__ void scale_rows_bf16(bf16* x, int ld, const float* L, bool by_b) {
   }
 }
 
-// 8 fp32 -> 8 bf16 packed in 16 bytes.
-__device__ __forceinline__ uint4 pack_bf16x8(const float* v) {
-  uint4 u;
-  __nv_bfloat162* h2 = reinterpret_cast<__nv_bfloat162*>(&u);
+// ---- Warp-level tensor-core tiles (mma.sync.m16n8k16, bf16 -> fp32) --------------------------
+// A 16 x 16 fp32 tile is two m16n8 accumulators. Lane l holds, with g = l / 4 and q = l % 4,
+//   c[nt][i] = tile[g + (i / 2) * 8][nt * 8 + 2 * q + i % 2].
+// Operand fragments come from shared memory through ldmatrix (.trans where the stored layout is
+// the transpose of the one the mma wants).
+struct Tile16 {
+  float c[2][4];
+  __device__ void zero() {
 #pragma unroll
-  for (int e = 0; e < 4; ++e) h2[e] = __floats2bfloat162_rn(v[2 * e], v[2 * e + 1]);
-  return u;
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) c[nt][i] = 0.0f;
+  }
+  __device__ void scale(float f) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) c[nt][i] *= f;
+  }
+  __device__ static int row(int i) { return (threadIdx.x % 32) / 4 + (i / 2) * 8; }
+  __device__ static int col(int nt, int i) { return nt * 8 + 2 * (threadIdx.x % 4) + i % 2; }
+};
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+// A fragment of A[m0 .. m0+16, k0 .. k0+16] with A row-major (A[m][k] at a[m * ld + k]).
+__device__ __forceinline__ void load_a(uint32_t (&r)[4], const bf16* a, int ld, int m0, int k0) {
+  const int l = threadIdx.x % 32;
+  ldsm_x4(r, a + (m0 + l % 8 + ((l / 8) % 2) * 8) * ld + k0 + (l / 16) * 8);
+}
+// A fragment of A = X^T with X row-major (A[m][k] at x[k * ld + m]).
+__device__ __forceinline__ void load_a_t(uint32_t (&r)[4], const bf16* x, int ld, int m0, int k0) {
+  const int l = threadIdx.x % 32;
+  ldsm_x4_trans(r, x + (k0 + l % 8 + (l / 16) * 8) * ld + m0 + ((l / 8) % 2) * 8);
+}
+// B fragments (two n8 halves) of B[k0 .. k0+16, n0 .. n0+16] with B given as its transpose,
+// row-major (B[k][n] at bt[n * ld + k]).
+__device__ __forceinline__ void load_b_t(uint32_t (&r)[4], const bf16* bt, int ld, int k0, int n0) {
+  const int l = threadIdx.x % 32;
+  ldsm_x4(r, bt + (n0 + l % 8 + (l / 16) * 8) * ld + k0 + ((l / 8) % 2) * 8);
+}
+// B fragments with B row-major (B[k][n] at b[k * ld + n]).
+__device__ __forceinline__ void load_b(uint32_t (&r)[4], const bf16* b, int ld, int k0, int n0) {
+  const int l = threadIdx.x % 32;
+  ldsm_x4_trans(r, b + (k0 + l % 8 + ((l / 8) % 2) * 8) * ld + n0 + (l / 16) * 8);
+}
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// acc += A_frag B_frags (16 x 16 x 16).
+__device__ __forceinline__ void mma_tile(Tile16& acc, const uint32_t (&a)[4], const uint32_t (&b)[4]) {
+  mma16816(acc.c[0], a, b[0], b[1]);
+  mma16816(acc.c[1], a, b[2], b[3]);
+}
+__device__ __forceinline__ void store_bf16x2(bf16* p, float x, float y) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
 }
 
 // The register-resident state tile [D, NV] (columns z of the D x D state): warp w owns the
@@ -175,28 +233,39 @@ template <int D>
 struct StateTile {
   using SH = Shapes<D>;
   static constexpr int TN = SH::NV / 16, n = SH::state_frags;
-  AccFrag f[n];
+  Tile16 f[n];
 
   __device__ static int tile(int i) { return threadIdx.x / 32 + i * kWarps; }
 
   __device__ void zero() {
 #pragma unroll
-    for (int i = 0; i < n; ++i) wm::fill_fragment(f[i], 0.0f);
+    for (int i = 0; i < n; ++i) f[i].zero();
   }
   // Columns [col0, col0 + NV) of the fp32 [D, D] row-major matrix g, or of its transpose.
   __device__ void load(const float* g, int col0, bool transposed) {
 #pragma unroll
     for (int i = 0; i < n; ++i) {
       const int t = tile(i), r0 = (t / TN) * 16, c0 = col0 + (t % TN) * 16;
-      if (transposed) wm::load_matrix_sync(f[i], g + c0 * D + r0, D, wm::mem_col_major);
-      else wm::load_matrix_sync(f[i], g + r0 * D + c0, D, wm::mem_row_major);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = r0 + Tile16::row(e), c = c0 + Tile16::col(nt, e);
+          f[i].c[nt][e] = transposed ? g[c * D + r] : g[r * D + c];
+        }
     }
   }
   __device__ void store(float* g, int col0) const {
 #pragma unroll
     for (int i = 0; i < n; ++i) {
       const int t = tile(i), r0 = (t / TN) * 16, c0 = col0 + (t % TN) * 16;
-      wm::store_matrix_sync(g + r0 * D + c0, f[i], D, wm::mem_row_major);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+          const int r = r0 + Tile16::row(e), c = c0 + Tile16::col(nt, e);
+          *reinterpret_cast<float2*>(g + r * D + c) = make_float2(f[i].c[nt][e], f[i].c[nt][e + 1]);
+        }
     }
   }
   // S = decay * S + X^T Y with X a bf16 [C, D] tile (ld ldx) and Y a bf16 [C, NV] tile (ld ldy).
@@ -204,28 +273,27 @@ struct StateTile {
 #pragma unroll
     for (int i = 0; i < n; ++i) {
       const int t = tile(i), ti = t / TN, tj = t % TN;
-#pragma unroll
-      for (int e = 0; e < f[i].num_elements; ++e) f[i].x[e] *= decay;
+      f[i].scale(decay);
 #pragma unroll
       for (int kk = 0; kk < kChunk / 16; ++kk) {
-        wm::fragment<wm::matrix_a, 16, 16, 16, bf16, ColMajor> fa;
-        wm::fragment<wm::matrix_b, 16, 16, 16, bf16, RowMajor> fb;
-        wm::load_matrix_sync(fa, x + kk * 16 * ldx + ti * 16, ldx);
-        wm::load_matrix_sync(fb, y + kk * 16 * ldy + tj * 16, ldy);
-        wm::mma_sync(f[i], fa, fb, f[i]);
+        uint32_t a[4], b[4];
+        load_a_t(a, x, ldx, ti * 16, kk * 16);
+        load_b(b, y, ldy, kk * 16, tj * 16);
+        mma_tile(f[i], a, b);
       }
     }
   }
-  // The bf16 copy [D, NV] (ld lds) used as a GEMM operand, through this warp's fp32 scratch.
-  __device__ void to_bf16(bf16* s, int lds, float* scratch) const {
-    const int lane = threadIdx.x % 32, rr = lane / 2, cc = (lane % 2) * 8;
+  // The bf16 copy [D, NV] (ld lds) used as a GEMM operand.
+  __device__ void to_bf16(bf16* s, int lds) const {
 #pragma unroll
     for (int i = 0; i < n; ++i) {
       const int t = tile(i), ti = t / TN, tj = t % TN;
-      wm::store_matrix_sync(scratch, f[i], 16, wm::mem_row_major);
-      __syncwarp();
-      *reinterpret_cast<uint4*>(s + (ti * 16 + rr) * lds + tj * 16 + cc) = pack_bf16x8(scratch + rr * 16 + cc);
-      __syncwarp();
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2)
+          store_bf16x2(s + (ti * 16 + Tile16::row(e)) * lds + tj * 16 + Tile16::col(nt, e),
+                       f[i].c[nt][e], f[i].c[nt][e + 1]);
     }
   }
 };
@@ -379,14 +447,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParam
   bf16* sA3 = sc.take<bf16>(SH::v_bytes);
   bf16* sS = sc.take<bf16>(SH::s_bytes);
   bf16* sP = sc.take<bf16>(SH::p_bytes);
-  float* sScratchAll = sc.take<float>(SH::scratch_bytes);
   float* sL = sc.take<float>(SH::l_bytes);
   float* sRowDot = sc.take<float>(SH::l_bytes);
   bf16* sDotSrc = sc.take<bf16>(SH::v_bytes);  // last: only allocated when p.dot_src is set
 
   const int z = blockIdx.x, seg = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, rr = lane / 2, cc = (lane % 2) * 8;
-  float* scratch = sScratchAll + warp * 256;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int col0 = z * NV;
   const int64_t rs = static_cast<int64_t>(p.H) * D;
   const ChunkRange cr = segment_chunks(p, seg);
@@ -413,7 +479,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParam
 
   StateTile<D> S;
   S.load(p.states + (static_cast<int64_t>(bh) * p.nseg + seg) * D * D, col0, p.transposed);
-  S.to_bf16(sS, SH::ldv, scratch);
+  S.to_bf16(sS, SH::ldv);
   if (threadIdx.x < kChunk) sRowDot[threadIdx.x] = 0.0f;
   if (n > 0) {
     issue_a1(0);
@@ -430,52 +496,52 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParam
     //    Reverse: P^T = A1 A2^T with row s, column r, keep s <= r.
     for (int k = warp; k < 10; k += kWarps) {
       const int pr = kReverse ? kTriCol[k] : kTriRow[k], pc = kReverse ? kTriRow[k] : kTriCol[k];
-      AccFrag acc;
-      wm::fill_fragment(acc, 0.0f);
+      Tile16 acc;
+      acc.zero();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        wm::fragment<wm::matrix_a, 16, 16, 16, bf16, RowMajor> fa;
-        wm::fragment<wm::matrix_b, 16, 16, 16, bf16, ColMajor> fb;
-        wm::load_matrix_sync(fa, sA1 + pr * 16 * SH::ldx + kk * 16, SH::ldx);
-        wm::load_matrix_sync(fb, sA2 + pc * 16 * SH::ldx + kk * 16, SH::ldx);
-        wm::mma_sync(acc, fa, fb, acc);
+        uint32_t fa[4], fb[4];
+        load_a(fa, sA1, SH::ldx, pr * 16, kk * 16);
+        load_b_t(fb, sA2, SH::ldx, kk * 16, pc * 16);
+        mma_tile(acc, fa, fb);
       }
-      wm::store_matrix_sync(scratch, acc, 16, wm::mem_row_major);
-      __syncwarp();
-      const int row = pr * 16 + rr;
-      float vals[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int col = pc * 16 + cc + e;
-        const int r = kReverse ? col : row, s = kReverse ? row : col;
-        vals[e] = s <= r ? scratch[rr * 16 + cc + e] * __expf(sL[r] - sL[s]) : 0.0f;
-      }
-      *reinterpret_cast<uint4*>(sP + row * SH::ldp + pc * 16 + cc) = pack_bf16x8(vals);
-      __syncwarp();
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+          const int row = pr * 16 + Tile16::row(e), col = pc * 16 + Tile16::col(nt, e);
+          float val[2];
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const int r = kReverse ? col + u : row, s = kReverse ? row : col + u;
+            val[u] = s <= r ? acc.c[nt][e + u] * __expf(sL[r] - sL[s]) : 0.0f;
+          }
+          store_bf16x2(sP + row * SH::ldp + col, val[0], val[1]);
+        }
     }
     // A: out = diag(f) A1 S, f = b (forward) or e (reverse), in registers.
-    AccFrag acc_o[SH::out_frags];
+    Tile16 acc_o[SH::out_frags];
 #pragma unroll
     for (int j = 0; j < SH::out_frags; ++j) {
       const int t = warp + j * kWarps, oi = t / TN, oj = t % TN;
-      wm::fill_fragment(acc_o[j], 0.0f);
+      acc_o[j].zero();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        wm::fragment<wm::matrix_a, 16, 16, 16, bf16, RowMajor> fa;
-        wm::fragment<wm::matrix_b, 16, 16, 16, bf16, RowMajor> fb;
-        wm::load_matrix_sync(fa, sA1 + oi * 16 * SH::ldx + kk * 16, SH::ldx);
-        wm::load_matrix_sync(fb, sS + kk * 16 * SH::ldv + oj * 16, SH::ldv);
-        wm::mma_sync(acc_o[j], fa, fb, acc_o[j]);
+        uint32_t fa[4], fb[4];
+        load_a(fa, sA1, SH::ldx, oi * 16, kk * 16);
+        load_b(fb, sS, SH::ldv, kk * 16, oj * 16);
+        mma_tile(acc_o[j], fa, fb);
       }
-      wm::store_matrix_sync(scratch, acc_o[j], 16, wm::mem_row_major);
-      __syncwarp();
-      const int r = oi * 16 + rr;
-      const float f = __expf(kReverse ? sL[kChunk - 1] - sL[r] : sL[r]);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) scratch[rr * 16 + cc + e] *= f;
-      __syncwarp();
-      wm::load_matrix_sync(acc_o[j], scratch, 16, wm::mem_row_major);
-      __syncwarp();
+      for (int e = 0; e < 4; e += 2) {
+        const int r = oi * 16 + Tile16::row(e);
+        const float f = __expf(kReverse ? sL[kChunk - 1] - sL[r] : sL[r]);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          acc_o[j].c[nt][e] *= f;
+          acc_o[j].c[nt][e + 1] *= f;
+        }
+      }
     }
     __syncthreads();  // sP complete; A1 is free
     if (more) issue_a1(i + 1);
@@ -486,27 +552,36 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParam
       const int t = warp + j * kWarps, oi = t / TN, oj = t % TN;
       const int kb = kReverse ? oi : 0, ke = kReverse ? kChunk / 16 : oi + 1;
       for (int kk = kb; kk < ke; ++kk) {
-        wm::fragment<wm::matrix_a, 16, 16, 16, bf16, RowMajor> fa;
-        wm::fragment<wm::matrix_b, 16, 16, 16, bf16, RowMajor> fb;
-        wm::load_matrix_sync(fa, sP + oi * 16 * SH::ldp + kk * 16, SH::ldp);
-        wm::load_matrix_sync(fb, sA3 + kk * 16 * SH::ldv + oj * 16, SH::ldv);
-        wm::mma_sync(acc_o[j], fa, fb, acc_o[j]);
+        uint32_t fa[4], fb[4];
+        load_a(fa, sP, SH::ldp, oi * 16, kk * 16);
+        load_b(fb, sA3, SH::ldv, kk * 16, oj * 16);
+        mma_tile(acc_o[j], fa, fb);
       }
-      wm::store_matrix_sync(scratch, acc_o[j], 16, wm::mem_row_major);
-      __syncwarp();
-      const int r = oi * 16 + rr;
-      const float* vals = scratch + rr * 16 + cc;
-      if (p.out && r < rows)
-        *reinterpret_cast<uint4*>(p.out + base + r * rs + col0 + oj * 16 + cc) = pack_bf16x8(vals);
-      if (p.dot_src) {
-        const bf16* src = sDotSrc + r * SH::ldv + oj * 16 + cc;
-        float dot = 0.0f;
+      float dot[2] = {0.0f, 0.0f};  // rows g and g + 8 of this tile
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dot += vals[e] * __bfloat162float(src[e]);
-        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-        if (lane % 2 == 0) atomicAdd(sRowDot + r, dot);
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+          const int r = oi * 16 + Tile16::row(e), c = oj * 16 + Tile16::col(nt, e);
+          const float x = acc_o[j].c[nt][e], y = acc_o[j].c[nt][e + 1];
+          if (p.out && r < rows) store_bf16x2(p.out + base + r * rs + col0 + c, x, y);
+          if (p.dot_src) {
+            const float2 src = __bfloat1622float2(
+                *reinterpret_cast<const __nv_bfloat162*>(sDotSrc + r * SH::ldv + c));
+            dot[e / 2] += x * src.x + y * src.y;
+          }
+        }
+      if (p.dot_src) {
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], 1);
+          dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], 2);
+        }
+        if (lane % 4 == 0) {
+          atomicAdd(sRowDot + oi * 16 + lane / 4, dot[0]);
+          atomicAdd(sRowDot + oi * 16 + lane / 4 + 8, dot[1]);
+        }
       }
-      __syncwarp();
     }
     if (more) scale_rows_bf16<D>(sA2, SH::ldx, sL, kReverse);  // diag(e) A2 or diag(b) A2
     __syncthreads();
@@ -514,7 +589,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParam
     // C: state update and its bf16 copy; flush the dlog shares.
     if (more) {
       S.update(__expf(sL[kChunk - 1]), sA2, SH::ldx, sA3, SH::ldv);
-      S.to_bf16(sS, SH::ldv, scratch);
+      S.to_bf16(sS, SH::ldv);
     }
     if (p.dot_src && threadIdx.x < rows) {
       atomicAdd(p.dlog + (static_cast<int64_t>(b) * p.T + t0 + threadIdx.x) * p.H + h,
@@ -571,7 +646,7 @@ template <int D>
 int smem_walk_bytes(bool with_dot) {
   using SH = Shapes<D>;
   return 2 * carved(SH::x_bytes) + carved(SH::v_bytes) + carved(SH::s_bytes) + carved(SH::p_bytes) +
-         carved(SH::scratch_bytes) + 2 * carved(SH::l_bytes) + (with_dot ? carved(SH::v_bytes) : 0);
+         2 * carved(SH::l_bytes) + (with_dot ? carved(SH::v_bytes) : 0);
 }
 template <int D>
 int smem_state_bytes() {
