@@ -5,6 +5,7 @@
 #include "launch/bench_util.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -16,6 +17,7 @@
 #include "core/device.h"
 #include "core/log.h"
 #include "core/tensor.h"
+#include "kernels/attention.h"
 #include "kernels/gemm.h"
 #include "kernels/linear_attention.h"
 
@@ -171,6 +173,36 @@ std::vector<Row> bench_linear_attention(const Options& opt, double bandwidth) {
   return rows;
 }
 
+// Causal softmax attention (flash-style kernel), B=1, H=16, D=128. Floor: the causal FLOPs
+// (forward 2 T^2 D H, backward 2.5x that) at the 790 TFLOP/s bf16 peak; the issue compares with
+// PyTorch's scaled_dot_product_attention at about 550 TFLOP/s on this GPU.
+std::vector<Row> bench_attention(const Options& opt) {
+  std::vector<Row> rows;
+  const int64_t B = 1, H = 16, D = 128;
+  std::vector<int64_t> lengths = {8192, 32768};
+  if (!opt.quick) lengths.push_back(65536);
+  for (int64_t T : lengths) {
+    const Shape x = {B, T, H, D};
+    Tensor q = random_bf16(x, 1.0, 31), k = random_bf16(x, 1.0, 32), v = random_bf16(x, 1.0, 33);
+    Tensor d_o = random_bf16(x, 1.0, 34);
+    Tensor o = Tensor::empty(x, DType::BF16, cuda()), lse = Tensor::empty({B, H, T}, DType::F32, cuda());
+    Tensor dq = Tensor::empty(x, DType::BF16, cuda()), dk = Tensor::empty(x, DType::BF16, cuda()),
+           dv = Tensor::empty(x, DType::BF16, cuda());
+    const float scale = static_cast<float>(1.0 / std::sqrt(double(D)));
+    const double fwd = time_ms([&] { attention_forward(o, lse, q, k, v, scale, true); }, opt);
+    const double bwd = time_ms([&] { attention_backward(dq, dk, dv, q, k, v, o, lse, d_o, scale, true); }, opt);
+    const double fwd_flops = 2.0 * double(T) * double(T) * D * H * B;  // causal: half of 4 T^2 D
+    char shape[96];
+    std::snprintf(shape, sizeof shape, "B=%ld T=%ld H=%ld D=%ld", static_cast<long>(B), static_cast<long>(T),
+                  static_cast<long>(H), static_cast<long>(D));
+    rows.push_back({"attention causal fwd", shape, fwd, fwd_flops / 790e12 * 1e3});
+    rows.push_back({"attention causal fwd+bwd", shape, fwd + bwd, 3.5 * fwd_flops / 790e12 * 1e3});
+    std::printf("  attention causal %s: fwd %.3f ms (%.0f TFLOP/s), fwd+bwd %.3f ms (%.0f TFLOP/s)\n", shape, fwd,
+                fwd_flops / fwd / 1e9, fwd + bwd, 3.5 * fwd_flops / (fwd + bwd) / 1e9);
+  }
+  return rows;
+}
+
 }  // namespace
 
 int bench_kernels_main(int argc, char** argv) {
@@ -207,13 +239,15 @@ int bench_kernels_main(int argc, char** argv) {
   char floor_what[96];
   std::snprintf(floor_what, sizeof floor_what, "bytes / %.2f TB/s measured", bw / 1e12);
   print_table("Linear attention (bf16 q/k/v/o, fp32 state)", la_rows, floor_what);
+  const std::vector<Row> attn_rows = bench_attention(opt);
+  print_table("Softmax attention (bf16, causal)", attn_rows, "causal flops / 790 TFLOP/s");
 
   if (!opt.csv.empty()) {
     std::ofstream f(opt.csv);
     LASP_CHECK(f.good()) << "bench kernels: cannot write --csv " << opt.csv;
     f << "op,shape,time_ms,floor_ms,ratio\n";
     f << "hbm_copy,2GiB," << 0 << "," << 0 << "," << bw / 1e12 << "\n";
-    for (const auto* rows : {&gemm_rows, &la_rows})
+    for (const auto* rows : {&gemm_rows, &la_rows, &attn_rows})
       for (const Row& r : *rows)
         f << r.op << "," << r.shape << "," << r.ms << "," << r.floor_ms << "," << r.ms / r.floor_ms
           << "\n";
