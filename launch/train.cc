@@ -18,6 +18,7 @@
 #include "core/check.h"
 #include "core/log.h"
 #include "core/model/model.h"
+#include "core/model/projection.h"
 #include "core/profile.h"
 #include "data/dataset.h"
 #include "launch/checkpoint.h"
@@ -214,6 +215,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   par.device = device;
   Model model(cfg.model, par, cfg.train.seed, DType::F32);
   model.set_recompute(cfg.train.recompute);
+  set_projection_options(cfg.model.precision, cfg.train.seed);
   auto params = model.params();
   AdamW opt(cfg.optim, params);
   std::vector<Tensor> sharded_grads, replicated_grads, all_grads;
@@ -284,6 +286,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   };
   for (int64_t step = start_step; step < cfg.train.steps; ++step) {
     if (step == start_step + 1) profile_reset();  // leave the first (warm-up) step out
+    set_projection_step(step);  // low-precision rounding draws depend on (seed, step), so resume is exact
     const double step_t0 = now_s(), comm_t0 = comm_time();
     // Batch: DP picks sequences, SP slices them.
     sampler.next(window);
@@ -459,6 +462,7 @@ LoadedModel load_trained_model(const Config& cfg, const std::string& dir_arg) {
   m.par.tp_all_reduce = [&grid](Tensor& t) { grid.tp_group().all_reduce_sum(t); };
   m.par.device = training_device(cfg, "config");
   m.model = std::make_unique<Model>(cfg.model, m.par, cfg.train.seed, DType::F32);
+  set_projection_options(cfg.model.precision, cfg.train.seed);
   AdamW opt(cfg.optim, m.model->params());
   CheckpointState st;
   st.model_signature = m.model->signature();
