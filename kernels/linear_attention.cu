@@ -17,7 +17,7 @@
 // Two kernel templates do all the work:
 //   la_segment_state_kernel<D, reverse>: from zero, S = bC S + (diag(f) X)^T Y[:, z] over the
 //     segment's chunks (forward: X = K, Y = V, f = e, giving M_j;  reverse: X = Q, Y = dO, f = b,
-//     walking backwards, giving dM_j). Double-buffered cp.async loads.
+//     walking backwards, giving dM_j). kStateStages-deep cp.async pipeline.
 //   la_walk_kernel<D, reverse>: walks a segment from a given state S (columns z) and writes
 //     out[:, z] per chunk. With operands A1, A2 (all D columns) and A3 (columns z):
 //       forward: out = ((A1 A2^T) o M) A3 + diag(b) A1 S,        S = bC S + (diag(e) A2)^T A3
@@ -41,16 +41,22 @@
 // storing per-chunk states instead would cost D/C = 2 times the size of q in fp32: recomputing
 // them by walking each segment is cheaper than writing and re-reading them.
 //
-// Walk stages per chunk, separated by __syncthreads:
-//   load  (cp.async; A1 of the next chunk is issued as soon as A1 is free)
-//   A     masked product tiles (only the 10 causal 16 x 16 tiles of the 4 x 4) -> bf16 sP;
-//         out accumulators = A1 S (from the bf16 state copy), row-scaled, kept in registers
-//   B     out += sP A3, store bf16 rows (and the dlog dot shares); diag(f) A2 in place
-//   C     state update in registers, new bf16 state copy
-// Tiles are padded by 16 bytes per row against bank conflicts.
+// Walk stages per chunk (two barriers per chunk):
+//   load  A2, A3, L double-buffered: chunk i+1's are issued as chunk i starts; A1 (one buffer)
+//         is issued as soon as stage A is done with it
+//   A     one A1 fragment per k-step feeds the warp's causal product tiles (-> masked bf16 sP)
+//         and its out = A1 S tiles (from the bf16 state copy), row-scaled in registers
+//   ---   barrier
+//   B     out += sP A3, store bf16 rows (and the dlog dot shares, dot source read into registers)
+//   C     state update in registers, the row factors diag(f) applied to the A3 fragments in
+//         registers; new bf16 state copy
+//   ---   barrier (top of the next chunk, after its loads have landed)
+// Tiles are padded by 16 bytes per row against bank conflicts. Shared-memory reads (ldmatrix)
+// bound the step, so every fragment load feeds at least two mma where the tiling allows.
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "core/tensor.h"
 #include "kernels/cuda_utils.cuh"
@@ -66,6 +72,7 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kSplit = 2;         // value-column tiles of the state, one block each
 constexpr int kBlocksPerSm = 2;   // the walk kernels are sized for two resident blocks per SM
+constexpr int kStateStages = 3;   // load pipeline depth of the segment-state kernel
 
 struct LaParams {
   const bf16 *a1, *a2, *a3;  // walk / state operands (see the file comment)
@@ -118,6 +125,11 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Waits until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 // Rows [t0, t0 + rows) of COLS columns of one head of a [B, T, H, D] bf16 tensor (g points at the
 // first element) into a [C, ld] tile; rows past `rows` are zero-filled.
@@ -134,24 +146,18 @@ __device__ void load_logcum_async(float* s, const float* g) {
   if (threadIdx.x < kChunk / 4) cp_async16(s + 4 * threadIdx.x, g + 4 * threadIdx.x, true);
 }
 
-// x[r][:] *= exp(L[r]) (by_b) or exp(L[C-1] - L[r]) (e), bf16 [C, COLS] tile in place.
-template <int COLS>
-__device__ void scale_rows_bf16(bf16* x, int ld, const float* L, bool by_b) {
-  constexpr int vpr = COLS / 8;
-  const float last = L[kChunk - 1];
-  for (int i = threadIdx.x; i < kChunk * vpr; i += kThreads) {
-    const int r = i / vpr, c8 = i % vpr;
-    const float f = __expf(by_b ? L[r] : last - L[r]);
-    uint4* ptr = reinterpret_cast<uint4*>(x + r * ld + c8 * 8);
-    uint4 u = *ptr;
-    __nv_bfloat162* h2 = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 val = __bfloat1622float2(h2[e]);
-      h2[e] = __floats2bfloat162_rn(val.x * f, val.y * f);
-    }
-    *ptr = u;
-  }
+// Row factor of chunk row r: exp(L[r]) (by_b) or exp(L[C-1] - L[r]).
+__device__ __forceinline__ float row_factor(const float* L, int r, bool by_b) {
+  return __expf(by_b ? L[r] : L[kChunk - 1] - L[r]);
+}
+// A bf16 pair (low half first) scaled by (f0, f1), rounded back to bf16.
+__device__ __forceinline__ uint32_t scale_bf16x2(uint32_t u, float f0, float f1) {
+  __nv_bfloat162 h;
+  memcpy(&h, &u, 4);
+  const float2 x = __bfloat1622float2(h);
+  h = __floats2bfloat162_rn(x.x * f0, x.y * f1);
+  memcpy(&u, &h, 4);
+  return u;
 }
 
 // ---- Warp-level tensor-core tiles (mma.sync.m16n8k16, bf16 -> fp32) --------------------------
@@ -211,8 +217,10 @@ __device__ __forceinline__ void load_b(uint32_t (&r)[4], const bf16* b, int ld, 
   const int l = threadIdx.x % 32;
   ldsm_x4_trans(r, b + (k0 + l % 8 + ((l / 8) % 2) * 8) * ld + n0 + (l / 16) * 8);
 }
+// Not volatile: it only reads and writes registers, so the compiler may schedule it freely
+// between the ldmatrix loads that feed it.
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -227,15 +235,23 @@ __device__ __forceinline__ void store_bf16x2(bf16* p, float x, float y) {
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
 }
 
-// The register-resident state tile [D, NV] (columns z of the D x D state): warp w owns the
-// 16 x 16 tiles t = w + i * kWarps in row-major tile order.
+// The register-resident state tile [D, NV] (columns z of the D x D state), split over the warps
+// in blocks of RM x CN 16 x 16 tiles (D = 128: 32 x 32 per warp, so every ldmatrix of the update
+// feeds two mma pairs). Tile i of a warp is (tile_row(i), tile_col(i)).
 template <int D>
 struct StateTile {
   using SH = Shapes<D>;
   static constexpr int TN = SH::NV / 16, n = SH::state_frags;
+  static constexpr int CN = (TN >= 2 && n >= 2) ? 2 : 1;  // column tiles per warp
+  static constexpr int RM = n / CN;                        // row tiles per warp
+  static constexpr int WC = TN / CN;                       // warps across the columns
+  static_assert(RM * CN == n && WC * CN == TN && kWarps % WC == 0 &&
+                    (kWarps / WC) * RM * 16 == D,
+                "state tiles must split evenly over the warps");
   Tile16 f[n];
 
-  __device__ static int tile(int i) { return threadIdx.x / 32 + i * kWarps; }
+  __device__ static int tile_row(int i) { return (threadIdx.x / 32 / WC) * RM + i / CN; }
+  __device__ static int tile_col(int i) { return (threadIdx.x / 32 % WC) * CN + i % CN; }
 
   __device__ void zero() {
 #pragma unroll
@@ -245,7 +261,7 @@ struct StateTile {
   __device__ void load(const float* g, int col0, bool transposed) {
 #pragma unroll
     for (int i = 0; i < n; ++i) {
-      const int t = tile(i), r0 = (t / TN) * 16, c0 = col0 + (t % TN) * 16;
+      const int r0 = tile_row(i) * 16, c0 = col0 + tile_col(i) * 16;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -258,7 +274,7 @@ struct StateTile {
   __device__ void store(float* g, int col0) const {
 #pragma unroll
     for (int i = 0; i < n; ++i) {
-      const int t = tile(i), r0 = (t / TN) * 16, c0 = col0 + (t % TN) * 16;
+      const int r0 = tile_row(i) * 16, c0 = col0 + tile_col(i) * 16;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -268,18 +284,35 @@ struct StateTile {
         }
     }
   }
-  // S = decay * S + X^T Y with X a bf16 [C, D] tile (ld ldx) and Y a bf16 [C, NV] tile (ld ldy).
-  __device__ void update(float decay, const bf16* x, int ldx, const bf16* y, int ldy) {
+  // S = decay * S + X^T diag(f) Y with X a bf16 [C, D] tile (ld ldx), Y a bf16 [C, NV] tile
+  // (ld ldy) and f[r] = row_factor(L, r, by_b). The row factors scale the Y fragments in
+  // registers (lane l holds rows 2 (l % 4), +1, +8, +9 of each 16-row step), so the tiles in
+  // shared memory stay as loaded.
+  __device__ void update(float decay, const bf16* x, int ldx, const bf16* y, int ldy, const float* L,
+                         bool by_b) {
 #pragma unroll
-    for (int i = 0; i < n; ++i) {
-      const int t = tile(i), ti = t / TN, tj = t % TN;
-      f[i].scale(decay);
+    for (int i = 0; i < n; ++i) f[i].scale(decay);
+    const int q2 = 2 * (threadIdx.x % 4);
 #pragma unroll
-      for (int kk = 0; kk < kChunk / 16; ++kk) {
-        uint32_t a[4], b[4];
-        load_a_t(a, x, ldx, ti * 16, kk * 16);
-        load_b(b, y, ldy, kk * 16, tj * 16);
-        mma_tile(f[i], a, b);
+    for (int kk = 0; kk < kChunk / 16; ++kk) {
+      const int r = kk * 16 + q2;
+      const float f0 = row_factor(L, r, by_b), f1 = row_factor(L, r + 1, by_b);
+      const float f8 = row_factor(L, r + 8, by_b), f9 = row_factor(L, r + 9, by_b);
+      uint32_t b[CN][4];
+#pragma unroll
+      for (int c = 0; c < CN; ++c) {
+        load_b(b[c], y, ldy, kk * 16, tile_col(c) * 16);
+        b[c][0] = scale_bf16x2(b[c][0], f0, f1);
+        b[c][1] = scale_bf16x2(b[c][1], f8, f9);
+        b[c][2] = scale_bf16x2(b[c][2], f0, f1);
+        b[c][3] = scale_bf16x2(b[c][3], f8, f9);
+      }
+#pragma unroll
+      for (int m = 0; m < RM; ++m) {
+        uint32_t a[4];
+        load_a_t(a, x, ldx, tile_row(m * CN) * 16, kk * 16);
+#pragma unroll
+        for (int c = 0; c < CN; ++c) mma_tile(f[m * CN + c], a, b[c]);
       }
     }
   }
@@ -287,13 +320,13 @@ struct StateTile {
   __device__ void to_bf16(bf16* s, int lds) const {
 #pragma unroll
     for (int i = 0; i < n; ++i) {
-      const int t = tile(i), ti = t / TN, tj = t % TN;
+      const int r0 = tile_row(i) * 16, c0 = tile_col(i) * 16;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; e += 2)
-          store_bf16x2(s + (ti * 16 + Tile16::row(e)) * lds + tj * 16 + Tile16::col(nt, e),
-                       f[i].c[nt][e], f[i].c[nt][e + 1]);
+          store_bf16x2(s + (r0 + Tile16::row(e)) * lds + c0 + Tile16::col(nt, e), f[i].c[nt][e],
+                       f[i].c[nt][e + 1]);
     }
   }
 };
@@ -335,14 +368,15 @@ __global__ void la_chunk_logcum_kernel(float* lc, const float* log_tok, const fl
 
 // ---------------------------------------------------------------------------------------------
 // 1. Segment-local states from zero: forward M_j (X = K, Y = V, f = e), reverse dM_j (X = Q,
-//    Y = dO, f = b, chunks walked backwards). Double-buffered loads.
+//    Y = dO, f = b, chunks walked backwards). kStateStages-deep cp.async pipeline, one barrier
+//    per chunk (the row factors are applied to the Y fragments in registers).
 // ---------------------------------------------------------------------------------------------
 template <int D, bool kReverse>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_segment_state_kernel(LaParams p) {
   using SH = Shapes<D>;
   extern __shared__ __align__(128) unsigned char smem[];
-  // Two buffers of [X tile | Y tile | L], `stage` bytes apart (computed offsets keep the buffer
-  // index out of local memory).
+  // kStateStages buffers of [X tile | Y tile | L], `stage` bytes apart (computed offsets keep the
+  // buffer index out of local memory).
   constexpr int stage = carved(SH::x_bytes) + carved(SH::v_bytes) + carved(SH::l_bytes);
   auto sX = [&](int buf) { return reinterpret_cast<bf16*>(smem + buf * stage); };
   auto sY = [&](int buf) { return reinterpret_cast<bf16*>(smem + buf * stage + carved(SH::x_bytes)); };
@@ -355,29 +389,33 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_segment_state_kerne
   const int64_t rs = static_cast<int64_t>(p.H) * D;
   const ChunkRange cr = segment_chunks(p, seg);
   const int n = cr.end - cr.begin;
-  auto issue = [&](int i, int buf) {
-    const int c = kReverse ? cr.end - 1 - i : cr.begin + i;
+  auto issue = [&](int i) {  // chunk i of the walk into buffer i % kStateStages (not committed)
+    const int c = kReverse ? cr.end - 1 - i : cr.begin + i, buf = i % kStateStages;
     const int t0 = c * kChunk, rows = min(kChunk, p.T - t0);
     const int64_t base = (static_cast<int64_t>(b) * p.T + t0) * rs + static_cast<int64_t>(h) * D;
     load_tile_async<D>(sX(buf), SH::ldx, p.a1 + base, rs, rows);
     load_tile_async<SH::NV>(sY(buf), SH::ldv, p.a3 + base + col0, rs, rows);
     load_logcum_async(sL(buf), p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
-    cp_async_commit();
   };
 
   StateTile<D> S;
   S.zero();
   float logg = 0.0f;
-  if (n > 0) issue(0, 0);
+  // One commit group per chunk (empty past the end), so wait_group counts chunks.
+#pragma unroll
+  for (int i = 0; i < kStateStages - 1; ++i) {
+    if (i < n) issue(i);
+    cp_async_commit();
+  }
   for (int i = 0; i < n; ++i) {
-    const int buf = i & 1;
-    cp_async_wait_all();
-    __syncthreads();  // chunk i is in buffer buf; every warp is done with buffer buf ^ 1
-    if (i + 1 < n) issue(i + 1, buf ^ 1);
-    scale_rows_bf16<D>(sX(buf), SH::ldx, sL(buf), kReverse);  // diag(e) K or diag(b) Q
-    __syncthreads();
+    const int buf = i % kStateStages;
+    cp_async_wait_group<kStateStages - 2>();
+    __syncthreads();  // chunk i has landed; every warp is done with chunk i - 1's buffer
+    if (i + kStateStages - 1 < n) issue(i + kStateStages - 1);
+    cp_async_commit();
     const float last = sL(buf)[kChunk - 1];
-    S.update(__expf(last), sX(buf), SH::ldx, sY(buf), SH::ldv);
+    // S = bC S + (diag(e) K)^T V  or  (diag(b) Q)^T dO
+    S.update(__expf(last), sX(buf), SH::ldx, sY(buf), SH::ldv, sL(buf), kReverse);
     logg += last;
   }
   S.store(p.states + (static_cast<int64_t>(bh) * p.nseg + seg) * D * D, col0);
@@ -432,27 +470,37 @@ __global__ void la_combine_backward_kernel(float* dstates, const float* logg, co
 // ---------------------------------------------------------------------------------------------
 // 3. Walks: o, dQ (forward) and dV, dK (reverse); see the file comment.
 // ---------------------------------------------------------------------------------------------
-// The 10 causal 16 x 16 tiles (row block >= column block) of a 64 x 64 chunk product.
-__constant__ int8_t kTriRow[10] = {0, 1, 1, 2, 2, 2, 3, 3, 3, 3};
-__constant__ int8_t kTriCol[10] = {0, 0, 1, 0, 1, 2, 0, 1, 2, 3};
-
+// Warp roles (8 warps, 4 row blocks of 16 chunk rows): warp w owns row block R = w / 2 of A1 and
+// of the output, and output column tiles [half * OF, half * OF + OF) with half = w % 2. In stage
+// A one A1 fragment per k-step feeds both the warp's causal product tiles of row block R (forward
+// columns 0..R, reverse R..3, split between the two warps of the row) and its A1 S tiles.
 template <int D, bool kReverse>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParams p) {
   using SH = Shapes<D>;
-  constexpr int NV = SH::NV, TN = NV / 16;
+  constexpr int NV = SH::NV, TN = NV / 16, OF = SH::out_frags;
+  static_assert((kChunk / 16) * 2 == kWarps && OF * 2 == TN, "two warps per 16-row block");
   extern __shared__ __align__(128) unsigned char smem[];
-  SmemCarver sc{smem};
+  // Two stages of [A2 | A3 | L] (`stage` bytes apart), then A1 (one buffer: it is free after
+  // stage A, and the next one is loaded during stages B and C), the bf16 state, the masked
+  // product and the dlog row dots.
+  constexpr int stage = carved(SH::x_bytes) + carved(SH::v_bytes) + carved(SH::l_bytes);
+  auto sA2 = [&](int buf) { return reinterpret_cast<bf16*>(smem + buf * stage); };
+  auto sA3 = [&](int buf) { return reinterpret_cast<bf16*>(smem + buf * stage + carved(SH::x_bytes)); };
+  auto sLb = [&](int buf) {
+    return reinterpret_cast<float*>(smem + buf * stage + carved(SH::x_bytes) + carved(SH::v_bytes));
+  };
+  SmemCarver sc{smem + 2 * stage};
   bf16* sA1 = sc.take<bf16>(SH::x_bytes);
-  bf16* sA2 = sc.take<bf16>(SH::x_bytes);
-  bf16* sA3 = sc.take<bf16>(SH::v_bytes);
   bf16* sS = sc.take<bf16>(SH::s_bytes);
   bf16* sP = sc.take<bf16>(SH::p_bytes);
-  float* sL = sc.take<float>(SH::l_bytes);
   float* sRowDot = sc.take<float>(SH::l_bytes);
-  bf16* sDotSrc = sc.take<bf16>(SH::v_bytes);  // last: only allocated when p.dot_src is set
 
   const int z = blockIdx.x, seg = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int R = warp / 2, half = warp % 2, oj0 = half * OF;
+  // This warp's product tiles: columns pc0 .. pc0 + np of row block R (np = 0, 1 or 2).
+  const int row_lo = kReverse ? R : 0, row_n = kReverse ? 4 - R : R + 1, first_n = (row_n + 1) / 2;
+  const int pc0 = row_lo + (half ? first_n : 0), np = half ? row_n - first_n : first_n;
   const int col0 = z * NV;
   const int64_t rs = static_cast<int64_t>(p.H) * D;
   const ChunkRange cr = segment_chunks(p, seg);
@@ -467,14 +515,22 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParam
     load_tile_async<D>(sA1, SH::ldx, p.a1 + base_of(c), rs, rows_of(c));
     cp_async_commit();
   };
-  auto issue_rest = [&](int i) {
-    const int c = chunk_of(i), rows = rows_of(c);
+  auto issue_rest = [&](int i) {  // A2, A3 and L of walk step i into buffer i % 2
+    const int c = chunk_of(i), rows = rows_of(c), buf = i & 1;
     const int64_t base = base_of(c);
-    load_tile_async<D>(sA2, SH::ldx, p.a2 + base, rs, rows);
-    load_tile_async<NV>(sA3, SH::ldv, p.a3 + base + col0, rs, rows);
-    if (p.dot_src) load_tile_async<NV>(sDotSrc, SH::ldv, p.dot_src + base + col0, rs, rows);
-    load_logcum_async(sL, p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
+    load_tile_async<D>(sA2(buf), SH::ldx, p.a2 + base, rs, rows);
+    load_tile_async<NV>(sA3(buf), SH::ldv, p.a3 + base + col0, rs, rows);
+    load_logcum_async(sLb(buf), p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
     cp_async_commit();
+  };
+  // dlog[t] += dot_sign * rowdot[t] for the rows of chunk c (after a barrier that follows every
+  // warp's stage B of that chunk); clears the row dots.
+  auto flush_dots = [&](int c) {
+    if (threadIdx.x < rows_of(c)) {
+      atomicAdd(p.dlog + (static_cast<int64_t>(b) * p.T + c * kChunk + threadIdx.x) * p.H + h,
+                p.dot_sign * sRowDot[threadIdx.x]);
+      sRowDot[threadIdx.x] = 0.0f;
+    }
   };
 
   StateTile<D> S;
@@ -486,118 +542,146 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParam
     issue_rest(0);
   }
   for (int i = 0; i < n; ++i) {
-    const int c = chunk_of(i), t0 = c * kChunk, rows = rows_of(c);
+    const int c = chunk_of(i), rows = rows_of(c), buf = i & 1;
     const int64_t base = base_of(c);
     const bool more = i + 1 < n;
+    const bf16* a2 = sA2(buf);
+    const bf16* a3 = sA3(buf);
+    const float* sL = sLb(buf);
     cp_async_wait_all();
-    __syncthreads();  // load: this chunk's tiles and the state copy are ready
+    __syncthreads();  // this chunk's tiles and the state copy are ready; the other buffer is free
+    if (more) issue_rest(i + 1);
+    if (p.dot_src && i > 0) flush_dots(chunk_of(i - 1));
 
-    // A: masked product tiles. Forward: P = A1 A2^T, keep s <= r (r = row, s = column).
-    //    Reverse: P^T = A1 A2^T with row s, column r, keep s <= r.
-    for (int k = warp; k < 10; k += kWarps) {
-      const int pr = kReverse ? kTriCol[k] : kTriRow[k], pc = kReverse ? kTriRow[k] : kTriCol[k];
-      Tile16 acc;
-      acc.zero();
+    // The dlog dot source at this warp's output positions, straight from global memory into
+    // registers (used in stage B). dsrc[j][nt][u]: row R * 16 + g + 8 u, column (oj0 + j) * 16 +
+    // nt * 8 + 2 (lane % 4) (+1).
+    uint32_t dsrc[OF][2][2] = {};
+    if (p.dot_src) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t fa[4], fb[4];
-        load_a(fa, sA1, SH::ldx, pr * 16, kk * 16);
-        load_b_t(fb, sA2, SH::ldx, kk * 16, pc * 16);
-        mma_tile(acc, fa, fb);
-      }
+      for (int j = 0; j < OF; ++j)
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; e += 2) {
-          const int row = pr * 16 + Tile16::row(e), col = pc * 16 + Tile16::col(nt, e);
-          float val[2];
+        for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
-            const int r = kReverse ? col + u : row, s = kReverse ? row : col + u;
-            val[u] = s <= r ? acc.c[nt][e + u] * __expf(sL[r] - sL[s]) : 0.0f;
+            const int r = R * 16 + Tile16::row(2 * u), cc = (oj0 + j) * 16 + Tile16::col(nt, 0);
+            dsrc[j][nt][u] = r < rows ? __ldg(reinterpret_cast<const unsigned int*>(
+                                            p.dot_src + base + r * rs + col0 + cc))
+                                      : 0u;
           }
-          store_bf16x2(sP + row * SH::ldp + col, val[0], val[1]);
-        }
     }
-    // A: out = diag(f) A1 S, f = b (forward) or e (reverse), in registers.
-    Tile16 acc_o[SH::out_frags];
+
+    // A: causal product tiles of row block R (forward P = A1 A2^T, keep s <= r with r the row;
+    //    reverse P^T = A1 A2^T, keep row <= column) and out = A1 S, sharing the A1 fragments.
+    Tile16 acc_p[2], acc_o[OF];
+    acc_p[0].zero();
+    acc_p[1].zero();
 #pragma unroll
-    for (int j = 0; j < SH::out_frags; ++j) {
-      const int t = warp + j * kWarps, oi = t / TN, oj = t % TN;
-      acc_o[j].zero();
+    for (int j = 0; j < OF; ++j) acc_o[j].zero();
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t fa[4], fb[4];
-        load_a(fa, sA1, SH::ldx, oi * 16, kk * 16);
-        load_b(fb, sS, SH::ldv, kk * 16, oj * 16);
-        mma_tile(acc_o[j], fa, fb);
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t fa[4];
+      load_a(fa, sA1, SH::ldx, R * 16, kk * 16);
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        if (u < np) {
+          uint32_t fb[4];
+          load_b_t(fb, a2, SH::ldx, kk * 16, (pc0 + u) * 16);
+          mma_tile(acc_p[u], fa, fb);
+        }
       }
 #pragma unroll
-      for (int e = 0; e < 4; e += 2) {
-        const int r = oi * 16 + Tile16::row(e);
-        const float f = __expf(kReverse ? sL[kChunk - 1] - sL[r] : sL[r]);
+      for (int j = 0; j < OF; ++j) {
+        uint32_t fb[4];
+        load_b(fb, sS, SH::ldv, kk * 16, (oj0 + j) * 16);
+        mma_tile(acc_o[j], fa, fb);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      if (u < np) {
+        const int pc = pc0 + u;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; e += 2) {
+            const int row = R * 16 + Tile16::row(e), col = pc * 16 + Tile16::col(nt, e);
+            float val[2];
+#pragma unroll
+            for (int v = 0; v < 2; ++v) {
+              const int r = kReverse ? col + v : row, s = kReverse ? row : col + v;
+              val[v] = s <= r ? acc_p[u].c[nt][e + v] * __expf(sL[r] - sL[s]) : 0.0f;
+            }
+            store_bf16x2(sP + row * SH::ldp + col, val[0], val[1]);
+          }
+      }
+    }
+    // out = diag(f) A1 S, f = b (forward) or e (reverse).
+#pragma unroll
+    for (int e = 0; e < 4; e += 2) {
+      const float f = row_factor(sL, R * 16 + Tile16::row(e), !kReverse);
+#pragma unroll
+      for (int j = 0; j < OF; ++j)
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           acc_o[j].c[nt][e] *= f;
           acc_o[j].c[nt][e + 1] *= f;
         }
-      }
     }
-    __syncthreads();  // sP complete; A1 is free
+    __syncthreads();  // sP complete; A1 and the state copy are free
     if (more) issue_a1(i + 1);
 
-    // B: out += sP A3 over the causal column blocks; store; dlog shares.
+    // B: out += sP A3 over the causal column blocks of row block R; store; dlog shares.
+    const int kb = kReverse ? R : 0, ke = kReverse ? kChunk / 16 : R + 1;
+    for (int kk = kb; kk < ke; ++kk) {
+      uint32_t fa[4];
+      load_a(fa, sP, SH::ldp, R * 16, kk * 16);
 #pragma unroll
-    for (int j = 0; j < SH::out_frags; ++j) {
-      const int t = warp + j * kWarps, oi = t / TN, oj = t % TN;
-      const int kb = kReverse ? oi : 0, ke = kReverse ? kChunk / 16 : oi + 1;
-      for (int kk = kb; kk < ke; ++kk) {
-        uint32_t fa[4], fb[4];
-        load_a(fa, sP, SH::ldp, oi * 16, kk * 16);
-        load_b(fb, sA3, SH::ldv, kk * 16, oj * 16);
+      for (int j = 0; j < OF; ++j) {
+        uint32_t fb[4];
+        load_b(fb, a3, SH::ldv, kk * 16, (oj0 + j) * 16);
         mma_tile(acc_o[j], fa, fb);
       }
-      float dot[2] = {0.0f, 0.0f};  // rows g and g + 8 of this tile
+    }
+    float dot[2] = {0.0f, 0.0f};  // rows R * 16 + g and + 8
+#pragma unroll
+    for (int j = 0; j < OF; ++j)
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; e += 2) {
-          const int r = oi * 16 + Tile16::row(e), c = oj * 16 + Tile16::col(nt, e);
+          const int r = R * 16 + Tile16::row(e), cc = (oj0 + j) * 16 + Tile16::col(nt, e);
           const float x = acc_o[j].c[nt][e], y = acc_o[j].c[nt][e + 1];
-          if (p.out && r < rows) store_bf16x2(p.out + base + r * rs + col0 + c, x, y);
+          if (p.out && r < rows) store_bf16x2(p.out + base + r * rs + col0 + cc, x, y);
           if (p.dot_src) {
-            const float2 src = __bfloat1622float2(
-                *reinterpret_cast<const __nv_bfloat162*>(sDotSrc + r * SH::ldv + c));
+            __nv_bfloat162 hv;
+            memcpy(&hv, &dsrc[j][nt][e / 2], 4);
+            const float2 src = __bfloat1622float2(hv);
             dot[e / 2] += x * src.x + y * src.y;
           }
         }
-      if (p.dot_src) {
+    if (p.dot_src) {
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], 1);
-          dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], 2);
-        }
-        if (lane % 4 == 0) {
-          atomicAdd(sRowDot + oi * 16 + lane / 4, dot[0]);
-          atomicAdd(sRowDot + oi * 16 + lane / 4 + 8, dot[1]);
-        }
+      for (int u = 0; u < 2; ++u) {
+        dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], 1);
+        dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], 2);
+      }
+      if (lane % 4 == 0) {
+        atomicAdd(sRowDot + R * 16 + lane / 4, dot[0]);
+        atomicAdd(sRowDot + R * 16 + lane / 4 + 8, dot[1]);
       }
     }
-    if (more) scale_rows_bf16<D>(sA2, SH::ldx, sL, kReverse);  // diag(e) A2 or diag(b) A2
-    __syncthreads();
 
-    // C: state update and its bf16 copy; flush the dlog shares.
+    // C: state update in registers and its new bf16 copy (every warp finished reading the old
+    //    copy in stage A, before the barrier above).
     if (more) {
-      S.update(__expf(sL[kChunk - 1]), sA2, SH::ldx, sA3, SH::ldv);
+      S.update(__expf(sL[kChunk - 1]), a2, SH::ldx, a3, SH::ldv, sL, kReverse);
       S.to_bf16(sS, SH::ldv);
     }
-    if (p.dot_src && threadIdx.x < rows) {
-      atomicAdd(p.dlog + (static_cast<int64_t>(b) * p.T + t0 + threadIdx.x) * p.H + h,
-                p.dot_sign * sRowDot[threadIdx.x]);
-      sRowDot[threadIdx.x] = 0.0f;
-    }
-    __syncthreads();  // A2, A3, L and the dot source are free
-    if (more) issue_rest(i + 1);
+  }
+  if (p.dot_src && n > 0) {
+    __syncthreads();
+    flush_dots(chunk_of(n - 1));
   }
 }
 
@@ -643,15 +727,15 @@ int sm_count() {
 }
 
 template <int D>
-int smem_walk_bytes(bool with_dot) {
+int smem_walk_bytes() {
   using SH = Shapes<D>;
-  return 2 * carved(SH::x_bytes) + carved(SH::v_bytes) + carved(SH::s_bytes) + carved(SH::p_bytes) +
-         2 * carved(SH::l_bytes) + (with_dot ? carved(SH::v_bytes) : 0);
+  return 2 * (carved(SH::x_bytes) + carved(SH::v_bytes) + carved(SH::l_bytes)) + carved(SH::x_bytes) +
+         carved(SH::s_bytes) + carved(SH::p_bytes) + carved(SH::l_bytes);
 }
 template <int D>
 int smem_state_bytes() {
   using SH = Shapes<D>;
-  return 2 * (carved(SH::x_bytes) + carved(SH::v_bytes) + carved(SH::l_bytes));
+  return kStateStages * (carved(SH::x_bytes) + carved(SH::v_bytes) + carved(SH::l_bytes));
 }
 
 template <typename Kernel>
@@ -673,7 +757,7 @@ void run_walk(LaParams p, const char* what, const bf16* a1, const bf16* a2, cons
   p.transposed = transposed;
   p.dot_src = p.dlog ? dot_src : nullptr;
   p.dot_sign = dot_sign;
-  launch(la_walk_kernel<D, kReverse>, what, p, smem_walk_bytes<D>(p.dot_src != nullptr));
+  launch(la_walk_kernel<D, kReverse>, what, p, smem_walk_bytes<D>());
 }
 
 const bf16* bf16_ptr(const Tensor& t) { return t.defined() ? static_cast<const bf16*>(t.raw()) : nullptr; }
