@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "core/tensor.h"
@@ -26,6 +28,7 @@ namespace lasp {
 using namespace ops_cuda;
 
 void cast_cuda(Tensor& dst, const Tensor& src);  // below; the LM head converts operands with it
+double sum_of_squares_many_cuda(const std::vector<Tensor>& xs);  // below; also kernels/ops_batched.cc
 
 namespace {
 
@@ -137,6 +140,164 @@ __global__ void rmsnorm_backward_kernel(FloatOut dx, FloatIn dy, FloatIn x, cons
   }
 }
 
+// ---------------------------------------------------------------- RMSNorm, rows in registers
+// The layout is [rows = N * G, group] (row n * G + g is group g of token n, `group` consecutive
+// features at offset row * group). A team of L lanes owns one row at a time: L a power of two
+// <= 32 (several teams per warp, shuffle reductions) or L = kNormThreads (one team per block);
+// lane j holds packs j, j + L, ..., at most K of them, so the forward reads x once and the
+// backward reads x and dy once. The row loop is block-uniform (teams past the end idle along).
+//
+// Backward dw without a second pass: team slot s (of S = gridDim * teams per block) owns rows
+// s, s + S, ...; with S a multiple of G its group g = s % G and so its columns are fixed, and it
+// keeps sum_rows dy x rstd in registers, written to partial row s / G of a [S / G, C] buffer that
+// colsum_finish_kernel adds in order (deterministic for a given grid).
+constexpr int kNormThreads = 256;
+
+struct NormShape {
+  int64_t rows, G;
+  int group, L;  // features per row; lanes per team
+};
+
+__device__ __forceinline__ float team_sum(float v, int L, float* scratch) {
+  if (L > 32) return block_sum(v, scratch);
+  for (int o = L / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <int K>
+__global__ void __launch_bounds__(kNormThreads)
+    rmsnorm_forward_rows_kernel(FloatOut y, float* rstd, FloatIn x, const float* w, NormShape sh, float eps) {
+  __shared__ float scratch[32];
+  const int teams = kNormThreads / sh.L, lane = threadIdx.x % sh.L, packs = sh.group / kPack;
+  for (int64_t r0 = blockIdx.x * static_cast<int64_t>(teams); r0 < sh.rows;
+       r0 += static_cast<int64_t>(gridDim.x) * teams) {
+    const int64_t r = r0 + threadIdx.x / sh.L;
+    const bool active = r < sh.rows;
+    float v[K][kPack];
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int p = lane + k * sh.L;
+      if (active && p < packs) {
+        x.load8(r * sh.group + p * kPack, v[k]);
+#pragma unroll
+        for (int e = 0; e < kPack; ++e) ss += v[k][e] * v[k][e];
+      }
+    }
+    ss = team_sum(ss, sh.L, scratch);
+    const float rs = rsqrtf(ss / static_cast<float>(sh.group) + eps);
+    if (!active) continue;  // no team-wide step follows
+    if (lane == 0) rstd[r] = rs;
+    const int64_t wofs = (r % sh.G) * sh.group;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int p = lane + k * sh.L;
+      if (p >= packs) continue;
+      float wv[kPack], o[kPack];
+      if (w) load8_f32(w, wofs + p * kPack, wv);
+#pragma unroll
+      for (int e = 0; e < kPack; ++e) o[e] = v[k][e] * rs * (w ? wv[e] : 1.0f);
+      y.store8(r * sh.group + p * kPack, o);
+    }
+  }
+}
+
+// dx = r (gi - xhat mean(gi xhat)) with gi = dy w, xhat = x r; dw partials as described above
+// (dw_partial null: no dw).
+template <int K>
+__global__ void __launch_bounds__(kNormThreads)
+    rmsnorm_backward_rows_kernel(FloatOut dx, float* dw_partial, FloatIn dy, FloatIn x, const float* w,
+                                 const float* rstd, NormShape sh) {
+  __shared__ float scratch[32];
+  const int teams = kNormThreads / sh.L, lane = threadIdx.x % sh.L, packs = sh.group / kPack;
+  const int64_t slot = blockIdx.x * static_cast<int64_t>(teams) + threadIdx.x / sh.L;
+  const int64_t wofs = (slot % sh.G) * sh.group;  // fixed: S is a multiple of G
+  float acc[K][kPack];
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int e = 0; e < kPack; ++e) acc[k][e] = 0.0f;
+  for (int64_t r0 = blockIdx.x * static_cast<int64_t>(teams); r0 < sh.rows;
+       r0 += static_cast<int64_t>(gridDim.x) * teams) {
+    const int64_t r = r0 + threadIdx.x / sh.L;
+    const bool active = r < sh.rows;
+    const float rs = active ? rstd[r] : 0.0f;
+    float g[K][kPack], xv[K][kPack];
+    float dot = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int p = lane + k * sh.L;
+      if (active && p < packs) {
+        float wv[kPack];
+        dy.load8(r * sh.group + p * kPack, g[k]);
+        x.load8(r * sh.group + p * kPack, xv[k]);
+        if (w) load8_f32(w, wofs + p * kPack, wv);
+#pragma unroll
+        for (int e = 0; e < kPack; ++e) {
+          acc[k][e] += g[k][e] * xv[k][e] * rs;
+          g[k][e] *= w ? wv[e] : 1.0f;
+          dot += g[k][e] * xv[k][e] * rs;
+        }
+      }
+    }
+    const float m = team_sum(dot, sh.L, scratch) / static_cast<float>(sh.group);
+    if (!active) continue;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int p = lane + k * sh.L;
+      if (p >= packs) continue;
+      float o[kPack];
+#pragma unroll
+      for (int e = 0; e < kPack; ++e) o[e] = rs * (g[k][e] - xv[k][e] * rs * m);
+      dx.store8(r * sh.group + p * kPack, o);
+    }
+  }
+  if (!dw_partial) return;
+  const int64_t C = sh.G * sh.group;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int p = lane + k * sh.L;
+    if (p < packs) store8_f32(dw_partial, (slot / sh.G) * C + wofs + p * kPack, acc[k]);
+  }
+}
+
+// How a row-in-registers launch covers rows of `group` features: lanes per team and packs per
+// lane (K, one of 1, 2, 4, 8). `ok` false: group not a multiple of 8 or above 16384.
+struct NormPlan {
+  bool ok = false;
+  int L = 0, K = 0;
+};
+
+NormPlan plan_norm(int64_t group) {
+  NormPlan p;
+  if (group % kPack != 0 || group > int64_t{kNormThreads} * kPack * 8) return p;
+  const int packs = static_cast<int>(group / kPack);
+  p.ok = true;
+  if (packs <= 32) {
+    p.L = 1;
+    while (p.L < packs) p.L *= 2;
+    p.K = 1;
+  } else if (packs <= 128) {
+    p.L = 32;
+    p.K = packs <= 64 ? 2 : 4;
+  } else {
+    p.L = kNormThreads;
+    p.K = 1;
+    while (p.L * p.K < packs) p.K *= 2;
+  }
+  return p;
+}
+
+template <typename Launch>
+void dispatch_k(int K, const Launch& launch) {
+  switch (K) {
+    case 1: launch(std::integral_constant<int, 1>{}); break;
+    case 2: launch(std::integral_constant<int, 2>{}); break;
+    case 4: launch(std::integral_constant<int, 4>{}); break;
+    default: launch(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // dw[c] += sum_n dy[n, c] x[n, c] rstd[n, c / group].
 struct RmsNormDw {
   FloatIn dy, x;
@@ -148,22 +309,52 @@ struct RmsNormDw {
 };
 
 // ---------------------------------------------------------------- gated units, pointwise
-__global__ void swiglu_forward_kernel(FloatOut h, FloatIn gate, FloatIn up, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float g = gate[i];
-    h.set(i, g * sigmoidf_(g) * up[i]);
-  }
+// The pointwise kernels below move 16-byte packs (ops_cuda_util.cuh: for_each_pack); `packed`
+// says every pointer is 16-byte aligned, else they go element by element. Per element the math
+// is the same expression either way, so results do not depend on the path.
+__device__ __forceinline__ float swiglu_value(float g, float u) { return g * sigmoidf_(g) * u; }
+
+__global__ void swiglu_forward_kernel(FloatOut h, FloatIn gate, FloatIn up, int64_t n, bool packed) {
+  for_each_pack(
+      n, packed,
+      [&](int64_t i) {
+        float g[kPack], u[kPack], o[kPack];
+        gate.load8(i, g);
+        up.load8(i, u);
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) o[k] = swiglu_value(g[k], u[k]);
+        h.store8(i, o);
+      },
+      [&](int64_t i) { h.set(i, swiglu_value(gate[i], up[i])); });
+}
+
+// d_up = dh silu(g);  d_gate = dh u silu'(g) with silu' = s (1 + g (1 - s)), s = sigmoid(g).
+__device__ __forceinline__ void swiglu_grads(float d, float g, float u, float& dg, float& du) {
+  const float s = sigmoidf_(g);
+  du = d * g * s;
+  dg = d * u * s * (1.0f + g * (1.0f - s));
 }
 
 __global__ void swiglu_backward_kernel(FloatOut d_gate, FloatOut d_up, FloatIn dh, FloatIn gate,
-                                       FloatIn up, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float g = gate[i], u = up[i], d = dh[i], s = sigmoidf_(g);
-    d_up.set(i, d * g * s);
-    d_gate.set(i, d * u * s * (1.0f + g * (1.0f - s)));  // d silu = s (1 + x (1 - s))
-  }
+                                       FloatIn up, int64_t n, bool packed) {
+  for_each_pack(
+      n, packed,
+      [&](int64_t i) {
+        float d[kPack], g[kPack], u[kPack];
+        dh.load8(i, d);
+        gate.load8(i, g);
+        up.load8(i, u);
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) swiglu_grads(d[k], g[k], u[k], g[k], u[k]);
+        d_gate.store8(i, g);
+        d_up.store8(i, u);
+      },
+      [&](int64_t i) {
+        float dg, du;
+        swiglu_grads(dh[i], gate[i], up[i], dg, du);
+        d_gate.set(i, dg);
+        d_up.set(i, du);
+      });
 }
 
 __device__ __forceinline__ float activation_value(float v, int f, float scale) {
@@ -314,21 +505,43 @@ struct BiasDb {
   __device__ float operator()(int64_t n, int64_t c) const { return dy[n * C + c]; }
 };
 
-__global__ void adamw_kernel(float* w, FloatOut w_compute, FloatIn g, float* m, float* v, int64_t n,
-                             float lr, float beta1, float beta2, float eps, float weight_decay, float c1,
-                             float c2) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float gi = g[i];
-    const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-    const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    const float update = (mi / c1) / (sqrtf(vi / c2) + eps) + weight_decay * w[i];
-    const float wi = w[i] - lr * update;
-    w[i] = wi;
-    if (w_compute.p) w_compute.set(i, wi);
+struct AdamW {
+  float lr, beta1, beta2, eps, weight_decay, c1, c2;
+  // Updates (w, m, v) of one element from its gradient g.
+  __device__ __forceinline__ void step(float& w, float& m, float& v, float g) const {
+    m = beta1 * m + (1.0f - beta1) * g;
+    v = beta2 * v + (1.0f - beta2) * g * g;
+    const float update = (m / c1) / (sqrtf(v / c2) + eps) + weight_decay * w;
+    w = w - lr * update;
   }
+};
+
+// 30 bytes per element with fp32 g and a bf16 compute copy: w, m, v read and written, g read.
+__global__ void adamw_kernel(float* w, FloatOut w_compute, FloatIn g, float* m, float* v, int64_t n,
+                             AdamW opt, bool packed) {
+  for_each_pack(
+      n, packed,
+      [&](int64_t i) {
+        float wi[kPack], mi[kPack], vi[kPack], gi[kPack];
+        g.load8(i, gi);
+        load8_f32_rw(w, i, wi);
+        load8_f32_rw(m, i, mi);
+        load8_f32_rw(v, i, vi);
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) opt.step(wi[k], mi[k], vi[k], gi[k]);
+        store8_f32(m, i, mi);
+        store8_f32(v, i, vi);
+        store8_f32(w, i, wi);
+        if (w_compute.p) w_compute.store8(i, wi);
+      },
+      [&](int64_t i) {
+        float wi = w[i], mi = m[i], vi = v[i];
+        opt.step(wi, mi, vi, g[i]);
+        m[i] = mi;
+        v[i] = vi;
+        w[i] = wi;
+        if (w_compute.p) w_compute.set(i, wi);
+      });
 }
 
 // Element types cast_cuda converts between.
@@ -360,30 +573,56 @@ __global__ void cast_kernel(void* dst, CastType dt, const void* src, CastType st
     cast_store(dst, dt, i, cast_load(src, st, i));
 }
 
-__global__ void add_inplace_kernel(FloatOut y, FloatIn x, float alpha, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    y.set(i, y.get(i) + alpha * x[i]);
+__global__ void add_inplace_kernel(FloatOut y, FloatIn x, float alpha, int64_t n, bool packed) {
+  for_each_pack(
+      n, packed,
+      [&](int64_t i) {
+        float a[kPack], b[kPack];
+        y.load8(i, a);
+        x.load8(i, b);
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) a[k] = a[k] + alpha * b[k];
+        y.store8(i, a);
+      },
+      [&](int64_t i) { y.set(i, y.get(i) + alpha * x[i]); });
 }
 
-__global__ void scale_inplace_kernel(FloatOut y, float alpha, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    y.set(i, y.get(i) * alpha);
+__global__ void scale_inplace_kernel(FloatOut y, float alpha, int64_t n, bool packed) {
+  for_each_pack(
+      n, packed,
+      [&](int64_t i) {
+        float a[kPack];
+        y.load8(i, a);
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) a[k] *= alpha;
+        y.store8(i, a);
+      },
+      [&](int64_t i) { y.set(i, y.get(i) * alpha); });
 }
 
-// One double partial per block; the host adds the partials in order (deterministic).
-__global__ void sum_of_squares_kernel(double* partial, FloatIn x, int64_t n) {
+// One double partial per block; the host adds the partials in order (deterministic for a given
+// grid, which depends only on n and the device's SM count).
+__global__ void sum_of_squares_kernel(double* partial, FloatIn x, int64_t n, bool packed) {
   __shared__ double scratch[32];
   double acc = 0.0;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const double v = x[i];
-    acc += v * v;
-  }
+  for_each_pack(
+      n, packed,
+      [&](int64_t i) {
+        float v[kPack];
+        x.load8(i, v);
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) acc += static_cast<double>(v[k]) * static_cast<double>(v[k]);
+      },
+      [&](int64_t i) {
+        const double v = x[i];
+        acc += v * v;
+      });
   acc = block_sum(acc, scratch);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
+
+// Blocks of sum_of_squares_kernel for n elements.
+int sum_of_squares_blocks(int64_t n) { return resident_grid((n + kPack - 1) / kPack, kThreads, 4); }
 
 __global__ void all_finite_kernel(int* bad, FloatIn x, int64_t n) {
   bool ok = true;
@@ -419,6 +658,19 @@ void rmsnorm_forward_cuda(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor
   const float* wp = optional_f32(w, "rmsnorm_forward: w (fp32 on CUDA)", C);
   const int64_t rows = N * (C / group);
   if (rows == 0) return;
+  const NormPlan plan = plan_norm(group);
+  if (plan.ok && all_aligned16({y.raw(), x.raw(), wp})) {
+    const NormShape sh{rows, C / group, static_cast<int>(group), plan.L};
+    const int teams = kNormThreads / plan.L;
+    const int grid = resident_grid((rows + teams - 1) / teams, 1, 2048 / kNormThreads);
+    dispatch_k(plan.K, [&](auto k) {
+      rmsnorm_forward_rows_kernel<decltype(k)::value><<<grid, kNormThreads, 0, cuda_stream()>>>(
+          out_of(y), rstd.data<float>(), in_of(x), wp, sh, eps);
+    });
+    CUDA_CHECK_LAUNCH("rmsnorm_forward");
+    return;
+  }
+  // Any other group size or alignment: one warp per row, x read twice.
   rmsnorm_forward_kernel<<<grid_for(rows * 32, kThreads), kThreads, 0, cuda_stream()>>>(
       out_of(y), rstd.data<float>(), in_of(x), wp, N, C, group, eps);
   CUDA_CHECK_LAUNCH("rmsnorm_forward");
@@ -436,6 +688,33 @@ void rmsnorm_backward_cuda(Tensor& dx, Tensor& dw, const Tensor& dy, const Tenso
   float* dwp = const_cast<float*>(optional_f32(dw, "rmsnorm_backward: dw (fp32 on CUDA)", C));
   const int64_t rows = N * (C / group);
   if (rows == 0) return;
+  const NormPlan plan = plan_norm(group);
+  if (plan.ok && all_aligned16({dx.raw(), dy.raw(), x.raw(), wp, dwp})) {
+    const int64_t G = C / group;
+    const NormShape sh{rows, G, static_cast<int>(group), plan.L};
+    const int teams = kNormThreads / plan.L;
+    int64_t grid = resident_grid((rows + teams - 1) / teams, 1, 2048 / kNormThreads);
+    // Team slots (grid * teams) a multiple of G, so that each slot's columns stay fixed.
+    const int64_t step = G / std::gcd(G, static_cast<int64_t>(teams));
+    grid = std::max<int64_t>(step, grid / step * step);
+    if (grid <= 65535) {
+      const int64_t splits = grid * teams / G;
+      Tensor partial = dwp ? Tensor::empty({splits, C}, DType::F32, x.device()) : Tensor();
+      dispatch_k(plan.K, [&](auto k) {
+        rmsnorm_backward_rows_kernel<decltype(k)::value>
+            <<<static_cast<unsigned>(grid), kNormThreads, 0, cuda_stream()>>>(
+                out_of(dx), dwp ? partial.data<float>() : nullptr, in_of(dy), in_of(x), wp, rstd.data<float>(), sh);
+      });
+      CUDA_CHECK_LAUNCH("rmsnorm_backward");
+      if (dwp) {
+        colsum_finish_kernel<<<grid_for(C, kThreads), kThreads, 0, cuda_stream()>>>(
+            dwp, partial.data<float>(), static_cast<int>(splits), C);
+        CUDA_CHECK_LAUNCH("rmsnorm_backward (dw)");
+      }
+      return;
+    }
+  }
+  // Any other group size or alignment: one warp per row, then a column-sum pass for dw.
   rmsnorm_backward_kernel<<<grid_for(rows * 32, kThreads), kThreads, 0, cuda_stream()>>>(
       out_of(dx), in_of(dy), in_of(x), wp, rstd.data<float>(), N, C, group);
   CUDA_CHECK_LAUNCH("rmsnorm_backward");
@@ -450,8 +729,9 @@ void swiglu_forward_cuda(Tensor& h, const Tensor& gate, const Tensor& up) {
   check_activation(up, "swiglu_forward: up", n);
   check_activation(h, "swiglu_forward: h", n);
   if (n == 0) return;
-  swiglu_forward_kernel<<<grid_for(n, kThreads), kThreads, 0, cuda_stream()>>>(out_of(h), in_of(gate),
-                                                                                in_of(up), n);
+  const bool packed = all_aligned16({h.raw(), gate.raw(), up.raw()});
+  swiglu_forward_kernel<<<resident_grid(packed ? n / kPack : n, kThreads), kThreads, 0, cuda_stream()>>>(
+      out_of(h), in_of(gate), in_of(up), n, packed);
   CUDA_CHECK_LAUNCH("swiglu_forward");
 }
 
@@ -464,8 +744,9 @@ void swiglu_backward_cuda(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const 
   check_activation(d_gate, "swiglu_backward: d_gate", n);
   check_activation(d_up, "swiglu_backward: d_up", n);
   if (n == 0) return;
-  swiglu_backward_kernel<<<grid_for(n, kThreads), kThreads, 0, cuda_stream()>>>(
-      out_of(d_gate), out_of(d_up), in_of(dh), in_of(gate), in_of(up), n);
+  const bool packed = all_aligned16({d_gate.raw(), d_up.raw(), dh.raw(), gate.raw(), up.raw()});
+  swiglu_backward_kernel<<<resident_grid(packed ? n / kPack : n, kThreads), kThreads, 0, cuda_stream()>>>(
+      out_of(d_gate), out_of(d_up), in_of(dh), in_of(gate), in_of(up), n, packed);
   CUDA_CHECK_LAUNCH("swiglu_backward");
 }
 
@@ -646,9 +927,11 @@ void adamw_update_cuda(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m,
   if (w_compute.defined()) check_activation(w_compute, "adamw_update: w_compute", w.numel());
   const int64_t n = w.numel();
   if (n == 0) return;
-  adamw_kernel<<<grid_for(n, kThreads), kThreads, 0, cuda_stream()>>>(
+  const bool packed =
+      all_aligned16({w.raw(), g.raw(), m.raw(), v.raw(), w_compute.defined() ? w_compute.raw() : nullptr});
+  adamw_kernel<<<resident_grid(packed ? n / kPack : n, kThreads), kThreads, 0, cuda_stream()>>>(
       w.data<float>(), w_compute.defined() ? out_of(w_compute) : FloatOut{}, in_of(g), m.data<float>(),
-      v.data<float>(), n, lr, beta1, beta2, eps, weight_decay, c1, c2);
+      v.data<float>(), n, AdamW{lr, beta1, beta2, eps, weight_decay, c1, c2}, packed);
   CUDA_CHECK_LAUNCH("adamw_update");
 }
 
@@ -688,7 +971,9 @@ void add_inplace_cuda(Tensor& y, const Tensor& x, float alpha) {
   LASP_CHECK(x.shape() == y.shape()) << "add_inplace: shapes differ: " << y.str() << " vs " << x.str();
   const int64_t n = y.numel();
   if (n == 0) return;
-  add_inplace_kernel<<<grid_for(n, kThreads), kThreads, 0, cuda_stream()>>>(out_of(y), in_of(x), alpha, n);
+  const bool packed = all_aligned16({y.raw(), x.raw()});
+  add_inplace_kernel<<<resident_grid(packed ? n / kPack : n, kThreads), kThreads, 0, cuda_stream()>>>(
+      out_of(y), in_of(x), alpha, n, packed);
   CUDA_CHECK_LAUNCH("add_inplace");
 }
 
@@ -696,21 +981,42 @@ void scale_inplace_cuda(Tensor& y, float alpha) {
   check_activation(y, "scale_inplace: y");
   const int64_t n = y.numel();
   if (n == 0) return;
-  scale_inplace_kernel<<<grid_for(n, kThreads), kThreads, 0, cuda_stream()>>>(out_of(y), alpha, n);
+  const bool packed = aligned16(y.raw());
+  scale_inplace_kernel<<<resident_grid(packed ? n / kPack : n, kThreads), kThreads, 0, cuda_stream()>>>(
+      out_of(y), alpha, n, packed);
   CUDA_CHECK_LAUNCH("scale_inplace");
 }
 
-double sum_of_squares_cuda(const Tensor& x) {
-  check_activation(x, "sum_of_squares: x");
-  const int64_t n = x.numel();
-  if (n == 0) return 0.0;
-  const int blocks = grid_for(n, kThreads * 4, 1024);
-  Tensor partial = Tensor::empty({blocks}, DType::F64, x.device());
-  sum_of_squares_kernel<<<blocks, kThreads, 0, cuda_stream()>>>(partial.data<double>(), in_of(x), n);
-  CUDA_CHECK_LAUNCH("sum_of_squares");
-  double s = 0.0;
-  for (double p : partial.to_vector()) s += p;
-  return s;
+double sum_of_squares_cuda(const Tensor& x) { return sum_of_squares_many_cuda({x}); }
+
+// One partial buffer for all tensors, one copy back (the only synchronisation); each tensor's
+// partials are added in block order, then the tensors in list order: exactly what a loop of
+// `s += sum_of_squares(x)` computes.
+double sum_of_squares_many_cuda(const std::vector<Tensor>& xs) {
+  std::vector<int64_t> offset(xs.size() + 1, 0);
+  for (size_t t = 0; t < xs.size(); ++t) {
+    check_activation(xs[t], "sum_of_squares: x");
+    LASP_CHECK(xs[t].device() == xs[0].device())
+        << "sum_of_squares_many: tensors on different devices: " << xs[0].str() << " and " << xs[t].str();
+    offset[t + 1] = offset[t] + (xs[t].numel() ? sum_of_squares_blocks(xs[t].numel()) : 0);
+  }
+  if (offset.back() == 0) return 0.0;
+  Tensor partial = Tensor::empty({offset.back()}, DType::F64, xs[0].device());
+  for (size_t t = 0; t < xs.size(); ++t) {
+    const int64_t n = xs[t].numel();
+    if (n == 0) continue;
+    sum_of_squares_kernel<<<static_cast<int>(offset[t + 1] - offset[t]), kThreads, 0, cuda_stream()>>>(
+        partial.data<double>() + offset[t], in_of(xs[t]), n, aligned16(xs[t].raw()));
+    CUDA_CHECK_LAUNCH("sum_of_squares");
+  }
+  const std::vector<double> p = partial.to_vector();
+  double total = 0.0;
+  for (size_t t = 0; t < xs.size(); ++t) {
+    double s = 0.0;
+    for (int64_t b = offset[t]; b < offset[t + 1]; ++b) s += p[static_cast<size_t>(b)];
+    total += s;
+  }
+  return total;
 }
 
 bool all_finite_cuda(const Tensor& x) {

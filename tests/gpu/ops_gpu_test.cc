@@ -21,6 +21,7 @@
 #include <string>
 
 #include "kernels/ops.h"
+#include "kernels/ops_batched.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace lasp {
@@ -57,8 +58,14 @@ TEST(RmsNormGpu, ForwardAndBackwardMatchCpuForEveryDtypeMixAndAccumulateDw) {
   struct Case {
     int64_t N, C, group;
   };
+  // Groups that are multiples of 8 take the row-in-registers kernels: 8..256 features (teams of
+  // <= 32 lanes, one pack each), 264..1024 (a warp, 2 or 4 packs a lane), larger (a block, 1..8
+  // packs a thread); 2100 rows of 2048 give the dw slots two rows each. Others (5, 130, 13) the
+  // warp-per-row kernels.
   for (const Case c : {Case{1, 5, 0}, Case{3, 130, 0}, Case{257, 130, 0}, Case{257, 130, 13},
-                       Case{33, 256, 64}, Case{2, 2048, 0}}) {
+                       Case{33, 256, 64}, Case{2, 2048, 0}, Case{65, 384, 128}, Case{31, 24, 8},
+                       Case{17, 1000, 0}, Case{9, 512, 0}, Case{5, 4096, 0}, Case{3, 16384, 0},
+                       Case{2100, 2048, 0}, Case{700, 2048, 128}}) {
     for (DType x_dt : kBoth)
       for (DType y_dt : kBoth)
         for (bool with_w : {true, false}) {
@@ -96,7 +103,7 @@ TEST(RmsNormGpu, ForwardAndBackwardMatchCpuForEveryDtypeMixAndAccumulateDw) {
 // ---------------------------------------------------------------- SwiGLU, activations
 TEST(SwiGluGpu, ForwardAndBackwardMatchCpuForMixedDtypes) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
-  for (int64_t n : {1, 3, 257 * 5}) {
+  for (int64_t n : {1, 3, 257 * 5, (1 << 20) + 3}) {
     for (DType in_dt : kBoth)
       for (DType out_dt : kBoth) {
         Seeded s;
@@ -419,7 +426,7 @@ TEST(CastGpu, RoundsToNearestEvenLikeTheCpu) {
 // ---------------------------------------------------------------- vector helpers
 TEST(VectorOpsGpu, AddScaleSumOfSquaresAndAllFiniteMatchCpu) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
-  for (int64_t n : {1, 3, 257, 1000003}) {
+  for (int64_t n : {1, 3, 257, 1000003, 1 << 22}) {
     for (DType y_dt : kBoth)
       for (DType x_dt : kBoth) {
         Seeded s;
@@ -447,6 +454,47 @@ TEST(VectorOpsGpu, AddScaleSumOfSquaresAndAllFiniteMatchCpu) {
       }
     }
   }
+}
+
+// Tensors that start off a 16-byte boundary (slices) go element by element: same results.
+TEST(VectorOpsGpu, UnalignedSlicesMatchTheAlignedPath) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  Seeded s;
+  SCOPED_TRACE(s.tag("unaligned"));
+  const int64_t n = 4099;
+  const Tensor g = random_bf16_values({n + 1}, s.rng, 3.0), u = random_bf16_values({n + 1}, s.rng);
+  for (DType dt : kBoth) {
+    const Tensor gg = to_cuda(g, dt), gu = to_cuda(u, dt);
+    Tensor h_al = poisoned_cuda({n}, dt), h_un_buf = poisoned_cuda({n + 1}, dt);
+    Tensor h_un = h_un_buf.slice(0, 1, n + 1);
+    swiglu_forward(h_al, gg.slice(0, 1, n + 1).contiguous(), gu.slice(0, 1, n + 1).contiguous());
+    swiglu_forward(h_un, gg.slice(0, 1, n + 1), gu.slice(0, 1, n + 1));
+    EXPECT_EQ(h_un.to_vector(), h_al.to_vector()) << name(dt);
+    EXPECT_NEAR(sum_of_squares(gg.slice(0, 1, n + 1)), sum_of_squares(f64(g).slice(0, 1, n + 1).contiguous()),
+                1e-10 * sum_of_squares(f64(g)));
+  }
+}
+
+// sum_of_squares_many is the loop of sum_of_squares, bit for bit, with one synchronisation.
+TEST(VectorOpsGpu, SumOfSquaresManyEqualsTheLoopExactly) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  Seeded s;
+  SCOPED_TRACE(s.tag("sum_of_squares_many"));
+  std::vector<Tensor> xs, cpu_xs;
+  const int64_t sizes[] = {2048, 1, 0, 4194304 + 5, 257, 128 * 2048};
+  int i = 0;
+  for (int64_t n : sizes) {
+    const Tensor x = random_bf16_values({n}, s.rng);
+    cpu_xs.push_back(f64(x));
+    xs.push_back(to_cuda(x, i++ % 2 ? DType::BF16 : DType::F32));
+  }
+  double loop = 0, ref = 0;
+  for (const Tensor& x : xs) loop += sum_of_squares(x);
+  for (const Tensor& x : cpu_xs) ref += sum_of_squares(x);
+  EXPECT_EQ(sum_of_squares_many(xs), loop);
+  EXPECT_NEAR(sum_of_squares_many(xs), ref, 1e-10 * ref);
+  EXPECT_NEAR(sum_of_squares_many(cpu_xs), ref, 1e-12 * ref);
+  EXPECT_EQ(sum_of_squares_many({}), 0.0);
 }
 
 }  // namespace
