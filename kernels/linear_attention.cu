@@ -72,7 +72,7 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kSplit = 2;         // value-column tiles of the state, one block each
 constexpr int kBlocksPerSm = 2;   // the walk kernels are sized for two resident blocks per SM
-constexpr int kStateStages = 3;   // load pipeline depth of the segment-state kernel
+constexpr int kStateStages = 4;   // load pipeline depth of the segment-state kernel
 
 struct LaParams {
   const bf16 *a1, *a2, *a3;  // walk / state operands (see the file comment)
@@ -132,14 +132,21 @@ __device__ __forceinline__ void cp_async_wait_group() {
 }
 
 // Rows [t0, t0 + rows) of COLS columns of one head of a [B, T, H, D] bf16 tensor (g points at the
-// first element) into a [C, ld] tile; rows past `rows` are zero-filled.
+// first element) into a [C, ld] tile; rows past `rows` are zero-filled. Each thread copies the
+// same 16-byte column of rows r0, r0 + kRowsPerPass, ... (no per-element index arithmetic).
 template <int COLS>
-__device__ void load_tile_async(bf16* s, int ld, const bf16* g, int64_t row_stride, int rows) {
-  constexpr int vpr = COLS / 8;
-  for (int i = threadIdx.x; i < kChunk * vpr; i += kThreads) {
-    const int r = i / vpr, c8 = i % vpr;
-    const bool ok = r < rows;
-    cp_async16(s + r * ld + c8 * 8, g + (ok ? r : 0) * row_stride + c8 * 8, ok);
+__device__ __forceinline__ void load_tile_async(bf16* s, int ld, const bf16* g, int64_t row_stride,
+                                                int rows) {
+  constexpr int vpr = COLS / 8;  // 16-byte vectors per row
+  constexpr int kRowsPerPass = kThreads / vpr;
+  static_assert(kThreads % vpr == 0 && kChunk % kRowsPerPass == 0, "tile must split over threads");
+  const int r0 = threadIdx.x / vpr, c = (threadIdx.x % vpr) * 8;
+  bf16* sp = s + r0 * ld + c;
+  const bf16* gp = g + r0 * row_stride + c;
+#pragma unroll
+  for (int j = 0; j < kChunk / kRowsPerPass; ++j) {
+    const bool ok = r0 + j * kRowsPerPass < rows;
+    cp_async16(sp + j * kRowsPerPass * ld, ok ? gp + j * kRowsPerPass * row_stride : g + c, ok);
   }
 }
 __device__ void load_logcum_async(float* s, const float* g) {
