@@ -28,7 +28,8 @@ double lm_head_cross_entropy_cuda(Tensor& d_h, Tensor& d_w, const Tensor& h, con
 void bias_add_cuda(Tensor& y, const Tensor& b);
 void bias_backward_cuda(Tensor& db, const Tensor& dy);
 void adamw_update_cuda(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m, Tensor& v, float lr,
-                       float beta1, float beta2, float eps, float weight_decay, float c1, float c2);
+                       float beta1, float beta2, float eps, float weight_decay, float c1, float c2,
+                       float grad_scale);
 void cast_cuda(Tensor& dst, const Tensor& src);
 void add_inplace_cuda(Tensor& y, const Tensor& x, float alpha);
 void scale_inplace_cuda(Tensor& y, float alpha);
@@ -430,9 +431,10 @@ bool all_finite(const Tensor& x) {
 
 // ---------------------------------------------------------------- AdamW, cast
 void adamw_update(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m, Tensor& v, float lr,
-                  float beta1, float beta2, float eps, float weight_decay, float c1, float c2) {
+                  float beta1, float beta2, float eps, float weight_decay, float c1, float c2,
+                  float grad_scale) {
   LASP_PROFILE_SCOPE("adamw_update");
-  LASP_ON_CUDA(w, adamw_update_cuda(w, w_compute, g, m, v, lr, beta1, beta2, eps, weight_decay, c1, c2));
+  LASP_ON_CUDA(w, adamw_update_cuda(w, w_compute, g, m, v, lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale));
   check_like(g, w, "adamw_update");
   check_like(m, w, "adamw_update");
   check_like(v, w, "adamw_update");
@@ -442,8 +444,9 @@ void adamw_update(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m, Tens
     T* mp = m.data<T>();
     T* vp = v.data<T>();
     for (int64_t j = 0, n = w.numel(); j < n; ++j) {
-      mp[j] = T(beta1 * mp[j] + (1 - beta1) * gp[j]);
-      vp[j] = T(beta2 * vp[j] + (1 - beta2) * double(gp[j]) * gp[j]);
+      const T gj = gp[j] * T(grad_scale);
+      mp[j] = T(beta1 * mp[j] + (1 - beta1) * gj);
+      vp[j] = T(beta2 * vp[j] + (1 - beta2) * double(gj) * gj);
       const double update = (mp[j] / c1) / (std::sqrt(vp[j] / c2) + eps) + weight_decay * double(wp[j]);
       wp[j] = T(wp[j] - double(lr) * update);
     }

@@ -506,9 +506,10 @@ struct BiasDb {
 };
 
 struct AdamW {
-  float lr, beta1, beta2, eps, weight_decay, c1, c2;
-  // Updates (w, m, v) of one element from its gradient g.
+  float lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale;
+  // Updates (w, m, v) of one element from its gradient g (times grad_scale: gradient clipping).
   __device__ __forceinline__ void step(float& w, float& m, float& v, float g) const {
+    g *= grad_scale;
     m = beta1 * m + (1.0f - beta1) * g;
     v = beta2 * v + (1.0f - beta2) * g * g;
     const float update = (m / c1) / (sqrtf(v / c2) + eps) + weight_decay * w;
@@ -918,7 +919,8 @@ void bias_backward_cuda(Tensor& db, const Tensor& dy) {
 }
 
 void adamw_update_cuda(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m, Tensor& v, float lr,
-                       float beta1, float beta2, float eps, float weight_decay, float c1, float c2) {
+                       float beta1, float beta2, float eps, float weight_decay, float c1, float c2,
+                       float grad_scale) {
   const Shape& s = w.shape();
   check_f32(w, "adamw_update: w (fp32 master weights)", s);
   check_f32(m, "adamw_update: m", s);
@@ -931,7 +933,7 @@ void adamw_update_cuda(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m,
       all_aligned16({w.raw(), g.raw(), m.raw(), v.raw(), w_compute.defined() ? w_compute.raw() : nullptr});
   adamw_kernel<<<resident_grid(packed ? n / kPack : n, kThreads), kThreads, 0, cuda_stream()>>>(
       w.data<float>(), w_compute.defined() ? out_of(w_compute) : FloatOut{}, in_of(g), m.data<float>(),
-      v.data<float>(), n, AdamW{lr, beta1, beta2, eps, weight_decay, c1, c2}, packed);
+      v.data<float>(), n, AdamW{lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale}, packed);
   CUDA_CHECK_LAUNCH("adamw_update");
 }
 

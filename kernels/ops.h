@@ -57,11 +57,12 @@ double lm_head_cross_entropy(Tensor& d_h, Tensor& d_w, const Tensor& h, const Te
 void bias_add(Tensor& y, const Tensor& b);
 void bias_backward(Tensor& db, const Tensor& dy);
 
-// --- AdamW on one parameter (see optim/optim.h for the formula): w, m, v fp32; g fp32;
-// w_compute (optional, bf16 on CUDA) receives the updated w rounded for the next forward.
-// c1 = 1 - beta1^t, c2 = 1 - beta2^t.
+// --- AdamW on one parameter (see optim/optim.h for the formula): w, m, v fp32; g fp32, used as
+// grad_scale * g (gradient clipping folded into the update); w_compute (optional, bf16 on CUDA)
+// receives the updated w rounded for the next forward. c1 = 1 - beta1^t, c2 = 1 - beta2^t.
 void adamw_update(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m, Tensor& v, float lr,
-                  float beta1, float beta2, float eps, float weight_decay, float c1, float c2);
+                  float beta1, float beta2, float eps, float weight_decay, float c1, float c2,
+                  float grad_scale = 1.0f);
 
 // --- dst = src converted to dst's dtype (same shape, same device; RNE for narrowing).
 void cast(Tensor& dst, const Tensor& src);

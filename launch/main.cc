@@ -8,6 +8,7 @@
 #include "data/dataset.h"
 #include "launch/bench_kernels.h"
 #include "launch/bench_lowp.h"
+#include "launch/bench_ops.h"
 #include "launch/bench_sp.h"
 #include "launch/checkpoint.h"
 #include "launch/train.h"
@@ -35,7 +36,7 @@ const char* kUsage =
     "  prepare-data --input F... --output-dir D     text files -> token shards (byte tokenizer)\n"
     "  inspect CHECKPOINT_DIR                       print what a checkpoint holds\n"
     "  export CONFIG --output FILE [--checkpoint DIR]   weights as .safetensors for Python\n"
-    "  bench kernels|data|sp|lowp [options]         benchmarks (each prints one table)\n"
+    "  bench kernels|ops|data|sp|lowp [options]     benchmarks (each prints one table)\n"
     "Run `lasp <command> --help` for the options of a command.\n";
 
 int inspect_main(int argc, char** argv) {
@@ -53,7 +54,8 @@ int bench_main(int argc, char** argv) {
   if (what == "data") return lasp::bench_data_main(argc - 1, argv + 1);
   if (what == "sp") return lasp::bench_sp_main(argc - 1, argv + 1);
   if (what == "lowp") return lasp::bench_lowp_main(argc - 1, argv + 1);
-  std::cerr << "usage: lasp bench kernels|data|sp|lowp [options]\n";
+  if (what == "ops") return lasp::bench_ops_main(argc - 1, argv + 1);
+  std::cerr << "usage: lasp bench kernels|ops|data|sp|lowp [options]\n";
   return 2;
 }
 

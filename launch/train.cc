@@ -24,6 +24,7 @@
 #include "launch/checkpoint.h"
 #include "launch/metrics.h"
 #include "kernels/ops.h"
+#include "kernels/ops_batched.h"
 #include "optim/optim.h"
 #include "parallel/comm.h"
 #include "parallel/grad_sync.h"
@@ -302,10 +303,8 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
     loss = all_reduce_scalar(grid.world(), loss) / grid.tp() / global_tokens;
 
     // Global gradient norm: TP shards summed over the TP group, replicated tensors counted once.
-    double sq = 0;
-    for (const Tensor& g : replicated_grads) sq += sum_of_squares(g);
-    double sq_sharded = 0;
-    for (const Tensor& g : sharded_grads) sq_sharded += sum_of_squares(g);
+    double sq = sum_of_squares_many(replicated_grads);
+    double sq_sharded = sum_of_squares_many(sharded_grads);
     if (grid.tp() > 1) sq_sharded = all_reduce_scalar(grid.tp_group(), sq_sharded);
     const double grad_norm = std::sqrt(sq + sq_sharded);
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
@@ -314,11 +313,11 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
                   << grad_norm << (bad.empty() ? std::string() : ", first non-finite gradient in '" + bad + "'")
                   << "; stopping without a checkpoint (the last good one is kept)";
     }
-    if (cfg.optim.grad_clip > 0 && grad_norm > cfg.optim.grad_clip) {
-      scale_grads(params, cfg.optim.grad_clip / grad_norm);
-    }
+    // Clipping is folded into the update: AdamW reads clip_scale * grad.
+    const double clip_scale =
+        cfg.optim.grad_clip > 0 && grad_norm > cfg.optim.grad_clip ? cfg.optim.grad_clip / grad_norm : 1.0;
     const double lr = learning_rate(cfg.optim, step, cfg.train.steps);
-    opt.step(lr);
+    opt.step(lr, clip_scale);
     result.step_seconds.push_back(now_s() - step_t0);
     result.comm_seconds.push_back(comm_time() - comm_t0);
 

@@ -4,6 +4,7 @@
 
 #include "core/profile.h"
 #include "kernels/ops.h"
+#include "kernels/ops_batched.h"
 
 namespace lasp {
 
@@ -14,7 +15,7 @@ AdamW::AdamW(const OptimConfig& cfg, std::vector<Param*> params) : cfg_(cfg), pa
   }
 }
 
-void AdamW::step(double lr) {
+void AdamW::step(double lr, double grad_scale) {
   LASP_PROFILE_SCOPE("optimizer");
   ++t_;
   const double c1 = 1.0 - std::pow(cfg_.beta1, double(t_)), c2 = 1.0 - std::pow(cfg_.beta2, double(t_));
@@ -23,7 +24,7 @@ void AdamW::step(double lr) {
     const double wd = p.weight_decay ? cfg_.weight_decay : 0.0;
     adamw_update(p.value, p.compute, p.grad, m_[i], v_[i], static_cast<float>(lr), static_cast<float>(cfg_.beta1),
                  static_cast<float>(cfg_.beta2), static_cast<float>(cfg_.eps), static_cast<float>(wd),
-                 static_cast<float>(c1), static_cast<float>(c2));
+                 static_cast<float>(c1), static_cast<float>(c2), static_cast<float>(grad_scale));
   }
 }
 
@@ -41,9 +42,9 @@ double learning_rate(const OptimConfig& cfg, int64_t step, int64_t total) {
 }
 
 double grad_sum_of_squares(const std::vector<Param*>& params) {
-  double s = 0;
-  for (const Param* p : params) s += sum_of_squares(p->grad);
-  return s;
+  std::vector<Tensor> grads;
+  for (const Param* p : params) grads.push_back(p->grad);
+  return sum_of_squares_many(grads);
 }
 
 void scale_grads(const std::vector<Param*>& params, double factor) {

@@ -18,7 +18,8 @@ namespace lasp {
 class AdamW {
  public:
   AdamW(const OptimConfig& cfg, std::vector<Param*> params);
-  void step(double lr);
+  // One update with learning rate lr, the gradients taken as grad_scale * grad (clipping).
+  void step(double lr, double grad_scale = 1.0);
   int64_t steps_taken() const { return t_; }
   void set_steps_taken(int64_t t) { t_ = t; }
   // Moment tensors, in params() order, for checkpoints.
@@ -37,7 +38,7 @@ class AdamW {
 // decay_fraction of the steps), or constant.
 double learning_rate(const OptimConfig& cfg, int64_t step, int64_t total);
 
-// Sum of squared gradient entries of the given parameters (in double).
+// Sum of squared gradient entries of the given parameters (in double; one device sync).
 double grad_sum_of_squares(const std::vector<Param*>& params);
 // Scales every gradient by `factor`.
 void scale_grads(const std::vector<Param*>& params, double factor);

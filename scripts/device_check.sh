@@ -126,6 +126,7 @@ LOWP_RESULT="not run"
 if [ -n "$LASP_BIN" ]; then
   timeout "$(left 120)" "$LASP_BIN" bench lowp 2>&1 | tee "$OUT/bench_lowp.log" | tail -20
   LOWP_RESULT="rc=$? (lasp bench lowp)"
+  timeout "$(left 90)" "$LASP_BIN" bench ops 2>&1 | tee -a "$OUT/bench_lowp.log" | tail -20
 fi
 
 # ---- 5. training on the GPU: the 1B linear model, a few steps ----
