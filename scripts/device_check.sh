@@ -158,8 +158,9 @@ MPI_RESULT="not run"
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 if ((NGPU >= 2)) && [ -x "$BUILD/tests/lasp_mpi_tests" ]; then
   export NCCL_NVLS_ENABLE=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-  timeout "$(left 120)" mpirun -np 2 --bind-to none "$BUILD/tests/lasp_mpi_tests" 2>&1 | tail -40 >"$OUT/mpi_tests.log"
-  MPI_RESULT="rc=$? $(tail -1 "$OUT/mpi_tests.log")"
+  timeout "$(left 120)" mpirun -np 2 --bind-to none "$BUILD/tests/lasp_mpi_tests" --gtest_color=no >"$OUT/mpi_tests.log" 2>&1
+  MPI_RESULT="rc=$? $(grep -E '^\[mpi\]' "$OUT/mpi_tests.log" | tail -1)"
+  grep -B3 -A12 -E "Failure" "$OUT/mpi_tests.log" | head -60 >>"$SUMMARY"
 fi
 
 # ---- summary ----

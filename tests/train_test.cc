@@ -22,7 +22,7 @@ namespace {
 Config small_config(const std::string& dir) {
   Config c = parse_config(
       "model:\n  hidden: 32\n  layers: 2\n  heads: 2\n  kv_heads: 1\n  head_dim: 16\n  mlp_hidden: 64\n"
-      "  pattern: LS\n  chunk: 16\ntrain:\n  batch_size: 4\n  seq_len: 64\n  steps: 40\n"
+      "  pattern: LS\n  chunk: 16\ntrain:\n  device: cpu\n  batch_size: 4\n  seq_len: 64\n  steps: 40\n"
       "optim:\n  lr: 5.0e-3\n  warmup_steps: 5\neval:\n  every: 0\n  tokens: 2048\n"
       "checkpoint:\n  every: 20\n  keep_last: 5\nrun:\n  log_every: 1000\n",
       "small.yaml");

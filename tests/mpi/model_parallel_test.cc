@@ -143,7 +143,7 @@ TEST_P(ModelLayouts, TwentyTrainingStepsGiveTheSameLossCurveAsOneProcess) {
     SCOPED_TRACE(lay.str() + " " + method);
     Config c = parse_config(
         "model:\n  vocab_size: 256\n  hidden: 32\n  layers: 2\n  heads: 4\n  kv_heads: 2\n  head_dim: 8\n"
-        "  mlp_hidden: 64\n  pattern: LS\n  chunk: 8\n  decay: data\ntrain:\n  batch_size: 2\n  seq_len: 32\n"
+        "  mlp_hidden: 64\n  pattern: LS\n  chunk: 8\n  decay: data\ntrain:\n  device: cpu\n  batch_size: 2\n  seq_len: 32\n"
         "  steps: 20\neval:\n  every: 0\n  tokens: 512\ncheckpoint:\n  every: 0\nrun:\n  log_every: 1000\n",
         "test");
     // The reference folds the DP ranks' sequences into one batch, in DP-rank order.
