@@ -54,7 +54,7 @@ Tensor tricky_input(const Shape& shape, std::mt19937& rng) {
 }
 
 // Rounds every element to bf16 (so fp32 and bf16 GPU inputs hold the same values).
-Tensor bf16_rounded(const Tensor& x) {
+[[maybe_unused]] Tensor bf16_rounded(const Tensor& x) {  // used by the CUDA-only tests
   Tensor y = x.clone();
   float* p = y.data<float>();
   for (int64_t i = 0; i < y.numel(); ++i) p[i] = bf16_to_float(float_to_bf16(p[i]));

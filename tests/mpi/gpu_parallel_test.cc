@@ -118,13 +118,15 @@ TEST_P(GpuModelLayouts, TenTrainingStepsFollowTheOneGpuLossCurve) {
       "gpu-test");
   c.train.seq_len = 256 * world().size();
   const auto tmp = std::filesystem::temp_directory_path();
+  // Unique per run (the same on every rank): CTest runs the np 1/2/4 jobs side by side.
+  const std::string tag = std::to_string(world().size()) + "_" + std::to_string(testing::shared_seed());
   Config ref_cfg = c;
-  ref_cfg.run.dir = (tmp / ("lasp_gpu_ref_" + std::to_string(world().rank()))).string();
+  ref_cfg.run.dir = (tmp / ("lasp_gpu_ref_" + tag + "_" + std::to_string(world().rank()))).string();
   auto self = Comm::self();
   const TrainResult ref = train(ref_cfg, "reference", -1, self.get());
   c.parallel.sp = world().size();
   c.parallel.sp_method = method;
-  c.run.dir = (tmp / "lasp_gpu_dist").string();
+  c.run.dir = (tmp / ("lasp_gpu_dist_" + tag)).string();
   const TrainResult dist = train(c, "distributed");
   ASSERT_EQ(dist.losses.size(), ref.losses.size());
   for (size_t s = 0; s < ref.losses.size(); ++s) {

@@ -139,17 +139,19 @@ TEST_P(ModelLayouts, TwentyTrainingStepsGiveTheSameLossCurveAsOneProcess) {
   set_log_quiet(true);
   const std::string method = GetParam();
   const auto tmp = std::filesystem::temp_directory_path();
+  // Unique per run (the same on every rank): CTest runs the np 1/2/4 jobs side by side.
+  const std::string tag = std::to_string(world().size()) + "_" + std::to_string(testing::shared_seed());
   for (const Layout lay : layouts_for(world().size())) {
     SCOPED_TRACE(lay.str() + " " + method);
     Config c = parse_config(
         "model:\n  vocab_size: 256\n  hidden: 32\n  layers: 2\n  heads: 4\n  kv_heads: 2\n  head_dim: 8\n"
         "  mlp_hidden: 64\n  pattern: LS\n  chunk: 8\n  decay: data\ntrain:\n  device: cpu\n  batch_size: 2\n  seq_len: 32\n"
-        "  steps: 20\neval:\n  every: 0\n  tokens: 512\ncheckpoint:\n  every: 0\nrun:\n  log_every: 1000\n",
+        "  steps: 20\neval:\n  every: -1\ncheckpoint:\n  every: -1\nrun:\n  log_every: 1000\n",
         "test");
     // The reference folds the DP ranks' sequences into one batch, in DP-rank order.
     Config ref_cfg = c;
     ref_cfg.train.batch_size = c.train.batch_size * lay.dp;
-    ref_cfg.run.dir = (tmp / ("lasp_mpi_ref_" + std::to_string(world().rank()))).string();
+    ref_cfg.run.dir = (tmp / ("lasp_mpi_ref_" + tag + "_" + std::to_string(world().rank()))).string();
     std::filesystem::remove_all(ref_cfg.run.dir);
     auto self = Comm::self();
     const TrainResult ref = train(ref_cfg, "reference", -1, self.get());
@@ -158,7 +160,7 @@ TEST_P(ModelLayouts, TwentyTrainingStepsGiveTheSameLossCurveAsOneProcess) {
     c.parallel.sp = lay.sp;
     c.parallel.dp = lay.dp;
     c.parallel.sp_method = method;
-    c.run.dir = (tmp / "lasp_mpi_dist").string();
+    c.run.dir = (tmp / ("lasp_mpi_dist_" + tag)).string();
     if (world().rank() == 0) std::filesystem::remove_all(c.run.dir);
     world().barrier();
     const TrainResult dist = train(c, "distributed");
@@ -168,6 +170,8 @@ TEST_P(ModelLayouts, TwentyTrainingStepsGiveTheSameLossCurveAsOneProcess) {
     }
     EXPECT_LT(ref.losses.back(), ref.losses.front() - 1.0);
     world().barrier();
+    std::filesystem::remove_all(ref_cfg.run.dir);
+    if (world().rank() == 0) std::filesystem::remove_all(c.run.dir);
   }
 }
 
