@@ -91,12 +91,14 @@ TEST(Model, InitialLossIsNearUniformAndParameterCountMatchesShapes) {
   EXPECT_EQ(model.num_params_full(), expected);
 }
 
-TEST(Model, BlockRecomputationGivesIdenticalLossAndGradients) {
+TEST(Model, BlockAndSelectiveRecomputationGiveIdenticalLossAndGradients) {
+  for (const char* mode : {"block", "mlp"})
   for (const char* decay : {"constant", "data"}) {
+    SCOPED_TRACE(std::string(mode) + " " + decay);
     const ModelConfig cfg = tiny_model(decay, "silu", false);
     ModelParallel par;
     Model keep(cfg, par, 5, DType::F64), recompute(cfg, par, 5, DType::F64);
-    recompute.set_recompute("block");
+    recompute.set_recompute(mode);
     std::mt19937 rng(11);
     Tensor inputs, targets;
     make_batch(rng, 2, 9, cfg.vocab_size, inputs, targets);

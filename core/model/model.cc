@@ -90,8 +90,9 @@ void release_block(BlockT& b) {
 }  // namespace
 
 void Model::set_recompute(const std::string& mode) {
-  LASP_CHECK(mode == "none" || mode == "block") << "recompute mode '" << mode << "': expected none | block";
-  recompute_ = mode == "block";
+  LASP_CHECK(mode == "none" || mode == "mlp" || mode == "block")
+      << "recompute mode '" << mode << "': expected none | mlp | block";
+  recompute_ = mode == "block" ? Recompute::Block : mode == "mlp" ? Recompute::Mlp : Recompute::None;
 }
 
 // x2 = x1 + mlp(norm2(x1)) with x1 = x + mixer(norm1(x)); saves what the backward reads.
@@ -141,10 +142,10 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
   Tensor tokens = inputs.to(device_).view({N});
   Tensor x = act();
   embedding_forward(x, weights(embedding_), tokens);
-  const bool drop = recompute_ || !backward;  // keep only block inputs
   for (auto& b : blocks_) {
     Tensor out = block_forward(*b, x, ctx);
-    if (drop) release_block(*b);
+    if (!backward || recompute_ == Recompute::Block) release_block(*b);  // keep the block input only
+    if (recompute_ == Recompute::Mlp) b->mlp->release();                 // keep all but the MLP's
     x = out;
   }
   Tensor h = act(), h_rstd = Tensor::empty({N, 1}, stat, device_);
@@ -160,7 +161,12 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
   rmsnorm_backward(dx, final_norm_.grad, dh, x, final_norm_.value, h_rstd);
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;
-    if (recompute_) block_forward(b, b.x, ctx);  // the activations this block's backward reads
+    // Recompute what this block's backward reads and was not kept.
+    if (recompute_ == Recompute::Block) block_forward(b, b.x, ctx);
+    if (recompute_ == Recompute::Mlp) {
+      Tensor discard = act();
+      b.mlp->forward(discard, b.n2, ctx);
+    }
     // dx holds d(x2). Through the MLP branch into d(x1).
     Tensor dn2 = act();
     b.mlp->backward(dn2, dx, ctx);
@@ -175,7 +181,8 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
     rmsnorm_backward(dxin, b.norm1.grad, dn1, b.x, b.norm1.value, b.rstd1);
     add_inplace(dxin, dx1);
     dx = dxin;
-    if (recompute_) release_block(b);
+    if (recompute_ == Recompute::Block) release_block(b);
+    if (recompute_ == Recompute::Mlp) b.mlp->release();
   }
   embedding_backward(embedding_.grad, dx, tokens);
   return loss;

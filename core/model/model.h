@@ -35,9 +35,10 @@ class Model {
   // Summed loss without gradients (validation).
   double forward_loss(const Tensor& inputs, const Tensor& targets);
 
-  // Activation recomputation: "none" keeps every block's activations for the backward; "block"
-  // keeps only each block's input and recomputes the block's forward during the backward (memory
-  // per rank: one [tokens, hidden] tensor per block plus one block's activations).
+  // Activation recomputation: "none" keeps every block's activations for the backward; "mlp"
+  // (selective) drops the MLP's intermediates (3 x [tokens, mlp_hidden], most of a block's memory)
+  // and recomputes only the MLP forward; "block" keeps only each block's input and recomputes the
+  // whole block (memory per rank: one [tokens, hidden] tensor per block plus one block's activations).
   void set_recompute(const std::string& mode);
 
  private:
@@ -53,7 +54,7 @@ class Model {
   int64_t num_params_full_ = 0;
   Param embedding_, final_norm_, lm_head_;
   std::vector<std::unique_ptr<Block>> blocks_;
-  bool recompute_ = false;
+  enum class Recompute { None, Mlp, Block } recompute_ = Recompute::None;
 };
 
 }  // namespace lasp

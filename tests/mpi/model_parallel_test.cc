@@ -101,6 +101,9 @@ TEST_P(ModelLayouts, OneStepLossAndEveryGradientMatchSingleProcess) {
         par.tp_rank = grid.tp_rank();
         par.tp_all_reduce = [&grid](Tensor& t) { grid.tp_group().all_reduce_sum(t); };
         Model model(mc, par, seed, DType::F32);
+        // Recomputation re-runs the sequence-parallel forward (and its collectives) in the backward:
+        // it must not change a thing. The reference keeps every activation.
+        model.set_recompute(zigzag ? "block" : "mlp");
         const int64_t L = T / lay.sp;
         const std::vector<int64_t> pos = sp_local_positions(par.sp, L);
         Tensor lin = Tensor::empty({B, L}, DType::I32), ltg = Tensor::empty({B, L}, DType::I32);
