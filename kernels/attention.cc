@@ -10,7 +10,6 @@
 // The backward uses the lse it is given, so called on a subset of the keys with the merged
 // (global) o and lse it returns exactly that subset's share of dk, dv and a summand of dq
 // (ring attention relies on this).
-#include "core/profile.h"
 #include "kernels/attention.h"
 
 #include <cblas.h>
@@ -19,6 +18,9 @@
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#include "core/profile.h"
+#include "kernels/dispatch.h"
 
 namespace lasp {
 
@@ -92,12 +94,6 @@ Dims check_qkv(const char* fn, const Tensor& q, const Tensor& k, const Tensor& v
   check_layout(k, fn, "k", {d.B, d.Tk, d.Hkv, d.D}, q);
   check_layout(v, fn, "v", k.shape(), q);
   return d;
-}
-
-void check_cpu_dtype(const Tensor& t, const char* fn, const char* what, DType dt) {
-  if (!t.defined()) return;
-  LASP_CHECK(t.dtype() == dt) << fn << ": " << what << " must be " << dtype_name(dt)
-                              << " like q, got " << t.str();
 }
 
 DType check_cpu_float(const char* fn, const Tensor& q) {

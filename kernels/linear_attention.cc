@@ -10,7 +10,6 @@
 //   e[r]   = exp(cum[L-1] - cum[r])             decay from row r to the chunk end
 //   bL     = exp(cum[L-1])                      whole-chunk decay
 // Every factor is <= 1, so strong decays underflow to 0 gracefully instead of overflowing.
-#include "core/profile.h"
 #include "kernels/linear_attention.h"
 
 #include <cblas.h>
@@ -19,6 +18,9 @@
 #include <cmath>
 #include <utility>
 #include <vector>
+
+#include "core/profile.h"
+#include "kernels/dispatch.h"
 
 namespace lasp {
 
@@ -197,12 +199,6 @@ Dims check_common(const char* fn, const Tensor& q, const Tensor& k, const Tensor
 }
 
 // The CPU path: every defined tensor is fp32, or every one is fp64, and log decays are <= 0.
-void check_cpu_dtype(const Tensor& t, const char* fn, const char* what, DType dt) {
-  if (!t.defined()) return;
-  LASP_CHECK(t.dtype() == dt) << fn << ": " << what << " must be " << dtype_name(dt)
-                              << " like q, got " << t.str();
-}
-
 void check_cpu_decay_values(const char* fn, const Decay& decay) {
   const Tensor* t = decay.mode == DecayMode::Constant        ? &decay.per_head
                     : decay.mode == DecayMode::DataDependent ? &decay.per_token
