@@ -83,6 +83,8 @@ std::vector<Field> schema(Config& c) {
       {"parallel", "sp_method", K::String, &c.parallel.sp_method, 0, 0, {"lasp2", "lasp1", "ring", "allgather_kv"}, "sequence-parallel method"},
       {"parallel", "zigzag", K::Bool, &c.parallel.zigzag, 0, 0, {}, "zigzag sequence split (load balance)"},
       {"parallel", "bucket_mb", K::Float, &c.parallel.bucket_mb, 0.001, kInf, {}, "gradient all-reduce bucket size"},
+      {"parallel", "overlap_grad_reduce", K::Bool, &c.parallel.overlap_grad_reduce, 0, 0, {}, "all-reduce gradient buckets while the backward runs (false: after it)"},
+      {"parallel", "lasp2_overlap", K::Bool, &c.parallel.lasp2_overlap, 0, 0, {}, "LASP-2: all-gather the states while the local attention runs, then add the prefix term"},
       {"parallel", "comm_timeout_s", K::Float, &c.parallel.comm_timeout_s, 1, kInf, {}, "collective timeout before abort"},
       {"checkpoint", "every", K::Int, &c.checkpoint.every, -1, kInf, {}, "steps between checkpoints (0: at the end only, -1: never)"},
       {"checkpoint", "keep_last", K::Int, &c.checkpoint.keep_last, 1, kInf, {}, "checkpoints kept"},

@@ -210,6 +210,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   par.sp.comm = grid.sp() > 1 ? &grid.sp_group() : nullptr;
   par.sp.method = sp_method_from_name(cfg.parallel.sp_method);
   par.sp.zigzag = cfg.parallel.zigzag;
+  par.sp.overlap = cfg.parallel.lasp2_overlap;
   par.tp_size = grid.tp();
   par.tp_rank = grid.tp_rank();
   par.tp_all_reduce = [&grid](Tensor& t) { grid.tp_group().all_reduce_sum(t); };
@@ -219,11 +220,8 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   set_projection_options(cfg.model.precision, cfg.train.seed);
   auto params = model.params();
   AdamW opt(cfg.optim, params);
-  std::vector<Tensor> sharded_grads, replicated_grads, all_grads;
-  for (Param* p : params) {
-    (p->tp_sharded ? sharded_grads : replicated_grads).push_back(p->grad);
-    all_grads.push_back(p->grad);
-  }
+  std::vector<Tensor> sharded_grads, replicated_grads;
+  for (Param* p : params) (p->tp_sharded ? sharded_grads : replicated_grads).push_back(p->grad);
   if (rank0) {
     LASP_INFO() << "model: " << model.signature() << ", " << model.num_params_full() << " parameters; data: "
                 << data.train.description() << " (" << data.train.size() << " train / " << data.val.size()
@@ -274,12 +272,33 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
   const int64_t T = cfg.train.seq_len, B = cfg.train.batch_size;
   const double global_tokens = static_cast<double>(B * T * grid.dp());
   const size_t bucket = static_cast<size_t>(cfg.parallel.bucket_mb * (1 << 20));
+  // Every SP and DP rank sees different tokens of the same weights: their gradients are summed
+  // over the SP group, then the DP group, in buckets formed in the order the backward finishes
+  // the gradients. With parallel.overlap_grad_reduce each bucket's reduction starts as soon as
+  // the backward has finished its gradients (the model's gradient-ready hook); otherwise all of
+  // them after the backward.
+  std::vector<Tensor> ready_grads;
+  for (Param* p : model.grad_ready_order()) ready_grads.push_back(p->grad);
+  std::vector<Comm*> reduce_over;
+  if (grid.sp() > 1) reduce_over.push_back(&grid.sp_group());
+  if (grid.dp() > 1) reduce_over.push_back(&grid.dp_group());
+  GradReducer reducer(ready_grads, reduce_over, bucket, cfg.parallel.overlap_grad_reduce);
+  struct HookGuard {  // the hook refers to the reducer: remove it before the reducer goes
+    Model& m;
+    ~HookGuard() { m.set_grad_ready_hook(nullptr); }
+  } hook_guard{model};
+  if (reducer.active() && reducer.overlap()) {
+    model.set_grad_ready_hook([&reducer](const std::vector<Param*>& ready) {
+      for (Param* p : ready) reducer.mark_ready(p->grad);
+    });
+  }
   TrainResult result;
   std::vector<int32_t> window;
   const double t_start = now_s();
   double t_last = t_start;
   int64_t tokens_since = 0;
   std::vector<Comm*> groups = {&grid.world(), &grid.tp_group(), &grid.sp_group(), &grid.dp_group()};
+  for (Comm* c : reducer.comms()) groups.push_back(c);
   auto comm_time = [&groups]() {
     double s = 0;
     for (Comm* g : groups) s += g->total_seconds();
@@ -296,10 +315,9 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
 
     // Forward + backward; gradients are of the mean loss over every token of the global batch.
     model.zero_grad();
+    reducer.begin();
     double loss = model.forward_backward(inputs, targets, static_cast<float>(1.0 / global_tokens));
-    // Every SP and DP rank saw different tokens of the same weights: sum their gradients.
-    if (grid.sp() > 1) all_reduce_gradients(grid.sp_group(), all_grads, bucket, false);
-    if (grid.dp() > 1) all_reduce_gradients(grid.dp_group(), all_grads, bucket, false);
+    reducer.finish();  // gradients summed over SP and DP
     loss = all_reduce_scalar(grid.world(), loss) / grid.tp() / global_tokens;
 
     // Global gradient norm: TP shards summed over the TP group, replicated tensors counted once.
@@ -456,6 +474,7 @@ LoadedModel load_trained_model(const Config& cfg, const std::string& dir_arg) {
   m.par.sp.comm = grid.sp() > 1 ? &grid.sp_group() : nullptr;
   m.par.sp.method = sp_method_from_name(cfg.parallel.sp_method);
   m.par.sp.zigzag = cfg.parallel.zigzag;
+  m.par.sp.overlap = cfg.parallel.lasp2_overlap;
   m.par.tp_size = grid.tp();
   m.par.tp_rank = grid.tp_rank();
   m.par.tp_all_reduce = [&grid](Tensor& t) { grid.tp_group().all_reduce_sum(t); };

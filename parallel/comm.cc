@@ -13,6 +13,7 @@
 #include <mutex>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #ifdef LASP_HAVE_MPI
 // The C interface only (the deprecated C++ bindings add nothing here and warn).
@@ -42,6 +43,12 @@
   } while (0)
 #endif
 #ifdef LASP_HAVE_NCCL
+#define CUDA_RT_CHECK(call)                                                              \
+  do {                                                                                   \
+    const cudaError_t cuda_rc_ = (call);                                                 \
+    LASP_CHECK(cuda_rc_ == cudaSuccess)                                                  \
+        << "CUDA call " #call " failed: " << cudaGetErrorString(cuda_rc_);               \
+  } while (0)
 #define NCCL_CHECK(call)                                                                 \
   do {                                                                                   \
     const ncclResult_t nccl_rc_ = (call);                                                \
@@ -316,6 +323,46 @@ struct Comm::Impl {
     NCCL_CHECK(ncclCommInitRank(&nccl, size, id, rank));
     return nccl;
   }
+  // The stream this group's non-blocking collectives run on (created on first use, on the
+  // current device; non-blocking so the legacy default stream does not serialise with it; the
+  // highest priority so its small kernels get SMs while compute kernels fill the GPU).
+  cudaStream_t stream = nullptr;
+  cudaEvent_t ready = nullptr;  // re-recorded on the current stream by every async launch
+  // Makes the comm stream wait for everything enqueued so far on the current stream (and for
+  // `also_after` when given) and returns it.
+  cudaStream_t stream_after_current(cudaEvent_t also_after) {
+    if (!stream) {
+      int least = 0, greatest = 0;
+      CUDA_RT_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+      CUDA_RT_CHECK(cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, greatest));
+      CUDA_RT_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+    }
+    CUDA_RT_CHECK(cudaEventRecord(ready, static_cast<cudaStream_t>(current_stream().handle)));
+    CUDA_RT_CHECK(cudaStreamWaitEvent(stream, ready, 0));
+    if (also_after) CUDA_RT_CHECK(cudaStreamWaitEvent(stream, also_after, 0));
+    return stream;
+  }
+  // An event recorded on the comm stream now (the completion of what was just enqueued).
+  cudaEvent_t record_done() {
+    cudaEvent_t e = nullptr;
+    CUDA_RT_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    CUDA_RT_CHECK(cudaEventRecord(e, stream));
+    return e;
+  }
+#endif
+};
+
+// What a CommRequest holds (see comm.h).
+struct CommRequest::State {
+  Comm* comm = nullptr;
+  CommOp op = CommOp::AllReduce;
+  std::vector<Tensor> keep;  // the buffers, alive until wait()
+  bool pending = true;
+#ifdef LASP_HAVE_MPI
+  MPI_Request mpi = MPI_REQUEST_NULL;
+#endif
+#ifdef LASP_HAVE_NCCL
+  cudaEvent_t done = nullptr;  // recorded on the comm stream after the collective
 #endif
 };
 
@@ -323,7 +370,10 @@ Comm::Comm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Comm::~Comm() {
 #ifdef LASP_HAVE_NCCL
+  if (impl_->stream) cudaStreamSynchronize(impl_->stream);
   if (impl_->nccl) ncclCommDestroy(impl_->nccl);
+  if (impl_->ready) cudaEventDestroy(impl_->ready);
+  if (impl_->stream) cudaStreamDestroy(impl_->stream);
 #endif
 #ifdef LASP_HAVE_MPI
   int finalized = 0;
@@ -599,6 +649,160 @@ void Comm::barrier() {
 #ifdef LASP_HAVE_MPI
   if (has_mpi(*impl_)) MPI_CHECK(MPI_Barrier(impl_->mpi));
 #endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-blocking collectives.
+
+CommRequest::CommRequest() = default;
+CommRequest::CommRequest(std::unique_ptr<State> state) : s_(std::move(state)) {}
+CommRequest::CommRequest(CommRequest&& other) noexcept = default;
+
+namespace {
+// For destructors and move assignment, which must not throw: a failed wait is reported on stderr
+// (the collective's own error, e.g. an MPI failure, has normally been raised already).
+void wait_quietly(CommRequest& r) noexcept {
+  try {
+    r.wait();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "[rank %d] lasp: waiting for a pending collective failed: %s\n", process_rank(),
+                 e.what());
+  }
+}
+}  // namespace
+
+CommRequest& CommRequest::operator=(CommRequest&& other) noexcept {
+  if (this != &other) {
+    if (pending()) wait_quietly(*this);
+    s_ = std::move(other.s_);
+  }
+  return *this;
+}
+
+CommRequest::~CommRequest() {
+  if (pending()) wait_quietly(*this);
+}
+
+bool CommRequest::pending() const { return s_ && s_->pending; }
+
+void CommRequest::wait() {
+  if (!pending()) return;
+  State& s = *s_;
+  s.pending = false;  // set first: a failure below is not waited for again by the destructor
+#ifdef LASP_HAVE_NCCL
+  if (s.done) {
+    CUDA_RT_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(current_stream().handle), s.done, 0));
+    // Safe once the wait is enqueued: the wait uses the event as recorded.
+    CUDA_RT_CHECK(cudaEventDestroy(s.done));
+    s.done = nullptr;
+  }
+#endif
+#ifdef LASP_HAVE_MPI
+  if (s.mpi != MPI_REQUEST_NULL) {
+    WatchScope watch(*s.comm, s.op);
+    MPI_CHECK(MPI_Wait(&s.mpi, MPI_STATUS_IGNORE));
+  }
+#endif
+  // CUDA: the buffers' memory may now be reused by work on the current stream, which is ordered
+  // after the collective.
+  s.keep.clear();
+}
+
+bool CommRequest::test() {
+  if (!pending()) return true;
+#ifdef LASP_HAVE_MPI
+  if (s_->mpi != MPI_REQUEST_NULL) {
+    int flag = 0;
+    MPI_CHECK(MPI_Test(&s_->mpi, &flag, MPI_STATUS_IGNORE));
+    if (!flag) return false;
+    s_->pending = false;
+    s_->keep.clear();
+    return true;
+  }
+#endif
+#ifdef LASP_HAVE_NCCL
+  if (s_->done) {
+    const cudaError_t rc = cudaEventQuery(s_->done);
+    if (rc == cudaErrorNotReady) return false;
+    CUDA_RT_CHECK(rc);
+  }
+#endif
+  return true;
+}
+
+CommRequest Comm::all_gather_async(Tensor& out, const Tensor& in) {
+  check_buffer(in, "all_gather_async", "in");
+  check_buffer(out, "all_gather_async", "out");
+  LASP_CHECK(out.dtype() == in.dtype() && out.device() == in.device())
+      << "all_gather_async: out " << out.str() << " and in " << in.str() << " differ in dtype or device";
+  LASP_CHECK_EQ(out.numel(), in.numel() * size())
+      << "all_gather_async on '" << name() << "': out " << out.str() << " must hold size() x in " << in.str();
+  const Route route = route_of(in);
+  // One rank, host staging, or no MPI: there is nothing to overlap; complete now.
+  if (size() == 1 || route == Route::Staged || (route == Route::Host && !has_mpi(*impl_))) {
+    all_gather(out, in);
+    return CommRequest();
+  }
+  count(CommOp::AllGather, in.nbytes());
+  WatchScope watch(*this, CommOp::AllGather);
+  auto st = std::make_unique<CommRequest::State>();
+  st->comm = this;
+  st->op = CommOp::AllGather;
+  st->keep = {out, in};
+#ifdef LASP_HAVE_NCCL
+  if (route == Route::Nccl) {
+    ncclComm_t nc = impl_->get_nccl();
+    cudaStream_t cs = impl_->stream_after_current(nullptr);
+    NCCL_CHECK(ncclAllGather(in.raw(), out.raw(), static_cast<size_t>(in.numel()), nccl_type(in.dtype()),
+                             nc, cs));
+    st->done = impl_->record_done();
+    return CommRequest(std::move(st));
+  }
+#endif
+#ifdef LASP_HAVE_MPI
+  MPI_CHECK(MPI_Iallgather(in.raw(), mpi_count(in.numel()), mpi_type(in.dtype()), out.raw(),
+                           mpi_count(in.numel()), mpi_type(in.dtype()), impl_->mpi, &st->mpi));
+#endif
+  return CommRequest(std::move(st));
+}
+
+CommRequest Comm::all_reduce_sum_async(Tensor& t, CommRequest* after) {
+  check_buffer(t, "all_reduce_sum_async", "t");
+  const Route route = route_of(t);
+  if (size() == 1 || route == Route::Staged || (route == Route::Host && !has_mpi(*impl_))) {
+    if (after) after->wait();
+    all_reduce_sum(t);
+    return CommRequest();
+  }
+  count(CommOp::AllReduce, t.nbytes());
+  WatchScope watch(*this, CommOp::AllReduce);
+  auto st = std::make_unique<CommRequest::State>();
+  st->comm = this;
+  st->op = CommOp::AllReduce;
+  st->keep = {t};
+#ifdef LASP_HAVE_NCCL
+  if (route == Route::Nccl) {
+    LASP_CHECK(t.dtype() != DType::U8 && t.dtype() != DType::F8E4M3 && t.dtype() != DType::F8E5M2)
+        << "all_reduce_sum_async: no sum for " << dtype_name(t.dtype());
+    cudaEvent_t dep = nullptr;
+    if (after && after->pending()) {
+      if (after->s_->done) dep = after->s_->done;  // a device-side dependency
+      else after->wait();                           // a host request: complete it first
+    }
+    ncclComm_t nc = impl_->get_nccl();
+    cudaStream_t cs = impl_->stream_after_current(dep);
+    NCCL_CHECK(ncclAllReduce(t.raw(), t.raw(), static_cast<size_t>(t.numel()), nccl_type(t.dtype()),
+                             ncclSum, nc, cs));
+    st->done = impl_->record_done();
+    return CommRequest(std::move(st));
+  }
+#endif
+#ifdef LASP_HAVE_MPI
+  if (after) after->wait();
+  MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, t.raw(), mpi_count(t.numel()), mpi_type(t.dtype()),
+                           mpi_sum_op(t.dtype()), impl_->mpi, &st->mpi));
+#endif
+  return CommRequest(std::move(st));
 }
 
 std::unique_ptr<Comm> Comm::split(int color, int key, const std::string& name) const {

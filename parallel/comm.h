@@ -14,11 +14,20 @@
 // (the `in` buffer of all_gather and reduce_scatter, the tensor of all_reduce / broadcast / send).
 // Tests use them to assert "one all-gather per layer per pass".
 //
+// Non-blocking collectives (all_gather_async, all_reduce_sum_async) return a CommRequest and let
+// the caller compute while the data moves. Host tensors: MPI_Iallgather / MPI_Iallreduce, waited
+// on with MPI_Wait. CUDA tensors with NCCL: the collective goes on this Comm's own communication
+// stream (non-blocking, created on first use, highest priority), after an event recorded on the
+// current stream, so it sees everything the current stream produced before the call; wait() makes
+// the current stream wait for the collective's completion event (the host does not block).
+// Without NCCL (host staging) and without MPI they complete before returning.
+//
 // Watchdog: a blocking call that does not complete within comm_timeout() seconds (env
 // LASP_COMM_TIMEOUT, default 600; 0 disables) makes a watchdog thread print
 //   [rank R] lasp: all_gather on comm 'sp' (rank r of W) did not complete in T s; aborting
 // and call MPI_Abort on the world, so every rank ends instead of hanging. NCCL calls are
-// asynchronous: the watchdog covers their host-side part only (see docs/parallel.md).
+// asynchronous: the watchdog covers their host-side part only (see docs/parallel.md); for host
+// requests it watches CommRequest::wait().
 #pragma once
 
 #include <array>
@@ -39,6 +48,39 @@ struct CommCounter {
   int64_t calls = 0;
   int64_t bytes = 0;
   double seconds = 0;  // wall time inside the calls (host side)
+};
+
+class Comm;
+
+// A collective in flight. The request keeps the tensors it reads and writes alive; the caller
+// must not touch them (nor, on CUDA, free or reuse their memory) until wait() returns. Requests
+// of one Comm must be waited before that Comm is destroyed. Destroying a pending request waits.
+class CommRequest {
+ public:
+  CommRequest();
+  ~CommRequest();
+  CommRequest(CommRequest&& other) noexcept;
+  CommRequest& operator=(CommRequest&& other) noexcept;
+  CommRequest(const CommRequest&) = delete;
+  CommRequest& operator=(const CommRequest&) = delete;
+
+  // True between the start of the collective and wait().
+  bool pending() const;
+  // Host: blocks until the collective is complete (MPI_Wait, watched by the watchdog).
+  // CUDA (NCCL): makes the current stream wait for the collective; work enqueued on the current
+  // stream afterwards sees its result. Releases the tensors. No-op when not pending.
+  void wait();
+  // True once the collective has completed (host: MPI_Test, which also drives MPI's progress and
+  // finishes the request; CUDA: the completion event has fired, wait() is still needed to order
+  // the current stream after it). True when not pending.
+  bool test();
+
+  struct State;  // comm.cc
+
+ private:
+  friend class Comm;
+  explicit CommRequest(std::unique_ptr<State> state);
+  std::unique_ptr<State> s_;
 };
 
 class Comm {
@@ -67,6 +109,13 @@ class Comm {
   void sendrecv(const Tensor& out, int dst, Tensor& in, int src);
   void barrier();
 
+  // Non-blocking all_gather / all_reduce_sum (see the file comment and CommRequest). Counted like
+  // the blocking calls. `after` (optional, may belong to another Comm): the collective starts only
+  // once that request's collective is complete (CUDA: a stream dependency, the host does not
+  // block; host: after->wait() first), which chains reductions over several groups.
+  CommRequest all_gather_async(Tensor& out, const Tensor& in);
+  CommRequest all_reduce_sum_async(Tensor& t, CommRequest* after = nullptr);
+
   // Sub-communicator of the ranks that pass the same color, ordered by key (collective).
   std::unique_ptr<Comm> split(int color, int key, const std::string& name) const;
 
@@ -80,6 +129,7 @@ class Comm {
 
  private:
   friend struct WorldFactory;
+  friend class CommRequest;
   explicit Comm(std::unique_ptr<Impl> impl);
   void count(CommOp op, size_t bytes);
   std::unique_ptr<Impl> impl_;

@@ -1,6 +1,12 @@
 #include "parallel/grad_sync.h"
 
+#include <cstring>
+
 #include "kernels/gemm.h"
+
+#ifdef LASP_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
 
 namespace lasp {
 
@@ -76,20 +82,36 @@ void reduce_bucket(Comm& comm, const std::vector<Tensor>& grads, size_t begin, s
   }
 }
 
-}  // namespace
+// src -> dst on one device without blocking the host: CUDA copies are enqueued on the current
+// stream (device_memcpy would synchronise it, stalling the backward this runs inside of).
+void copy_on_stream(void* dst, const void* src, size_t bytes, Device dev) {
+  if (bytes == 0) return;
+  if (dev.is_cpu()) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+#ifdef LASP_HAVE_CUDA
+  const cudaError_t rc = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice,
+                                         static_cast<cudaStream_t>(current_stream().handle));
+  LASP_CHECK(rc == cudaSuccess) << "gradient bucket copy of " << bytes << " bytes failed: " << cudaGetErrorString(rc);
+#else
+  LASP_FAIL() << "this build of lasp has no CUDA support";
+#endif
+}
 
-void all_reduce_gradients(Comm& comm, const std::vector<Tensor>& grads, size_t bucket_bytes,
-                          bool average) {
-  LASP_CHECK(bucket_bytes > 0) << "all_reduce_gradients: bucket_bytes must be positive";
+void check_grads(const std::vector<Tensor>& grads, const char* fn) {
   for (size_t i = 0; i < grads.size(); ++i) {
     const Tensor& g = grads[i];
     LASP_CHECK(g.defined() && g.is_contiguous())
-        << "all_reduce_gradients: gradient " << i << " must be a defined, contiguous tensor";
-    LASP_CHECK(!average || g.dtype() == DType::F32 || g.dtype() == DType::F64 ||
-               g.dtype() == DType::BF16)
-        << "all_reduce_gradients: averaging needs fp32, fp64 or bf16, gradient " << i << " is "
-        << g.str();
+        << fn << ": gradient " << i << " must be a defined, contiguous tensor";
   }
+}
+
+}  // namespace
+
+std::vector<std::pair<size_t, size_t>> plan_buckets(const std::vector<Tensor>& grads, size_t bucket_bytes) {
+  LASP_CHECK(bucket_bytes > 0) << "gradient buckets: bucket_bytes must be positive";
+  std::vector<std::pair<size_t, size_t>> out;
   size_t begin = 0;
   while (begin < grads.size()) {
     size_t end = begin + 1;
@@ -100,8 +122,178 @@ void all_reduce_gradients(Comm& comm, const std::vector<Tensor>& grads, size_t b
       bytes += grads[end].nbytes();
       ++end;
     }
-    reduce_bucket(comm, grads, begin, end, average);
+    out.emplace_back(begin, end);
     begin = end;
+  }
+  return out;
+}
+
+void all_reduce_gradients(Comm& comm, const std::vector<Tensor>& grads, size_t bucket_bytes,
+                          bool average) {
+  LASP_CHECK(bucket_bytes > 0) << "all_reduce_gradients: bucket_bytes must be positive";
+  check_grads(grads, "all_reduce_gradients");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const Tensor& g = grads[i];
+    LASP_CHECK(!average || g.dtype() == DType::F32 || g.dtype() == DType::F64 ||
+               g.dtype() == DType::BF16)
+        << "all_reduce_gradients: averaging needs fp32, fp64 or bf16, gradient " << i << " is "
+        << g.str();
+  }
+  for (const auto& [begin, end] : plan_buckets(grads, bucket_bytes))
+    reduce_bucket(comm, grads, begin, end, average);
+}
+
+// ------------------------------------------------------------------------------- GradReducer
+
+GradReducer::GradReducer(std::vector<Tensor> grads, const std::vector<Comm*>& groups,
+                         size_t bucket_bytes, bool overlap)
+    : grads_(std::move(grads)), bucket_bytes_(bucket_bytes), overlap_(overlap) {
+  LASP_CHECK(bucket_bytes > 0) << "GradReducer: bucket_bytes must be positive (parallel.bucket_mb)";
+  check_grads(grads_, "GradReducer");
+  for (size_t i = 0; i < grads_.size(); ++i) {
+    const bool fresh = index_.emplace(grads_[i].raw(), i).second;
+    LASP_CHECK(fresh) << "GradReducer: gradient " << i << " " << grads_[i].str()
+                      << " shares its storage with an earlier one; each gradient must be listed once";
+  }
+  for (Comm* g : groups) {
+    LASP_CHECK(g != nullptr) << "GradReducer: null group";
+    if (g->size() > 1) comms_.push_back(g->split(0, g->rank(), g->name() + "_grad"));
+  }
+  // CUDA: create the duplicates' NCCL communicators now (a collective, with device allocations)
+  // rather than inside the first backward.
+  for (const Tensor& g : grads_) {
+    if (!g.is_cuda()) continue;
+    for (const auto& c : comms_) {
+      Tensor warm = Tensor::zeros({1}, DType::F32, g.device());
+      c->all_reduce_sum(warm);
+      c->reset_counters();
+    }
+    break;
+  }
+  for (const auto& [begin, end] : plan_buckets(grads_, bucket_bytes)) {
+    Bucket b;
+    b.begin = begin;
+    b.end = end;
+    buckets_.push_back(std::move(b));
+    for (size_t i = begin; i < end; ++i) bucket_of_.push_back(buckets_.size() - 1);
+  }
+  marked_.assign(grads_.size(), 0);
+}
+
+GradReducer::~GradReducer() = default;  // pending requests are waited for by their destructors
+
+std::vector<Comm*> GradReducer::comms() const {
+  std::vector<Comm*> out;
+  for (const auto& c : comms_) out.push_back(c.get());
+  return out;
+}
+
+void GradReducer::begin() {
+  if (!overlap_ || !active()) return;
+  LASP_CHECK(!armed_) << "GradReducer::begin() called twice without finish()";
+  for (Bucket& b : buckets_) {
+    b.ready = 0;
+    b.next_group = 0;
+    b.buf = Tensor();
+  }
+  std::fill(marked_.begin(), marked_.end(), 0);
+  next_launch_ = 0;
+  launched_before_finish_ = 0;
+  armed_ = true;
+}
+
+void GradReducer::mark_ready(const Tensor& grad) {
+  if (!armed_) return;
+  const auto it = index_.find(grad.raw());
+  LASP_CHECK(it != index_.end()) << "GradReducer::mark_ready: " << grad.str()
+                                 << " is not one of the gradients the reducer was built with";
+  const size_t i = it->second;
+  LASP_CHECK(!marked_[i]) << "GradReducer::mark_ready: gradient " << i << " " << grad.str()
+                          << " reported final twice in one backward";
+  marked_[i] = 1;
+  ++buckets_[bucket_of_[i]].ready;
+  launch_ready_buckets();
+}
+
+Tensor& GradReducer::reduced(Bucket& b) { return b.buf.defined() ? b.buf : grads_[b.begin]; }
+
+void GradReducer::launch_ready_buckets() {
+  // Buckets start in plan order only, so every rank issues the same sequence of collectives.
+  while (next_launch_ < buckets_.size() &&
+         buckets_[next_launch_].ready == buckets_[next_launch_].end - buckets_[next_launch_].begin) {
+    launch(next_launch_);
+    ++next_launch_;
+  }
+}
+
+void GradReducer::launch(size_t k) {
+  Bucket& b = buckets_[k];
+  const Tensor& first = grads_[b.begin];
+  // Host: the previous bucket moves on to its next group now, a point every rank reaches in the
+  // same order (a test-driven start would depend on timing and could order collectives
+  // differently on different ranks).
+  if (k > 0 && !first.is_cuda()) {
+    Bucket& prev = buckets_[k - 1];
+    if (prev.next_group > 0 && prev.next_group < comms_.size()) start_next_group(prev);
+  }
+  if (b.end - b.begin > 1) {
+    int64_t total = 0;
+    for (size_t i = b.begin; i < b.end; ++i) total += grads_[i].numel();
+    b.buf = Tensor::empty({total}, first.dtype(), first.device());
+    char* base = static_cast<char*>(b.buf.raw());
+    size_t off = 0;
+    for (size_t i = b.begin; i < b.end; ++i) {
+      copy_on_stream(base + off, grads_[i].raw(), grads_[i].nbytes(), first.device());
+      off += grads_[i].nbytes();
+    }
+  }
+  start_next_group(b);
+  // CUDA: every group at once; each waits on the previous one's completion event on the device.
+  while (first.is_cuda() && b.next_group < comms_.size()) start_next_group(b);
+}
+
+void GradReducer::start_next_group(Bucket& b) {
+  LASP_CHECK(b.next_group < comms_.size()) << "GradReducer: bucket reduced over every group already";
+  CommRequest* after = b.next_group > 0 ? &b.req : nullptr;
+  CommRequest r = comms_[b.next_group]->all_reduce_sum_async(reduced(b), after);
+  // Host: `after` was waited for inside the call. CUDA: the new reduction waits for it on the
+  // device; it stays pending here and is waited for in finish() (waiting now would stall the
+  // current stream).
+  if (b.req.pending()) b.earlier.push_back(std::move(b.req));
+  b.req = std::move(r);
+  ++b.next_group;
+}
+
+void GradReducer::finish() {
+  if (!active()) return;
+  if (!overlap_) {
+    for (const auto& c : comms_) all_reduce_gradients(*c, grads_, bucket_bytes_, /*average=*/false);
+    return;
+  }
+  LASP_CHECK(armed_) << "GradReducer::finish() without begin()";
+  armed_ = false;
+  launched_before_finish_ = next_launch_;
+  // Gradients the model did not report are final now too.
+  while (next_launch_ < buckets_.size()) {
+    launch(next_launch_);
+    ++next_launch_;
+  }
+  for (Bucket& b : buckets_)
+    while (b.next_group < comms_.size()) start_next_group(b);
+  for (Bucket& b : buckets_) {
+    for (CommRequest& r : b.earlier) r.wait();
+    b.earlier.clear();
+    b.req.wait();
+    if (!b.buf.defined()) continue;  // reduced in place
+    const char* base = static_cast<const char*>(b.buf.raw());
+    size_t off = 0;
+    for (size_t i = b.begin; i < b.end; ++i) {
+      copy_on_stream(grads_[i].raw(), base + off, grads_[i].nbytes(), grads_[i].device());
+      off += grads_[i].nbytes();
+    }
+    // CUDA: the copies are on the current stream; the buffer's memory is reused only by later
+    // work on that stream.
+    b.buf = Tensor();
   }
 }
 

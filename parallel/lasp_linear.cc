@@ -14,11 +14,23 @@
 // backward with initial state P_c and d_final_state = dM_c returns exact dq, dk, dv, and its
 // d_log_decay includes the path through the prefix: d/d log a_s of <dM_c, g_c P_c> is
 // <dM_c, P_c> g_c for every s in the chunk, which is d L / d log g_c.
+//
+// LASP-2's overlapped schedule (SpContext::overlap). Both the output and the final state are
+// linear in the initial state (parallel/lasp_state_terms.h), so the work that needs no remote data
+// can run while the all-gather is in flight:
+//   forward   start the gather of (M_c, log g_c); o_c = kernel from a zero state; wait; then
+//             o_c += diag(exp(Lambda)) Q_c P_c
+//   backward  start the gather of dP^out; kernel backward with initial state P_c (saved) and no
+//             final-state gradient (exact dq; dk, dv, d_log_decay without the dM_c path); wait;
+//             then add the gradients of <dM_c, S_final>: e_t v_t dM^T to dk, e_t k_t dM to dv, and
+//             exp(Lambda_end) <dM_c, P_c> + sum_{s<u} e_s k_s dM_c v_s^T to d log a_u.
+// The sums are regrouped, so results agree with the plain schedule to rounding, not bit for bit.
 #include <algorithm>
 #include <cmath>
 
 #include "kernels/linear_attention.h"
 #include "parallel/comm.h"
+#include "parallel/lasp_state_terms.h"
 #include "parallel/sp_methods.h"
 
 namespace lasp {
@@ -189,14 +201,12 @@ Tensor chunk_backward(const Dims& d, const SpLayout& lay, int c, Grads g, const 
   return d_init;
 }
 
-// dP_c^out: the gradient of chunk c's initial state through its own output only.
-Tensor output_state_grad(const Dims& d, const SpLayout& lay, int c, const ChunkIn& in,
-                         const Tensor& d_o, int chunk) {
-  Tensor none;
+// dP_c^out: the gradient of chunk c's initial state through its own output only,
+// sum_t exp(Lambda_t) q_t^T do_t (CPU: that sum directly; CUDA: the kernel's state passes).
+Tensor output_state_grad(const Dims& d, const SpLayout& lay, int c, const Tensor& q, const Tensor& k,
+                         const Tensor& v, const Decay& decay, const Tensor& d_o, int chunk) {
   Tensor d_init = new_state(d);
-  const Tensor doc = seq_rows(d_o, lay.local_row(c), lay.chunk_len);
-  linear_attention_backward(none, none, none, none, d_init, in.q, in.k, in.v, in.decay, Tensor(),
-                            doc, Tensor(), chunk);
+  prefix_state_grad(d_init, q, k, v, d_o, decay, lay.local_row(c), lay.chunk_len, chunk);
   return d_init;
 }
 
@@ -221,35 +231,28 @@ void save_prefix(SpSaved& saved, std::vector<Tensor> p, const std::vector<std::v
 }  // namespace
 
 // ------------------------------------------------------------------------------------------ LASP-2
-void lasp2_linear_forward(const SpContext& ctx, const SpLayout& lay, Tensor& o, const Tensor& q,
-                          const Tensor& k, const Tensor& v, const Decay& decay, SpSaved& saved,
-                          int chunk) {
-  Comm& comm = *ctx.comm;
-  const Dims d = dims_of(q, k, v);
-  const std::vector<int> mine = lay.my_chunks();
-  const int64_t nm = static_cast<int64_t>(mine.size());
-  const int64_t state_n = d.bh() * d.dd();
-
-  // 1. Local states M_c and log decays log g_c, packed as [M_c0, (M_c1), log g_c0, (log g_c1)].
+namespace {
+// M_c and log g_c of my chunks, packed as [M_c0, (M_c1), log g_c0, (log g_c1)].
+Tensor lasp2_states(const Dims& d, const SpLayout& lay, const std::vector<ChunkIn>& ins, int chunk) {
+  const int64_t nm = static_cast<int64_t>(ins.size()), state_n = d.bh() * d.dd();
   Tensor send = Tensor::empty({nm * (state_n + d.bh())}, d.state_dtype, d.device);
   Tensor host_g = Tensor::empty({nm * d.bh()}, d.state_dtype);
-  std::vector<ChunkIn> ins;
   for (int64_t i = 0; i < nm; ++i) {
-    ins.push_back(chunk_in(lay, mine[i], q, k, v, decay));
-    put_state(send, i, local_state(d, ins.back(), chunk));
-    const std::vector<double> lg = log_total_decay(ins.back().decay, d.B, d.H, lay.chunk_len);
+    put_state(send, i, local_state(d, ins[i], chunk));
+    const std::vector<double> lg = log_total_decay(ins[i].decay, d.B, d.H, lay.chunk_len);
     for (int64_t x = 0; x < d.bh(); ++x) host_g.set_item(i * d.bh() + x, lg[x]);
   }
   device_memcpy(static_cast<char*>(send.raw()) + nm * state_n * dtype_size(d.state_dtype),
                 d.device, host_g.raw(), cpu(), host_g.nbytes());
+  return send;
+}
 
-  // 2. ONE all-gather of (M, g).
-  Tensor gathered = Tensor::empty({static_cast<int64_t>(lay.world), send.numel()}, d.state_dtype, d.device);
-  comm.all_gather(gathered, send);
-
-  // 3. Every chunk's state (views into the gathered buffer) and log decay.
-  std::vector<Tensor> m_of(lay.num_chunks);
-  std::vector<std::vector<double>> log_g(lay.num_chunks);
+// Every chunk's state (views into the gathered buffer) and log decay.
+void lasp2_unpack_states(const Dims& d, const SpLayout& lay, const Tensor& gathered, int64_t nm,
+                         std::vector<Tensor>& m_of, std::vector<std::vector<double>>& log_g) {
+  const int64_t state_n = d.bh() * d.dd();
+  m_of.assign(lay.num_chunks, Tensor());
+  log_g.assign(lay.num_chunks, {});
   for (int r = 0; r < lay.world; ++r) {
     const Tensor row = gathered.select(0, r);
     const std::vector<double> g = row.slice(0, nm * state_n, row.numel()).to_vector();
@@ -259,14 +262,46 @@ void lasp2_linear_forward(const SpContext& ctx, const SpLayout& lay, Tensor& o, 
       log_g[cs[s]].assign(g.begin() + s * d.bh(), g.begin() + (s + 1) * d.bh());
     }
   }
+}
+}  // namespace
 
-  // 4. Prefix state and the local output of each of my chunks.
-  std::vector<Tensor> prefixes;
-  for (int64_t i = 0; i < nm; ++i) {
-    Tensor p = prefix_combine(d, m_of, log_g, mine[i]);
-    Tensor none;
-    chunk_forward(lay, mine[i], o, none, ins[i], p, chunk);
-    prefixes.push_back(p);
+void lasp2_linear_forward(const SpContext& ctx, const SpLayout& lay, Tensor& o, const Tensor& q,
+                          const Tensor& k, const Tensor& v, const Decay& decay, SpSaved& saved,
+                          int chunk) {
+  Comm& comm = *ctx.comm;
+  const Dims d = dims_of(q, k, v);
+  const std::vector<int> mine = lay.my_chunks();
+  const int64_t nm = static_cast<int64_t>(mine.size());
+
+  // 1. Local states M_c and log decays log g_c.
+  std::vector<ChunkIn> ins;
+  for (int c : mine) ins.push_back(chunk_in(lay, c, q, k, v, decay));
+  const Tensor send = lasp2_states(d, lay, ins, chunk);
+  Tensor gathered = Tensor::empty({static_cast<int64_t>(lay.world), send.numel()}, d.state_dtype, d.device);
+  std::vector<Tensor> m_of, prefixes;
+  std::vector<std::vector<double>> log_g;
+  Tensor none;
+  if (!ctx.overlap) {
+    // 2. ONE all-gather of (M, g); 3. prefix P_c and the local output from it.
+    comm.all_gather(gathered, send);
+    lasp2_unpack_states(d, lay, gathered, nm, m_of, log_g);
+    for (int64_t i = 0; i < nm; ++i) {
+      Tensor p = prefix_combine(d, m_of, log_g, mine[i]);
+      chunk_forward(lay, mine[i], o, none, ins[i], p, chunk);
+      prefixes.push_back(p);
+    }
+  } else {
+    // 2. ONE all-gather of (M, g), in flight (CUDA: on the SP group's stream) while the local
+    // output from a zero state runs here; 3. prefix P_c and its term of the output.
+    CommRequest gather = comm.all_gather_async(gathered, send);
+    for (int64_t i = 0; i < nm; ++i) chunk_forward(lay, mine[i], o, none, ins[i], Tensor(), chunk);
+    gather.wait();
+    lasp2_unpack_states(d, lay, gathered, nm, m_of, log_g);
+    for (int64_t i = 0; i < nm; ++i) {
+      Tensor p = prefix_combine(d, m_of, log_g, mine[i]);
+      if (mine[i] > 0) add_prefix_output(o, q, decay, lay.local_row(mine[i]), lay.chunk_len, p, chunk);
+      prefixes.push_back(p);
+    }
   }
   save_prefix(saved, std::move(prefixes), log_g);
 }
@@ -307,18 +342,41 @@ void lasp2_linear_backward(const SpContext& ctx, const SpLayout& lay, Tensor& dq
   std::vector<ChunkIn> ins;
   for (int64_t i = 0; i < nm; ++i) {
     ins.push_back(chunk_in(lay, mine[i], q, k, v, decay));
-    put_state(send, i, output_state_grad(d, lay, mine[i], ins.back(), d_o, chunk));
+    put_state(send, i, output_state_grad(d, lay, mine[i], q, k, v, decay, d_o, chunk));
   }
   Tensor gathered = Tensor::empty({static_cast<int64_t>(lay.world), send.numel()}, d.state_dtype, d.device);
-  comm.all_gather(gathered, send);
-  std::vector<Tensor> dp_of(lay.num_chunks);
-  for (int r = 0; r < lay.world; ++r) {
-    const std::vector<int> cs = lay.chunks_of(r);
-    for (size_t s = 0; s < cs.size(); ++s)
-      dp_of[cs[s]] = state_view(gathered.select(0, r), d, static_cast<int64_t>(s));
+  auto unpack = [&]() {
+    std::vector<Tensor> dp_of(lay.num_chunks);
+    for (int r = 0; r < lay.world; ++r) {
+      const std::vector<int> cs = lay.chunks_of(r);
+      for (size_t s = 0; s < cs.size(); ++s)
+        dp_of[cs[s]] = state_view(gathered.select(0, r), d, static_cast<int64_t>(s));
+    }
+    return dp_of;
+  };
+  const Grads g{dq, dk, dv, d_log_decay};
+  if (!ctx.overlap) {
+    comm.all_gather(gathered, send);
+    // 2. Suffix combine and the local backward.
+    linear_backward_from_dp(d, lay, g, ins, saved, unpack(), d_o, chunk);
+    return;
   }
-  // 2. Suffix combine and the local backward.
-  linear_backward_from_dp(d, lay, Grads{dq, dk, dv, d_log_decay}, ins, saved, dp_of, d_o, chunk);
+  // 2. The gather in flight (CUDA: on the SP group's stream) while the local backward without the
+  // final-state gradient runs here; 3. suffix combine and the final-state terms.
+  CommRequest gather = comm.all_gather_async(gathered, send);
+  for (int64_t i = 0; i < nm; ++i)
+    chunk_backward(d, lay, mine[i], g, ins[i], saved.tensors[i], d_o, Tensor(), false, chunk);
+  gather.wait();
+  const std::vector<Tensor> dp_of = unpack();
+  const std::vector<std::vector<double>> log_g = log_g_from(saved.tensors.back());
+  Tensor no_dlog;
+  Tensor& dl = decay.mode == DecayMode::DataDependent ? d_log_decay : no_dlog;
+  for (int64_t i = 0; i < nm; ++i) {
+    if (mine[i] == lay.num_chunks - 1) continue;  // nothing after the last chunk: dM = 0
+    const Tensor dm = suffix_combine(d, dp_of, log_g, mine[i]);
+    add_final_state_grads(dk, dv, dl, q, k, v, decay, lay.local_row(mine[i]), lay.chunk_len,
+                          saved.tensors[i], dm, chunk);
+  }
 }
 
 // ------------------------------------------------------------------------------------------ LASP-1
@@ -455,7 +513,7 @@ void ring_linear_backward(const SpContext& ctx, const SpLayout& lay, Tensor& dq,
   std::vector<ChunkIn> ins;
   for (int64_t i = 0; i < nm; ++i) {
     ins.push_back(chunk_in(lay, mine[i], q, k, v, decay));
-    put_state(cur, i, output_state_grad(d, lay, mine[i], ins.back(), d_o, chunk));
+    put_state(cur, i, output_state_grad(d, lay, mine[i], q, k, v, decay, d_o, chunk));
   }
   std::vector<Tensor> dp_of(lay.num_chunks);
   auto keep = [&](int r, const Tensor& buf) {

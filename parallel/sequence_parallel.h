@@ -31,6 +31,10 @@ struct SpContext {
   Comm* comm = nullptr;  // the SP group; nullptr = no sequence parallelism
   SpMethod method = SpMethod::Lasp2;
   bool zigzag = false;
+  // LASP-2 linear layers (config parallel.lasp2_overlap): start the state all-gather without
+  // waiting, compute the local attention from a zero state meanwhile, then add the prefix term
+  // (forward) / the final-state terms (backward). Same results to rounding; see lasp_linear.cc.
+  bool overlap = false;
   int size() const;
   int rank() const;
 };

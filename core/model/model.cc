@@ -65,6 +65,29 @@ std::vector<Param*> Model::params() {
   return out;
 }
 
+std::vector<std::vector<Param*>> Model::grad_ready_groups() {
+  std::vector<std::vector<Param*>> groups;
+  if (!cfg_.tie_embeddings) groups.push_back({&lm_head_});
+  groups.push_back({&final_norm_});
+  for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
+    Block& b = **it;
+    std::vector<Param*> mlp = b.mlp->params();
+    mlp.push_back(&b.norm2);
+    groups.push_back(mlp);
+    std::vector<Param*> mixer = b.linear ? b.linear->params() : b.softmax->params();
+    mixer.push_back(&b.norm1);
+    groups.push_back(mixer);
+  }
+  groups.push_back({&embedding_});  // tied: the LM head's gradient lands here too
+  return groups;
+}
+
+std::vector<Param*> Model::grad_ready_order() {
+  std::vector<Param*> out;
+  for (const auto& g : grad_ready_groups()) out.insert(out.end(), g.begin(), g.end());
+  return out;
+}
+
 void Model::zero_grad() {
   for (Param* p : params()) p->grad.zero_();
 }
@@ -157,8 +180,17 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
       lm_head_cross_entropy(dh, dw, h, weights(head), targets.to(device_).view({N}), loss_scale, cfg_.ce_chunk);
   if (!backward) return loss;
 
+  // Tells the hook, part by part, which gradients are final (grad_ready_groups() order).
+  const std::vector<std::vector<Param*>> ready_groups =
+      grad_ready_ ? grad_ready_groups() : std::vector<std::vector<Param*>>();
+  size_t next_ready = 0;
+  auto grads_ready = [&]() {
+    if (grad_ready_) grad_ready_(ready_groups.at(next_ready++));
+  };
+  if (!cfg_.tie_embeddings) grads_ready();  // LM head
   Tensor dx = act();
   rmsnorm_backward(dx, final_norm_.grad, dh, x, final_norm_.value, h_rstd);
+  grads_ready();  // final norm
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;
     // Recompute what this block's backward reads and was not kept.
@@ -172,6 +204,7 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
     b.mlp->backward(dn2, dx, ctx);
     Tensor dx1 = act();
     rmsnorm_backward(dx1, b.norm2.grad, dn2, b.x1, b.norm2.value, b.rstd2);
+    grads_ready();  // MLP and norm2
     add_inplace(dx1, dx);
     // Through the mixer branch into d(x).
     Tensor dn1 = act();
@@ -179,12 +212,16 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
     else b.softmax->backward(dn1, dx1, ctx);
     Tensor dxin = act();
     rmsnorm_backward(dxin, b.norm1.grad, dn1, b.x, b.norm1.value, b.rstd1);
+    grads_ready();  // mixer and norm1
     add_inplace(dxin, dx1);
     dx = dxin;
     if (recompute_ == Recompute::Block) release_block(b);
     if (recompute_ == Recompute::Mlp) b.mlp->release();
   }
   embedding_backward(embedding_.grad, dx, tokens);
+  grads_ready();  // embedding
+  LASP_CHECK(!grad_ready_ || next_ready == ready_groups.size())
+      << "model backward reported " << next_ready << " of " << ready_groups.size() << " gradient groups";
   return loss;
 }
 

@@ -3,6 +3,7 @@
 // The mixer of layer i is pattern[i % pattern.size()]: 'L' linear attention, 'S' softmax attention.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,6 +36,16 @@ class Model {
   // Summed loss without gradients (validation).
   double forward_loss(const Tensor& inputs, const Tensor& targets);
 
+  // Gradient-ready hook: during forward_backward, as the backward finishes a part of the model,
+  // the hook receives the parameters whose gradients are now final for this call (no later op of
+  // this backward adds to them), so their reduction can start while the backward goes on. The
+  // parts, in order: the LM head (untied only), the final norm, then for each block from the last
+  // to the first its MLP with norm2 and its mixer with norm1, and the embedding last.
+  // grad_ready_order() lists every parameter in that order. An empty function removes the hook.
+  using GradReadyHook = std::function<void(const std::vector<Param*>&)>;
+  void set_grad_ready_hook(GradReadyHook hook) { grad_ready_ = std::move(hook); }
+  std::vector<Param*> grad_ready_order();
+
   // Activation recomputation: "none" keeps every block's activations for the backward; "mlp"
   // (selective) drops the MLP's intermediates (3 x [tokens, mlp_hidden], most of a block's memory)
   // and recomputes only the MLP forward; "block" keeps only each block's input and recomputes the
@@ -45,6 +56,8 @@ class Model {
   struct Block;
   double run(const Tensor& inputs, const Tensor& targets, float loss_scale, bool backward);
   Tensor block_forward(Block& b, const Tensor& x, const LayerContext& ctx);
+  // The parameter groups the hook receives, in the order the backward finishes them.
+  std::vector<std::vector<Param*>> grad_ready_groups();
 
   ModelConfig cfg_;
   ModelParallel par_;
@@ -55,6 +68,7 @@ class Model {
   Param embedding_, final_norm_, lm_head_;
   std::vector<std::unique_ptr<Block>> blocks_;
   enum class Recompute { None, Mlp, Block } recompute_ = Recompute::None;
+  GradReadyHook grad_ready_;
 };
 
 }  // namespace lasp

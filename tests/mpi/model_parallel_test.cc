@@ -1,6 +1,7 @@
 // The whole model under every rank layout this world size allows (SP, DP x SP, TP x SP, TP, DP)
-// and every sequence-parallel method: loss and every gradient after one step equal the
-// single-process model on the full batch, and 20 training steps give the same loss curve.
+// and every sequence-parallel method (and LASP-2's overlapped schedule, "lasp2_overlap"): loss and
+// every gradient after one step equal the single-process model on the full batch, and 20 training
+// steps give the same loss curve.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -63,6 +64,10 @@ int shard_dim(const Tensor& full, const Tensor& local, int tp, int rank) {
 
 class ModelLayouts : public ::testing::TestWithParam<std::string> {};
 
+// "lasp2_overlap" is LASP-2 with parallel.lasp2_overlap; the rest are sp_method names.
+std::string method_of(const std::string& param) { return param == "lasp2_overlap" ? "lasp2" : param; }
+bool overlap_of(const std::string& param) { return param == "lasp2_overlap"; }
+
 TEST_P(ModelLayouts, OneStepLossAndEveryGradientMatchSingleProcess) {
   const std::string method = GetParam();
   const uint64_t seed = testing::shared_seed();
@@ -95,8 +100,9 @@ TEST_P(ModelLayouts, OneStepLossAndEveryGradientMatchSingleProcess) {
         Grid grid(world(), lay.tp, lay.sp, lay.dp);
         ModelParallel par;
         par.sp.comm = lay.sp > 1 ? &grid.sp_group() : nullptr;
-        par.sp.method = sp_method_from_name(method);
+        par.sp.method = sp_method_from_name(method_of(method));
         par.sp.zigzag = zigzag;
+        par.sp.overlap = overlap_of(method);
         par.tp_size = lay.tp;
         par.tp_rank = grid.tp_rank();
         par.tp_all_reduce = [&grid](Tensor& t) { grid.tp_group().all_reduce_sum(t); };
@@ -162,7 +168,8 @@ TEST_P(ModelLayouts, TwentyTrainingStepsGiveTheSameLossCurveAsOneProcess) {
     c.parallel.tp = lay.tp;
     c.parallel.sp = lay.sp;
     c.parallel.dp = lay.dp;
-    c.parallel.sp_method = method;
+    c.parallel.sp_method = method_of(method);
+    c.parallel.lasp2_overlap = overlap_of(method);
     c.run.dir = (tmp / ("lasp_mpi_dist_" + tag)).string();
     if (world().rank() == 0) std::filesystem::remove_all(c.run.dir);
     world().barrier();
@@ -178,7 +185,8 @@ TEST_P(ModelLayouts, TwentyTrainingStepsGiveTheSameLossCurveAsOneProcess) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Methods, ModelLayouts, ::testing::Values("lasp2", "lasp1", "ring", "allgather_kv"),
+INSTANTIATE_TEST_SUITE_P(Methods, ModelLayouts,
+                         ::testing::Values("lasp2", "lasp2_overlap", "lasp1", "ring", "allgather_kv"),
                          [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
 
 }  // namespace

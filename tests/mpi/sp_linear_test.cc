@@ -24,16 +24,17 @@ struct LinearCase {
   bool zigzag;
   DecayMode decay;
   DType dtype;
+  bool overlap = false;  // LASP-2's overlapped schedule (SpContext::overlap)
 };
 
 std::string case_name(const LinearCase& c) {
-  return std::string(sp_method_name(c.method)) + (c.zigzag ? "_zigzag_" : "_contiguous_") +
-         decay_mode_name(c.decay) + "_" + dtype_name(c.dtype);
+  return std::string(sp_method_name(c.method)) + (c.overlap ? "_overlap" : "") +
+         (c.zigzag ? "_zigzag_" : "_contiguous_") + decay_mode_name(c.decay) + "_" + dtype_name(c.dtype);
 }
 
 // Runs one case with B batches, H heads, head dim D, `local_len` tokens per rank, kernel chunk.
 void check_linear_case(const LinearCase& c, int64_t B, int64_t H, int64_t D, int64_t local_len,
-                       int chunk) {
+                       int chunk, double min_log_decay = -0.6) {
   Comm& comm = world();
   const uint64_t seed = testing::shared_seed();
   SCOPED_TRACE("seed " + std::to_string(seed) + " (LASP_TEST_SEED), case " + case_name(c) +
@@ -48,7 +49,7 @@ void check_linear_case(const LinearCase& c, int64_t B, int64_t H, int64_t D, int
   full_decay.mode = c.decay;
   if (c.decay == DecayMode::Constant) full_decay.per_head = random_tensor(rng, {H}, c.dtype, -0.4, -0.01);
   if (c.decay == DecayMode::DataDependent)
-    full_decay.per_token = random_tensor(rng, {B, T, H}, c.dtype, -0.6, 0.0);
+    full_decay.per_token = random_tensor(rng, {B, T, H}, c.dtype, min_log_decay, 0.0);
   const bool data = c.decay == DecayMode::DataDependent;
 
   // Reference: the kernel on the whole sequence.
@@ -61,7 +62,7 @@ void check_linear_case(const LinearCase& c, int64_t B, int64_t H, int64_t D, int
                             d_o, Tensor(), chunk);
 
   // Distributed.
-  SpContext ctx{&comm, c.method, c.zigzag};
+  SpContext ctx{&comm, c.method, c.zigzag, c.overlap};
   const std::vector<int64_t> pos = sp_local_positions(ctx, local_len);
   Decay decay = full_decay;
   if (data) decay.per_token = take_rows(full_decay.per_token, pos);
@@ -100,6 +101,10 @@ std::vector<LinearCase> all_linear_cases() {
     for (bool z : {false, true})
       for (DecayMode d : {DecayMode::None, DecayMode::Constant, DecayMode::DataDependent})
         for (DType t : {DType::F64, DType::F32}) cases.push_back({m, z, d, t});
+  // LASP-2 with the state gather overlapped with the local attention.
+  for (bool z : {false, true})
+    for (DecayMode d : {DecayMode::None, DecayMode::Constant, DecayMode::DataDependent})
+      for (DType t : {DType::F64, DType::F32}) cases.push_back({SpMethod::Lasp2, z, d, t, true});
   return cases;
 }
 
@@ -111,44 +116,52 @@ TEST(SpLinearShapes, LongerSequencesWithKernelChunksSpanningRanksMatchSingleRank
   check_linear_case({SpMethod::Lasp2, true, DecayMode::DataDependent, DType::F64}, 1, 3, 4, 10, 4);
   check_linear_case({SpMethod::Lasp1, false, DecayMode::DataDependent, DType::F64}, 1, 3, 4, 10, 4);
   check_linear_case({SpMethod::Ring, true, DecayMode::Constant, DType::F64}, 1, 3, 4, 10, 4);
+  check_linear_case({SpMethod::Lasp2, false, DecayMode::DataDependent, DType::F64, true}, 1, 3, 4, 10, 4);
+  check_linear_case({SpMethod::Lasp2, true, DecayMode::DataDependent, DType::F64, true}, 1, 3, 4, 10, 4);
+  // Strong data-dependent decays (log a down to -8): the decay factors of the prefix and
+  // final-state terms span tens of orders of magnitude within a chunk.
+  check_linear_case({SpMethod::Lasp2, true, DecayMode::DataDependent, DType::F32, true}, 2, 2, 8, 24, 8, -8.0);
 }
 
 TEST(SpLinearComm, Lasp2DoesOneAllGatherOfStatesAndDecaysPerPass) {
-  Comm& comm = world();
-  const int64_t B = 2, H = 3, D = 4, L = 5;
-  std::mt19937_64 rng(testing::shared_seed());
-  const Tensor q = random_tensor(rng, {B, L, H, D}, DType::F64);
-  Decay decay;
-  decay.mode = DecayMode::DataDependent;
-  decay.per_token = random_tensor(rng, {B, L, H}, DType::F64, -0.5, 0.0);
-  SpContext ctx{&comm, SpMethod::Lasp2, false};
-  Tensor o = Tensor::empty(q.shape(), DType::F64);
-  SpSaved saved;
-  comm.reset_counters();
-  sp_linear_attention_forward(ctx, o, q, q, q, decay, saved, 4);
-  EXPECT_EQ(comm.counter(CommOp::AllGather).calls, 1);
-  EXPECT_EQ(comm.counter(CommOp::AllGather).bytes, B * H * (D * D + 1) * 8);
-  for (CommOp op : {CommOp::AllReduce, CommOp::ReduceScatter, CommOp::Send, CommOp::Recv,
-                    CommOp::SendRecv, CommOp::Broadcast})
-    EXPECT_EQ(comm.counter(op).calls, 0) << comm_op_name(op);
+  for (bool overlap : {false, true}) {
+    SCOPED_TRACE(overlap ? "overlapped schedule" : "plain schedule");
+    Comm& comm = world();
+    const int64_t B = 2, H = 3, D = 4, L = 5;
+    std::mt19937_64 rng(testing::shared_seed());
+    const Tensor q = random_tensor(rng, {B, L, H, D}, DType::F64);
+    Decay decay;
+    decay.mode = DecayMode::DataDependent;
+    decay.per_token = random_tensor(rng, {B, L, H}, DType::F64, -0.5, 0.0);
+    SpContext ctx{&comm, SpMethod::Lasp2, false, overlap};
+    Tensor o = Tensor::empty(q.shape(), DType::F64);
+    SpSaved saved;
+    comm.reset_counters();
+    sp_linear_attention_forward(ctx, o, q, q, q, decay, saved, 4);
+    EXPECT_EQ(comm.counter(CommOp::AllGather).calls, 1);
+    EXPECT_EQ(comm.counter(CommOp::AllGather).bytes, B * H * (D * D + 1) * 8);
+    for (CommOp op : {CommOp::AllReduce, CommOp::ReduceScatter, CommOp::Send, CommOp::Recv,
+                      CommOp::SendRecv, CommOp::Broadcast})
+      EXPECT_EQ(comm.counter(op).calls, 0) << comm_op_name(op);
 
-  comm.reset_counters();
-  Tensor dq = Tensor::empty(q.shape(), DType::F64), dk = dq.clone(), dv = dq.clone();
-  Tensor dl = Tensor::empty({B, L, H}, DType::F64);
-  sp_linear_attention_backward(ctx, dq, dk, dv, dl, q, q, q, decay, saved, o, 4);
-  EXPECT_EQ(comm.counter(CommOp::AllGather).calls, 1);
-  EXPECT_EQ(comm.counter(CommOp::AllGather).bytes, B * H * D * D * 8);
-  EXPECT_EQ(comm.counter(CommOp::SendRecv).calls + comm.counter(CommOp::Send).calls, 0);
+    comm.reset_counters();
+    Tensor dq = Tensor::empty(q.shape(), DType::F64), dk = dq.clone(), dv = dq.clone();
+    Tensor dl = Tensor::empty({B, L, H}, DType::F64);
+    sp_linear_attention_backward(ctx, dq, dk, dv, dl, q, q, q, decay, saved, o, 4);
+    EXPECT_EQ(comm.counter(CommOp::AllGather).calls, 1);
+    EXPECT_EQ(comm.counter(CommOp::AllGather).bytes, B * H * D * D * 8);
+    EXPECT_EQ(comm.counter(CommOp::SendRecv).calls + comm.counter(CommOp::Send).calls, 0);
 
-  // Zigzag: still one all-gather, of two chunks' states.
-  SpContext zz{&comm, SpMethod::Lasp2, true};
-  const Tensor q2 = random_tensor(rng, {B, 2 * L, H, D}, DType::F64);
-  Decay none;
-  Tensor o2 = Tensor::empty(q2.shape(), DType::F64);
-  comm.reset_counters();
-  sp_linear_attention_forward(zz, o2, q2, q2, q2, none, saved, 4);
-  EXPECT_EQ(comm.counter(CommOp::AllGather).calls, 1);
-  EXPECT_EQ(comm.counter(CommOp::AllGather).bytes, 2 * B * H * (D * D + 1) * 8);
+    // Zigzag: still one all-gather, of two chunks' states.
+    SpContext zz{&comm, SpMethod::Lasp2, true, overlap};
+    const Tensor q2 = random_tensor(rng, {B, 2 * L, H, D}, DType::F64);
+    Decay none;
+    Tensor o2 = Tensor::empty(q2.shape(), DType::F64);
+    comm.reset_counters();
+    sp_linear_attention_forward(zz, o2, q2, q2, q2, none, saved, 4);
+    EXPECT_EQ(comm.counter(CommOp::AllGather).calls, 1);
+    EXPECT_EQ(comm.counter(CommOp::AllGather).bytes, 2 * B * H * (D * D + 1) * 8);
+  }
 }
 
 TEST(SpLinearComm, Lasp1SendsTheStateWorldMinusOneTimesAndRingStepsWorldMinusOne) {
