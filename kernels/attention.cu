@@ -33,6 +33,7 @@
 
 #include "core/tensor.h"
 #include "kernels/attention.h"
+#include "kernels/attention_cudnn.h"
 #include "kernels/cuda_utils.cuh"
 #include "kernels/ops_cuda_util.cuh"
 
@@ -488,6 +489,8 @@ void attention_forward_cuda(Tensor& o, Tensor& lse, const Tensor& q, const Tenso
   LASP_CHECK(D == 64 || D == 128) << fn << ": the CUDA kernel supports head dims 64 and 128, got " << D;
   AttnParams p = make_params(q, k, scale, causal, q_offset);
   if (p.B == 0 || p.Tq == 0 || p.Hq == 0) return;
+  // cuDNN's fused flash attention when it takes the call (LASP_ATTENTION, kernels/attention_cudnn.h).
+  if (cudnn_attention_forward(o, lse, q, k, v, scale, causal, q_offset)) return;
   p.q = cptr(q);
   p.k = cptr(k);
   p.v = cptr(v);
@@ -523,6 +526,7 @@ void attention_backward_cuda(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& q
     if (dq.defined()) dq.zero_();
     return;
   }
+  if (cudnn_attention_backward(dq, dk, dv, q, k, v, o, lse, d_o, scale, causal, q_offset)) return;
   const Device dev = q.device();
   Tensor delta = Tensor::empty({p.B, p.Hq, p.Tq}, DType::F32, dev);
   Tensor dq_acc = dq.defined() ? Tensor::zeros(q.shape(), DType::F32, dev) : Tensor();
