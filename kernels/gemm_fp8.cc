@@ -2,6 +2,8 @@
 // emulation in quantize.cc.
 #include "kernels/gemm_fp8.h"
 
+#include "core/profile.h"
+
 namespace lasp {
 
 #ifdef LASP_HAVE_CUDA
@@ -11,6 +13,7 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
 
 void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha, float beta,
               bool fast_accum) {
+  LASP_PROFILE_SCOPE("gemm_fp8");
   LASP_CHECK(a.codes.defined() && b.codes.defined() && c.defined())
       << "gemm_fp8: operands and output must be defined";
   check_same_device(a.codes, b.codes, "gemm_fp8");

@@ -15,7 +15,8 @@
 //   BLK128x128_32F K-major, column stride L4 = round_up(L, 4): scale(t, kb) at t * L4 + kb
 //                  (ours is [ceil(rows/128), L] row-major: padded to L4).
 // The scale pointers must be 16-byte aligned (fresh allocations are); cuBLASLt's M and N must
-// be multiples of 4 (ours: N % 16 == 0 is required, M is padded to 16).
+// be multiples of 4 (ours are padded to 16). Padding along K adds zero codes, which leaves the
+// number of 128-blocks along K, and so the block scales, unchanged.
 #include <cuda_bf16.h>
 
 #include <atomic>
@@ -241,36 +242,35 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
     scale_c(c, beta);
     return;
   }
-  LASP_CHECK(k % kFp8Align == 0 && n % kFp8Align == 0)
-      << "gemm_fp8: cuBLASLt FP8 needs K and N to be multiples of 16 (16-byte aligned K-major rows "
-         "and C rows), got M = "
-      << m << ", N = " << n << ", K = " << k << ": " << what
-      << "; pad K/N or use gemm_fp8_emulated";
-  LASP_CHECK(aligned16(a.codes.raw()) && aligned16(b.codes.raw()) && aligned16(c.raw()))
-      << "gemm_fp8: cuBLASLt FP8 needs 16-byte aligned A, B and C pointers (views with an offset "
-         "are not): "
-      << what;
-
   const Device dev = c.device();
   cudaStream_t stream = cuda_stream();
-  // A ragged M is padded to 16 (zero codes; C rows beyond M are scratch): the rows of A and C
-  // are contiguous prefixes, so padding is one copy each way.
-  const int64_t mp = round_up(m, kFp8Align);
-  Tensor a_codes = a.codes, c_run = c;
-  if (mp != m) {
-    a_codes = Tensor::empty({mp, k}, DType::U8, dev);
-    CUDA_CHECK(cudaMemcpyAsync(a_codes.raw(), a.codes.raw(), static_cast<size_t>(m * k),
-                               cudaMemcpyDeviceToDevice, stream));
-    CUDA_CHECK(cudaMemsetAsync(static_cast<uint8_t*>(a_codes.raw()) + m * k, 0,
-                               static_cast<size_t>((mp - m) * k), stream));
-    c_run = Tensor::empty({mp, n}, c.dtype(), dev);
+  // cuBLASLt FP8 needs K-major rows of a multiple of 16 bytes, M and N multiples of 16 and 16-byte
+  // aligned pointers. Anything else runs on zero-padded copies: A [mp, kp], B [np, kp] (zeros
+  // along K add nothing), C [mp, np] (the padding is dropped). Aligned problems copy nothing.
+  const int64_t mp = round_up(m, kFp8Align), np = round_up(n, kFp8Align), kp = round_up(k, kFp8Align);
+  auto padded_codes = [&](const QuantizedFp8& q, int64_t rows, int64_t rows_p) {
+    if (rows_p == rows && kp == k && aligned16(q.codes.raw())) return q.codes;
+    Tensor t = Tensor::empty({rows_p, kp}, DType::U8, dev);
+    CUDA_CHECK(cudaMemsetAsync(t.raw(), 0, t.nbytes(), stream));
+    CUDA_CHECK(cudaMemcpy2DAsync(t.raw(), static_cast<size_t>(kp), q.codes.raw(), static_cast<size_t>(k),
+                                 static_cast<size_t>(k), static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream));
+    return t;
+  };
+  const Tensor a_codes = padded_codes(a, m, mp), b_codes = padded_codes(b, n, np);
+  const bool pad_c = mp != m || np != n || !aligned16(c.raw());
+  const size_t esize = dtype_size(c.dtype());
+  Tensor c_run = c;
+  if (pad_c) {
+    c_run = Tensor::empty({mp, np}, c.dtype(), dev);
+    CUDA_CHECK(cudaMemsetAsync(c_run.raw(), 0, c_run.nbytes(), stream));
     if (beta != 0.0f) {
-      CUDA_CHECK(cudaMemcpyAsync(c_run.raw(), c.raw(), c.nbytes(), cudaMemcpyDeviceToDevice, stream));
+      CUDA_CHECK(cudaMemcpy2DAsync(c_run.raw(), np * esize, c.raw(), n * esize, n * esize, static_cast<size_t>(m),
+                                   cudaMemcpyDeviceToDevice, stream));
     }
   }
   // cuBLASLt's A is our B (outer N), its B is our A (outer mp).
   const bool both_tiles = a.scaling == Fp8Scaling::Block128x128 && b.scaling == Fp8Scaling::Block128x128;
-  const OperandScales s_lt_a = prepare_scales(b, n, block, false);
+  const OperandScales s_lt_a = prepare_scales(b, np, block, false);
   const OperandScales s_lt_b = prepare_scales(a, mp, block, both_tiles);
 
   cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
@@ -296,11 +296,11 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
                                                 &s_lt_a.ptr, sizeof(s_lt_a.ptr)));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
                                                 &s_lt_b.ptr, sizeof(s_lt_b.ptr)));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, fp8_cuda_type(b.format), k, n, k));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, fp8_cuda_type(a.format), k, mp, k));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, t_c, n, mp, n));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, fp8_cuda_type(b.format), kp, np, kp));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, fp8_cuda_type(a.format), kp, mp, kp));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, t_c, np, mp, np));
 
-    const AlgoKey key{dev.index, mp, n, k, static_cast<int>(b.format), static_cast<int>(a.format),
+    const AlgoKey key{dev.index, mp, np, kp, static_cast<int>(b.format), static_cast<int>(a.format),
                       s_lt_a.mode, s_lt_b.mode, static_cast<int>(c.dtype()), beta != 0.0f, fast};
     auto it = g_algos.find(key);
     if (it == g_algos.end()) {
@@ -316,7 +316,7 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
       if (found) it = g_algos.emplace(key, result.algo).first;
     }
     if (found) {
-      status = cublasLtMatmul(ctx.handle, d.op, &alpha, b.codes.raw(), d.a,
+      status = cublasLtMatmul(ctx.handle, d.op, &alpha, b_codes.raw(), d.a,
                               a_codes.raw(), d.b, &beta, c_run.raw(), d.c, c_run.raw(), d.c,
                               &it->second, ctx.workspace, kWorkspaceBytes, stream);
     }
@@ -324,7 +324,7 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
   if (!found || status != CUBLAS_STATUS_SUCCESS) {
     const char* why = found ? "cublasLtMatmul failed" : "cuBLASLt found no FP8 algorithm";
     LASP_CHECK(block) << "gemm_fp8: " << why << " (status " << cublasGetStatusString(status)
-                      << ") for " << what << " (cuBLASLt m = " << n << ", n = " << mp << ", k = " << k
+                      << ") for " << what << " (cuBLASLt m = " << np << ", n = " << mp << ", k = " << kp
                       << ")";
     g_fallbacks.fetch_add(1);
     LASP_WARN() << "gemm_fp8: " << why << " (status " << cublasGetStatusString(status) << ") for "
@@ -332,8 +332,9 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
     gemm_fp8_dequantized(c, a, b, alpha, beta);
     return;
   }
-  if (mp != m) {
-    CUDA_CHECK(cudaMemcpyAsync(c.raw(), c_run.raw(), c.nbytes(), cudaMemcpyDeviceToDevice, stream));
+  if (pad_c) {
+    CUDA_CHECK(cudaMemcpy2DAsync(c.raw(), n * esize, c_run.raw(), np * esize, n * esize, static_cast<size_t>(m),
+                                 cudaMemcpyDeviceToDevice, stream));
   }
 }
 

@@ -18,9 +18,9 @@
 //                             Should cuBLASLt refuse a block-scaled problem, the GEMM falls back
 //                             to fp32 dequantize + fp32 GEMM (exact, slow) with a warning, and
 //                             gemm_fp8_fallback_count() counts it.
-// Shape limits of cuBLASLt FP8 (16-byte aligned K-major rows): K and N multiples of 16, all
-// pointers 16-byte aligned; violations throw naming the shapes. M is free: a ragged M is padded
-// to a multiple of 16 internally (copy of A and C).
+// Shapes: cuBLASLt FP8 needs M, N, K multiples of 16 and 16-byte aligned pointers (K-major rows
+// of whole 16-byte units). Any other problem runs on zero-padded copies of A, B and C (zeros along
+// K add nothing; C's padding is dropped), so every shape works; aligned ones copy nothing.
 //
 // CPU tensors run gemm_fp8_emulated (fp32 C only).
 #pragma once

@@ -12,10 +12,20 @@
 //   fp8_block128x128_kernel  one 256-thread CTA per 128x128 tile: CTA max, encode
 //   fp4_quantize_kernel      one thread per (row, group) of 32 (MX) or 16 (NV) elements
 //   *_dequant_kernel         grid-stride elementwise
+// and the sync-free pieces of the CUDA projections (core/model/projection.cc):
+//   amax_vec_kernel          16-byte loads, 4 in flight per thread, one atomicMax per CTA
+//   fp8_rows_cols_kernel     per-tensor FP8 from a device scale, one 64x64 tile per CTA: codes
+//                            row-major and/or transposed (through shared memory) in one pass,
+//                            optionally recording the tile amax (delayed scaling); encodes with
+//                            the hardware converter (same codes as the CPU, tested)
+//   transpose_pad_kernel     32x32 shared-memory transpose with zero padding
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 
 #include "core/tensor.h"
 #include "kernels/cuda_utils.cuh"
@@ -161,6 +171,211 @@ __global__ void fp4_dequant_kernel(const uint8_t* codes, int64_t n, int64_t cols
     const uint8_t sc = scodes[r * ngroups + c / group];
     const float s = mx ? e8m0_decode(sc) : e4m3_decode(sc);
     store(out + i, e2m1_decode(codes[i]) * s * ts);
+  }
+}
+
+
+// ---------------------------------------------------------------- projection kernels (no syncs)
+
+// 16 bytes of T as floats (T = float: 4, bf16: 8).
+template <typename T>
+struct Vec16 {
+  static constexpr int kN = 16 / static_cast<int>(sizeof(T));
+};
+__device__ inline void load16(const float* p, float (&v)[4]) {
+  const float4 t = *reinterpret_cast<const float4*>(p);
+  v[0] = t.x;
+  v[1] = t.y;
+  v[2] = t.z;
+  v[3] = t.w;
+}
+__device__ inline void load16(const __nv_bfloat16* p, float (&v)[8]) {
+  const uint4 t = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&t);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+// Max of m over the CTA (blockDim.x a multiple of 32, <= 1024); the result in thread 0.
+__device__ inline uint32_t block_max(uint32_t m) {
+  __shared__ uint32_t warp_m[32];
+  m = warp_max(m);
+  if ((threadIdx.x & 31) == 0) warp_m[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < static_cast<int>(blockDim.x / 32); ++i) m = max(m, warp_m[i]);
+  }
+  return m;
+}
+
+// amax over n elements: 16-byte loads (when vec_ok), 4 in flight per thread, one atomic per CTA.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) amax_vec_kernel(const T* __restrict__ x, int64_t n,
+                                                            bool vec_ok, uint32_t* out) {
+  constexpr int V = Vec16<T>::kN;
+  uint32_t m = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  int64_t tail = 0;
+  if (vec_ok) {
+    const int64_t nv = n / V;
+    int64_t i = tid;
+    for (; i + 3 * stride < nv; i += 4 * stride) {
+      float f[4][V];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) load16(x + (i + u * stride) * V, f[u]);
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int j = 0; j < V; ++j) m = max(m, float_bits(fabsf(f[u][j])));
+    }
+    for (; i < nv; i += stride) {
+      float f[V];
+      load16(x + i * V, f);
+#pragma unroll
+      for (int j = 0; j < V; ++j) m = max(m, float_bits(fabsf(f[j])));
+    }
+    tail = nv * V;
+  }
+  for (int64_t i = tail + tid; i < n; i += stride) m = max(m, float_bits(fabsf(to_float(x[i]))));
+  m = block_max(m);
+  if (threadIdx.x == 0) atomicMax(out, m);
+}
+
+// Two FP8 codes of qa = xa / s, qb = xb / s (qa in the low byte) from the hardware converter
+// (sm_89+: cvt.rn.satfinite.{e4m3,e5m2}x2.f32): round to nearest even, saturating to the largest
+// finite value, which is the rule of the CPU encoders for every input but NaN (inf saturates there
+// too). NaN takes the CPU's code, with the sign of x (the GPU's division returns a positive NaN
+// where the host's keeps the operand's sign). One instruction for two elements instead of the ~25
+// of the portable encoder.
+__device__ inline uint8_t fp8_nan_code(float x, float q, bool e4m3) {
+  return fp8_encode_dev(isnan(x) ? x : q, e4m3);
+}
+__device__ inline uint32_t fp8x2_encode(float qa, float qb, float xa, float xb, bool e4m3) {
+  uint32_t c = __nv_cvt_float2_to_fp8x2(make_float2(qa, qb), __NV_SATFINITE, e4m3 ? __NV_E4M3 : __NV_E5M2);
+  if (isnan(qa)) c = (c & 0xFF00u) | fp8_nan_code(xa, qa, e4m3);
+  if (isnan(qb)) c = (c & 0x00FFu) | (static_cast<uint32_t>(fp8_nan_code(xb, qb, e4m3)) << 8);
+  return c;
+}
+
+struct ScaleArgs {
+  const uint32_t* amax = nullptr;  // scale from max over amax[0..n) except skip
+  int n = 0;
+  int skip = -1;
+  const float* scale = nullptr;  // else this scale
+  uint32_t* record = nullptr;    // atomicMax of the tensor's amax (optional)
+};
+
+__device__ inline float device_scale(const ScaleArgs& a, float fmax) {
+  if (a.amax == nullptr) return *a.scale;
+  uint32_t m = 0;
+  for (int i = 0; i < a.n; ++i)
+    if (i != a.skip) m = max(m, a.amax[i]);
+  return scale_from_amax(bits_float(m), fmax);
+}
+
+constexpr int kRcTile = 64;                // rows/cols quantizer: 64 x 64 element tiles
+constexpr int kRcStride = kRcTile + 4;     // shared row stride (bytes): 4-byte aligned rows
+constexpr int kRcSeg = 16;                 // transposed stores: 16 codes (16 bytes) per thread
+
+// One 64x64 tile per CTA (256 threads). Load phase: 16-byte vectors of x, encode, store the codes
+// row-major (rows_out) and into shared memory. Store phase (cols_out): thread t takes column
+// t % 64 and rows [16 (t / 64), +16) of the tile: 16 bytes of x^T per thread, and a warp reads
+// 32 consecutive bytes of one shared row per step (no bank conflicts).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fp8_rows_cols_kernel(
+    const T* __restrict__ x, int64_t rows, int64_t cols, int64_t cols_p, int64_t rows_p, int64_t col_tiles,
+    ScaleArgs sa, float fmax, bool e4m3, bool vec_ok, uint8_t* __restrict__ rows_out,
+    uint8_t* __restrict__ cols_out, float* scale_out) {
+  constexpr int V = Vec16<T>::kN;
+  constexpr int kVecPerRow = kRcTile / V;
+  constexpr int kPerThread = kRcTile * kVecPerRow / kThreads;
+  static_assert(kRcTile * kVecPerRow % kThreads == 0, "tile / thread split");
+  static_assert(kThreads == kRcTile * (kRcTile / kRcSeg), "one 16-code segment per thread");
+  __shared__ __align__(16) uint8_t tile[kRcTile][kRcStride];
+
+  const float s = device_scale(sa, fmax);
+  if (blockIdx.x == 0 && threadIdx.x == 0) scale_out[0] = s;
+  const int64_t r0 = (blockIdx.x / col_tiles) * kRcTile, c0 = (blockIdx.x % col_tiles) * kRcTile;
+  uint32_t m = 0;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int v = threadIdx.x + k * kThreads;
+    const int r = v / kVecPerRow, cv = (v % kVecPerRow) * V;
+    const int64_t gr = r0 + r, gc = c0 + cv;
+    const bool full = vec_ok && gr < rows && gc + V <= cols;
+    float f[V];
+    if (full) {
+      load16(x + gr * cols + gc, f);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) f[j] = (gr < rows && gc + j < cols) ? to_float(x[gr * cols + gc + j]) : 0.0f;
+    }
+    uint32_t packed[V / 4];
+#pragma unroll
+    for (int w = 0; w < V / 4; ++w) packed[w] = 0;
+#pragma unroll
+    for (int j = 0; j < V; j += 2) {
+      m = max(m, max(float_bits(fabsf(f[j])), float_bits(fabsf(f[j + 1]))));
+      packed[j / 4] |= fp8x2_encode(f[j] / s, f[j + 1] / s, f[j], f[j + 1], e4m3) << (8 * (j % 4));
+    }
+    if (rows_out != nullptr && gr < rows) {  // row-major codes, zero in columns [cols, cols_p)
+      uint8_t* dst = rows_out + gr * cols_p + gc;
+      if (full) {
+        if constexpr (V == 8) {
+          *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
+        } else {
+          *reinterpret_cast<uint32_t*>(dst) = packed[0];
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          if (gc + j < cols_p) dst[j] = static_cast<uint8_t>(packed[j / 4] >> (8 * (j % 4)));
+      }
+    }
+    if (cols_out != nullptr) {
+#pragma unroll
+      for (int w = 0; w < V / 4; ++w) *reinterpret_cast<uint32_t*>(&tile[r][cv + 4 * w]) = packed[w];
+    }
+  }
+  if (sa.record != nullptr) {
+    m = block_max(m);
+    if (threadIdx.x == 0) atomicMax(sa.record, m);
+  }
+  if (cols_out == nullptr) return;
+  __syncthreads();
+  const int c = threadIdx.x % kRcTile, seg = threadIdx.x / kRcTile;
+  const int64_t gc = c0 + c, gr = r0 + seg * kRcSeg;
+  if (gc < cols && gr < rows_p) {  // rows_p % 16 == 0: a segment is wholly inside or outside
+    uint32_t w[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int rr = seg * kRcSeg + 4 * q;
+      w[q] = static_cast<uint32_t>(tile[rr][c]) | (static_cast<uint32_t>(tile[rr + 1][c]) << 8) |
+             (static_cast<uint32_t>(tile[rr + 2][c]) << 16) | (static_cast<uint32_t>(tile[rr + 3][c]) << 24);
+    }
+    *reinterpret_cast<uint4*>(cols_out + gc * rows_p + gr) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+// out [cols, ldo] = x^T, zero in columns >= rows. 32x32 tiles, (32, 8) threads.
+template <typename T>
+__global__ void transpose_pad_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, int64_t ldo,
+                                     int64_t col_tiles, T* __restrict__ out) {
+  __shared__ T tile[32][33];
+  const int64_t r0 = (blockIdx.x / col_tiles) * 32, c0 = (blockIdx.x % col_tiles) * 32;
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const int64_t r = r0 + i, c = c0 + threadIdx.x;
+    tile[i][threadIdx.x] = (r < rows && c < cols) ? x[r * cols + c] : T(0.0f);
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const int64_t c = c0 + i, r = r0 + threadIdx.x;
+    if (c < cols && r < ldo) out[c * ldo + r] = tile[threadIdx.x][i];
   }
 }
 
@@ -401,6 +616,132 @@ void dequantize_fp4_cuda(Tensor& out, const QuantizedFp4& q, bool with_tensor_sc
         static_cast<__nv_bfloat16*>(out.raw()));
   }
   CUDA_CHECK_LAUNCH("dequantize_fp4_cuda");
+}
+
+// ---------------------------------------------------------------- projection pieces (host side)
+
+namespace {
+
+int max_grid_blocks() {
+  static const int blocks = [] {
+    int dev = 0, sms = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    return std::max(1, sms) * 8;
+  }();
+  return blocks;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+uint32_t* amax_slot(Tensor& bits, int64_t index, const char* fn) {
+  LASP_CHECK(bits.defined() && bits.is_cuda() && bits.dtype() == DType::I32 && bits.is_contiguous())
+      << fn << ": amax slots must be a contiguous I32 CUDA tensor, got " << (bits.defined() ? bits.str() : "undefined");
+  LASP_CHECK(index >= 0 && index < bits.numel())
+      << fn << ": amax slot " << index << " out of range for " << bits.str();
+  return static_cast<uint32_t*>(bits.raw()) + index;
+}
+
+}  // namespace
+
+void amax_reset_cuda(Tensor& amax_bits, int64_t index) {
+  uint32_t* slot = amax_slot(amax_bits, index, "amax_reset_cuda");
+  CUDA_CHECK(cudaMemsetAsync(slot, 0, sizeof(uint32_t), cuda_stream()));
+}
+
+void amax_into_cuda(Tensor& amax_bits, int64_t index, const Tensor& x, bool reset) {
+  check_cuda_input(x, "amax_into_cuda");
+  uint32_t* slot = amax_slot(amax_bits, index, "amax_into_cuda");
+  cudaStream_t stream = cuda_stream();
+  if (reset) CUDA_CHECK(cudaMemsetAsync(slot, 0, sizeof(uint32_t), stream));
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  with_input_type(x, [&](auto* xp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    constexpr int V = Vec16<T>::kN;
+    const bool vec_ok = aligned16(xp);
+    const int64_t work = vec_ok ? n / V : n;
+    const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads * 4), max_grid_blocks())));
+    amax_vec_kernel<<<blocks, kThreads, 0, stream>>>(xp, n, vec_ok, slot);
+  });
+  CUDA_CHECK_LAUNCH("amax_into_cuda");
+}
+
+Fp8RowsCols quantize_fp8_rows_cols_cuda(const Tensor& x, Fp8Format format, const Fp8DeviceScale& scale,
+                                        bool want_rows, bool want_cols, int64_t pad_to) {
+  const char* fn = "quantize_fp8_rows_cols_cuda";
+  check_cuda_input(x, fn);
+  LASP_CHECK(x.ndim() == 2 && x.dim(0) > 0 && x.dim(1) > 0) << fn << ": expects a non-empty 2-D tensor, got " << x.str();
+  LASP_CHECK(want_rows || want_cols) << fn << ": asked for neither the rows nor the cols codes";
+  LASP_CHECK(pad_to >= kRcSeg && pad_to % kRcSeg == 0) << fn << ": pad_to must be a positive multiple of 16, got " << pad_to;
+  ScaleArgs sa;
+  if (scale.amax.defined()) {
+    Tensor amax = scale.amax;
+    sa.amax = amax_slot(amax, 0, fn);
+    sa.n = static_cast<int>(amax.numel());
+    LASP_CHECK(scale.skip >= -1 && scale.skip < amax.numel()) << fn << ": skip slot " << scale.skip << " out of range";
+    sa.skip = static_cast<int>(scale.skip);
+  } else {
+    LASP_CHECK(scale.scale.defined() && scale.scale.is_cuda() && scale.scale.dtype() == DType::F32 && scale.scale.numel() >= 1)
+        << fn << ": give either device amax slots or a device fp32 scale";
+    sa.scale = scale.scale.data<float>();
+  }
+  if (scale.record.defined()) {
+    Tensor record = scale.record;
+    sa.record = amax_slot(record, scale.record_index, fn);
+  }
+  const Device dev = x.device();
+  const int64_t rows = x.dim(0), cols = x.dim(1);
+  const int64_t rows_p = (rows + pad_to - 1) / pad_to * pad_to, cols_p = (cols + pad_to - 1) / pad_to * pad_to;
+  Tensor scales = Tensor::empty({1}, DType::F32, dev);
+  Fp8RowsCols out;
+  for (QuantizedFp8* q : {&out.rows, &out.cols}) {
+    q->format = format;
+    q->scaling = Fp8Scaling::PerTensor;
+    q->scales = scales;
+  }
+  if (want_rows) out.rows.codes = Tensor::empty({rows, cols_p}, DType::U8, dev);
+  if (want_cols) out.cols.codes = Tensor::empty({cols, rows_p}, DType::U8, dev);
+  const int64_t col_tiles = (cols_p + kRcTile - 1) / kRcTile;
+  const int64_t row_tiles = ((want_cols ? rows_p : rows) + kRcTile - 1) / kRcTile;
+  LASP_CHECK(row_tiles * col_tiles < (int64_t{1} << 31)) << fn << ": tensor too large " << x.str();
+  uint8_t* rows_ptr = want_rows ? out.rows.codes.data<uint8_t>() : nullptr;
+  uint8_t* cols_ptr = want_cols ? out.cols.codes.data<uint8_t>() : nullptr;
+  const float fmax = fp8_format_max(format);
+  const bool e4m3 = format == Fp8Format::E4M3;
+  cudaStream_t stream = cuda_stream();
+  with_input_type(x, [&](auto* xp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    const bool vec_ok = aligned16(xp) && cols % Vec16<T>::kN == 0;
+    fp8_rows_cols_kernel<<<static_cast<int>(row_tiles * col_tiles), kThreads, 0, stream>>>(
+        xp, rows, cols, cols_p, rows_p, col_tiles, sa, fmax, e4m3, vec_ok, rows_ptr, cols_ptr, scales.data<float>());
+  });
+  CUDA_CHECK_LAUNCH("quantize_fp8_rows_cols_cuda");
+  return out;
+}
+
+void transpose_pad_cuda(Tensor& out, const Tensor& x) {
+  check_cuda_input(x, "transpose_pad_cuda");
+  LASP_CHECK(x.ndim() == 2) << "transpose_pad_cuda: expects a 2-D tensor, got " << x.str();
+  const int64_t rows = x.dim(0), cols = x.dim(1);
+  LASP_CHECK(out.defined() && out.is_cuda() && out.is_contiguous() && out.dtype() == x.dtype() && out.ndim() == 2 &&
+             out.dim(0) == cols && out.dim(1) >= rows)
+      << "transpose_pad_cuda: out must be a contiguous " << dtype_name(x.dtype()) << " CUDA tensor [" << cols
+      << ", >= " << rows << "], got " << out.str();
+  const int64_t ldo = out.dim(1);
+  if (cols == 0 || ldo == 0) return;
+  const int64_t col_tiles = (cols + 31) / 32, row_tiles = (ldo + 31) / 32;
+  const dim3 threads(32, 8);
+  cudaStream_t stream = cuda_stream();
+  if (x.dtype() == DType::F32) {
+    transpose_pad_kernel<<<static_cast<int>(row_tiles * col_tiles), threads, 0, stream>>>(
+        x.data<float>(), rows, cols, ldo, col_tiles, out.data<float>());
+  } else {
+    transpose_pad_kernel<<<static_cast<int>(row_tiles * col_tiles), threads, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(x.raw()), rows, cols, ldo, col_tiles,
+        static_cast<__nv_bfloat16*>(out.raw()));
+  }
+  CUDA_CHECK_LAUNCH("transpose_pad_cuda");
 }
 
 }  // namespace lasp

@@ -17,6 +17,7 @@
 //     docs/fp8_gpu.md.
 #pragma once
 
+#include "kernels/hadamard.h"
 #include "kernels/quantize.h"
 
 namespace lasp {
@@ -34,5 +35,58 @@ void dequantize_fp4_cuda(Tensor& out, const QuantizedFp4& q, bool with_tensor_sc
 
 // max |x| over a CUDA fp32/bf16 tensor, copied to the host (synchronizes). NaN if x holds one.
 float amax_cuda(const Tensor& x);
+
+// ---------------------------------------------------------------- projections (no host syncs)
+// The pieces core/model/projection.cc runs on CUDA tensors. Nothing here synchronizes: amaxes and
+// scales stay in device memory, where cuBLASLt reads them (CUBLASLT_MATMUL_DESC_*_SCALE_POINTER).
+// Amaxes are stored as the float bits of max |x| in uint32 slots (DType::I32 tensors): for x >= 0
+// the bit patterns order like the values, so atomicMax on the bits is a max on the floats, and NaN
+// sorts above inf (a non-finite input gives a non-finite scale, which the training loop catches).
+
+// amax_bits[index] = max(amax_bits[index], max |x|) (reset = false), or = max |x| (reset = true).
+// x: contiguous fp32/bf16 CUDA; amax_bits: I32 CUDA. 16-byte loads, one atomic per CTA.
+void amax_into_cuda(Tensor& amax_bits, int64_t index, const Tensor& x, bool reset = true);
+// amax_bits[index] = 0.
+void amax_reset_cuda(Tensor& amax_bits, int64_t index);
+
+// Where a per-tensor FP8 scale s comes from, on the device:
+//   amax defined: s = a / format_max (a = 0 -> 1) with a = max over amax[i], i != skip (skip = -1:
+//                 all); delayed scaling keeps its window here (the slot being recorded is skipped);
+//   else scale:   s = scale[0] (a scale an earlier quantization wrote, e.g. the forward's).
+// record (optional): this tensor's max |x| is atomicMax'ed into record[record_index] in the same pass.
+struct Fp8DeviceScale {
+  Tensor amax;  // I32 [n]
+  int64_t skip = -1;
+  Tensor scale;  // F32 [1]
+  Tensor record;  // I32
+  int64_t record_index = 0;
+};
+
+// Per-tensor FP8 codes of a 2-D [rows, cols] fp32/bf16 CUDA tensor x in ONE pass over x:
+//   rows (want_rows): codes [rows, cols_p] (x's layout: K-major when cols is a GEMM's inner dim);
+//   cols (want_cols): codes of x^T, [cols, rows_p] (K-major when rows is the inner dim: the
+//                     backward GEMMs);
+// with cols_p = round_up(cols, pad_to), rows_p = round_up(rows, pad_to) (pad_to a multiple of 16)
+// and zero codes in the padding: the inner dims are ready for cuBLASLt FP8 (K % 16 == 0).
+// code = encode(x / s), exactly the CPU quantize_fp8 rule, so the codes equal the CPU's for the
+// same scale. Both outputs share one scales tensor ([1], written by the kernel). 64x64 tiles
+// through shared memory, 16-byte loads.
+struct Fp8RowsCols {
+  QuantizedFp8 rows, cols;
+};
+Fp8RowsCols quantize_fp8_rows_cols_cuda(const Tensor& x, Fp8Format format, const Fp8DeviceScale& scale,
+                                        bool want_rows, bool want_cols, int64_t pad_to = 16);
+
+// out [cols, out.dim(1)] = x^T with zeros in columns >= rows (out.dim(1) >= rows); x a 2-D
+// fp32/bf16 CUDA tensor, out of the same dtype.
+void transpose_pad_cuda(Tensor& out, const Tensor& x);
+
+// The blockwise Hadamard transform of kernels/hadamard.h on CUDA, bit-identical to the CPU
+// (the same butterflies in the same order, the same signs): per block of spec.block (2..1024)
+// along the last dim, y = H D x (inverse = false) or y = D H x (inverse = true). x: fp32/bf16;
+// y: fp32/bf16 of x's shape (not x's storage); mask (optional, uint8, x's shape): x is zeroed
+// where mask == 0 first; accumulate: y += instead of y =.
+void hadamard_cuda(Tensor& y, const Tensor& x, const HadamardSpec& spec, bool inverse,
+                   const Tensor* mask = nullptr, bool accumulate = false);
 
 }  // namespace lasp

@@ -336,6 +336,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
         cfg.optim.grad_clip > 0 && grad_norm > cfg.optim.grad_clip ? cfg.optim.grad_clip / grad_norm : 1.0;
     const double lr = learning_rate(cfg.optim, step, cfg.train.steps);
     opt.step(lr, clip_scale);
+    projection_weights_changed();  // the quantized-weight caches of fp8/fp4 projections are stale now
     result.step_seconds.push_back(now_s() - step_t0);
     result.comm_seconds.push_back(comm_time() - comm_t0);
 

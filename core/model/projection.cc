@@ -12,32 +12,24 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/model/projection_internal.h"
 #include "kernels/gemm.h"
 #include "kernels/hadamard.h"
 #include "kernels/quantize.h"
 
 namespace lasp {
 
-namespace {
-
-enum class Fp8ScaleMode { PerTensor, Delayed, Block };
-
-// PrecisionConfig parsed once into enums.
-struct ProjectionOptions {
-  Fp8ScaleMode fp8_scaling = Fp8ScaleMode::PerTensor;
-  Fp4Format fp4_format = Fp4Format::MXFP4;
-  Fp4Rounding fp4_backward = Fp4Rounding::Stochastic;
-  int64_t hadamard_block = 32;
-  uint64_t seed = 0;
-  int64_t step = 0;
-};
+namespace projection_detail {
 
 ProjectionOptions& options() {
   static ProjectionOptions o;
   return o;
 }
 
-constexpr int kAmaxHistoryLength = 16;  // delayed scaling window (Transformer Engine's default is 1024; ours is short)
+CacheControl& cache_control() {
+  static CacheControl c;
+  return c;
+}
 
 uint64_t mix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
@@ -46,26 +38,32 @@ uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
+ProjectionState& state_of(Param& w) {
+  if (!w.state) w.state = std::make_shared<ProjectionState>();
+  return *w.state;
+}
+
+}  // namespace projection_detail
+
+using namespace projection_detail;
+
+namespace {
+
 uint64_t name_hash(const std::string& name) {  // FNV-1a
   uint64_t h = 0xCBF29CE484222325ull;
   for (char c : name) h = (h ^ static_cast<uint8_t>(c)) * 0x100000001B3ull;
   return h;
 }
 
-}  // namespace
+// A new cache epoch: the quantized weights and activations of the CUDA paths are recomputed.
+void new_cache_epoch() {
+  ++cache_control().epoch;
+#ifdef LASP_HAVE_CUDA
+  clear_activation_caches_cuda();
+#endif
+}
 
-// Low-precision state of one projection. The full-precision path keeps none.
-struct ProjectionState {
-  // FP8 delayed scaling: one amax history per operand (x and W forward, dy backward), and the
-  // amaxes behind the forward's per-tensor scales, which the backward reuses for x^T and W^T so
-  // that dgrad/wgrad see the very operands the forward multiplied.
-  AmaxHistory x_history{kAmaxHistoryLength}, w_history{kAmaxHistoryLength}, dy_history{kAmaxHistoryLength};
-  float x_amax = 0.0f, w_amax = 0.0f;
-  bool fp8_forward_done = false;
-  // FP4 backward draws: the step they belong to and how many backward calls it has seen.
-  int64_t step = -1;
-  uint64_t calls_in_step = 0;
-};
+}  // namespace
 
 Precision precision_from_name(const std::string& name) {
   if (name == "bf16" || name == "full") return Precision::Full;
@@ -110,22 +108,50 @@ void set_projection_options(const PrecisionConfig& config, uint64_t seed) {
 void set_projection_step(int64_t step) {
   LASP_CHECK(step >= 0) << "set_projection_step: step must be >= 0, got " << step;
   options().step = step;
+  cache_control().enabled = true;
+  new_cache_epoch();
 }
+
+void projection_weights_changed() { new_cache_epoch(); }
 
 uint64_t projection_backward_seed(uint64_t seed, const std::string& name, int64_t step, uint64_t call) {
   return mix64(mix64(mix64(seed ^ name_hash(name)) ^ static_cast<uint64_t>(step)) ^ call);
 }
 
-namespace {
+namespace projection_detail {
 
-ProjectionState& state_of(Param& w) {
-  if (!w.state) w.state = std::make_shared<ProjectionState>();
-  return *w.state;
+// The GEMMs' inner dims must be multiples of the rotation block and of the FP4 group: `in` for
+// the forward, `out` (dgrad) and the token count N (wgrad) for the backward.
+void check_fp4_dims(const Param& w, int64_t n, bool backward) {
+  const ProjectionOptions& o = options();
+  const int64_t in = w.value.dim(1), out = w.value.dim(0);
+  const int64_t need = std::max(o.hadamard_block, fp4_group_size(o.fp4_format));
+  const bool ok = in % need == 0 && (!backward || (out % need == 0 && n % need == 0));
+  LASP_CHECK(ok) << w.name << ": fp4 (Quartet) needs in (" << in << ")"
+                 << (backward ? ", out (" + std::to_string(out) + ") and the token count N (" + std::to_string(n) + ")" : "")
+                 << " to be multiples of " << need << " (precision.hadamard_block " << o.hadamard_block << ", "
+                 << (o.fp4_format == Fp4Format::MXFP4 ? "mxfp4" : "nvfp4") << " group " << fp4_group_size(o.fp4_format)
+                 << ")";
 }
+
+uint64_t next_fp4_backward_seed(Param& w) {
+  const ProjectionOptions& o = options();
+  ProjectionState& st = state_of(w);
+  if (st.step != o.step) {
+    st.step = o.step;
+    st.calls_in_step = 0;
+  }
+  return projection_backward_seed(o.seed, w.name, o.step, st.calls_in_step++);
+}
+
+}  // namespace projection_detail
+
+namespace {
 
 void check_low_precision_operands(const Param& w, const Tensor& x) {
   LASP_CHECK(!x.is_cuda() && !w.value.is_cuda())
-      << w.name << ": " << precision_name(w.precision) << " projections are implemented for CPU tensors only";
+      << w.name << ": " << precision_name(w.precision) << " projections: x and the weight must both be on the "
+      << "CPU or both on CUDA, got x " << x.str() << ", weight " << w.value.str();
   LASP_CHECK(x.dtype() == DType::F32 && w.value.dtype() == DType::F32)
       << w.name << ": " << precision_name(w.precision) << " projections take fp32 tensors, got x "
       << dtype_name(x.dtype()) << ", weight " << dtype_name(w.value.dtype());
@@ -234,20 +260,6 @@ QuartetConfig quartet_config() {
   return c;
 }
 
-// The GEMMs' inner dims must be multiples of the rotation block and of the FP4 group: `in` for
-// the forward, `out` (dgrad) and the token count N (wgrad) for the backward.
-void check_fp4_dims(const Param& w, int64_t n, bool backward) {
-  const ProjectionOptions& o = options();
-  const int64_t in = w.value.dim(1), out = w.value.dim(0);
-  const int64_t need = std::max(o.hadamard_block, fp4_group_size(o.fp4_format));
-  const bool ok = in % need == 0 && (!backward || (out % need == 0 && n % need == 0));
-  LASP_CHECK(ok) << w.name << ": fp4 (Quartet) needs in (" << in << ")"
-                 << (backward ? ", out (" + std::to_string(out) + ") and the token count N (" + std::to_string(n) + ")" : "")
-                 << " to be multiples of " << need << " (precision.hadamard_block " << o.hadamard_block << ", "
-                 << (o.fp4_format == Fp4Format::MXFP4 ? "mxfp4" : "nvfp4") << " group " << fp4_group_size(o.fp4_format)
-                 << ")";
-}
-
 Tensor rotated(const Tensor& t, int64_t block) {
   Tensor out = Tensor::empty(t.shape(), DType::F32);
   hadamard_forward(out, t, HadamardSpec{block, false, 0});
@@ -286,13 +298,7 @@ void fp4_forward(Tensor& y, const Tensor& x, Param& w) {
 
 void fp4_backward(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& dy, const Tensor& x) {
   check_fp4_dims(w, x.dim(0), true);
-  const ProjectionOptions& o = options();
-  ProjectionState& st = state_of(w);
-  if (st.step != o.step) {
-    st.step = o.step;
-    st.calls_in_step = 0;
-  }
-  const uint64_t seed = projection_backward_seed(o.seed, w.name, o.step, st.calls_in_step++);
+  const uint64_t seed = next_fp4_backward_seed(w);
   // Recomputing the forward's operands (RTN: deterministic) instead of keeping them from the
   // forward costs two quantizations and saves holding a dequantized copy of every input.
   const Fp4Forward f = fp4_forward_operands(x, w.value);
@@ -309,18 +315,62 @@ void fp4_backward(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& dy, co
 
 }  // namespace
 
+namespace {
+
+#ifdef LASP_HAVE_CUDA
+// CUDA operands: x [N, in] and y / dy / dx fp32 or bf16, contiguous, on the weight's device; the
+// weight's master value fp32, its gradient fp32.
+void check_cuda_operands(const Param& w, const Tensor& x, const Tensor& out, const char* out_name) {
+  const char* p = precision_name(w.precision);
+  LASP_CHECK(w.value.is_cuda() && w.value.dtype() == DType::F32 && w.value.ndim() == 2 && w.grad.defined() &&
+             w.grad.is_cuda() && w.grad.dtype() == DType::F32)
+      << w.name << ": " << p << " projections on CUDA need an fp32 CUDA master weight and gradient, got "
+      << w.value.str() << " and " << (w.grad.defined() ? w.grad.str() : "no gradient");
+  auto ok = [&](const Tensor& t, int64_t cols) {
+    return t.is_cuda() && t.device() == w.value.device() && t.is_contiguous() && t.ndim() == 2 &&
+           t.dim(0) == x.dim(0) && t.dim(1) == cols && (t.dtype() == DType::BF16 || t.dtype() == DType::F32);
+  };
+  LASP_CHECK(ok(x, w.value.dim(1)))
+      << w.name << ": " << p << " projection on CUDA: x must be a contiguous bf16/fp32 tensor [N, " << w.value.dim(1)
+      << "] on " << w.value.device().str() << ", got " << x.str();
+  const int64_t cols = std::string(out_name) == "dx" ? w.value.dim(1) : w.value.dim(0);
+  LASP_CHECK(!out.defined() || ok(out, cols))
+      << w.name << ": " << p << " projection on CUDA: " << out_name << " must be a contiguous bf16/fp32 tensor ["
+      << x.dim(0) << ", " << cols << "] on " << w.value.device().str() << ", got " << out.str();
+}
+#endif
+
+bool on_cuda(const Param& w, const Tensor& x) {
+#ifdef LASP_HAVE_CUDA
+  return x.is_cuda() && w.value.is_cuda();
+#else
+  (void)w;
+  (void)x;
+  return false;
+#endif
+}
+
+}  // namespace
+
 void projection_forward(Tensor& y, const Tensor& x, Param& w) {
   switch (w.precision) {
     case Precision::Full:
       gemm(y, x, false, w.compute.defined() ? w.compute : w.value, true);
       return;
     case Precision::Fp8:
-      check_low_precision_operands(w, x);
-      fp8_forward(y, x, w);
-      return;
     case Precision::Fp4:
+      if (on_cuda(w, x)) {
+#ifdef LASP_HAVE_CUDA
+        check_cuda_operands(w, x, y, "y");
+        LASP_CHECK(y.defined()) << w.name << ": y must be defined";
+        if (w.precision == Precision::Fp8) fp8_forward_cuda(y, x, w);
+        else fp4_forward_cuda(y, x, w);
+#endif
+        return;
+      }
       check_low_precision_operands(w, x);
-      fp4_forward(y, x, w);
+      if (w.precision == Precision::Fp8) fp8_forward(y, x, w);
+      else fp4_forward(y, x, w);
       return;
   }
 }
@@ -334,14 +384,21 @@ void projection_backward(Tensor& dx, bool accumulate_dx, Param& w, const Tensor&
       gemm(w.grad, dy, true, x, false, 1.0f, 1.0f);
       return;
     case Precision::Fp8:
-      check_low_precision_operands(w, x);
-      check_tensor(dy, (w.name + ": dy").c_str(), DType::F32, {x.dim(0), w.value.dim(0)});
-      fp8_backward(dx, accumulate_dx, w, dy, x);
-      return;
     case Precision::Fp4:
+      if (on_cuda(w, x)) {
+#ifdef LASP_HAVE_CUDA
+        check_cuda_operands(w, x, dy, "dy");
+        LASP_CHECK(dy.defined()) << w.name << ": dy must be defined";
+        check_cuda_operands(w, x, dx, "dx");
+        if (w.precision == Precision::Fp8) fp8_backward_cuda(dx, accumulate_dx, w, dy, x);
+        else fp4_backward_cuda(dx, accumulate_dx, w, dy, x);
+#endif
+        return;
+      }
       check_low_precision_operands(w, x);
       check_tensor(dy, (w.name + ": dy").c_str(), DType::F32, {x.dim(0), w.value.dim(0)});
-      fp4_backward(dx, accumulate_dx, w, dy, x);
+      if (w.precision == Precision::Fp8) fp8_backward(dx, accumulate_dx, w, dy, x);
+      else fp4_backward(dx, accumulate_dx, w, dy, x);
       return;
   }
 }

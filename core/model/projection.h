@@ -7,8 +7,11 @@
 //         weights), each GEMM operand quantized along that GEMM's inner dimension
 //   fp4   Quartet: Hadamard-rotated MXFP4/NVFP4 operands, QuEST clipping forward (MXFP4; NVFP4
 //         forward is RTN), stochastic rounding or MS-EDEN backward (kernels/quantize.h)
-// On CPU the low-precision products are emulated exactly (quantize, dequantize, fp32 GEMM); the
-// low-precision paths take fp32 CPU tensors. docs/low_precision.md has the details.
+// On CPU the low-precision products are emulated exactly (quantize, dequantize, fp32 GEMM) on fp32
+// tensors. On CUDA (x, y, dy, dx bf16 or fp32; fp32 master weight and gradient) fp8 runs cuBLASLt's
+// FP8 GEMMs (Hopper) on operands quantized by fused kernels without host synchronisation, and fp4
+// is Quartet emulated exactly on bf16 tensor cores (Hopper has no FP4 units); same quantization
+// rules as the CPU, so the two agree up to fp32 summation order (docs/fp8_gpu.md).
 //
 // Options: the precision of each weight is Param::precision (set by the model from the config
 // section 'precision:'); the remaining knobs (fp8_scaling, fp4_format, fp4_backward,
@@ -32,8 +35,15 @@ const char* precision_name(Precision p);
 
 // Process-wide low-precision options (validated here; defaults = PrecisionConfig{}, seed 0).
 void set_projection_options(const PrecisionConfig& config, uint64_t seed);
-// The optimizer step about to run (0-based); keys the FP4 backward's random draws.
+// The optimizer step about to run (0-based); keys the FP4 backward's random draws. It also turns
+// on the CUDA paths' per-step caches (the quantized weight, and a quantized activation shared by
+// the projections that read it) and starts a new cache epoch: from the first call on, the weights
+// must change only between steps, or the change must be announced with projection_weights_changed
+// (the trainer calls it after the optimizer step, so an evaluation sees the new weights); and an
+// activation handed to a projection must not be modified in place while the step runs.
 void set_projection_step(int64_t step);
+// Drops the cached quantized weights and activations (a new cache epoch).
+void projection_weights_changed();
 // The seed of the call-th FP4 backward of parameter `name` in `step` (exposed for tests).
 uint64_t projection_backward_seed(uint64_t seed, const std::string& name, int64_t step, uint64_t call);
 

@@ -1,0 +1,316 @@
+// Low-precision projections on CUDA tensors (called by projection.cc's dispatch). The same
+// quantization rules as the CPU emulation in projection.cc, so the two agree up to fp32 summation
+// order; docs/fp8_gpu.md describes the design and the measured cost.
+//
+// FP8, the three GEMMs (cuBLASLt on Hopper wants both operands K-major, "TN"):
+//   forward  y  = x W^T     A = x [N, in] E4M3 (x's own layout)     B = W [out, in] E4M3
+//   dgrad    dx = dy W      A = dy [N, out] E5M2 (dy's own layout)  B = W^T [in, out] E4M3
+//   wgrad    dW += dy^T x   A = dy^T [out, Np] E5M2                 B = x^T [in, Np] E4M3
+// Every inner dim is zero-padded to a multiple of 16 by the quantizer (cuBLASLt FP8 needs K % 16
+// == 0; Np = N rounded up), gemm_fp8 pads M and N itself, so any shape works (model dims that are
+// multiples of 16 copy nothing). Per-tensor scales live on the device and go to cuBLASLt as
+// pointers: no host synchronisation anywhere.
+//   per_tensor  current amax: one amax kernel, then one pass that writes the codes (and the
+//               transpose: dy gives dy and dy^T in one pass). W and W^T are quantized once per
+//               cache epoch (= step); an activation read by several projections (x by q, k, v,
+//               z and the gate; by gate and up) is quantized once (a one-entry cache per
+//               direction, keyed by the tensor's storage, which the entry holds).
+//   delayed     the CPU's AmaxHistory rules on the device (DeviceAmaxHistory): one pass per
+//               operand that scales by the window's max and records the tensor's own amax. The
+//               forward's x and W scales are reused by the backward, as on the CPU. No caching
+//               (each forward records into the histories, as the CPU does).
+//   block       1x128 / 128x128 scales through the existing quantizers and cuBLASLt's block
+//               modes; transposes materialised (slower; correctness first).
+// FP4 (Quartet), emulated: Hadamard rotations, MXFP4/NVFP4 quantization (QuEST clipping forward,
+// stochastic rounding backward) on the GPU with the CPU's seeds and streams, then the exact
+// dequantization to bf16 and the bf16 GEMM (gemm_fp4_emulated_cuda). MS-EDEN is not on the GPU.
+#ifdef LASP_HAVE_CUDA
+
+#include <mutex>
+
+#include "core/log.h"
+#include "core/model/projection.h"
+#include "core/model/projection_internal.h"
+#include "core/profile.h"
+#include "kernels/gemm_fp8.h"
+#include "kernels/quantize_cuda.h"
+
+namespace lasp::projection_detail {
+
+namespace {
+
+constexpr int64_t kFp8Align = 16;  // cuBLASLt FP8: K % 16 == 0 (the quantizers pad the inner dims)
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+bool cache_valid(int64_t epoch) {
+  return cache_control().enabled && epoch == cache_control().epoch;
+}
+
+// ---------------------------------------------------------------- FP8
+
+// A quantized activation and its source tensor (held: its memory cannot be reused while cached).
+struct ActivationEntry {
+  Tensor src;
+  int64_t epoch = -1;
+  QuantizedFp8 q;
+  bool matches(const Tensor& x) const {
+    return src.defined() && cache_valid(epoch) && src.raw() == x.raw() &&
+           src.shape() == x.shape() && src.dtype() == x.dtype();
+  }
+};
+
+std::mutex g_cache_mu;
+ActivationEntry g_forward_x;    // x [N, in] codes (the forward's A)
+ActivationEntry g_backward_xt;  // x^T [in, Np] codes (the wgrad's B)
+
+Fp8DeviceScale current_scale(const Tensor& x) {
+  Fp8DeviceScale s;
+  s.amax = Tensor::empty({1}, DType::I32, x.device());
+  amax_into_cuda(s.amax, 0, x, true);
+  return s;
+}
+
+// The scale of the next delayed-scaling quantization from history h: the max over the window
+// (an empty window: the current amax), recording this tensor's amax in the same pass.
+Fp8DeviceScale delayed_scale(DeviceAmaxHistory& h, const Tensor& x) {
+  if (!h.slots.defined()) h.slots = Tensor::zeros({kDeviceHistorySlots}, DType::I32, x.device());
+  const int64_t slot = h.count % kDeviceHistorySlots;
+  Fp8DeviceScale s;
+  s.amax = h.slots;
+  if (h.count == 0) {
+    amax_into_cuda(h.slots, slot, x, true);  // every other slot is still zero: max = current amax
+  } else {
+    amax_reset_cuda(h.slots, slot);
+    s.skip = slot;
+    s.record = h.slots;
+    s.record_index = slot;
+  }
+  ++h.count;
+  return s;
+}
+
+// x or x^T in E4M3 with x's current per-tensor scale, through the one-entry cache.
+QuantizedFp8 activation_current(const Tensor& x, bool transposed) {
+  ActivationEntry& e = transposed ? g_backward_xt : g_forward_x;
+  {
+    std::lock_guard<std::mutex> lock(g_cache_mu);
+    if (e.matches(x)) return e.q;
+  }
+  const Fp8RowsCols q =
+      quantize_fp8_rows_cols_cuda(x, Fp8Format::E4M3, current_scale(x), !transposed, transposed);
+  const QuantizedFp8& out = transposed ? q.cols : q.rows;
+  if (cache_control().enabled) {
+    std::lock_guard<std::mutex> lock(g_cache_mu);
+    e.src = x;
+    e.epoch = cache_control().epoch;
+    e.q = out;
+  }
+  return out;
+}
+
+// W and W^T in E4M3 for per-tensor (current) or block scaling, once per cache epoch.
+void fp8_weight(Param& w, ProjectionState& st, Fp8ScaleMode mode) {
+  if (st.w_rows.codes.defined() && st.w_cols.codes.defined() && cache_valid(st.w_epoch)) return;
+  if (mode == Fp8ScaleMode::Block) {
+    st.w_rows = quantize_fp8_cuda(w.value, Fp8Format::E4M3, Fp8Scaling::Block128x128);
+    Tensor wt = Tensor::empty({w.value.dim(1), w.value.dim(0)}, DType::F32, w.value.device());
+    transpose_pad_cuda(wt, w.value);
+    st.w_cols = quantize_fp8_cuda(wt, Fp8Format::E4M3, Fp8Scaling::Block128x128);
+  } else {
+    const Fp8RowsCols q =
+        quantize_fp8_rows_cols_cuda(w.value, Fp8Format::E4M3, current_scale(w.value), true, true);
+    st.w_rows = q.rows;
+    st.w_cols = q.cols;
+  }
+  st.w_epoch = cache_control().epoch;
+}
+
+// 1x128 block codes of t^T (zero-padded to np columns).
+QuantizedFp8 block_transposed(const Tensor& t, int64_t np, Fp8Format format) {
+  Tensor tt = Tensor::empty({t.dim(1), np}, t.dtype(), t.device());
+  transpose_pad_cuda(tt, t);
+  return quantize_fp8_cuda(tt, format, Fp8Scaling::Block1x128);
+}
+
+// ---------------------------------------------------------------- FP4
+
+void check_fp4_cuda_options(const Param& w) {
+  LASP_CHECK(options().fp4_backward != Fp4Rounding::MsEden)
+      << w.name
+      << ": precision.fp4_backward = ms_eden is not implemented on CUDA (the CUDA FP4 quantizers "
+      << "have no MS-EDEN yet); use precision.fp4_backward = sr on the GPU, or train on the CPU";
+  static std::once_flag logged;
+  std::call_once(logged, [] {
+    const ProjectionOptions& o = options();
+    LASP_INFO() << "fp4 projections on CUDA: Quartet EMULATED exactly (Hadamard block "
+                << o.hadamard_block << ", "
+                << (o.fp4_format == Fp4Format::MXFP4 ? "MXFP4 with QuEST clipping" : "NVFP4 RTN")
+                << " forward, stochastic rounding backward, quantized on the GPU, dequantized "
+                   "exactly to bf16, "
+                   "bf16 tensor cores): the arithmetic of FP4 GEMMs, not their speed";
+  });
+}
+
+Tensor rotated(const Tensor& t, const HadamardSpec& spec) {
+  Tensor out = Tensor::empty(t.shape(), DType::F32, t.device());
+  hadamard_cuda(out, t, spec, false);
+  return out;
+}
+
+// The forward's operand: t rotated along its rows by H (block hadamard_block), then MXFP4 RTN
+// with QuEST clipping (mask kept) or NVFP4 RTN (no mask) — what the CPU path quantizes.
+QuantizedFp4 fp4_forward_operand(const Tensor& t) {
+  const ProjectionOptions& o = options();
+  Fp4Options q;
+  q.format = o.fp4_format;
+  q.rounding = Fp4Rounding::Nearest;
+  q.clip = o.fp4_format == Fp4Format::MXFP4 ? Fp4Clip::Quest : Fp4Clip::AbsMax;
+  return quantize_fp4_cuda(rotated(t, HadamardSpec{o.hadamard_block, false, 0}), q);
+}
+
+const QuantizedFp4& fp4_weight(Param& w, ProjectionState& st) {
+  if (!st.w_fp4.codes.defined() || !cache_valid(st.w_epoch)) {
+    st.w_fp4 = fp4_forward_operand(w.value);
+    st.w_epoch = cache_control().epoch;
+  }
+  return st.w_fp4;
+}
+
+// C [M, N] (fp32) = Q(A R^T) Q(B R^T)^T, A [M, K], B [N, K], both rotated along K by the same
+// randomized Hadamard R and quantized with the backward rounding: the CPU's backward_gemm
+// (kernels/quantize.cc) with its seeds and streams.
+Tensor backward_gemm(const Tensor& a, const Tensor& b, uint64_t seed, uint64_t stream) {
+  const ProjectionOptions& o = options();
+  const HadamardSpec rot{o.hadamard_block, true, mix64(seed ^ (stream * 0x51ED27ull))};
+  Fp4Options q;
+  q.format = o.fp4_format;
+  q.rounding = o.fp4_backward;
+  q.seed = seed;
+  q.eden_block = o.hadamard_block;
+  q.stream = 2 * stream;
+  const QuantizedFp4 qa = quantize_fp4_cuda(rotated(a, rot), q);
+  q.stream = 2 * stream + 1;
+  const QuantizedFp4 qb = quantize_fp4_cuda(rotated(b, rot), q);
+  Tensor c = Tensor::empty({a.dim(0), b.dim(0)}, DType::F32, a.device());
+  gemm_fp4_emulated_cuda(c, qa, qb);
+  return c;
+}
+
+Tensor transposed(const Tensor& t) {
+  Tensor out = Tensor::empty({t.dim(1), t.dim(0)}, t.dtype(), t.device());
+  transpose_pad_cuda(out, t);
+  return out;
+}
+
+}  // namespace
+
+void clear_activation_caches_cuda() {
+  std::lock_guard<std::mutex> lock(g_cache_mu);
+  g_forward_x = ActivationEntry{};
+  g_backward_xt = ActivationEntry{};
+}
+
+void fp8_forward_cuda(Tensor& y, const Tensor& x, Param& w) {
+  ProjectionState& st = state_of(w);
+  const Fp8ScaleMode mode = options().fp8_scaling;
+  QuantizedFp8 xq;
+  {
+    LASP_PROFILE_SCOPE("fp8_quantize");
+    if (mode == Fp8ScaleMode::Block) {
+      fp8_weight(w, st, mode);
+      xq = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128);
+    } else if (mode == Fp8ScaleMode::PerTensor) {
+      fp8_weight(w, st, mode);
+      xq = activation_current(x, false);
+    } else {
+      xq = quantize_fp8_rows_cols_cuda(x, Fp8Format::E4M3, delayed_scale(st.x_dev, x), true, false)
+               .rows;
+      st.x_scale_dev = xq.scales;
+      const Fp8RowsCols wq = quantize_fp8_rows_cols_cuda(
+          w.value, Fp8Format::E4M3, delayed_scale(st.w_dev, w.value), true, true);
+      st.w_rows = wq.rows;
+      st.w_cols = wq.cols;
+      // Not a per-epoch cache entry: the next forward quantizes (and records) again.
+      st.w_epoch = -1;
+      st.fp8_forward_done = true;
+    }
+  }
+  gemm_fp8(y, xq, st.w_rows);
+}
+
+void fp8_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& dy,
+                       const Tensor& x) {
+  ProjectionState& st = state_of(w);
+  const Fp8ScaleMode mode = options().fp8_scaling;
+  const int64_t np = round_up(x.dim(0), kFp8Align);
+  QuantizedFp8 dy_rows, dy_cols, x_cols;
+  {
+    LASP_PROFILE_SCOPE("fp8_quantize");
+    if (mode == Fp8ScaleMode::Block) {
+      fp8_weight(w, st, mode);
+      if (dx.defined()) dy_rows = quantize_fp8_cuda(dy, Fp8Format::E5M2, Fp8Scaling::Block1x128);
+      dy_cols = block_transposed(dy, np, Fp8Format::E5M2);
+      x_cols = block_transposed(x, np, Fp8Format::E4M3);
+    } else {
+      Fp8DeviceScale dy_scale;
+      if (mode == Fp8ScaleMode::PerTensor) {
+        fp8_weight(w, st, mode);
+        x_cols = activation_current(x, true);
+        dy_scale = current_scale(dy);
+      } else {
+        LASP_CHECK(st.fp8_forward_done && st.x_scale_dev.defined())
+            << w.name << ": fp8 delayed scaling: backward before any forward";
+        Fp8DeviceScale xs;
+        xs.scale = st.x_scale_dev;  // the forward's scale for x, as the CPU path does
+        x_cols = quantize_fp8_rows_cols_cuda(x, Fp8Format::E4M3, xs, false, true).cols;
+        dy_scale = delayed_scale(st.dy_dev, dy);
+      }
+      const Fp8RowsCols d =
+          quantize_fp8_rows_cols_cuda(dy, Fp8Format::E5M2, dy_scale, dx.defined(), true);
+      dy_rows = d.rows;
+      dy_cols = d.cols;
+    }
+  }
+  if (dx.defined()) gemm_fp8(dx, dy_rows, st.w_cols, 1.0f, accumulate_dx ? 1.0f : 0.0f);
+  gemm_fp8(w.grad, dy_cols, x_cols, 1.0f, 1.0f);
+}
+
+void fp4_forward_cuda(Tensor& y, const Tensor& x, Param& w) {
+  check_fp4_cuda_options(w);
+  check_fp4_dims(w, x.dim(0), false);
+  ProjectionState& st = state_of(w);
+  LASP_PROFILE_SCOPE("fp4_emulation");
+  gemm_fp4_emulated_cuda(y, fp4_forward_operand(x), fp4_weight(w, st));
+}
+
+void fp4_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& dy,
+                       const Tensor& x) {
+  check_fp4_cuda_options(w);
+  check_fp4_dims(w, x.dim(0), true);
+  ProjectionState& st = state_of(w);
+  const uint64_t seed = next_fp4_backward_seed(w);
+  LASP_PROFILE_SCOPE("fp4_emulation");
+  const HadamardSpec h{options().hadamard_block, false, 0};
+  // The forward's operands, rebuilt (RTN is deterministic; W's is cached for the epoch), and
+  // their dequantized values (exact), as quartet_linear_backward reads them.
+  const QuantizedFp4 fx = fp4_forward_operand(x);
+  const QuantizedFp4& fw = fp4_weight(w, st);
+  Tensor xq = Tensor::empty(x.shape(), DType::F32, x.device());
+  Tensor wq = Tensor::empty(w.value.shape(), DType::F32, x.device());
+  dequantize_fp4_cuda(xq, fx, true);
+  dequantize_fp4_cuda(wq, fw, true);
+  if (dx.defined()) {
+    // dgrad (inner dim out): G_x = Q(dy R^T) Q(wq^T R^T)^T, masked by the forward's clip mask,
+    // then rotated back: dx (+)= G_x H.
+    const Tensor g = backward_gemm(dy, transposed(wq), seed, 1);
+    hadamard_cuda(dx, g, h, true, fx.mask.defined() ? &fx.mask : nullptr, accumulate_dx);
+  }
+  // wgrad (inner dim N): G_w = Q(dy^T R^T) Q(xq^T R^T)^T, masked, rotated back: dW += G_w H.
+  const Tensor g = backward_gemm(transposed(dy), transposed(xq), seed, 2);
+  hadamard_cuda(w.grad, g, h, true, fw.mask.defined() ? &fw.mask : nullptr, true);
+}
+
+}  // namespace lasp::projection_detail
+
+#endif  // LASP_HAVE_CUDA
