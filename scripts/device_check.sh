@@ -129,6 +129,14 @@ if [ -n "$LASP_BIN" ]; then
   timeout "$(left 90)" "$LASP_BIN" bench ops 2>&1 | tee -a "$OUT/bench_lowp.log" | tail -20
 fi
 
+# ---- 4c. PyTorch SDPA on the same GPU (baseline for the softmax attention rows) ----
+SDPA_RESULT="not run"
+if python3 -c "import torch" 2>/dev/null; then
+  timeout "$(left 90)" python3 "$ROOT/scripts/bench_sdpa.py" --lengths 65536 --iters 3 --warmup 2 2>&1 |
+    tee -a "$OUT/bench.log" | tail -8
+  SDPA_RESULT="rc=$? (scripts/bench_sdpa.py, appended to bench.log)"
+fi
+
 # ---- 5. training on the GPU: the 1B linear model, a few steps ----
 TRAIN_RESULT="not run"
 if [ -n "$LASP_BIN" ] && ((TRAIN)); then
@@ -175,6 +183,7 @@ say "training:   $TRAIN_RESULT"
 say "tensorboard: ${TB_RESULT:-not run}"
 say "multi-gpu:  $MPI_RESULT"
 say "lowp bench: $LOWP_RESULT"
+say "sdpa bench: $SDPA_RESULT"
 say "benchmark:  $BENCH_RESULT"
 if [ -f "$OUT/bench.log" ]; then
   sed -n '/^HBM bandwidth/p;/^GEMM/,$p' "$OUT/bench.log" | grep -v '^\[' | tee -a "$SUMMARY"
