@@ -1,4 +1,8 @@
-// CUDA linear attention: tiled forward and backward on tensor cores (mma.sync bf16 -> fp32).
+// CUDA linear attention: tiled forward and backward on tensor cores (bf16 -> fp32). Head dim 128 on
+// Hopper (sm_90a builds on compute capability 9.0) runs the warpgroup kernels of section 4
+// (wgmma, 128-byte swizzled tiles; kernels/sm90_wgmma.cuh); everything else, and D = 64, runs the
+// mma.sync kernels of sections 1-3 (LASP_LA_KERNEL=mma forces them for D = 128 too). Both
+// compute the same passes below.
 //
 // Math: DESIGN.md "Linear attention math". Per (batch b, head h) and chunk c of C = 64 rows with
 // within-chunk cumulative log decays L[r] = sum_{i<=r} log a_i (rows past T count as log a = 0):
@@ -56,11 +60,13 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "core/tensor.h"
 #include "kernels/cuda_utils.cuh"
 #include "kernels/linear_attention.h"
+#include "kernels/sm90_wgmma.cuh"
 
 namespace lasp {
 namespace {
@@ -721,6 +727,377 @@ __global__ void la_dlog_scan_kernel(float* dlog, const float* final_dot, int T, 
 }
 
 // ---------------------------------------------------------------------------------------------
+// 4. Hopper path (D = 128, sm_90a): one warpgroup (128 threads) per block, products on wgmma.
+// ---------------------------------------------------------------------------------------------
+// Same blocks and passes as above (value tile z of NV = 64 columns, segment, b, h); the walk
+// state is kept transposed in registers, W^T [NV x D] (rows: A3 columns, columns: A2 columns), so
+// that its update is one m64n128 product per 16 chunk rows:
+//   W^T = bC W^T + (A3^T diag(f)) A2       A = A3^T from registers (ldmatrix.trans, scaled by f),
+//                                          B = A2 read N-major from shared memory
+// Walk step per chunk (every operand tile 128-byte swizzled; A1, A2, A3, L and the bf16 copy of
+// W^T double-buffered, so one barrier per chunk):
+//   P = A1 A2^T             8 x m64n64k16, A1 and A2 K-major from shared memory
+//   O = A1 W                8 x m64n64k16, B = the bf16 copy of W^T (K-major)
+//   W^T update              4 x m64n128k16, queued behind P and O; then the next chunk's loads
+//   O = diag(b) O + (P o M) A3    mask and row factors in registers, P as the register A operand,
+//                           4 x m64n64k16 with A3 read N-major
+//   new bf16 copy of W^T into the next stage; store O (and the dlog dots).
+// ptxas may serialise every wgmma of a kernel without a message (WARPGROUP.ARRIVE/DEPBAR around
+// each HGMMA in the SASS; a variant with P and O merged into one m64n128 product once built so):
+// check the SASS after changing the walk (three ARRIVE per walk step).
+constexpr int kWgThreads = 128;
+constexpr int kWgNV = 128 / kSplit;
+static_assert(kWgNV == 64, "the Hopper path tiles 64 value columns per block");
+
+struct StateSmem {
+  enum : int {
+    kStages = 4,
+    x = 0, y = kStages * 16384, lc = y + kStages * 8192,
+    bytes = lc + kStages * 256
+  };
+};
+constexpr int kAlignSlack = 1024;  // dynamic shared memory is aligned up to 1024 bytes in-kernel
+
+__device__ __forceinline__ unsigned char* align1024(unsigned char* p) {
+  return p + ((1024 - (sm90::smem_u32(p) & 1023)) & 1023);
+}
+__device__ __forceinline__ uint32_t pack_bf16x2(float x, float y) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  uint32_t u;
+  memcpy(&u, &h, 4);
+  return u;
+}
+
+// Issues (one commit group, not waited on) acc += (Y^T diag(f)) X for one chunk: acc is
+// [64 x 128] (rows: Y's 64 columns, columns: X's 128 columns), y a single-panel [C x 64] tile,
+// x a two-panel [C x 128] tile, f[r] = row_factor(L, r, by_b).
+template <int XPANEL = sm90::kSwPanelBytes>
+__device__ __forceinline__ void state_update_issue(float (&acc)[64], uint32_t x, uint32_t y, const float* L,
+                                                   bool by_b) {
+  uint32_t a[kChunk / 16][4];
+  const int q2 = 2 * (threadIdx.x % 4);
+#pragma unroll
+  for (int kk = 0; kk < kChunk / 16; ++kk) {
+    sm90::load_a_trans_sw128(a[kk], y, kk);
+    const int r = kk * 16 + q2;
+    const float f0 = row_factor(L, r, by_b), f1 = row_factor(L, r + 1, by_b);
+    const float f8 = row_factor(L, r + 8, by_b), f9 = row_factor(L, r + 9, by_b);
+    a[kk][0] = scale_bf16x2(a[kk][0], f0, f1);
+    a[kk][1] = scale_bf16x2(a[kk][1], f0, f1);
+    a[kk][2] = scale_bf16x2(a[kk][2], f8, f9);
+    a[kk][3] = scale_bf16x2(a[kk][3], f8, f9);
+  }
+  sm90::fence();
+#pragma unroll
+  for (int kk = 0; kk < kChunk / 16; ++kk) sm90::mma_64x128_rs_bt(acc, a[kk], sm90::desc_mnmajor(x, kk, XPANEL));
+  sm90::commit();
+}
+
+// Segment-local states (as la_segment_state_kernel<128, reverse>), StateSmem::kStages-deep
+// cp.async pipeline, one barrier per chunk. The accumulator is M_j^T (dM_j^T): its rows are Y's
+// columns.
+template <bool kReverse>
+__global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_segment_state_sm90_kernel(LaParams p) {
+#if !LASP_SM90_WGMMA
+  __trap();  // compiled for a device without wgmma; the host never launches it there
+#endif
+  constexpr int D = 128, NV = kWgNV, S = StateSmem::kStages;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = align1024(smem_raw);
+  const uint32_t sbase = sm90::smem_u32(smem);
+  auto lcs = [&](int buf) { return reinterpret_cast<float*>(smem + StateSmem::lc + buf * 256); };
+
+  const int z = blockIdx.x, seg = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, q = threadIdx.x % 4;
+  const int col0 = z * NV;
+  const int64_t rs = static_cast<int64_t>(p.H) * D;
+  const ChunkRange cr = segment_chunks(p, seg);
+  const int n = cr.end - cr.begin;
+  auto issue = [&](int i) {  // chunk i of the walk into buffer i % S (not committed)
+    const int c = kReverse ? cr.end - 1 - i : cr.begin + i, buf = i % S;
+    const int t0 = c * kChunk, rows = min(kChunk, p.T - t0);
+    const int64_t base = (static_cast<int64_t>(b) * p.T + t0) * rs + static_cast<int64_t>(h) * D;
+    sm90::load_tile_sw128<kChunk, D>(sbase + StateSmem::x + buf * 16384, p.a1 + base, rs, rows);
+    sm90::load_tile_sw128<kChunk, NV>(sbase + StateSmem::y + buf * 8192, p.a3 + base + col0, rs, rows);
+    load_logcum_async(lcs(buf), p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
+  };
+
+  float acc[64];
+#pragma unroll
+  for (int v = 0; v < 64; ++v) acc[v] = 0.0f;
+  float logg = 0.0f;
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) {
+    if (i < n) issue(i);
+    cp_async_commit();
+  }
+  for (int i = 0; i < n; ++i) {
+    const int buf = i % S;
+    cp_async_wait_group<S - 2>();
+    sm90::fence_proxy();
+    __syncthreads();  // chunk i has landed; every warp's products of chunk i - 1 are complete
+    const float* L = lcs(buf);
+    const float last = L[kChunk - 1], bC = __expf(last);
+#pragma unroll
+    for (int v = 0; v < 64; ++v) acc[v] *= bC;
+    // S^T = bC S^T + (Y^T diag(f)) X, f = e (forward) or b (reverse)
+    state_update_issue(acc, sbase + StateSmem::x + buf * 16384, sbase + StateSmem::y + buf * 8192, L, kReverse);
+    if (i + S - 1 < n) issue(i + S - 1);  // while the product runs
+    cp_async_commit();
+    sm90::wait<0>();
+    sm90::fence_operands(acc);
+    logg += last;
+  }
+  float* gs = p.states + (static_cast<int64_t>(bh) * p.nseg + seg) * D * D;
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      gs[(8 * j + 2 * q + i % 2) * D + col0 + 16 * warp + g + 8 * (i / 2)] = acc[4 * j + i];
+  if (!kReverse && z == 0 && threadIdx.x == 0) p.logg[bh * p.nseg + seg] = logg;
+}
+
+// The walk (as la_walk_kernel<128, reverse>), see the section comment. Each stage holds, besides
+// the chunk's tiles, the bf16 copy of W^T (the state entering the stage's chunk), so the copy is
+// double-buffered with the tiles: one barrier per chunk.
+struct WalkSmem {  // byte offsets from the 1024-byte aligned dynamic shared memory base
+  enum : int {
+    a1 = 0,             // [C x 128]: two 8 KB panels
+    a2 = 16384,         // [C x 128]
+    a3 = 32768,         // [C x 64]: one panel
+    wt = 40960,         // bf16 W^T [64 x 128], K-major: two panels
+    stage = 57344,      // two stages
+    lc = 2 * stage,     // two [C] fp32
+    bytes = lc + 512    // 112.5 KB: two blocks per SM (no room for alignment slack)
+  };
+};
+
+// The walk of one warpgroup: its operands and outputs.
+struct WalkRole {
+  const float* states;  // segment states [B*H, nseg, D, D]
+  bool transposed;      // the walk state W is the transpose of the segment state
+  bf16* out;            // [B, T, H, D] (columns z), or null
+  const bf16* dot_src;  // dlog share source, or null
+  float dot_sign;
+};
+
+// W^T in registers: acc_w[4 j + i] = W[r][col0 + m] with m = 16 (warp % 4) + g (+8 for i >= 2)
+// the A3 column and r = 8 j + 2 q + i % 2 the A2 column.
+__device__ __forceinline__ void load_walk_state(float (&acc_w)[64], const WalkRole& role, const LaParams& p,
+                                                int bh, int seg, int col0) {
+  constexpr int D = 128;
+  const int q = threadIdx.x % 4, r0 = 16 * ((threadIdx.x / 32) % 4) + (threadIdx.x % 32) / 4;
+  const float* gs = role.states + (static_cast<int64_t>(bh) * p.nseg + seg) * D * D;
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = 8 * j + 2 * q + i % 2, c = col0 + r0 + 8 * (i / 2);
+      acc_w[4 * j + i] = role.transposed ? gs[c * D + r] : gs[r * D + c];
+    }
+}
+// The bf16 copy of W^T [64 x 128] into the K-major tile at `wt` (generic pointer; row m, 16-byte
+// chunk j % 8 of panel j / 8), then the proxy fence (a barrier must follow before it is read).
+__device__ __forceinline__ void store_walk_state_copy(unsigned char* wt, const float (&acc_w)[64]) {
+  const int q = threadIdx.x % 4, r0 = 16 * ((threadIdx.x / 32) % 4) + (threadIdx.x % 32) / 4;
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+      *reinterpret_cast<uint32_t*>(wt + (j / 8) * sm90::kSwPanelBytes + sm90::sw128_offset(r0 + 8 * u, j % 8) +
+                                   4 * q) = pack_bf16x2(acc_w[4 * j + 2 * u], acc_w[4 * j + 2 * u + 1]);
+  sm90::fence_proxy();
+}
+
+// One walk step of one warpgroup over a chunk whose tiles have landed (a1, a2: [C x 128], a3:
+// single panel [C x 64] holding A3's columns z, wt: the bf16 copy of W^T, L: the chunk's
+// cumulative log decays). With `more`, updates acc_w and writes its bf16 copy to next_wt (in the
+// next stage, free since the last barrier). issue_next() is called once the products are queued.
+// Writes out[:, z] for the chunk's rows (at `out_base`, row stride rs) and adds the dlog row dots
+// to dlog_h[(dlog_row + r) * H] (dlog_h: the head's column of dlog [B, T, H]; dlog_row = b T + t0).
+template <bool kReverse, typename IssueNext>
+__device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1, uint32_t a2, uint32_t a3,
+                                                uint32_t wt, const float* L, bool more, unsigned char* next_wt,
+                                                IssueNext issue_next, const WalkRole& role, int64_t out_base,
+                                                int64_t rs, int rows, float* dlog_h, int64_t dlog_row, int H) {
+  constexpr int D = 128;
+  const int warp = (threadIdx.x / 32) % 4, g = (threadIdx.x % 32) / 4, q = threadIdx.x % 4;
+  const int r0 = 16 * warp + g, r1 = r0 + 8;  // this thread's two rows of every 64 x N product
+
+  // P = A1 A2^T and O = A1 W (both operands from shared memory).
+  float acc[32], acc_o[32];
+  sm90::fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    sm90::mma_64x64_ss(acc, sm90::desc_kmajor(a1, kk), sm90::desc_kmajor(a2, kk), kk > 0);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    sm90::mma_64x64_ss(acc_o, sm90::desc_kmajor(a1, kk), sm90::desc_kmajor(wt, kk), kk > 0);
+  sm90::commit();
+  // W^T = bC W^T + (A3^T diag(f)) A2 (not needed after the segment's last chunk).
+  if (more) {
+    const float bC = __expf(L[kChunk - 1]);
+#pragma unroll
+    for (int v = 0; v < 64; ++v) acc_w[v] *= bC;
+    state_update_issue(acc_w, a2, a3, L, kReverse);
+    issue_next();  // the next chunk's loads, while the products run
+    sm90::wait<1>();
+  } else {
+    sm90::wait<0>();
+  }
+  sm90::fence_operands(acc);
+  sm90::fence_operands(acc_o);
+
+  // P o M (forward: s <= r, exp(L[r] - L[s]); reverse: s >= r, exp(L[s] - L[r])) as the bf16
+  // A fragments of (P o M) A3: fragment kk holds columns 16 kk .. 16 kk + 15. Column block j
+  // (8 columns) lies left of this warp's 16 rows (j / 2 < warp), on them, or right of them; off
+  // the diagonal it is kept whole (forward left, reverse right; the factor is split at the
+  // warp's first (last) row m: exp(L[r] - L[s]) = exp(L[r] - L[m]) exp(L[m] - L[s]), each <= 1)
+  // or dropped whole.
+  uint32_t pa[kChunk / 16][4];
+  {
+    const float lr0 = L[r0], lr1 = L[r1], lm = L[kReverse ? 16 * warp + 15 : 16 * warp];
+    const float rf0 = __expf(kReverse ? lm - lr0 : lr0 - lm), rf1 = __expf(kReverse ? lm - lr1 : lr1 - lm);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int s = 8 * j + 2 * q;
+      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (kReverse ? j / 2 > warp : j / 2 < warp) {
+        const float c0 = __expf(kReverse ? L[s] - lm : lm - L[s]);
+        const float c1 = __expf(kReverse ? L[s + 1] - lm : lm - L[s + 1]);
+        v[0] = acc[4 * j] * (rf0 * c0);
+        v[1] = acc[4 * j + 1] * (rf0 * c1);
+        v[2] = acc[4 * j + 2] * (rf1 * c0);
+        v[3] = acc[4 * j + 3] * (rf1 * c1);
+      } else if (j / 2 == warp) {
+        const float ls0 = L[s], ls1 = L[s + 1];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e < 2 ? r0 : r1, sc = s + e % 2;
+          const float lr = e < 2 ? lr0 : lr1, ls = e % 2 ? ls1 : ls0;
+          const bool keep = kReverse ? sc >= r : sc <= r;
+          v[e] = keep ? acc[4 * j + e] * __expf(kReverse ? ls - lr : lr - ls) : 0.0f;
+        }
+      }
+      pa[j / 2][(j % 2) * 2] = pack_bf16x2(v[0], v[1]);
+      pa[j / 2][(j % 2) * 2 + 1] = pack_bf16x2(v[2], v[3]);
+    }
+    // O = diag(f) A1 W, f = b (forward) or e (reverse).
+    const float f0 = row_factor(L, r0, !kReverse), f1 = row_factor(L, r1, !kReverse);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      acc_o[4 * j] *= f0;
+      acc_o[4 * j + 1] *= f0;
+      acc_o[4 * j + 2] *= f1;
+      acc_o[4 * j + 3] *= f1;
+    }
+  }
+  sm90::fence();
+#pragma unroll
+  for (int kk = 0; kk < kChunk / 16; ++kk) sm90::mma_64x64_rs_bt(acc_o, pa[kk], sm90::desc_mnmajor(a3, kk));
+  sm90::commit();
+
+  // The dlog dot source at this thread's output positions (read while the product runs).
+  uint32_t dsrc[8][2];
+  if (role.dot_src) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int r = u ? r1 : r0;
+        dsrc[j][u] = r < rows ? __ldg(reinterpret_cast<const unsigned int*>(role.dot_src + out_base + r * rs +
+                                                                           8 * j + 2 * q))
+                              : 0u;
+      }
+  }
+  sm90::wait<0>();
+  sm90::fence_operands(acc_o);
+  sm90::fence_operands(acc_w);
+  if (more) store_walk_state_copy(next_wt, acc_w);
+
+  // Store O (bf16) and add the dlog row dots.
+  float dot[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int r = u ? r1 : r0;
+      const float x = acc_o[4 * j + 2 * u], y = acc_o[4 * j + 2 * u + 1];
+      if (role.out && r < rows) store_bf16x2(role.out + out_base + r * rs + 8 * j + 2 * q, x, y);
+      if (role.dot_src) {
+        __nv_bfloat162 hv;
+        memcpy(&hv, &dsrc[j][u], 4);
+        const float2 src = __bfloat1622float2(hv);
+        dot[u] += x * src.x + y * src.y;
+      }
+    }
+  if (role.dot_src) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], 1);
+      dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], 2);
+      const int r = u ? r1 : r0;
+      if (q == 0 && r < rows) atomicAdd(dlog_h + (dlog_row + r) * H, role.dot_sign * dot[u]);
+    }
+  }
+}
+
+template <bool kReverse>
+__global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_walk_sm90_kernel(LaParams p) {
+#if !LASP_SM90_WGMMA
+  __trap();  // compiled for a device without wgmma; the host never launches it there
+#endif
+  constexpr int D = 128, NV = kWgNV;
+  extern __shared__ __align__(1024) unsigned char smem1024[];
+  unsigned char* smem = smem1024;
+  const uint32_t sbase = sm90::smem_u32(smem);
+  if (sbase & 1023) __trap();  // the swizzled tiles need a 1024-byte aligned base
+  auto at = [&](int buf, int off) { return sbase + buf * WalkSmem::stage + off; };
+  auto lcs = [&](int buf) { return reinterpret_cast<float*>(smem + WalkSmem::lc + buf * 256); };
+
+  const int z = blockIdx.x, seg = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const int col0 = z * NV;
+  const int64_t rs = static_cast<int64_t>(p.H) * D;
+  const ChunkRange cr = segment_chunks(p, seg);
+  const int n = cr.end - cr.begin;
+  auto chunk_of = [&](int i) { return kReverse ? cr.end - 1 - i : cr.begin + i; };
+  auto base_of = [&](int c) {
+    return (static_cast<int64_t>(b) * p.T + c * kChunk) * rs + static_cast<int64_t>(h) * D;
+  };
+  auto rows_of = [&](int c) { return min(kChunk, p.T - c * kChunk); };
+  auto issue = [&](int i) {  // A1, A2, A3 and L of walk step i into stage i % 2 (one group)
+    const int c = chunk_of(i), rows = rows_of(c), buf = i & 1;
+    const int64_t base = base_of(c);
+    sm90::load_tile_sw128<kChunk, D>(at(buf, WalkSmem::a1), p.a1 + base, rs, rows);
+    sm90::load_tile_sw128<kChunk, D>(at(buf, WalkSmem::a2), p.a2 + base, rs, rows);
+    sm90::load_tile_sw128<kChunk, NV>(at(buf, WalkSmem::a3), p.a3 + base + col0, rs, rows);
+    load_logcum_async(lcs(buf), p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
+    cp_async_commit();
+  };
+  const WalkRole role{p.states, p.transposed, p.out, p.dot_src, p.dot_sign};
+  float* dlog_h = p.dlog ? p.dlog + h : nullptr;
+
+  float acc_w[64];
+  load_walk_state(acc_w, role, p, bh, seg, col0);
+  store_walk_state_copy(smem + WalkSmem::wt, acc_w);
+  if (n > 0) issue(0);
+  for (int i = 0; i < n; ++i) {
+    const int c = chunk_of(i), buf = i & 1;
+    cp_async_wait_all();
+    sm90::fence_proxy();
+    __syncthreads();  // chunk i's tiles and W^T copy are ready; every warp is done with the other stage
+    walk_chunk_sm90<kReverse>(acc_w, at(buf, WalkSmem::a1), at(buf, WalkSmem::a2), at(buf, WalkSmem::a3),
+                              at(buf, WalkSmem::wt), lcs(buf), i + 1 < n,
+                              smem + (buf ^ 1) * WalkSmem::stage + WalkSmem::wt,
+                              [&] { issue(i + 1); }, role, base_of(c) + col0, rs, rows_of(c), dlog_h,
+                              static_cast<int64_t>(b) * p.T + c * kChunk, p.H);
+  }
+}
+
+// 1 where the kernels above were compiled for sm_90a (read once per device by the host).
+__device__ int la_sm90_compiled = LASP_SM90_WGMMA;
+
+// ---------------------------------------------------------------------------------------------
 // Host side.
 // ---------------------------------------------------------------------------------------------
 
@@ -746,10 +1123,40 @@ int smem_state_bytes() {
 }
 
 template <typename Kernel>
-void launch(Kernel kernel, const char* what, const LaParams& p, int smem) {
+void launch(Kernel kernel, const char* what, const LaParams& p, int smem, int threads = kThreads) {
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<dim3(kSplit, p.nseg, p.B * p.H), kThreads, smem, cuda_stream()>>>(p);
+  kernel<<<dim3(kSplit, p.nseg, p.B * p.H), threads, smem, cuda_stream()>>>(p);
   CUDA_CHECK_LAUNCH(what);
+}
+
+// The Hopper kernels (section 4) take D = 128 where the device is compute capability 9.0 and the
+// kernels were compiled for it (sm_90a). LASP_LA_KERNEL=mma forces the mma.sync kernels (for
+// comparisons).
+bool use_sm90_kernels() {
+  static int cached[64] = {0};  // per device: 0 unknown, 1 yes, 2 no
+  const int dev = cuda_current_device();
+  if (dev < 64 && cached[dev] != 0) return cached[dev] == 1;
+  int major = 0, minor = 0, compiled = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  CUDA_CHECK(cudaMemcpyFromSymbol(&compiled, la_sm90_compiled, sizeof(int)));
+  const char* env = std::getenv("LASP_LA_KERNEL");
+  const bool forced_mma = env && std::strcmp(env, "mma") == 0;
+  const bool yes = major == 9 && minor == 0 && compiled == 1 && !forced_mma;
+  if (dev < 64) cached[dev] = yes ? 1 : 2;
+  return yes;
+}
+
+// The segment-state kernel: M_j (forward: x = k, y = v) or dM_j (reverse: x = q, y = dO).
+template <int D, bool kReverse>
+void run_segment_state(LaParams p, const char* what, const bf16* x, const bf16* y, float* states) {
+  p.a1 = x;
+  p.a3 = y;
+  p.states = states;
+  if (D == 128 && use_sm90_kernels())
+    launch(la_segment_state_sm90_kernel<kReverse>, what, p, StateSmem::bytes + kAlignSlack, kWgThreads);
+  else
+    launch(la_segment_state_kernel<D, kReverse>, what, p, smem_state_bytes<D>());
 }
 
 // One walk: out (may be null) from operands a1, a2, a3 and the segment states (transposed or not).
@@ -764,7 +1171,10 @@ void run_walk(LaParams p, const char* what, const bf16* a1, const bf16* a2, cons
   p.transposed = transposed;
   p.dot_src = p.dlog ? dot_src : nullptr;
   p.dot_sign = dot_sign;
-  launch(la_walk_kernel<D, kReverse>, what, p, smem_walk_bytes<D>());
+  if (D == 128 && use_sm90_kernels())
+    launch(la_walk_sm90_kernel<kReverse>, what, p, WalkSmem::bytes, kWgThreads);
+  else
+    launch(la_walk_kernel<D, kReverse>, what, p, smem_walk_bytes<D>());
 }
 
 const bf16* bf16_ptr(const Tensor& t) { return t.defined() ? static_cast<const bf16*>(t.raw()) : nullptr; }
@@ -826,9 +1236,7 @@ void run_states(LaParams p, const bf16* k, const bf16* v, const Tensor& init,
                 const Tensor& final_state, const Tensor& d_final, float* final_dot) {
   const int bh = p.B * p.H;
   if (p.nchunks > 0) {
-    p.a1 = k;
-    p.a3 = v;
-    launch(la_segment_state_kernel<D, false>, "la_segment_state_kernel", p, smem_state_bytes<D>());
+    run_segment_state<D, false>(p, "la_segment_state_kernel", k, v, p.states);
   } else {
     CUDA_CHECK(cudaMemsetAsync(p.states, 0, sizeof(float) * bh * D * D, cuda_stream()));
     CUDA_CHECK(cudaMemsetAsync(p.logg, 0, sizeof(float) * bh, cuda_stream()));
@@ -877,12 +1285,7 @@ void backward_impl(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dlog, Tensor& d_i
 
   run_states<D>(p, pk, pv, init, Tensor(), d_final, f32_out(final_dot));
   if (p.nchunks > 0) {
-    LaParams ps = p;
-    ps.a1 = pq;
-    ps.a3 = pdo;
-    ps.states = dstates.data<float>();
-    launch(la_segment_state_kernel<D, true>, "la_segment_state_kernel (reverse)", ps,
-           smem_state_bytes<D>());
+    run_segment_state<D, true>(p, "la_segment_state_kernel (reverse)", pq, pdo, dstates.data<float>());
   } else {
     CUDA_CHECK(cudaMemsetAsync(dstates.data<float>(), 0, sizeof(float) * bh * D * D, cuda_stream()));
   }

@@ -162,6 +162,25 @@ TEST(LinearAttentionGpu, BackwardMatchesCpuWithDataDependentDecayIncludingDecayG
   for (const auto& c : cases_for(DecayMode::DataDependent)) check_backward(c);
 }
 
+// D = 128 runs the Hopper (wgmma) kernels on sm_90 devices. These cases add one piece at a time,
+// so the first failing one names the product at fault:
+//   one chunk, no initial state        o: the masked in-chunk product alone (Q K^T, then P V)
+//   one chunk, initial state           + the inter-chunk product Q S (the bf16 copy of the state)
+//   two chunks per block (B*H = 132)   + the state update inside the walk
+// final_state and d_initial_state isolate the segment-state kernels.
+TEST(LinearAttentionGpu, TiledProductsMatchCpuOneByOne) {
+  LASP_SKIP_WITHOUT_GPU();
+  for (DecayMode mode : {DecayMode::Constant, DecayMode::DataDependent}) {
+    const LaCase one_chunk{1, 64, 2, 128, mode, false, false};
+    const LaCase one_chunk_init{1, 64, 2, 128, mode, true, true};
+    const LaCase two_chunks{2, 128, 66, 128, mode, false, true};
+    for (const LaCase& c : {one_chunk, one_chunk_init, two_chunks}) {
+      check_forward(c);
+      check_backward(c);
+    }
+  }
+}
+
 TEST(LinearAttentionGpu, StateOnlyForwardAndPartialBackwardSkipUndefinedOutputs) {
   LASP_SKIP_WITHOUT_GPU();
   const LaCase c{1, 300, 2, 64, DecayMode::DataDependent, true, true};

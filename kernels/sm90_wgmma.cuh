@@ -1,0 +1,199 @@
+// Hopper (sm_90a) warpgroup matrix multiply primitives: wgmma.mma_async bf16 -> fp32 with
+// shared-memory operands in the 128-byte swizzled layout, and cp.async loads into that layout.
+//
+// A warpgroup is 4 consecutive warps (128 threads, starting at a warp index divisible by 4). One
+// wgmma computes D[64 x N] (+)= A[64 x 16] B[16 x N]. Accumulator d[v], v = 4 j + i, of thread
+// t = 32 w + 4 g + q (warp w, g = lane / 4, q = lane % 4) holds
+//   D[16 w + g + 8 (i / 2)][8 j + 2 q + i % 2]
+// and a register A fragment (4 x bf16x2) holds, like mma.sync m16n8k16,
+//   a0 = A[16 w + g][2 q, 2 q + 1], a1 = A[16 w + g + 8][same], a2 = A[16 w + g][8 + 2 q, +1], a3 =
+//   rows + 8.
+//
+// Shared-memory operands (always 128-byte swizzle here). A tile with rows of 64 bf16 (128 bytes)
+// is stored in panels of [64 rows x 128 B] (kSwPanelBytes apart, 1024-byte aligned); the 16-byte
+// chunk c of row r sits at chunk position c ^ (r % 8). Two ways to read it:
+//   K-major (the row index is M or N, the 64 columns of a panel are K): descriptor start at
+//     panel (k / 64) + 32 bytes per 16 columns of K, SBO = 1024 (8 rows), LBO unused.
+//   MN-major (the row index is K, the columns are N): start at row 16 kk for K step kk, SBO = 1024
+//     (8 rows of K), LBO = kSwPanelBytes (the next 64 columns of N); `trans` set.
+// Ordering: shared memory written by ordinary stores or cp.async must be followed by fence_proxy()
+// in the writing threads and a barrier before a wgmma reads it; registers written by ordinary code
+// need fence() before the wgmma that reads them; results are valid after wait<N>() (and
+// fence_operands, which keeps the compiler from moving their reads above the wait).
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+// Device code for sm_90a has wgmma; device code for other targets compiles these functions to
+// nothing, and kernels that use them should trap there (their host side must check first). The
+// host pass sees the sm_90a code (it only parses it).
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LASP_SM90_WGMMA 1
+#else
+#define LASP_SM90_WGMMA 0
+#endif
+
+namespace lasp {
+namespace sm90 {
+
+constexpr int kSwPanelBytes = 64 * 128;  // one [64 rows x 128 B] swizzle panel
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Byte offset of the 16-byte chunk c (0..7) of row r inside a swizzle panel.
+__device__ __forceinline__ uint32_t sw128_offset(int r, int c) {
+  return static_cast<uint32_t>(r * 128 + ((c ^ (r & 7)) << 4));
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle.
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo_bytes,
+                                               uint32_t sbo_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>(lbo_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(sbo_bytes >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+// K-major operand: K step kk (16 columns) of a tile of panels `panel` bytes apart at `tile`.
+__device__ __forceinline__ uint64_t desc_kmajor(uint32_t tile, int kk, int panel = kSwPanelBytes) {
+  return desc_sw128(tile + (kk / 4) * panel + (kk % 4) * 32, 16, 1024);
+}
+// MN-major operand: K step kk (16 rows) of a tile of panels `panel` bytes apart at `tile` (N
+// spans the panels).
+__device__ __forceinline__ uint64_t desc_mnmajor(uint32_t tile, int kk, int panel = kSwPanelBytes) {
+  return desc_sw128(tile + kk * 16 * 128, panel, 1024);
+}
+
+__device__ __forceinline__ void fence() {
+#if LASP_SM90_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void commit() {
+#if LASP_SM90_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wait() {
+#if LASP_SM90_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Generic-proxy shared-memory writes (st.shared, cp.async) -> visible to wgmma after a barrier.
+__device__ __forceinline__ void fence_proxy() {
+#if LASP_SM90_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+#define LASP_WG_ACC8(d, i)                                                                    \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+#define LASP_WG_ACC32(d) \
+  LASP_WG_ACC8(d, 0), LASP_WG_ACC8(d, 8), LASP_WG_ACC8(d, 16), LASP_WG_ACC8(d, 24)
+#define LASP_WG_ACC64(d)                                                           \
+  LASP_WG_ACC32(d), LASP_WG_ACC8(d, 32), LASP_WG_ACC8(d, 40), LASP_WG_ACC8(d, 48), \
+      LASP_WG_ACC8(d, 56)
+#define LASP_WG_D32                                                                             \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, "                                                                                       \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+#define LASP_WG_D64                                                                             \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, "                                                                                       \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, "  \
+  "%39, "                                                                                       \
+  "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "  \
+  "%58, "                                                                                       \
+  "%59, %60, %61, %62, %63}, "
+
+// D[64 x 64] (+)= A B, A and B K-major from shared memory. accumulate = false overwrites D.
+__device__ __forceinline__ void mma_64x64_ss(float (&d)[32], uint64_t a, uint64_t b,
+                                             bool accumulate) {
+#if LASP_SM90_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " LASP_WG_D32
+      "%32, %33, p, 1, 1, 0, 0;\n}\n"
+      : LASP_WG_ACC32(d)
+      : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
+#endif
+}
+// D[64 x 64] += A B, A from registers, B MN-major from shared memory.
+__device__ __forceinline__ void mma_64x64_rs_bt(float (&d)[32], const uint32_t (&a)[4],
+                                                uint64_t b) {
+#if LASP_SM90_WGMMA
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " LASP_WG_D32
+               "{%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
+               : LASP_WG_ACC32(d)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#endif
+}
+// D[64 x 128] += A B, A from registers, B MN-major from shared memory.
+__device__ __forceinline__ void mma_64x128_rs_bt(float (&d)[64], const uint32_t (&a)[4],
+                                                 uint64_t b) {
+#if LASP_SM90_WGMMA
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " LASP_WG_D64
+               "{%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+               : LASP_WG_ACC64(d)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#endif
+}
+
+#undef LASP_WG_ACC8
+#undef LASP_WG_ACC32
+#undef LASP_WG_ACC64
+#undef LASP_WG_D32
+#undef LASP_WG_D64
+
+// 16-byte cp.async into shared address `dst`; src-size 0 (valid = false) zero-fills.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+// Rows [0, ROWS) of COLS (a multiple of 64) bf16 columns, from g (row stride rs elements), into
+// the swizzled panels (PANEL bytes apart) at shared address `tile`, by a warpgroup; rows >= `rows`
+// are zero-filled.
+// Each thread copies one 16-byte column of rows r0, r0 + 128 / (COLS / 8), ...: its swizzled
+// chunk position is the same for all of them, so the loop carries no index arithmetic.
+template <int ROWS, int COLS, int PANEL = kSwPanelBytes>
+__device__ __forceinline__ void load_tile_sw128(uint32_t tile, const __nv_bfloat16* g, int64_t rs,
+                                                int rows) {
+  constexpr int vpr = COLS / 8;
+  constexpr int kRowsPerPass = 128 / vpr;
+  static_assert(
+      COLS % 64 == 0 && 128 % vpr == 0 && kRowsPerPass % 8 == 0 && ROWS % kRowsPerPass == 0,
+      "tile must split over the warpgroup");
+  const int t = threadIdx.x % 128, r0 = t / vpr, c = t % vpr;
+  const uint32_t dst = tile + (c / 8) * PANEL + sw128_offset(r0, c % 8);
+  const __nv_bfloat16* src = g + r0 * rs + c * 8;
+#pragma unroll
+  for (int j = 0; j < ROWS / kRowsPerPass; ++j) {
+    const bool ok = r0 + j * kRowsPerPass < rows;
+    cp_async16(dst + j * kRowsPerPass * 128, ok ? src + j * kRowsPerPass * rs : g, ok);
+  }
+}
+
+// The register A fragment of A = X^T for K step kk, with X a [K rows x 64 columns] single-panel
+// swizzled tile (A[m][k] = X[k][m], m = this warp's 16 rows 16 w .. 16 w + 15).
+__device__ __forceinline__ void load_a_trans_sw128(uint32_t (&r)[4], uint32_t tile, int kk) {
+  const int l = threadIdx.x % 32, w = (threadIdx.x / 32) % 4;
+  const int row = kk * 16 + (l % 8) + (l / 16) * 8, chunk = 2 * w + (l / 8) % 2;
+  const uint32_t addr = tile + sw128_offset(row, chunk);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+}  // namespace sm90
+}  // namespace lasp
