@@ -4,20 +4,22 @@
 // quantize_math.h, written to reproduce quantize.cc bit for bit.
 //
 // Kernels and their work split:
-//   amax_kernel              grid-stride max |x| -> one uint (float bits: for x >= 0 the bit
-//                            patterns order like the values, and NaN sorts above inf, so NaN
-//                            propagates), atomicMax per warp
 //   fp8_tensor_kernel        one scale (from the device amax or a host value), grid-stride encode
 //   fp8_block1x128_kernel    one warp per 1x128 block: 4 elements per lane, warp max, encode
 //   fp8_block128x128_kernel  one 256-thread CTA per 128x128 tile: CTA max, encode
 //   fp4_quantize_kernel      one thread per (row, group) of 32 (MX) or 16 (NV) elements
 //   *_dequant_kernel         grid-stride elementwise
 // and the sync-free pieces of the CUDA projections (core/model/projection.cc):
-//   amax_vec_kernel          16-byte loads, 4 in flight per thread, one atomicMax per CTA
-//   fp8_rows_cols_kernel     per-tensor FP8 from a device scale, one 64x64 tile per CTA: codes
-//                            row-major and/or transposed (through shared memory) in one pass,
-//                            optionally recording the tile amax (delayed scaling); encodes with
-//                            the hardware converter (same codes as the CPU, tested)
+//   amax_vec_kernel          max |x| -> one uint (float bits: for x >= 0 the bit patterns order
+//                            like the values, and NaN sorts above inf, so NaN propagates);
+//                            16-byte loads, 4 in flight per thread, one atomicMax per CTA (also
+//                            the amax of quantize_fp8_cuda / amax_cuda)
+//   fp8_rows_cols_kernel     per-tensor FP8 from a device scale, grid-stride over 128x64 tiles:
+//                            codes row-major and/or transposed (through shared memory) in one
+//                            pass, 16-byte loads and stores on both sides, optionally recording
+//                            the amax (delayed scaling); x / s through the reciprocal
+//                            (qmath::div_by_scale, the IEEE quotient), encoded by the hardware
+//                            converter (same codes as the CPU, tested)
 //   transpose_pad_kernel     32x32 shared-memory transpose with zero padding
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -25,6 +27,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <type_traits>
 
 #include "core/tensor.h"
@@ -58,16 +62,6 @@ __device__ inline float scale_from_amax(float amax, float fmax) {
 __device__ inline uint32_t warp_max(uint32_t m) {
   for (int off = 16; off > 0; off /= 2) m = max(m, __shfl_xor_sync(0xffffffffu, m, off));
   return m;
-}
-
-template <typename T>
-__global__ void amax_kernel(const T* x, int64_t n, uint32_t* out) {
-  uint32_t m = 0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    m = max(m, float_bits(fabsf(to_float(x[i]))));
-  m = warp_max(m);
-  if ((threadIdx.x & 31) == 0) atomicMax(out, m);
 }
 
 template <typename T>
@@ -278,87 +272,122 @@ __device__ inline float device_scale(const ScaleArgs& a, float fmax) {
   return scale_from_amax(bits_float(m), fmax);
 }
 
-constexpr int kRcTile = 64;                // rows/cols quantizer: 64 x 64 element tiles
-constexpr int kRcStride = kRcTile + 4;     // shared row stride (bytes): 4-byte aligned rows
-constexpr int kRcSeg = 16;                 // transposed stores: 16 codes (16 bytes) per thread
+// The rows/cols quantizer. One CTA (256 threads) per 128 x 64 tile of x at a time, grid-stride over
+// the tiles (the grid is what fits on the GPU at once, so the scale is read once per CTA).
+//   load:  thread unit u (two per thread) = tile row u / 4, 16 consecutive columns 16 (u % 4):
+//          16-byte loads (2 for bf16, 4 for fp32; both units' loads are issued before any use),
+//          encode, one 16-byte store of the 16 row-major codes; a warp covers 8 rows x 64 columns.
+//   cols:  the codes also go to the shared tile; after a barrier thread (column c, segment g)
+//          gathers tile rows [16 g, 16 g + 16) of column c into one 16-byte store of x^T. A warp
+//          takes 16 columns x 2 adjacent segments: 32 contiguous bytes per x^T row, and with the
+//          68-byte shared row stride (17 words) its shared reads hit 8 distinct banks per row pair.
+// Codes outside [rows, cols) (the zero padding up to rows_p / cols_p) are stored as 0.
+constexpr int kRcRows = 128;                          // tile rows
+constexpr int kRcCols = 64;                           // tile columns
+constexpr int kRcUnit = 16;                           // elements per load unit = codes per store
+constexpr int kRcUnitsPerRow = kRcCols / kRcUnit;     // 4
+constexpr int kRcUnits = kRcRows * kRcUnitsPerRow / kThreads;  // load units per thread: 2
+constexpr int kRcStride = kRcCols + 4;                // shared row stride in bytes
+constexpr int kRcSeg = 16;                            // x^T rows per 16-byte store
+constexpr int kRcSegs = kRcCols * (kRcRows / kRcSeg) / kThreads;  // stores per thread: 2
+static_assert(kRcRows * kRcUnitsPerRow % kThreads == 0 && kRcCols * (kRcRows / kRcSeg) % kThreads == 0,
+              "rows/cols tile split");
+static_assert(kThreads == 256 && kRcCols == 64, "the x^T store mapping assumes 8 warps and 64 columns");
 
-// One 64x64 tile per CTA (256 threads). Load phase: 16-byte vectors of x, encode, store the codes
-// row-major (rows_out) and into shared memory. Store phase (cols_out): thread t takes column
-// t % 64 and rows [16 (t / 64), +16) of the tile: 16 bytes of x^T per thread, and a warp reads
-// 32 consecutive bytes of one shared row per step (no bank conflicts).
+// Loads 16 consecutive elements as floats (16-byte aligned p).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) fp8_rows_cols_kernel(
-    const T* __restrict__ x, int64_t rows, int64_t cols, int64_t cols_p, int64_t rows_p, int64_t col_tiles,
-    ScaleArgs sa, float fmax, bool e4m3, bool vec_ok, uint8_t* __restrict__ rows_out,
-    uint8_t* __restrict__ cols_out, float* scale_out) {
+__device__ inline void load_unit(const T* p, float (&f)[kRcUnit]) {
   constexpr int V = Vec16<T>::kN;
-  constexpr int kVecPerRow = kRcTile / V;
-  constexpr int kPerThread = kRcTile * kVecPerRow / kThreads;
-  static_assert(kRcTile * kVecPerRow % kThreads == 0, "tile / thread split");
-  static_assert(kThreads == kRcTile * (kRcTile / kRcSeg), "one 16-code segment per thread");
-  __shared__ __align__(16) uint8_t tile[kRcTile][kRcStride];
+#pragma unroll
+  for (int k = 0; k < kRcUnit / V; ++k) load16(p + k * V, *reinterpret_cast<float(*)[V]>(f + k * V));
+}
 
+template <typename T, bool kCols, bool kRecord>
+__global__ void __launch_bounds__(kThreads, 4) fp8_rows_cols_kernel(
+    const T* __restrict__ x, int64_t rows, int64_t cols, int64_t cols_p, int64_t rows_p, int64_t row_tiles,
+    int64_t col_tiles, ScaleArgs sa, float fmax, bool e4m3, bool vec_ok, uint8_t* __restrict__ rows_out,
+    uint8_t* __restrict__ cols_out, float* scale_out) {
+  __shared__ __align__(16) uint8_t tile[kRcRows][kRcStride];
   const float s = device_scale(sa, fmax);
   if (blockIdx.x == 0 && threadIdx.x == 0) scale_out[0] = s;
-  const int64_t r0 = (blockIdx.x / col_tiles) * kRcTile, c0 = (blockIdx.x % col_tiles) * kRcTile;
+  const bool fast_div = scale_division_ok(s);  // else the IEEE division (huge/tiny/non-finite s)
+  const float rs = 1.0f / s;
   uint32_t m = 0;
+  const int64_t tiles = row_tiles * col_tiles;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t r0 = (t / col_tiles) * kRcRows, c0 = (t % col_tiles) * kRcCols;
+    // ---- load both units
+    float f[kRcUnits][kRcUnit];
+    bool full[kRcUnits];
 #pragma unroll
-  for (int k = 0; k < kPerThread; ++k) {
-    const int v = threadIdx.x + k * kThreads;
-    const int r = v / kVecPerRow, cv = (v % kVecPerRow) * V;
-    const int64_t gr = r0 + r, gc = c0 + cv;
-    const bool full = vec_ok && gr < rows && gc + V <= cols;
-    float f[V];
-    if (full) {
-      load16(x + gr * cols + gc, f);
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) f[j] = (gr < rows && gc + j < cols) ? to_float(x[gr * cols + gc + j]) : 0.0f;
-    }
-    uint32_t packed[V / 4];
-#pragma unroll
-    for (int w = 0; w < V / 4; ++w) packed[w] = 0;
-#pragma unroll
-    for (int j = 0; j < V; j += 2) {
-      m = max(m, max(float_bits(fabsf(f[j])), float_bits(fabsf(f[j + 1]))));
-      packed[j / 4] |= fp8x2_encode(f[j] / s, f[j + 1] / s, f[j], f[j + 1], e4m3) << (8 * (j % 4));
-    }
-    if (rows_out != nullptr && gr < rows) {  // row-major codes, zero in columns [cols, cols_p)
-      uint8_t* dst = rows_out + gr * cols_p + gc;
-      if (full) {
-        if constexpr (V == 8) {
-          *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
-        } else {
-          *reinterpret_cast<uint32_t*>(dst) = packed[0];
-        }
+    for (int k = 0; k < kRcUnits; ++k) {
+      const int u = threadIdx.x + k * kThreads;
+      const int64_t gr = r0 + u / kRcUnitsPerRow, gc = c0 + (u % kRcUnitsPerRow) * kRcUnit;
+      full[k] = vec_ok && gr < rows && gc + kRcUnit <= cols;
+      if (full[k]) {
+        load_unit(x + gr * cols + gc, f[k]);
       } else {
 #pragma unroll
-        for (int j = 0; j < V; ++j)
-          if (gc + j < cols_p) dst[j] = static_cast<uint8_t>(packed[j / 4] >> (8 * (j % 4)));
+        for (int j = 0; j < kRcUnit; ++j)
+          f[k][j] = (gr < rows && gc + j < cols) ? to_float(x[gr * cols + gc + j]) : 0.0f;
       }
     }
-    if (cols_out != nullptr) {
+    // ---- encode, store the row-major codes, stage them for x^T
 #pragma unroll
-      for (int w = 0; w < V / 4; ++w) *reinterpret_cast<uint32_t*>(&tile[r][cv + 4 * w]) = packed[w];
+    for (int k = 0; k < kRcUnits; ++k) {
+      const int u = threadIdx.x + k * kThreads;
+      const int tr = u / kRcUnitsPerRow, tc = (u % kRcUnitsPerRow) * kRcUnit;
+      const int64_t gr = r0 + tr, gc = c0 + tc;
+      uint32_t packed[kRcUnit / 4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int j = 0; j < kRcUnit; j += 2) {
+        const float a = f[k][j], b = f[k][j + 1];
+        if constexpr (kRecord) m = max(m, max(float_bits(fabsf(a)), float_bits(fabsf(b))));
+        const float qa = fast_div ? div_by_scale(a, s, rs) : a / s;
+        const float qb = fast_div ? div_by_scale(b, s, rs) : b / s;
+        packed[j / 4] |= fp8x2_encode(qa, qb, a, b, e4m3) << (8 * (j % 4));
+      }
+      if (!full[k]) {  // padding codes are 0 whatever the scale (a NaN scale would encode NaN)
+#pragma unroll
+        for (int j = 0; j < kRcUnit; ++j)
+          if (gr >= rows || gc + j >= cols) packed[j / 4] &= ~(0xFFu << (8 * (j % 4)));
+      }
+      // cols_p % 16 == 0 and gc % 16 == 0: a unit is wholly inside or outside [0, cols_p).
+      if (rows_out != nullptr && gr < rows && gc < cols_p)
+        *reinterpret_cast<uint4*>(rows_out + gr * cols_p + gc) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      if constexpr (kCols) {
+#pragma unroll
+        for (int w = 0; w < kRcUnit / 4; ++w) *reinterpret_cast<uint32_t*>(&tile[tr][tc + 4 * w]) = packed[w];
+      }
+    }
+    if constexpr (kCols) {
+      __syncthreads();
+      // ---- x^T: thread -> (column c, segment g); rows_p % 16 == 0, so a segment is wholly
+      // inside or outside [0, rows_p)
+      const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+      const int c = (warp / 2) * 16 + lane / 2;
+      const int64_t gc = c0 + c;
+#pragma unroll
+      for (int k = 0; k < kRcSegs; ++k) {
+        const int g = 2 * (warp % 2) + lane % 2 + 4 * k;
+        const int64_t gr = r0 + g * kRcSeg;
+        if (gc < cols && gr < rows_p) {
+          uint32_t w[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int rr = g * kRcSeg + 4 * q;
+            w[q] = static_cast<uint32_t>(tile[rr][c]) | (static_cast<uint32_t>(tile[rr + 1][c]) << 8) |
+                   (static_cast<uint32_t>(tile[rr + 2][c]) << 16) | (static_cast<uint32_t>(tile[rr + 3][c]) << 24);
+          }
+          *reinterpret_cast<uint4*>(cols_out + gc * rows_p + gr) = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+      }
+      __syncthreads();  // the next tile overwrites the shared tile
     }
   }
-  if (sa.record != nullptr) {
+  if constexpr (kRecord) {
     m = block_max(m);
     if (threadIdx.x == 0) atomicMax(sa.record, m);
-  }
-  if (cols_out == nullptr) return;
-  __syncthreads();
-  const int c = threadIdx.x % kRcTile, seg = threadIdx.x / kRcTile;
-  const int64_t gc = c0 + c, gr = r0 + seg * kRcSeg;
-  if (gc < cols && gr < rows_p) {  // rows_p % 16 == 0: a segment is wholly inside or outside
-    uint32_t w[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int rr = seg * kRcSeg + 4 * q;
-      w[q] = static_cast<uint32_t>(tile[rr][c]) | (static_cast<uint32_t>(tile[rr + 1][c]) << 8) |
-             (static_cast<uint32_t>(tile[rr + 2][c]) << 16) | (static_cast<uint32_t>(tile[rr + 3][c]) << 24);
-    }
-    *reinterpret_cast<uint4*>(cols_out + gc * rows_p + gr) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 }
 
@@ -409,19 +438,10 @@ void with_input_type(const Tensor& x, F&& body) {
   }
 }
 
-// max |x| as float bits into a fresh one-element device buffer (async).
+// max |x| as float bits into a fresh one-element device buffer (async): amax_vec_kernel.
 Tensor device_amax_bits(const Tensor& x) {
   Tensor amax = Tensor::empty({1}, DType::I32, x.device());
-  cudaStream_t stream = cuda_stream();
-  CUDA_CHECK(cudaMemsetAsync(amax.raw(), 0, sizeof(uint32_t), stream));
-  const int64_t n = x.numel();
-  if (n > 0) {
-    with_input_type(x, [&](auto* xp) {
-      amax_kernel<<<grid_for(n, kThreads, 4096), kThreads, 0, stream>>>(
-          xp, n, static_cast<uint32_t*>(amax.raw()));
-    });
-    CUDA_CHECK_LAUNCH("amax_kernel");
-  }
+  amax_into_cuda(amax, 0, x, true);
   return amax;
 }
 
@@ -634,6 +654,28 @@ int max_grid_blocks() {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Grid of a grid-stride kernel over `work` CTA-sized items: as many CTAs as are resident on the
+// GPU at once (SMs x the kernel's occupancy at kThreads), at most one per item. Cached per kernel.
+template <typename Kernel>
+int persistent_grid(Kernel kernel, int64_t work) {
+  static std::mutex mu;
+  static std::map<const void*, int> resident_of;
+  int resident = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    int& r = resident_of[reinterpret_cast<const void*>(kernel)];
+    if (r == 0) {
+      int dev = 0, sms = 0, per_sm = 0;
+      CUDA_CHECK(cudaGetDevice(&dev));
+      CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+      CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+      r = std::max(1, sms) * std::max(1, per_sm);
+    }
+    resident = r;
+  }
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, resident)));
+}
+
 uint32_t* amax_slot(Tensor& bits, int64_t index, const char* fn) {
   LASP_CHECK(bits.defined() && bits.is_cuda() && bits.dtype() == DType::I32 && bits.is_contiguous())
       << fn << ": amax slots must be a contiguous I32 CUDA tensor, got " << (bits.defined() ? bits.str() : "undefined");
@@ -702,9 +744,8 @@ Fp8RowsCols quantize_fp8_rows_cols_cuda(const Tensor& x, Fp8Format format, const
   }
   if (want_rows) out.rows.codes = Tensor::empty({rows, cols_p}, DType::U8, dev);
   if (want_cols) out.cols.codes = Tensor::empty({cols, rows_p}, DType::U8, dev);
-  const int64_t col_tiles = (cols_p + kRcTile - 1) / kRcTile;
-  const int64_t row_tiles = ((want_cols ? rows_p : rows) + kRcTile - 1) / kRcTile;
-  LASP_CHECK(row_tiles * col_tiles < (int64_t{1} << 31)) << fn << ": tensor too large " << x.str();
+  const int64_t col_tiles = (cols_p + kRcCols - 1) / kRcCols;
+  const int64_t row_tiles = ((want_cols ? rows_p : rows) + kRcRows - 1) / kRcRows;
   uint8_t* rows_ptr = want_rows ? out.rows.codes.data<uint8_t>() : nullptr;
   uint8_t* cols_ptr = want_cols ? out.cols.codes.data<uint8_t>() : nullptr;
   const float fmax = fp8_format_max(format);
@@ -713,8 +754,22 @@ Fp8RowsCols quantize_fp8_rows_cols_cuda(const Tensor& x, Fp8Format format, const
   with_input_type(x, [&](auto* xp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     const bool vec_ok = aligned16(xp) && cols % Vec16<T>::kN == 0;
-    fp8_rows_cols_kernel<<<static_cast<int>(row_tiles * col_tiles), kThreads, 0, stream>>>(
-        xp, rows, cols, cols_p, rows_p, col_tiles, sa, fmax, e4m3, vec_ok, rows_ptr, cols_ptr, scales.data<float>());
+    auto launch = [&](auto kernel) {
+      const int grid = persistent_grid(kernel, row_tiles * col_tiles);
+      kernel<<<grid, kThreads, 0, stream>>>(xp, rows, cols, cols_p, rows_p, row_tiles, col_tiles, sa, fmax, e4m3,
+                                            vec_ok, rows_ptr, cols_ptr, scales.data<float>());
+    };
+    if (want_cols) {
+      if (sa.record)
+        launch(fp8_rows_cols_kernel<T, true, true>);
+      else
+        launch(fp8_rows_cols_kernel<T, true, false>);
+    } else {
+      if (sa.record)
+        launch(fp8_rows_cols_kernel<T, false, true>);
+      else
+        launch(fp8_rows_cols_kernel<T, false, false>);
+    }
   });
   CUDA_CHECK_LAUNCH("quantize_fp8_rows_cols_cuda");
   return out;

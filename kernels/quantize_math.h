@@ -218,4 +218,35 @@ LASP_HOST_DEVICE inline uint8_t fp4_quantize_group(const Load& load, int64_t c0,
   return sc;
 }
 
+// ---------------------------------------------------------------- x / s by a per-tensor scale
+// The per-tensor FP8 quantizer divides every element by one scale s (the CPU divides, so the
+// device must produce the IEEE quotient x / s, or at least its FP8 code). An IEEE division costs
+// ~10 instructions per element; with the reciprocal r = 1 / s rounded once (by the caller, once
+// per CTA) Markstein's corrections give the same quotient in 5:
+//   q0 = x r                  within 1.5 ulp of x / s
+//   q1 = q0 + (x - q0 s) r    the remainder is exact in one FMA; q1 within 1 ulp
+//   q2 = q1 + (x - q1 s) r    = RN(x / s) (Markstein: r = RN(1 / s), q1 within 1 ulp of x / s)
+// as long as nothing leaves the normal range. The caller uses it only when
+// scale_division_ok(s) (2^-60 <= s <= 2^60: r is normal); then
+//   - |x| >= 2^-100 and |q0| < 2^120: the theorem applies, the result is x / s bit for bit;
+//   - |x| < 2^-100: x / s and the result are both below 2^-39 in magnitude with x's sign, so
+//     both encode to the signed zero of E4M3 / E5M2 (the remainders may round there);
+//   - |q0| >= 2^120, inf or NaN: q0 is returned; like x / s it saturates (or is NaN);
+//   - x = ±0: ±0.
+// The products are written as fmaf / __fmul_rn so that no compiler contraction changes them.
+// tests/gpu/quantize_gpu_test.cc (QuantizeDeviceMath, no GPU needed) checks it against x / s.
+LASP_HOST_DEVICE inline bool scale_division_ok(float s) { return s >= 0x1p-60f && s <= 0x1p60f; }
+
+LASP_HOST_DEVICE inline float div_by_scale(float x, float s, float r) {
+#if defined(__CUDA_ARCH__)
+  const float q0 = __fmul_rn(x, r);
+#else
+  const float q0 = x * r;
+#endif
+  const float q1 = fmaf(fmaf(-q0, s, x), r, q0);
+  const float q2 = fmaf(fmaf(-q1, s, x), r, q1);
+  // s > 0, so x / s has x's sign; copysign restores it for x = -0 (the FMAs give +0 there).
+  return fabsf(q0) < 0x1p120f ? copysignf(q2, x) : q0;
+}
+
 }  // namespace lasp::qmath

@@ -14,7 +14,9 @@
 //               transpose: dy gives dy and dy^T in one pass). W and W^T are quantized once per
 //               cache epoch (= step); an activation read by several projections (x by q, k, v,
 //               z and the gate; by gate and up) is quantized once (a one-entry cache per
-//               direction, keyed by the tensor's storage, which the entry holds).
+//               direction, keyed by the tensor's storage, which the entry holds); the backward's
+//               x^T reuses the forward's scale for x (kept in the weight's state, by x's identity),
+//               so x is read by one amax pass in all.
 //   delayed     the CPU's AmaxHistory rules on the device (DeviceAmaxHistory): one pass per
 //               operand that scales by the window's max and records the tensor's own amax. The
 //               forward's x and W scales are reused by the backward, as on the CPU. No caching
@@ -90,15 +92,24 @@ Fp8DeviceScale delayed_scale(DeviceAmaxHistory& h, const Tensor& x) {
   return s;
 }
 
-// x or x^T in E4M3 with x's current per-tensor scale, through the one-entry cache.
-QuantizedFp8 activation_current(const Tensor& x, bool transposed) {
+// x or x^T in E4M3 with x's current per-tensor scale, through the one-entry cache. known_scale
+// (optional): a device scale already computed from this x (the forward's), which saves the amax
+// pass.
+QuantizedFp8 activation_current(const Tensor& x, bool transposed,
+                                const Tensor& known_scale = Tensor()) {
   ActivationEntry& e = transposed ? g_backward_xt : g_forward_x;
   {
     std::lock_guard<std::mutex> lock(g_cache_mu);
     if (e.matches(x)) return e.q;
   }
+  Fp8DeviceScale scale;
+  if (known_scale.defined()) {
+    scale.scale = known_scale;
+  } else {
+    scale = current_scale(x);
+  }
   const Fp8RowsCols q =
-      quantize_fp8_rows_cols_cuda(x, Fp8Format::E4M3, current_scale(x), !transposed, transposed);
+      quantize_fp8_rows_cols_cuda(x, Fp8Format::E4M3, scale, !transposed, transposed);
   const QuantizedFp8& out = transposed ? q.cols : q.rows;
   if (cache_control().enabled) {
     std::lock_guard<std::mutex> lock(g_cache_mu);
@@ -107,6 +118,23 @@ QuantizedFp8 activation_current(const Tensor& x, bool transposed) {
     e.q = out;
   }
   return out;
+}
+
+// The forward's scale for x (per-tensor current scaling), kept in w's state by identity of x's
+// data: the backward of the same projection in the same cache epoch is given the very tensor the
+// forward read (the model saves it, or recomputes it identically), so its amax is the forward's.
+void remember_forward_x(ProjectionState& st, const Tensor& x, const Tensor& scale) {
+  st.x_data = x.raw();
+  st.x_shape = x.shape();
+  st.x_dtype = x.dtype();
+  st.x_epoch = cache_control().epoch;
+  st.x_current_scale = scale;
+}
+
+Tensor forward_x_scale(const ProjectionState& st, const Tensor& x) {
+  const bool same = st.x_current_scale.defined() && cache_valid(st.x_epoch) &&
+                    st.x_data == x.raw() && st.x_shape == x.shape() && st.x_dtype == x.dtype();
+  return same ? st.x_current_scale : Tensor();
 }
 
 // W and W^T in E4M3 for per-tensor (current) or block scaling, once per cache epoch.
@@ -223,6 +251,7 @@ void fp8_forward_cuda(Tensor& y, const Tensor& x, Param& w) {
     } else if (mode == Fp8ScaleMode::PerTensor) {
       fp8_weight(w, st, mode);
       xq = activation_current(x, false);
+      if (cache_control().enabled) remember_forward_x(st, x, xq.scales);
     } else {
       xq = quantize_fp8_rows_cols_cuda(x, Fp8Format::E4M3, delayed_scale(st.x_dev, x), true, false)
                .rows;
@@ -256,7 +285,7 @@ void fp8_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& d
       Fp8DeviceScale dy_scale;
       if (mode == Fp8ScaleMode::PerTensor) {
         fp8_weight(w, st, mode);
-        x_cols = activation_current(x, true);
+        x_cols = activation_current(x, true, forward_x_scale(st, x));
         dy_scale = current_scale(dy);
       } else {
         LASP_CHECK(st.fp8_forward_done && st.x_scale_dev.defined())

@@ -85,6 +85,14 @@ struct ProjectionState {
   QuantizedFp4 w_fp4;           // FP4 forward operand: W rotated and quantized
   projection_detail::DeviceAmaxHistory x_dev, w_dev, dy_dev;
   Tensor x_scale_dev;  // delayed: the scale the last forward used for x (the backward's x^T)
+  // Per-tensor (current) scaling: the last forward's x, by identity only (not held), and the
+  // device scale it was quantized with, valid in cache epoch x_epoch. The backward's x^T takes
+  // that scale (= amax(x) / 448 while x is unchanged) instead of another amax pass over x.
+  const void* x_data = nullptr;
+  Shape x_shape;
+  DType x_dtype = DType::F32;
+  int64_t x_epoch = -1;
+  Tensor x_current_scale;
 };
 
 namespace projection_detail {

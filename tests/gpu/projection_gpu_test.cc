@@ -136,6 +136,18 @@ std::string error_of(const std::function<void()>& fn) {
 
 // ---------------------------------------------------------------- kernels
 
+// Allocates uint8 CUDA tensors of these shapes filled with 0xA5 and frees them: the caching
+// allocator hands the same blocks to the next allocations of those sizes, so outputs a kernel
+// fails to write (padding included) show up as 0xA5 instead of zeros left by an earlier test.
+void poison_cuda_blocks(const std::vector<Shape>& shapes) {
+  std::vector<Tensor> held;
+  for (const Shape& sh : shapes) {
+    Tensor h = Tensor::empty(sh, DType::U8);
+    std::memset(h.raw(), 0xA5, h.nbytes());
+    held.push_back(h.to(cuda()));
+  }
+}
+
 TEST(ProjectionKernelsGpu, Fp8RowsColsCodesEqualCpuQuantizeAndItsZeroPaddedTranspose) {
   LASP_SKIP_WITHOUT_GPU();
   const uint32_t seed = fresh_seed();
@@ -143,7 +155,11 @@ TEST(ProjectionKernelsGpu, Fp8RowsColsCodesEqualCpuQuantizeAndItsZeroPaddedTrans
   struct S {
     int64_t rows, cols;
   };
-  for (const S& sh : {S{1, 1}, S{37, 70}, S{64, 64}, S{130, 256}, S{200, 48}, S{3, 1000}})
+  // Tiles are 128 x 64 and a unit is 16 elements (8 per 16-byte bf16 load, 4 fp32): shapes at,
+  // below and above those sizes, rows/cols that are not multiples of 16 or of the vector width
+  // (the element-wise path), and more tiles than CTAs fit on the GPU (the grid-stride loop).
+  for (const S& sh : {S{1, 1}, S{37, 70}, S{64, 64}, S{130, 256}, S{200, 48}, S{3, 1000}, S{129, 72},
+                      S{128, 65}, S{255, 136}, S{17, 8}, S{4500, 1024}, S{4100, 1030}})
     for (DType dt : {DType::F32, DType::BF16})
       for (Fp8Format f : {Fp8Format::E4M3, Fp8Format::E5M2}) {
         SCOPED_TRACE(testing::Message()
@@ -151,12 +167,20 @@ TEST(ProjectionKernelsGpu, Fp8RowsColsCodesEqualCpuQuantizeAndItsZeroPaddedTrans
                      << (f == Fp8Format::E4M3 ? "e4m3" : "e5m2") << " seed " << seed);
         const Tensor x = activation(sh.rows, sh.cols, rng);
         const QuantizedFp8 ref = quantize_fp8(x, f, Fp8Scaling::PerTensor);
+        const int64_t rp = (sh.rows + 15) / 16 * 16, cp = (sh.cols + 15) / 16 * 16;
+        poison_cuda_blocks({{sh.rows, cp}, {sh.cols, rp}});  // the outputs reuse poisoned memory
         Fp8DeviceScale sc;
         sc.amax = Tensor::empty({1}, DType::I32, cuda());
         amax_into_cuda(sc.amax, 0, to_cuda(x, dt), true);
         const Fp8RowsCols q = quantize_fp8_rows_cols_cuda(to_cuda(x, dt), f, sc, true, true);
         EXPECT_EQ(q.rows.scales.to(cpu()).item(0), ref.scales.item(0));
-        const int64_t rp = (sh.rows + 15) / 16 * 16, cp = (sh.cols + 15) / 16 * 16;
+        // The single-orientation variants write the same codes.
+        const Fp8RowsCols only_rows = quantize_fp8_rows_cols_cuda(to_cuda(x, dt), f, sc, true, false);
+        const Fp8RowsCols only_cols = quantize_fp8_rows_cols_cuda(to_cuda(x, dt), f, sc, false, true);
+        EXPECT_FALSE(only_rows.cols.codes.defined());
+        EXPECT_FALSE(only_cols.rows.codes.defined());
+        EXPECT_EQ(only_rows.rows.codes.to(cpu()).to_vector(), q.rows.codes.to(cpu()).to_vector());
+        EXPECT_EQ(only_cols.cols.codes.to(cpu()).to_vector(), q.cols.codes.to(cpu()).to_vector());
         ASSERT_EQ(q.rows.codes.shape(), (Shape{sh.rows, cp}));
         ASSERT_EQ(q.cols.codes.shape(), (Shape{sh.cols, rp}));
         const Tensor rows = q.rows.codes.to(cpu()), cols = q.cols.codes.to(cpu());
@@ -233,24 +257,34 @@ TEST(ProjectionKernelsGpu, Fp8DeviceScaleFromAmaxSlotsSkipsOneAndRecordsTheTenso
   sc.skip = 1;
   sc.record = sc.amax;
   sc.record_index = 1;
-  amax_reset_cuda(sc.record, 1);
-  const Fp8RowsCols q =
-      quantize_fp8_rows_cols_cuda(to_cuda(x, DType::BF16), Fp8Format::E4M3, sc, true, false);
-  EXPECT_FLOAT_EQ(static_cast<float>(q.rows.scales.to(cpu()).item(0)), 7.0f / 448.0f);
-  const Tensor after = sc.amax.to(cpu());
-  float rec = 0;
-  std::memcpy(&rec, static_cast<const char*>(after.raw()) + 4, 4);
-  EXPECT_EQ(rec, amax_x);
   // The codes equal the CPU's with that fixed amax (saturating the 30x rows).
   AmaxHistory fixed(1);
   fixed.record(7.0f);
   const QuantizedFp8 ref = quantize_fp8(x, Fp8Format::E4M3, Fp8Scaling::PerTensor, &fixed);
-  const Tensor codes = q.rows.codes.to(cpu());
-  int64_t bad = 0;
-  for (int64_t r = 0; r < 50; ++r)
-    for (int64_t c = 0; c < 96; ++c)
-      bad += codes.data<uint8_t>()[r * 96 + c] != ref.codes.data<uint8_t>()[r * 96 + c];
-  EXPECT_EQ(bad, 0);
+  for (bool with_cols : {false, true}) {  // two kernels: rows only, rows + x^T
+    SCOPED_TRACE(with_cols ? "rows and cols" : "rows");
+    amax_reset_cuda(sc.record, 1);
+    const Fp8RowsCols q =
+        quantize_fp8_rows_cols_cuda(to_cuda(x, DType::BF16), Fp8Format::E4M3, sc, true, with_cols);
+    EXPECT_FLOAT_EQ(static_cast<float>(q.rows.scales.to(cpu()).item(0)), 7.0f / 448.0f);
+    const Tensor after = sc.amax.to(cpu());
+    float rec = 0;
+    std::memcpy(&rec, static_cast<const char*>(after.raw()) + 4, 4);
+    EXPECT_EQ(rec, amax_x);
+    const Tensor codes = q.rows.codes.to(cpu());
+    const Tensor tcodes = with_cols ? q.cols.codes.to(cpu()) : Tensor();
+    int64_t bad = 0;
+    for (int64_t r = 0; r < 50; ++r)
+      for (int64_t c = 0; c < 96; ++c) {
+        const uint8_t want = ref.codes.data<uint8_t>()[r * 96 + c];
+        bad += codes.data<uint8_t>()[r * 96 + c] != want;
+        if (with_cols) bad += tcodes.data<uint8_t>()[c * 64 + r] != want;  // x^T [96, 64]
+      }
+    if (with_cols)
+      for (int64_t c = 0; c < 96; ++c)
+        for (int64_t r = 50; r < 64; ++r) bad += tcodes.data<uint8_t>()[c * 64 + r] != 0;  // padding
+    EXPECT_EQ(bad, 0);
+  }
 }
 
 TEST(ProjectionKernelsGpu, HadamardEqualsTheCpuBitForBitForEveryBlockSize) {
@@ -427,6 +461,45 @@ TEST(ProjectionFp8Gpu, CachedWeightsAndSharedActivationsFollowTheStepAndWeightCh
   projection_forward(y, xg, q_gpu);
   projection_forward(yc, x, q2_cpu);
   EXPECT_LT(rel_error(y, yc), kBf16Tol) << "the cached W of the old weights was used";
+  set_projection_step(1);
+}
+
+// In the trainer's mode the backward quantizes x^T with the scale its forward computed for the
+// same x (no second amax pass). That must be bit for bit what a fresh amax gives, and a backward
+// handed a different tensor than its forward read must not take the forward's scale.
+TEST(ProjectionFp8Gpu, BackwardReusesTheForwardScaleOfXOnlyForTheSameTensor) {
+  LASP_SKIP_WITHOUT_GPU();
+  set_projection_options(precision_config("per_tensor"), 11);
+  set_projection_step(0);
+  std::mt19937 rng(fresh_seed());
+  const Dims d{100, 48, 40};
+  const Tensor x1 = activation(d.n, d.in, rng), x2 = activation(d.n, d.in, rng, 4.0),
+               dy = activation(d.n, d.out, rng, 1e-3), w = random_uniform({d.out, d.in}, rng, -0.1, 0.1);
+  const Tensor x1g = to_cuda(x1, DType::BF16), x2g = to_cuda(x2, DType::BF16), dyg = to_cuda(dy, DType::BF16);
+  struct Out {
+    std::vector<double> dx, dw;
+  };
+  // forward(x_fwd), then backward(x_bwd); new_epoch_between: the forward's scale is not reusable.
+  auto run = [&](const Tensor& x_fwd, const Tensor& x_bwd, bool new_epoch_between) {
+    projection_weights_changed();  // nothing cached from the previous run
+    Param wg = make_weight("layers.0.attn.q", w, Precision::Fp8, cuda());
+    Tensor y = poisoned_cuda({d.n, d.out}, DType::BF16), dx = poisoned_cuda({d.n, d.in}, DType::BF16);
+    projection_forward(y, x_fwd, wg);
+    if (new_epoch_between) projection_weights_changed();
+    projection_backward(dx, false, wg, dyg, x_bwd);
+    Out o{dx.to_vector(), wg.grad.to(cpu()).to_vector()};
+    EXPECT_EQ(count_non_finite(o.dx) + count_non_finite(o.dw), 0);
+    return o;
+  };
+  const Out reused = run(x1g, x1g, false), fresh = run(x1g, x1g, true);
+  EXPECT_EQ(reused.dw, fresh.dw) << "x^T quantized with the forward's scale differs from a fresh amax";
+  EXPECT_EQ(reused.dx, fresh.dx);
+  const Out other = run(x1g, x2g, false), other_fresh = run(x2g, x2g, true);
+  EXPECT_EQ(other.dw, other_fresh.dw) << "the backward of another tensor took the forward's scale of x";
+  // And against the CPU emulation.
+  Param wc = make_weight("layers.0.attn.q", w, Precision::Fp8, cpu());
+  const Results cpu_ref = run_cpu(wc, x1, dy);
+  EXPECT_LT(rel_error(reused.dw, cpu_ref.dw.to_vector()), kFp8GradTol);
   set_projection_step(1);
 }
 

@@ -153,6 +153,76 @@ TEST(QuantizeDeviceMath, EncodersMatchCpuOnGridPointsMidpointsAndRandomFloats) {
   EXPECT_EQ(bad, 0) << "of " << probes.size() << " probes";
 }
 
+// The per-tensor FP8 kernels divide by the scale through its reciprocal (qmath::div_by_scale,
+// Markstein's corrections): the quotient must be the IEEE x / s bit for bit where the theorem
+// applies, and give x / s's E4M3 and E5M2 codes everywhere else (tiny x, overflow, inf, NaN, ±0).
+// Scales over the whole allowed range; x at every FP8 code, midpoint and their float neighbours
+// times s (the quotients where a one-ulp error would change a code), random and special values.
+TEST(QuantizeDeviceMath, DivisionByScaleThroughTheReciprocalIsTheIeeeQuotient) {
+  std::mt19937 rng(fresh_seed());
+  std::uniform_real_distribution<float> lg(-55.0f, 55.0f), mant(1.0f, 2.0f), u(0.0f, 1.0f);
+  std::vector<float> scales = {1.0f, 0x1p-60f, 0x1p60f, 1.0f / 448.0f, 1.0f / 57344.0f, 3.0f,
+                               1.0f / 3.0f, std::nextafter(1.0f, 2.0f), std::nextafter(1.0f, 0.0f),
+                               std::nextafter(0x1p60f, 0.0f), std::nextafter(0x1p-60f, 1.0f)};
+  std::uniform_int_distribution<int> amax_exp(-44, 59);  // amax / 57344 >= 2^-60
+  for (int i = 0; i < 3000; ++i) {
+    const float amax = std::ldexp(mant(rng), amax_exp(rng));
+    scales.push_back(amax / (i % 2 ? 448.0f : 57344.0f));
+  }
+  // Quotients to aim at: every finite FP8 value of both formats, the midpoints and neighbours.
+  std::vector<float> targets;
+  for (float (*decode)(uint8_t) : {+[](uint8_t c) { return e4m3_to_float(c); },
+                                   +[](uint8_t c) { return e5m2_to_float(c); }}) {
+    std::vector<float> vals;
+    for (int c = 0; c < 128; ++c) {
+      const float v = decode(static_cast<uint8_t>(c));
+      if (std::isfinite(v)) vals.push_back(v);
+    }
+    std::sort(vals.begin(), vals.end());
+    for (size_t i = 0; i < vals.size(); ++i) {
+      targets.push_back(vals[i]);
+      if (i + 1 < vals.size()) targets.push_back(0.5f * (vals[i] + vals[i + 1]));
+    }
+    targets.push_back(vals.back() * 1.0625f);
+  }
+  const float specials[] = {0.0f, 1e-45f, 1e-40f, 0x1p-100f, std::nextafter(0x1p-100f, 0.0f), 1e-30f,
+                            3e38f, std::numeric_limits<float>::max(),
+                            std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN()};
+  int64_t checked = 0, bad = 0;
+  auto check = [&](float x, float s, float r) {
+    for (float sx : {x, -x}) {
+      const float want = sx / s, got = qmath::div_by_scale(sx, s, r);
+      const bool exact_case = std::fabs(sx) >= 0x1p-100f && std::fabs(want) < 0x1p119f;
+      const bool ok = (exact_case ? same_float(got, want) : true) &&
+                      qmath::e4m3_encode(got) == qmath::e4m3_encode(want) &&
+                      qmath::e5m2_encode(got) == qmath::e5m2_encode(want) &&
+                      (std::isnan(want) || std::signbit(got) == std::signbit(want));
+      ++checked;
+      if (!ok && bad++ < 10)
+        ADD_FAILURE() << std::hexfloat << "x = " << sx << " s = " << s << ": x / s = " << want
+                      << ", div_by_scale = " << got;
+    }
+  };
+  for (float s : scales) {
+    ASSERT_TRUE(qmath::scale_division_ok(s)) << s;
+    const float r = 1.0f / s;
+    for (float t : targets) {
+      const float x = t * s;  // rounded: x / s lands next to t
+      check(x, s, r);
+      check(std::nextafter(x, 0.0f), s, r);
+      check(std::nextafter(x, INFINITY), s, r);
+    }
+    for (int i = 0; i < 200; ++i) check(s * std::ldexp(mant(rng), static_cast<int>(lg(rng) * 0.5f)), s, r);
+    for (float x : specials) check(x, s, r);
+  }
+  EXPECT_FALSE(qmath::scale_division_ok(0x1p-61f));
+  EXPECT_FALSE(qmath::scale_division_ok(0x1p61f));
+  EXPECT_FALSE(qmath::scale_division_ok(std::numeric_limits<float>::infinity()));
+  EXPECT_FALSE(qmath::scale_division_ok(std::numeric_limits<float>::quiet_NaN()));
+  EXPECT_EQ(bad, 0) << "of " << checked << " quotients";
+}
+
 TEST(QuantizeDeviceMath, StochasticRoundingMatchesCpu) {
   std::mt19937 rng(fresh_seed());
   std::uniform_real_distribution<float> v(-7.0f, 7.0f), u(0.0f, 1.0f);
