@@ -16,8 +16,9 @@ namespace lasp {
 void rmsnorm_forward_cuda(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, float eps, int64_t group);
 void rmsnorm_backward_cuda(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
                            const Tensor& rstd, int64_t group);
-void swiglu_forward_cuda(Tensor& h, const Tensor& gate, const Tensor& up);
-void swiglu_backward_cuda(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tensor& gate, const Tensor& up);
+void swiglu_forward_cuda(Tensor& h, const Tensor& gate, const Tensor& up, Tensor* h_amax);
+void swiglu_backward_cuda(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tensor& gate, const Tensor& up,
+                          Tensor* d_gate_amax, Tensor* d_up_amax);
 void activation_forward_cuda(Tensor& y, const Tensor& x, Activation f, float scale);
 void activation_backward_cuda(Tensor& dx, const Tensor& dy, const Tensor& x, Activation f, float scale);
 void rope_rotate_cuda(Tensor& x, const std::vector<int64_t>& positions, float theta, float sign);
@@ -135,9 +136,10 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
 }
 
 // ---------------------------------------------------------------- gated units
-void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
+void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up, Tensor* h_amax) {
   LASP_PROFILE_SCOPE("swiglu_forward");
-  LASP_ON_CUDA(gate, swiglu_forward_cuda(h, gate, up));
+  LASP_ON_CUDA(gate, swiglu_forward_cuda(h, gate, up, h_amax));
+  LASP_CHECK(h_amax == nullptr) << "swiglu_forward: the amax output is for CUDA tensors only";
   check_like(h, gate, "swiglu_forward");
   check_like(up, gate, "swiglu_forward");
   LASP_DISPATCH_CPU_FLOAT(gate.dtype(), "swiglu_forward", T, {
@@ -149,9 +151,11 @@ void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
 }
 
 void swiglu_backward(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tensor& gate,
-                     const Tensor& up) {
+                     const Tensor& up, Tensor* d_gate_amax, Tensor* d_up_amax) {
   LASP_PROFILE_SCOPE("swiglu_backward");
-  LASP_ON_CUDA(gate, swiglu_backward_cuda(d_gate, d_up, dh, gate, up));
+  LASP_ON_CUDA(gate, swiglu_backward_cuda(d_gate, d_up, dh, gate, up, d_gate_amax, d_up_amax));
+  LASP_CHECK(d_gate_amax == nullptr && d_up_amax == nullptr)
+      << "swiglu_backward: the amax outputs are for CUDA tensors only";
   check_like(d_gate, gate, "swiglu_backward");
   check_like(d_up, gate, "swiglu_backward");
   check_like(dh, gate, "swiglu_backward");

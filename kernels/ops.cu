@@ -314,7 +314,28 @@ struct RmsNormDw {
 // is the same expression either way, so results do not depend on the path.
 __device__ __forceinline__ float swiglu_value(float g, float u) { return g * sigmoidf_(g) * u; }
 
-__global__ void swiglu_forward_kernel(FloatOut h, FloatIn gate, FloatIn up, int64_t n, bool packed) {
+// Output amaxes for the FP8 projections (swiglu_forward's h_amax, ...): |v| as stored (rounded to
+// bf16 for a bf16 output) as float bits, which order like the values for v >= 0 (NaN above inf),
+// reduced over the CTA and atomicMax'ed once into *out. Every thread of the CTA must call it.
+__device__ __forceinline__ uint32_t stored_abs_bits(const FloatOut& o, float v) {
+  return __float_as_uint(fabsf(o.is_bf16 ? __bfloat162float(__float2bfloat16_rn(v)) : v));
+}
+__device__ void block_amax_into(uint32_t m, uint32_t* out) {
+  __shared__ uint32_t warp_m[32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+  __syncthreads();  // warp_m may still be read by a previous call
+  if (threadIdx.x % 32 == 0) warp_m[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) m = max(m, warp_m[w]);
+    atomicMax(out, m);
+  }
+}
+
+__global__ void swiglu_forward_kernel(FloatOut h, FloatIn gate, FloatIn up, int64_t n, bool packed,
+                                      uint32_t* h_amax) {
+  uint32_t m = 0;
   for_each_pack(
       n, packed,
       [&](int64_t i) {
@@ -324,8 +345,17 @@ __global__ void swiglu_forward_kernel(FloatOut h, FloatIn gate, FloatIn up, int6
 #pragma unroll
         for (int k = 0; k < kPack; ++k) o[k] = swiglu_value(g[k], u[k]);
         h.store8(i, o);
+        if (h_amax) {
+#pragma unroll
+          for (int k = 0; k < kPack; ++k) m = max(m, stored_abs_bits(h, o[k]));
+        }
       },
-      [&](int64_t i) { h.set(i, swiglu_value(gate[i], up[i])); });
+      [&](int64_t i) {
+        const float o = swiglu_value(gate[i], up[i]);
+        h.set(i, o);
+        if (h_amax) m = max(m, stored_abs_bits(h, o));
+      });
+  if (h_amax) block_amax_into(m, h_amax);
 }
 
 // d_up = dh silu(g);  d_gate = dh u silu'(g) with silu' = s (1 + g (1 - s)), s = sigmoid(g).
@@ -336,7 +366,9 @@ __device__ __forceinline__ void swiglu_grads(float d, float g, float u, float& d
 }
 
 __global__ void swiglu_backward_kernel(FloatOut d_gate, FloatOut d_up, FloatIn dh, FloatIn gate,
-                                       FloatIn up, int64_t n, bool packed) {
+                                       FloatIn up, int64_t n, bool packed, uint32_t* d_gate_amax,
+                                       uint32_t* d_up_amax) {
+  uint32_t mg = 0, mu = 0;
   for_each_pack(
       n, packed,
       [&](int64_t i) {
@@ -348,13 +380,25 @@ __global__ void swiglu_backward_kernel(FloatOut d_gate, FloatOut d_up, FloatIn d
         for (int k = 0; k < kPack; ++k) swiglu_grads(d[k], g[k], u[k], g[k], u[k]);
         d_gate.store8(i, g);
         d_up.store8(i, u);
+        if (d_gate_amax) {
+#pragma unroll
+          for (int k = 0; k < kPack; ++k) mg = max(mg, stored_abs_bits(d_gate, g[k]));
+        }
+        if (d_up_amax) {
+#pragma unroll
+          for (int k = 0; k < kPack; ++k) mu = max(mu, stored_abs_bits(d_up, u[k]));
+        }
       },
       [&](int64_t i) {
         float dg, du;
         swiglu_grads(dh[i], gate[i], up[i], dg, du);
         d_gate.set(i, dg);
         d_up.set(i, du);
+        if (d_gate_amax) mg = max(mg, stored_abs_bits(d_gate, dg));
+        if (d_up_amax) mu = max(mu, stored_abs_bits(d_up, du));
       });
+  if (d_gate_amax) block_amax_into(mg, d_gate_amax);
+  if (d_up_amax) block_amax_into(mu, d_up_amax);
 }
 
 __device__ __forceinline__ float activation_value(float v, int f, float scale) {
@@ -724,30 +768,44 @@ void rmsnorm_backward_cuda(Tensor& dx, Tensor& dw, const Tensor& dy, const Tenso
                           x.device(), "rmsnorm_backward (dw)");
 }
 
-void swiglu_forward_cuda(Tensor& h, const Tensor& gate, const Tensor& up) {
+// An op's optional amax output (I32 [1] on `out`'s device), zeroed; nullptr when not asked for.
+static uint32_t* amax_output(Tensor* amax, const Tensor& out, const char* what) {
+  if (amax == nullptr) return nullptr;
+  LASP_CHECK(amax->defined() && amax->is_cuda() && amax->device() == out.device() &&
+             amax->dtype() == DType::I32 && amax->numel() == 1 && amax->is_contiguous())
+      << what << ": the amax output must be an I32 [1] tensor on " << out.str() << "'s device, got "
+      << (amax->defined() ? amax->str() : "undefined");
+  CUDA_CHECK(cudaMemsetAsync(amax->raw(), 0, sizeof(uint32_t), cuda_stream()));
+  return static_cast<uint32_t*>(amax->raw());
+}
+
+void swiglu_forward_cuda(Tensor& h, const Tensor& gate, const Tensor& up, Tensor* h_amax) {
   check_activation(gate, "swiglu_forward: gate");
   const int64_t n = gate.numel();
   check_activation(up, "swiglu_forward: up", n);
   check_activation(h, "swiglu_forward: h", n);
+  uint32_t* amax = amax_output(h_amax, h, "swiglu_forward: h_amax");
   if (n == 0) return;
   const bool packed = all_aligned16({h.raw(), gate.raw(), up.raw()});
   swiglu_forward_kernel<<<resident_grid(packed ? n / kPack : n, kThreads), kThreads, 0, cuda_stream()>>>(
-      out_of(h), in_of(gate), in_of(up), n, packed);
+      out_of(h), in_of(gate), in_of(up), n, packed, amax);
   CUDA_CHECK_LAUNCH("swiglu_forward");
 }
 
 void swiglu_backward_cuda(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tensor& gate,
-                          const Tensor& up) {
+                          const Tensor& up, Tensor* d_gate_amax, Tensor* d_up_amax) {
   check_activation(gate, "swiglu_backward: gate");
   const int64_t n = gate.numel();
   check_activation(up, "swiglu_backward: up", n);
   check_activation(dh, "swiglu_backward: dh", n);
   check_activation(d_gate, "swiglu_backward: d_gate", n);
   check_activation(d_up, "swiglu_backward: d_up", n);
+  uint32_t* gate_amax = amax_output(d_gate_amax, d_gate, "swiglu_backward: d_gate_amax");
+  uint32_t* up_amax = amax_output(d_up_amax, d_up, "swiglu_backward: d_up_amax");
   if (n == 0) return;
   const bool packed = all_aligned16({d_gate.raw(), d_up.raw(), dh.raw(), gate.raw(), up.raw()});
   swiglu_backward_kernel<<<resident_grid(packed ? n / kPack : n, kThreads), kThreads, 0, cuda_stream()>>>(
-      out_of(d_gate), out_of(d_up), in_of(dh), in_of(gate), in_of(up), n, packed);
+      out_of(d_gate), out_of(d_up), in_of(dh), in_of(gate), in_of(up), n, packed, gate_amax, up_amax);
   CUDA_CHECK_LAUNCH("swiglu_backward");
 }
 

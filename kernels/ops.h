@@ -25,9 +25,12 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
                       const Tensor& rstd, int64_t group = 0);
 
 // --- Gated units: h = silu(gate) * up (SwiGLU; also the SiLU output gate of linear attention).
-void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up);
+// *_amax (optional, CUDA only): an I32 [1] CUDA tensor set to max |output| over the values as
+// stored (float bits; what amax_into_cuda of the output gives), computed in the same pass for the
+// FP8 projection that reads the output (projection_note_amax), which then skips its amax pass.
+void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up, Tensor* h_amax = nullptr);
 void swiglu_backward(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tensor& gate,
-                     const Tensor& up);
+                     const Tensor& up, Tensor* d_gate_amax = nullptr, Tensor* d_up_amax = nullptr);
 
 // --- Pointwise maps y = f(x). Identity maps are not called.
 enum class Activation { Silu, Relu, Elu1, LogSigmoid };

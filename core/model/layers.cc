@@ -29,6 +29,17 @@ void column_parallel_backward(Tensor& dx, bool accumulate, Param& w, const Tenso
 }
 
 Tensor like(const Tensor& t, const Shape& shape) { return Tensor::empty(shape, t.dtype(), t.device()); }
+
+// The FP8 projection w reads `out` (CUDA): an amax slot for the op that writes out to fill in the
+// same pass (handed over with note_amax, so the projection skips its amax pass); else undefined.
+Tensor amax_slot_for(const Tensor& out, const Param& w) {
+  return out.is_cuda() && w.precision == Precision::Fp8 ? Tensor::empty({1}, DType::I32, out.device())
+                                                        : Tensor();
+}
+Tensor* slot_ptr(Tensor& slot) { return slot.defined() ? &slot : nullptr; }
+void note_amax(const Tensor& out, const Tensor& slot) {
+  if (slot.defined()) projection_note_amax(out, slot);
+}
 // Statistics (norm rstd, log decays): fp32 on CUDA, the activations' dtype on CPU.
 Tensor stat_like(const Tensor& t, const Shape& shape) {
   return Tensor::empty(shape, t.is_cuda() ? DType::F32 : t.dtype(), t.device());
@@ -196,7 +207,9 @@ void LinearAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerContex
   z_ = like(x, {N, HD});
   projection_forward(z_, x, wz_);
   gated_ = like(x, {N, HD});
-  swiglu_forward(gated_, z_, o_norm_);  // silu(z) * norm(o)
+  Tensor gated_amax = amax_slot_for(gated_, wo_);
+  swiglu_forward(gated_, z_, o_norm_, slot_ptr(gated_amax));  // silu(z) * norm(o)
+  note_amax(gated_, gated_amax);
   row_parallel_forward(y, gated_, wo_, *ctx.par);
 }
 
@@ -206,7 +219,9 @@ void LinearAttentionLayer::backward(Tensor& dx, const Tensor& dy, const LayerCon
   Tensor d_gated = like(dy, {N, HD});
   projection_backward(d_gated, false, wo_, dy, gated_);
   Tensor dz = like(dy, {N, HD}), d_onorm = like(dy, {N, HD});
-  swiglu_backward(dz, d_onorm, d_gated, z_, o_norm_);
+  Tensor dz_amax = amax_slot_for(dz, wz_);
+  swiglu_backward(dz, d_onorm, d_gated, z_, o_norm_, slot_ptr(dz_amax));
+  note_amax(dz, dz_amax);
   column_parallel_backward(dx, false, wz_, dz, x_);
   Tensor d_o = like(dy, {N, HD});
   rmsnorm_backward(d_o, norm_w_.grad, d_onorm, o_, norm_w_.value, o_rstd_, D);
@@ -341,7 +356,9 @@ void Mlp::forward(Tensor& y, const Tensor& x, const LayerContext& ctx) {
   h_ = like(x, {N, F});
   projection_forward(gate_, x, w_gate_);
   projection_forward(up_, x, w_up_);
-  swiglu_forward(h_, gate_, up_);
+  Tensor h_amax = amax_slot_for(h_, w_down_);
+  swiglu_forward(h_, gate_, up_, slot_ptr(h_amax));
+  note_amax(h_, h_amax);
   row_parallel_forward(y, h_, w_down_, *par_);
 }
 
@@ -350,7 +367,10 @@ void Mlp::backward(Tensor& dx, const Tensor& dy, const LayerContext& ctx) {
   Tensor dh = like(dy, {N, F});
   projection_backward(dh, false, w_down_, dy, h_);
   Tensor dgate = like(dy, {N, F}), dup = like(dy, {N, F});
-  swiglu_backward(dgate, dup, dh, gate_, up_);
+  Tensor dgate_amax = amax_slot_for(dgate, w_gate_), dup_amax = amax_slot_for(dup, w_up_);
+  swiglu_backward(dgate, dup, dh, gate_, up_, slot_ptr(dgate_amax), slot_ptr(dup_amax));
+  note_amax(dgate, dgate_amax);
+  note_amax(dup, dup_amax);
   column_parallel_backward(dx, false, w_gate_, dgate, x_);
   column_parallel_backward(dx, true, w_up_, dup, x_);
   if (par_->tp_size > 1) par_->tp_all_reduce(dx);

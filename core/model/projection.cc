@@ -114,6 +114,17 @@ void set_projection_step(int64_t step) {
 
 void projection_weights_changed() { new_cache_epoch(); }
 
+void projection_note_amax(const Tensor& x, const Tensor& amax_bits) {
+#ifdef LASP_HAVE_CUDA
+  if (x.defined() && x.is_cuda() && cache_control().enabled &&
+      options().fp8_scaling == Fp8ScaleMode::PerTensor)
+    note_amax_cuda(x, amax_bits);
+#else
+  (void)x;
+  (void)amax_bits;
+#endif
+}
+
 uint64_t projection_backward_seed(uint64_t seed, const std::string& name, int64_t step, uint64_t call) {
   return mix64(mix64(mix64(seed ^ name_hash(name)) ^ static_cast<uint64_t>(step)) ^ call);
 }

@@ -47,6 +47,14 @@ void projection_weights_changed();
 // The seed of the call-th FP4 backward of parameter `name` in `step` (exposed for tests).
 uint64_t projection_backward_seed(uint64_t seed, const std::string& name, int64_t step, uint64_t call);
 
+// Hands the FP8 projections max |x| of an activation or gradient x, computed as a by-product by
+// the op that produced it (amax_bits: I32 [1] on x's device, float bits, e.g. swiglu_forward's
+// h_amax). The next per-tensor (current scaling) FP8 quantization of exactly x on CUDA (the
+// forward's x, or the backward's dy) takes it instead of an amax pass over x. Only in the
+// trainer's mode (set_projection_step) and for the current cache epoch; a few notes are kept,
+// each used once. The caller promises x is not modified until it is quantized.
+void projection_note_amax(const Tensor& x, const Tensor& amax_bits);
+
 // y = x W^T  (x [N, in], W [out, in], y [N, out]).
 void projection_forward(Tensor& y, const Tensor& x, Param& w);
 // dx = dy W (or dx += dy W when accumulate_dx), and W.grad += dy^T x.

@@ -29,6 +29,7 @@
 #ifdef LASP_HAVE_CUDA
 
 #include <mutex>
+#include <vector>
 
 #include "core/log.h"
 #include "core/model/projection.h"
@@ -66,10 +67,39 @@ std::mutex g_cache_mu;
 ActivationEntry g_forward_x;    // x [N, in] codes (the forward's A)
 ActivationEntry g_backward_xt;  // x^T [in, Np] codes (the wgrad's B)
 
+// max |t| handed over by the op that produced t (projection_note_amax), by identity of t's data
+// (not held: t is alive while the projection that reads it runs). Each note is used once.
+struct AmaxNote {
+  const void* data = nullptr;
+  Shape shape;
+  DType dtype = DType::F32;
+  int64_t epoch = -1;
+  Tensor amax;  // I32 [1]
+};
+constexpr size_t kMaxAmaxNotes = 4;  // the SwiGLU backward notes two gradients at once
+std::vector<AmaxNote> g_amax_notes;  // guarded by g_cache_mu
+
+Tensor take_noted_amax(const Tensor& t) {
+  std::lock_guard<std::mutex> lock(g_cache_mu);
+  for (size_t i = 0; i < g_amax_notes.size(); ++i) {
+    const AmaxNote& n = g_amax_notes[i];
+    if (cache_valid(n.epoch) && n.data == t.raw() && n.shape == t.shape() && n.dtype == t.dtype()) {
+      const Tensor amax = n.amax;
+      g_amax_notes.erase(g_amax_notes.begin() + static_cast<std::ptrdiff_t>(i));
+      return amax;
+    }
+  }
+  return Tensor();
+}
+
+// x's current per-tensor scale: from a noted amax, else one amax pass over x.
 Fp8DeviceScale current_scale(const Tensor& x) {
   Fp8DeviceScale s;
-  s.amax = Tensor::empty({1}, DType::I32, x.device());
-  amax_into_cuda(s.amax, 0, x, true);
+  s.amax = take_noted_amax(x);
+  if (!s.amax.defined()) {
+    s.amax = Tensor::empty({1}, DType::I32, x.device());
+    amax_into_cuda(s.amax, 0, x, true);
+  }
   return s;
 }
 
@@ -237,6 +267,22 @@ void clear_activation_caches_cuda() {
   std::lock_guard<std::mutex> lock(g_cache_mu);
   g_forward_x = ActivationEntry{};
   g_backward_xt = ActivationEntry{};
+  g_amax_notes.clear();
+}
+
+void note_amax_cuda(const Tensor& x, const Tensor& amax_bits) {
+  LASP_CHECK(amax_bits.defined() && amax_bits.is_cuda() && amax_bits.device() == x.device() &&
+             amax_bits.dtype() == DType::I32 && amax_bits.numel() == 1)
+      << "projection_note_amax: amax_bits must be an I32 [1] tensor on " << x.str()
+      << "'s device, got " << (amax_bits.defined() ? amax_bits.str() : "undefined");
+  std::lock_guard<std::mutex> lock(g_cache_mu);
+  // Notes of earlier epochs, and the oldest beyond kMaxAmaxNotes, are dropped.
+  std::vector<AmaxNote> kept;
+  for (AmaxNote& n : g_amax_notes)
+    if (cache_valid(n.epoch) && n.data != x.raw()) kept.push_back(std::move(n));
+  if (kept.size() >= kMaxAmaxNotes) kept.erase(kept.begin());
+  kept.push_back(AmaxNote{x.raw(), x.shape(), x.dtype(), cache_control().epoch, amax_bits});
+  g_amax_notes = std::move(kept);
 }
 
 void fp8_forward_cuda(Tensor& y, const Tensor& x, Param& w) {

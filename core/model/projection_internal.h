@@ -61,6 +61,8 @@ void fp8_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& d
 void fp4_forward_cuda(Tensor& y, const Tensor& x, Param& w);
 void fp4_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& dy, const Tensor& x);
 void clear_activation_caches_cuda();  // drops the cached quantized activations (and their sources)
+                                      // and the amax notes
+void note_amax_cuda(const Tensor& x, const Tensor& amax_bits);  // projection_note_amax on CUDA
 #endif
 
 }  // namespace projection_detail

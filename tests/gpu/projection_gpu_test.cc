@@ -31,6 +31,7 @@
 #include "core/model/projection.h"
 #include "kernels/gemm_fp8.h"
 #include "kernels/hadamard.h"
+#include "kernels/ops.h"
 #include "kernels/quantize.h"
 #include "launch/train.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -287,6 +288,69 @@ TEST(ProjectionKernelsGpu, Fp8DeviceScaleFromAmaxSlotsSkipsOneAndRecordsTheTenso
   }
 }
 
+// SwiGLU's amax outputs (the FP8 projections' amax as a by-product) equal amax_into_cuda of the
+// stored outputs bit for bit, and asking for them leaves the outputs unchanged: packed and
+// element-wise paths (sizes not multiples of 8, a misaligned view), bf16 and fp32, multi-CTA
+// sizes, amax slots that start poisoned.
+uint32_t bits_of(const Tensor& i32_cuda, int64_t index = 0) {
+  const Tensor h = i32_cuda.to(cpu());
+  uint32_t b = 0;
+  std::memcpy(&b, static_cast<const char*>(h.raw()) + 4 * index, 4);
+  return b;
+}
+Tensor poisoned_amax_slot() {
+  Tensor h = Tensor::empty({1}, DType::I32);
+  std::memset(h.raw(), 0xFF, 4);
+  return h.to(cuda());
+}
+uint32_t amax_bits_of(const Tensor& t) {
+  Tensor slot = Tensor::zeros({1}, DType::I32, cuda());
+  amax_into_cuda(slot, 0, t, true);
+  return bits_of(slot);
+}
+
+TEST(ProjectionKernelsGpu, SwigluAmaxOutputsEqualTheAmaxOfTheStoredOutputs) {
+  LASP_SKIP_WITHOUT_GPU();
+  const uint32_t seed = fresh_seed();
+  std::mt19937 rng(seed);
+  for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{8}, int64_t{1003}, int64_t{4096}, int64_t{(1 << 20) + 5}})
+    for (DType dt : {DType::BF16, DType::F32})
+      for (bool misaligned : {false, true}) {
+        SCOPED_TRACE(testing::Message() << "n " << n << " " << dtype_name(dt)
+                                        << (misaligned ? " misaligned" : "") << " seed " << seed);
+        // [1, n + 1] tensors; the misaligned case uses elements [1, n + 1) (a 2-byte / 4-byte offset).
+        auto input = [&](double stddev) {
+          const Tensor full = to_cuda(activation(1, n + 1, rng, stddev).view({n + 1}), dt);
+          return misaligned ? full.slice(0, 1, n + 1) : full.slice(0, 0, n);
+        };
+        auto output = [&]() {
+          const Tensor full = poisoned_cuda({n + 1}, dt);
+          return misaligned ? full.slice(0, 1, n + 1) : full.slice(0, 0, n);
+        };
+        const Tensor gate = input(2.0), up = input(1.0), dh = input(1e-3);
+        Tensor h = output(), h_ref = output(), amax = poisoned_amax_slot();
+        swiglu_forward(h, gate, up, &amax);
+        swiglu_forward(h_ref, gate, up);
+        EXPECT_EQ(h.to_vector(), h_ref.to_vector());
+        EXPECT_EQ(bits_of(amax), amax_bits_of(h));
+        Tensor dg = output(), du = output(), dg_ref = output(), du_ref = output();
+        Tensor ag = poisoned_amax_slot(), au = poisoned_amax_slot();
+        swiglu_backward(dg, du, dh, gate, up, &ag, &au);
+        swiglu_backward(dg_ref, du_ref, dh, gate, up);
+        EXPECT_EQ(dg.to_vector(), dg_ref.to_vector());
+        EXPECT_EQ(du.to_vector(), du_ref.to_vector());
+        EXPECT_EQ(bits_of(ag), amax_bits_of(dg));
+        EXPECT_EQ(bits_of(au), amax_bits_of(du));
+        Tensor au_only = poisoned_amax_slot();  // one of the two
+        swiglu_backward(dg, du, dh, gate, up, nullptr, &au_only);
+        EXPECT_EQ(bits_of(au_only), amax_bits_of(du));
+      }
+  // A wrong slot is a clear error.
+  Tensor g = Tensor::zeros({4}, DType::BF16, cuda()), h = Tensor::zeros({4}, DType::BF16, cuda());
+  Tensor bad = Tensor::zeros({2}, DType::I32, cuda());
+  EXPECT_NE(error_of([&] { swiglu_forward(h, g, g, &bad); }).find("I32 [1]"), std::string::npos);
+}
+
 TEST(ProjectionKernelsGpu, HadamardEqualsTheCpuBitForBitForEveryBlockSize) {
   LASP_SKIP_WITHOUT_GPU();
   const uint32_t seed = fresh_seed();
@@ -500,6 +564,81 @@ TEST(ProjectionFp8Gpu, BackwardReusesTheForwardScaleOfXOnlyForTheSameTensor) {
   Param wc = make_weight("layers.0.attn.q", w, Precision::Fp8, cpu());
   const Results cpu_ref = run_cpu(wc, x1, dy);
   EXPECT_LT(rel_error(reused.dw, cpu_ref.dw.to_vector()), kFp8GradTol);
+  set_projection_step(1);
+}
+
+// projection_note_amax: a noted amax that is max |x| gives exactly the result of the amax pass;
+// a note is used (a wrong one changes the result), only once, only for that tensor, only in its
+// cache epoch.
+TEST(ProjectionFp8Gpu, NotedAmaxIsUsedOnceForExactlyThatTensorInItsEpoch) {
+  LASP_SKIP_WITHOUT_GPU();
+  set_projection_options(precision_config("per_tensor"), 11);
+  set_projection_step(0);
+  std::mt19937 rng(fresh_seed());
+  const Dims d{70, 48, 40};
+  const Tensor x = activation(d.n, d.in, rng), dy = activation(d.n, d.out, rng, 1e-3),
+               w = random_uniform({d.out, d.in}, rng, -0.1, 0.1);
+  const Tensor xg = to_cuda(x, DType::BF16), dyg = to_cuda(dy, DType::BF16);
+  const Tensor other = to_cuda(x, DType::BF16);  // same values, other storage
+  auto slot_with = [](uint32_t bits) {
+    Tensor h = Tensor::empty({1}, DType::I32);
+    std::memcpy(h.raw(), &bits, 4);
+    return h.to(cuda());
+  };
+  const uint32_t x_bits = amax_bits_of(xg), dy_bits = amax_bits_of(dyg);
+  float x_amax = 0, dy_amax = 0;
+  std::memcpy(&x_amax, &x_bits, 4);
+  std::memcpy(&dy_amax, &dy_bits, 4);
+  uint32_t x_wrong = 0, dy_wrong = 0;
+  const float x4 = 4 * x_amax, dy4 = 4 * dy_amax;
+  std::memcpy(&x_wrong, &x4, 4);
+  std::memcpy(&dy_wrong, &dy4, 4);
+  // The forward y and the backward's W.grad of one projection; notes made by `before`.
+  auto run = [&](const std::function<void()>& before_forward, const std::function<void()>& before_backward) {
+    projection_weights_changed();  // a fresh epoch: nothing cached, no notes
+    Param wg = make_weight("layers.0.mlp.down", w, Precision::Fp8, cuda());
+    Tensor y = poisoned_cuda({d.n, d.out}, DType::BF16), dx = poisoned_cuda({d.n, d.in}, DType::BF16);
+    before_forward();
+    projection_forward(y, xg, wg);
+    before_backward();
+    projection_backward(dx, false, wg, dyg, xg);
+    return std::make_pair(y.to_vector(), wg.grad.to(cpu()).to_vector());
+  };
+  const auto none = [] {};
+  const auto plain = run(none, none);
+  EXPECT_EQ(count_non_finite(plain.first), 0);
+  // Right notes: bit-identical.
+  const auto noted = run([&] { projection_note_amax(xg, slot_with(x_bits)); },
+                         [&] { projection_note_amax(dyg, slot_with(dy_bits)); });
+  EXPECT_EQ(noted.first, plain.first);
+  EXPECT_EQ(noted.second, plain.second);
+  // Wrong notes are used: the results change.
+  const auto wrong_x = run([&] { projection_note_amax(xg, slot_with(x_wrong)); }, none);
+  EXPECT_NE(wrong_x.first, plain.first) << "the forward ignored the note";
+  const auto wrong_dy = run(none, [&] { projection_note_amax(dyg, slot_with(dy_wrong)); });
+  EXPECT_EQ(wrong_dy.first, plain.first);
+  EXPECT_NE(wrong_dy.second, plain.second) << "the backward ignored the note of dy";
+  // Notes of another tensor, or of an earlier epoch, are not used.
+  const auto elsewhere = run([&] { projection_note_amax(other, slot_with(x_wrong)); },
+                             [&] { projection_note_amax(other, slot_with(dy_wrong)); });
+  EXPECT_EQ(elsewhere.first, plain.first);
+  EXPECT_EQ(elsewhere.second, plain.second);
+  const auto stale = run([&] {
+    projection_note_amax(xg, slot_with(x_wrong));
+    projection_weights_changed();
+  }, none);
+  EXPECT_EQ(stale.first, plain.first);
+  // Used once: two backward calls of dy after one wrong note; the second is the plain result.
+  projection_weights_changed();
+  Param w1 = make_weight("a", w, Precision::Fp8, cuda()), w2 = make_weight("b", w, Precision::Fp8, cuda());
+  Tensor y = poisoned_cuda({d.n, d.out}, DType::BF16), dx = poisoned_cuda({d.n, d.in}, DType::BF16);
+  projection_forward(y, xg, w1);
+  projection_forward(y, xg, w2);
+  projection_note_amax(dyg, slot_with(dy_wrong));
+  projection_backward(dx, false, w1, dyg, xg);
+  projection_backward(dx, false, w2, dyg, xg);
+  EXPECT_EQ(w1.grad.to(cpu()).to_vector(), wrong_dy.second);
+  EXPECT_EQ(w2.grad.to(cpu()).to_vector(), plain.second);
   set_projection_step(1);
 }
 
