@@ -69,8 +69,8 @@ struct Fp8DeviceScale {
 // with cols_p = round_up(cols, pad_to), rows_p = round_up(rows, pad_to) (pad_to a multiple of 16)
 // and zero codes in the padding: the inner dims are ready for cuBLASLt FP8 (K % 16 == 0).
 // code = encode(x / s), exactly the CPU quantize_fp8 rule, so the codes equal the CPU's for the
-// same scale. Both outputs share one scales tensor ([1], written by the kernel). 64x64 tiles
-// through shared memory, 16-byte loads.
+// same scale. Both outputs share one scales tensor ([1], written by the kernel). Grid-stride over
+// 128x64 tiles, 16-byte loads and stores on both sides (the transpose through shared memory).
 struct Fp8RowsCols {
   QuantizedFp8 rows, cols;
 };

@@ -10,7 +10,8 @@
 // == 0; Np = N rounded up), gemm_fp8 pads M and N itself, so any shape works (model dims that are
 // multiples of 16 copy nothing). Per-tensor scales live on the device and go to cuBLASLt as
 // pointers: no host synchronisation anywhere.
-//   per_tensor  current amax: one amax kernel, then one pass that writes the codes (and the
+//   per_tensor  current amax: one amax kernel (or the amax an op noted as a by-product,
+//               projection_note_amax), then one pass that writes the codes (and the
 //               transpose: dy gives dy and dy^T in one pass). W and W^T are quantized once per
 //               cache epoch (= step); an activation read by several projections (x by q, k, v,
 //               z and the gate; by gate and up) is quantized once (a one-entry cache per
