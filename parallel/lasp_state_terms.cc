@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "core/profile.h"
+#include "kernels/gemm.h"
 #include "parallel/sp_layout.h"
 
 namespace lasp {
@@ -54,29 +55,56 @@ void chunk_log_cum(std::vector<double>& cum, const Decay& decay, const Sizes& z,
   }
 }
 
+// Rows [row, row + n) of head h of batch b of a [B, L, H, D] tensor, copied into a contiguous
+// [n, D] tensor (times f[t] per row when f is given), and added back.
+template <typename T>
+Tensor head_rows(const Tensor& x, const Sizes& z, int64_t b, int64_t h, int64_t row, int64_t n,
+                 const std::vector<T>* f = nullptr) {
+  Tensor out = Tensor::empty({n, z.D}, x.dtype());
+  T* dst = out.data<T>();
+  const T* src = x.data<T>() + ((b * z.L + row) * z.H + h) * z.D;
+  for (int64_t t = 0; t < n; ++t) {
+    const T* s = src + t * z.H * z.D;
+    const T a = f ? (*f)[t] : T(1);
+    for (int64_t j = 0; j < z.D; ++j) dst[t * z.D + j] = a * s[j];
+  }
+  return out;
+}
+template <typename T>
+void add_head_rows(Tensor& x, const Tensor& rows, const Sizes& z, int64_t b, int64_t h, int64_t row,
+                   int64_t n, const std::vector<T>& f) {
+  const T* src = rows.data<T>();
+  T* dst = x.data<T>() + ((b * z.L + row) * z.H + h) * z.D;
+  for (int64_t t = 0; t < n; ++t) {
+    T* d = dst + t * z.H * z.D;
+    for (int64_t j = 0; j < z.D; ++j) d[j] += f[t] * src[t * z.D + j];
+  }
+}
+
+// The [D, D] state of (b, h) in a [B, H, D, D] tensor (a view).
+Tensor state_of(const Tensor& s, const Sizes& z, int64_t b, int64_t h) {
+  return s.select(0, b).select(0, h);
+}
+
+template <typename T>
+std::vector<T> exp_of(const std::vector<double>& x) {
+  std::vector<T> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = static_cast<T>(std::exp(x[i]));
+  return out;
+}
+
+// Per (b, h) the terms are small GEMMs (OpenBLAS through gemm()) on contiguous copies of the
+// head's rows, as in the CPU kernel.
 template <typename T>
 void add_prefix_output_cpu(Tensor& o, const Tensor& q, const Decay& decay, int64_t row, int64_t n,
                            const Tensor& p, const Sizes& z) {
-  const int64_t D = z.D, DD = D * D;
   std::vector<double> cum;
-  std::vector<T> acc(static_cast<size_t>(D));
+  Tensor qp = Tensor::empty({n, z.D}, q.dtype());
   for (int64_t b = 0; b < z.B; ++b) {
     for (int64_t h = 0; h < z.H; ++h) {
-      const T* P = p.data<T>() + (b * z.H + h) * DD;
       chunk_log_cum<T>(cum, decay, z, b, h, row, n);
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t off = ((b * z.L + row + t) * z.H + h) * D;
-        const T* qt = q.data<T>() + off;
-        T* ot = o.data<T>() + off;
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t i = 0; i < D; ++i) {  // acc = q_t P (rows of P: axpy, vectorises)
-          const T a = qt[i];
-          const T* Pi = P + i * D;
-          for (int64_t j = 0; j < D; ++j) acc[j] += a * Pi[j];
-        }
-        const T s = static_cast<T>(std::exp(cum[t]));
-        for (int64_t j = 0; j < D; ++j) ot[j] += s * acc[j];
-      }
+      gemm(qp, head_rows<T>(q, z, b, h, row, n), false, state_of(p, z, b, h), false);  // Q P
+      add_head_rows<T>(o, qp, z, b, h, row, n, exp_of<T>(cum));                         // o += diag(exp Lambda) Q P
     }
   }
 }
@@ -84,24 +112,13 @@ void add_prefix_output_cpu(Tensor& o, const Tensor& q, const Decay& decay, int64
 template <typename T>
 void prefix_state_grad_cpu(Tensor& dp, const Tensor& q, const Tensor& d_o, const Decay& decay, int64_t row,
                            int64_t n, const Sizes& z) {
-  const int64_t D = z.D, DD = D * D;
   std::vector<double> cum;
   for (int64_t b = 0; b < z.B; ++b) {
     for (int64_t h = 0; h < z.H; ++h) {
-      T* G = dp.data<T>() + (b * z.H + h) * DD;
-      std::fill(G, G + DD, T(0));
       chunk_log_cum<T>(cum, decay, z, b, h, row, n);
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t off = ((b * z.L + row + t) * z.H + h) * D;
-        const T* qt = q.data<T>() + off;
-        const T* dt = d_o.data<T>() + off;
-        const T s = static_cast<T>(std::exp(cum[t]));
-        for (int64_t i = 0; i < D; ++i) {  // row i of dP += (s q_t[i]) do_t
-          const T a = s * qt[i];
-          T* Gi = G + i * D;
-          for (int64_t j = 0; j < D; ++j) Gi[j] += a * dt[j];
-        }
-      }
+      const std::vector<T> s = exp_of<T>(cum);
+      Tensor g = state_of(dp, z, b, h);
+      gemm(g, head_rows<T>(q, z, b, h, row, n, &s), true, head_rows<T>(d_o, z, b, h, row, n), false);
     }
   }
 }
@@ -110,53 +127,36 @@ template <typename T>
 void add_final_state_grads_cpu(Tensor& dk, Tensor& dv, Tensor& dl, const Tensor& k, const Tensor& v,
                                const Decay& decay, int64_t row, int64_t n, const Tensor& p,
                                const Tensor& dm, const Sizes& z) {
-  const int64_t D = z.D, DD = D * D;
   const bool want_dlog = dl.defined() && decay.mode == DecayMode::DataDependent;
   std::vector<double> cum;
-  std::vector<T> mt(static_cast<size_t>(DD)), u(static_cast<size_t>(D)), w(static_cast<size_t>(D));
+  Tensor u = Tensor::empty({n, z.D}, k.dtype()), w = Tensor::empty({n, z.D}, k.dtype());
   for (int64_t b = 0; b < z.B; ++b) {
     for (int64_t h = 0; h < z.H; ++h) {
-      const T* M = dm.data<T>() + (b * z.H + h) * DD;
-      for (int64_t i = 0; i < D; ++i)
-        for (int64_t j = 0; j < D; ++j) mt[j * D + i] = M[i * D + j];
       chunk_log_cum<T>(cum, decay, z, b, h, row, n);
       const double total = cum[n - 1];
-      // d log a_u = exp(Lambda_{n-1}) <dM, P> + sum_{s<u} c_s,  c_s = e_s k_s dM v_s^T.
-      double base = 0, before = 0;
-      if (want_dlog) {
-        const T* P = p.data<T>() + (b * z.H + h) * DD;
-        double dot = 0;
-        for (int64_t i = 0; i < DD; ++i) dot += static_cast<double>(M[i]) * static_cast<double>(P[i]);
-        base = std::exp(total) * dot;
-      }
+      std::vector<T> ef(cum.size());  // e_t = exp(Lambda_end - Lambda_t) <= 1
+      for (size_t t = 0; t < cum.size(); ++t) ef[t] = static_cast<T>(std::exp(total - cum[t]));
+      const Tensor m = state_of(dm, z, b, h);
+      const Tensor kh = head_rows<T>(k, z, b, h, row, n), vh = head_rows<T>(v, z, b, h, row, n);
+      gemm(u, kh, false, m, false);  // U = K dM
+      gemm(w, vh, false, m, true);   // W = V dM^T
+      add_head_rows<T>(dv, u, z, b, h, row, n, ef);
+      add_head_rows<T>(dk, w, z, b, h, row, n, ef);
+      if (!want_dlog) continue;
+      // d log a_u += exp(Lambda_end) <dM, P> + sum_{s<u} c_s,  c_s = e_s (k_s dM) . v_s
+      const T* M = m.data<T>();
+      const T* P = state_of(p, z, b, h).data<T>();
+      double dot = 0;
+      for (int64_t i = 0; i < z.D * z.D; ++i) dot += static_cast<double>(M[i]) * static_cast<double>(P[i]);
+      const double base = std::exp(total) * dot;
+      double before = 0;
+      const T* U = u.data<T>();
+      const T* V = vh.data<T>();
       for (int64_t t = 0; t < n; ++t) {
-        const int64_t off = ((b * z.L + row + t) * z.H + h) * D;
-        const T* kt = k.data<T>() + off;
-        const T* vt = v.data<T>() + off;
-        std::fill(u.begin(), u.end(), T(0));
-        std::fill(w.begin(), w.end(), T(0));
-        for (int64_t i = 0; i < D; ++i) {  // u = k_t dM
-          const T a = kt[i];
-          const T* Mi = M + i * D;
-          for (int64_t j = 0; j < D; ++j) u[j] += a * Mi[j];
-        }
-        for (int64_t j = 0; j < D; ++j) {  // w = v_t dM^T
-          const T a = vt[j];
-          const T* Mj = mt.data() + j * D;
-          for (int64_t i = 0; i < D; ++i) w[i] += a * Mj[i];
-        }
-        const T e = static_cast<T>(std::exp(total - cum[t]));
-        T* dvt = dv.data<T>() + off;
-        T* dkt = dk.data<T>() + off;
-        for (int64_t j = 0; j < D; ++j) dvt[j] += e * u[j];
-        for (int64_t i = 0; i < D; ++i) dkt[i] += e * w[i];
-        if (want_dlog) {
-          T* g = dl.data<T>() + (b * z.L + row + t) * z.H + h;
-          *g += static_cast<T>(base + before);
-          double c = 0;
-          for (int64_t j = 0; j < D; ++j) c += static_cast<double>(u[j]) * static_cast<double>(vt[j]);
-          before += static_cast<double>(e) * c;
-        }
+        dl.data<T>()[(b * z.L + row + t) * z.H + h] += static_cast<T>(base + before);
+        double c = 0;
+        for (int64_t j = 0; j < z.D; ++j) c += static_cast<double>(U[t * z.D + j]) * static_cast<double>(V[t * z.D + j]);
+        before += static_cast<double>(ef[t]) * c;
       }
     }
   }

@@ -10,7 +10,8 @@
 // so a rank can compute the part from a zero state before P is known and add P's term later.
 // All of these cost O(n D^2) per (b, h), like the inter-chunk term inside the kernel.
 //
-// CPU: direct loops in fp32 / fp64 (cumulative decays in double; every factor exp(.) <= 1).
+// CPU: per (b, h) one or two small GEMMs (OpenBLAS) on contiguous copies of the head's rows, in
+// fp32 / fp64 (cumulative decays in double; every factor exp(.) <= 1).
 // CUDA: there is no kernel for these terms yet, so each runs the linear-attention kernel itself on
 // the chunk with the other operands zero (exact, but it costs a whole kernel call; see
 // docs/parallel.md).
