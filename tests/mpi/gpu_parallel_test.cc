@@ -259,7 +259,7 @@ TEST(GpuGradReduce, TenTrainingStepsWithAndWithoutOverlapAgree) {
     ASSERT_EQ(curves[1].size(), 10u);
     // Not bit for bit: the bf16 kernels use atomics, and lasp2_overlap regroups the sums.
     for (size_t s = 0; s < curves[0].size(); ++s)
-      EXPECT_NEAR(curves[1][s], curves[0][s], 5e-3 * curves[0][s]) << "step " << s + 1;
+      EXPECT_NEAR(curves[1][s], curves[0][s], 1e-2 * curves[0][s]) << "step " << s + 1;
   }
 }
 
