@@ -36,7 +36,8 @@ void scaled_copy(Tensor& dst, const Tensor& src, double alpha) {
           d[i].bits = float_to_bf16(static_cast<float>(alpha * bf16_to_float(s[i].bits)));
         return;
       }
-      default: LASP_FAIL() << "scaled_copy: unsupported dtype " << dtype_name(dst.dtype());
+      default:
+        LASP_FAIL() << "scaled_copy: unsupported dtype " << dtype_name(dst.dtype());
     }
   }
   Tensor d = dst.view({dst.numel(), 1});
@@ -93,7 +94,8 @@ void copy_on_stream(void* dst, const void* src, size_t bytes, Device dev) {
 #ifdef LASP_HAVE_CUDA
   const cudaError_t rc = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice,
                                          static_cast<cudaStream_t>(current_stream().handle));
-  LASP_CHECK(rc == cudaSuccess) << "gradient bucket copy of " << bytes << " bytes failed: " << cudaGetErrorString(rc);
+  LASP_CHECK(rc == cudaSuccess) << "gradient bucket copy of " << bytes
+                                << " bytes failed: " << cudaGetErrorString(rc);
 #else
   LASP_FAIL() << "this build of lasp has no CUDA support";
 #endif
@@ -109,7 +111,8 @@ void check_grads(const std::vector<Tensor>& grads, const char* fn) {
 
 }  // namespace
 
-std::vector<std::pair<size_t, size_t>> plan_buckets(const std::vector<Tensor>& grads, size_t bucket_bytes) {
+std::vector<std::pair<size_t, size_t>> plan_buckets(const std::vector<Tensor>& grads,
+                                                    size_t bucket_bytes) {
   LASP_CHECK(bucket_bytes > 0) << "gradient buckets: bucket_bytes must be positive";
   std::vector<std::pair<size_t, size_t>> out;
   size_t begin = 0;
@@ -152,8 +155,9 @@ GradReducer::GradReducer(std::vector<Tensor> grads, const std::vector<Comm*>& gr
   check_grads(grads_, "GradReducer");
   for (size_t i = 0; i < grads_.size(); ++i) {
     const bool fresh = index_.emplace(grads_[i].raw(), i).second;
-    LASP_CHECK(fresh) << "GradReducer: gradient " << i << " " << grads_[i].str()
-                      << " shares its storage with an earlier one; each gradient must be listed once";
+    LASP_CHECK(fresh)
+        << "GradReducer: gradient " << i << " " << grads_[i].str()
+        << " shares its storage with an earlier one; each gradient must be listed once";
   }
   for (Comm* g : groups) {
     LASP_CHECK(g != nullptr) << "GradReducer: null group";
@@ -220,7 +224,8 @@ Tensor& GradReducer::reduced(Bucket& b) { return b.buf.defined() ? b.buf : grads
 void GradReducer::launch_ready_buckets() {
   // Buckets start in plan order only, so every rank issues the same sequence of collectives.
   while (next_launch_ < buckets_.size() &&
-         buckets_[next_launch_].ready == buckets_[next_launch_].end - buckets_[next_launch_].begin) {
+         buckets_[next_launch_].ready ==
+             buckets_[next_launch_].end - buckets_[next_launch_].begin) {
     launch(next_launch_);
     ++next_launch_;
   }
@@ -253,7 +258,8 @@ void GradReducer::launch(size_t k) {
 }
 
 void GradReducer::start_next_group(Bucket& b) {
-  LASP_CHECK(b.next_group < comms_.size()) << "GradReducer: bucket reduced over every group already";
+  LASP_CHECK(b.next_group < comms_.size())
+      << "GradReducer: bucket reduced over every group already";
   CommRequest* after = b.next_group > 0 ? &b.req : nullptr;
   CommRequest r = comms_[b.next_group]->all_reduce_sum_async(reduced(b), after);
   // Host: `after` was waited for inside the call. CUDA: the new reduction waits for it on the

@@ -24,7 +24,8 @@ void all_reduce_gradients(Comm& comm, const std::vector<Tensor>& grads, size_t b
 // The buckets all_reduce_gradients and GradReducer form: [begin, end) ranges of `grads`, greedy in
 // list order (a bucket takes the next tensor while dtype and device match and the total stays
 // within bucket_bytes).
-std::vector<std::pair<size_t, size_t>> plan_buckets(const std::vector<Tensor>& grads, size_t bucket_bytes);
+std::vector<std::pair<size_t, size_t>> plan_buckets(const std::vector<Tensor>& grads,
+                                                    size_t bucket_bytes);
 
 // Sums gradients over one or more groups (the trainer passes SP, then DP) while the backward runs.
 //
@@ -85,12 +86,12 @@ class GradReducer {
     size_t begin = 0, end = 0;
     size_t ready = 0;       // gradients of the bucket marked final in this backward
     Tensor buf;             // the packed gradients (undefined for a single-tensor bucket)
-    size_t next_group = 0;             // groups whose reduction has been started
-    CommRequest req;                   // the latest started reduction
+    size_t next_group = 0;  // groups whose reduction has been started
+    CommRequest req;        // the latest started reduction
     std::vector<CommRequest> earlier;  // CUDA: the earlier groups' reductions, still pending
   };
   Tensor& reduced(Bucket& b);  // the tensor the collectives work on
-  void launch(size_t k);  // packs bucket k and starts its reduction
+  void launch(size_t k);       // packs bucket k and starts its reduction
   void start_next_group(Bucket& b);
   void launch_ready_buckets();
 

@@ -28,7 +28,8 @@ void expect_bitwise_equal(const Tensor& a, const Tensor& b, const std::string& w
   if (std::memcmp(x.raw(), y.raw(), x.nbytes()) == 0) return;
   for (int64_t i = 0; i < x.numel(); ++i) {
     if (x.item(i) != y.item(i)) {
-      ADD_FAILURE() << what << ": element " << i << " differs: " << x.item(i) << " vs " << y.item(i);
+      ADD_FAILURE() << what << ": element " << i << " differs: " << x.item(i) << " vs "
+                    << y.item(i);
       return;
     }
   }
@@ -54,10 +55,12 @@ Groups make_groups() {
 }
 
 // Rank-dependent random gradients (not small integers: the sums round).
-std::vector<Tensor> random_grads(uint64_t seed, const std::vector<int64_t>& sizes, const std::vector<DType>& dts) {
+std::vector<Tensor> random_grads(uint64_t seed, const std::vector<int64_t>& sizes,
+                                 const std::vector<DType>& dts) {
   std::mt19937_64 rng(seed + 7919 * world().rank());
   std::vector<Tensor> out;
-  for (size_t i = 0; i < sizes.size(); ++i) out.push_back(testing::random_tensor(rng, {sizes[i]}, dts[i], -3, 3));
+  for (size_t i = 0; i < sizes.size(); ++i)
+    out.push_back(testing::random_tensor(rng, {sizes[i]}, dts[i], -3, 3));
   return out;
 }
 
@@ -94,7 +97,8 @@ TEST(GradReducer, OverlappedSumsEqualTheAfterBackwardPathBitForBit) {
       if (reducer.active()) {
         EXPECT_EQ(reducer.launched_before_finish(), reducer.num_buckets());
       }
-      for (size_t i = 0; i < grads.size(); ++i) expect_bitwise_equal(grads[i], expect[i], "gradient " + std::to_string(i));
+      for (size_t i = 0; i < grads.size(); ++i)
+        expect_bitwise_equal(grads[i], expect[i], "gradient " + std::to_string(i));
       for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_from(before[i]);
     }
   }
@@ -123,13 +127,15 @@ TEST(GradReducer, BucketsStartInOrderWhateverOrderGradientsBecomeFinal) {
   reducer.finish();
   EXPECT_EQ(reducer.launched_before_finish(), reducer.num_buckets());
   for (Comm* c : comms) EXPECT_EQ(c->counter(CommOp::AllReduce).calls, 5) << c->name();
-  for (size_t i = 0; i < grads.size(); ++i) expect_bitwise_equal(grads[i], expect[i], "gradient " + std::to_string(i));
+  for (size_t i = 0; i < grads.size(); ++i)
+    expect_bitwise_equal(grads[i], expect[i], "gradient " + std::to_string(i));
 }
 
 TEST(GradReducer, OnlyTheArmedBackwardIsReducedSoAccumulationStepsStayLocal) {
   if (world().size() < 2) GTEST_SKIP() << "needs 2+ ranks";
   Groups groups = make_groups();
-  std::vector<Tensor> grads = random_grads(testing::shared_seed(), {8, 8}, {DType::F64, DType::F64});
+  std::vector<Tensor> grads =
+      random_grads(testing::shared_seed(), {8, 8}, {DType::F64, DType::F64});
   const std::vector<Tensor> local = clones(grads);
   GradReducer reducer(grads, groups.list, 1 << 20, true);
   // A micro-batch before the last one: the model reports, the reducer does nothing.
@@ -195,8 +201,9 @@ ModelConfig small_model() {
 
 // One forward + backward of the layout's model on this rank's tokens, the gradients reduced over
 // SP then DP by a GradReducer (overlap or not); returns the gradients.
-std::vector<Tensor> one_step_gradients(const Layout& lay, uint64_t seed, bool overlap, size_t bucket,
-                                       bool lasp2_overlap, size_t* launched, size_t* buckets) {
+std::vector<Tensor> one_step_gradients(const Layout& lay, uint64_t seed, bool overlap,
+                                       size_t bucket, bool lasp2_overlap, size_t* launched,
+                                       size_t* buckets) {
   const ModelConfig mc = small_model();
   const int64_t B = 2, T = 16;
   Grid grid(world(), lay.tp, lay.sp, lay.dp);
@@ -252,12 +259,16 @@ TEST(OverlappedGradReduce, OneStepGradientsEqualTheAfterBackwardPathForEveryLayo
   for (const Layout lay : layouts_for(world().size())) {
     for (size_t bucket : {size_t{2048}, size_t{1} << 20}) {
       for (bool lasp2_overlap : {false, true}) {
-        SCOPED_TRACE(lay.str() + " bucket " + std::to_string(bucket) + (lasp2_overlap ? " lasp2 overlap" : ""));
+        SCOPED_TRACE(lay.str() + " bucket " + std::to_string(bucket) +
+                     (lasp2_overlap ? " lasp2 overlap" : ""));
         size_t launched = 0, buckets = 0;
-        const std::vector<Tensor> plain = one_step_gradients(lay, seed, false, bucket, lasp2_overlap, nullptr, nullptr);
-        const std::vector<Tensor> over = one_step_gradients(lay, seed, true, bucket, lasp2_overlap, &launched, &buckets);
+        const std::vector<Tensor> plain =
+            one_step_gradients(lay, seed, false, bucket, lasp2_overlap, nullptr, nullptr);
+        const std::vector<Tensor> over =
+            one_step_gradients(lay, seed, true, bucket, lasp2_overlap, &launched, &buckets);
         ASSERT_EQ(plain.size(), over.size());
-        for (size_t i = 0; i < plain.size(); ++i) expect_bitwise_equal(over[i], plain[i], "gradient " + std::to_string(i));
+        for (size_t i = 0; i < plain.size(); ++i)
+          expect_bitwise_equal(over[i], plain[i], "gradient " + std::to_string(i));
         // Every bucket started during the backward (the hooks cover every parameter).
         if (lay.sp > 1 || lay.dp > 1) {
           EXPECT_EQ(launched, buckets);
@@ -273,13 +284,15 @@ TEST(OverlappedGradReduce, OneStepGradientsEqualTheAfterBackwardPathForEveryLayo
 TEST(OverlappedGradReduce, TwentyTrainingStepsGiveTheSameLossCurve) {
   set_log_quiet(true);
   const auto tmp = std::filesystem::temp_directory_path();
-  const std::string tag = std::to_string(world().size()) + "_" + std::to_string(testing::shared_seed());
+  const std::string tag =
+      std::to_string(world().size()) + "_" + std::to_string(testing::shared_seed());
   for (const Layout lay : layouts_for(world().size())) {
     SCOPED_TRACE(lay.str());
     std::vector<std::vector<double>> curves;
     for (bool overlap : {false, true}) {
       Config c = parse_config(
-          "model:\n  vocab_size: 256\n  hidden: 32\n  layers: 2\n  heads: 4\n  kv_heads: 2\n  head_dim: 8\n"
+          "model:\n  vocab_size: 256\n  hidden: 32\n  layers: 2\n  heads: 4\n  kv_heads: 2\n  "
+          "head_dim: 8\n"
           "  mlp_hidden: 64\n  pattern: LS\n  chunk: 8\n  decay: data\n  tie_embeddings: false\n"
           "train:\n  device: cpu\n  batch_size: 2\n  seq_len: 32\n  steps: 20\neval:\n  every: -1\n"
           "checkpoint:\n  every: -1\nrun:\n  log_every: 1000\nparallel:\n  bucket_mb: 0.01\n",
@@ -297,7 +310,8 @@ TEST(OverlappedGradReduce, TwentyTrainingStepsGiveTheSameLossCurve) {
     }
     ASSERT_EQ(curves[0].size(), 20u);
     ASSERT_EQ(curves[1].size(), 20u);
-    for (size_t s = 0; s < curves[0].size(); ++s) EXPECT_EQ(curves[1][s], curves[0][s]) << "step " << s + 1;
+    for (size_t s = 0; s < curves[0].size(); ++s)
+      EXPECT_EQ(curves[1][s], curves[0][s]) << "step " << s + 1;
     EXPECT_LT(curves[0].back(), curves[0].front() - 1.0);
   }
 }
