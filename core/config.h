@@ -83,7 +83,7 @@ struct ParallelConfig {
   std::string sp_method = "lasp2";  // lasp2 | lasp1 | ring | allgather_kv
   bool zigzag = false;
   double bucket_mb = 25.0;
-  bool overlap_grad_reduce = true;  // reduce gradient buckets while the backward runs
+  bool overlap_grad_reduce = false;  // reduce gradient buckets while the backward runs (opt-in until measured on GPUs)
   bool lasp2_overlap = false;       // LASP-2 state all-gather concurrent with the local attention
   double comm_timeout_s = 300.0;
 };
