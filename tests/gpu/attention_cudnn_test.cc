@@ -25,12 +25,14 @@
 
 #include "core/check.h"
 #include "kernels/attention.h"
+#include "tests/gpu/attention_test_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace lasp {
 namespace {
 
 using namespace gpu_test;
+using namespace attn_test;
 
 constexpr double kTolO = 2e-2, kTolGrad = 3e-2, kTolLse = 1e-4;
 
@@ -61,18 +63,7 @@ class ScopedPath {
     if (!cudnn_attention_built()) GTEST_SKIP() << cudnn_attention_version(); \
   } while (0)
 
-struct Case {
-  int64_t B, Tq, Tk, Hq, Hkv, D;
-  bool causal;
-  int64_t q_offset;
-};
-
-std::string describe(const Case& c) {
-  std::ostringstream os;
-  os << "B=" << c.B << " Tq=" << c.Tq << " Tk=" << c.Tk << " Hq=" << c.Hq << " Hkv=" << c.Hkv
-     << " D=" << c.D << " causal=" << c.causal << " q_offset=" << c.q_offset;
-  return os.str();
-}
+using Case = AttnCase;
 
 const Case kCases[] = {
     {1, 300, 300, 4, 1, 64, true, 0},     // GQA 4:1 (MQA), a few hundred tokens
@@ -86,22 +77,7 @@ const Case kCases[] = {
     {1, 2, 384, 2, 1, 128, true, 382},    // two query rows against 384 keys (decoding-like)
 };
 
-struct Inputs {
-  Tensor q, k, v, d_o;  // CPU fp32 holding bf16 values
-};
-
-Inputs make_inputs(const Case& c, std::mt19937& rng) {
-  return {random_bf16_values({c.B, c.Tq, c.Hq, c.D}, rng, 1.5),
-          random_bf16_values({c.B, c.Tk, c.Hkv, c.D}, rng, 1.5),
-          random_bf16_values({c.B, c.Tk, c.Hkv, c.D}, rng),
-          random_bf16_values({c.B, c.Tq, c.Hq, c.D}, rng)};
-}
-
-float scale_of(const Case& c) {
-  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.D)));
-}
-Tensor f64(const Tensor& t) { return t.to(cpu()).to(DType::F64); }
-Tensor bf16_cuda(const Tensor& cpu_values) { return to_cuda(cpu_values, DType::BF16); }
+using Inputs = AttnInputs;
 Shape q_shape(const Case& c) { return {c.B, c.Tq, c.Hq, c.D}; }
 Shape kv_shape(const Case& c, int64_t Tk) { return {c.B, Tk, c.Hkv, c.D}; }
 Shape lse_shape(const Case& c) { return {c.B, c.Hq, c.Tq}; }

@@ -22,27 +22,16 @@
 #include <string>
 
 #include "kernels/attention.h"
+#include "tests/gpu/attention_test_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace lasp {
 namespace {
 
 using namespace gpu_test;
+using namespace attn_test;
 
 constexpr double kTolO = 2e-2, kTolGrad = 3e-2, kTolLse = 1e-4;
-
-struct AttnCase {
-  int64_t B, Tq, Tk, Hq, Hkv, D;
-  bool causal;
-  int64_t q_offset;
-};
-
-std::string describe(const AttnCase& c) {
-  std::ostringstream os;
-  os << "B=" << c.B << " Tq=" << c.Tq << " Tk=" << c.Tk << " Hq=" << c.Hq << " Hkv=" << c.Hkv
-     << " D=" << c.D << " causal=" << c.causal << " q_offset=" << c.q_offset;
-  return os.str();
-}
 
 const AttnCase kCases[] = {
     {2, 1, 1, 2, 2, 64, true, 0},        // T = 1 (dq = dk = 0 in exact arithmetic)
@@ -56,23 +45,6 @@ const AttnCase kCases[] = {
     {2, 257, 257, 6, 2, 128, true, 0},   // GQA 3:1, odd length
 };
 
-struct AttnInputs {
-  Tensor q, k, v, d_o;  // CPU fp32 holding bf16 values
-};
-
-AttnInputs make_inputs(const AttnCase& c, std::mt19937& rng) {
-  AttnInputs in;
-  in.q = random_bf16_values({c.B, c.Tq, c.Hq, c.D}, rng, 1.5);
-  in.k = random_bf16_values({c.B, c.Tk, c.Hkv, c.D}, rng, 1.5);
-  in.v = random_bf16_values({c.B, c.Tk, c.Hkv, c.D}, rng);
-  in.d_o = random_bf16_values({c.B, c.Tq, c.Hq, c.D}, rng);
-  return in;
-}
-
-float scale_of(const AttnCase& c) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.D))); }
-
-Tensor f64(const Tensor& t) { return t.to(cpu()).to(DType::F64); }
-Tensor bf16_cuda(const Tensor& cpu_values) { return to_cuda(cpu_values, DType::BF16); }
 
 void expect_close(const Tensor& gpu, const Tensor& ref, double tol, const char* what) {
   const std::vector<double> out = gpu.to_vector();
