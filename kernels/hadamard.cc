@@ -5,6 +5,9 @@
 #include <vector>
 
 #include "kernels/counter_rng.h"
+#ifdef LASP_HAVE_CUDA
+#include "kernels/quantize_cuda.h"
+#endif
 
 namespace lasp {
 
@@ -64,6 +67,18 @@ void hadamard_forward(Tensor& y, const Tensor& x, const HadamardSpec& spec) {
     fwht_unnormalized(dst + b, g);
     for (int64_t j = 0; j < g; ++j) dst[b + j] *= norm;
   }
+}
+
+Tensor hadamard_rotated(const Tensor& x, const HadamardSpec& spec) {
+  Tensor out = Tensor::empty(x.shape(), DType::F32, x.device());
+#ifdef LASP_HAVE_CUDA
+  if (x.is_cuda()) {
+    hadamard_cuda(out, x, spec, false);
+    return out;
+  }
+#endif
+  hadamard_forward(out, x, spec);
+  return out;
 }
 
 void hadamard_inverse(Tensor& y, const Tensor& x, const HadamardSpec& spec) {

@@ -27,6 +27,10 @@ struct HadamardSpec {
   uint64_t seed = 0;        // sign seed when randomized
 };
 
+// A new fp32 tensor on x's device holding per-block H D x. x: fp32 (CPU), fp32 or bf16 (CUDA,
+// through hadamard_cuda, bit-identical to the CPU).
+Tensor hadamard_rotated(const Tensor& x, const HadamardSpec& spec);
+
 // y = per-block H D x (y may be x: in place). x, y: contiguous fp32 CPU tensors of one shape.
 void hadamard_forward(Tensor& y, const Tensor& x, const HadamardSpec& spec);
 // y = per-block D H x, the exact inverse (transpose) of hadamard_forward.

@@ -425,11 +425,6 @@ void check_quartet_config(const QuartetConfig& cfg) {
 
 Tensor transposed(const Tensor& t) { return t.transpose(0, 1).contiguous(); }
 
-Tensor rotated(const Tensor& t, const HadamardSpec& spec) {
-  Tensor out = Tensor::empty(t.shape(), DType::F32);
-  hadamard_forward(out, t, spec);
-  return out;
-}
 
 void apply_mask(Tensor& g, const Tensor& mask) {
   float* gp = g.data<float>();
@@ -438,26 +433,24 @@ void apply_mask(Tensor& g, const Tensor& mask) {
     if (!m[i]) gp[i] = 0.0f;
 }
 
-// C [M, N] = Q(A R^T) Q(B R^T)^T for A [M, K], B [N, K]: both rotated along K with the same
-// randomized Hadamard R, then quantized with the backward rounding.
-Tensor backward_gemm(const Tensor& a, const Tensor& b, const QuartetConfig& cfg, uint64_t seed,
-                     uint64_t stream) {
-  const HadamardSpec rot{cfg.backward_block, true, splitmix64(seed ^ (stream * 0x51ED27ull))};
+}  // namespace
+
+Tensor quartet_backward_gemm(const Tensor& a, const Tensor& b, Fp4Format format, Fp4Rounding rounding,
+                             int64_t block, uint64_t seed, uint64_t stream) {
+  const HadamardSpec rot{block, true, splitmix64(seed ^ (stream * 0x51ED27ull))};
   Fp4Options o;
-  o.format = cfg.backward_format;
-  o.rounding = cfg.backward_rounding;
+  o.format = format;
+  o.rounding = rounding;
   o.seed = seed;
-  o.eden_block = cfg.backward_block;
+  o.eden_block = block;
   o.stream = 2 * stream;
-  const QuantizedFp4 qa = quantize_fp4(rotated(a, rot), o);
+  const QuantizedFp4 qa = quantize_fp4(hadamard_rotated(a, rot), o);
   o.stream = 2 * stream + 1;
-  const QuantizedFp4 qb = quantize_fp4(rotated(b, rot), o);
-  Tensor c = Tensor::empty({a.dim(0), b.dim(0)}, DType::F32);
+  const QuantizedFp4 qb = quantize_fp4(hadamard_rotated(b, rot), o);
+  Tensor c = Tensor::empty({a.dim(0), b.dim(0)}, DType::F32, a.device());
   gemm_fp4_emulated(c, qa, qb);
   return c;
 }
-
-}  // namespace
 
 void quartet_linear_forward(Tensor& y, QuartetSaved& saved, const Tensor& x, const Tensor& w,
                             const QuartetConfig& cfg) {
@@ -466,8 +459,8 @@ void quartet_linear_forward(Tensor& y, QuartetSaved& saved, const Tensor& x, con
       << "quartet_linear_forward: x [N, in], w [out, in], got " << x.str() << ", " << w.str();
   check_tensor(y, "quartet_linear_forward: y", DType::F32, {x.dim(0), w.dim(0)});
   const HadamardSpec h{cfg.forward_block, false, 0};
-  const QuantizedFp4 qx = quantize_mxfp4(rotated(x, h), Fp4Rounding::Nearest, Fp4Clip::Quest);
-  const QuantizedFp4 qw = quantize_mxfp4(rotated(w, h), Fp4Rounding::Nearest, Fp4Clip::Quest);
+  const QuantizedFp4 qx = quantize_mxfp4(hadamard_rotated(x, h), Fp4Rounding::Nearest, Fp4Clip::Quest);
+  const QuantizedFp4 qw = quantize_mxfp4(hadamard_rotated(w, h), Fp4Rounding::Nearest, Fp4Clip::Quest);
   gemm_fp4_emulated(y, qx, qw);
   saved.xq = dequantize_fp4(qx);
   saved.wq = dequantize_fp4(qw);
@@ -483,13 +476,15 @@ void quartet_linear_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Qua
   const HadamardSpec h{cfg.forward_block, false, 0};
   if (dx.defined()) {
     check_tensor(dx, "quartet_linear_backward: dx", DType::F32, {n, in});
-    Tensor g = backward_gemm(dy, transposed(saved.wq), cfg, seed, 1);  // [N, in], inner dim out
+    Tensor g = quartet_backward_gemm(dy, transposed(saved.wq), cfg.backward_format, cfg.backward_rounding,
+                                     cfg.backward_block, seed, 1);  // [N, in], inner dim out
     apply_mask(g, saved.mask_x);
     hadamard_inverse(dx, g, h);
   }
   if (dw.defined()) {
     check_tensor(dw, "quartet_linear_backward: dw", DType::F32, {out, in});
-    Tensor g = backward_gemm(transposed(dy), transposed(saved.xq), cfg, seed, 2);  // [out, in], inner N
+    Tensor g = quartet_backward_gemm(transposed(dy), transposed(saved.xq), cfg.backward_format,
+                                     cfg.backward_rounding, cfg.backward_block, seed, 2);  // [out, in], inner N
     apply_mask(g, saved.mask_w);
     hadamard_inverse(g, g, h);
     float* d = dw.data<float>();

@@ -157,6 +157,13 @@ uint8_t e8m0_round_stochastic(float s, float u);
 // where xq, Wq are the dequantized forward operands (in the rotated space) and Q_b is
 // backward_rounding (Stochastic or MsEden) in backward_format. Requires in, out and N to be
 // multiples of the rotation blocks.
+// C [M, N] (fp32, on a's device) = Q(A R^T) Q(B R^T)^T for A [M, K], B [N, K]: both rotated along
+// K by the same randomized Hadamard R (block `block`, signs from seed and stream), then quantized
+// with the backward rounding (streams 2 stream and 2 stream + 1). The backward GEMMs of the
+// Quartet layer below and of the CUDA FP4 projections (core/model/projection_cuda.cc).
+Tensor quartet_backward_gemm(const Tensor& a, const Tensor& b, Fp4Format format, Fp4Rounding rounding,
+                             int64_t block, uint64_t seed, uint64_t stream);
+
 struct QuartetConfig {
   int64_t forward_block = 32;           // Hadamard block for the forward (Quartet: 32 = MX group)
   int64_t backward_block = 32;          // randomized Hadamard block for the backward GEMMs

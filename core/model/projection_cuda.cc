@@ -211,12 +211,6 @@ void check_fp4_cuda_options(const Param& w) {
   });
 }
 
-Tensor rotated(const Tensor& t, const HadamardSpec& spec) {
-  Tensor out = Tensor::empty(t.shape(), DType::F32, t.device());
-  hadamard_cuda(out, t, spec, false);
-  return out;
-}
-
 // The forward's operand: t rotated along its rows by H (block hadamard_block), then MXFP4 RTN
 // with QuEST clipping (mask kept) or NVFP4 RTN (no mask) — what the CPU path quantizes.
 QuantizedFp4 fp4_forward_operand(const Tensor& t) {
@@ -225,7 +219,7 @@ QuantizedFp4 fp4_forward_operand(const Tensor& t) {
   q.format = o.fp4_format;
   q.rounding = Fp4Rounding::Nearest;
   q.clip = o.fp4_format == Fp4Format::MXFP4 ? Fp4Clip::Quest : Fp4Clip::AbsMax;
-  return quantize_fp4_cuda(rotated(t, HadamardSpec{o.hadamard_block, false, 0}), q);
+  return quantize_fp4_cuda(hadamard_rotated(t, HadamardSpec{o.hadamard_block, false, 0}), q);
 }
 
 const QuantizedFp4& fp4_weight(Param& w, ProjectionState& st) {
@@ -234,26 +228,6 @@ const QuantizedFp4& fp4_weight(Param& w, ProjectionState& st) {
     st.w_epoch = cache_control().epoch;
   }
   return st.w_fp4;
-}
-
-// C [M, N] (fp32) = Q(A R^T) Q(B R^T)^T, A [M, K], B [N, K], both rotated along K by the same
-// randomized Hadamard R and quantized with the backward rounding: the CPU's backward_gemm
-// (kernels/quantize.cc) with its seeds and streams.
-Tensor backward_gemm(const Tensor& a, const Tensor& b, uint64_t seed, uint64_t stream) {
-  const ProjectionOptions& o = options();
-  const HadamardSpec rot{o.hadamard_block, true, mix64(seed ^ (stream * 0x51ED27ull))};
-  Fp4Options q;
-  q.format = o.fp4_format;
-  q.rounding = o.fp4_backward;
-  q.seed = seed;
-  q.eden_block = o.hadamard_block;
-  q.stream = 2 * stream;
-  const QuantizedFp4 qa = quantize_fp4_cuda(rotated(a, rot), q);
-  q.stream = 2 * stream + 1;
-  const QuantizedFp4 qb = quantize_fp4_cuda(rotated(b, rot), q);
-  Tensor c = Tensor::empty({a.dim(0), b.dim(0)}, DType::F32, a.device());
-  gemm_fp4_emulated_cuda(c, qa, qb);
-  return c;
 }
 
 Tensor transposed(const Tensor& t) {
@@ -367,7 +341,8 @@ void fp4_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& d
   ProjectionState& st = state_of(w);
   const uint64_t seed = next_fp4_backward_seed(w);
   LASP_PROFILE_SCOPE("fp4_emulation");
-  const HadamardSpec h{options().hadamard_block, false, 0};
+  const ProjectionOptions& o = options();
+  const HadamardSpec h{o.hadamard_block, false, 0};
   // The forward's operands, rebuilt (RTN is deterministic; W's is cached for the epoch), and
   // their dequantized values (exact), as quartet_linear_backward reads them.
   const QuantizedFp4 fx = fp4_forward_operand(x);
@@ -379,11 +354,13 @@ void fp4_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& d
   if (dx.defined()) {
     // dgrad (inner dim out): G_x = Q(dy R^T) Q(wq^T R^T)^T, masked by the forward's clip mask,
     // then rotated back: dx (+)= G_x H.
-    const Tensor g = backward_gemm(dy, transposed(wq), seed, 1);
+    const Tensor g =
+        quartet_backward_gemm(dy, transposed(wq), o.fp4_format, o.fp4_backward, o.hadamard_block, seed, 1);
     hadamard_cuda(dx, g, h, true, fx.mask.defined() ? &fx.mask : nullptr, accumulate_dx);
   }
   // wgrad (inner dim N): G_w = Q(dy^T R^T) Q(xq^T R^T)^T, masked, rotated back: dW += G_w H.
-  const Tensor g = backward_gemm(transposed(dy), transposed(xq), seed, 2);
+  const Tensor g = quartet_backward_gemm(transposed(dy), transposed(xq), o.fp4_format, o.fp4_backward,
+                                         o.hadamard_block, seed, 2);
   hadamard_cuda(w.grad, g, h, true, fw.mask.defined() ? &fw.mask : nullptr, true);
 }
 
