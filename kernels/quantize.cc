@@ -2,6 +2,7 @@
 // QuEST clipping and MS-EDEN; exactly emulated FP8/FP4 GEMMs; the Quartet linear layer.
 // The math and the API are in quantize.h; the scale rules are spelled out where they are chosen.
 #include "kernels/quantize.h"
+#include "kernels/quantize_math.h"
 
 #ifdef LASP_HAVE_CUDA
 #include "kernels/gemm_fp8.h"
@@ -223,21 +224,12 @@ uint8_t e2m1_round_stochastic(float v, float u) {
 
 uint8_t e4m3_round_stochastic(float s, float u) {
   LASP_CHECK(s >= 0 && std::isfinite(s)) << "e4m3_round_stochastic: bad scale " << s;
-  if (s >= kE4M3Max) return 0x7E;
-  uint8_t code = float_to_e4m3(s, true);
-  if (e4m3_to_float(code) > s) --code;  // positive codes are ordered like their values
-  const float lo = e4m3_to_float(code);
-  if (lo == s) return code;
-  const float hi = e4m3_to_float(static_cast<uint8_t>(code + 1));
-  return u < (s - lo) / (hi - lo) ? static_cast<uint8_t>(code + 1) : code;
+  return qmath::e4m3_round_stochastic_code(s, u);
 }
 
 uint8_t e8m0_round_stochastic(float s, float u) {
   LASP_CHECK(s > 0 && std::isfinite(s)) << "e8m0_round_stochastic: bad scale " << s;
-  const uint8_t code = e8m0_floor(s);
-  const float lo = e8m0_to_float(code);
-  if (lo >= s || code >= 254) return code;
-  return u < (s - lo) / lo ? static_cast<uint8_t>(code + 1) : code;
+  return qmath::e8m0_round_stochastic_code(s, u);
 }
 
 QuantizedFp4 quantize_mxfp4(const Tensor& x, Fp4Rounding rounding, Fp4Clip clip, uint64_t seed,
@@ -349,30 +341,15 @@ QuantizedFp4 quantize_fp4(const Tensor& x, const Fp4Options& opt) {
     // x_hat = RTN dequantization, c_b = <x, x> / <x, x_hat> (real units; c = 1 when the
     // denominator is not positive). Each group scale s becomes SR(c_b * s) on the scale grid, so
     // E[x_hat'] = c_b x_hat given the codes; after a uniformly random rotation this makes the
-    // dequantized vector unbiased (EDEN), with the randomness in the scales only.
+    // dequantized vector unbiased (EDEN), with the randomness in the scales only. The block
+    // routine is shared with the CUDA quantizer (kernels/quantize_math.h).
     const int64_t groups_per_block = opt.eden_block / group;
     for (int64_t r = 0; r < d.rows; ++r) {
-      for (int64_t g0 = 0; g0 < ngroups; g0 += groups_per_block) {
-        const int64_t g1 = std::min(ngroups, g0 + groups_per_block);
-        double xx = 0.0, xq = 0.0;
-        for (int64_t g = g0; g < g1; ++g) {
-          const double s = q.scale(r, g) * static_cast<double>(ts);
-          for (int64_t c = g * group; c < std::min(d.cols, (g + 1) * group); ++c) {
-            const int64_t i = r * d.cols + c;
-            xx += static_cast<double>(xs[i]) * xs[i];
-            xq += static_cast<double>(xs[i]) * e2m1_to_float(codes[i]) * s;
-          }
-        }
-        const double corr = (xq > 0 && std::isfinite(xx / xq)) ? xx / xq : 1.0;
-        for (int64_t g = g0; g < g1; ++g) {
-          uint8_t& sc = scodes[r * ngroups + g];
-          const float target = static_cast<float>(q.scale(r, g) * corr);
-          if (target == 0.0f) continue;
-          const float u = philox_uniform(opt.seed, opt.stream | kScaleStreamBit,
-                                         static_cast<uint64_t>(r * ngroups + g));
-          sc = mx ? e8m0_round_stochastic(target, u) : e4m3_round_stochastic(target, u);
-        }
-      }
+      const float* xr = xs + r * d.cols;
+      auto load = [xr](int64_t c) { return xr[c]; };
+      for (int64_t g0 = 0; g0 < ngroups; g0 += groups_per_block)
+        qmath::eden_correct_block(load, codes + r * d.cols, scodes, r, g0, std::min(ngroups, g0 + groups_per_block),
+                                  group, d.cols, ngroups, mx, ts, opt.seed, opt.stream);
     }
   }
   return q;

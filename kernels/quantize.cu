@@ -155,6 +155,22 @@ __global__ void fp4_quantize_kernel(const T* x, int64_t rows, int64_t cols, int6
                                  codes + r * cols, mask ? mask + r * cols : nullptr);
 }
 
+// MS-EDEN's second pass: one thread per (row, correction block of per_block groups), after
+// fp4_quantize_kernel wrote the no-clip scales and round-to-nearest codes.
+template <typename T>
+__global__ void fp4_eden_kernel(const T* x, int64_t rows, int64_t cols, int64_t group, int64_t ngroups,
+                                int64_t per_block, bool mx, float ts, uint64_t seed, uint64_t stream,
+                                const uint8_t* codes, uint8_t* scodes) {
+  const int64_t nblocks = (ngroups + per_block - 1) / per_block;
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (t >= rows * nblocks) return;
+  const int64_t r = t / nblocks, g0 = (t % nblocks) * per_block;
+  const T* xr = x + r * cols;
+  const auto load = [xr](int64_t c) { return to_float(xr[c]); };
+  eden_correct_block(load, codes + r * cols, scodes, r, g0, min(ngroups, g0 + per_block), group, cols,
+                     ngroups, mx, ts, seed, stream);
+}
+
 template <typename TO>
 __global__ void fp4_dequant_kernel(const uint8_t* codes, int64_t n, int64_t cols, int64_t group,
                                    int64_t ngroups, const uint8_t* scodes, bool mx, float ts,
@@ -568,10 +584,11 @@ QuantizedFp4 quantize_fp4_cuda(const Tensor& x, const Fp4Options& opt) {
   const bool quest = opt.clip == Fp4Clip::Quest;
   LASP_CHECK(!quest || (mx && opt.rounding == Fp4Rounding::Nearest))
       << "quantize_fp4_cuda: QuEST clipping is defined for MXFP4 with round-to-nearest";
-  LASP_CHECK(opt.rounding != Fp4Rounding::MsEden)
-      << "quantize_fp4_cuda: MS-EDEN is not implemented on the GPU yet (use the CPU quantize_fp4 "
-         "or Stochastic rounding); see docs/fp8_gpu.md";
+  const bool eden = opt.rounding == Fp4Rounding::MsEden;
   const int64_t group = fp4_group_size(opt.format);
+  LASP_CHECK(!eden || (opt.eden_block >= group && opt.eden_block % group == 0))
+      << "quantize_fp4_cuda: eden_block " << opt.eden_block << " must be a positive multiple of the group "
+      << group;
   const int64_t ngroups = (d.cols + group - 1) / group;
   const Device dev = x.device();
 
@@ -585,12 +602,14 @@ QuantizedFp4 quantize_fp4_cuda(const Tensor& x, const Fp4Options& opt) {
   q.codes = Tensor::empty(x.shape(), DType::U8, dev);
   q.scales = Tensor::empty({d.rows, ngroups}, DType::U8, dev);
   if (quest) q.mask = Tensor::empty(x.shape(), DType::U8, dev);
-  if (!mx) q.tensor_scale = amax > 0 ? amax / (kE4M3Max * kE2M1Max) : 1.0f;
+  // MS-EDEN keeps the E4M3 group scales <= 256 to leave room for its correction (as the CPU).
+  if (!mx) q.tensor_scale = amax > 0 ? amax / ((eden ? 256.0f : kE4M3Max) * kE2M1Max) : 1.0f;
 
   Fp4GroupRule rule;
   rule.mx = mx;
   rule.quest = quest;
   rule.stochastic = opt.rounding == Fp4Rounding::Stochastic;
+  rule.no_clip_scale = eden;
   rule.tensor_scale = q.tensor_scale;
   rule.seed = opt.seed;
   rule.stream = opt.stream;
@@ -604,6 +623,15 @@ QuantizedFp4 quantize_fp4_cuda(const Tensor& x, const Fp4Options& opt) {
         mask);
   });
   CUDA_CHECK_LAUNCH("quantize_fp4_cuda");
+  if (eden) {
+    const int64_t per_block = opt.eden_block / group, nblocks = (ngroups + per_block - 1) / per_block;
+    with_input_type(x, [&](auto* xp) {
+      fp4_eden_kernel<<<ceil_div(d.rows * nblocks, 128), 128, 0, stream>>>(
+          xp, d.rows, d.cols, group, ngroups, per_block, mx, q.tensor_scale, opt.seed, opt.stream,
+          q.codes.data<uint8_t>(), q.scales.data<uint8_t>());
+    });
+    CUDA_CHECK_LAUNCH("quantize_fp4_cuda (MS-EDEN scale correction)");
+  }
   return q;
 }
 

@@ -12,9 +12,9 @@
 //   - delayed FP8 scaling and every FP4 mode copy the amax to the host (one stream sync): the
 //     AmaxHistory and QuantizedFp4::tensor_scale are host values. These check finiteness and
 //     throw as the CPU functions do.
-//   - Fp4Rounding::MsEden is not implemented on the GPU (throws): its fp64 correction sums are
-//     contracted into FMAs by the host compiler, so a bit-identical port needs care; see
-//     docs/fp8_gpu.md.
+//   - Fp4Rounding::MsEden runs as two kernels (no-clip scales and round-to-nearest codes, then
+//     one thread per row and correction block for the scale correction); the correction's fp64
+//     sums use explicit fma on both sides (qmath::eden_correct_block), so they agree bit for bit.
 #pragma once
 
 #include "kernels/hadamard.h"

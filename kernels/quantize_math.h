@@ -166,6 +166,7 @@ struct Fp4GroupRule {
   bool mx = true;          // MXFP4 (E8M0 scales) or NVFP4 (E4M3 scales)
   bool quest = false;      // QuEST clipping (MXFP4 + Nearest)
   bool stochastic = false;  // stochastic element rounding
+  bool no_clip_scale = false;  // the unbiased modes' scale with round-to-nearest elements (MS-EDEN)
   float tensor_scale = 1.0f;
   uint64_t seed = 0, stream = 0;
 };
@@ -191,12 +192,12 @@ LASP_HOST_DEVICE inline uint8_t fp4_quantize_group(const Load& load, int64_t c0,
   } else if (rule.mx && rule.quest) {
     const float rms = static_cast<float>(sqrt(sumsq / static_cast<double>(c1 - c0)));
     sc = e8m0_floor(fmaxf(kQuestAlpha * rms / kE2M1MaxF, 1e-38f));
-  } else if (rule.mx && !rule.stochastic) {
+  } else if (rule.mx && !rule.stochastic && !rule.no_clip_scale) {
     const int e = static_cast<int>(e8m0_floor(gmax)) - 2;
     sc = static_cast<uint8_t>(e > 0 ? e : 0);
   } else if (rule.mx) {
     sc = e8m0_no_clip(gmax);
-  } else if (!rule.stochastic) {
+  } else if (!rule.stochastic && !rule.no_clip_scale) {
     sc = e4m3_encode(gmax / kE2M1MaxF / ts);
   } else {
     sc = e4m3_ceil(gmax / kE2M1MaxF / ts);
@@ -216,6 +217,60 @@ LASP_HOST_DEVICE inline uint8_t fp4_quantize_group(const Load& load, int64_t c0,
                    : e2m1_encode(v);
   }
   return sc;
+}
+
+// ---------------------------------------------------------------- MS-EDEN scale correction
+// Stochastic rounding of a positive scale onto the E4M3 / E8M0 grid (u uniform in [0, 1)): up
+// with probability (s - lo) / (hi - lo). The CPU's e4m3_round_stochastic / e8m0_round_stochastic
+// check their argument and call these.
+LASP_HOST_DEVICE inline uint8_t e4m3_round_stochastic_code(float s, float u) {
+  if (s >= kE4M3MaxF) return 0x7E;
+  uint8_t code = e4m3_encode(s);
+  if (e4m3_decode(code) > s) --code;  // positive codes are ordered like their values
+  const float lo = e4m3_decode(code);
+  if (lo == s) return code;
+  const float hi = e4m3_decode(static_cast<uint8_t>(code + 1));
+  return u < (s - lo) / (hi - lo) ? static_cast<uint8_t>(code + 1) : code;
+}
+LASP_HOST_DEVICE inline uint8_t e8m0_round_stochastic_code(float s, float u) {
+  const uint8_t code = e8m0_floor(s);
+  const float lo = e8m0_decode(code);
+  if (lo >= s || code >= 254) return code;
+  return u < (s - lo) / lo ? static_cast<uint8_t>(code + 1) : code;
+}
+
+// MS-EDEN's second pass over one correction block of one row: groups [g0, g1) of `group`
+// elements (the row has `cols`), whose codes and scale codes the first pass (no-clip scale,
+// round-to-nearest elements) wrote. With x_hat the dequantized block (tensor scale ts included),
+// c = <x, x> / <x, x_hat> (1 when that is not a positive finite number), and every non-zero
+// group scale s becomes SR(c s) on the scale grid, drawn at philox_uniform(seed, stream |
+// kScaleStreamBit, row * ngroups + g). The sums are fp64 with explicit fma, so host and device
+// (and any compiler's contraction choices) give the same c.
+template <typename Load>
+LASP_HOST_DEVICE inline void eden_correct_block(const Load& load, const uint8_t* codes, uint8_t* scodes,
+                                                int64_t row, int64_t g0, int64_t g1, int64_t group,
+                                                int64_t cols, int64_t ngroups, bool mx, float ts,
+                                                uint64_t seed, uint64_t stream) {
+  double xx = 0.0, xq = 0.0;
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t sc = scodes[row * ngroups + g];
+    const double s = static_cast<double>(mx ? e8m0_decode(sc) : e4m3_decode(sc)) * static_cast<double>(ts);
+    const int64_t c1 = g * group + group < cols ? g * group + group : cols;
+    for (int64_t c = g * group; c < c1; ++c) {
+      const double x = load(c);
+      xx = fma(x, x, xx);
+      xq = fma(x * static_cast<double>(e2m1_decode(codes[c])), s, xq);
+    }
+  }
+  const double ratio = xx / xq;
+  const double corr = (xq > 0 && isfinite(ratio)) ? ratio : 1.0;
+  for (int64_t g = g0; g < g1; ++g) {
+    uint8_t& sc = scodes[row * ngroups + g];
+    const float target = static_cast<float>(static_cast<double>(mx ? e8m0_decode(sc) : e4m3_decode(sc)) * corr);
+    if (target == 0.0f) continue;
+    const float u = philox_uniform(seed, stream | kScaleStreamBit, static_cast<uint64_t>(row * ngroups + g));
+    sc = mx ? e8m0_round_stochastic_code(target, u) : e4m3_round_stochastic_code(target, u);
+  }
 }
 
 // ---------------------------------------------------------------- x / s by a per-tensor scale

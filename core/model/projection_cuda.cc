@@ -26,7 +26,8 @@
 //               modes; transposes materialised (slower; correctness first).
 // FP4 (Quartet), emulated: Hadamard rotations, MXFP4/NVFP4 quantization (QuEST clipping forward,
 // stochastic rounding backward) on the GPU with the CPU's seeds and streams, then the exact
-// dequantization to bf16 and the bf16 GEMM (gemm_fp4_emulated_cuda). MS-EDEN is not on the GPU.
+// dequantization to bf16 and the bf16 GEMM (gemm_fp4_emulated_cuda); the backward rounds by SR or
+// MS-EDEN (precision.fp4_backward), as the CPU.
 #ifdef LASP_HAVE_CUDA
 
 #include <mutex>
@@ -195,17 +196,15 @@ QuantizedFp8 block_transposed(const Tensor& t, int64_t np, Fp8Format format) {
 // ---------------------------------------------------------------- FP4
 
 void check_fp4_cuda_options(const Param& w) {
-  LASP_CHECK(options().fp4_backward != Fp4Rounding::MsEden)
-      << w.name
-      << ": precision.fp4_backward = ms_eden is not implemented on CUDA (the CUDA FP4 quantizers "
-      << "have no MS-EDEN yet); use precision.fp4_backward = sr on the GPU, or train on the CPU";
   static std::once_flag logged;
   std::call_once(logged, [] {
     const ProjectionOptions& o = options();
     LASP_INFO() << "fp4 projections on CUDA: Quartet EMULATED exactly (Hadamard block "
                 << o.hadamard_block << ", "
                 << (o.fp4_format == Fp4Format::MXFP4 ? "MXFP4 with QuEST clipping" : "NVFP4 RTN")
-                << " forward, stochastic rounding backward, quantized on the GPU, dequantized "
+                << " forward, "
+                << (o.fp4_backward == Fp4Rounding::MsEden ? "MS-EDEN" : "stochastic rounding")
+                << " backward, quantized on the GPU, dequantized "
                    "exactly to bf16, "
                    "bf16 tensor cores): the arithmetic of FP4 GEMMs, not their speed";
   });

@@ -250,7 +250,9 @@ TEST(QuantizeDeviceMath, Fp4GroupRoutineReproducesCpuQuantizerBitForBit) {
                         {Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::Quest},
                         {Fp4Format::MXFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
                         {Fp4Format::NVFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
-                        {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax}};
+                        {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
+                        {Fp4Format::MXFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax},
+                        {Fp4Format::NVFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax}};
   for (const Shape& shape : {Shape{13, 77}, Shape{5, 3, 64}, Shape{1, 31}}) {
     const Tensor x = tricky_input(shape, rng);
     for (const Mode& m : modes) {
@@ -268,6 +270,7 @@ TEST(QuantizeDeviceMath, Fp4GroupRoutineReproducesCpuQuantizerBitForBit) {
       rule.mx = m.f == Fp4Format::MXFP4;
       rule.quest = m.c == Fp4Clip::Quest;
       rule.stochastic = m.r == Fp4Rounding::Stochastic;
+      rule.no_clip_scale = m.r == Fp4Rounding::MsEden;
       rule.tensor_scale = ref.tensor_scale;
       rule.seed = o.seed;
       rule.stream = o.stream;
@@ -284,6 +287,17 @@ TEST(QuantizeDeviceMath, Fp4GroupRoutineReproducesCpuQuantizerBitForBit) {
               load, g * group, std::min(cols, (g + 1) * group), static_cast<uint64_t>(r * cols), rule,
               codes.data<uint8_t>() + r * cols, rule.quest ? mask.data<uint8_t>() + r * cols : nullptr);
         }
+      if (m.r == Fp4Rounding::MsEden) {  // the second pass, per correction block
+        const int64_t per_block = o.eden_block / group;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* xr = xs + r * cols;
+          auto load = [xr](int64_t c) { return xr[c]; };
+          for (int64_t g0 = 0; g0 < ngroups; g0 += per_block)
+            qmath::eden_correct_block(load, codes.data<uint8_t>() + r * cols, scales.data<uint8_t>(), r, g0,
+                                      std::min(ngroups, g0 + per_block), group, cols, ngroups, rule.mx,
+                                      rule.tensor_scale, o.seed, o.stream);
+        }
+      }
       EXPECT_TRUE(bytes_equal(codes, ref.codes, "codes", &x));
       EXPECT_TRUE(bytes_equal(scales, ref.scales, "scales"));
       if (rule.quest) {
@@ -370,7 +384,9 @@ TEST(QuantizeGpu, Fp4CodesScalesMasksAndTensorScaleMatchCpuInEveryMode) {
                         {Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::Quest},
                         {Fp4Format::MXFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
                         {Fp4Format::NVFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
-                        {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax}};
+                        {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
+                        {Fp4Format::MXFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax},
+                        {Fp4Format::NVFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax}};
   for (const Shape& shape : kShapes) {
     const Tensor x = bf16_rounded(tricky_input(shape, rng));
     for (const Mode& m : modes)
@@ -427,7 +443,9 @@ TEST(QuantizeGpu, UnsupportedModesAndBadInputsFailWithAClearError) {
   const Tensor x = Tensor::full({4, 32}, 1.0, DType::F32, cuda());
   Fp4Options o;
   o.rounding = Fp4Rounding::MsEden;
+  o.eden_block = 48;  // not a multiple of the MXFP4 group (32)
   EXPECT_THROW(quantize_fp4_cuda(x, o), Error);
+  o.eden_block = 128;
   o.rounding = Fp4Rounding::Stochastic;
   o.clip = Fp4Clip::Quest;
   EXPECT_THROW(quantize_fp4_cuda(x, o), Error);
