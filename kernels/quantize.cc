@@ -85,6 +85,13 @@ void AmaxHistory::record(float amax) {
   while (static_cast<int>(history_.size()) > length_) history_.pop_front();
 }
 
+void AmaxHistory::restore(const std::vector<float>& values) {
+  for (float a : values)
+    LASP_CHECK(std::isfinite(a) && a >= 0) << "AmaxHistory::restore: bad amax " << a;
+  const size_t keep = std::min(values.size(), static_cast<size_t>(length_));
+  history_.assign(values.end() - static_cast<std::ptrdiff_t>(keep), values.end());
+}
+
 float AmaxHistory::amax() const {
   float m = 0.0f;
   for (float a : history_) m = std::max(m, a);

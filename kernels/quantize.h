@@ -33,6 +33,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <vector>
 
 #include "core/tensor.h"
 #include "kernels/hadamard.h"
@@ -56,6 +57,10 @@ class AmaxHistory {
   bool empty() const { return history_.empty(); }
   float amax() const;  // max over the window; 0 when empty
   int length() const { return length_; }
+  // The window's records, oldest first (for checkpoints), and the inverse: restore keeps the
+  // newest length() of `values` (each finite and >= 0, else it throws and changes nothing).
+  std::vector<float> values() const { return {history_.begin(), history_.end()}; }
+  void restore(const std::vector<float>& values);
 
  private:
   int length_;

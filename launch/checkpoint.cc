@@ -339,9 +339,13 @@ void load_checkpoint(const std::string& ckpt_dir, int rank, CheckpointState& sta
                                       << rf.file_bytes() << (size < rf.file_bytes() ? " (truncated)" : "");
   std::map<std::string, const pb::TensorEntry*> entries;
   for (const pb::TensorEntry& e : rf.tensors()) entries[e.name()] = &e;
-  std::vector<const pb::TensorEntry*> plan;
+  std::vector<const pb::TensorEntry*> plan;  // one per state tensor; nullptr: optional and absent
   for (const NamedTensor& nt : state.tensors) {
     auto it = entries.find(nt.name);
+    if (it == entries.end() && nt.optional) {
+      plan.push_back(nullptr);
+      continue;
+    }
     LASP_CHECK(it != entries.end()) << "checkpoint file " << file << " has no tensor \"" << nt.name << "\"";
     const pb::TensorEntry& e = *it->second;
     LASP_CHECK(nt.tensor.defined()) << "load_checkpoint: expected tensor \"" << nt.name << "\" is not allocated";
@@ -363,6 +367,7 @@ void load_checkpoint(const std::string& ckpt_dir, int rank, CheckpointState& sta
   } closer{fd};
   std::vector<char> buf(size_t{8} << 20);
   for (const pb::TensorEntry* e : plan) {  // pass 1: checksums
+    if (!e) continue;
     uint32_t crc = 0;
     for (uint64_t done = 0; done < e->length();) {
       const uint64_t n = std::min<uint64_t>(buf.size(), e->length() - done);
@@ -379,6 +384,8 @@ void load_checkpoint(const std::string& ckpt_dir, int rank, CheckpointState& sta
   for (size_t i = 0; i < plan.size(); ++i) {
     Tensor& dst = state.tensors[i].tensor;
     const pb::TensorEntry* e = plan[i];
+    state.tensors[i].found = e != nullptr;
+    if (!e) continue;
     if (dst.device().is_cpu() && dst.is_contiguous()) {
       LASP_CHECK(pread_all(fd, dst.raw(), e->length(), e->offset())) << "checkpoint file " << file << ": read failed";
     } else {

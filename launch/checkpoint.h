@@ -27,6 +27,10 @@ constexpr uint32_t kCheckpointFormatVersion = 1;
 struct NamedTensor {
   std::string name;
   Tensor tensor;  // CPU tensors (CUDA tensors are copied through the host)
+  // On load: a checkpoint without this tensor is not an error (it was written before the tensor
+  // existed); the tensor is left as it is and `found` stays false.
+  bool optional = false;
+  bool found = false;  // set by load_checkpoint
 };
 
 struct CheckpointState {
@@ -58,7 +62,8 @@ std::vector<std::string> list_checkpoints(const std::string& run_dir);
 
 // Loads rank `rank`'s part of the checkpoint in `ckpt_dir` into `state`. state.tensors names the
 // expected tensors, allocated with the current model's dtypes and shapes; their data is overwritten
-// by name (tensors in the checkpoint that state does not name are ignored). Also sets step,
+// by name (tensors in the checkpoint that state does not name are ignored; missing optional ones
+// are skipped, see NamedTensor). Also sets step,
 // config_yaml, rng_state, sampler, scalars and the layout fields. Checks the format version, the
 // model signature, world size and layout, every expected tensor's presence, dtype and shape, the
 // rank file's size and every CRC before anything is modified: on any mismatch it throws lasp::Error

@@ -147,10 +147,13 @@ Device training_device(const Config& cfg, const std::string& source) {
   return cuda(index);
 }
 
+// Checkpoint name of a projection's FP8 delayed-scaling state (projection_scaling_state).
+const std::string kScalingStatePrefix = "fp8_amax_history.";
+
 // CPU copies of device tensors for checkpoint files (CPU tensors are used as they are).
 std::vector<NamedTensor> host_views(const std::vector<NamedTensor>& tensors) {
   std::vector<NamedTensor> out;
-  for (const auto& t : tensors) out.push_back({t.name, t.tensor.to(cpu())});
+  for (const auto& t : tensors) out.push_back({t.name, t.tensor.to(cpu()), t.optional});
   return out;
 }
 
@@ -165,6 +168,13 @@ void copy_back(const std::vector<NamedTensor>& device, const std::vector<NamedTe
   for (Param* p : model.params()) {
     if (p->compute.defined()) cast(p->compute, p->value);
   }
+  // The FP8 delayed-scaling histories (checkpoints written before they were saved lack them: the
+  // histories then start empty, as in a fresh run).
+  for (Param* p : model.params()) {
+    if (!projection_keeps_scaling_state(*p)) continue;
+    for (const NamedTensor& t : host)
+      if (t.name == kScalingStatePrefix + p->name && t.found) set_projection_scaling_state(*p, t.tensor);
+  }
 }
 
 std::vector<NamedTensor> checkpoint_tensors(Model& model, AdamW& opt) {
@@ -174,6 +184,10 @@ std::vector<NamedTensor> checkpoint_tensors(Model& model, AdamW& opt) {
     out.push_back({params[i]->name, params[i]->value});
     out.push_back({"adam_m." + params[i]->name, opt.first_moments()[i]});
     out.push_back({"adam_v." + params[i]->name, opt.second_moments()[i]});
+  }
+  for (Param* p : params) {
+    if (projection_keeps_scaling_state(*p))
+      out.push_back({kScalingStatePrefix + p->name, projection_scaling_state(*p), /*optional=*/true});
   }
   return out;
 }

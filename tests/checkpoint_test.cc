@@ -300,6 +300,18 @@ TEST(Checkpoint, ModelMismatchesAreRejectedNamingTheTensorAndTheDifference) {
     expect_error([&] { load_checkpoint(ckpt, 0, e); }, {"1 ranks", "this run has 2"});
     expect_untouched(e);
   }
+  {  // An optional tensor the checkpoint lacks (written before it existed) is skipped and
+     // reported as not found; the stored ones load.
+    CheckpointState e = empty_like(s);
+    Tensor t = Tensor::empty({3, 17}, DType::F32);
+    std::memset(t.raw(), 0xAB, t.nbytes());
+    e.tensors.push_back({"fp8_amax_history.layers.0.mixer.q", t, /*optional=*/true});
+    load_checkpoint(ckpt, 0, e);
+    EXPECT_FALSE(e.tensors.back().found);
+    EXPECT_EQ(bytes_of(e.tensors.back().tensor), std::vector<uint8_t>(t.nbytes(), 0xAB)) << "left as it was";
+    EXPECT_TRUE(e.tensors[1].found);
+    EXPECT_EQ(bytes_of(e.tensors[1].tensor), bytes_of(s.tensors[1].tensor));
+  }
   {  // Fewer expected tensors than stored: the rest is ignored.
     CheckpointState e = empty_like(s);
     e.tensors.resize(2);

@@ -75,6 +75,29 @@ TEST(Train, ResumeGivesBitIdenticalLosses) {
   for (int i = 0; i < 20; ++i) EXPECT_EQ(a.losses[20 + i], b.losses[i]) << "step " << 21 + i;
 }
 
+// FP8 with delayed scaling keeps amax histories across steps; a resumed run must restore them
+// (checkpoint tensors fp8_amax_history.*) to continue bit for bit.
+TEST(Train, ResumeWithFp8DelayedScalingGivesBitIdenticalLosses) {
+  set_log_quiet(true);
+  auto fp8 = [](Config c) {
+    c.model.precision.attention = "fp8";
+    c.model.precision.mlp = "fp8";
+    c.model.precision.fp8_scaling = "delayed";
+    c.train.steps = 16;
+    c.checkpoint.every = 0;
+    return c;
+  };
+  const TrainResult a = train(fp8(small_config(fresh_dir("resume_fp8_full"))), "small.yaml");
+  Config first = fp8(small_config(fresh_dir("resume_fp8_split")));
+  train(first, "small.yaml", /*stop_after=*/8);
+  Config second = first;
+  second.checkpoint.resume = "auto";
+  const TrainResult b = train(second, "small.yaml");
+  ASSERT_EQ(a.losses.size(), 16u);
+  ASSERT_EQ(b.losses.size(), 8u);
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(a.losses[8 + i], b.losses[i]) << "step " << 9 + i;
+}
+
 TEST(Train, SigtermSavesACheckpointAndStopsAfterTheCurrentStep) {
   set_log_quiet(true);
   Config c = small_config(fresh_dir("sigterm"));

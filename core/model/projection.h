@@ -55,6 +55,17 @@ uint64_t projection_backward_seed(uint64_t seed, const std::string& name, int64_
 // each used once. The caller promises x is not modified until it is quantized.
 void projection_note_amax(const Tensor& x, const Tensor& amax_bits);
 
+// FP8 delayed scaling carries amax histories from step to step (x, W and dy windows of each FP8
+// projection); checkpoints save and restore them so that a resumed run scales exactly as an
+// uninterrupted one. The state is an F32 CPU tensor [3, 1 + window] (rows x, W, dy; column 0
+// the number n of records in the window, then the n records oldest first, zero padded), the same
+// on CPU and CUDA (the device slots are read back in record order).
+bool projection_keeps_scaling_state(const Param& w);  // an FP8 weight under delayed scaling
+Shape projection_scaling_state_shape();
+Tensor projection_scaling_state(Param& w);
+// Throws (naming w) on a wrong shape or a bad record, and then leaves w's state unchanged.
+void set_projection_scaling_state(Param& w, const Tensor& state);
+
 // y = x W^T  (x [N, in], W [out, in], y [N, out]).
 void projection_forward(Tensor& y, const Tensor& x, Param& w);
 // dx = dy W (or dx += dy W when accumulate_dx), and W.grad += dy^T x.

@@ -471,6 +471,40 @@ TEST(ProjectionFp8Gpu, DelayedScalingFollowsTheCpuAmaxHistoryStepByStep) {
   }
 }
 
+// The checkpointable delayed-scaling state (projection_scaling_state) read from the device slots
+// equals the CPU's history, and a CUDA projection restored from it continues bit for bit like the
+// original (whose slot positions differ: 20 records against 16 restored).
+TEST(ProjectionFp8Gpu, DelayedScalingStateReadsAndRestoresOnTheDevice) {
+  LASP_SKIP_WITHOUT_GPU();
+  set_projection_options(precision_config("delayed"), 11);
+  std::mt19937 rng(fresh_seed());
+  const Dims d{64, 64, 32};
+  const Tensor w = random_uniform({d.out, d.in}, rng, -0.1, 0.1);
+  Param wc = make_weight("layers.2.attn.v", w, Precision::Fp8, cpu());
+  Param wg = make_weight("layers.2.attn.v", w, Precision::Fp8, cuda());
+  for (int step = 0; step < 20; ++step) {
+    const double mag = 1.0 + (step * 7 % 5);
+    const Tensor x = activation(d.n, d.in, rng, mag), dy = activation(d.n, d.out, rng, 1e-3 * mag);
+    run_gpu(wg, x, dy, DType::BF16);
+    run_cpu(wc, x, dy);
+  }
+  const Tensor saved = projection_scaling_state(wc);
+  EXPECT_EQ(projection_scaling_state(wg).to_vector(), saved.to_vector());
+  Param wr = make_weight("layers.2.attn.v", w, Precision::Fp8, cuda());
+  set_projection_scaling_state(wr, saved);
+  EXPECT_EQ(projection_scaling_state(wr).to_vector(), saved.to_vector());
+  for (int step = 0; step < 3; ++step) {
+    SCOPED_TRACE(testing::Message() << "step " << step << " after the restore");
+    const Tensor x = activation(d.n, d.in, rng, 0.5), dy = activation(d.n, d.out, rng, 1e-4);
+    wg.grad.zero_();
+    wr.grad.zero_();
+    const Results a = run_gpu(wg, x, dy, DType::BF16), b = run_gpu(wr, x, dy, DType::BF16);
+    EXPECT_EQ(a.y.to_vector(), b.y.to_vector());
+    EXPECT_EQ(a.dx.to_vector(), b.dx.to_vector());
+    EXPECT_EQ(a.dw.to_vector(), b.dw.to_vector());
+  }
+}
+
 TEST(ProjectionFp8Gpu, BlockScalingMatchesTheCpuEmulation) {
   LASP_SKIP_WITHOUT_GPU();
   set_projection_options(precision_config("block"), 11);
