@@ -12,6 +12,10 @@
 #   scripts/compare_precision.sh                        # all five runs, sequentially
 #   VARIANTS="bf16 fp8" scripts/compare_precision.sh --set train.steps=50   # extra args -> lasp train
 #   SKIP_TRAIN=1 scripts/compare_precision.sh           # only the plot and the table
+#   SEEDS="1 2 3" scripts/compare_precision.sh          # each variant per seed (runs <name>_s<seed>);
+#                                                       # the table gives the mean and spread per variant
+#   LASP_BIN=build/lasp ...                             # an existing binary (no build; e.g. a CUDA one,
+#                                                       # then train.device=auto trains on the GPU)
 # On CPU the FP4 runs cost ~3 s a step (emulated quantizers), the bf16 run ~0.15 s: the measured
 # comparison in docs/low_precision.md uses --set train.steps=100.
 set -euo pipefail
@@ -30,9 +34,12 @@ python=${PYTHON:-/usr/bin/python3}
 # quantizers, and spinning BLAS threads only compete with them for the cores.
 export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
 
-if [ -z "${SKIP_TRAIN:-}" ]; then
+seeds=${SEEDS:-}
+lasp_bin=${LASP_BIN:-}
+if [ -z "${SKIP_TRAIN:-}" ] && [ -z "$lasp_bin" ]; then
   "$root/scripts/build.sh" --target lasp
 fi
+lasp_bin=${lasp_bin:-$LASP_BUILD_DIR/lasp}
 
 # The --set overrides of one variant.
 variant_args() {
@@ -49,17 +56,21 @@ variant_args() {
 files=()
 for v in $variants; do
   args=$(variant_args "$v")
-  if [ -z "${SKIP_TRAIN:-}" ]; then
-    rm -rf "$out/$v"
-    mkdir -p "$out"
-    echo "=== $v: lasp train $config $args $*"
-    start=$(date +%s)
-    # shellcheck disable=SC2086  # $args is a list of words
-    "$LASP_BUILD_DIR/lasp" train "$config" --set run.dir="$out/$v" --set checkpoint.every=-1 $args "$@" \
-      >"$out/$v.log" 2>&1 || { tail -20 "$out/$v.log"; echo "=== $v failed (log: $out/$v.log)" >&2; exit 1; }
-    echo "    $(( $(date +%s) - start )) s, $(grep -o 'final validation loss.*' "$out/$v.log" | tail -1)"
-  fi
-  files+=("$out/$v/metrics.jsonl")
+  for seed in ${seeds:-none}; do
+    name=$v seed_args=""
+    if [ "$seed" != none ]; then name=${v}_s$seed seed_args="--set train.seed=$seed"; fi
+    if [ -z "${SKIP_TRAIN:-}" ]; then
+      rm -rf "${out:?}/$name"
+      mkdir -p "$out"
+      echo "=== $name: lasp train $config $args $seed_args $*"
+      start=$(date +%s)
+      # shellcheck disable=SC2086  # $args is a list of words
+      "$lasp_bin" train "$config" --set run.dir="$out/$name" --set checkpoint.every=-1 $args $seed_args "$@" \
+        >"$out/$name.log" 2>&1 || { tail -20 "$out/$name.log"; echo "=== $name failed (log: $out/$name.log)" >&2; exit 1; }
+      echo "    $(( $(date +%s) - start )) s, $(grep -o 'final validation loss.*' "$out/$name.log" | tail -1)"
+    fi
+    files+=("$out/$name/metrics.jsonl")
+  done
 done
 
 "$python" "$root/scripts/plot_metrics.py" "${files[@]}" -o "$out/loss.png" \
@@ -81,11 +92,22 @@ for path in sys.argv[1:]:
             if r.get("val_loss") is not None: val = r["val_loss"]
             if r.get("loss") is not None: loss = r["loss"]
     rows.append((os.path.basename(os.path.dirname(path)), val, loss))
-base = dict((n, v) for n, v, _ in rows).get("bf16")
-print("| run | final val loss | gap vs bf16 | final train loss |")
-print("|---|---|---|---|")
+# Runs named <variant>_s<seed> are grouped per variant: mean and spread (max - min) over seeds.
+import re, statistics
+groups = {}
 for name, val, loss in rows:
-    gap = f"{100 * (val - base) / base:+.2f}%" if base and val is not None else "-"
-    fmt = lambda x: f"{x:.4f}" if x is not None else "-"
-    print(f"| {name} | {fmt(val)} | {gap} | {fmt(loss)} |")
+    groups.setdefault(re.sub(r"_s\d+$", "", name), []).append((name, val, loss))
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+base = mean([v for _, v, _ in groups.get("bf16", [])])
+fmt = lambda x: f"{x:.4f}" if x is not None else "-"
+print("| run | seeds | final val loss (per seed) | mean | spread | gap of the mean vs bf16 | final train loss (mean) |")
+print("|---|---|---|---|---|---|---|")
+for g, runs in groups.items():
+    vals = [v for _, v, _ in runs if v is not None]
+    m = mean(vals)
+    spread = f"{max(vals) - min(vals):.4f}" if len(vals) > 1 else "-"
+    gap = f"{100 * (m - base) / base:+.2f}%" if base and m is not None else "-"
+    print(f"| {g} | {len(runs)} | {' / '.join(fmt(v) for v in vals)} | {fmt(m)} | {spread} | {gap} | {fmt(mean([l for _, _, l in runs]))} |")
 PY
