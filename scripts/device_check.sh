@@ -8,7 +8,9 @@
 #
 # Also trains TRAIN_CONFIGS (default configs/linear_llama3_1b.yaml) for TRAIN_STEPS steps on the GPU
 # (extra --set options in TRAIN_SET), checks that TensorBoard reads the run's event files, and with
-# 2+ GPUs runs the multi-rank tests over NCCL.
+# 2+ GPUs runs the multi-rank tests over NCCL. TRAIN_SH=1 also runs scripts/train.sh (the README's
+# first command) for 100 steps; PRECISION_SEEDS="1 2 3" runs scripts/compare_precision.sh with
+# those seeds on the GPU (extra lasp train args in PRECISION_ARGS, cap PRECISION_CAP_S seconds).
 #
 # Environment: OUT (default ./device_out), BUILD (default /tmp/lasp-build-gpu), BUDGET_S (wall
 # seconds for the whole script, default 520). If the project cannot be configured on the device
@@ -161,6 +163,24 @@ tags = ea.Tags()['scalars']; print('tensorboard read', len(ea.Scalars('loss')), 
   fi
 fi
 
+# ---- 5b. the README's first command (scripts/train.sh) on the GPU, with TRAIN_SH=1 ----
+TRAINSH_RESULT="not run"
+if [ "${TRAIN_SH:-0}" = 1 ]; then
+  LASP_BUILD_DIR=$BUILD timeout "$(left 150)" bash "$ROOT/scripts/train.sh" --set train.steps=100 \
+    --set run.dir=/tmp/lasp-trainsh >"$OUT/train_sh.log" 2>&1
+  TRAINSH_RESULT="rc=$? $(grep -E '^step|final validation' "$OUT/train_sh.log" | tail -2 | tr '\n' ' ')"
+fi
+
+# ---- 5c. precision comparison over seeds on the GPU, with PRECISION_SEEDS="1 2 3" ----
+PREC_RESULT="not run"
+if [ -n "${PRECISION_SEEDS:-}" ] && [ -n "$LASP_BIN" ]; then
+  SEEDS="$PRECISION_SEEDS" LASP_BIN="$LASP_BIN" PRECISION_DIR=/tmp/lasp-precision \
+    timeout "$(left ${PRECISION_CAP_S:-240})" bash "$ROOT/scripts/compare_precision.sh" ${PRECISION_ARGS:-} \
+    >"$OUT/precision.log" 2>&1
+  PREC_RESULT="rc=$? (table in precision.log)"
+  cp /tmp/lasp-precision/loss.png "$OUT/precision_loss.png" 2>/dev/null
+fi
+
 # ---- 6. multi-GPU: the multi-rank tests on NCCL (device tensors) when there are 2+ GPUs ----
 MPI_RESULT="not run"
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
@@ -181,6 +201,9 @@ say "cpu tests:  $CPU_RESULT"
 grep -E '^\[  FAILED  \] [A-Za-z]' "$OUT/cpu_tests.log" 2>/dev/null | sort -u | head -20 | tee -a "$SUMMARY"
 say "training:   $TRAIN_RESULT"
 say "tensorboard: ${TB_RESULT:-not run}"
+say "train.sh:   $TRAINSH_RESULT"
+say "precision:  $PREC_RESULT"
+[ -f "$OUT/precision.log" ] && grep -E '^\|' "$OUT/precision.log" | tee -a "$SUMMARY"
 say "multi-gpu:  $MPI_RESULT"
 say "lowp bench: $LOWP_RESULT"
 say "sdpa bench: $SDPA_RESULT"
