@@ -13,7 +13,8 @@
 # those seeds on the GPU (extra lasp train args in PRECISION_ARGS, cap PRECISION_CAP_S seconds).
 #
 # Environment: OUT (default ./device_out), BUILD (default /tmp/lasp-build-gpu), BUDGET_S (wall
-# seconds for the whole script, default 520). If the project cannot be configured on the device
+# seconds for the whole script, default 520); BENCH_ONLY=gemm|linear|attention restricts the kernel
+# benchmark, LOWP=0 skips `lasp bench lowp/ops`, SDPA=0 skips the PyTorch SDPA timing. If the project cannot be configured on the device
 # (missing yaml-cpp / OpenBLAS / protobuf / GoogleTest there), the script falls back to binaries
 # prebuilt elsewhere and carried in .prebuilt/ (lasp_gpu_tests, lasp_tests, lib/ with their
 # shared libraries): see docs/kernels.md.
@@ -110,6 +111,7 @@ fi
 # ---- 4. kernel benchmark ----
 BENCH_ARGS="--csv $OUT/bench.csv"
 ((QUICK)) && BENCH_ARGS="$BENCH_ARGS --quick"
+[ -n "${BENCH_ONLY:-}" ] && BENCH_ARGS="$BENCH_ARGS --only $BENCH_ONLY"
 BENCH_RESULT="not run"
 if [ -n "$LASP_BIN" ]; then
   timeout "$(left 240)" "$LASP_BIN" bench kernels $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
@@ -125,7 +127,7 @@ fi
 
 # ---- 4b. low-precision GEMMs (bf16 vs fp8) ----
 LOWP_RESULT="not run"
-if [ -n "$LASP_BIN" ]; then
+if [ -n "$LASP_BIN" ] && [ "${LOWP:-1}" = 1 ]; then
   timeout "$(left 120)" "$LASP_BIN" bench lowp 2>&1 | tee "$OUT/bench_lowp.log" | tail -20
   LOWP_RESULT="rc=$? (lasp bench lowp)"
   timeout "$(left 90)" "$LASP_BIN" bench ops 2>&1 | tee -a "$OUT/bench_lowp.log" | tail -20
@@ -133,7 +135,7 @@ fi
 
 # ---- 4c. PyTorch SDPA on the same GPU (baseline for the softmax attention rows) ----
 SDPA_RESULT="not run"
-if python3 -c "import torch" 2>/dev/null; then
+if [ "${SDPA:-1}" = 1 ] && python3 -c "import torch" 2>/dev/null; then
   timeout "$(left 90)" python3 "$ROOT/scripts/bench_sdpa.py" --lengths 65536 --iters 3 --warmup 2 2>&1 |
     tee -a "$OUT/bench.log" | tail -8
   SDPA_RESULT="rc=$? (scripts/bench_sdpa.py, appended to bench.log)"
