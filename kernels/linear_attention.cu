@@ -912,16 +912,14 @@ __device__ __forceinline__ void store_walk_state_copy(unsigned char* wt, const f
 // One walk step of one warpgroup over a chunk whose tiles have landed (a1, a2: [C x 128], a3:
 // single panel [C x 64] holding A3's columns z, wt: the bf16 copy of W^T, L: the chunk's
 // cumulative log decays). With `more`, updates acc_w and writes its bf16 copy to next_wt (in the
-// next stage, free since the last barrier; or wt itself when wt_barrier names a warpgroup barrier,
-// synced before the copy is overwritten). issue_next() is called once the products are queued.
+// next stage, free since the last barrier). issue_next() is called once the products are queued.
 // Writes out[:, z] for the chunk's rows (at `out_base`, row stride rs) and adds the dlog row dots
 // to dlog_h[(dlog_row + r) * H] (dlog_h: the head's column of dlog [B, T, H]; dlog_row = b T + t0).
 template <bool kReverse, typename IssueNext>
 __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1, uint32_t a2, uint32_t a3,
                                                 uint32_t wt, const float* L, bool more, unsigned char* next_wt,
                                                 IssueNext issue_next, const WalkRole& role, int64_t out_base,
-                                                int64_t rs, int rows, float* dlog_h, int64_t dlog_row, int H,
-                                                int wt_barrier = 0) {
+                                                int64_t rs, int rows, float* dlog_h, int64_t dlog_row, int H) {
   constexpr int D = 128;
   const int warp = (threadIdx.x / 32) % 4, g = (threadIdx.x % 32) / 4, q = threadIdx.x % 4;
   const int r0 = 16 * warp + g, r1 = r0 + 8;  // this thread's two rows of every 64 x N product
@@ -1015,12 +1013,7 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
   sm90::wait<0>();
   sm90::fence_operands(acc_o);
   sm90::fence_operands(acc_w);
-  if (more) {
-    // next_wt == wt (one buffer): every warp of the warpgroup must be past its wait on the
-    // products that read wt before any warp overwrites it.
-    if (wt_barrier) asm volatile("bar.sync %0, 128;\n" ::"r"(wt_barrier) : "memory");
-    store_walk_state_copy(next_wt, acc_w);
-  }
+  if (more) store_walk_state_copy(next_wt, acc_w);
 
   // Store O (bf16) and add the dlog row dots.
   float dot[2] = {0.0f, 0.0f};
@@ -1101,90 +1094,6 @@ __global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_walk_sm90_kernel(
   }
 }
 
-// The paired walk: both value tiles of a (segment, b, h) in one block of two warpgroups
-// (warpgroup z walks columns z, exactly as la_walk_sm90_kernel does), so the A1 and A2 tiles are
-// loaded once for both and shared memory holds kStages stages of tiles: the loads of chunk
-// i + kStages - 1 are issued while chunk i is computed (la_walk_sm90_kernel: chunk i + 1). One
-// block per SM (256 threads). Each warpgroup loads half of every stage (z = 0: A1, its A3 panel
-// and L; z = 1: A2 and its A3 panel); one commit group per chunk and thread, and one block barrier
-// per chunk (a stage is refilled only after both warpgroups finished the chunk it held).
-// The bf16 copy of W^T: two buffers per warpgroup at 3 stages (as la_walk_sm90_kernel), one at 4
-// stages (there is no room for two), overwritten after a warpgroup barrier.
-template <int kStages>
-struct PairWalkSmem {  // byte offsets from the 1024-byte aligned dynamic shared memory base
-  static_assert(kStages == 3 || kStages == 4, "3 or 4 stages fit in shared memory");
-  static constexpr int a1 = 0;          // [C x 128]: two panels
-  static constexpr int a2 = 16384;      // [C x 128]
-  static constexpr int a3 = 32768;      // [C x 128]: panel z holds A3's columns z
-  static constexpr int stage = 49152;
-  static constexpr int wt_bufs = kStages == 3 ? 2 : 1;
-  static constexpr int wt = kStages * stage;  // [2 warpgroups][wt_bufs] bf16 W^T [64 x 128]
-  static constexpr int lc = wt + 2 * wt_bufs * 16384;  // kStages x [C] fp32
-  static constexpr int bytes = lc + kStages * 256;     // 213,760 (3 stages), 230,400 (4 stages)
-};
-
-template <bool kReverse, int kStages>
-__global__ void __launch_bounds__(2 * kWgThreads, 1) la_walk_pair_sm90_kernel(LaParams p) {
-#if !LASP_SM90_WGMMA
-  __trap();  // compiled for a device without wgmma; the host never launches it there
-#endif
-  using SM = PairWalkSmem<kStages>;
-  constexpr int D = 128, NV = kWgNV;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = align1024(smem_raw);
-  const uint32_t sbase = sm90::smem_u32(smem);
-  auto at = [&](int st, int off) { return sbase + st * SM::stage + off; };
-  auto lcs = [&](int st) { return reinterpret_cast<float*>(smem + SM::lc + st * 256); };
-  auto wt = [&](int z, int buf) { return SM::wt + (z * SM::wt_bufs + buf) * 16384; };
-
-  const int z = threadIdx.x / kWgThreads;  // this warpgroup's value tile
-  const int seg = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
-  const int col0 = z * NV;
-  const int64_t rs = static_cast<int64_t>(p.H) * D;
-  const ChunkRange cr = segment_chunks(p, seg);
-  const int n = cr.end - cr.begin;
-  auto chunk_of = [&](int i) { return kReverse ? cr.end - 1 - i : cr.begin + i; };
-  auto base_of = [&](int c) {
-    return (static_cast<int64_t>(b) * p.T + c * kChunk) * rs + static_cast<int64_t>(h) * D;
-  };
-  auto rows_of = [&](int c) { return min(kChunk, p.T - c * kChunk); };
-  auto issue = [&](int i) {  // this warpgroup's half of walk step i into stage i % kStages (no commit)
-    const int c = chunk_of(i), rows = rows_of(c), st = i % kStages;
-    const int64_t base = base_of(c);
-    sm90::load_tile_sw128<kChunk, D>(at(st, z ? SM::a2 : SM::a1), (z ? p.a2 : p.a1) + base, rs, rows);
-    sm90::load_tile_sw128<kChunk, NV>(at(st, SM::a3) + z * sm90::kSwPanelBytes, p.a3 + base + col0, rs, rows);
-    if (z == 0) load_logcum_async(lcs(st), p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
-  };
-  const WalkRole role{p.states, p.transposed, p.out, p.dot_src, p.dot_sign};
-  float* dlog_h = p.dlog ? p.dlog + h : nullptr;
-
-  float acc_w[64];
-  load_walk_state(acc_w, role, p, bh, seg, col0);
-  store_walk_state_copy(smem + wt(z, 0), acc_w);
-  // One commit group per chunk (empty past the end), so wait_group counts chunks.
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    if (i < n) issue(i);
-    cp_async_commit();
-  }
-  for (int i = 0; i < n; ++i) {
-    const int c = chunk_of(i), st = i % kStages;
-    const int wb = SM::wt_bufs == 2 ? (i & 1) : 0;
-    cp_async_wait_group<kStages - 2>();
-    sm90::fence_proxy();
-    __syncthreads();  // chunk i's tiles and W^T copies are ready; chunk i - 1's stage is free
-    walk_chunk_sm90<kReverse>(
-        acc_w, at(st, SM::a1), at(st, SM::a2), at(st, SM::a3) + z * sm90::kSwPanelBytes, sbase + wt(z, wb),
-        lcs(st), i + 1 < n, smem + wt(z, SM::wt_bufs == 2 ? wb ^ 1 : 0),
-        [&] {  // called only when a chunk follows; past the last one nothing waits on the group
-          if (i + kStages - 1 < n) issue(i + kStages - 1);
-          cp_async_commit();
-        },
-        role, base_of(c) + col0, rs, rows_of(c), dlog_h, static_cast<int64_t>(b) * p.T + c * kChunk, p.H,
-        SM::wt_bufs == 1 ? 1 + z : 0);
-  }
-}
-
 // 1 where the kernels above were compiled for sm_90a (read once per device by the host).
 __device__ int la_sm90_compiled = LASP_SM90_WGMMA;
 
@@ -1214,10 +1123,9 @@ int smem_state_bytes() {
 }
 
 template <typename Kernel>
-void launch(Kernel kernel, const char* what, const LaParams& p, int smem, int threads = kThreads,
-            int grid_x = kSplit) {
+void launch(Kernel kernel, const char* what, const LaParams& p, int smem, int threads = kThreads) {
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<dim3(grid_x, p.nseg, p.B * p.H), threads, smem, cuda_stream()>>>(p);
+  kernel<<<dim3(kSplit, p.nseg, p.B * p.H), threads, smem, cuda_stream()>>>(p);
   CUDA_CHECK_LAUNCH(what);
 }
 
@@ -1237,20 +1145,6 @@ bool use_sm90_kernels() {
   const bool yes = major == 9 && minor == 0 && compiled == 1 && !forced_mma;
   if (dev < 64) cached[dev] = yes ? 1 : 2;
   return yes;
-}
-
-// Which Hopper walk runs: one warpgroup per value tile (two blocks per SM, double-buffered) or
-// both value tiles in one block (3 or 4 stages). LASP_LA_WALK=single|pair3|pair4 overrides the
-// default (for comparisons; read at every walk, so tests can switch it).
-enum class Sm90Walk { Single, Pair3, Pair4 };
-Sm90Walk sm90_walk() {
-  const char* env = std::getenv("LASP_LA_WALK");
-  if (!env || !*env) return Sm90Walk::Pair3;
-  if (std::strcmp(env, "single") == 0) return Sm90Walk::Single;
-  if (std::strcmp(env, "pair3") == 0) return Sm90Walk::Pair3;
-  if (std::strcmp(env, "pair4") == 0) return Sm90Walk::Pair4;
-  LASP_FAIL() << "LASP_LA_WALK=" << env << ": expected single, pair3 or pair4";
-  return Sm90Walk::Pair3;
 }
 
 // The segment-state kernel: M_j (forward: x = k, y = v) or dM_j (reverse: x = q, y = dO).
@@ -1277,19 +1171,9 @@ void run_walk(LaParams p, const char* what, const bf16* a1, const bf16* a2, cons
   p.transposed = transposed;
   p.dot_src = p.dlog ? dot_src : nullptr;
   p.dot_sign = dot_sign;
-  if (D == 128 && use_sm90_kernels()) {
-    switch (sm90_walk()) {
-      case Sm90Walk::Single: launch(la_walk_sm90_kernel<kReverse>, what, p, WalkSmem::bytes, kWgThreads); break;
-      case Sm90Walk::Pair3:
-        launch(la_walk_pair_sm90_kernel<kReverse, 3>, what, p, PairWalkSmem<3>::bytes + kAlignSlack,
-               2 * kWgThreads, 1);
-        break;
-      case Sm90Walk::Pair4:
-        launch(la_walk_pair_sm90_kernel<kReverse, 4>, what, p, PairWalkSmem<4>::bytes + kAlignSlack,
-               2 * kWgThreads, 1);
-        break;
-    }
-  } else
+  if (D == 128 && use_sm90_kernels())
+    launch(la_walk_sm90_kernel<kReverse>, what, p, WalkSmem::bytes, kWgThreads);
+  else
     launch(la_walk_kernel<D, kReverse>, what, p, smem_walk_bytes<D>());
 }
 

@@ -181,33 +181,6 @@ TEST(LinearAttentionGpu, TiledProductsMatchCpuOneByOne) {
   }
 }
 
-// The Hopper walk has three forms (LASP_LA_WALK): one warpgroup per value tile, and both value
-// tiles in one block with a 3- or 4-stage load pipeline. Each must match the CPU on the cases
-// that stress its pipeline: one chunk; odd T with a partial last chunk; segments of 1 (T = 3001),
-// 2 (T = 4096), 6 (T = 6001: 16 segments of 6 chunks) and 16 chunks (B*H = 72, one segment per
-// head), i.e. shorter and longer than the pipeline; data-dependent decay; initial state and
-// final-state gradient. (On other devices, or with LASP_LA_KERNEL=mma, all three run the
-// mma.sync kernels.)
-TEST(LinearAttentionGpu, EveryHopperWalkFormMatchesCpu) {
-  LASP_SKIP_WITHOUT_GPU();
-  const char* old = std::getenv("LASP_LA_WALK");
-  const std::string saved = old ? old : "";
-  for (const char* form : {"single", "pair3", "pair4"}) {
-    SCOPED_TRACE(std::string("LASP_LA_WALK=") + form);
-    setenv("LASP_LA_WALK", form, 1);
-    for (DecayMode mode : {DecayMode::Constant, DecayMode::DataDependent}) {
-      for (const LaCase& c : {LaCase{1, 64, 2, 128, mode, true, true}, LaCase{1, 6001, 8, 128, mode, true, false},
-                              LaCase{1, 3001, 1, 128, mode, false, true}, LaCase{1, 4096, 4, 128, mode, true, true},
-                              LaCase{2, 1000, 36, 128, mode, true, true}}) {
-        check_forward(c);
-        check_backward(c);
-      }
-    }
-  }
-  if (old) setenv("LASP_LA_WALK", saved.c_str(), 1);
-  else unsetenv("LASP_LA_WALK");
-}
-
 TEST(LinearAttentionGpu, StateOnlyForwardAndPartialBackwardSkipUndefinedOutputs) {
   LASP_SKIP_WITHOUT_GPU();
   const LaCase c{1, 300, 2, 64, DecayMode::DataDependent, true, true};
