@@ -938,51 +938,41 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
   const int warp = (threadIdx.x / 32) % 4, g = (threadIdx.x % 32) / 4, q = threadIdx.x % 4;
   const int r0 = 16 * warp + g, r1 = r0 + 8;  // this thread's two rows of every 64 x N product
 
-  // P = A1 A2^T and O = A1 W (both operands from shared memory).
+  // P = A1 A2^T and O = A1 W (both operands from shared memory), in two commit groups so that the
+  // mask can start as soon as P is done.
   float acc[32], acc_o[32];
   sm90::fence();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
     sm90::mma_64x64_ss(acc, sm90::desc_kmajor(a1, kk), sm90::desc_kmajor(a2, kk), kk > 0);
+  sm90::commit();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
     sm90::mma_64x64_ss(acc_o, sm90::desc_kmajor(a1, kk), sm90::desc_kmajor(wt, kk), kk > 0);
   sm90::commit();
-  // W^T = bC W^T + (A3^T diag(f)) A2 (not needed after the segment's last chunk).
-  if (more) {
-    const float bC = __expf(L[kChunk - 1]);
-#pragma unroll
-    for (int v = 0; v < 64; ++v) acc_w[v] *= bC;
-    state_update_issue(acc_w, a2, a3, L, kReverse);
-    issue_next();  // the next chunk's loads, while the products run
-    sm90::wait<1>();
-  } else {
-    sm90::wait<0>();
-  }
-  sm90::fence_operands(acc);
-  sm90::fence_operands(acc_o);
-
-  // P o M (forward: s <= r, exp(L[r] - L[s]); reverse: s >= r, exp(L[s] - L[r])) as the bf16
-  // A fragments of (P o M) A3: fragment kk holds columns 16 kk .. 16 kk + 15. Column block j
-  // (8 columns) lies left of this warp's 16 rows (j / 2 < warp), on them, or right of them; off
-  // the diagonal it is kept whole (forward left, reverse right; the factor is split at the
-  // warp's first (last) row m: exp(L[r] - L[s]) = exp(L[r] - L[m]) exp(L[m] - L[s]), each <= 1)
-  // or dropped whole.
-  uint32_t pa[kChunk / 16][4];
-  {
+  // The mask M as factors of P's accumulator, from L alone (computed while P is in flight):
+  // (P o M)[r][s] = P[r][s] fac (forward: s <= r, exp(L[r] - L[s]); reverse: s >= r,
+  // exp(L[s] - L[r])). Column block j (8 columns) lies left of this warp's 16 rows (j / 2 <
+  // warp), on them, or right of them; off the diagonal it is kept whole (forward left, reverse
+  // right; the factor is split at the warp's first (last) row m: exp(L[r] - L[m]) exp(L[m] -
+  // L[s]), each <= 1) or dropped whole (factor 0). Then P o M as the bf16 A fragments of
+  // (P o M) A3: fragment kk holds columns 16 kk .. 16 kk + 15.
+  float fac[8][4];
+  auto mask_factors = [&] {
     const float lr0 = L[r0], lr1 = L[r1], lm = L[kReverse ? 16 * warp + 15 : 16 * warp];
     const float rf0 = __expf(kReverse ? lm - lr0 : lr0 - lm), rf1 = __expf(kReverse ? lm - lr1 : lr1 - lm);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int s = 8 * j + 2 * q;
-      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) fac[j][e] = 0.0f;
       if (kReverse ? j / 2 > warp : j / 2 < warp) {
         const float c0 = __expf(kReverse ? L[s] - lm : lm - L[s]);
         const float c1 = __expf(kReverse ? L[s + 1] - lm : lm - L[s + 1]);
-        v[0] = acc[4 * j] * (rf0 * c0);
-        v[1] = acc[4 * j + 1] * (rf0 * c1);
-        v[2] = acc[4 * j + 2] * (rf1 * c0);
-        v[3] = acc[4 * j + 3] * (rf1 * c1);
+        fac[j][0] = rf0 * c0;
+        fac[j][1] = rf0 * c1;
+        fac[j][2] = rf1 * c0;
+        fac[j][3] = rf1 * c1;
       } else if (j / 2 == warp) {
         const float ls0 = L[s], ls1 = L[s + 1];
 #pragma unroll
@@ -990,21 +980,49 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
           const int r = e < 2 ? r0 : r1, sc = s + e % 2;
           const float lr = e < 2 ? lr0 : lr1, ls = e % 2 ? ls1 : ls0;
           const bool keep = kReverse ? sc >= r : sc <= r;
-          v[e] = keep ? acc[4 * j + e] * __expf(kReverse ? ls - lr : lr - ls) : 0.0f;
+          fac[j][e] = keep ? __expf(kReverse ? ls - lr : lr - ls) : 0.0f;
         }
       }
-      pa[j / 2][(j % 2) * 2] = pack_bf16x2(v[0], v[1]);
-      pa[j / 2][(j % 2) * 2 + 1] = pack_bf16x2(v[2], v[3]);
     }
-    // O = diag(f) A1 W, f = b (forward) or e (reverse).
-    const float f0 = row_factor(L, r0, !kReverse), f1 = row_factor(L, r1, !kReverse);
+  };
+  uint32_t pa[kChunk / 16][4];
+  auto mask = [&] {
+    sm90::fence_operands(acc);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      acc_o[4 * j] *= f0;
-      acc_o[4 * j + 1] *= f0;
-      acc_o[4 * j + 2] *= f1;
-      acc_o[4 * j + 3] *= f1;
+      pa[j / 2][(j % 2) * 2] = pack_bf16x2(acc[4 * j] * fac[j][0], acc[4 * j + 1] * fac[j][1]);
+      pa[j / 2][(j % 2) * 2 + 1] = pack_bf16x2(acc[4 * j + 2] * fac[j][2], acc[4 * j + 3] * fac[j][3]);
     }
+  };
+  // Every wait sits in the branch that issued the groups: ptxas serialises all wgmma of the kernel
+  // when the two paths merge with products in flight.
+  if (more) {
+    // W^T = bC W^T + (A3^T diag(f)) A2 (not needed after the segment's last chunk).
+    const float bC = __expf(L[kChunk - 1]);
+#pragma unroll
+    for (int v = 0; v < 64; ++v) acc_w[v] *= bC;
+    state_update_issue(acc_w, a2, a3, L, kReverse);
+    issue_next();  // the next chunk's loads, while the products run
+    mask_factors();
+    sm90::wait<2>();  // groups [P], [O], [W^T]: P is done
+    mask();
+    sm90::wait<1>();  // O is done
+  } else {
+    mask_factors();
+    sm90::wait<1>();  // groups [P], [O]
+    mask();
+    sm90::wait<0>();
+  }
+  // O's row factors diag(f), f = b (forward) or e (reverse).
+  const float f0 = row_factor(L, r0, !kReverse), f1 = row_factor(L, r1, !kReverse);
+  sm90::fence_operands(acc_o);
+  // O = diag(f) A1 W.
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    acc_o[4 * j] *= f0;
+    acc_o[4 * j + 1] *= f0;
+    acc_o[4 * j + 2] *= f1;
+    acc_o[4 * j + 3] *= f1;
   }
   sm90::fence();
 #pragma unroll
