@@ -750,15 +750,18 @@ __global__ void la_dlog_scan_kernel(float* dlog, const float* final_dot, int T, 
 //                                          B = A2 read N-major from shared memory
 // Walk step per chunk (every operand tile 128-byte swizzled; A1, A2, A3, L and the bf16 copy of
 // W^T double-buffered, so one barrier per chunk):
-//   P = A1 A2^T             8 x m64n64k16, A1 and A2 K-major from shared memory
-//   O = A1 W                8 x m64n64k16, B = the bf16 copy of W^T (K-major)
+//   P = A1 A2^T             8 x m64n64k16, A1 and A2 K-major from shared memory (one group)
+//   O = A1 W                8 x m64n64k16, B = the bf16 copy of W^T (K-major) (one group)
 //   W^T update              4 x m64n128k16, queued behind P and O; then the next chunk's loads
-//   O = diag(b) O + (P o M) A3    mask and row factors in registers, P as the register A operand,
+//   mask factors            from L alone, while the products run
+//   O = diag(b) O + (P o M) A3    the factors applied once P is done, P as the register A operand,
 //                           4 x m64n64k16 with A3 read N-major
 //   new bf16 copy of W^T into the next stage; store O (and the dlog dots).
-// ptxas may serialise every wgmma of a kernel without a message (WARPGROUP.ARRIVE/DEPBAR around
-// each HGMMA in the SASS; a variant with P and O merged into one m64n128 product once built so):
-// check the SASS after changing the walk (three ARRIVE per walk step).
+// ptxas may serialise every wgmma of a kernel (WARPGROUP.ARRIVE/DEPBAR around each HGMMA in the
+// SASS): silently for a variant with P and O merged into one m64n128 product, and with messages
+// C7514/C7517 ("warpgroup.wait is injected") when the last-chunk and other-chunk paths merge with
+// products in flight, or when the state update is issued on the last chunk too. Check ptxas -v
+// and the SASS after changing the walk (three ARRIVE per walk step).
 constexpr int kWgThreads = 128;
 constexpr int kWgNV = 128 / kSplit;
 static_assert(kWgNV == 64, "the Hopper path tiles 64 value columns per block");
