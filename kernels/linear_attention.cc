@@ -27,12 +27,13 @@ namespace lasp {
 #ifdef LASP_HAVE_CUDA
 void linear_attention_forward_cuda(Tensor& o, Tensor& final_state, const Tensor& q, const Tensor& k,
                                    const Tensor& v, const Decay& decay, const Tensor& initial_state,
-                                   int chunk);
+                                   int chunk, LinearAttentionSaved* saved);
 void linear_attention_backward_cuda(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_log_decay,
                                     Tensor& d_initial_state, const Tensor& q, const Tensor& k,
                                     const Tensor& v, const Decay& decay,
                                     const Tensor& initial_state, const Tensor& d_o,
-                                    const Tensor& d_final_state, int chunk);
+                                    const Tensor& d_final_state, int chunk,
+                                    const LinearAttentionSaved* saved);
 #endif
 
 DecayMode decay_mode_from_name(const std::string& name) {
@@ -434,15 +435,17 @@ void backward_cpu(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_log_decay, Tenso
 
 void linear_attention_forward(Tensor& o, Tensor& final_state, const Tensor& q, const Tensor& k,
                               const Tensor& v, const Decay& decay, const Tensor& initial_state,
-                              int chunk) {
+                              int chunk, LinearAttentionSaved* saved) {
   LASP_PROFILE_SCOPE("linear_attention_forward");
+  if (saved) *saved = LinearAttentionSaved{};
   const char* fn = "linear_attention_forward";
   const Dims d = check_common(fn, q, k, v, decay, initial_state, chunk);
   if (o.defined()) check_layout(o, fn, "o", q.shape(), q);
   if (final_state.defined()) check_layout(final_state, fn, "final_state", {d.B, d.H, d.D, d.D}, q);
   if (q.is_cuda()) {
 #ifdef LASP_HAVE_CUDA
-    return linear_attention_forward_cuda(o, final_state, q, k, v, decay, initial_state, chunk);
+    return linear_attention_forward_cuda(o, final_state, q, k, v, decay, initial_state, chunk,
+                                         saved);
 #else
     LASP_FAIL() << fn << ": got CUDA tensors but lasp was built without CUDA";
 #endif
@@ -469,7 +472,8 @@ void linear_attention_forward(Tensor& o, Tensor& final_state, const Tensor& q, c
 void linear_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_log_decay,
                                Tensor& d_initial_state, const Tensor& q, const Tensor& k,
                                const Tensor& v, const Decay& decay, const Tensor& initial_state,
-                               const Tensor& d_o, const Tensor& d_final_state, int chunk) {
+                               const Tensor& d_o, const Tensor& d_final_state, int chunk,
+                               const LinearAttentionSaved* saved) {
   LASP_PROFILE_SCOPE("linear_attention_backward");
   const char* fn = "linear_attention_backward";
   const Dims d = check_common(fn, q, k, v, decay, initial_state, chunk);
@@ -490,7 +494,7 @@ void linear_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_log
   if (q.is_cuda()) {
 #ifdef LASP_HAVE_CUDA
     return linear_attention_backward_cuda(dq, dk, dv, d_log_decay, d_initial_state, q, k, v, decay,
-                                          initial_state, d_o, d_final_state, chunk);
+                                          initial_state, d_o, d_final_state, chunk, saved);
 #else
     LASP_FAIL() << fn << ": got CUDA tensors but lasp was built without CUDA";
 #endif

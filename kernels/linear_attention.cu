@@ -43,7 +43,9 @@
 //   (la_dlog_scan_kernel, in float64).
 // Per-segment states cost B*H*nseg*D*D*4 bytes (16 MiB at B*H = 16, D = 128), independent of T;
 // storing per-chunk states instead would cost D/C = 2 times the size of q in fp32: recomputing
-// them by walking each segment is cheaper than writing and re-reading them.
+// them by walking each segment is cheaper than writing and re-reading them. The forward can hand
+// its P_j, log g_j and final state to the backward (LinearAttentionSaved), which then skips the
+// forward state pass and its combine (one read of k and v less: 0.13 ms of 2.33 at T = 65536).
 //
 // Walk stages per chunk (two barriers per chunk):
 //   load  A2, A3, L double-buffered: chunk i+1's are issued as chunk i starts; A1 (one buffer)
@@ -480,6 +482,18 @@ __global__ void la_combine_backward_kernel(float* dstates, const float* logg, co
   if (d_init) d_init[static_cast<int64_t>(bh) * dd + e] = ev;
 }
 
+// final_dot[bh] += <dS_final, S_final> (the backward's share of the final state in d log a at T-1,
+// when the forward's final state was saved rather than recomputed).
+__global__ void la_final_dot_kernel(const float* final_state, const float* d_final, float* final_dot,
+                                    int dd) {
+  const int bh = blockIdx.y;
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t i = static_cast<int64_t>(bh) * dd + e;
+  float dot = e < dd ? d_final[i] * final_state[i] : 0.0f;
+  for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+  if (threadIdx.x % 32 == 0) atomicAdd(final_dot + bh, dot);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Walks: o, dQ (forward) and dV, dK (reverse); see the file comment.
 // ---------------------------------------------------------------------------------------------
@@ -736,15 +750,18 @@ __global__ void la_dlog_scan_kernel(float* dlog, const float* final_dot, int T, 
 //                                          B = A2 read N-major from shared memory
 // Walk step per chunk (every operand tile 128-byte swizzled; A1, A2, A3, L and the bf16 copy of
 // W^T double-buffered, so one barrier per chunk):
-//   P = A1 A2^T             8 x m64n64k16, A1 and A2 K-major from shared memory
-//   O = A1 W                8 x m64n64k16, B = the bf16 copy of W^T (K-major)
+//   P = A1 A2^T             8 x m64n64k16, A1 and A2 K-major from shared memory (one group)
+//   O = A1 W                8 x m64n64k16, B = the bf16 copy of W^T (K-major) (one group)
 //   W^T update              4 x m64n128k16, queued behind P and O; then the next chunk's loads
-//   O = diag(b) O + (P o M) A3    mask and row factors in registers, P as the register A operand,
+//   mask factors            from L alone, while the products run
+//   O = diag(b) O + (P o M) A3    the factors applied once P is done, P as the register A operand,
 //                           4 x m64n64k16 with A3 read N-major
 //   new bf16 copy of W^T into the next stage; store O (and the dlog dots).
-// ptxas may serialise every wgmma of a kernel without a message (WARPGROUP.ARRIVE/DEPBAR around
-// each HGMMA in the SASS; a variant with P and O merged into one m64n128 product once built so):
-// check the SASS after changing the walk (three ARRIVE per walk step).
+// ptxas may serialise every wgmma of a kernel (WARPGROUP.ARRIVE/DEPBAR around each HGMMA in the
+// SASS): silently for a variant with P and O merged into one m64n128 product, and with messages
+// C7514/C7517 ("warpgroup.wait is injected") when the last-chunk and other-chunk paths merge with
+// products in flight, or when the state update is issued on the last chunk too. Check ptxas -v
+// and the SASS after changing the walk (three ARRIVE per walk step).
 constexpr int kWgThreads = 128;
 constexpr int kWgNV = 128 / kSplit;
 static_assert(kWgNV == 64, "the Hopper path tiles 64 value columns per block");
@@ -924,51 +941,41 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
   const int warp = (threadIdx.x / 32) % 4, g = (threadIdx.x % 32) / 4, q = threadIdx.x % 4;
   const int r0 = 16 * warp + g, r1 = r0 + 8;  // this thread's two rows of every 64 x N product
 
-  // P = A1 A2^T and O = A1 W (both operands from shared memory).
+  // P = A1 A2^T and O = A1 W (both operands from shared memory), in two commit groups so that the
+  // mask can start as soon as P is done.
   float acc[32], acc_o[32];
   sm90::fence();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
     sm90::mma_64x64_ss(acc, sm90::desc_kmajor(a1, kk), sm90::desc_kmajor(a2, kk), kk > 0);
+  sm90::commit();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
     sm90::mma_64x64_ss(acc_o, sm90::desc_kmajor(a1, kk), sm90::desc_kmajor(wt, kk), kk > 0);
   sm90::commit();
-  // W^T = bC W^T + (A3^T diag(f)) A2 (not needed after the segment's last chunk).
-  if (more) {
-    const float bC = __expf(L[kChunk - 1]);
-#pragma unroll
-    for (int v = 0; v < 64; ++v) acc_w[v] *= bC;
-    state_update_issue(acc_w, a2, a3, L, kReverse);
-    issue_next();  // the next chunk's loads, while the products run
-    sm90::wait<1>();
-  } else {
-    sm90::wait<0>();
-  }
-  sm90::fence_operands(acc);
-  sm90::fence_operands(acc_o);
-
-  // P o M (forward: s <= r, exp(L[r] - L[s]); reverse: s >= r, exp(L[s] - L[r])) as the bf16
-  // A fragments of (P o M) A3: fragment kk holds columns 16 kk .. 16 kk + 15. Column block j
-  // (8 columns) lies left of this warp's 16 rows (j / 2 < warp), on them, or right of them; off
-  // the diagonal it is kept whole (forward left, reverse right; the factor is split at the
-  // warp's first (last) row m: exp(L[r] - L[s]) = exp(L[r] - L[m]) exp(L[m] - L[s]), each <= 1)
-  // or dropped whole.
-  uint32_t pa[kChunk / 16][4];
-  {
+  // The mask M as factors of P's accumulator, from L alone (computed while P is in flight):
+  // (P o M)[r][s] = P[r][s] fac (forward: s <= r, exp(L[r] - L[s]); reverse: s >= r,
+  // exp(L[s] - L[r])). Column block j (8 columns) lies left of this warp's 16 rows (j / 2 <
+  // warp), on them, or right of them; off the diagonal it is kept whole (forward left, reverse
+  // right; the factor is split at the warp's first (last) row m: exp(L[r] - L[m]) exp(L[m] -
+  // L[s]), each <= 1) or dropped whole (factor 0). Then P o M as the bf16 A fragments of
+  // (P o M) A3: fragment kk holds columns 16 kk .. 16 kk + 15.
+  float fac[8][4];
+  auto mask_factors = [&] {
     const float lr0 = L[r0], lr1 = L[r1], lm = L[kReverse ? 16 * warp + 15 : 16 * warp];
     const float rf0 = __expf(kReverse ? lm - lr0 : lr0 - lm), rf1 = __expf(kReverse ? lm - lr1 : lr1 - lm);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int s = 8 * j + 2 * q;
-      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) fac[j][e] = 0.0f;
       if (kReverse ? j / 2 > warp : j / 2 < warp) {
         const float c0 = __expf(kReverse ? L[s] - lm : lm - L[s]);
         const float c1 = __expf(kReverse ? L[s + 1] - lm : lm - L[s + 1]);
-        v[0] = acc[4 * j] * (rf0 * c0);
-        v[1] = acc[4 * j + 1] * (rf0 * c1);
-        v[2] = acc[4 * j + 2] * (rf1 * c0);
-        v[3] = acc[4 * j + 3] * (rf1 * c1);
+        fac[j][0] = rf0 * c0;
+        fac[j][1] = rf0 * c1;
+        fac[j][2] = rf1 * c0;
+        fac[j][3] = rf1 * c1;
       } else if (j / 2 == warp) {
         const float ls0 = L[s], ls1 = L[s + 1];
 #pragma unroll
@@ -976,21 +983,49 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
           const int r = e < 2 ? r0 : r1, sc = s + e % 2;
           const float lr = e < 2 ? lr0 : lr1, ls = e % 2 ? ls1 : ls0;
           const bool keep = kReverse ? sc >= r : sc <= r;
-          v[e] = keep ? acc[4 * j + e] * __expf(kReverse ? ls - lr : lr - ls) : 0.0f;
+          fac[j][e] = keep ? __expf(kReverse ? ls - lr : lr - ls) : 0.0f;
         }
       }
-      pa[j / 2][(j % 2) * 2] = pack_bf16x2(v[0], v[1]);
-      pa[j / 2][(j % 2) * 2 + 1] = pack_bf16x2(v[2], v[3]);
     }
-    // O = diag(f) A1 W, f = b (forward) or e (reverse).
-    const float f0 = row_factor(L, r0, !kReverse), f1 = row_factor(L, r1, !kReverse);
+  };
+  uint32_t pa[kChunk / 16][4];
+  auto mask = [&] {
+    sm90::fence_operands(acc);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      acc_o[4 * j] *= f0;
-      acc_o[4 * j + 1] *= f0;
-      acc_o[4 * j + 2] *= f1;
-      acc_o[4 * j + 3] *= f1;
+      pa[j / 2][(j % 2) * 2] = pack_bf16x2(acc[4 * j] * fac[j][0], acc[4 * j + 1] * fac[j][1]);
+      pa[j / 2][(j % 2) * 2 + 1] = pack_bf16x2(acc[4 * j + 2] * fac[j][2], acc[4 * j + 3] * fac[j][3]);
     }
+  };
+  // Every wait sits in the branch that issued the groups: ptxas serialises all wgmma of the kernel
+  // when the two paths merge with products in flight.
+  if (more) {
+    // W^T = bC W^T + (A3^T diag(f)) A2 (not needed after the segment's last chunk).
+    const float bC = __expf(L[kChunk - 1]);
+#pragma unroll
+    for (int v = 0; v < 64; ++v) acc_w[v] *= bC;
+    state_update_issue(acc_w, a2, a3, L, kReverse);
+    issue_next();  // the next chunk's loads, while the products run
+    mask_factors();
+    sm90::wait<2>();  // groups [P], [O], [W^T]: P is done
+    mask();
+    sm90::wait<1>();  // O is done
+  } else {
+    mask_factors();
+    sm90::wait<1>();  // groups [P], [O]
+    mask();
+    sm90::wait<0>();
+  }
+  // O's row factors diag(f), f = b (forward) or e (reverse).
+  const float f0 = row_factor(L, r0, !kReverse), f1 = row_factor(L, r1, !kReverse);
+  sm90::fence_operands(acc_o);
+  // O = diag(f) A1 W.
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    acc_o[4 * j] *= f0;
+    acc_o[4 * j + 1] *= f0;
+    acc_o[4 * j + 2] *= f1;
+    acc_o[4 * j + 3] *= f1;
   }
   sm90::fence();
 #pragma unroll
@@ -1249,7 +1284,7 @@ void run_states(LaParams p, const bf16* k, const bf16* v, const Tensor& init,
 
 template <int D>
 void forward_impl(Tensor& o, Tensor& final_state, const Tensor& q, const Tensor& k, const Tensor& v,
-                  const Decay& decay, const Tensor& init) {
+                  const Decay& decay, const Tensor& init, LinearAttentionSaved* saved) {
   Tensor lc;
   LaParams p = make_params("linear_attention_forward", q, decay, lc);
   const int bh = p.B * p.H;
@@ -1257,16 +1292,38 @@ void forward_impl(Tensor& o, Tensor& final_state, const Tensor& q, const Tensor&
   Tensor logg = Tensor::empty({bh, p.nseg}, DType::F32, q.device());
   p.states = states.data<float>();
   p.logg = logg.data<float>();
-  run_states<D>(p, bf16_ptr(k), bf16_ptr(v), init, final_state, Tensor(), nullptr);
+  // The saved final state is the backward's own copy (the caller's final_state may change).
+  Tensor saved_final = saved ? Tensor::empty({p.B, p.H, D, D}, DType::F32, q.device()) : Tensor();
+  run_states<D>(p, bf16_ptr(k), bf16_ptr(v), init, saved ? saved_final : final_state, Tensor(), nullptr);
+  if (saved && final_state.defined())
+    CUDA_CHECK(cudaMemcpyAsync(final_state.raw(), saved_final.raw(), sizeof(float) * bh * D * D,
+                               cudaMemcpyDeviceToDevice, cuda_stream()));
   if (o.defined() && p.nchunks > 0)
     run_walk<D, false>(p, "la_walk_kernel (o)", bf16_ptr(q), bf16_ptr(k), bf16_ptr(v), bf16_out(o),
                        p.states, false, nullptr, 0.0f);
+  if (saved) *saved = LinearAttentionSaved{states, logg, saved_final};
+}
+
+// Whether `saved` holds this call's segment states (made by a forward of the same shapes on the
+// same device, hence the same segments); an object made for other shapes is a caller error.
+bool saved_states_usable(const LinearAttentionSaved* saved, const LaParams& p, int D, const Tensor& q) {
+  if (!saved || !saved->segment_states.defined()) return false;
+  const Tensor &s = saved->segment_states, &g = saved->segment_log_decay, &f = saved->final_state;
+  const int64_t bh = static_cast<int64_t>(p.B) * p.H;
+  const bool ok = s.is_cuda() && s.device() == q.device() && s.dtype() == DType::F32 &&
+                  s.shape() == Shape{bh, p.nseg, D, D} && g.defined() && g.dtype() == DType::F32 &&
+                  g.shape() == Shape{bh, p.nseg} && f.defined() && f.dtype() == DType::F32 &&
+                  f.shape() == Shape{p.B, p.H, D, D};
+  LASP_CHECK(ok) << "linear_attention_backward: saved states " << s.str() << " do not belong to a forward of "
+                 << q.str() << " on this device (expected [" << bh << ", " << p.nseg << ", " << D << ", " << D
+                 << "])";
+  return true;
 }
 
 template <int D>
 void backward_impl(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dlog, Tensor& d_init, const Tensor& q,
                    const Tensor& k, const Tensor& v, const Decay& decay, const Tensor& init,
-                   const Tensor& d_o_in, const Tensor& d_final) {
+                   const Tensor& d_o_in, const Tensor& d_final, const LinearAttentionSaved* saved) {
   if (!dq.defined() && !dk.defined() && !dv.defined() && !dlog.defined() && !d_init.defined()) return;
   Tensor lc;
   LaParams p = make_params("linear_attention_backward", q, decay, lc);
@@ -1275,15 +1332,23 @@ void backward_impl(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dlog, Tensor& d_i
   if (!d_o.defined()) d_o = Tensor::zeros(q.shape(), DType::BF16, q.device());
   const bf16 *pq = bf16_ptr(q), *pk = bf16_ptr(k), *pv = bf16_ptr(v), *pdo = bf16_ptr(d_o);
   p.dlog = f32_out(dlog);
-  Tensor states = Tensor::empty({bh, p.nseg, D, D}, DType::F32, q.device());
+  const bool reuse = saved_states_usable(saved, p, D, q);
+  // The forward's segment states P_j and log decays: saved ones are only read.
+  Tensor states = reuse ? saved->segment_states : Tensor::empty({bh, p.nseg, D, D}, DType::F32, q.device());
+  Tensor logg = reuse ? saved->segment_log_decay : Tensor::empty({bh, p.nseg}, DType::F32, q.device());
   Tensor dstates = Tensor::empty({bh, p.nseg, D, D}, DType::F32, q.device());
-  Tensor logg = Tensor::empty({bh, p.nseg}, DType::F32, q.device());
   Tensor final_dot;
   p.states = states.data<float>();
   p.logg = logg.data<float>();
   if (p.dlog && d_final.defined()) final_dot = Tensor::zeros({bh}, DType::F32, q.device());
 
-  run_states<D>(p, pk, pv, init, Tensor(), d_final, f32_out(final_dot));
+  if (!reuse) {
+    run_states<D>(p, pk, pv, init, Tensor(), d_final, f32_out(final_dot));
+  } else if (final_dot.defined()) {
+    la_final_dot_kernel<<<dim3(D * D / 256, bh), 256, 0, cuda_stream()>>>(
+        saved->final_state.data<float>(), d_final.data<float>(), final_dot.data<float>(), D * D);
+    CUDA_CHECK_LAUNCH("la_final_dot_kernel");
+  }
   if (p.nchunks > 0) {
     run_segment_state<D, true>(p, "la_segment_state_kernel (reverse)", pq, pdo, dstates.data<float>());
   } else {
@@ -1315,7 +1380,7 @@ void backward_impl(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dlog, Tensor& d_i
 
 void linear_attention_forward_cuda(Tensor& o, Tensor& final_state, const Tensor& q, const Tensor& k,
                                    const Tensor& v, const Decay& decay, const Tensor& initial_state,
-                                   int chunk) {
+                                   int chunk, LinearAttentionSaved* saved) {
   const char* fn = "linear_attention_forward";
   // `chunk` is the CPU path's tile; the CUDA kernel's chunk is fixed (kChunk = 64). The result is
   // the same function either way.
@@ -1323,14 +1388,15 @@ void linear_attention_forward_cuda(Tensor& o, Tensor& final_state, const Tensor&
                   {{&final_state, "final_state"}, {&initial_state, "initial_state"},
                    {&decay.per_head, "decay.per_head"}, {&decay.per_token, "decay.per_token"}},
                   q);
-  if (q.dim(3) == 64) forward_impl<64>(o, final_state, q, k, v, decay, initial_state);
-  else forward_impl<128>(o, final_state, q, k, v, decay, initial_state);
+  if (q.dim(3) == 64) forward_impl<64>(o, final_state, q, k, v, decay, initial_state, saved);
+  else forward_impl<128>(o, final_state, q, k, v, decay, initial_state, saved);
 }
 
 void linear_attention_backward_cuda(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_log_decay,
                                     Tensor& d_initial_state, const Tensor& q, const Tensor& k,
                                     const Tensor& v, const Decay& decay, const Tensor& initial_state,
-                                    const Tensor& d_o, const Tensor& d_final_state, int chunk) {
+                                    const Tensor& d_o, const Tensor& d_final_state, int chunk,
+                                    const LinearAttentionSaved* saved) {
   const char* fn = "linear_attention_backward";
   check_cuda_args(fn, {{&q, "q"}, {&k, "k"}, {&v, "v"}, {&d_o, "d_o"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}},
                   {{&initial_state, "initial_state"}, {&d_final_state, "d_final_state"},
@@ -1339,10 +1405,10 @@ void linear_attention_backward_cuda(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& 
                   q);
   if (q.dim(3) == 64)
     backward_impl<64>(dq, dk, dv, d_log_decay, d_initial_state, q, k, v, decay, initial_state, d_o,
-                      d_final_state);
+                      d_final_state, saved);
   else
     backward_impl<128>(dq, dk, dv, d_log_decay, d_initial_state, q, k, v, decay, initial_state, d_o,
-                       d_final_state);
+                       d_final_state, saved);
 }
 
 }  // namespace lasp

@@ -33,16 +33,31 @@ struct Decay {
   Tensor per_token;  // DataDependent: [B, T, H] log a per token and head
 };
 
-// o may be undefined (state-only pass); final_state may be undefined (not needed).
+// What a CUDA forward can keep for the backward of the same inputs: the states entering each
+// segment of the kernel's split of the sequence (kernels/linear_attention.cu), the segments' log
+// decays and the final state (B*H*nseg*D*D*4 bytes: 16 MiB at B*H = 16, D = 128, whatever T is).
+// Given to the backward, they spare it recomputing them (one read of k and v). Filled by the
+// forward on the CUDA path only; the CPU path leaves it empty, and the backward recomputes
+// whatever is empty. Valid only for the same q, k, v, decay and initial_state.
+struct LinearAttentionSaved {
+  Tensor segment_states;     // [B*H, nseg, D, D] fp32: the state entering segment j
+  Tensor segment_log_decay;  // [B*H, nseg] fp32: log of the total decay over segment j
+  Tensor final_state;        // [B, H, D, D] fp32
+};
+
+// o may be undefined (state-only pass); final_state may be undefined (not needed); saved may be
+// null.
 void linear_attention_forward(Tensor& o, Tensor& final_state, const Tensor& q, const Tensor& k,
                               const Tensor& v, const Decay& decay, const Tensor& initial_state,
-                              int chunk = 64);
+                              int chunk = 64, LinearAttentionSaved* saved = nullptr);
 
 // dq/dk/dv/d_log_decay/d_initial_state: outputs, each may be undefined to skip it.
-// d_log_decay has the per_token shape [B, T, H] (DataDependent only).
+// d_log_decay has the per_token shape [B, T, H] (DataDependent only). saved: null, or what the
+// forward of the same inputs kept.
 void linear_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_log_decay,
                                Tensor& d_initial_state, const Tensor& q, const Tensor& k,
                                const Tensor& v, const Decay& decay, const Tensor& initial_state,
-                               const Tensor& d_o, const Tensor& d_final_state, int chunk = 64);
+                               const Tensor& d_o, const Tensor& d_final_state, int chunk = 64,
+                               const LinearAttentionSaved* saved = nullptr);
 
 }  // namespace lasp

@@ -161,6 +161,15 @@ std::vector<Row> bench_linear_attention(const Options& opt, double bandwidth) {
             linear_attention_backward(dq, dk, dv, dlog, dinit, q, k, v, decay, none, d_o, none);
           },
           opt);
+      // The same with the forward's segment states kept for the backward (LinearAttentionSaved).
+      LinearAttentionSaved saved;
+      const double fwdbwd_saved = time_ms(
+          [&] {
+            linear_attention_forward(o, fs, q, k, v, decay, none, 64, &saved);
+            linear_attention_backward(dq, dk, dv, dlog, dinit, q, k, v, decay, none, d_o, none, 64,
+                                      &saved);
+          },
+          opt);
       char shape[96];
       std::snprintf(shape, sizeof shape, "B=%ld T=%ld H=%ld D=%ld", static_cast<long>(B),
                     static_cast<long>(T), static_cast<long>(H), static_cast<long>(D));
@@ -170,7 +179,10 @@ std::vector<Row> bench_linear_attention(const Options& opt, double bandwidth) {
       rows.push_back({name + " fwd", shape, fwd, (4 * tensor_bytes + decay_bytes) / bandwidth * 1e3});
       rows.push_back({name + " fwd+bwd", shape, fwdbwd,
                       (8 * tensor_bytes + 2 * decay_bytes) / bandwidth * 1e3});
-      std::printf("  %s %s: fwd %.3f ms, fwd+bwd %.3f ms\n", name.c_str(), shape, fwd, fwdbwd);
+      rows.push_back({name + " fwd+bwd saved", shape, fwdbwd_saved,
+                      (8 * tensor_bytes + 2 * decay_bytes) / bandwidth * 1e3});
+      std::printf("  %s %s: fwd %.3f ms, fwd+bwd %.3f ms, fwd+bwd with saved states %.3f ms\n",
+                  name.c_str(), shape, fwd, fwdbwd, fwdbwd_saved);
     }
   }
   return rows;

@@ -91,7 +91,9 @@ void check_forward(const LaCase& c) {
   expect_close(fs, fs_ref, kTolState, "final_state");
 }
 
-void check_backward(const LaCase& c) {
+// With `saved_states`, the GPU backward takes the segment states its forward kept
+// (LinearAttentionSaved) instead of recomputing them.
+void check_backward(const LaCase& c, bool saved_states = false) {
   const uint32_t seed = fresh_seed();
   SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
   std::mt19937 rng(seed);
@@ -108,10 +110,20 @@ void check_backward(const LaCase& c) {
   Tensor dq = poisoned_cuda(x, DType::BF16), dk = poisoned_cuda(x, DType::BF16),
          dv = poisoned_cuda(x, DType::BF16), dinit = poisoned_cuda(s, DType::F32);
   Tensor dlog = data ? poisoned_cuda(g, DType::F32) : Tensor();
-  linear_attention_backward(dq, dk, dv, dlog, dinit, to_cuda(in.q, DType::BF16),
-                            to_cuda(in.k, DType::BF16), to_cuda(in.v, DType::BF16),
-                            decay_to_cuda(in.decay), cuda_or_undefined(in.init, DType::F32),
-                            to_cuda(in.d_o, DType::BF16), cuda_or_undefined(in.d_final, DType::F32));
+  const Tensor q = to_cuda(in.q, DType::BF16), k = to_cuda(in.k, DType::BF16),
+               v = to_cuda(in.v, DType::BF16);
+  const Tensor init = cuda_or_undefined(in.init, DType::F32);
+  const Decay gd = decay_to_cuda(in.decay);
+  LinearAttentionSaved saved;
+  if (saved_states) {
+    Tensor o = poisoned_cuda(x, DType::BF16), no_state;
+    linear_attention_forward(o, no_state, q, k, v, gd, init, 64, &saved);
+    EXPECT_TRUE(saved.segment_states.defined() && saved.segment_log_decay.defined() &&
+                saved.final_state.defined());
+  }
+  linear_attention_backward(dq, dk, dv, dlog, dinit, q, k, v, gd, init,
+                            to_cuda(in.d_o, DType::BF16), cuda_or_undefined(in.d_final, DType::F32),
+                            64, saved_states ? &saved : nullptr);
   expect_close(dq, dq_ref, kTolOut, "dq");
   expect_close(dk, dk_ref, kTolOut, "dk");
   expect_close(dv, dv_ref, kTolOut, "dv");
@@ -179,6 +191,32 @@ TEST(LinearAttentionGpu, TiledProductsMatchCpuOneByOne) {
       check_backward(c);
     }
   }
+}
+
+// The backward from the forward's saved segment states (LinearAttentionSaved) matches the CPU:
+// both head dims, odd T, one and many segments per head (T = 6001, B*H = 8: 16 segments of 6
+// chunks), every decay mode (the data-dependent one also needs the saved final state for
+// <dS_final, S_final>), with and without initial state and final-state gradient. A saved object
+// of other shapes is rejected.
+TEST(LinearAttentionGpu, BackwardFromSavedForwardStatesMatchesCpu) {
+  LASP_SKIP_WITHOUT_GPU();
+  for (DecayMode mode : {DecayMode::None, DecayMode::Constant, DecayMode::DataDependent}) {
+    for (const LaCase& c :
+         {LaCase{2, 257, 3, 128, mode, true, true}, LaCase{1, 6001, 8, 128, mode, true, true},
+          LaCase{1, 3001, 1, 64, mode, false, true}, LaCase{2, 100, 3, 64, mode, true, false}})
+      check_backward(c, true);
+  }
+  const Decay none;
+  const Tensor x = Tensor::zeros({1, 640, 2, 128}, DType::BF16, cuda());
+  const Tensor y = Tensor::zeros({1, 64, 2, 128}, DType::BF16, cuda());
+  Tensor o = Tensor::empty(x.shape(), DType::BF16, cuda()), fs,
+         dq = Tensor::empty(y.shape(), DType::BF16, cuda());
+  Tensor n1, n2, n3, n4;
+  LinearAttentionSaved saved;
+  linear_attention_forward(o, fs, x, x, x, none, Tensor(), 64, &saved);
+  EXPECT_THROW(linear_attention_backward(dq, n1, n2, n3, n4, y, y, y, none, Tensor(), y, Tensor(),
+                                         64, &saved),
+               Error);
 }
 
 TEST(LinearAttentionGpu, StateOnlyForwardAndPartialBackwardSkipUndefinedOutputs) {
