@@ -69,13 +69,33 @@ __global__ void colsum_partial_kernel(F f, float* partial, int64_t N, int64_t C,
   }
 }
 
-__global__ void colsum_finish_kernel(float* out, const float* partial, int splits, int64_t C) {
-  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < C;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float s = 0.0f;
-    for (int i = 0; i < splits; ++i) s += partial[i * C + c];
-    out[c] += s;
+// out[c] += sum_i partial[i, c] over `splits` rows. A block of kColTile columns x kFinishLanes
+// split lanes: lane y adds rows y, y + kFinishLanes, ... (coalesced 128-byte rows, many loads in
+// flight), then the lanes are added in lane order. Deterministic. One thread per column would
+// leave a [1000+, 2048] partial buffer to 8 blocks (latency-bound, ~100 us per call).
+constexpr int kFinishLanes = 16;
+
+__global__ void __launch_bounds__(kColTile* kFinishLanes)
+    colsum_finish_kernel(float* out, const float* partial, int splits, int64_t C) {
+  __shared__ float red[kFinishLanes][kColTile + 1];
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kColTile) + threadIdx.x;
+  float s = 0.0f;
+  if (c < C)
+    for (int i = threadIdx.y; i < splits; i += kFinishLanes) s += partial[i * C + c];
+  red[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    float t = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kFinishLanes; ++i) t += red[i][threadIdx.x];
+    out[c] += t;
   }
+}
+
+void colsum_finish(float* out, const float* partial, int64_t splits, int64_t C, const char* what) {
+  colsum_finish_kernel<<<static_cast<unsigned>((C + kColTile - 1) / kColTile), dim3(kColTile, kFinishLanes), 0,
+                         cuda_stream()>>>(out, partial, static_cast<int>(splits), C);
+  CUDA_CHECK_LAUNCH(what);
 }
 
 template <typename F>
@@ -91,15 +111,20 @@ void column_sum_accumulate(float* out, const F& f, int64_t N, int64_t C, Device 
   colsum_partial_kernel<<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(used)),
                           dim3(kColTile, kRowLanes), 0, cuda_stream()>>>(f, partial.data<float>(), N, C, rps);
   CUDA_CHECK_LAUNCH(what);
-  colsum_finish_kernel<<<grid_for(C, kThreads), kThreads, 0, cuda_stream()>>>(
-      out, partial.data<float>(), static_cast<int>(used), C);
-  CUDA_CHECK_LAUNCH(what);
+  colsum_finish(out, partial.data<float>(), used, C, what);
 }
 
 // ---------------------------------------------------------------- RMSNorm
-// One warp per (row n, group g): rstd = 1 / sqrt(mean(x^2) + eps), y = x * rstd * w.
-__global__ void rmsnorm_forward_kernel(FloatOut y, float* rstd, FloatIn x, const float* w, int64_t N,
-                                       int64_t C, int64_t group, float eps) {
+// A value as `o` stores it (rounded to bf16 for a bf16 array).
+__device__ __forceinline__ float stored_value(const FloatOut& o, float v) {
+  return o.is_bf16 ? __bfloat162float(__float2bfloat16_rn(v)) : v;
+}
+
+// One warp per (row n, group g): rstd = 1 / sqrt(mean(x^2) + eps), y = x * rstd * w. With res.p
+// set, x here is sum = x + res, stored to `sum` and normalised as stored (each lane reads back
+// only what it wrote).
+__global__ void rmsnorm_forward_kernel(FloatOut y, float* rstd, FloatIn x, FloatIn res, FloatOut sum,
+                                       const float* w, int64_t N, int64_t C, int64_t group, float eps) {
   const int lane = threadIdx.x % 32;
   const int64_t G = C / group;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
@@ -108,19 +133,23 @@ __global__ void rmsnorm_forward_kernel(FloatOut y, float* rstd, FloatIn x, const
     const int64_t n = ng / G, g = ng % G, base = n * C + g * group;
     float ss = 0.0f;
     for (int64_t i = lane; i < group; i += 32) {
-      const float v = x[base + i];
+      float v = x[base + i];
+      if (res.p) {
+        v = stored_value(sum, v + res[base + i]);
+        sum.set(base + i, v);
+      }
       ss += v * v;
     }
     ss = warp_sum(ss);
     const float r = rsqrtf(ss / static_cast<float>(group) + eps);
     if (lane == 0) rstd[ng] = r;
     for (int64_t i = lane; i < group; i += 32)
-      y.set(base + i, x[base + i] * r * (w ? w[g * group + i] : 1.0f));
+      y.set(base + i, (res.p ? sum.get(base + i) : x[base + i]) * r * (w ? w[g * group + i] : 1.0f));
   }
 }
 
-// dx = r * (gi - xhat * mean(gi * xhat)) with gi = dy * w, xhat = x * r.
-__global__ void rmsnorm_backward_kernel(FloatOut dx, FloatIn dy, FloatIn x, const float* w,
+// dx = r * (gi - xhat * mean(gi * xhat)) (+ dres) with gi = dy * w, xhat = x * r.
+__global__ void rmsnorm_backward_kernel(FloatOut dx, FloatIn dy, FloatIn x, FloatIn dres, const float* w,
                                         const float* rstd, int64_t N, int64_t C, int64_t group) {
   const int lane = threadIdx.x % 32;
   const int64_t G = C / group;
@@ -135,7 +164,7 @@ __global__ void rmsnorm_backward_kernel(FloatOut dx, FloatIn dy, FloatIn x, cons
     const float m = warp_sum(dot) / static_cast<float>(group);
     for (int64_t i = lane; i < group; i += 32) {
       const float gi = dy[base + i] * (w ? w[g * group + i] : 1.0f);
-      dx.set(base + i, r * (gi - x[base + i] * r * m));
+      dx.set(base + i, r * (gi - x[base + i] * r * m) + (dres.p ? dres[base + i] : 0.0f));
     }
   }
 }
@@ -166,7 +195,8 @@ __device__ __forceinline__ float team_sum(float v, int L, float* scratch) {
 
 template <int K>
 __global__ void __launch_bounds__(kNormThreads)
-    rmsnorm_forward_rows_kernel(FloatOut y, float* rstd, FloatIn x, const float* w, NormShape sh, float eps) {
+    rmsnorm_forward_rows_kernel(FloatOut y, float* rstd, FloatIn x, FloatIn res, FloatOut sum, const float* w,
+                                NormShape sh, float eps) {
   __shared__ float scratch[32];
   const int teams = kNormThreads / sh.L, lane = threadIdx.x % sh.L, packs = sh.group / kPack;
   for (int64_t r0 = blockIdx.x * static_cast<int64_t>(teams); r0 < sh.rows;
@@ -180,6 +210,13 @@ __global__ void __launch_bounds__(kNormThreads)
       const int p = lane + k * sh.L;
       if (active && p < packs) {
         x.load8(r * sh.group + p * kPack, v[k]);
+        if (res.p) {  // sum = x + res, rounded as stored, then normalised
+          float rv[kPack];
+          res.load8(r * sh.group + p * kPack, rv);
+#pragma unroll
+          for (int e = 0; e < kPack; ++e) v[k][e] = stored_value(sum, v[k][e] + rv[e]);
+          sum.store8(r * sh.group + p * kPack, v[k]);
+        }
 #pragma unroll
         for (int e = 0; e < kPack; ++e) ss += v[k][e] * v[k][e];
       }
@@ -206,8 +243,8 @@ __global__ void __launch_bounds__(kNormThreads)
 // (dw_partial null: no dw).
 template <int K>
 __global__ void __launch_bounds__(kNormThreads)
-    rmsnorm_backward_rows_kernel(FloatOut dx, float* dw_partial, FloatIn dy, FloatIn x, const float* w,
-                                 const float* rstd, NormShape sh) {
+    rmsnorm_backward_rows_kernel(FloatOut dx, float* dw_partial, FloatIn dy, FloatIn x, FloatIn dres,
+                                 const float* w, const float* rstd, NormShape sh) {
   __shared__ float scratch[32];
   const int teams = kNormThreads / sh.L, lane = threadIdx.x % sh.L, packs = sh.group / kPack;
   const int64_t slot = blockIdx.x * static_cast<int64_t>(teams) + threadIdx.x / sh.L;
@@ -246,9 +283,10 @@ __global__ void __launch_bounds__(kNormThreads)
     for (int k = 0; k < K; ++k) {
       const int p = lane + k * sh.L;
       if (p >= packs) continue;
-      float o[kPack];
+      float o[kPack], d[kPack];
+      if (dres.p) dres.load8(r * sh.group + p * kPack, d);
 #pragma unroll
-      for (int e = 0; e < kPack; ++e) o[e] = rs * (g[k][e] - xv[k][e] * rs * m);
+      for (int e = 0; e < kPack; ++e) o[e] = rs * (g[k][e] - xv[k][e] * rs * m) + (dres.p ? d[e] : 0.0f);
       dx.store8(r * sh.group + p * kPack, o);
     }
   }
@@ -693,36 +731,45 @@ const float* optional_f32(const Tensor& t, const char* what, int64_t C) {
 
 // ============================================================================ entry points
 
+// residual defined: sum = x + residual (residual_rmsnorm_forward), normalised.
 void rmsnorm_forward_cuda(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, float eps,
-                          int64_t group) {
+                          int64_t group, const Tensor& residual, Tensor* sum) {
   check_activation(x, "rmsnorm_forward: x");
   const int64_t C = x.dim(-1), N = C ? x.numel() / C : 0;
   group = resolve_group("rmsnorm_forward", C, group);
   check_activation(y, "rmsnorm_forward: y", x.numel());
+  const bool with_res = residual.defined();
+  if (with_res) {
+    LASP_CHECK(sum != nullptr) << "rmsnorm_forward: a residual needs a sum output";
+    check_activation(residual, "residual_rmsnorm_forward: residual", x.numel());
+    check_activation(*sum, "residual_rmsnorm_forward: sum", x.numel());
+  }
+  const FloatIn res = with_res ? in_of(residual) : FloatIn{};
+  const FloatOut so = with_res ? out_of(*sum) : FloatOut{};
   check_f32(rstd, "rmsnorm_forward: rstd (fp32 on CUDA)", {N, C / group});
   const float* wp = optional_f32(w, "rmsnorm_forward: w (fp32 on CUDA)", C);
   const int64_t rows = N * (C / group);
   if (rows == 0) return;
   const NormPlan plan = plan_norm(group);
-  if (plan.ok && all_aligned16({y.raw(), x.raw(), wp})) {
+  if (plan.ok && all_aligned16({y.raw(), x.raw(), wp, res.p, so.p})) {
     const NormShape sh{rows, C / group, static_cast<int>(group), plan.L};
     const int teams = kNormThreads / plan.L;
     const int grid = resident_grid((rows + teams - 1) / teams, 1, 2048 / kNormThreads);
     dispatch_k(plan.K, [&](auto k) {
       rmsnorm_forward_rows_kernel<decltype(k)::value><<<grid, kNormThreads, 0, cuda_stream()>>>(
-          out_of(y), rstd.data<float>(), in_of(x), wp, sh, eps);
+          out_of(y), rstd.data<float>(), in_of(x), res, so, wp, sh, eps);
     });
     CUDA_CHECK_LAUNCH("rmsnorm_forward");
     return;
   }
   // Any other group size or alignment: one warp per row, x read twice.
   rmsnorm_forward_kernel<<<grid_for(rows * 32, kThreads), kThreads, 0, cuda_stream()>>>(
-      out_of(y), rstd.data<float>(), in_of(x), wp, N, C, group, eps);
+      out_of(y), rstd.data<float>(), in_of(x), res, so, wp, N, C, group, eps);
   CUDA_CHECK_LAUNCH("rmsnorm_forward");
 }
 
 void rmsnorm_backward_cuda(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
-                           const Tensor& rstd, int64_t group) {
+                           const Tensor& rstd, int64_t group, const Tensor& d_residual) {
   check_activation(x, "rmsnorm_backward: x");
   const int64_t C = x.dim(-1), N = C ? x.numel() / C : 0;
   group = resolve_group("rmsnorm_backward", C, group);
@@ -731,10 +778,12 @@ void rmsnorm_backward_cuda(Tensor& dx, Tensor& dw, const Tensor& dy, const Tenso
   check_f32(rstd, "rmsnorm_backward: rstd (fp32 on CUDA)", {N, C / group});
   const float* wp = optional_f32(w, "rmsnorm_backward: w (fp32 on CUDA)", C);
   float* dwp = const_cast<float*>(optional_f32(dw, "rmsnorm_backward: dw (fp32 on CUDA)", C));
+  if (d_residual.defined()) check_activation(d_residual, "rmsnorm_backward: d_residual", x.numel());
+  const FloatIn dres = d_residual.defined() ? in_of(d_residual) : FloatIn{};
   const int64_t rows = N * (C / group);
   if (rows == 0) return;
   const NormPlan plan = plan_norm(group);
-  if (plan.ok && all_aligned16({dx.raw(), dy.raw(), x.raw(), wp, dwp})) {
+  if (plan.ok && all_aligned16({dx.raw(), dy.raw(), x.raw(), wp, dwp, dres.p})) {
     const int64_t G = C / group;
     const NormShape sh{rows, G, static_cast<int>(group), plan.L};
     const int teams = kNormThreads / plan.L;
@@ -748,20 +797,17 @@ void rmsnorm_backward_cuda(Tensor& dx, Tensor& dw, const Tensor& dy, const Tenso
       dispatch_k(plan.K, [&](auto k) {
         rmsnorm_backward_rows_kernel<decltype(k)::value>
             <<<static_cast<unsigned>(grid), kNormThreads, 0, cuda_stream()>>>(
-                out_of(dx), dwp ? partial.data<float>() : nullptr, in_of(dy), in_of(x), wp, rstd.data<float>(), sh);
+                out_of(dx), dwp ? partial.data<float>() : nullptr, in_of(dy), in_of(x), dres, wp,
+                rstd.data<float>(), sh);
       });
       CUDA_CHECK_LAUNCH("rmsnorm_backward");
-      if (dwp) {
-        colsum_finish_kernel<<<grid_for(C, kThreads), kThreads, 0, cuda_stream()>>>(
-            dwp, partial.data<float>(), static_cast<int>(splits), C);
-        CUDA_CHECK_LAUNCH("rmsnorm_backward (dw)");
-      }
+      if (dwp) colsum_finish(dwp, partial.data<float>(), splits, C, "rmsnorm_backward (dw)");
       return;
     }
   }
   // Any other group size or alignment: one warp per row, then a column-sum pass for dw.
   rmsnorm_backward_kernel<<<grid_for(rows * 32, kThreads), kThreads, 0, cuda_stream()>>>(
-      out_of(dx), in_of(dy), in_of(x), wp, rstd.data<float>(), N, C, group);
+      out_of(dx), in_of(dy), in_of(x), dres, wp, rstd.data<float>(), N, C, group);
   CUDA_CHECK_LAUNCH("rmsnorm_backward");
   if (dwp)
     column_sum_accumulate(dwp, RmsNormDw{in_of(dy), in_of(x), rstd.data<float>(), C, group}, N, C,

@@ -100,6 +100,50 @@ TEST(RmsNormGpu, ForwardAndBackwardMatchCpuForEveryDtypeMixAndAccumulateDw) {
   }
 }
 
+// sum = x + res rounded to sum's dtype, y = rmsnorm(sum); dx = norm backward + d_residual. The
+// reference is the unfused composition in float64 on the stored sum.
+TEST(RmsNormGpu, ResidualFormsMatchAddThenNormOnTheCpu) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  struct Case {
+    int64_t N, C, group;
+  };
+  // 200 and 2048: row-in-registers kernels (a team of 32 lanes; a block); 130: warp per row.
+  for (const Case c : {Case{37, 200, 0}, Case{37, 130, 0}, Case{2100, 2048, 0}, Case{65, 384, 128}}) {
+    for (DType in_dt : kBoth)
+      for (DType out_dt : kBoth) {
+        Seeded s;
+        SCOPED_TRACE(s.tag("N=" + std::to_string(c.N) + " C=" + std::to_string(c.C) + " group=" +
+                           std::to_string(c.group) + " in=" + name(in_dt) + " out=" + name(out_dt)));
+        const int64_t G = c.group ? c.C / c.group : 1;
+        const Tensor x = random_bf16_values({c.N, c.C}, s.rng, 2.0), res = random_bf16_values({c.N, c.C}, s.rng);
+        const Tensor w = random_bf16_values({c.C}, s.rng), dy = random_bf16_values({c.N, c.C}, s.rng);
+        const Tensor dres = random_bf16_values({c.N, c.C}, s.rng), dw0 = random_bf16_values({c.C}, s.rng);
+        const Tensor gw = to_cuda(w, DType::F32);
+        Tensor sum = poisoned_cuda({c.N, c.C}, out_dt), y = poisoned_cuda({c.N, c.C}, out_dt),
+               rstd = poisoned_cuda({c.N, G}, DType::F32);
+        residual_rmsnorm_forward(sum, y, rstd, to_cuda(x, in_dt), to_cuda(res, DType::BF16), gw, 1e-5f, c.group);
+
+        Tensor sum_ref = f64(x);
+        add_inplace(sum_ref, f64(res));
+        expect_close(sum, sum_ref, tol_for(out_dt), "sum");
+        // Norm of the stored sum (as the backward sees it).
+        const Tensor s64 = f64(sum);
+        Tensor y_ref = Tensor::empty({c.N, c.C}, DType::F64), r_ref = Tensor::empty({c.N, G}, DType::F64);
+        rmsnorm_forward(y_ref, r_ref, s64, f64(w), 1e-5f, c.group);
+        expect_close(y, y_ref, tol_for(out_dt), "y");
+        expect_close(rstd, r_ref, kTolF32, "rstd");
+
+        Tensor dx_ref = Tensor::empty({c.N, c.C}, DType::F64), dw_ref = f64(dw0);
+        rmsnorm_backward(dx_ref, dw_ref, f64(dy), s64, f64(w), r_ref, c.group);
+        add_inplace(dx_ref, f64(dres));
+        Tensor dx = poisoned_cuda({c.N, c.C}, out_dt), dw = to_cuda(dw0, DType::F32);
+        rmsnorm_backward(dx, dw, to_cuda(dy, in_dt), sum, gw, rstd, c.group, to_cuda(dres, in_dt));
+        expect_close(dx, dx_ref, tol_for(out_dt) * 2, "dx");
+        expect_close(dw, dw_ref, kTolF32 * 10, "dw (accumulated)");
+      }
+  }
+}
+
 // ---------------------------------------------------------------- SwiGLU, activations
 TEST(SwiGluGpu, ForwardAndBackwardMatchCpuForMixedDtypes) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
