@@ -21,6 +21,7 @@
 #include "core/tensor.h"
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
+#include "kernels/ops_batched.h"
 #include "kernels/ops_cuda_util.cuh"
 
 namespace lasp {
@@ -350,7 +351,14 @@ struct RmsNormDw {
 // The pointwise kernels below move 16-byte packs (ops_cuda_util.cuh: for_each_pack); `packed`
 // says every pointer is 16-byte aligned, else they go element by element. Per element the math
 // is the same expression either way, so results do not depend on the path.
-__device__ __forceinline__ float swiglu_value(float g, float u) { return g * sigmoidf_(g) * u; }
+// The SwiGLU sigmoid: __expf and a MUFU reciprocal division (a few ulp in fp32, far below the
+// bf16 rounding of the outputs) instead of the IEEE division, which made these kernels issue-bound
+// rather than bandwidth-bound. The exponent is clamped so that 1 + e stays below 2^126, the range
+// where __fdividef is accurate (sigmoid(x < -80) is then 1.8e-35 instead of smaller).
+__device__ __forceinline__ float swiglu_sigmoid(float x) {
+  return __fdividef(1.0f, 1.0f + __expf(fminf(-x, 80.0f)));
+}
+__device__ __forceinline__ float swiglu_value(float g, float u) { return g * swiglu_sigmoid(g) * u; }
 
 // Output amaxes for the FP8 projections (swiglu_forward's h_amax, ...): |v| as stored (rounded to
 // bf16 for a bf16 output) as float bits, which order like the values for v >= 0 (NaN above inf),
@@ -398,7 +406,7 @@ __global__ void swiglu_forward_kernel(FloatOut h, FloatIn gate, FloatIn up, int6
 
 // d_up = dh silu(g);  d_gate = dh u silu'(g) with silu' = s (1 + g (1 - s)), s = sigmoid(g).
 __device__ __forceinline__ void swiglu_grads(float d, float g, float u, float& dg, float& du) {
-  const float s = sigmoidf_(g);
+  const float s = swiglu_sigmoid(g);
   du = d * g * s;
   dg = d * u * s * (1.0f + g * (1.0f - s));
 }
@@ -683,29 +691,136 @@ __global__ void scale_inplace_kernel(FloatOut y, float alpha, int64_t n, bool pa
       [&](int64_t i) { y.set(i, y.get(i) * alpha); });
 }
 
-// One double partial per block; the host adds the partials in order (deterministic for a given
-// grid, which depends only on n and the device's SM count).
-__global__ void sum_of_squares_kernel(double* partial, FloatIn x, int64_t n, bool packed) {
-  __shared__ double scratch[32];
-  double acc = 0.0;
-  for_each_pack(
-      n, packed,
-      [&](int64_t i) {
-        float v[kPack];
-        x.load8(i, v);
-#pragma unroll
-        for (int k = 0; k < kPack; ++k) acc += static_cast<double>(v[k]) * static_cast<double>(v[k]);
-      },
-      [&](int64_t i) {
-        const double v = x[i];
-        acc += v * v;
-      });
-  acc = block_sum(acc, scratch);
-  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+// ---------------------------------------------------------------- multi-tensor launches
+// A list of up to kListMax tensors, each cut into tiles of `tile` elements (a multiple of
+// kThreads * kPack, so a tile of a 16-byte aligned tensor starts 16-byte aligned); tile_start is the
+// prefix count of tiles. A block takes tiles tile = blockIdx.x, + gridDim.x, ... and finds its
+// tensor by a (block-uniform) scan of tile_start. The list travels as a __grid_constant__ kernel
+// parameter (under the 4 KB parameter limit of older toolkits), so a launch needs no copy.
+constexpr int kListMax = 36;
+
+struct TileList {
+  int count = 0;
+  int64_t tile_start[kListMax + 1] = {};
+  int64_t n[kListMax] = {};
+  bool packed[kListMax] = {};
+  __device__ __forceinline__ int tensor_of(int64_t tile) const {
+    int t = 0;
+    while (tile >= tile_start[t + 1]) ++t;
+    return t;
+  }
+};
+
+// Elements [begin, end) of a tile (for_each_pack over one tile): f8 for the whole packs when
+// `packed`, f1 for the rest.
+template <typename F8, typename F1>
+__device__ __forceinline__ void for_each_pack_in(int64_t begin, int64_t end, bool packed, const F8& f8, const F1& f1) {
+  const int64_t pack_end = packed ? begin + (end - begin) / kPack * kPack : begin;
+  for (int64_t i = begin + threadIdx.x * static_cast<int64_t>(kPack); i < pack_end; i += kThreads * kPack) f8(i);
+  for (int64_t i = pack_end + threadIdx.x; i < end; i += kThreads) f1(i);
 }
 
-// Blocks of sum_of_squares_kernel for n elements.
-int sum_of_squares_blocks(int64_t n) { return resident_grid((n + kPack - 1) / kPack, kThreads, 4); }
+// Sum of squares: one double partial per tile of kSsqTile elements (block order within a tile
+// fixed), written to partial[tile]; the host adds a tensor's partials in tile order. A tensor's
+// tiles do not depend on the other tensors of the list, so a list gives each tensor's sum exactly
+// as a list of one does.
+constexpr int64_t kSsqTile = int64_t{kThreads} * kPack * 32;
+
+struct SsqList {
+  TileList tiles;
+  FloatIn x[kListMax];
+};
+
+__global__ void __launch_bounds__(kThreads) sum_of_squares_many_kernel(double* partial, const __grid_constant__ SsqList list) {
+  __shared__ double scratch[32];
+  for (int64_t tile = blockIdx.x; tile < list.tiles.tile_start[list.tiles.count]; tile += gridDim.x) {
+    const int t = list.tiles.tensor_of(tile);
+    const FloatIn x = list.x[t];
+    const int64_t begin = (tile - list.tiles.tile_start[t]) * kSsqTile;
+    const int64_t end = min(list.tiles.n[t], begin + kSsqTile);
+    double acc = 0.0;
+    for_each_pack_in(
+        begin, end, list.tiles.packed[t],
+        [&](int64_t i) {
+          float v[kPack];
+          x.load8(i, v);
+#pragma unroll
+          for (int k = 0; k < kPack; ++k) acc += static_cast<double>(v[k]) * static_cast<double>(v[k]);
+        },
+        [&](int64_t i) {
+          const double v = x[i];
+          acc += v * v;
+        });
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partial[tile] = acc;
+  }
+}
+
+// AdamW on a list: tiles of kAdamTile elements, each tensor with its own weight decay, dtypes and
+// alignment; the same per-element step as adamw_kernel.
+constexpr int64_t kAdamTile = int64_t{kThreads} * kPack * 8;
+
+struct AdamWList {
+  TileList tiles;
+  float* w[kListMax];
+  float* m[kListMax];
+  float* v[kListMax];
+  FloatIn g[kListMax];
+  FloatOut w_compute[kListMax];
+  float weight_decay[kListMax];
+};
+
+__global__ void __launch_bounds__(kThreads) adamw_many_kernel(const __grid_constant__ AdamWList list, AdamW opt) {
+  for (int64_t tile = blockIdx.x; tile < list.tiles.tile_start[list.tiles.count]; tile += gridDim.x) {
+    const int t = list.tiles.tensor_of(tile);
+    float* w = list.w[t];
+    float* m = list.m[t];
+    float* v = list.v[t];
+    const FloatIn g = list.g[t];
+    const FloatOut wc = list.w_compute[t];
+    AdamW o = opt;
+    o.weight_decay = list.weight_decay[t];
+    const int64_t begin = (tile - list.tiles.tile_start[t]) * kAdamTile;
+    const int64_t end = min(list.tiles.n[t], begin + kAdamTile);
+    for_each_pack_in(
+        begin, end, list.tiles.packed[t],
+        [&](int64_t i) {
+          float wi[kPack], mi[kPack], vi[kPack], gi[kPack];
+          g.load8(i, gi);
+          load8_f32_rw(w, i, wi);
+          load8_f32_rw(m, i, mi);
+          load8_f32_rw(v, i, vi);
+#pragma unroll
+          for (int k = 0; k < kPack; ++k) o.step(wi[k], mi[k], vi[k], gi[k]);
+          store8_f32(m, i, mi);
+          store8_f32(v, i, vi);
+          store8_f32(w, i, wi);
+          if (wc.p) wc.store8(i, wi);
+        },
+        [&](int64_t i) {
+          float wi = w[i], mi = m[i], vi = v[i];
+          o.step(wi, mi, vi, g[i]);
+          m[i] = mi;
+          v[i] = vi;
+          w[i] = wi;
+          if (wc.p) wc.set(i, wi);
+        });
+  }
+}
+
+// Appends a tensor of n elements to `tiles` (tiles of `tile` elements); false when the list is full.
+bool add_to_list(TileList& tiles, int64_t n, int64_t tile, bool packed) {
+  if (tiles.count == kListMax) return false;
+  const int t = tiles.count++;
+  tiles.n[t] = n;
+  tiles.packed[t] = packed;
+  tiles.tile_start[t + 1] = tiles.tile_start[t] + (n + tile - 1) / tile;
+  return true;
+}
+
+int list_grid(const TileList& tiles) {
+  return static_cast<int>(std::min<int64_t>(tiles.tile_start[tiles.count], int64_t{sm_count()} * 8));
+}
 
 __global__ void all_finite_kernel(int* bad, FloatIn x, int64_t n) {
   bool ok = true;
@@ -787,7 +902,14 @@ void rmsnorm_backward_cuda(Tensor& dx, Tensor& dw, const Tensor& dy, const Tenso
     const int64_t G = C / group;
     const NormShape sh{rows, G, static_cast<int>(group), plan.L};
     const int teams = kNormThreads / plan.L;
-    int64_t grid = resident_grid((rows + teams - 1) / teams, 1, 2048 / kNormThreads);
+    // As many blocks as are resident (K = 1 takes 60 registers: 4 blocks of 256 per SM, not 8):
+    // no second wave, and fewer dw partial rows.
+    int per_sm = 0;
+    dispatch_k(plan.K, [&](auto k) {
+      CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, rmsnorm_backward_rows_kernel<decltype(k)::value>, kNormThreads, 0));
+    });
+    int64_t grid = resident_grid((rows + teams - 1) / teams, 1, std::max(1, per_sm));
     // Team slots (grid * teams) a multiple of G, so that each slot's columns stay fixed.
     const int64_t step = G / std::gcd(G, static_cast<int64_t>(teams));
     grid = std::max<int64_t>(step, grid / step * step);
@@ -1041,6 +1163,42 @@ void adamw_update_cuda(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m,
   CUDA_CHECK_LAUNCH("adamw_update");
 }
 
+// Lists of up to kListMax parameters per launch; checks as adamw_update_cuda.
+void adamw_update_many_cuda(const std::vector<AdamWTensors>& params, float lr, float beta1, float beta2,
+                            float eps, float c1, float c2, float grad_scale) {
+  const AdamW opt{lr, beta1, beta2, eps, 0.0f, c1, c2, grad_scale};
+  AdamWList list;
+  auto launch = [&]() {
+    if (list.tiles.tile_start[list.tiles.count] > 0) {
+      adamw_many_kernel<<<list_grid(list.tiles), kThreads, 0, cuda_stream()>>>(list, opt);
+      CUDA_CHECK_LAUNCH("adamw_update");
+    }
+    list = AdamWList{};
+  };
+  for (const AdamWTensors& p : params) {
+    const Shape& s = p.w.shape();
+    check_f32(p.w, "adamw_update: w (fp32 master weights)", s);
+    check_f32(p.m, "adamw_update: m", s);
+    check_f32(p.v, "adamw_update: v", s);
+    check_activation(p.g, "adamw_update: g", p.w.numel());
+    if (p.w_compute.defined()) check_activation(p.w_compute, "adamw_update: w_compute", p.w.numel());
+    LASP_CHECK(p.w.device() == params.front().w.device() && p.g.device() == p.w.device())
+        << "adamw_update_many: tensors on different devices: " << p.w.str() << ", " << p.g.str();
+    if (list.tiles.count == kListMax) launch();
+    const int t = list.tiles.count;
+    list.w[t] = p.w.data<float>();
+    list.m[t] = p.m.data<float>();
+    list.v[t] = p.v.data<float>();
+    list.g[t] = in_of(p.g);
+    list.w_compute[t] = p.w_compute.defined() ? out_of(p.w_compute) : FloatOut{};
+    list.weight_decay[t] = p.weight_decay;
+    add_to_list(list.tiles, p.w.numel(), kAdamTile,
+                all_aligned16({p.w.raw(), p.g.raw(), p.m.raw(), p.v.raw(),
+                               p.w_compute.defined() ? p.w_compute.raw() : nullptr}));
+  }
+  if (list.tiles.count > 0) launch();
+}
+
 namespace {
 CastType cast_type(const Tensor& t, const char* what) {
   switch (t.dtype()) {
@@ -1095,26 +1253,38 @@ void scale_inplace_cuda(Tensor& y, float alpha) {
 
 double sum_of_squares_cuda(const Tensor& x) { return sum_of_squares_many_cuda({x}); }
 
-// One partial buffer for all tensors, one copy back (the only synchronisation); each tensor's
-// partials are added in block order, then the tensors in list order: exactly what a loop of
-// `s += sum_of_squares(x)` computes.
+// One partial buffer for all tensors (one double per tile of kSsqTile elements), filled by
+// multi-tensor launches of up to kListMax tensors, one copy back (the only synchronisation); each
+// tensor's partials are added in tile order, then the tensors in list order: exactly what a loop
+// of `s += sum_of_squares(x)` computes.
 double sum_of_squares_many_cuda(const std::vector<Tensor>& xs) {
   std::vector<int64_t> offset(xs.size() + 1, 0);
   for (size_t t = 0; t < xs.size(); ++t) {
     check_activation(xs[t], "sum_of_squares: x");
     LASP_CHECK(xs[t].device() == xs[0].device())
         << "sum_of_squares_many: tensors on different devices: " << xs[0].str() << " and " << xs[t].str();
-    offset[t + 1] = offset[t] + (xs[t].numel() ? sum_of_squares_blocks(xs[t].numel()) : 0);
+    offset[t + 1] = offset[t] + (xs[t].numel() + kSsqTile - 1) / kSsqTile;
   }
   if (offset.back() == 0) return 0.0;
   Tensor partial = Tensor::empty({offset.back()}, DType::F64, xs[0].device());
+  SsqList list;
+  int64_t first_tile = 0;  // partial index of the list's first tile
+  auto launch = [&]() {
+    if (list.tiles.count == 0) return;
+    if (list.tiles.tile_start[list.tiles.count] > 0) {
+      sum_of_squares_many_kernel<<<list_grid(list.tiles), kThreads, 0, cuda_stream()>>>(
+          partial.data<double>() + first_tile, list);
+      CUDA_CHECK_LAUNCH("sum_of_squares");
+    }
+    first_tile += list.tiles.tile_start[list.tiles.count];
+    list = SsqList{};
+  };
   for (size_t t = 0; t < xs.size(); ++t) {
-    const int64_t n = xs[t].numel();
-    if (n == 0) continue;
-    sum_of_squares_kernel<<<static_cast<int>(offset[t + 1] - offset[t]), kThreads, 0, cuda_stream()>>>(
-        partial.data<double>() + offset[t], in_of(xs[t]), n, aligned16(xs[t].raw()));
-    CUDA_CHECK_LAUNCH("sum_of_squares");
+    if (list.tiles.count == kListMax) launch();
+    list.x[list.tiles.count] = in_of(xs[t]);
+    add_to_list(list.tiles, xs[t].numel(), kSsqTile, aligned16(xs[t].raw()));
   }
+  launch();
   const std::vector<double> p = partial.to_vector();
   double total = 0.0;
   for (size_t t = 0; t < xs.size(); ++t) {
