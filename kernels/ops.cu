@@ -363,8 +363,12 @@ __device__ __forceinline__ float swiglu_value(float g, float u) { return g * swi
 // Output amaxes for the FP8 projections (swiglu_forward's h_amax, ...): |v| as stored (rounded to
 // bf16 for a bf16 output) as float bits, which order like the values for v >= 0 (NaN above inf),
 // reduced over the CTA and atomicMax'ed once into *out. Every thread of the CTA must call it.
-__device__ __forceinline__ uint32_t stored_abs_bits(const FloatOut& o, float v) {
-  return __float_as_uint(fabsf(o.is_bf16 ? __bfloat162float(__float2bfloat16_rn(v)) : v));
+// Threads keep the max of the unrounded |v| (abs_bits) and round once at the end: rounding to
+// nearest is monotonic, so the max of the rounded values is the rounded max.
+__device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(fabsf(v)); }
+__device__ __forceinline__ uint32_t stored_abs_bits(const FloatOut& o, uint32_t abs_max) {
+  const float v = __uint_as_float(abs_max);
+  return abs_bits(o.is_bf16 ? __bfloat162float(__float2bfloat16_rn(v)) : v);
 }
 __device__ void block_amax_into(uint32_t m, uint32_t* out) {
   __shared__ uint32_t warp_m[32];
@@ -393,15 +397,15 @@ __global__ void swiglu_forward_kernel(FloatOut h, FloatIn gate, FloatIn up, int6
         h.store8(i, o);
         if (h_amax) {
 #pragma unroll
-          for (int k = 0; k < kPack; ++k) m = max(m, stored_abs_bits(h, o[k]));
+          for (int k = 0; k < kPack; ++k) m = max(m, abs_bits(o[k]));
         }
       },
       [&](int64_t i) {
         const float o = swiglu_value(gate[i], up[i]);
         h.set(i, o);
-        if (h_amax) m = max(m, stored_abs_bits(h, o));
+        if (h_amax) m = max(m, abs_bits(o));
       });
-  if (h_amax) block_amax_into(m, h_amax);
+  if (h_amax) block_amax_into(stored_abs_bits(h, m), h_amax);
 }
 
 // d_up = dh silu(g);  d_gate = dh u silu'(g) with silu' = s (1 + g (1 - s)), s = sigmoid(g).
@@ -428,11 +432,11 @@ __global__ void swiglu_backward_kernel(FloatOut d_gate, FloatOut d_up, FloatIn d
         d_up.store8(i, u);
         if (d_gate_amax) {
 #pragma unroll
-          for (int k = 0; k < kPack; ++k) mg = max(mg, stored_abs_bits(d_gate, g[k]));
+          for (int k = 0; k < kPack; ++k) mg = max(mg, abs_bits(g[k]));
         }
         if (d_up_amax) {
 #pragma unroll
-          for (int k = 0; k < kPack; ++k) mu = max(mu, stored_abs_bits(d_up, u[k]));
+          for (int k = 0; k < kPack; ++k) mu = max(mu, abs_bits(u[k]));
         }
       },
       [&](int64_t i) {
@@ -440,11 +444,11 @@ __global__ void swiglu_backward_kernel(FloatOut d_gate, FloatOut d_up, FloatIn d
         swiglu_grads(dh[i], gate[i], up[i], dg, du);
         d_gate.set(i, dg);
         d_up.set(i, du);
-        if (d_gate_amax) mg = max(mg, stored_abs_bits(d_gate, dg));
-        if (d_up_amax) mu = max(mu, stored_abs_bits(d_up, du));
+        if (d_gate_amax) mg = max(mg, abs_bits(dg));
+        if (d_up_amax) mu = max(mu, abs_bits(du));
       });
-  if (d_gate_amax) block_amax_into(mg, d_gate_amax);
-  if (d_up_amax) block_amax_into(mu, d_up_amax);
+  if (d_gate_amax) block_amax_into(stored_abs_bits(d_gate, mg), d_gate_amax);
+  if (d_up_amax) block_amax_into(stored_abs_bits(d_up, mu), d_up_amax);
 }
 
 __device__ __forceinline__ float activation_value(float v, int f, float scale) {
