@@ -22,9 +22,11 @@ struct AdamWTensors {
   float weight_decay = 0.0f;
 };
 
-// adamw_update on every entry with the shared hyperparameters, the same per-element result as
-// that loop. When every tensor is on one GPU: a few multi-tensor launches (up to kernels/ops.cu's
-// list size per launch) instead of one per parameter. Otherwise the loop.
+// adamw_update on every entry with the shared hyperparameters. When every tensor is on one GPU: a
+// few multi-tensor launches (up to kernels/ops.cu's list size per launch) instead of one per
+// parameter, the same per-element step as adamw_update_cuda (results may differ from it in the
+// last bit: nvcc may contract the step's multiply-adds differently in the two kernels).
+// Otherwise (CPU, mixed devices) the loop of adamw_update.
 void adamw_update_many(const std::vector<AdamWTensors>& params, float lr, float beta1, float beta2,
                        float eps, float c1, float c2, float grad_scale = 1.0f);
 
