@@ -260,7 +260,11 @@ __global__ void __launch_bounds__(kNormThreads)
     const int64_t r = r0 + threadIdx.x / sh.L;
     const bool active = r < sh.rows;
     const float rs = active ? rstd[r] : 0.0f;
-    float g[K][kPack], xv[K][kPack];
+    // d: the residual gradient. For K = 1 loaded with dy and x, before the team reduction, so
+    // that its latency overlaps theirs rather than following the reduction; for larger K after
+    // it (registers: K = 1 stays at 60, K = 2 would go from 80 to 105, K = 4 from 128 to 174).
+    constexpr bool kEarlyResidual = K == 1;
+    float g[K][kPack], xv[K][kPack], d[kEarlyResidual ? K : 1][kPack];
     float dot = 0.0f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -269,6 +273,7 @@ __global__ void __launch_bounds__(kNormThreads)
         float wv[kPack];
         dy.load8(r * sh.group + p * kPack, g[k]);
         x.load8(r * sh.group + p * kPack, xv[k]);
+        if (kEarlyResidual && dres.p) dres.load8(r * sh.group + p * kPack, d[kEarlyResidual ? k : 0]);
         if (w) load8_f32(w, wofs + p * kPack, wv);
 #pragma unroll
         for (int e = 0; e < kPack; ++e) {
@@ -284,10 +289,11 @@ __global__ void __launch_bounds__(kNormThreads)
     for (int k = 0; k < K; ++k) {
       const int p = lane + k * sh.L;
       if (p >= packs) continue;
-      float o[kPack], d[kPack];
-      if (dres.p) dres.load8(r * sh.group + p * kPack, d);
+      float o[kPack];
+      const int dk = kEarlyResidual ? k : 0;
+      if (!kEarlyResidual && dres.p) dres.load8(r * sh.group + p * kPack, d[dk]);
 #pragma unroll
-      for (int e = 0; e < kPack; ++e) o[e] = rs * (g[k][e] - xv[k][e] * rs * m) + (dres.p ? d[e] : 0.0f);
+      for (int e = 0; e < kPack; ++e) o[e] = rs * (g[k][e] - xv[k][e] * rs * m) + (dres.p ? d[dk][e] : 0.0f);
       dx.store8(r * sh.group + p * kPack, o);
     }
   }
