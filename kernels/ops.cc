@@ -13,9 +13,10 @@ namespace lasp {
 
 // CUDA implementations (kernels/ops.cu), same arguments as the public functions.
 #ifdef LASP_HAVE_CUDA
-void rmsnorm_forward_cuda(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, float eps, int64_t group);
+void rmsnorm_forward_cuda(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, float eps, int64_t group,
+                          const Tensor& residual, Tensor* sum);
 void rmsnorm_backward_cuda(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
-                           const Tensor& rstd, int64_t group);
+                           const Tensor& rstd, int64_t group, const Tensor& d_residual);
 void swiglu_forward_cuda(Tensor& h, const Tensor& gate, const Tensor& up, Tensor* h_amax);
 void swiglu_backward_cuda(Tensor& d_gate, Tensor& d_up, const Tensor& dh, const Tensor& gate, const Tensor& up,
                           Tensor* d_gate_amax, Tensor* d_up_amax);
@@ -69,7 +70,7 @@ T sigmoid(T x) {
 void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, float eps,
                      int64_t group) {
   LASP_PROFILE_SCOPE("rmsnorm_forward");
-  LASP_ON_CUDA(x, rmsnorm_forward_cuda(y, rstd, x, w, eps, group));
+  LASP_ON_CUDA(x, rmsnorm_forward_cuda(y, rstd, x, w, eps, group, Tensor(), nullptr));
   check_like(y, x, "rmsnorm_forward");
   const int64_t C = x.dim(-1), N = x.numel() / C;
   if (group == 0) group = C;
@@ -96,12 +97,28 @@ void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, 
   });
 }
 
+void residual_rmsnorm_forward(Tensor& sum, Tensor& y, Tensor& rstd, const Tensor& x,
+                              const Tensor& residual, const Tensor& w, float eps, int64_t group) {
+  LASP_PROFILE_SCOPE("residual_rmsnorm_forward");
+  LASP_ON_CUDA(x, rmsnorm_forward_cuda(y, rstd, x, w, eps, group, residual, &sum));
+  check_like(sum, x, "residual_rmsnorm_forward");
+  check_like(residual, x, "residual_rmsnorm_forward");
+  LASP_DISPATCH_CPU_FLOAT(x.dtype(), "residual_rmsnorm_forward", T, {
+    const T* a = x.data<T>();
+    const T* b = residual.data<T>();
+    T* s = sum.data<T>();
+    for (int64_t i = 0, n = x.numel(); i < n; ++i) s[i] = a[i] + b[i];
+  });
+  rmsnorm_forward(y, rstd, sum, w, eps, group);
+}
+
 void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
-                      const Tensor& rstd, int64_t group) {
+                      const Tensor& rstd, int64_t group, const Tensor& d_residual) {
   LASP_PROFILE_SCOPE("rmsnorm_backward");
-  LASP_ON_CUDA(x, rmsnorm_backward_cuda(dx, dw, dy, x, w, rstd, group));
+  LASP_ON_CUDA(x, rmsnorm_backward_cuda(dx, dw, dy, x, w, rstd, group, d_residual));
   check_like(dx, x, "rmsnorm_backward");
   check_like(dy, x, "rmsnorm_backward");
+  if (d_residual.defined()) check_like(d_residual, x, "rmsnorm_backward: d_residual");
   const int64_t C = x.dim(-1), N = x.numel() / C;
   if (group == 0) group = C;
   const int64_t G = C / group;
@@ -113,6 +130,7 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
     const T* dyp = dy.data<T>();
     const T* wp = w.defined() ? w.data<T>() : nullptr;
     const T* rp = rstd.data<T>();
+    const T* drp = d_residual.defined() ? d_residual.data<T>() : nullptr;
     T* dxp = dx.data<T>();
     T* dwp = dw.defined() ? dw.data<T>() : nullptr;
     for (int64_t n = 0; n < N; ++n) {
@@ -128,7 +146,7 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
         const T m = T(dot / group);
         for (int64_t i = 0; i < group; ++i) {
           const T gi = dyp[o + i] * (wp ? wp[g * group + i] : T(1));
-          dxp[o + i] = r * (gi - xp[o + i] * r * m);
+          dxp[o + i] = r * (gi - xp[o + i] * r * m) + (drp ? drp[o + i] : T(0));
         }
       }
     }

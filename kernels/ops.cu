@@ -21,6 +21,7 @@
 #include "core/tensor.h"
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
+#include "kernels/ops_batched.h"
 #include "kernels/ops_cuda_util.cuh"
 
 namespace lasp {
@@ -69,13 +70,33 @@ __global__ void colsum_partial_kernel(F f, float* partial, int64_t N, int64_t C,
   }
 }
 
-__global__ void colsum_finish_kernel(float* out, const float* partial, int splits, int64_t C) {
-  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < C;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float s = 0.0f;
-    for (int i = 0; i < splits; ++i) s += partial[i * C + c];
-    out[c] += s;
+// out[c] += sum_i partial[i, c] over `splits` rows. A block of kColTile columns x kFinishLanes
+// split lanes: lane y adds rows y, y + kFinishLanes, ... (coalesced 128-byte rows, many loads in
+// flight), then the lanes are added in lane order. Deterministic. One thread per column would
+// leave a [1000+, 2048] partial buffer to 8 blocks (latency-bound, ~100 us per call).
+constexpr int kFinishLanes = 16;
+
+__global__ void __launch_bounds__(kColTile* kFinishLanes)
+    colsum_finish_kernel(float* out, const float* partial, int splits, int64_t C) {
+  __shared__ float red[kFinishLanes][kColTile + 1];
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kColTile) + threadIdx.x;
+  float s = 0.0f;
+  if (c < C)
+    for (int i = threadIdx.y; i < splits; i += kFinishLanes) s += partial[i * C + c];
+  red[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    float t = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kFinishLanes; ++i) t += red[i][threadIdx.x];
+    out[c] += t;
   }
+}
+
+void colsum_finish(float* out, const float* partial, int64_t splits, int64_t C, const char* what) {
+  colsum_finish_kernel<<<static_cast<unsigned>((C + kColTile - 1) / kColTile), dim3(kColTile, kFinishLanes), 0,
+                         cuda_stream()>>>(out, partial, static_cast<int>(splits), C);
+  CUDA_CHECK_LAUNCH(what);
 }
 
 template <typename F>
@@ -91,15 +112,20 @@ void column_sum_accumulate(float* out, const F& f, int64_t N, int64_t C, Device 
   colsum_partial_kernel<<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(used)),
                           dim3(kColTile, kRowLanes), 0, cuda_stream()>>>(f, partial.data<float>(), N, C, rps);
   CUDA_CHECK_LAUNCH(what);
-  colsum_finish_kernel<<<grid_for(C, kThreads), kThreads, 0, cuda_stream()>>>(
-      out, partial.data<float>(), static_cast<int>(used), C);
-  CUDA_CHECK_LAUNCH(what);
+  colsum_finish(out, partial.data<float>(), used, C, what);
 }
 
 // ---------------------------------------------------------------- RMSNorm
-// One warp per (row n, group g): rstd = 1 / sqrt(mean(x^2) + eps), y = x * rstd * w.
-__global__ void rmsnorm_forward_kernel(FloatOut y, float* rstd, FloatIn x, const float* w, int64_t N,
-                                       int64_t C, int64_t group, float eps) {
+// A value as `o` stores it (rounded to bf16 for a bf16 array).
+__device__ __forceinline__ float stored_value(const FloatOut& o, float v) {
+  return o.is_bf16 ? __bfloat162float(__float2bfloat16_rn(v)) : v;
+}
+
+// One warp per (row n, group g): rstd = 1 / sqrt(mean(x^2) + eps), y = x * rstd * w. With res.p
+// set, x here is sum = x + res, stored to `sum` and normalised as stored (each lane reads back
+// only what it wrote).
+__global__ void rmsnorm_forward_kernel(FloatOut y, float* rstd, FloatIn x, FloatIn res, FloatOut sum,
+                                       const float* w, int64_t N, int64_t C, int64_t group, float eps) {
   const int lane = threadIdx.x % 32;
   const int64_t G = C / group;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
@@ -108,19 +134,23 @@ __global__ void rmsnorm_forward_kernel(FloatOut y, float* rstd, FloatIn x, const
     const int64_t n = ng / G, g = ng % G, base = n * C + g * group;
     float ss = 0.0f;
     for (int64_t i = lane; i < group; i += 32) {
-      const float v = x[base + i];
+      float v = x[base + i];
+      if (res.p) {
+        v = stored_value(sum, v + res[base + i]);
+        sum.set(base + i, v);
+      }
       ss += v * v;
     }
     ss = warp_sum(ss);
     const float r = rsqrtf(ss / static_cast<float>(group) + eps);
     if (lane == 0) rstd[ng] = r;
     for (int64_t i = lane; i < group; i += 32)
-      y.set(base + i, x[base + i] * r * (w ? w[g * group + i] : 1.0f));
+      y.set(base + i, (res.p ? sum.get(base + i) : x[base + i]) * r * (w ? w[g * group + i] : 1.0f));
   }
 }
 
-// dx = r * (gi - xhat * mean(gi * xhat)) with gi = dy * w, xhat = x * r.
-__global__ void rmsnorm_backward_kernel(FloatOut dx, FloatIn dy, FloatIn x, const float* w,
+// dx = r * (gi - xhat * mean(gi * xhat)) (+ dres) with gi = dy * w, xhat = x * r.
+__global__ void rmsnorm_backward_kernel(FloatOut dx, FloatIn dy, FloatIn x, FloatIn dres, const float* w,
                                         const float* rstd, int64_t N, int64_t C, int64_t group) {
   const int lane = threadIdx.x % 32;
   const int64_t G = C / group;
@@ -135,7 +165,7 @@ __global__ void rmsnorm_backward_kernel(FloatOut dx, FloatIn dy, FloatIn x, cons
     const float m = warp_sum(dot) / static_cast<float>(group);
     for (int64_t i = lane; i < group; i += 32) {
       const float gi = dy[base + i] * (w ? w[g * group + i] : 1.0f);
-      dx.set(base + i, r * (gi - x[base + i] * r * m));
+      dx.set(base + i, r * (gi - x[base + i] * r * m) + (dres.p ? dres[base + i] : 0.0f));
     }
   }
 }
@@ -166,7 +196,8 @@ __device__ __forceinline__ float team_sum(float v, int L, float* scratch) {
 
 template <int K>
 __global__ void __launch_bounds__(kNormThreads)
-    rmsnorm_forward_rows_kernel(FloatOut y, float* rstd, FloatIn x, const float* w, NormShape sh, float eps) {
+    rmsnorm_forward_rows_kernel(FloatOut y, float* rstd, FloatIn x, FloatIn res, FloatOut sum, const float* w,
+                                NormShape sh, float eps) {
   __shared__ float scratch[32];
   const int teams = kNormThreads / sh.L, lane = threadIdx.x % sh.L, packs = sh.group / kPack;
   for (int64_t r0 = blockIdx.x * static_cast<int64_t>(teams); r0 < sh.rows;
@@ -180,6 +211,13 @@ __global__ void __launch_bounds__(kNormThreads)
       const int p = lane + k * sh.L;
       if (active && p < packs) {
         x.load8(r * sh.group + p * kPack, v[k]);
+        if (res.p) {  // sum = x + res, rounded as stored, then normalised
+          float rv[kPack];
+          res.load8(r * sh.group + p * kPack, rv);
+#pragma unroll
+          for (int e = 0; e < kPack; ++e) v[k][e] = stored_value(sum, v[k][e] + rv[e]);
+          sum.store8(r * sh.group + p * kPack, v[k]);
+        }
 #pragma unroll
         for (int e = 0; e < kPack; ++e) ss += v[k][e] * v[k][e];
       }
@@ -206,8 +244,8 @@ __global__ void __launch_bounds__(kNormThreads)
 // (dw_partial null: no dw).
 template <int K>
 __global__ void __launch_bounds__(kNormThreads)
-    rmsnorm_backward_rows_kernel(FloatOut dx, float* dw_partial, FloatIn dy, FloatIn x, const float* w,
-                                 const float* rstd, NormShape sh) {
+    rmsnorm_backward_rows_kernel(FloatOut dx, float* dw_partial, FloatIn dy, FloatIn x, FloatIn dres,
+                                 const float* w, const float* rstd, NormShape sh) {
   __shared__ float scratch[32];
   const int teams = kNormThreads / sh.L, lane = threadIdx.x % sh.L, packs = sh.group / kPack;
   const int64_t slot = blockIdx.x * static_cast<int64_t>(teams) + threadIdx.x / sh.L;
@@ -222,7 +260,11 @@ __global__ void __launch_bounds__(kNormThreads)
     const int64_t r = r0 + threadIdx.x / sh.L;
     const bool active = r < sh.rows;
     const float rs = active ? rstd[r] : 0.0f;
-    float g[K][kPack], xv[K][kPack];
+    // d: the residual gradient. For K = 1 loaded with dy and x, before the team reduction, so
+    // that its latency overlaps theirs rather than following the reduction; for larger K after
+    // it (registers: K = 1 stays at 60, K = 2 would go from 80 to 105, K = 4 from 128 to 174).
+    constexpr bool kEarlyResidual = K == 1;
+    float g[K][kPack], xv[K][kPack], d[kEarlyResidual ? K : 1][kPack];
     float dot = 0.0f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -231,6 +273,7 @@ __global__ void __launch_bounds__(kNormThreads)
         float wv[kPack];
         dy.load8(r * sh.group + p * kPack, g[k]);
         x.load8(r * sh.group + p * kPack, xv[k]);
+        if (kEarlyResidual && dres.p) dres.load8(r * sh.group + p * kPack, d[kEarlyResidual ? k : 0]);
         if (w) load8_f32(w, wofs + p * kPack, wv);
 #pragma unroll
         for (int e = 0; e < kPack; ++e) {
@@ -247,8 +290,10 @@ __global__ void __launch_bounds__(kNormThreads)
       const int p = lane + k * sh.L;
       if (p >= packs) continue;
       float o[kPack];
+      const int dk = kEarlyResidual ? k : 0;
+      if (!kEarlyResidual && dres.p) dres.load8(r * sh.group + p * kPack, d[dk]);
 #pragma unroll
-      for (int e = 0; e < kPack; ++e) o[e] = rs * (g[k][e] - xv[k][e] * rs * m);
+      for (int e = 0; e < kPack; ++e) o[e] = rs * (g[k][e] - xv[k][e] * rs * m) + (dres.p ? d[dk][e] : 0.0f);
       dx.store8(r * sh.group + p * kPack, o);
     }
   }
@@ -312,13 +357,24 @@ struct RmsNormDw {
 // The pointwise kernels below move 16-byte packs (ops_cuda_util.cuh: for_each_pack); `packed`
 // says every pointer is 16-byte aligned, else they go element by element. Per element the math
 // is the same expression either way, so results do not depend on the path.
-__device__ __forceinline__ float swiglu_value(float g, float u) { return g * sigmoidf_(g) * u; }
+// The SwiGLU sigmoid: __expf and a MUFU reciprocal division (a few ulp in fp32, far below the
+// bf16 rounding of the outputs) instead of the IEEE division, which made these kernels issue-bound
+// rather than bandwidth-bound. The exponent is clamped so that 1 + e stays below 2^126, the range
+// where __fdividef is accurate (sigmoid(x < -80) is then 1.8e-35 instead of smaller).
+__device__ __forceinline__ float swiglu_sigmoid(float x) {
+  return __fdividef(1.0f, 1.0f + __expf(fminf(-x, 80.0f)));
+}
+__device__ __forceinline__ float swiglu_value(float g, float u) { return g * swiglu_sigmoid(g) * u; }
 
 // Output amaxes for the FP8 projections (swiglu_forward's h_amax, ...): |v| as stored (rounded to
 // bf16 for a bf16 output) as float bits, which order like the values for v >= 0 (NaN above inf),
 // reduced over the CTA and atomicMax'ed once into *out. Every thread of the CTA must call it.
-__device__ __forceinline__ uint32_t stored_abs_bits(const FloatOut& o, float v) {
-  return __float_as_uint(fabsf(o.is_bf16 ? __bfloat162float(__float2bfloat16_rn(v)) : v));
+// Threads keep the max of the unrounded |v| (abs_bits) and round once at the end: rounding to
+// nearest is monotonic, so the max of the rounded values is the rounded max.
+__device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(fabsf(v)); }
+__device__ __forceinline__ uint32_t stored_abs_bits(const FloatOut& o, uint32_t abs_max) {
+  const float v = __uint_as_float(abs_max);
+  return abs_bits(o.is_bf16 ? __bfloat162float(__float2bfloat16_rn(v)) : v);
 }
 __device__ void block_amax_into(uint32_t m, uint32_t* out) {
   __shared__ uint32_t warp_m[32];
@@ -347,20 +403,20 @@ __global__ void swiglu_forward_kernel(FloatOut h, FloatIn gate, FloatIn up, int6
         h.store8(i, o);
         if (h_amax) {
 #pragma unroll
-          for (int k = 0; k < kPack; ++k) m = max(m, stored_abs_bits(h, o[k]));
+          for (int k = 0; k < kPack; ++k) m = max(m, abs_bits(o[k]));
         }
       },
       [&](int64_t i) {
         const float o = swiglu_value(gate[i], up[i]);
         h.set(i, o);
-        if (h_amax) m = max(m, stored_abs_bits(h, o));
+        if (h_amax) m = max(m, abs_bits(o));
       });
-  if (h_amax) block_amax_into(m, h_amax);
+  if (h_amax) block_amax_into(stored_abs_bits(h, m), h_amax);
 }
 
 // d_up = dh silu(g);  d_gate = dh u silu'(g) with silu' = s (1 + g (1 - s)), s = sigmoid(g).
 __device__ __forceinline__ void swiglu_grads(float d, float g, float u, float& dg, float& du) {
-  const float s = sigmoidf_(g);
+  const float s = swiglu_sigmoid(g);
   du = d * g * s;
   dg = d * u * s * (1.0f + g * (1.0f - s));
 }
@@ -382,11 +438,11 @@ __global__ void swiglu_backward_kernel(FloatOut d_gate, FloatOut d_up, FloatIn d
         d_up.store8(i, u);
         if (d_gate_amax) {
 #pragma unroll
-          for (int k = 0; k < kPack; ++k) mg = max(mg, stored_abs_bits(d_gate, g[k]));
+          for (int k = 0; k < kPack; ++k) mg = max(mg, abs_bits(g[k]));
         }
         if (d_up_amax) {
 #pragma unroll
-          for (int k = 0; k < kPack; ++k) mu = max(mu, stored_abs_bits(d_up, u[k]));
+          for (int k = 0; k < kPack; ++k) mu = max(mu, abs_bits(u[k]));
         }
       },
       [&](int64_t i) {
@@ -394,11 +450,11 @@ __global__ void swiglu_backward_kernel(FloatOut d_gate, FloatOut d_up, FloatIn d
         swiglu_grads(dh[i], gate[i], up[i], dg, du);
         d_gate.set(i, dg);
         d_up.set(i, du);
-        if (d_gate_amax) mg = max(mg, stored_abs_bits(d_gate, dg));
-        if (d_up_amax) mu = max(mu, stored_abs_bits(d_up, du));
+        if (d_gate_amax) mg = max(mg, abs_bits(dg));
+        if (d_up_amax) mu = max(mu, abs_bits(du));
       });
-  if (d_gate_amax) block_amax_into(mg, d_gate_amax);
-  if (d_up_amax) block_amax_into(mu, d_up_amax);
+  if (d_gate_amax) block_amax_into(stored_abs_bits(d_gate, mg), d_gate_amax);
+  if (d_up_amax) block_amax_into(stored_abs_bits(d_up, mu), d_up_amax);
 }
 
 __device__ __forceinline__ float activation_value(float v, int f, float scale) {
@@ -645,29 +701,136 @@ __global__ void scale_inplace_kernel(FloatOut y, float alpha, int64_t n, bool pa
       [&](int64_t i) { y.set(i, y.get(i) * alpha); });
 }
 
-// One double partial per block; the host adds the partials in order (deterministic for a given
-// grid, which depends only on n and the device's SM count).
-__global__ void sum_of_squares_kernel(double* partial, FloatIn x, int64_t n, bool packed) {
-  __shared__ double scratch[32];
-  double acc = 0.0;
-  for_each_pack(
-      n, packed,
-      [&](int64_t i) {
-        float v[kPack];
-        x.load8(i, v);
-#pragma unroll
-        for (int k = 0; k < kPack; ++k) acc += static_cast<double>(v[k]) * static_cast<double>(v[k]);
-      },
-      [&](int64_t i) {
-        const double v = x[i];
-        acc += v * v;
-      });
-  acc = block_sum(acc, scratch);
-  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+// ---------------------------------------------------------------- multi-tensor launches
+// A list of up to kListMax tensors, each cut into tiles of `tile` elements (a multiple of
+// kThreads * kPack, so a tile of a 16-byte aligned tensor starts 16-byte aligned); tile_start is the
+// prefix count of tiles. A block takes tiles tile = blockIdx.x, + gridDim.x, ... and finds its
+// tensor by a (block-uniform) scan of tile_start. The list travels as a __grid_constant__ kernel
+// parameter (under the 4 KB parameter limit of older toolkits), so a launch needs no copy.
+constexpr int kListMax = 36;
+
+struct TileList {
+  int count = 0;
+  int64_t tile_start[kListMax + 1] = {};
+  int64_t n[kListMax] = {};
+  bool packed[kListMax] = {};
+  __device__ __forceinline__ int tensor_of(int64_t tile) const {
+    int t = 0;
+    while (tile >= tile_start[t + 1]) ++t;
+    return t;
+  }
+};
+
+// Elements [begin, end) of a tile (for_each_pack over one tile): f8 for the whole packs when
+// `packed`, f1 for the rest.
+template <typename F8, typename F1>
+__device__ __forceinline__ void for_each_pack_in(int64_t begin, int64_t end, bool packed, const F8& f8, const F1& f1) {
+  const int64_t pack_end = packed ? begin + (end - begin) / kPack * kPack : begin;
+  for (int64_t i = begin + threadIdx.x * static_cast<int64_t>(kPack); i < pack_end; i += kThreads * kPack) f8(i);
+  for (int64_t i = pack_end + threadIdx.x; i < end; i += kThreads) f1(i);
 }
 
-// Blocks of sum_of_squares_kernel for n elements.
-int sum_of_squares_blocks(int64_t n) { return resident_grid((n + kPack - 1) / kPack, kThreads, 4); }
+// Sum of squares: one double partial per tile of kSsqTile elements (block order within a tile
+// fixed), written to partial[tile]; the host adds a tensor's partials in tile order. A tensor's
+// tiles do not depend on the other tensors of the list, so a list gives each tensor's sum exactly
+// as a list of one does.
+constexpr int64_t kSsqTile = int64_t{kThreads} * kPack * 32;
+
+struct SsqList {
+  TileList tiles;
+  FloatIn x[kListMax];
+};
+
+__global__ void __launch_bounds__(kThreads) sum_of_squares_many_kernel(double* partial, const __grid_constant__ SsqList list) {
+  __shared__ double scratch[32];
+  for (int64_t tile = blockIdx.x; tile < list.tiles.tile_start[list.tiles.count]; tile += gridDim.x) {
+    const int t = list.tiles.tensor_of(tile);
+    const FloatIn x = list.x[t];
+    const int64_t begin = (tile - list.tiles.tile_start[t]) * kSsqTile;
+    const int64_t end = min(list.tiles.n[t], begin + kSsqTile);
+    double acc = 0.0;
+    for_each_pack_in(
+        begin, end, list.tiles.packed[t],
+        [&](int64_t i) {
+          float v[kPack];
+          x.load8(i, v);
+#pragma unroll
+          for (int k = 0; k < kPack; ++k) acc += static_cast<double>(v[k]) * static_cast<double>(v[k]);
+        },
+        [&](int64_t i) {
+          const double v = x[i];
+          acc += v * v;
+        });
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partial[tile] = acc;
+  }
+}
+
+// AdamW on a list: tiles of kAdamTile elements, each tensor with its own weight decay, dtypes and
+// alignment; the same per-element step as adamw_kernel.
+constexpr int64_t kAdamTile = int64_t{kThreads} * kPack * 8;
+
+struct AdamWList {
+  TileList tiles;
+  float* w[kListMax];
+  float* m[kListMax];
+  float* v[kListMax];
+  FloatIn g[kListMax];
+  FloatOut w_compute[kListMax];
+  float weight_decay[kListMax];
+};
+
+__global__ void __launch_bounds__(kThreads) adamw_many_kernel(const __grid_constant__ AdamWList list, AdamW opt) {
+  for (int64_t tile = blockIdx.x; tile < list.tiles.tile_start[list.tiles.count]; tile += gridDim.x) {
+    const int t = list.tiles.tensor_of(tile);
+    float* w = list.w[t];
+    float* m = list.m[t];
+    float* v = list.v[t];
+    const FloatIn g = list.g[t];
+    const FloatOut wc = list.w_compute[t];
+    AdamW o = opt;
+    o.weight_decay = list.weight_decay[t];
+    const int64_t begin = (tile - list.tiles.tile_start[t]) * kAdamTile;
+    const int64_t end = min(list.tiles.n[t], begin + kAdamTile);
+    for_each_pack_in(
+        begin, end, list.tiles.packed[t],
+        [&](int64_t i) {
+          float wi[kPack], mi[kPack], vi[kPack], gi[kPack];
+          g.load8(i, gi);
+          load8_f32_rw(w, i, wi);
+          load8_f32_rw(m, i, mi);
+          load8_f32_rw(v, i, vi);
+#pragma unroll
+          for (int k = 0; k < kPack; ++k) o.step(wi[k], mi[k], vi[k], gi[k]);
+          store8_f32(m, i, mi);
+          store8_f32(v, i, vi);
+          store8_f32(w, i, wi);
+          if (wc.p) wc.store8(i, wi);
+        },
+        [&](int64_t i) {
+          float wi = w[i], mi = m[i], vi = v[i];
+          o.step(wi, mi, vi, g[i]);
+          m[i] = mi;
+          v[i] = vi;
+          w[i] = wi;
+          if (wc.p) wc.set(i, wi);
+        });
+  }
+}
+
+// Appends a tensor of n elements to `tiles` (tiles of `tile` elements); false when the list is full.
+bool add_to_list(TileList& tiles, int64_t n, int64_t tile, bool packed) {
+  if (tiles.count == kListMax) return false;
+  const int t = tiles.count++;
+  tiles.n[t] = n;
+  tiles.packed[t] = packed;
+  tiles.tile_start[t + 1] = tiles.tile_start[t] + (n + tile - 1) / tile;
+  return true;
+}
+
+int list_grid(const TileList& tiles) {
+  return static_cast<int>(std::min<int64_t>(tiles.tile_start[tiles.count], int64_t{sm_count()} * 8));
+}
 
 __global__ void all_finite_kernel(int* bad, FloatIn x, int64_t n) {
   bool ok = true;
@@ -693,36 +856,45 @@ const float* optional_f32(const Tensor& t, const char* what, int64_t C) {
 
 // ============================================================================ entry points
 
+// residual defined: sum = x + residual (residual_rmsnorm_forward), normalised.
 void rmsnorm_forward_cuda(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, float eps,
-                          int64_t group) {
+                          int64_t group, const Tensor& residual, Tensor* sum) {
   check_activation(x, "rmsnorm_forward: x");
   const int64_t C = x.dim(-1), N = C ? x.numel() / C : 0;
   group = resolve_group("rmsnorm_forward", C, group);
   check_activation(y, "rmsnorm_forward: y", x.numel());
+  const bool with_res = residual.defined();
+  if (with_res) {
+    LASP_CHECK(sum != nullptr) << "rmsnorm_forward: a residual needs a sum output";
+    check_activation(residual, "residual_rmsnorm_forward: residual", x.numel());
+    check_activation(*sum, "residual_rmsnorm_forward: sum", x.numel());
+  }
+  const FloatIn res = with_res ? in_of(residual) : FloatIn{};
+  const FloatOut so = with_res ? out_of(*sum) : FloatOut{};
   check_f32(rstd, "rmsnorm_forward: rstd (fp32 on CUDA)", {N, C / group});
   const float* wp = optional_f32(w, "rmsnorm_forward: w (fp32 on CUDA)", C);
   const int64_t rows = N * (C / group);
   if (rows == 0) return;
   const NormPlan plan = plan_norm(group);
-  if (plan.ok && all_aligned16({y.raw(), x.raw(), wp})) {
+  if (plan.ok && all_aligned16({y.raw(), x.raw(), wp, res.p, so.p})) {
     const NormShape sh{rows, C / group, static_cast<int>(group), plan.L};
     const int teams = kNormThreads / plan.L;
     const int grid = resident_grid((rows + teams - 1) / teams, 1, 2048 / kNormThreads);
     dispatch_k(plan.K, [&](auto k) {
       rmsnorm_forward_rows_kernel<decltype(k)::value><<<grid, kNormThreads, 0, cuda_stream()>>>(
-          out_of(y), rstd.data<float>(), in_of(x), wp, sh, eps);
+          out_of(y), rstd.data<float>(), in_of(x), res, so, wp, sh, eps);
     });
     CUDA_CHECK_LAUNCH("rmsnorm_forward");
     return;
   }
   // Any other group size or alignment: one warp per row, x read twice.
   rmsnorm_forward_kernel<<<grid_for(rows * 32, kThreads), kThreads, 0, cuda_stream()>>>(
-      out_of(y), rstd.data<float>(), in_of(x), wp, N, C, group, eps);
+      out_of(y), rstd.data<float>(), in_of(x), res, so, wp, N, C, group, eps);
   CUDA_CHECK_LAUNCH("rmsnorm_forward");
 }
 
 void rmsnorm_backward_cuda(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
-                           const Tensor& rstd, int64_t group) {
+                           const Tensor& rstd, int64_t group, const Tensor& d_residual) {
   check_activation(x, "rmsnorm_backward: x");
   const int64_t C = x.dim(-1), N = C ? x.numel() / C : 0;
   group = resolve_group("rmsnorm_backward", C, group);
@@ -731,14 +903,23 @@ void rmsnorm_backward_cuda(Tensor& dx, Tensor& dw, const Tensor& dy, const Tenso
   check_f32(rstd, "rmsnorm_backward: rstd (fp32 on CUDA)", {N, C / group});
   const float* wp = optional_f32(w, "rmsnorm_backward: w (fp32 on CUDA)", C);
   float* dwp = const_cast<float*>(optional_f32(dw, "rmsnorm_backward: dw (fp32 on CUDA)", C));
+  if (d_residual.defined()) check_activation(d_residual, "rmsnorm_backward: d_residual", x.numel());
+  const FloatIn dres = d_residual.defined() ? in_of(d_residual) : FloatIn{};
   const int64_t rows = N * (C / group);
   if (rows == 0) return;
   const NormPlan plan = plan_norm(group);
-  if (plan.ok && all_aligned16({dx.raw(), dy.raw(), x.raw(), wp, dwp})) {
+  if (plan.ok && all_aligned16({dx.raw(), dy.raw(), x.raw(), wp, dwp, dres.p})) {
     const int64_t G = C / group;
     const NormShape sh{rows, G, static_cast<int>(group), plan.L};
     const int teams = kNormThreads / plan.L;
-    int64_t grid = resident_grid((rows + teams - 1) / teams, 1, 2048 / kNormThreads);
+    // As many blocks as are resident (K = 1 takes 60 registers: 4 blocks of 256 per SM, not 8):
+    // no second wave, and fewer dw partial rows.
+    int per_sm = 0;
+    dispatch_k(plan.K, [&](auto k) {
+      CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, rmsnorm_backward_rows_kernel<decltype(k)::value>, kNormThreads, 0));
+    });
+    int64_t grid = resident_grid((rows + teams - 1) / teams, 1, std::max(1, per_sm));
     // Team slots (grid * teams) a multiple of G, so that each slot's columns stay fixed.
     const int64_t step = G / std::gcd(G, static_cast<int64_t>(teams));
     grid = std::max<int64_t>(step, grid / step * step);
@@ -748,20 +929,17 @@ void rmsnorm_backward_cuda(Tensor& dx, Tensor& dw, const Tensor& dy, const Tenso
       dispatch_k(plan.K, [&](auto k) {
         rmsnorm_backward_rows_kernel<decltype(k)::value>
             <<<static_cast<unsigned>(grid), kNormThreads, 0, cuda_stream()>>>(
-                out_of(dx), dwp ? partial.data<float>() : nullptr, in_of(dy), in_of(x), wp, rstd.data<float>(), sh);
+                out_of(dx), dwp ? partial.data<float>() : nullptr, in_of(dy), in_of(x), dres, wp,
+                rstd.data<float>(), sh);
       });
       CUDA_CHECK_LAUNCH("rmsnorm_backward");
-      if (dwp) {
-        colsum_finish_kernel<<<grid_for(C, kThreads), kThreads, 0, cuda_stream()>>>(
-            dwp, partial.data<float>(), static_cast<int>(splits), C);
-        CUDA_CHECK_LAUNCH("rmsnorm_backward (dw)");
-      }
+      if (dwp) colsum_finish(dwp, partial.data<float>(), splits, C, "rmsnorm_backward (dw)");
       return;
     }
   }
   // Any other group size or alignment: one warp per row, then a column-sum pass for dw.
   rmsnorm_backward_kernel<<<grid_for(rows * 32, kThreads), kThreads, 0, cuda_stream()>>>(
-      out_of(dx), in_of(dy), in_of(x), wp, rstd.data<float>(), N, C, group);
+      out_of(dx), in_of(dy), in_of(x), dres, wp, rstd.data<float>(), N, C, group);
   CUDA_CHECK_LAUNCH("rmsnorm_backward");
   if (dwp)
     column_sum_accumulate(dwp, RmsNormDw{in_of(dy), in_of(x), rstd.data<float>(), C, group}, N, C,
@@ -995,6 +1173,42 @@ void adamw_update_cuda(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m,
   CUDA_CHECK_LAUNCH("adamw_update");
 }
 
+// Lists of up to kListMax parameters per launch; checks as adamw_update_cuda.
+void adamw_update_many_cuda(const std::vector<AdamWTensors>& params, float lr, float beta1, float beta2,
+                            float eps, float c1, float c2, float grad_scale) {
+  const AdamW opt{lr, beta1, beta2, eps, 0.0f, c1, c2, grad_scale};
+  AdamWList list;
+  auto launch = [&]() {
+    if (list.tiles.tile_start[list.tiles.count] > 0) {
+      adamw_many_kernel<<<list_grid(list.tiles), kThreads, 0, cuda_stream()>>>(list, opt);
+      CUDA_CHECK_LAUNCH("adamw_update");
+    }
+    list = AdamWList{};
+  };
+  for (const AdamWTensors& p : params) {
+    const Shape& s = p.w.shape();
+    check_f32(p.w, "adamw_update: w (fp32 master weights)", s);
+    check_f32(p.m, "adamw_update: m", s);
+    check_f32(p.v, "adamw_update: v", s);
+    check_activation(p.g, "adamw_update: g", p.w.numel());
+    if (p.w_compute.defined()) check_activation(p.w_compute, "adamw_update: w_compute", p.w.numel());
+    LASP_CHECK(p.w.device() == params.front().w.device() && p.g.device() == p.w.device())
+        << "adamw_update_many: tensors on different devices: " << p.w.str() << ", " << p.g.str();
+    if (list.tiles.count == kListMax) launch();
+    const int t = list.tiles.count;
+    list.w[t] = p.w.data<float>();
+    list.m[t] = p.m.data<float>();
+    list.v[t] = p.v.data<float>();
+    list.g[t] = in_of(p.g);
+    list.w_compute[t] = p.w_compute.defined() ? out_of(p.w_compute) : FloatOut{};
+    list.weight_decay[t] = p.weight_decay;
+    add_to_list(list.tiles, p.w.numel(), kAdamTile,
+                all_aligned16({p.w.raw(), p.g.raw(), p.m.raw(), p.v.raw(),
+                               p.w_compute.defined() ? p.w_compute.raw() : nullptr}));
+  }
+  if (list.tiles.count > 0) launch();
+}
+
 namespace {
 CastType cast_type(const Tensor& t, const char* what) {
   switch (t.dtype()) {
@@ -1049,26 +1263,38 @@ void scale_inplace_cuda(Tensor& y, float alpha) {
 
 double sum_of_squares_cuda(const Tensor& x) { return sum_of_squares_many_cuda({x}); }
 
-// One partial buffer for all tensors, one copy back (the only synchronisation); each tensor's
-// partials are added in block order, then the tensors in list order: exactly what a loop of
-// `s += sum_of_squares(x)` computes.
+// One partial buffer for all tensors (one double per tile of kSsqTile elements), filled by
+// multi-tensor launches of up to kListMax tensors, one copy back (the only synchronisation); each
+// tensor's partials are added in tile order, then the tensors in list order: exactly what a loop
+// of `s += sum_of_squares(x)` computes.
 double sum_of_squares_many_cuda(const std::vector<Tensor>& xs) {
   std::vector<int64_t> offset(xs.size() + 1, 0);
   for (size_t t = 0; t < xs.size(); ++t) {
     check_activation(xs[t], "sum_of_squares: x");
     LASP_CHECK(xs[t].device() == xs[0].device())
         << "sum_of_squares_many: tensors on different devices: " << xs[0].str() << " and " << xs[t].str();
-    offset[t + 1] = offset[t] + (xs[t].numel() ? sum_of_squares_blocks(xs[t].numel()) : 0);
+    offset[t + 1] = offset[t] + (xs[t].numel() + kSsqTile - 1) / kSsqTile;
   }
   if (offset.back() == 0) return 0.0;
   Tensor partial = Tensor::empty({offset.back()}, DType::F64, xs[0].device());
+  SsqList list;
+  int64_t first_tile = 0;  // partial index of the list's first tile
+  auto launch = [&]() {
+    if (list.tiles.count == 0) return;
+    if (list.tiles.tile_start[list.tiles.count] > 0) {
+      sum_of_squares_many_kernel<<<list_grid(list.tiles), kThreads, 0, cuda_stream()>>>(
+          partial.data<double>() + first_tile, list);
+      CUDA_CHECK_LAUNCH("sum_of_squares");
+    }
+    first_tile += list.tiles.tile_start[list.tiles.count];
+    list = SsqList{};
+  };
   for (size_t t = 0; t < xs.size(); ++t) {
-    const int64_t n = xs[t].numel();
-    if (n == 0) continue;
-    sum_of_squares_kernel<<<static_cast<int>(offset[t + 1] - offset[t]), kThreads, 0, cuda_stream()>>>(
-        partial.data<double>() + offset[t], in_of(xs[t]), n, aligned16(xs[t].raw()));
-    CUDA_CHECK_LAUNCH("sum_of_squares");
+    if (list.tiles.count == kListMax) launch();
+    list.x[list.tiles.count] = in_of(xs[t]);
+    add_to_list(list.tiles, xs[t].numel(), kSsqTile, aligned16(xs[t].raw()));
   }
+  launch();
   const std::vector<double> p = partial.to_vector();
   double total = 0.0;
   for (size_t t = 0; t < xs.size(); ++t) {

@@ -20,9 +20,16 @@ namespace lasp {
 // x, y [N, C]; w [C] (undefined = no weight); rstd [N, C / group] saved for the backward.
 void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, float eps,
                      int64_t group = 0);
-// dx written; dw accumulated (+=) when defined.
+// dx written; dw accumulated (+=) when defined. With d_residual defined (same shape as dx):
+// dx = d_residual + the above, in one pass (the residual stream's gradient; CUDA: summed in fp32,
+// rounded once to dx's dtype).
 void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
-                      const Tensor& rstd, int64_t group = 0);
+                      const Tensor& rstd, int64_t group = 0, const Tensor& d_residual = Tensor());
+// The pre-norm residual stream in one pass: sum = x + residual (written, rounded to sum's dtype:
+// the next layer's input), y = rmsnorm(sum) of the stored sum, as rmsnorm_forward. Same result as
+// add_inplace then rmsnorm_forward, without the extra round trip through memory.
+void residual_rmsnorm_forward(Tensor& sum, Tensor& y, Tensor& rstd, const Tensor& x,
+                              const Tensor& residual, const Tensor& w, float eps, int64_t group = 0);
 
 // --- Gated units: h = silu(gate) * up (SwiGLU; also the SiLU output gate of linear attention).
 // *_amax (optional, CUDA only): an I32 [1] CUDA tensor set to max |output| over the values as

@@ -19,13 +19,16 @@ void AdamW::step(double lr, double grad_scale) {
   LASP_PROFILE_SCOPE("optimizer");
   ++t_;
   const double c1 = 1.0 - std::pow(cfg_.beta1, double(t_)), c2 = 1.0 - std::pow(cfg_.beta2, double(t_));
+  std::vector<AdamWTensors> list;
+  list.reserve(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {
-    Param& p = *params_[i];
+    const Param& p = *params_[i];
     const double wd = p.weight_decay ? cfg_.weight_decay : 0.0;
-    adamw_update(p.value, p.compute, p.grad, m_[i], v_[i], static_cast<float>(lr), static_cast<float>(cfg_.beta1),
-                 static_cast<float>(cfg_.beta2), static_cast<float>(cfg_.eps), static_cast<float>(wd),
-                 static_cast<float>(c1), static_cast<float>(c2), static_cast<float>(grad_scale));
+    list.push_back({p.value, p.compute, p.grad, m_[i], v_[i], static_cast<float>(wd)});
   }
+  adamw_update_many(list, static_cast<float>(lr), static_cast<float>(cfg_.beta1), static_cast<float>(cfg_.beta2),
+                    static_cast<float>(cfg_.eps), static_cast<float>(c1), static_cast<float>(c2),
+                    static_cast<float>(grad_scale));
 }
 
 double learning_rate(const OptimConfig& cfg, int64_t step, int64_t total) {

@@ -47,6 +47,39 @@ TEST(RmsNorm, ForwardMatchesFormulaAndBackwardMatchesFiniteDifferences) {
   }
 }
 
+// The residual forms are the unfused composition: add then norm; norm backward then add.
+TEST(RmsNorm, ResidualFormsEqualAddThenNormAndNormBackwardThenAdd) {
+  std::mt19937 rng(11);
+  for (int64_t group : {0, 4}) {
+    const int64_t N = 5, C = 12, G = group ? C / group : 1;
+    Tensor x = random_tensor({N, C}, rng), res = random_tensor({N, C}, rng), w = random_tensor({C}, rng);
+    Tensor dy = random_tensor({N, C}, rng), dres = random_tensor({N, C}, rng);
+    Tensor sum_ref = x.clone();
+    add_inplace(sum_ref, res);
+    Tensor y_ref = Tensor::empty({N, C}, DType::F64), r_ref = Tensor::empty({N, G}, DType::F64);
+    rmsnorm_forward(y_ref, r_ref, sum_ref, w, 1e-6f, group);
+    Tensor sum = Tensor::empty({N, C}, DType::F64), y = Tensor::empty({N, C}, DType::F64),
+           rstd = Tensor::empty({N, G}, DType::F64);
+    poison(sum);
+    poison(y);
+    residual_rmsnorm_forward(sum, y, rstd, x, res, w, 1e-6f, group);
+    for (int64_t i = 0; i < N * C; ++i) {
+      EXPECT_NEAR(sum.item(i), x.item(i) + res.item(i), 1e-15);
+      EXPECT_NEAR(y.item(i), y_ref.item(i), 1e-12);
+    }
+    for (int64_t i = 0; i < N * G; ++i) EXPECT_NEAR(rstd.item(i), r_ref.item(i), 1e-12);
+
+    Tensor dx_ref = Tensor::empty({N, C}, DType::F64), dw_ref = Tensor::zeros({C}, DType::F64);
+    rmsnorm_backward(dx_ref, dw_ref, dy, sum, w, rstd, group);
+    add_inplace(dx_ref, dres);
+    Tensor dx = Tensor::empty({N, C}, DType::F64), dw = Tensor::zeros({C}, DType::F64);
+    poison(dx);
+    rmsnorm_backward(dx, dw, dy, sum, w, rstd, group, dres);
+    for (int64_t i = 0; i < N * C; ++i) EXPECT_NEAR(dx.item(i), dx_ref.item(i), 1e-12);
+    for (int64_t i = 0; i < C; ++i) EXPECT_NEAR(dw.item(i), dw_ref.item(i), 1e-12);
+  }
+}
+
 TEST(SwiGlu, BackwardMatchesFiniteDifferences) {
   std::mt19937 rng(2);
   Tensor g = random_tensor({7, 9}, rng, 2.0), u = random_tensor({7, 9}, rng), dh = random_tensor({7, 9}, rng);

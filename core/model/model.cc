@@ -12,7 +12,9 @@ struct Model::Block {
   std::unique_ptr<LinearAttentionLayer> linear;
   std::unique_ptr<SoftmaxAttentionLayer> softmax;
   std::unique_ptr<Mlp> mlp;
-  // saved for backward: x (block input), n1 = norm1(x), x1 = x + mixer(n1), n2 = norm2(x1)
+  // saved for backward: x (block input), n1 = norm1(x), x1 = x + mixer(n1), n2 = norm2(x1).
+  // The block output x1 + mlp(n2) is never formed here: the next norm adds the two as it
+  // normalises (residual_rmsnorm_forward) and stores the sum as the next block's x.
   Tensor x, n1, rstd1, x1, n2, rstd2;
 };
 
@@ -118,27 +120,32 @@ void Model::set_recompute(const std::string& mode) {
   recompute_ = mode == "block" ? Recompute::Block : mode == "mlp" ? Recompute::Mlp : Recompute::None;
 }
 
-// x2 = x1 + mlp(norm2(x1)) with x1 = x + mixer(norm1(x)); saves what the backward reads.
-Tensor Model::block_forward(Block& b, const Tensor& x, const LayerContext& ctx) {
+// The block input is x + skip (skip undefined: x itself, as when recomputing from b.x). Computes
+// x1 = x + mixer(norm1(x)) and returns mlp(norm2(x1)); the block output is that plus b.x1.
+// Saves what the backward reads.
+Tensor Model::block_forward(Block& b, const Tensor& x, const Tensor& skip, const LayerContext& ctx) {
   const int64_t N = x.dim(0), C = cfg_.hidden;
   const float eps = static_cast<float>(cfg_.norm_eps);
   const DType stat = device_.is_cuda() ? DType::F32 : act_dtype_;
   auto act = [&]() { return Tensor::empty({N, C}, act_dtype_, device_); };
-  b.x = x;
   b.n1 = act();
   b.rstd1 = Tensor::empty({N, 1}, stat, device_);
-  rmsnorm_forward(b.n1, b.rstd1, x, b.norm1.value, eps);
+  if (skip.defined()) {
+    b.x = act();
+    residual_rmsnorm_forward(b.x, b.n1, b.rstd1, x, skip, b.norm1.value, eps);
+  } else {
+    b.x = x;
+    rmsnorm_forward(b.n1, b.rstd1, x, b.norm1.value, eps);
+  }
   Tensor mix = act();
   if (b.linear) b.linear->forward(mix, b.n1, ctx);
   else b.softmax->forward(mix, b.n1, ctx);
-  add_inplace(mix, x);
-  b.x1 = mix;
+  b.x1 = act();
   b.n2 = act();
   b.rstd2 = Tensor::empty({N, 1}, stat, device_);
-  rmsnorm_forward(b.n2, b.rstd2, b.x1, b.norm2.value, eps);
+  residual_rmsnorm_forward(b.x1, b.n2, b.rstd2, mix, b.x, b.norm2.value, eps);
   Tensor out = act();
   b.mlp->forward(out, b.n2, ctx);
-  add_inplace(out, b.x1);
   return out;
 }
 
@@ -165,14 +172,23 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
   Tensor tokens = inputs.to(device_).view({N});
   Tensor x = act();
   embedding_forward(x, weights(embedding_), tokens);
+  Tensor skip;  // the residual stream is x + skip (undefined before the first block)
   for (auto& b : blocks_) {
-    Tensor out = block_forward(*b, x, ctx);
+    Tensor out = block_forward(*b, x, skip, ctx);
+    skip = b->x1;
     if (!backward || recompute_ == Recompute::Block) release_block(*b);  // keep the block input only
     if (recompute_ == Recompute::Mlp) b->mlp->release();                 // keep all but the MLP's
     x = out;
   }
   Tensor h = act(), h_rstd = Tensor::empty({N, 1}, stat, device_);
-  rmsnorm_forward(h, h_rstd, x, final_norm_.value, eps);
+  if (skip.defined()) {
+    Tensor sum = act();
+    residual_rmsnorm_forward(sum, h, h_rstd, x, skip, final_norm_.value, eps);
+    x = sum;
+    skip = Tensor();
+  } else {
+    rmsnorm_forward(h, h_rstd, x, final_norm_.value, eps);
+  }
   Param& head = cfg_.tie_embeddings ? embedding_ : lm_head_;
   Tensor dh = backward ? act() : Tensor();
   Tensor dw = backward ? head.grad : Tensor();
@@ -194,7 +210,7 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;
     // Recompute what this block's backward reads and was not kept.
-    if (recompute_ == Recompute::Block) block_forward(b, b.x, ctx);
+    if (recompute_ == Recompute::Block) block_forward(b, b.x, Tensor(), ctx);
     if (recompute_ == Recompute::Mlp) {
       Tensor discard = act();
       b.mlp->forward(discard, b.n2, ctx);
@@ -202,18 +218,16 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
     // dx holds d(x2). Through the MLP branch into d(x1).
     Tensor dn2 = act();
     b.mlp->backward(dn2, dx, ctx);
-    Tensor dx1 = act();
-    rmsnorm_backward(dx1, b.norm2.grad, dn2, b.x1, b.norm2.value, b.rstd2);
+    Tensor dx1 = act();  // d(x1) = dx + norm2's backward
+    rmsnorm_backward(dx1, b.norm2.grad, dn2, b.x1, b.norm2.value, b.rstd2, 0, dx);
     grads_ready();  // MLP and norm2
-    add_inplace(dx1, dx);
     // Through the mixer branch into d(x).
     Tensor dn1 = act();
     if (b.linear) b.linear->backward(dn1, dx1, ctx);
     else b.softmax->backward(dn1, dx1, ctx);
-    Tensor dxin = act();
-    rmsnorm_backward(dxin, b.norm1.grad, dn1, b.x, b.norm1.value, b.rstd1);
+    Tensor dxin = act();  // d(x) = d(x1) + norm1's backward
+    rmsnorm_backward(dxin, b.norm1.grad, dn1, b.x, b.norm1.value, b.rstd1, 0, dx1);
     grads_ready();  // mixer and norm1
-    add_inplace(dxin, dx1);
     dx = dxin;
     if (recompute_ == Recompute::Block) release_block(b);
     if (recompute_ == Recompute::Mlp) b.mlp->release();

@@ -55,7 +55,7 @@ class Model {
  private:
   struct Block;
   double run(const Tensor& inputs, const Tensor& targets, float loss_scale, bool backward);
-  Tensor block_forward(Block& b, const Tensor& x, const LayerContext& ctx);
+  Tensor block_forward(Block& b, const Tensor& x, const Tensor& skip, const LayerContext& ctx);
   // The parameter groups the hook receives, in the order the backward finishes them.
   std::vector<std::vector<Param*>> grad_ready_groups();
 

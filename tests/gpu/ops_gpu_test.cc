@@ -100,6 +100,50 @@ TEST(RmsNormGpu, ForwardAndBackwardMatchCpuForEveryDtypeMixAndAccumulateDw) {
   }
 }
 
+// sum = x + res rounded to sum's dtype, y = rmsnorm(sum); dx = norm backward + d_residual. The
+// reference is the unfused composition in float64 on the stored sum.
+TEST(RmsNormGpu, ResidualFormsMatchAddThenNormOnTheCpu) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  struct Case {
+    int64_t N, C, group;
+  };
+  // 200 and 2048: row-in-registers kernels (a team of 32 lanes; a block); 130: warp per row.
+  for (const Case c : {Case{37, 200, 0}, Case{37, 130, 0}, Case{2100, 2048, 0}, Case{65, 384, 128}}) {
+    for (DType in_dt : kBoth)
+      for (DType out_dt : kBoth) {
+        Seeded s;
+        SCOPED_TRACE(s.tag("N=" + std::to_string(c.N) + " C=" + std::to_string(c.C) + " group=" +
+                           std::to_string(c.group) + " in=" + name(in_dt) + " out=" + name(out_dt)));
+        const int64_t G = c.group ? c.C / c.group : 1;
+        const Tensor x = random_bf16_values({c.N, c.C}, s.rng, 2.0), res = random_bf16_values({c.N, c.C}, s.rng);
+        const Tensor w = random_bf16_values({c.C}, s.rng), dy = random_bf16_values({c.N, c.C}, s.rng);
+        const Tensor dres = random_bf16_values({c.N, c.C}, s.rng), dw0 = random_bf16_values({c.C}, s.rng);
+        const Tensor gw = to_cuda(w, DType::F32);
+        Tensor sum = poisoned_cuda({c.N, c.C}, out_dt), y = poisoned_cuda({c.N, c.C}, out_dt),
+               rstd = poisoned_cuda({c.N, G}, DType::F32);
+        residual_rmsnorm_forward(sum, y, rstd, to_cuda(x, in_dt), to_cuda(res, DType::BF16), gw, 1e-5f, c.group);
+
+        Tensor sum_ref = f64(x);
+        add_inplace(sum_ref, f64(res));
+        expect_close(sum, sum_ref, tol_for(out_dt), "sum");
+        // Norm of the stored sum (as the backward sees it).
+        const Tensor s64 = f64(sum);
+        Tensor y_ref = Tensor::empty({c.N, c.C}, DType::F64), r_ref = Tensor::empty({c.N, G}, DType::F64);
+        rmsnorm_forward(y_ref, r_ref, s64, f64(w), 1e-5f, c.group);
+        expect_close(y, y_ref, tol_for(out_dt), "y");
+        expect_close(rstd, r_ref, kTolF32, "rstd");
+
+        Tensor dx_ref = Tensor::empty({c.N, c.C}, DType::F64), dw_ref = f64(dw0);
+        rmsnorm_backward(dx_ref, dw_ref, f64(dy), s64, f64(w), r_ref, c.group);
+        add_inplace(dx_ref, f64(dres));
+        Tensor dx = poisoned_cuda({c.N, c.C}, out_dt), dw = to_cuda(dw0, DType::F32);
+        rmsnorm_backward(dx, dw, to_cuda(dy, in_dt), sum, gw, rstd, c.group, to_cuda(dres, in_dt));
+        expect_close(dx, dx_ref, tol_for(out_dt) * 2, "dx");
+        expect_close(dw, dw_ref, kTolF32 * 10, "dw (accumulated)");
+      }
+  }
+}
+
 // ---------------------------------------------------------------- SwiGLU, activations
 TEST(SwiGluGpu, ForwardAndBackwardMatchCpuForMixedDtypes) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
@@ -400,6 +444,81 @@ TEST(AdamWGpu, ThreeStepsMatchCpuAndRoundTheComputeCopy) {
   }
 }
 
+// The multi-tensor AdamW: more tensors than one launch's list takes, odd and unaligned sizes,
+// every g / compute-copy dtype, per-tensor weight decay. The same step as adamw_update on each
+// tensor: equal to it up to the last bit (the H200 run showed 1-ulp differences in v on some
+// tensors, where nvcc contracts the multiply-adds of the step differently in the two kernels),
+// close to the CPU update, and the compute copy is the updated w rounded.
+TEST(AdamWGpu, ManyTensorsMatchThePerTensorUpdate) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  Seeded s;
+  SCOPED_TRACE(s.tag("adamw_update_many"));
+  struct One {
+    Tensor w, m, v, wc, w1, m1, v1, wc1, w_ref, m_ref, v_ref;
+    float wd;
+    DType g_dt;
+  };
+  std::vector<One> ps;
+  const int64_t sizes[] = {1, 37, 200, 2048, 100003, 0, 16384 + 3, 4099};
+  for (int i = 0; i < 83; ++i) {
+    const int64_t n = sizes[i % 8];
+    One p;
+    const Tensor w0 = random_bf16_values({n}, s.rng);
+    p.w_ref = w0.clone();
+    p.m_ref = Tensor::zeros({n}, DType::F32);
+    p.v_ref = Tensor::zeros({n}, DType::F32);
+    // Every fifth tensor a slice that starts 4 bytes past a 16-byte boundary (element path).
+    auto place = [&](const Tensor& t) {
+      if (i % 5 != 4) return t.to(cuda());
+      Tensor buf = Tensor::zeros({n + 1}, DType::F32, cuda());
+      Tensor view = buf.slice(0, 1, n + 1);
+      view.copy_from(t.to(cuda()));
+      return view;
+    };
+    p.w = place(w0), p.m = place(p.m_ref), p.v = place(p.v_ref);
+    p.w1 = w0.to(cuda()), p.m1 = p.m_ref.to(cuda()), p.v1 = p.v_ref.to(cuda());
+    if (i % 3 != 2) {
+      const DType dt = i % 3 ? DType::F32 : DType::BF16;
+      p.wc = poisoned_cuda({n}, dt);
+      p.wc1 = poisoned_cuda({n}, dt);
+    }
+    p.wd = i % 2 ? 0.1f : 0.0f;
+    p.g_dt = i % 4 < 2 ? DType::F32 : DType::BF16;
+    ps.push_back(p);
+  }
+  const float lr = 1e-2f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
+  for (int step = 1; step <= 3; ++step) {
+    const float c1 = 1.0f - std::pow(b1, static_cast<float>(step));
+    const float c2 = 1.0f - std::pow(b2, static_cast<float>(step));
+    const float scale = step == 2 ? 0.5f : 1.0f;
+    std::vector<AdamWTensors> list;
+    for (One& p : ps) {
+      const Tensor g = random_bf16_values({p.w.numel()}, s.rng, 0.01);
+      const Tensor gg = to_cuda(g, p.g_dt);
+      Tensor none;
+      adamw_update(p.w_ref, none, g, p.m_ref, p.v_ref, lr, b1, b2, eps, p.wd, c1, c2, scale);
+      adamw_update(p.w1, p.wc1, gg, p.m1, p.v1, lr, b1, b2, eps, p.wd, c1, c2, scale);
+      list.push_back({p.w, p.wc, gg, p.m, p.v, p.wd});
+    }
+    adamw_update_many(list, lr, b1, b2, eps, c1, c2, scale);
+  }
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const One& p = ps[i];
+    SCOPED_TRACE("tensor " + std::to_string(i) + " n=" + std::to_string(p.w.numel()));
+    if (p.wc.defined()) {
+      EXPECT_EQ(p.wc.to_vector(), p.w.to(cpu()).to(p.wc.dtype()).to_vector());
+    }
+    if (p.w.numel() == 0) continue;
+    constexpr double kOneUlpish = 1e-6;
+    expect_close(p.w, p.w1.to(cpu()), kOneUlpish, "w vs per-tensor");
+    expect_close(p.m, p.m1.to(cpu()), kOneUlpish, "m vs per-tensor");
+    expect_close(p.v, p.v1.to(cpu()), kOneUlpish, "v vs per-tensor");
+    expect_close(p.w, p.w_ref, kTolF32, "w");
+    expect_close(p.m, p.m_ref, kTolF32, "m");
+    expect_close(p.v, p.v_ref, kTolF32, "v");
+  }
+}
+
 TEST(CastGpu, RoundsToNearestEvenLikeTheCpu) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
   Seeded s;
@@ -495,6 +614,22 @@ TEST(VectorOpsGpu, SumOfSquaresManyEqualsTheLoopExactly) {
   EXPECT_NEAR(sum_of_squares_many(xs), ref, 1e-10 * ref);
   EXPECT_NEAR(sum_of_squares_many(cpu_xs), ref, 1e-12 * ref);
   EXPECT_EQ(sum_of_squares_many({}), 0.0);
+
+  // More tensors than one launch's list, some unaligned (element path), some empty.
+  std::vector<Tensor> many;
+  std::vector<double> cpu_sums;
+  for (int j = 0; j < 100; ++j) {
+    const int64_t n = (j * 7919) % 70001 + (j % 9 == 0 ? 0 : 1) * (j % 3);
+    const Tensor x = random_bf16_values({n + 1}, s.rng);
+    const Tensor g = to_cuda(x, j % 2 ? DType::BF16 : DType::F32);
+    many.push_back(j % 4 == 3 ? g.slice(0, 1, n + 1) : g.slice(0, 0, n));
+    cpu_sums.push_back(sum_of_squares(f64(many.back()).contiguous()));
+  }
+  double many_loop = 0, many_ref = 0;
+  for (const Tensor& x : many) many_loop += sum_of_squares(x);
+  for (double v : cpu_sums) many_ref += v;
+  EXPECT_EQ(sum_of_squares_many(many), many_loop);
+  EXPECT_NEAR(sum_of_squares_many(many), many_ref, 1e-10 * many_ref);
 }
 
 }  // namespace
