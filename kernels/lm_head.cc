@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 
+#include "core/dtype.h"
 #include "core/profile.h"
 #include "kernels/dispatch.h"
 #include "kernels/gemm.h"
@@ -31,6 +32,12 @@ void check_cpu_operand(const Tensor& t, const char* what) {
 // The FP8 emulation's operand: t quantized per tensor in `format` and dequantized (fp32).
 Tensor fp8_roundtrip(const Tensor& t, Fp8Format format) {
   return dequantize_fp8(quantize_fp8(t, format, Fp8Scaling::PerTensor));
+}
+
+// fp32 t rounded to bf16 values in place (RNE): the FP8 head keeps logits and dlogits in bf16.
+void round_to_bf16(Tensor& t) {
+  float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = bf16_to_float(float_to_bf16(p[i]));
 }
 
 }  // namespace
@@ -69,7 +76,8 @@ double lm_head_cross_entropy(Tensor& d_h, Tensor& d_w, const Tensor& h, const Te
       << "lm_head_cross_entropy: precision.lm_head = fp8 is emulated on fp32 CPU tensors, got "
       << h.str();
   // FP8: the GEMMs see the quantized h and W (E4M3, one scale per tensor) and, below, the
-  // quantized dlogits of each chunk (E5M2, one scale per chunk); fp32 products and sums.
+  // quantized dlogits of each chunk (E5M2, one scale per chunk); fp32 products and sums. The
+  // logits and the dlogits are rounded to bf16 (what the CUDA path stores) before they are used.
   const Tensor h_op = fp8 ? fp8_roundtrip(h, Fp8Format::E4M3) : h;
   const Tensor w_op = fp8 ? fp8_roundtrip(w, Fp8Format::E4M3) : w;
   const int32_t* tg = targets.data<int32_t>();
@@ -80,6 +88,7 @@ double lm_head_cross_entropy(Tensor& d_h, Tensor& d_w, const Tensor& h, const Te
     Tensor hc = h_op.slice(0, r0, r0 + rows);
     Tensor lc = logits.slice(0, 0, rows);
     gemm(lc, hc, false, w_op, true);  // logits = h W^T
+    if (fp8) round_to_bf16(lc);
     LASP_DISPATCH_CPU_FLOAT(h.dtype(), "lm_head_cross_entropy", T, {
       T* lp = lc.data<T>();
       for (int64_t r = 0; r < rows; ++r) {
@@ -102,6 +111,7 @@ double lm_head_cross_entropy(Tensor& d_h, Tensor& d_w, const Tensor& h, const Te
         row[t] -= T(loss_scale);
       }
     });
+    if (fp8) round_to_bf16(lc);
     const Tensor dlc = fp8 ? fp8_roundtrip(lc, Fp8Format::E5M2) : lc;
     if (d_h.defined()) {
       Tensor dhc = d_h.slice(0, r0, r0 + rows);

@@ -13,12 +13,13 @@
 //   Fp8   per-tensor FP8, fp32 accumulation: h and W in E4M3 (one scale each over the whole
 //         tensor, current amax; W quantized once per call = once per step), dlogits in E5M2 with
 //         one scale per chunk (its current amax). Each operand quantized along its GEMM's inner
-//         dim: logits = Q(h_c) Q(W)^T, d_h_c = Q(dl) Q(W)^T^T, d_w += Q(dl)^T Q(h_c). On CPU
-//         (fp32 only) it is emulated exactly (quantize, dequantize, fp32 GEMM); on CUDA the
-//         logits are written in bf16 by cuBLASLt's FP8 GEMM, the cross-entropy kernel turns them
-//         into bf16 dlogits in place and notes their amax, one pass writes dlogits' E5M2 codes
-//         and their transpose, and the FP8 GEMMs write d_h (bf16/fp32) and accumulate d_w (fp32).
-//         The two agree up to fp32 summation order and the bf16 rounding of the logits/dlogits.
+//         dim: logits = Q(h_c) Q(W)^T, d_h_c = Q(dl) Q(W)^T^T, d_w += Q(dl)^T Q(h_c). The logits
+//         and the dlogits are stored in bf16 (the cross-entropy reads bf16 logits; the E5M2 codes
+//         and their amax come from the bf16 dlogits). On CUDA: cuBLASLt FP8 GEMMs writing bf16
+//         logits, a row kernel that turns them into dlogits in place and notes their amax, one
+//         pass for dlogits' codes and their transpose, no host sync. On CPU (fp32 tensors) the
+//         same steps are emulated exactly (quantize, dequantize, fp32 GEMM, bf16 rounding); the
+//         two agree up to fp32 summation order and exp/log rounding.
 #pragma once
 
 #include <cstdint>

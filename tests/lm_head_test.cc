@@ -34,6 +34,8 @@ std::vector<double> fp8_values(const std::vector<double>& x, Fp8Format format) {
   return out;
 }
 
+double bf16_value(double x) { return bf16_to_float(float_to_bf16(static_cast<float>(x))); }
+
 std::vector<double> values_of(const Tensor& t) {
   std::vector<double> v(static_cast<size_t>(t.numel()));
   for (int64_t i = 0; i < t.numel(); ++i) v[static_cast<size_t>(i)] = t.item(i);
@@ -45,8 +47,9 @@ struct Reference {
   std::vector<double> dh, dw;
 };
 
-// The FP8 LM head in float64: E4M3 h and W (one scale each), per chunk logits, lse, dlogits
-// = loss_scale (softmax - onehot), E5M2 dlogits with the chunk's scale, d_h = dl W, d_w += dl^T h.
+// The FP8 LM head in float64: E4M3 h and W (one scale each), per chunk bf16 logits, lse, bf16
+// dlogits = loss_scale (softmax - onehot), E5M2 dlogits with the chunk's scale, d_h = dl W,
+// d_w += dl^T h.
 Reference fp8_reference(const Tensor& h, const Tensor& w, const std::vector<int>& targets,
                         float loss_scale, int64_t chunk) {
   const int64_t N = h.dim(0), C = h.dim(1), V = w.dim(0);
@@ -65,6 +68,7 @@ Reference fp8_reference(const Tensor& h, const Tensor& w, const std::vector<int>
       double mx = -1e300;
       for (int64_t v = 0; v < V; ++v) {
         for (int64_t c = 0; c < C; ++c) logit[v] += hq[(r0 + r) * C + c] * wq[v * C + c];
+        logit[v] = bf16_value(logit[v]);  // the FP8 head stores its logits in bf16
         mx = std::max(mx, logit[v]);
       }
       double z = 0;
@@ -72,7 +76,7 @@ Reference fp8_reference(const Tensor& h, const Tensor& w, const std::vector<int>
       const double lse = mx + std::log(z);
       ref.loss += lse - logit[static_cast<size_t>(t)];
       for (int64_t v = 0; v < V; ++v)
-        dl[r * V + v] = loss_scale * (std::exp(logit[v] - lse) - (v == t ? 1.0 : 0.0));
+        dl[r * V + v] = bf16_value(loss_scale * (std::exp(logit[v] - lse) - (v == t ? 1.0 : 0.0)));
     }
     const std::vector<double> dlq = fp8_values(dl, Fp8Format::E5M2);
     for (int64_t r = 0; r < rows; ++r)
@@ -117,8 +121,8 @@ TEST(LmHeadFp8, MatchesFloat64ReferenceOfTheQuantizedOperandsForEveryChunking) {
     Tensor dh = Tensor::empty({N, C}, DType::F32), dw = Tensor::zeros({V, C}, DType::F32);
     const double loss =
         lm_head_cross_entropy(dh, dw, h, w, targets, loss_scale, chunk, LmHeadPrecision::Fp8);
-    // The implementation rounds logits and dlogits to fp32 before quantizing: a dlogit next to an
-    // E5M2 rounding boundary may take the neighbouring code (rare at this size).
+    // The implementation computes in fp32 before its bf16 roundings: a value next to a rounding
+    // boundary may take the neighbouring bf16 / E5M2 value (rare at this size).
     EXPECT_NEAR(loss, ref.loss, 1e-5 * std::fabs(ref.loss));
     EXPECT_LT(rel_error(values_of(dh), ref.dh), 2e-3);
     EXPECT_LT(rel_error(values_of(dw), ref.dw), 2e-3);

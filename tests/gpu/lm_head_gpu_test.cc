@@ -1,8 +1,8 @@
 // The FP8 LM head + cross-entropy on CUDA (precision.lm_head = fp8) against its CPU emulation on
 // the same (bf16-representable) inputs, as tests/gpu/projection_gpu_test.cc does for the
-// projections. The GPU writes the logits and dlogits in bf16 before quantizing them; the CPU keeps
-// fp32, so a dlogit next to an E5M2 rounding boundary may take the neighbouring code: the bounds
-// are a few percent (an indexing or scale bug is off by O(1)).
+// projections. Both round the logits and the dlogits to bf16 and quantize the same values; they
+// differ by fp32 summation order and exp/log rounding (GPU __expf vs CPU double), so now and then
+// a value next to a bf16 or E5M2 rounding boundary takes the neighbouring code.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -68,9 +68,9 @@ TEST(LmHeadFp8Gpu, LossAndGradientsMatchTheCpuEmulation) {
             "[lm_head fp8 gpu vs cpu] N=%lld V=%lld h=%s w=%s: loss %.3e, d_h %.3e, d_w %.3e\n",
             static_cast<long long>(c.N), static_cast<long long>(c.V), dtype_name(h_dt),
             dtype_name(w_dt), std::fabs(loss - loss_ref) / std::fabs(loss_ref), e_dh, e_dw);
-        EXPECT_NEAR(loss, loss_ref, 2e-3 * std::fabs(loss_ref));
-        EXPECT_LT(e_dh, 4e-2);
-        EXPECT_LT(e_dw, 4e-2);
+        EXPECT_NEAR(loss, loss_ref, 1e-4 * std::fabs(loss_ref));
+        EXPECT_LT(e_dh, 1e-2);
+        EXPECT_LT(e_dw, 1e-2);
 
         Tensor none_h, none_w;
         const double loss_only = lm_head_cross_entropy(none_h, none_w, gh, gw, gt, loss_scale,
