@@ -12,6 +12,7 @@
 
 #include "core/config.h"
 #include "core/dtype.h"
+#include "core/model/model.h"
 #include "kernels/quantize.h"
 #include "test_util.h"
 
@@ -178,6 +179,44 @@ TEST(LmHeadFp8, Fp64IsRefusedAndTheConfigKeyAcceptsBf16AndFp8AndRefusesFp4ByName
   }
   EXPECT_NE(msg.find("precision.lm_head"), std::string::npos) << msg;
   EXPECT_NE(msg.find("fp4"), std::string::npos) << msg;
+}
+
+// The model hands precision.lm_head to its head: fp8 changes the loss by the FP8 rounding (not
+// silently bf16), for an untied head and for a head tied to the embedding.
+TEST(LmHeadFp8, TheModelRunsItsHeadInFp8WhenTheConfigSaysSo) {
+  for (bool tied : {false, true}) {
+    SCOPED_TRACE(tied ? "tied" : "untied");
+    ModelConfig cfg;
+    cfg.vocab_size = 40;
+    cfg.hidden = 16;
+    cfg.layers = 1;
+    cfg.heads = 2;
+    cfg.kv_heads = 2;
+    cfg.head_dim = 8;
+    cfg.mlp_hidden = 24;
+    cfg.pattern = "L";
+    cfg.tie_embeddings = tied;
+    cfg.ce_chunk = 7;
+    cfg.init_std = 0.3;
+    std::mt19937 rng(14);
+    Tensor inputs = Tensor::empty({2, 9}, DType::I32), targets = Tensor::empty({2, 9}, DType::I32);
+    std::uniform_int_distribution<int> tok(0, static_cast<int>(cfg.vocab_size) - 1);
+    for (int64_t i = 0; i < inputs.numel(); ++i) {
+      inputs.data<int32_t>()[i] = tok(rng);
+      targets.data<int32_t>()[i] = tok(rng);
+    }
+    ModelParallel par;
+    Model full(cfg, par, 5, DType::F32);
+    cfg.precision.lm_head = "fp8";
+    Model fp8(cfg, par, 5, DType::F32);
+    const double loss_full = full.forward_backward(inputs, targets, 1.0f);
+    const double loss_fp8 = fp8.forward_backward(inputs, targets, 1.0f);
+    EXPECT_NE(loss_fp8, loss_full);
+    EXPECT_NEAR(loss_fp8, loss_full, 0.02 * std::fabs(loss_full));
+    for (Param* p : fp8.params())
+      for (int64_t i = 0; i < p->grad.numel(); ++i)
+        ASSERT_TRUE(std::isfinite(p->grad.item(i))) << p->name;
+  }
 }
 
 }  // namespace
