@@ -59,7 +59,7 @@ std::vector<Field> schema(Config& c) {
       {"model", "ce_chunk", K::Int, &c.model.ce_chunk, 1, kInf, {}, "rows per fused LM-head/cross-entropy chunk"},
       {"precision", "attention", K::String, &c.model.precision.attention, 0, 0, {"bf16", "fp8", "fp4"}, "attention projections"},
       {"precision", "mlp", K::String, &c.model.precision.mlp, 0, 0, {"bf16", "fp8", "fp4"}, "MLP projections"},
-      {"precision", "lm_head", K::String, &c.model.precision.lm_head, 0, 0, {"bf16", "fp8", "fp4"}, "LM head"},
+      {"precision", "lm_head", K::String, &c.model.precision.lm_head, 0, 0, {"bf16", "fp8", "fp4"}, "LM head (bf16 | fp8)"},
       {"precision", "fp8_scaling", K::String, &c.model.precision.fp8_scaling, 0, 0, {"per_tensor", "delayed", "block"}, "FP8 scales"},
       {"precision", "fp4_format", K::String, &c.model.precision.fp4_format, 0, 0, {"mxfp4", "nvfp4"}, "FP4 element/scale format"},
       {"precision", "fp4_backward", K::String, &c.model.precision.fp4_backward, 0, 0, {"sr", "ms_eden"}, "FP4 backward quantizer"},
@@ -207,6 +207,9 @@ void validate(const Config& c, const std::string& source) {
       << source << ": model.kv_heads (" << m.kv_heads << ") must be divisible by parallel.tp (" << p.tp << ")";
   LASP_CHECK(m.mlp_hidden % p.tp == 0) << source << ": model.mlp_hidden (" << m.mlp_hidden
                                        << ") must be divisible by parallel.tp (" << p.tp << ")";
+  LASP_CHECK(c.model.precision.lm_head != "fp4")
+      << source << ": precision.lm_head = fp4 is not supported (the fused LM head + cross-entropy runs "
+      << "bf16 or fp8; fp4 applies to precision.attention and precision.mlp)";
   const int64_t hb = c.model.precision.hadamard_block;
   LASP_CHECK((hb & (hb - 1)) == 0) << source << ": precision.hadamard_block must be a power of two, got " << hb;
   LASP_CHECK(c.checkpoint.resume == "none" || c.checkpoint.resume == "auto" || !c.checkpoint.resume.empty())

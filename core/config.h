@@ -32,7 +32,7 @@ struct TrainConfig {
 struct PrecisionConfig {
   std::string attention = "bf16";    // q, k, v, gate, out projections: bf16 | fp8 | fp4
   std::string mlp = "bf16";          // SwiGLU projections: bf16 | fp8 | fp4
-  std::string lm_head = "bf16";      // LM head: bf16 | fp8 | fp4
+  std::string lm_head = "bf16";      // LM head + cross-entropy: bf16 | fp8 (fp4 is refused)
   std::string fp8_scaling = "per_tensor";  // per_tensor | delayed | block
   std::string fp4_format = "mxfp4";  // mxfp4 | nvfp4
   std::string fp4_backward = "sr";   // sr (stochastic rounding) | ms_eden

@@ -25,8 +25,6 @@ void activation_backward_cuda(Tensor& dx, const Tensor& dy, const Tensor& x, Act
 void rope_rotate_cuda(Tensor& x, const std::vector<int64_t>& positions, float theta, float sign);
 void embedding_forward_cuda(Tensor& out, const Tensor& table, const Tensor& tokens);
 void embedding_backward_cuda(Tensor& d_table, const Tensor& d_out, const Tensor& tokens);
-double lm_head_cross_entropy_cuda(Tensor& d_h, Tensor& d_w, const Tensor& h, const Tensor& w,
-                                  const Tensor& targets, float loss_scale, int64_t chunk);
 void bias_add_cuda(Tensor& y, const Tensor& b);
 void bias_backward_cuda(Tensor& db, const Tensor& dy);
 void adamw_update_cuda(Tensor& w, Tensor& w_compute, const Tensor& g, Tensor& m, Tensor& v, float lr,
@@ -321,59 +319,6 @@ void embedding_backward(Tensor& d_table, const Tensor& d_out, const Tensor& toke
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < C; ++c) dt[tok[n] * C + c] += dp[n * C + c];
   });
-}
-
-// ---------------------------------------------------------------- LM head + cross-entropy
-double lm_head_cross_entropy(Tensor& d_h, Tensor& d_w, const Tensor& h, const Tensor& w,
-                             const Tensor& targets, float loss_scale, int64_t chunk) {
-  LASP_PROFILE_SCOPE("lm_head_cross_entropy");
-  LASP_ON_CUDA(h, lm_head_cross_entropy_cuda(d_h, d_w, h, w, targets, loss_scale, chunk));
-  check_cpu(h, "lm_head_cross_entropy");
-  check_cpu(w, "lm_head_cross_entropy");
-  check_cpu(targets, "lm_head_cross_entropy");
-  const int64_t N = h.dim(0), C = h.dim(1), V = w.dim(0);
-  check_tensor(w, "lm_head_cross_entropy: w", h.dtype(), {V, C});
-  check_tensor(targets, "lm_head_cross_entropy: targets", DType::I32, {N});
-  if (d_h.defined()) check_tensor(d_h, "lm_head_cross_entropy: d_h", h.dtype(), {N, C});
-  if (d_w.defined()) check_tensor(d_w, "lm_head_cross_entropy: d_w", h.dtype(), {V, C});
-  LASP_CHECK(chunk > 0) << "lm_head_cross_entropy: chunk must be positive";
-  const int32_t* tg = targets.data<int32_t>();
-  double total = 0;
-  Tensor logits = Tensor::empty({std::min(chunk, std::max<int64_t>(N, 1)), V}, h.dtype());
-  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
-    const int64_t rows = std::min(chunk, N - r0);
-    Tensor hc = h.slice(0, r0, r0 + rows);
-    Tensor lc = logits.slice(0, 0, rows);
-    gemm(lc, hc, false, w, true);  // logits = h W^T
-    LASP_DISPATCH_CPU_FLOAT(h.dtype(), "lm_head_cross_entropy", T, {
-      T* lp = lc.data<T>();
-      for (int64_t r = 0; r < rows; ++r) {
-        T* row = lp + r * V;
-        const int32_t t = tg[r0 + r];
-        if (t < 0) {  // ignored position: no loss, no gradient
-          std::fill(row, row + V, T(0));
-          continue;
-        }
-        LASP_CHECK(t < V) << "lm_head_cross_entropy: target " << t << " at row " << r0 + r
-                          << " is outside the vocabulary [0, " << V << ")";
-        T mx = -std::numeric_limits<T>::infinity();
-        for (int64_t j = 0; j < V; ++j) mx = std::max(mx, row[j]);
-        double z = 0;
-        for (int64_t j = 0; j < V; ++j) z += std::exp(double(row[j] - mx));
-        const double lse = double(mx) + std::log(z);
-        total += lse - row[t];
-        // dlogits = softmax - onehot, scaled; reuse the logits buffer.
-        for (int64_t j = 0; j < V; ++j) row[j] = T(std::exp(double(row[j]) - lse) * loss_scale);
-        row[t] -= T(loss_scale);
-      }
-    });
-    if (d_h.defined()) {
-      Tensor dhc = d_h.slice(0, r0, r0 + rows);
-      gemm(dhc, lc, false, w, false);  // d_h = dlogits W
-    }
-    if (d_w.defined()) gemm(d_w, lc, true, hc, false, 1.0f, 1.0f);  // d_w += dlogits^T h
-  }
-  return total;
 }
 
 // ---------------------------------------------------------------- bias

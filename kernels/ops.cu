@@ -543,55 +543,6 @@ __global__ void embedding_backward_kernel(float* d_table, FloatIn d_out, const i
   }
 }
 
-// ---------------------------------------------------------------- LM head + cross-entropy
-// One block per row of the chunk's fp32 logits: lse by an online max/sum, the row loss
-// lse - logit[target] (double, per row), and dlogits = loss_scale (softmax - onehot) when wanted.
-// Ignored rows (target < 0) get loss 0 and zero dlogits; out-of-range targets raise `bad`.
-constexpr int kCeThreads = 1024;
-
-__global__ void __launch_bounds__(kCeThreads)
-    cross_entropy_rows_kernel(FloatOut dlogits, const float* logits, const int32_t* targets,
-                              double* row_loss, int64_t V, float loss_scale, bool want_grad, int* bad) {
-  __shared__ float scratch_f[32];
-  const int64_t r = blockIdx.x;
-  const float* row = logits + r * V;
-  const int32_t t = targets[r];
-  if (t < 0 || t >= V) {
-    if (t >= V && threadIdx.x == 0) atomicExch(bad, 1);
-    if (threadIdx.x == 0) row_loss[r] = 0.0;
-    if (want_grad)
-      for (int64_t j = threadIdx.x; j < V; j += blockDim.x) dlogits.set(r * V + j, 0.0f);
-    return;
-  }
-  // Per-thread running (max, sum of exp(x - max)), then merged across the block.
-  float m = -INFINITY, s = 0.0f;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float x = row[j];
-    if (x > m) {
-      s = s * __expf(m - x) + 1.0f;
-      m = x;
-    } else {
-      s += __expf(x - m);
-    }
-  }
-  // Block max first, then every thread rescales its sum to it.
-  float bm = warp_max(m);
-  __shared__ float wmax[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-  if (lane == 0) wmax[warp] = bm;
-  __syncthreads();
-  bm = warp_max(lane < nwarps ? wmax[lane] : -INFINITY);
-  const float scaled = m == -INFINITY ? 0.0f : s * __expf(m - bm);
-  const float total = block_sum(scaled, scratch_f);
-  const float lse = bm + logf(total);
-  if (threadIdx.x == 0) row_loss[r] = static_cast<double>(lse) - static_cast<double>(row[t]);
-  if (!want_grad) return;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float p = __expf(row[j] - lse) * loss_scale;
-    dlogits.set(r * V + j, j == t ? p - loss_scale : p);
-  }
-}
-
 // ---------------------------------------------------------------- bias, AdamW, vectors
 __global__ void bias_add_kernel(FloatOut y, FloatIn b, int64_t n, int64_t C) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -1061,80 +1012,6 @@ void embedding_backward_cuda(Tensor& d_table, const Tensor& d_out, const Tensor&
       d_table.data<float>(), in_of(d_out), tokens.data<int32_t>(), N, V, C, bad.ptr());
   CUDA_CHECK_LAUNCH("embedding_backward");
   LASP_CHECK(bad.read() == 0) << "embedding_backward: a token is outside the vocabulary [0, " << V << ")";
-}
-
-// Per chunk of rows: logits = h W^T (fp32, cuBLASLt), the row kernel above, then
-// d_h = dlogits W and d_w += dlogits^T h. Operands are bf16 when h or W is bf16 (the other is
-// converted: W once, h per chunk), fp32 when both are.
-double lm_head_cross_entropy_cuda(Tensor& d_h, Tensor& d_w, const Tensor& h, const Tensor& w,
-                                  const Tensor& targets, float loss_scale, int64_t chunk) {
-  const char* fn = "lm_head_cross_entropy";
-  check_activation(h, "lm_head_cross_entropy: h");
-  check_activation(w, "lm_head_cross_entropy: w");
-  LASP_CHECK(h.ndim() == 2 && w.ndim() == 2 && h.dim(1) == w.dim(1))
-      << fn << ": h must be [N, C] and w [V, C], got " << h.str() << " and " << w.str();
-  const int64_t N = h.dim(0), C = h.dim(1), V = w.dim(0);
-  LASP_CHECK(targets.is_cuda()) << fn << ": targets must be on the GPU, got " << targets.str();
-  check_tensor(targets, "lm_head_cross_entropy: targets", DType::I32, {N});
-  if (d_h.defined()) {
-    check_activation(d_h, "lm_head_cross_entropy: d_h", N * C);
-    LASP_CHECK(d_h.ndim() == 2) << fn << ": d_h must be [N, C], got " << d_h.str();
-  }
-  if (d_w.defined()) check_f32(d_w, "lm_head_cross_entropy: d_w (fp32 on CUDA)", {V, C});
-  LASP_CHECK(chunk > 0) << fn << ": chunk must be positive";
-  if (N == 0) return 0.0;
-  LASP_CHECK(V > 0) << fn << ": empty vocabulary";
-
-  const Device dev = h.device();
-  const DType op = (h.dtype() == DType::BF16 || w.dtype() == DType::BF16) ? DType::BF16 : DType::F32;
-  Tensor w_op = w;
-  if (w.dtype() != op) {
-    w_op = Tensor::empty(w.shape(), op, dev);
-    cast_cuda(w_op, w);
-  }
-  const bool want_grad = d_h.defined() || d_w.defined();
-  const int64_t rows_max = std::min(chunk, N);
-  Tensor logits = Tensor::empty({rows_max, V}, DType::F32, dev);
-  Tensor dlogits = want_grad ? Tensor::empty({rows_max, V}, op, dev) : Tensor();
-  Tensor h_op_buf = h.dtype() != op ? Tensor::empty({rows_max, C}, op, dev) : Tensor();
-  // gemm() writes bf16 or fp32 C from bf16 operands, only fp32 from fp32 ones.
-  const bool dh_via_f32 = d_h.defined() && op == DType::F32 && d_h.dtype() != DType::F32;
-  Tensor dh_buf = dh_via_f32 ? Tensor::empty({rows_max, C}, DType::F32, dev) : Tensor();
-  Tensor row_loss = Tensor::empty({N}, DType::F64, dev);
-  DeviceFlag bad(dev);
-
-  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
-    const int64_t rows = std::min(chunk, N - r0);
-    Tensor hc = h.slice(0, r0, r0 + rows);
-    if (h_op_buf.defined()) {
-      Tensor conv = h_op_buf.slice(0, 0, rows);
-      cast_cuda(conv, hc);
-      hc = conv;
-    }
-    Tensor lc = logits.slice(0, 0, rows);
-    gemm(lc, hc, false, w_op, true);  // logits = h W^T
-    Tensor dlc = want_grad ? dlogits.slice(0, 0, rows) : Tensor();
-    cross_entropy_rows_kernel<<<static_cast<unsigned>(rows), kCeThreads, 0, cuda_stream()>>>(
-        want_grad ? out_of(dlc) : FloatOut{}, lc.data<float>(), targets.data<int32_t>() + r0,
-        row_loss.data<double>() + r0, V, loss_scale, want_grad, bad.ptr());
-    CUDA_CHECK_LAUNCH("lm_head_cross_entropy (rows)");
-    if (d_h.defined()) {
-      Tensor dhc = d_h.slice(0, r0, r0 + rows);
-      if (dh_via_f32) {
-        Tensor tmp = dh_buf.slice(0, 0, rows);
-        gemm(tmp, dlc, false, w_op, false);
-        cast_cuda(dhc, tmp);
-      } else {
-        gemm(dhc, dlc, false, w_op, false);  // d_h = dlogits W
-      }
-    }
-    if (d_w.defined()) gemm(d_w, dlc, true, hc, false, 1.0f, 1.0f);  // d_w += dlogits^T h
-  }
-  LASP_CHECK(bad.read() == 0) << fn << ": a target is outside the vocabulary [0, " << V << ")";
-  const std::vector<double> losses = row_loss.to_vector();
-  double total = 0.0;
-  for (double l : losses) total += l;
-  return total;
 }
 
 void bias_add_cuda(Tensor& y, const Tensor& b) {

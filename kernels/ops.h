@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "kernels/lm_head.h"  // the fused LM head + cross-entropy, declared there
 
 namespace lasp {
 
@@ -54,14 +55,6 @@ void rope_backward(Tensor& dx, const std::vector<int64_t>& positions, float thet
 // --- Token embedding: out[n] = table[tokens[n]]; tokens int32 [N] (checked against V).
 void embedding_forward(Tensor& out, const Tensor& table, const Tensor& tokens);
 void embedding_backward(Tensor& d_table, const Tensor& d_out, const Tensor& tokens);  // +=
-
-// --- Fused LM head + cross-entropy, chunked over rows so the full [N, V] logits never exist.
-// For each row n with targets[n] >= 0: loss_n = logsumexp(h_n W^T) - (h_n W^T)[targets[n]].
-// Returns sum_n loss_n (unscaled). When d_h is defined, also writes d_h = loss_scale * dloss/dh
-// and accumulates d_w += loss_scale * dloss/dW (d_w may be undefined). h [N, C], w [V, C],
-// targets int32 [N] (-1 = ignore). `chunk` rows at a time.
-double lm_head_cross_entropy(Tensor& d_h, Tensor& d_w, const Tensor& h, const Tensor& w,
-                             const Tensor& targets, float loss_scale, int64_t chunk);
 
 // --- Bias: y[n, :] += b;  db += sum_n dy[n, :].
 void bias_add(Tensor& y, const Tensor& b);

@@ -232,12 +232,16 @@ __global__ void __launch_bounds__(kThreads) amax_vec_kernel(const T* __restrict_
   const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   int64_t tail = 0;
   if (vec_ok) {
+    // Packs are visited from the end of x to its start: the quantization pass that usually follows
+    // reads x from the start, which this pass read last, so part of it is still in L2 (and the
+    // producer of x wrote its end last, so this pass starts on L2 hits too).
     const int64_t nv = n / V;
+    const T* xe = x + (nv - 1) * V;  // the last pack; pack i of the walk is xe - i V
     int64_t i = tid;
     for (; i + 3 * stride < nv; i += 4 * stride) {
       float f[4][V];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) load16(x + (i + u * stride) * V, f[u]);
+      for (int u = 0; u < 4; ++u) load16(xe - (i + u * stride) * V, f[u]);
 #pragma unroll
       for (int u = 0; u < 4; ++u)
 #pragma unroll
@@ -245,7 +249,7 @@ __global__ void __launch_bounds__(kThreads) amax_vec_kernel(const T* __restrict_
     }
     for (; i < nv; i += stride) {
       float f[V];
-      load16(x + i * V, f);
+      load16(xe - i * V, f);
 #pragma unroll
       for (int j = 0; j < V; ++j) m = max(m, float_bits(fabsf(f[j])));
     }
@@ -291,8 +295,10 @@ __device__ inline float device_scale(const ScaleArgs& a, float fmax) {
 // The rows/cols quantizer. One CTA (256 threads) per 128 x 64 tile of x at a time, grid-stride over
 // the tiles (the grid is what fits on the GPU at once, so the scale is read once per CTA).
 //   load:  thread unit u (two per thread) = tile row u / 4, 16 consecutive columns 16 (u % 4):
-//          16-byte loads (2 for bf16, 4 for fp32; both units' loads are issued before any use),
-//          encode, one 16-byte store of the 16 row-major codes; a warp covers 8 rows x 64 columns.
+//          16-byte loads (2 for bf16, 4 for fp32) kept as raw bits, encode, one 16-byte store of
+//          the 16 row-major codes; a warp covers 8 rows x 64 columns. Software-pipelined: the next
+//          tile's loads are issued right after this tile is encoded, so they are in flight during
+//          its stores, the transpose and the barriers (one tile of loads per thread in flight).
 //   cols:  the codes also go to the shared tile; after a barrier thread (column c, segment g)
 //          gathers tile rows [16 g, 16 g + 16) of column c into one 16-byte store of x^T. A warp
 //          takes 16 columns x 2 adjacent segments: 32 contiguous bytes per x^T row, and with the
@@ -310,12 +316,32 @@ static_assert(kRcRows * kRcUnitsPerRow % kThreads == 0 && kRcCols * (kRcRows / k
               "rows/cols tile split");
 static_assert(kThreads == 256 && kRcCols == 64, "the x^T store mapping assumes 8 warps and 64 columns");
 
-// Loads 16 consecutive elements as floats (16-byte aligned p).
+// A unit's 16 elements as their raw bits, kept in registers between the load and the use (the
+// rows/cols kernel's prefetch: converting at load time would stall on the load right there).
+// bf16: two per word, the lower address in the low half; fp32: one per word.
 template <typename T>
-__device__ inline void load_unit(const T* p, float (&f)[kRcUnit]) {
-  constexpr int V = Vec16<T>::kN;
+constexpr int kRawWords = kRcUnit * static_cast<int>(sizeof(T)) / 4;
+
+template <typename T>
+__device__ inline void load_unit_raw(const T* p, uint32_t (&w)[kRawWords<T>]) {
 #pragma unroll
-  for (int k = 0; k < kRcUnit / V; ++k) load16(p + k * V, *reinterpret_cast<float(*)[V]>(f + k * V));
+  for (int i = 0; i < kRawWords<T> / 4; ++i) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p + i * Vec16<T>::kN);
+    w[4 * i] = v.x;
+    w[4 * i + 1] = v.y;
+    w[4 * i + 2] = v.z;
+    w[4 * i + 3] = v.w;
+  }
+}
+__device__ inline uint32_t raw_bits(float v) { return __float_as_uint(v); }
+__device__ inline uint32_t raw_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+template <typename T>
+__device__ inline float raw_element(const uint32_t (&w)[kRawWords<T>], int j) {
+  if constexpr (sizeof(T) == 2) {
+    return __uint_as_float(j % 2 == 0 ? w[j / 2] << 16 : w[j / 2] & 0xFFFF0000u);
+  } else {
+    return __uint_as_float(w[j]);
+  }
 }
 
 template <typename T, bool kCols, bool kRecord>
@@ -330,50 +356,79 @@ __global__ void __launch_bounds__(kThreads, 4) fp8_rows_cols_kernel(
   const float rs = 1.0f / s;
   uint32_t m = 0;
   const int64_t tiles = row_tiles * col_tiles;
-  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+  // Loads tile t's two units as raw bits (16-byte loads where the unit is whole and aligned, else
+  // element by element with zeros outside x).
+  auto load_tile = [&](int64_t t, uint32_t(&raw)[kRcUnits][kRawWords<T>], bool(&full)[kRcUnits]) {
     const int64_t r0 = (t / col_tiles) * kRcRows, c0 = (t % col_tiles) * kRcCols;
-    // ---- load both units
-    float f[kRcUnits][kRcUnit];
-    bool full[kRcUnits];
 #pragma unroll
     for (int k = 0; k < kRcUnits; ++k) {
       const int u = threadIdx.x + k * kThreads;
       const int64_t gr = r0 + u / kRcUnitsPerRow, gc = c0 + (u % kRcUnitsPerRow) * kRcUnit;
       full[k] = vec_ok && gr < rows && gc + kRcUnit <= cols;
       if (full[k]) {
-        load_unit(x + gr * cols + gc, f[k]);
+        load_unit_raw(x + gr * cols + gc, raw[k]);
       } else {
 #pragma unroll
-        for (int j = 0; j < kRcUnit; ++j)
-          f[k][j] = (gr < rows && gc + j < cols) ? to_float(x[gr * cols + gc + j]) : 0.0f;
+        for (int i = 0; i < kRawWords<T>; ++i) raw[k][i] = 0;
+#pragma unroll
+        for (int j = 0; j < kRcUnit; ++j) {
+          if (gr < rows && gc + j < cols) {
+            const uint32_t b = raw_bits(x[gr * cols + gc + j]);
+            if constexpr (sizeof(T) == 2) {
+              raw[k][j / 2] |= b << (16 * (j % 2));
+            } else {
+              raw[k][j] = b;
+            }
+          }
+        }
       }
     }
-    // ---- encode, store the row-major codes, stage them for x^T
+  };
+  // Software pipeline: the next tile's loads are issued as soon as this tile is encoded, so they
+  // are in flight while this tile's codes are stored and transposed (and across the barriers).
+  uint32_t raw[kRcUnits][kRawWords<T>];
+  bool full[kRcUnits];
+  if (blockIdx.x < tiles) load_tile(blockIdx.x, raw, full);
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t r0 = (t / col_tiles) * kRcRows, c0 = (t % col_tiles) * kRcCols;
+    // ---- encode both units
+    uint32_t packed[kRcUnits][kRcUnit / 4];
 #pragma unroll
     for (int k = 0; k < kRcUnits; ++k) {
       const int u = threadIdx.x + k * kThreads;
       const int tr = u / kRcUnitsPerRow, tc = (u % kRcUnitsPerRow) * kRcUnit;
       const int64_t gr = r0 + tr, gc = c0 + tc;
-      uint32_t packed[kRcUnit / 4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int w = 0; w < kRcUnit / 4; ++w) packed[k][w] = 0;
 #pragma unroll
       for (int j = 0; j < kRcUnit; j += 2) {
-        const float a = f[k][j], b = f[k][j + 1];
+        const float a = raw_element<T>(raw[k], j), b = raw_element<T>(raw[k], j + 1);
         if constexpr (kRecord) m = max(m, max(float_bits(fabsf(a)), float_bits(fabsf(b))));
         const float qa = fast_div ? div_by_scale(a, s, rs) : a / s;
         const float qb = fast_div ? div_by_scale(b, s, rs) : b / s;
-        packed[j / 4] |= fp8x2_encode(qa, qb, a, b, e4m3) << (8 * (j % 4));
+        packed[k][j / 4] |= fp8x2_encode(qa, qb, a, b, e4m3) << (8 * (j % 4));
       }
       if (!full[k]) {  // padding codes are 0 whatever the scale (a NaN scale would encode NaN)
 #pragma unroll
         for (int j = 0; j < kRcUnit; ++j)
-          if (gr >= rows || gc + j >= cols) packed[j / 4] &= ~(0xFFu << (8 * (j % 4)));
+          if (gr >= rows || gc + j >= cols) packed[k][j / 4] &= ~(0xFFu << (8 * (j % 4)));
       }
+    }
+    // ---- prefetch the next tile into raw (free now)
+    if (t + gridDim.x < tiles) load_tile(t + gridDim.x, raw, full);
+    // ---- store the row-major codes, stage them for x^T
+#pragma unroll
+    for (int k = 0; k < kRcUnits; ++k) {
+      const int u = threadIdx.x + k * kThreads;
+      const int tr = u / kRcUnitsPerRow, tc = (u % kRcUnitsPerRow) * kRcUnit;
+      const int64_t gr = r0 + tr, gc = c0 + tc;
       // cols_p % 16 == 0 and gc % 16 == 0: a unit is wholly inside or outside [0, cols_p).
       if (rows_out != nullptr && gr < rows && gc < cols_p)
-        *reinterpret_cast<uint4*>(rows_out + gr * cols_p + gc) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        *reinterpret_cast<uint4*>(rows_out + gr * cols_p + gc) =
+            make_uint4(packed[k][0], packed[k][1], packed[k][2], packed[k][3]);
       if constexpr (kCols) {
 #pragma unroll
-        for (int w = 0; w < kRcUnit / 4; ++w) *reinterpret_cast<uint32_t*>(&tile[tr][tc + 4 * w]) = packed[w];
+        for (int w = 0; w < kRcUnit / 4; ++w) *reinterpret_cast<uint32_t*>(&tile[tr][tc + 4 * w]) = packed[k][w];
       }
     }
     if constexpr (kCols) {

@@ -193,7 +193,8 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
   Tensor dh = backward ? act() : Tensor();
   Tensor dw = backward ? head.grad : Tensor();
   const double loss =
-      lm_head_cross_entropy(dh, dw, h, weights(head), targets.to(device_).view({N}), loss_scale, cfg_.ce_chunk);
+      lm_head_cross_entropy(dh, dw, h, weights(head), targets.to(device_).view({N}), loss_scale, cfg_.ce_chunk,
+                            lm_head_precision_from_name(cfg_.precision.lm_head));
   if (!backward) return loss;
 
   // Tells the hook, part by part, which gradients are final (grad_ready_groups() order).
