@@ -152,15 +152,14 @@ std::vector<std::vector<double>> log_g_from(const Tensor& t) {
 }
 
 // Runs the local forward of chunk c with initial state p and writes its rows of o.
-// ks (optional) keeps the kernel's segment states for chunk_backward with the same p.
 void chunk_forward(const SpLayout& lay, int c, Tensor& o, Tensor& final_state, const ChunkIn& in,
-                   const Tensor& p, int chunk, LinearAttentionSaved* ks = nullptr) {
+                   const Tensor& p, int chunk) {
   if (lay.chunk_len == lay.local_len) {
-    linear_attention_forward(o, final_state, in.q, in.k, in.v, in.decay, p, chunk, ks);
+    linear_attention_forward(o, final_state, in.q, in.k, in.v, in.decay, p, chunk);
     return;
   }
   Tensor oc = Tensor::empty(in.q.shape(), o.dtype(), o.device());
-  linear_attention_forward(oc, final_state, in.q, in.k, in.v, in.decay, p, chunk, ks);
+  linear_attention_forward(oc, final_state, in.q, in.k, in.v, in.decay, p, chunk);
   copy_seq_rows(o, lay.local_row(c), oc, 0, lay.chunk_len);
 }
 
@@ -176,14 +175,14 @@ struct Grads {
 // outputs; returns d_initial_state when `want_d_initial`.
 Tensor chunk_backward(const Dims& d, const SpLayout& lay, int c, Grads g, const ChunkIn& in,
                       const Tensor& p, const Tensor& d_o, const Tensor& dm, bool want_d_initial,
-                      int chunk, const LinearAttentionSaved* ks = nullptr) {
+                      int chunk) {
   Tensor d_init = want_d_initial ? new_state(d) : Tensor();
   const Tensor doc = seq_rows(d_o, lay.local_row(c), lay.chunk_len);
   const bool data_decay = in.decay.mode == DecayMode::DataDependent && g.d_log_decay.defined();
   if (lay.chunk_len == lay.local_len) {
     Tensor none;
     linear_attention_backward(g.dq, g.dk, g.dv, data_decay ? g.d_log_decay : none, d_init, in.q,
-                              in.k, in.v, in.decay, p, doc, dm, chunk, ks);
+                              in.k, in.v, in.decay, p, doc, dm, chunk);
     return d_init;
   }
   Tensor dqc = Tensor::empty(in.q.shape(), g.dq.dtype(), g.dq.device());
@@ -193,7 +192,7 @@ Tensor chunk_backward(const Dims& d, const SpLayout& lay, int c, Grads g, const 
                                           g.d_log_decay.device())
                           : Tensor();
   linear_attention_backward(dqc, dkc, dvc, dlc, d_init, in.q, in.k, in.v, in.decay, p, doc, dm,
-                            chunk, ks);
+                            chunk);
   const int64_t row = lay.local_row(c);
   copy_seq_rows(g.dq, row, dqc, 0, lay.chunk_len);
   copy_seq_rows(g.dk, row, dkc, 0, lay.chunk_len);
@@ -288,7 +287,7 @@ void lasp2_linear_forward(const SpContext& ctx, const SpLayout& lay, Tensor& o, 
     lasp2_unpack_states(d, lay, gathered, nm, m_of, log_g);
     for (int64_t i = 0; i < nm; ++i) {
       Tensor p = prefix_combine(d, m_of, log_g, mine[i]);
-      chunk_forward(lay, mine[i], o, none, ins[i], p, chunk, kernel_slot(saved, i));
+      chunk_forward(lay, mine[i], o, none, ins[i], p, chunk);
       prefixes.push_back(p);
     }
   } else {
@@ -317,8 +316,7 @@ void linear_backward_from_dp(const Dims& d, const SpLayout& lay, Grads g,
   const std::vector<std::vector<double>> log_g = log_g_from(saved.tensors.back());
   for (size_t i = 0; i < mine.size(); ++i) {
     const Tensor dm = suffix_combine(d, dp_of, log_g, mine[i]);
-    chunk_backward(d, lay, mine[i], g, ins[i], saved.tensors[i], d_o, dm, false, chunk,
-                   kernel_saved(saved, i));
+    chunk_backward(d, lay, mine[i], g, ins[i], saved.tensors[i], d_o, dm, false, chunk);
   }
 }
 
@@ -403,7 +401,7 @@ void lasp1_linear_forward(const SpContext& ctx, const SpLayout& lay, Tensor& o, 
     }
     const bool last = c == lay.num_chunks - 1;
     Tensor f = last ? Tensor() : new_state(d);
-    chunk_forward(lay, c, o, f, chunk_in(lay, c, q, k, v, decay), p, chunk, kernel_slot(saved, prefixes.size()));
+    chunk_forward(lay, c, o, f, chunk_in(lay, c, q, k, v, decay), p, chunk);
     if (!last) {
       if (lay.owner(c + 1) == lay.rank) carry = f;
       else comm.send(f, lay.owner(c + 1));
@@ -436,7 +434,7 @@ void lasp1_linear_backward(const SpContext& ctx, const SpLayout& lay, Tensor& dq
     }
     const Tensor dp = chunk_backward(d, lay, c, Grads{dq, dk, dv, d_log_decay},
                                      chunk_in(lay, c, q, k, v, decay), saved.tensors[i], d_o, dm,
-                                     c > 0, chunk, kernel_saved(saved, static_cast<size_t>(i)));
+                                     c > 0, chunk);
     if (c > 0) {
       if (lay.owner(c - 1) == lay.rank) carry = dp;
       else comm.send(dp, lay.owner(c - 1));
@@ -494,7 +492,7 @@ void ring_linear_forward(const SpContext& ctx, const SpLayout& lay, Tensor& o, c
   for (int c : mine) {
     Tensor p = prefix_combine(d, m_of, log_g, c);
     Tensor none;
-    chunk_forward(lay, c, o, none, chunk_in(lay, c, q, k, v, decay), p, chunk, kernel_slot(saved, prefixes.size()));
+    chunk_forward(lay, c, o, none, chunk_in(lay, c, q, k, v, decay), p, chunk);
     prefixes.push_back(p);
   }
   save_prefix(saved, std::move(prefixes), log_g);

@@ -43,21 +43,12 @@ std::vector<int64_t> sp_local_positions(const SpContext& ctx, int64_t local_len)
   return p;
 }
 
-LinearAttentionSaved* kernel_slot(SpSaved& saved, size_t i) {
-  if (saved.kernel.size() <= i) saved.kernel.resize(i + 1);
-  return &saved.kernel[i];
-}
-
-const LinearAttentionSaved* kernel_saved(const SpSaved& saved, size_t i) {
-  return i < saved.kernel.size() ? &saved.kernel[i] : nullptr;
-}
-
 void sp_linear_attention_forward(const SpContext& ctx, Tensor& o, const Tensor& q, const Tensor& k,
                                  const Tensor& v, const Decay& decay, SpSaved& saved, int chunk) {
-  saved = SpSaved();
   if (!ctx.comm) {
     Tensor no_state;
-    linear_attention_forward(o, no_state, q, k, v, decay, Tensor(), chunk, kernel_slot(saved, 0));
+    linear_attention_forward(o, no_state, q, k, v, decay, Tensor(), chunk);
+    saved.tensors.clear();
     return;
   }
   const SpLayout lay = make_sp_layout(ctx, q.dim(1));
@@ -77,7 +68,7 @@ void sp_linear_attention_backward(const SpContext& ctx, Tensor& dq, Tensor& dk, 
   if (!ctx.comm) {
     Tensor no_grad;
     linear_attention_backward(dq, dk, dv, d_log_decay, no_grad, q, k, v, decay, Tensor(), d_o,
-                              Tensor(), chunk, kernel_saved(saved, 0));
+                              Tensor(), chunk);
     return;
   }
   const SpLayout lay = make_sp_layout(ctx, q.dim(1));

@@ -46,15 +46,7 @@ std::vector<int64_t> sp_local_positions(const SpContext& ctx, int64_t local_len)
 // What a mixer's forward keeps for its backward (method-specific; e.g. the prefix state).
 struct SpSaved {
   std::vector<Tensor> tensors;
-  // What the linear-attention kernel's forward kept for its backward (the segment states), one
-  // per local chunk in my_chunks() order; missing entries make the backward recompute them.
-  std::vector<LinearAttentionSaved> kernel;
 };
-
-// The kernel's saved states of local chunk i: kernel_slot makes room for the forward to fill it;
-// kernel_saved is null where the forward kept none.
-LinearAttentionSaved* kernel_slot(SpSaved& saved, size_t i);
-const LinearAttentionSaved* kernel_saved(const SpSaved& saved, size_t i);
 
 // Linear attention over the whole (distributed) sequence; q, k, v, o local [B, L, H, D].
 void sp_linear_attention_forward(const SpContext& ctx, Tensor& o, const Tensor& q, const Tensor& k,
