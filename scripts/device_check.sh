@@ -14,7 +14,8 @@
 #
 # Environment: OUT (default ./device_out), BUILD (default /tmp/lasp-build-gpu), BUDGET_S (wall
 # seconds for the whole script, default 520); BENCH_ONLY=gemm|linear|attention restricts the kernel
-# benchmark, LOWP=0 skips `lasp bench lowp/ops`, SDPA=0 skips the PyTorch SDPA timing. If the project cannot be configured on the device
+# benchmark, LOWP=0 skips `lasp bench lowp/ops`, SDPA=0 skips the PyTorch SDPA timing;
+# GPU_FILTER / GPU_REPEAT pass --gtest_filter / --gtest_repeat to the GPU tests (flaky-test hunts). If the project cannot be configured on the device
 # (missing yaml-cpp / OpenBLAS / protobuf / GoogleTest there), the script falls back to binaries
 # prebuilt elsewhere and carried in .prebuilt/ (lasp_gpu_tests, lasp_tests, lib/ with their
 # shared libraries): see docs/kernels.md.
@@ -95,7 +96,8 @@ grep -E "error|warning: " "$OUT/build.log" | grep -v "^--" | head -20 | tee -a "
 # ---- 2. GPU tests ----
 GPU_RESULT="not run"
 if [ -n "$GPU_BIN" ]; then
-  timeout "$(left 200)" "$GPU_BIN" --gtest_color=no 2>&1 | tee "$OUT/gpu_tests.log"
+  timeout "$(left 200)" "$GPU_BIN" --gtest_color=no --gtest_filter="${GPU_FILTER:-*}" \
+    --gtest_repeat="${GPU_REPEAT:-1}" 2>&1 | tee "$OUT/gpu_tests.log"
   rc=$?
   GPU_RESULT="rc=$rc; $(grep -E '^\[  PASSED  \]|^\[  FAILED  \]|^\[  SKIPPED \] [0-9]' "$OUT/gpu_tests.log" | tr '\n' ' ')"
 fi
