@@ -218,19 +218,8 @@ double sum_row_losses(const Tensor& row_loss) {
 double lm_head_cross_entropy_cuda(Tensor& d_h, Tensor& d_w, const Tensor& h, const Tensor& w,
                                   const Tensor& targets, float loss_scale, int64_t chunk) {
   const char* fn = "lm_head_cross_entropy";
-  check_activation(h, "lm_head_cross_entropy: h");
-  check_activation(w, "lm_head_cross_entropy: w");
-  LASP_CHECK(h.ndim() == 2 && w.ndim() == 2 && h.dim(1) == w.dim(1))
-      << fn << ": h must be [N, C] and w [V, C], got " << h.str() << " and " << w.str();
-  const int64_t N = h.dim(0), C = h.dim(1), V = w.dim(0);
-  LASP_CHECK(targets.is_cuda()) << fn << ": targets must be on the GPU, got " << targets.str();
-  check_tensor(targets, "lm_head_cross_entropy: targets", DType::I32, {N});
-  if (d_h.defined()) {
-    check_activation(d_h, "lm_head_cross_entropy: d_h", N * C);
-    LASP_CHECK(d_h.ndim() == 2) << fn << ": d_h must be [N, C], got " << d_h.str();
-  }
-  if (d_w.defined()) check_f32(d_w, "lm_head_cross_entropy: d_w (fp32 on CUDA)", {V, C});
-  LASP_CHECK(chunk > 0) << fn << ": chunk must be positive";
+  const LmHeadDims dims = check_lm_head_args(d_h, d_w, h, w, targets, chunk);
+  const int64_t N = dims.N, C = dims.C, V = dims.V;
   if (N == 0) return 0.0;
   LASP_CHECK(V > 0) << fn << ": empty vocabulary";
 
