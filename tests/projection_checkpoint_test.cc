@@ -110,7 +110,9 @@ TEST(ProjectionScalingState, ARestoredProjectionContinuesExactlyLikeTheOriginal)
     EXPECT_EQ(ra, rb) << "step " << i;
     // Without the history the scales differ (the inputs shrink step by step, so the window's
     // max is above the current amax): the state really matters.
-    if (i == 5) EXPECT_NE(ra, rf);
+    if (i == 5) {
+      EXPECT_NE(ra, rf);
+    }
   }
 }
 
