@@ -6,8 +6,8 @@
 // with B's buffer as the first operand and A's as the second; the trans flags carry over as is.
 // Supported: A, B bf16 with C bf16 or fp32; or A, B, C fp32. Accumulation is always fp32
 // (CUBLAS_COMPUTE_32F: plain fp32 for fp32 operands, no TF32).
-// One cuBLASLt handle and one 32 MiB workspace per device, created on first use; the chosen
-// algorithm is cached per (shape, transposes, dtypes, alignment, beta != 0).
+// One cuBLASLt handle and one 32 MiB workspace per device (kernels/cublaslt_util.cuh, defined
+// here), created on first use; the chosen algorithm is cached per (shape, transposes, dtypes, alignment, beta != 0).
 #include <cuda_bf16.h>
 
 #include <map>
@@ -15,34 +15,16 @@
 #include <tuple>
 
 #include "core/tensor.h"
-#include "kernels/cuda_utils.cuh"
+#include "kernels/cublaslt_util.cuh"
 
 namespace lasp {
 namespace {
 
-constexpr size_t kWorkspaceBytes = 32u << 20;
-constexpr int kMaxDevices = 64;
-
-struct LtDeviceContext {
-  cublasLtHandle_t handle = nullptr;
-  void* workspace = nullptr;
-};
-
 using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, int, int, int, int, int, int>;
 
+constexpr int kMaxDevices = 64;
 std::mutex g_mu;
-LtDeviceContext g_ctx[kMaxDevices];
 std::map<AlgoKey, cublasLtMatmulAlgo_t> g_algos;
-
-LtDeviceContext& context(int dev) {
-  LASP_CHECK(dev >= 0 && dev < kMaxDevices) << "gemm_cuda: device index " << dev << " out of range";
-  LtDeviceContext& c = g_ctx[dev];
-  if (!c.handle) {
-    CUBLAS_CHECK(cublasLtCreate(&c.handle));
-    CUDA_CHECK(cudaMalloc(&c.workspace, kWorkspaceBytes));
-  }
-  return c;
-}
 
 cudaDataType_t cuda_type(DType t) {
   switch (t) {
@@ -70,20 +52,18 @@ __global__ void scale_kernel_bf16(__nv_bfloat16* c, int64_t n, float beta) {
   if (i < n) c[i] = __float2bfloat16(beta == 0.0f ? 0.0f : beta * __bfloat162float(c[i]));
 }
 
-struct LtDescriptors {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t x = nullptr, y = nullptr, c = nullptr;
-  cublasLtMatmulPreference_t pref = nullptr;
-  ~LtDescriptors() {
-    if (pref) cublasLtMatmulPreferenceDestroy(pref);
-    if (c) cublasLtMatrixLayoutDestroy(c);
-    if (y) cublasLtMatrixLayoutDestroy(y);
-    if (x) cublasLtMatrixLayoutDestroy(x);
-    if (op) cublasLtMatmulDescDestroy(op);
-  }
-};
-
 }  // namespace
+
+LtContext& lt_context(LtUser user, int dev) {
+  static LtContext contexts[static_cast<int>(LtUser::Count)][kMaxDevices];
+  LASP_CHECK(dev >= 0 && dev < kMaxDevices) << "cuBLASLt: device index " << dev << " out of range";
+  LtContext& c = contexts[static_cast<int>(user)][dev];
+  if (!c.handle) {
+    CUBLAS_CHECK(cublasLtCreate(&c.handle));
+    CUDA_CHECK(cudaMalloc(&c.workspace, kLtWorkspaceBytes));
+  }
+  return c;
+}
 
 void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
                float beta) {
@@ -115,9 +95,10 @@ void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool t
 
   const int dev = a.device().index;
   std::lock_guard<std::mutex> lock(g_mu);
-  LtDeviceContext& ctx = context(dev);
+  LtContext& ctx = lt_context(LtUser::Gemm, dev);
 
-  // First operand X = B's buffer (column-major: b.dim(1) x b.dim(0)), second Y = A's buffer.
+  // cuBLASLt's first operand (d.a, "X") is B's buffer (column-major: b.dim(1) x b.dim(0)), its
+  // second (d.b, "Y") is A's buffer.
   const cublasOperation_t op_x = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_y = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cudaDataType_t t_ab = cuda_type(ab), t_c = cuda_type(c.dtype());
@@ -125,8 +106,8 @@ void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool t
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_x, sizeof(op_x)));
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_y, sizeof(op_y)));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.x, t_ab, b.dim(1), b.dim(0), b.dim(1)));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.y, t_ab, a.dim(1), a.dim(0), a.dim(1)));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, t_ab, b.dim(1), b.dim(0), b.dim(1)));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, t_ab, a.dim(1), a.dim(0), a.dim(1)));
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, t_c, n, m, n));
 
   const int al_x = alignment_of(b.raw()), al_y = alignment_of(a.raw()), al_c = alignment_of(c.raw());
@@ -135,7 +116,7 @@ void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool t
   auto it = g_algos.find(key);
   if (it == g_algos.end()) {
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
-    const size_t ws = kWorkspaceBytes;
+    const size_t ws = kLtWorkspaceBytes;
     const uint32_t ax = al_x, ay = al_y, ac = al_c;
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
@@ -149,15 +130,15 @@ void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool t
         d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof(ac)));
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
-    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.x, d.y, d.c, d.c, d.pref, 1,
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1,
                                                 &result, &found));
     LASP_CHECK(found > 0) << "gemm_cuda: cuBLASLt found no algorithm for " << a.str()
                           << (trans_a ? "^T" : "") << " x " << b.str() << (trans_b ? "^T" : "")
                           << " -> " << c.str();
     it = g_algos.emplace(key, result.algo).first;
   }
-  CUBLAS_CHECK(cublasLtMatmul(ctx.handle, d.op, &alpha, b.raw(), d.x, a.raw(), d.y, &beta, c.raw(),
-                              d.c, c.raw(), d.c, &it->second, ctx.workspace, kWorkspaceBytes,
+  CUBLAS_CHECK(cublasLtMatmul(ctx.handle, d.op, &alpha, b.raw(), d.a, a.raw(), d.b, &beta, c.raw(),
+                              d.c, c.raw(), d.c, &it->second, ctx.workspace, kLtWorkspaceBytes,
                               stream));
 }
 

@@ -34,10 +34,6 @@ void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alp
 
 #ifndef LASP_HAVE_CUDA
 int64_t gemm_fp8_fallback_count() { return 0; }
-
-void gemm_fp4_emulated_cuda(Tensor&, const QuantizedFp4&, const QuantizedFp4&) {
-  LASP_FAIL() << "gemm_fp4_emulated_cuda: this build has no CUDA backend";
-}
 #endif
 
 }  // namespace lasp

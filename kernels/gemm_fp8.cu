@@ -1,5 +1,4 @@
-// FP8 GEMM through cuBLASLt, and the FP4 GEMM emulated on bf16 tensor cores (API and limits in
-// gemm_fp8.h, design in docs/fp8_gpu.md).
+// FP8 GEMM through cuBLASLt (API and limits in gemm_fp8.h, design in docs/fp8_gpu.md).
 //
 // Layout mapping. Our row-major C[M, N] = A[M, K] B[N, K]^T, read column-major, is the
 // N x M matrix C^T (ld N) = B A^T, i.e. cuBLASLt's D = op(A') op(B') with
@@ -27,7 +26,7 @@
 
 #include "core/log.h"
 #include "core/tensor.h"
-#include "kernels/cuda_utils.cuh"
+#include "kernels/cublaslt_util.cuh"
 #include "kernels/gemm.h"
 #include "kernels/gemm_fp8.h"
 #include "kernels/quantize_cuda.h"
@@ -35,33 +34,15 @@
 namespace lasp {
 namespace {
 
-constexpr size_t kWorkspaceBytes = 32u << 20;
-constexpr int kMaxDevices = 64;
 constexpr int64_t kFp8Align = 16;  // elements (= bytes) for K-major FP8 rows; also N for C
 constexpr int64_t kScaleBlock = kFp8BlockSize;
-
-struct LtContext {
-  cublasLtHandle_t handle = nullptr;
-  void* workspace = nullptr;
-};
 
 // (device, M padded, N, K, A fmt, B fmt, A mode, B mode, C dtype, beta != 0, fast accum)
 using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, int, int, int, int, int>;
 
 std::mutex g_mu;
-LtContext g_ctx[kMaxDevices];
 std::map<AlgoKey, cublasLtMatmulAlgo_t> g_algos;
 std::atomic<int64_t> g_fallbacks{0};
-
-LtContext& context(int dev) {
-  LASP_CHECK(dev >= 0 && dev < kMaxDevices) << "gemm_fp8: device index " << dev << " out of range";
-  LtContext& c = g_ctx[dev];
-  if (!c.handle) {
-    CUBLAS_CHECK(cublasLtCreate(&c.handle));
-    CUDA_CHECK(cudaMalloc(&c.workspace, kWorkspaceBytes));
-  }
-  return c;
-}
 
 const char* format_name(Fp8Format f) { return f == Fp8Format::E4M3 ? "e4m3" : "e5m2"; }
 const char* scaling_name(Fp8Scaling s) {
@@ -182,19 +163,6 @@ OperandScales prepare_scales(const QuantizedFp8& q, int64_t outer_p, bool block_
   return s;
 }
 
-struct LtDescriptors {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
-  cublasLtMatmulPreference_t pref = nullptr;
-  ~LtDescriptors() {
-    if (pref) cublasLtMatmulPreferenceDestroy(pref);
-    if (c) cublasLtMatrixLayoutDestroy(c);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (a) cublasLtMatrixLayoutDestroy(a);
-    if (op) cublasLtMatmulDescDestroy(op);
-  }
-};
-
 // Exact fallback: fp32 dequantization and the fp32 GEMM (what gemm_fp8_emulated computes).
 void gemm_fp8_dequantized(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha,
                           float beta) {
@@ -257,17 +225,7 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
     return t;
   };
   const Tensor a_codes = padded_codes(a, m, mp), b_codes = padded_codes(b, n, np);
-  const bool pad_c = mp != m || np != n || !aligned16(c.raw());
-  const size_t esize = dtype_size(c.dtype());
-  Tensor c_run = c;
-  if (pad_c) {
-    c_run = Tensor::empty({mp, np}, c.dtype(), dev);
-    CUDA_CHECK(cudaMemsetAsync(c_run.raw(), 0, c_run.nbytes(), stream));
-    if (beta != 0.0f) {
-      CUDA_CHECK(cudaMemcpy2DAsync(c_run.raw(), np * esize, c.raw(), n * esize, n * esize, static_cast<size_t>(m),
-                                   cudaMemcpyDeviceToDevice, stream));
-    }
-  }
+  PaddedOutput out(c, mp, np, beta != 0.0f);
   // cuBLASLt's A is our B (outer N), its B is our A (outer mp).
   const bool both_tiles = a.scaling == Fp8Scaling::Block128x128 && b.scaling == Fp8Scaling::Block128x128;
   const OperandScales s_lt_a = prepare_scales(b, np, block, false);
@@ -277,7 +235,7 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
   bool found = true;
   {
     std::lock_guard<std::mutex> lock(g_mu);
-    LtContext& ctx = context(dev.index);
+    LtContext& ctx = lt_context(LtUser::Fp8, dev.index);
     LtDescriptors d;
     const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
     const int8_t fast = fast_accum ? 1 : 0;
@@ -305,7 +263,7 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
     auto it = g_algos.find(key);
     if (it == g_algos.end()) {
       CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
-      const size_t ws = kWorkspaceBytes;
+      const size_t ws = kLtWorkspaceBytes;
       CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                         &ws, sizeof(ws)));
       cublasLtMatmulHeuristicResult_t result{};
@@ -317,8 +275,8 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
     }
     if (found) {
       status = cublasLtMatmul(ctx.handle, d.op, &alpha, b_codes.raw(), d.a,
-                              a_codes.raw(), d.b, &beta, c_run.raw(), d.c, c_run.raw(), d.c,
-                              &it->second, ctx.workspace, kWorkspaceBytes, stream);
+                              a_codes.raw(), d.b, &beta, out.run.raw(), d.c, out.run.raw(), d.c,
+                              &it->second, ctx.workspace, kLtWorkspaceBytes, stream);
     }
   }
   if (!found || status != CUBLAS_STATUS_SUCCESS) {
@@ -332,38 +290,7 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
     gemm_fp8_dequantized(c, a, b, alpha, beta);
     return;
   }
-  if (pad_c) {
-    CUDA_CHECK(cudaMemcpy2DAsync(c.raw(), n * esize, c_run.raw(), np * esize, n * esize, static_cast<size_t>(m),
-                                 cudaMemcpyDeviceToDevice, stream));
-  }
-}
-
-void gemm_fp4_emulated_cuda(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b) {
-  LASP_CHECK(a.format == b.format) << "gemm_fp4_emulated_cuda: operands in different FP4 formats";
-  LASP_CHECK(a.cols() == b.cols()) << "gemm_fp4_emulated_cuda: inner dims differ, A " << a.codes.str()
-                                   << ", B " << b.codes.str();
-  const int64_t m = a.rows(), n = b.rows(), k = a.cols();
-  LASP_CHECK(c.is_cuda() && c.ndim() == 2 && c.dim(0) == m && c.dim(1) == n &&
-             (c.dtype() == DType::F32 || c.dtype() == DType::BF16))
-      << "gemm_fp4_emulated_cuda: C must be a bf16/fp32 CUDA tensor [" << m << ", " << n << "], got "
-      << c.str();
-  static std::once_flag logged;
-  std::call_once(logged, [] {
-    int dev = 0, major = 0, minor = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-    LASP_INFO() << "FP4 emulated on sm_" << major << minor
-                << ": FP4 GEMMs dequantize E2M1 x group scale exactly to bf16 and run bf16 tensor "
-                   "cores with fp32 accumulation (no native FP4 path in this build)";
-  });
-  // E2M1 x E8M0 and E2M1 x E4M3 have at most 6 significant bits: exact in bf16. The tensor
-  // scales go to the epilogue (alpha), as in gemm_fp4_emulated.
-  Tensor ad = Tensor::empty(a.codes.shape(), DType::BF16, c.device());
-  Tensor bd = Tensor::empty(b.codes.shape(), DType::BF16, c.device());
-  dequantize_fp4_cuda(ad, a, false);
-  dequantize_fp4_cuda(bd, b, false);
-  gemm(c, ad.view({m, k}), false, bd.view({n, k}), true, a.tensor_scale * b.tensor_scale);
+  out.finish();
 }
 
 }  // namespace lasp

@@ -1,4 +1,4 @@
-// FP8 GEMM (cuBLASLt on Hopper) and the FP4 GEMM emulated on bf16 tensor cores.
+// FP8 GEMM (cuBLASLt on Hopper). The FP4 GEMMs are in kernels/gemm_fp4.h.
 //
 //   gemm_fp8(c, a, b, alpha, beta):  C[M, N] = alpha * deq(A) deq(B)^T + beta * C
 //
@@ -37,11 +37,5 @@ void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alp
 
 // How many gemm_fp8 calls took the exact-but-slow fallback since the process started.
 int64_t gemm_fp8_fallback_count();
-
-// C[M, N] (fp32 or bf16, CUDA) = tensor_scale_a * tensor_scale_b * deq(A) deq(B)^T for FP4 A
-// [M, K], B [N, K] in the same format: dequantizes the codes x group scales exactly to bf16 and
-// runs the bf16 cuBLASLt GEMM with the tensor scales as alpha. Hopper has no FP4 tensor cores;
-// the first call logs "FP4 GEMM emulated on sm_90 ...".
-void gemm_fp4_emulated_cuda(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b);
 
 }  // namespace lasp

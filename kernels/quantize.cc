@@ -5,7 +5,6 @@
 #include "kernels/quantize_math.h"
 
 #ifdef LASP_HAVE_CUDA
-#include "kernels/gemm_fp8.h"
 #include "kernels/quantize_cuda.h"
 #endif
 
@@ -16,6 +15,8 @@
 
 #include "kernels/counter_rng.h"
 #include "kernels/gemm.h"
+#include "kernels/gemm_fp4.h"
+#include "kernels/gemm_fp8.h"
 
 namespace lasp {
 
@@ -432,7 +433,7 @@ Tensor quartet_backward_gemm(const Tensor& a, const Tensor& b, Fp4Format format,
   o.stream = 2 * stream + 1;
   const QuantizedFp4 qb = quantize_fp4(hadamard_rotated(b, rot), o);
   Tensor c = Tensor::empty({a.dim(0), b.dim(0)}, DType::F32, a.device());
-  gemm_fp4_emulated(c, qa, qb);
+  gemm_fp4(c, qa, qb);
   return c;
 }
 
@@ -445,7 +446,7 @@ void quartet_linear_forward(Tensor& y, QuartetSaved& saved, const Tensor& x, con
   const HadamardSpec h{cfg.forward_block, false, 0};
   const QuantizedFp4 qx = quantize_mxfp4(hadamard_rotated(x, h), Fp4Rounding::Nearest, Fp4Clip::Quest);
   const QuantizedFp4 qw = quantize_mxfp4(hadamard_rotated(w, h), Fp4Rounding::Nearest, Fp4Clip::Quest);
-  gemm_fp4_emulated(y, qx, qw);
+  gemm_fp4(y, qx, qw);
   saved.xq = dequantize_fp4(qx);
   saved.wq = dequantize_fp4(qw);
   saved.mask_x = qx.mask;

@@ -16,6 +16,7 @@
 #include "core/log.h"
 #include "core/tensor.h"
 #include "kernels/gemm.h"
+#include "kernels/gemm_fp4.h"
 #include "kernels/gemm_fp8.h"
 
 #ifdef LASP_HAVE_CUDA
@@ -65,6 +66,45 @@ struct Shape3 {
   int64_t m, n, k;
   const char* what;
 };
+
+// The FP4 GEMM (gemm_fp4) on the same shapes, MXFP4 and NVFP4 operands quantized beforehand
+// (RTN), against the bf16 GEMM: native FP4 tensor cores where the GPU has them, else the exact
+// emulation (which the table names).
+void run_fp4(const Options& opt, const std::vector<Shape3>& shapes) {
+  const bool native = fp4_native_supported(cuda()) && fp4_gemm_path_from_env() != Fp4GemmPath::Emulated;
+  std::printf("\nFP4 GEMM, %s; MXFP4 = E2M1 x E8M0 per 32, NVFP4 = E2M1 x E4M3 per 16 x fp32\n",
+              native ? "native FP4 tensor cores (cuBLASLt block-scaled)"
+                     : "EMULATED (no FP4 tensor cores: exact dequantize to bf16 + bf16 GEMM)");
+  std::printf("%-26s %-18s %8s %9s %9s %8s %8s %9s %9s\n", "op", "MxNxK", "bf16_ms", "mxfp4_ms", "nvfp4_ms",
+              "mx_TF", "nv_TF", "mx_speed", "nv_speed");
+  const int64_t fallbacks_before = gemm_fp4_fallback_count();
+  uint32_t seed = 101;
+  for (const Shape3& g : shapes) {
+    Tensor x = random_bf16({g.m, g.k}, 1.0, seed++), w = random_bf16({g.n, g.k}, 0.02, seed++);
+    Tensor y = Tensor::empty({g.m, g.n}, DType::BF16, cuda());
+    const double flops = 2.0 * g.m * g.n * g.k;
+    const double bf16_ms = time_ms([&] { gemm(y, x, false, w, true); }, opt);
+    double ms[2];
+    for (int f = 0; f < 2; ++f) {
+      Fp4Options o;
+      o.format = f == 0 ? Fp4Format::MXFP4 : Fp4Format::NVFP4;
+      const QuantizedFp4 xq = quantize_fp4_cuda(x, o), wq = quantize_fp4_cuda(w, o);
+      ms[f] = time_ms([&] { gemm_fp4(y, xq, wq); }, opt);
+    }
+    char shape[64];
+    std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m), static_cast<long>(g.n),
+                  static_cast<long>(g.k));
+    std::printf("%-26s %-18s %8.3f %9.3f %9.3f %8.0f %8.0f %9.2f %9.2f\n", g.what, shape, bf16_ms, ms[0], ms[1],
+                flops / (ms[0] * 1e9), flops / (ms[1] * 1e9), bf16_ms / ms[0], bf16_ms / ms[1]);
+    std::fflush(stdout);
+  }
+  std::printf("columns: *_speed = bf16_ms / fp4_ms (the GEMM alone; quantization not included)\n");
+  const int64_t fallbacks = gemm_fp4_fallback_count() - fallbacks_before;
+  if (fallbacks > 0) {
+    std::printf("WARNING: %ld native FP4 GEMMs fell back to the emulation (cuBLASLt refused them)\n",
+                static_cast<long>(fallbacks));
+  }
+}
 
 int run(const Options& opt) {
   std::vector<Shape3> shapes = {{8192, 8192, 8192, "square"},
@@ -125,6 +165,7 @@ int run(const Options& opt) {
                 "refused them): blk_ms is not a cuBLASLt time\n",
                 static_cast<long>(fallbacks));
   }
+  run_fp4(opt, shapes);
   return 0;
 }
 

@@ -33,6 +33,32 @@ class TempDir {
   std::string path_;
 };
 
+// Sets an environment variable for its lifetime (nullptr: unsets it) and restores what was there.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    if (value)
+      setenv(name, value, 1);
+    else
+      unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (had_)
+      setenv(name_.c_str(), old_.c_str(), 1);
+    else
+      unsetenv(name_.c_str());
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
+
 inline Tensor random_tensor(const Shape& shape, std::mt19937& rng, double scale = 1.0,
                             DType dtype = DType::F64) {
   std::normal_distribution<double> n(0.0, scale);

@@ -24,10 +24,11 @@
 //               (each forward records into the histories, as the CPU does).
 //   block       1x128 / 128x128 scales through the existing quantizers and cuBLASLt's block
 //               modes; transposes materialised (slower; correctness first).
-// FP4 (Quartet), emulated: Hadamard rotations, MXFP4/NVFP4 quantization (QuEST clipping forward,
-// stochastic rounding backward) on the GPU with the CPU's seeds and streams, then the exact
-// dequantization to bf16 and the bf16 GEMM (gemm_fp4_emulated_cuda); the backward rounds by SR or
-// MS-EDEN (precision.fp4_backward), as the CPU.
+// FP4 (Quartet): Hadamard rotations, MXFP4/NVFP4 quantization (QuEST clipping forward,
+// stochastic rounding backward) on the GPU with the CPU's seeds and streams, then gemm_fp4: native
+// FP4 tensor cores on sm_100 and later, on Hopper the exact dequantization to bf16 and the bf16
+// GEMM (kernels/gemm_fp4.h); the backward rounds by SR or MS-EDEN (precision.fp4_backward), as
+// the CPU.
 #ifdef LASP_HAVE_CUDA
 
 #include <mutex>
@@ -37,6 +38,7 @@
 #include "core/model/projection.h"
 #include "core/model/projection_internal.h"
 #include "core/profile.h"
+#include "kernels/gemm_fp4.h"
 #include "kernels/gemm_fp8.h"
 #include "kernels/quantize_cuda.h"
 
@@ -329,8 +331,8 @@ void fp4_forward_cuda(Tensor& y, const Tensor& x, Param& w) {
   check_fp4_cuda_options(w);
   check_fp4_dims(w, x.dim(0), false);
   ProjectionState& st = state_of(w);
-  LASP_PROFILE_SCOPE("fp4_emulation");
-  gemm_fp4_emulated_cuda(y, fp4_forward_operand(x), fp4_weight(w, st));
+  LASP_PROFILE_SCOPE("fp4_forward");
+  gemm_fp4(y, fp4_forward_operand(x), fp4_weight(w, st));
 }
 
 void fp4_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& dy,
@@ -339,7 +341,7 @@ void fp4_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& d
   check_fp4_dims(w, x.dim(0), true);
   ProjectionState& st = state_of(w);
   const uint64_t seed = next_fp4_backward_seed(w);
-  LASP_PROFILE_SCOPE("fp4_emulation");
+  LASP_PROFILE_SCOPE("fp4_backward");
   const ProjectionOptions& o = options();
   const HadamardSpec h{o.hadamard_block, false, 0};
   // The forward's operands, rebuilt (RTN is deterministic; W's is cached for the epoch), and
