@@ -2,9 +2,14 @@
 // against the fp32 CPU model with the same initial weights, and a short CUDA training run.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <random>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "core/config.h"
 #include "core/device.h"
@@ -43,7 +48,9 @@ TEST(ModelGpu, LossAndEveryGradientMatchTheFp32CpuModel) {
     on_gpu.device = cuda(0);
     Model ref(mc, on_cpu, 7, DType::F32);
     Model model(mc, on_gpu, 7, DType::F32);
-    std::mt19937 rng(gpu_test::fresh_seed());
+    const uint32_t seed = gpu_test::fresh_seed();
+    SCOPED_TRACE("input seed " + std::to_string(seed));
+    std::mt19937 rng(seed);
     std::uniform_int_distribution<int> tok(0, 255);
     const int64_t B = 2, L = 131;  // not a multiple of the kernels' chunks
     Tensor in = Tensor::empty({B, L}, DType::I32), tg = Tensor::empty({B, L}, DType::I32);
@@ -59,10 +66,19 @@ TEST(ModelGpu, LossAndEveryGradientMatchTheFp32CpuModel) {
     EXPECT_NEAR(loss, ref_loss, 1e-2 * ref_loss);
     auto rp = ref.params(), gp = model.params();
     ASSERT_EQ(rp.size(), gp.size());
+    // Every tensor's error is printed (the worst first), so a failing repeat says which one.
+    std::vector<std::pair<double, std::string>> errors;
     for (size_t i = 0; i < gp.size(); ++i) {
       EXPECT_TRUE(gp[i]->grad.is_cuda()) << gp[i]->name;
-      EXPECT_LE(gpu_test::rel_error(gp[i]->grad.to(cpu()), rp[i]->grad), 5e-2) << gp[i]->name;
+      const double e = gpu_test::rel_error(gp[i]->grad.to(cpu()), rp[i]->grad);
+      EXPECT_LE(e, 5e-2) << gp[i]->name;
+      errors.emplace_back(e, gp[i]->name);
     }
+    std::sort(errors.rbegin(), errors.rend());
+    std::string line = "decay " + decay + ", seed " + std::to_string(seed) + ", loss error " +
+                       std::to_string(std::fabs(loss - ref_loss) / ref_loss) + ", gradient errors:";
+    for (const auto& [e, name] : errors) line += " " + name + " " + std::to_string(e);
+    std::printf("%s\n", line.c_str());
   }
 }
 
