@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -205,15 +206,29 @@ TEST(CommTimeout, WatchdogStaysQuietForCollectivesThatComplete) {
   EXPECT_THROW(set_comm_timeout(-1), Error);
 }
 
-// By hand (ends the job on purpose):
+// The two tests below end the job on purpose, so they are disabled in the ordinary runs. CTest
+// runs each in a job of its own through tests/mpi/expect_job_failure.sh, which requires a
+// non-zero exit within a time limit and the messages that name the rank (tests/CMakeLists.txt:
+// mpi_timeout_aborts_job, mpi_dead_rank_ends_job). By hand:
 //   LASP_COMM_TIMEOUT=2 mpirun -np 2 --oversubscribe build/tests/lasp_mpi_tests
 //     --gtest_also_run_disabled_tests --gtest_filter='*AbortsTheJob*'   (one command line)
+
 // Rank 1 never joins the barrier; rank 0 prints the timeout and MPI_Abort ends both ranks.
 TEST(CommTimeout, DISABLED_AbortsTheJobWhenAPeerNeverArrives) {
   Comm& c = world();
   if (c.rank() == 0) c.barrier();
   else std::this_thread::sleep_for(std::chrono::seconds(60));
   ADD_FAILURE() << "the watchdog should have aborted the job";
+}
+
+// Rank 1 dies (exit code 7, without MPI_Finalize) while rank 0 waits for it in an all-reduce:
+// mpirun ends the job and names the rank that died; should it not, rank 0's watchdog does.
+TEST(CommTimeout, DISABLED_ARankThatDiesEndsTheJob) {
+  Comm& c = world();
+  if (c.rank() == 1) std::_Exit(7);
+  Tensor x = Tensor::zeros({4}, DType::F32);
+  c.all_reduce_sum(x);
+  ADD_FAILURE() << "an all-reduce with a dead peer returned";
 }
 
 }  // namespace
