@@ -24,7 +24,10 @@ provided() {
     libyaml-cpp-dev) header yaml-cpp/yaml.h ;;
     libprotobuf-dev) header google/protobuf/message.h ;;
     protobuf-compiler) command -v protoc >/dev/null ;;
-    libopenblas-dev) header cblas.h ;;
+    # OpenBLAS itself, not any cblas.h: the reference BLAS's (libblas-dev) is 10x slower.
+    libopenblas-dev) header openblas_config.h || header x86_64-linux-gnu/openblas-pthread/openblas_config.h ||
+                     header aarch64-linux-gnu/openblas-pthread/openblas_config.h ||
+                     ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so ' ;;
     libgtest-dev) header gtest/gtest.h ;;
     *) return 1 ;;
   esac
