@@ -26,6 +26,7 @@ namespace {
 namespace fs = std::filesystem;
 
 using testing::TempDir;
+using testing::expect_error;
 
 // Bitwise CRC32 (reflected 0xEDB88320), the reference for the table-driven one.
 uint32_t reference_crc32(const void* data, size_t n) {
@@ -88,17 +89,6 @@ void expect_untouched(const CheckpointState& e) {
     for (uint8_t b : bytes_of(nt.tensor)) ASSERT_EQ(b, 0xAB) << nt.name << " was modified by a failed load";
   EXPECT_EQ(e.step, 0);
   EXPECT_TRUE(e.rng_state.empty());
-}
-
-template <typename Fn>
-void expect_error(Fn fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected lasp::Error containing \"" << parts[0] << "\"";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "\"" << p << "\" not in: " << msg;
-  }
 }
 
 pb::Manifest parse_manifest(const std::string& dir) {

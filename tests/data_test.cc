@@ -26,6 +26,7 @@ namespace {
 namespace fs = std::filesystem;
 
 using testing::TempDir;
+using testing::expect_error;
 
 std::vector<uint32_t> random_tokens(std::mt19937_64& rng, size_t n, uint32_t vocab) {
   std::vector<uint32_t> t(n);
@@ -46,18 +47,6 @@ void write_raw_shard(const std::string& path, const char* magic, uint32_t versio
   put(num_tokens, 8);
   put(reserved, 8);
   for (size_t i = 0; i < payload_bytes; ++i) f.put(static_cast<char>(i * 7));
-}
-
-// Runs fn, expects a lasp::Error whose message contains every one of `parts`.
-template <typename Fn>
-void expect_error(Fn fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected lasp::Error containing \"" << parts[0] << "\"";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "\"" << p << "\" not in: " << msg;
-  }
 }
 
 TEST(TokenShard, WriteThenOpenRoundTripsBothTokenWidths) {

@@ -25,17 +25,7 @@ namespace lasp {
 namespace {
 
 using testing::ScopedEnv;
-
-template <typename Fn>
-void expect_error(Fn fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected lasp::Error containing \"" << parts[0] << "\"";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "\"" << p << "\" not in: " << msg;
-  }
-}
+using testing::expect_error;
 
 Tensor random_f32(const Shape& shape, std::mt19937& rng, double stddev) {
   std::normal_distribution<float> n(0.0f, static_cast<float>(stddev));

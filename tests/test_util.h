@@ -11,7 +11,9 @@
 #include <string>
 #include <limits>
 #include <random>
+#include <vector>
 
+#include "core/check.h"
 #include "core/tensor.h"
 
 namespace lasp::testing {
@@ -58,6 +60,18 @@ class ScopedEnv {
   std::string name_, old_;
   bool had_ = false;
 };
+
+// Runs fn and expects a lasp::Error whose message contains every one of `parts`.
+template <typename Fn>
+void expect_error(Fn fn, const std::vector<std::string>& parts) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected lasp::Error containing \"" << parts[0] << "\"";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "\"" << p << "\" not in: " << msg;
+  }
+}
 
 inline Tensor random_tensor(const Shape& shape, std::mt19937& rng, double scale = 1.0,
                             DType dtype = DType::F64) {
