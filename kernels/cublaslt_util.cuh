@@ -59,15 +59,16 @@ struct PaddedOutput {
     run = Tensor::empty({mp, np}, c.dtype(), c.device());
     CUDA_CHECK(cudaMemsetAsync(run.raw(), 0, run.nbytes(), cuda_stream()));
     if (keep_values)
-      CUDA_CHECK(cudaMemcpy2DAsync(run.raw(), np * es, c.raw(), n * es, n * es, static_cast<size_t>(m),
-                                   cudaMemcpyDeviceToDevice, cuda_stream()));
+      CUDA_CHECK(cudaMemcpy2DAsync(run.raw(), np * es, c.raw(), n * es, n * es,
+                                   static_cast<size_t>(m), cudaMemcpyDeviceToDevice,
+                                   cuda_stream()));
   }
   void finish() {
     if (!padded) return;
     const int64_t m = c.dim(0), n = c.dim(1), np = run.dim(1);
     const size_t es = dtype_size(c.dtype());
-    CUDA_CHECK(cudaMemcpy2DAsync(c.raw(), n * es, run.raw(), np * es, n * es, static_cast<size_t>(m),
-                                 cudaMemcpyDeviceToDevice, cuda_stream()));
+    CUDA_CHECK(cudaMemcpy2DAsync(c.raw(), n * es, run.raw(), np * es, n * es,
+                                 static_cast<size_t>(m), cudaMemcpyDeviceToDevice, cuda_stream()));
   }
 };
 

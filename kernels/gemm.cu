@@ -7,7 +7,8 @@
 // Supported: A, B bf16 with C bf16 or fp32; or A, B, C fp32. Accumulation is always fp32
 // (CUBLAS_COMPUTE_32F: plain fp32 for fp32 operands, no TF32).
 // One cuBLASLt handle and one 32 MiB workspace per device (kernels/cublaslt_util.cuh, defined
-// here), created on first use; the chosen algorithm is cached per (shape, transposes, dtypes, alignment, beta != 0).
+// here), created on first use; the chosen algorithm is cached per (shape, transposes, dtypes,
+// alignment, beta != 0).
 #include <cuda_bf16.h>
 
 #include <map>

@@ -12,7 +12,8 @@ namespace lasp {
 
 #ifdef LASP_HAVE_CUDA
 void gemm_fp4_cuda(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b);
-Fp4NativeOperand fp4_native_operand_cuda(const QuantizedFp4& q, int64_t rows_padded, int64_t k_padded);
+Fp4NativeOperand fp4_native_operand_cuda(const QuantizedFp4& q, int64_t rows_padded,
+                                         int64_t k_padded);
 #endif
 
 namespace {
@@ -20,13 +21,15 @@ namespace {
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 void check_fp4_operand(const QuantizedFp4& q, const char* fn) {
-  LASP_CHECK(q.codes.defined() && q.codes.dtype() == DType::U8 && q.codes.is_contiguous() && q.codes.ndim() >= 1)
-      << fn << ": codes must be a contiguous uint8 tensor, got " << (q.codes.defined() ? q.codes.str() : "undefined");
+  LASP_CHECK(q.codes.defined() && q.codes.dtype() == DType::U8 && q.codes.is_contiguous() &&
+             q.codes.ndim() >= 1)
+      << fn << ": codes must be a contiguous uint8 tensor, got "
+      << (q.codes.defined() ? q.codes.str() : "undefined");
   const int64_t groups = (q.cols() + q.group() - 1) / q.group();
   LASP_CHECK(q.scales.defined() && q.scales.dtype() == DType::U8 && q.scales.is_contiguous() &&
              q.scales.numel() == q.rows() * groups && q.scales.device() == q.codes.device())
-      << fn << ": scales must be contiguous uint8 [" << q.rows() << ", " << groups << "] on the codes' device, got "
-      << (q.scales.defined() ? q.scales.str() : "undefined");
+      << fn << ": scales must be contiguous uint8 [" << q.rows() << ", " << groups
+      << "] on the codes' device, got " << (q.scales.defined() ? q.scales.str() : "undefined");
 }
 
 }  // namespace
@@ -55,7 +58,8 @@ void gemm_fp4(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b) {
 #endif
   }
   LASP_CHECK(fp4_gemm_path_from_env() != Fp4GemmPath::Native)
-      << "gemm_fp4: LASP_FP4_GEMM=native, but the operands are on the CPU, which has no FP4 tensor cores";
+      << "gemm_fp4: LASP_FP4_GEMM=native, but the operands are on the CPU, which has no FP4 tensor "
+         "cores";
   gemm_fp4_emulated(c, a, b);
 }
 
@@ -66,8 +70,9 @@ Fp4NativeOperand fp4_native_operand(const QuantizedFp4& q, int64_t rows_padded, 
   if (k_padded == 0) k_padded = round_up(cols, kFp4NativeKAlign);
   LASP_CHECK(rows_padded >= rows && rows_padded % kFp4NativeRowAlign == 0 && k_padded >= cols &&
              k_padded % kFp4NativeKAlign == 0)
-      << "fp4_native_operand: padded shape [" << rows_padded << ", " << k_padded << "] must cover [" << rows << ", "
-      << cols << "] in multiples of [" << kFp4NativeRowAlign << ", " << kFp4NativeKAlign << "]";
+      << "fp4_native_operand: padded shape [" << rows_padded << ", " << k_padded << "] must cover ["
+      << rows << ", " << cols << "] in multiples of [" << kFp4NativeRowAlign << ", "
+      << kFp4NativeKAlign << "]";
 #ifdef LASP_HAVE_CUDA
   if (q.codes.is_cuda()) return fp4_native_operand_cuda(q, rows_padded, k_padded);
 #endif
@@ -78,7 +83,8 @@ Fp4NativeOperand fp4_native_operand(const QuantizedFp4& q, int64_t rows_padded, 
   n.k_padded = k_padded;
   n.format = q.format;
   n.tensor_scale = q.tensor_scale;
-  const int64_t group = q.group(), groups = (cols + group - 1) / group, groups_padded = k_padded / group;
+  const int64_t group = q.group(), groups = (cols + group - 1) / group,
+                groups_padded = k_padded / group;
   n.packed = Tensor::zeros({rows_padded, k_padded / 2}, DType::U8);
   n.scales = Tensor::zeros({round_up(rows_padded, kFp4ScaleTileRows) * groups_padded}, DType::U8);
   const uint8_t* codes = q.codes.data<uint8_t>();
@@ -87,16 +93,20 @@ Fp4NativeOperand fp4_native_operand(const QuantizedFp4& q, int64_t rows_padded, 
   uint8_t* tiled = n.scales.data<uint8_t>();
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < cols; ++k)
-      packed[r * (k_padded / 2) + k / 2] |= static_cast<uint8_t>((codes[r * cols + k] & 0xF) << (4 * (k % 2)));
-    for (int64_t g = 0; g < groups; ++g) tiled[fp4_scale_tile_offset(r, g, groups_padded)] = scales[r * groups + g];
+      packed[r * (k_padded / 2) + k / 2] |=
+          static_cast<uint8_t>((codes[r * cols + k] & 0xF) << (4 * (k % 2)));
+    for (int64_t g = 0; g < groups; ++g)
+      tiled[fp4_scale_tile_offset(r, g, groups_padded)] = scales[r * groups + g];
   }
   return n;
 }
 
 void gemm_fp4_native_reference(Tensor& c, const Fp4NativeOperand& a, const Fp4NativeOperand& b) {
-  LASP_CHECK(!a.packed.is_cuda() && !b.packed.is_cuda()) << "gemm_fp4_native_reference: CPU operands only";
+  LASP_CHECK(!a.packed.is_cuda() && !b.packed.is_cuda())
+      << "gemm_fp4_native_reference: CPU operands only";
   LASP_CHECK(a.format == b.format && a.cols == b.cols && a.k_padded == b.k_padded)
-      << "gemm_fp4_native_reference: operands differ in format or K (" << a.cols << " / " << b.cols << ")";
+      << "gemm_fp4_native_reference: operands differ in format or K (" << a.cols << " / " << b.cols
+      << ")";
   check_tensor(c, "gemm_fp4_native_reference: c", DType::F32, {a.rows, b.rows});
   const int64_t group = fp4_group_size(a.format), groups_padded = a.k_padded / group;
   // Element (r, k) of an operand, read through the documented layout only.

@@ -47,8 +47,8 @@ __global__ void pack_e2m1_kernel(uint8_t* packed, const uint8_t* codes, int64_t 
 // fp4_scale_tile_offset): tile t = i / 512 covers rows 128 (t / tiles_per_row) .. +128 and group
 // columns 4 (t % tiles_per_row) .. +4; inside it byte 16 r_lo + 4 r_hi + c is row 32 r_hi + r_lo,
 // column c. Zero outside the [rows, groups] scale matrix.
-__global__ void tile_scales_kernel(uint8_t* tiled, const uint8_t* scales, int64_t rows, int64_t groups,
-                                   int64_t total, int64_t tiles_per_row) {
+__global__ void tile_scales_kernel(uint8_t* tiled, const uint8_t* scales, int64_t rows,
+                                   int64_t groups, int64_t total, int64_t tiles_per_row) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= total) return;
   const int64_t tile = i / (kFp4ScaleTileRows * kFp4ScaleTileCols);
@@ -94,14 +94,18 @@ bool gemm_fp4_native(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b, st
     LtDescriptors d;
     const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale_lt_a,
-                                                sizeof(scale_lt_a)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale_lt_b,
-                                                sizeof(scale_lt_b)));
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode,
+                                                sizeof(mode)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode,
+                                                sizeof(mode)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                                                &scale_lt_a, sizeof(scale_lt_a)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                                                &scale_lt_b, sizeof(scale_lt_b)));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, CUDA_R_4F_E2M1, kp, np, kp));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, CUDA_R_4F_E2M1, kp, mp, kp));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, t_c, np, mp, np));
@@ -110,11 +114,12 @@ bool gemm_fp4_native(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b, st
     if (it == g_algos.end()) {
       CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
       const size_t ws = kLtWorkspaceBytes;
-      CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
-                                                        sizeof(ws)));
+      CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+          d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
       cublasLtMatmulHeuristicResult_t result{};
       int count = 0;
-      status = cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &result, &count);
+      status = cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1,
+                                              &result, &count);
       if (status != CUBLAS_STATUS_SUCCESS || count == 0) {
         *why = std::string("cuBLASLt found no block-scaled FP4 algorithm (status ") +
                cublasGetStatusString(status) + ")";
@@ -122,9 +127,9 @@ bool gemm_fp4_native(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b, st
       }
       it = g_algos.emplace(key, result.algo).first;
     }
-    status = cublasLtMatmul(ctx.handle, d.op, &alpha, nb.packed.raw(), d.a, na.packed.raw(), d.b, &beta,
-                            out.run.raw(), d.c, out.run.raw(), d.c, &it->second, ctx.workspace,
-                            kLtWorkspaceBytes, cuda_stream());
+    status = cublasLtMatmul(ctx.handle, d.op, &alpha, nb.packed.raw(), d.a, na.packed.raw(), d.b,
+                            &beta, out.run.raw(), d.c, out.run.raw(), d.c, &it->second,
+                            ctx.workspace, kLtWorkspaceBytes, cuda_stream());
   }
   if (status != CUBLAS_STATUS_SUCCESS) {
     *why = std::string("cublasLtMatmul failed (status ") + cublasGetStatusString(status) + ")";
@@ -142,14 +147,17 @@ bool fp4_native_supported(Device dev) {
   static std::map<int, bool> known;
   std::lock_guard<std::mutex> lock(mu);
   auto it = known.find(dev.index);
-  if (it == known.end()) it = known.emplace(dev.index, compute_capability_major(dev.index) >= 10).first;
+  if (it == known.end())
+    it = known.emplace(dev.index, compute_capability_major(dev.index) >= 10).first;
   return it->second;
 }
 
 int64_t gemm_fp4_fallback_count() { return g_fallbacks.load(); }
 
-Fp4NativeOperand fp4_native_operand_cuda(const QuantizedFp4& q, int64_t rows_padded, int64_t k_padded) {
-  LASP_CHECK(q.scales.is_cuda()) << "fp4_native_operand: codes on CUDA but scales " << q.scales.str();
+Fp4NativeOperand fp4_native_operand_cuda(const QuantizedFp4& q, int64_t rows_padded,
+                                         int64_t k_padded) {
+  LASP_CHECK(q.scales.is_cuda()) << "fp4_native_operand: codes on CUDA but scales "
+                                 << q.scales.str();
   Fp4NativeOperand n;
   n.rows = q.rows();
   n.cols = q.cols();
@@ -158,8 +166,10 @@ Fp4NativeOperand fp4_native_operand_cuda(const QuantizedFp4& q, int64_t rows_pad
   n.format = q.format;
   n.tensor_scale = q.tensor_scale;
   const Device dev = q.codes.device();
-  const int64_t group = q.group(), groups = (n.cols + group - 1) / group, groups_padded = k_padded / group;
-  const int64_t half_k = k_padded / 2, tiled = round_up(rows_padded, kFp4ScaleTileRows) * groups_padded;
+  const int64_t group = q.group(), groups = (n.cols + group - 1) / group,
+                groups_padded = k_padded / group;
+  const int64_t half_k = k_padded / 2,
+                tiled = round_up(rows_padded, kFp4ScaleTileRows) * groups_padded;
   n.packed = Tensor::empty({rows_padded, half_k}, DType::U8, dev);
   n.scales = Tensor::empty({tiled}, DType::U8, dev);
   cudaStream_t stream = cuda_stream();
@@ -169,26 +179,31 @@ Fp4NativeOperand fp4_native_operand_cuda(const QuantizedFp4& q, int64_t rows_pad
     CUDA_CHECK_LAUNCH("fp4_native_operand (codes)");
   }
   if (tiled > 0) {
-    tile_scales_kernel<<<ceil_div(tiled, 256), 256, 0, stream>>>(n.scales.data<uint8_t>(), q.scales.data<uint8_t>(),
-                                                               n.rows, groups, tiled, groups_padded / kFp4ScaleTileCols);
+    tile_scales_kernel<<<ceil_div(tiled, 256), 256, 0, stream>>>(
+        n.scales.data<uint8_t>(), q.scales.data<uint8_t>(), n.rows, groups, tiled,
+        groups_padded / kFp4ScaleTileCols);
     CUDA_CHECK_LAUNCH("fp4_native_operand (scales)");
   }
   return n;
 }
 
 void gemm_fp4_cuda(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b) {
-  LASP_CHECK(a.format == b.format) << "gemm_fp4: operands in different FP4 formats (A " << format_name(a.format)
-                                   << ", B " << format_name(b.format) << ")";
-  LASP_CHECK(a.cols() == b.cols()) << "gemm_fp4: inner dims differ, A " << a.codes.str() << ", B " << b.codes.str();
+  LASP_CHECK(a.format == b.format)
+      << "gemm_fp4: operands in different FP4 formats (A " << format_name(a.format) << ", B "
+      << format_name(b.format) << ")";
+  LASP_CHECK(a.cols() == b.cols())
+      << "gemm_fp4: inner dims differ, A " << a.codes.str() << ", B " << b.codes.str();
   const int64_t m = a.rows(), n = b.rows();
   LASP_CHECK(c.is_cuda() && c.is_contiguous() && c.ndim() == 2 && c.dim(0) == m && c.dim(1) == n &&
              (c.dtype() == DType::F32 || c.dtype() == DType::BF16))
-      << "gemm_fp4: C must be a contiguous bf16/fp32 CUDA tensor [" << m << ", " << n << "], got " << c.str();
+      << "gemm_fp4: C must be a contiguous bf16/fp32 CUDA tensor [" << m << ", " << n << "], got "
+      << c.str();
   const Fp4GemmPath path = fp4_gemm_path_from_env();
   const bool native = fp4_native_supported(c.device());
   LASP_CHECK(path != Fp4GemmPath::Native || native)
-      << "gemm_fp4: LASP_FP4_GEMM=native, but CUDA device " << c.device().index << " (compute capability "
-      << compute_capability_major(c.device().index) << ".x) has no FP4 tensor cores (sm_100 or later)";
+      << "gemm_fp4: LASP_FP4_GEMM=native, but CUDA device " << c.device().index
+      << " (compute capability " << compute_capability_major(c.device().index)
+      << ".x) has no FP4 tensor cores (sm_100 or later)";
   if (path == Fp4GemmPath::Emulated || !native) return gemm_fp4_emulated_cuda(c, a, b);
   if (m == 0 || n == 0) return;
   if (a.cols() == 0) {
@@ -197,15 +212,17 @@ void gemm_fp4_cuda(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b) {
   }
   static std::once_flag logged;
   std::call_once(logged, [&] {
-    LASP_INFO() << "FP4 GEMM: native block-scaled FP4 tensor cores through cuBLASLt (" << format_name(a.format)
-                << ", compute capability " << compute_capability_major(c.device().index) << ".x)";
+    LASP_INFO() << "FP4 GEMM: native block-scaled FP4 tensor cores through cuBLASLt ("
+                << format_name(a.format) << ", compute capability "
+                << compute_capability_major(c.device().index) << ".x)";
   });
   std::string why;
   if (gemm_fp4_native(c, a, b, &why)) return;
   std::ostringstream what;
-  what << "gemm_fp4: " << why << " for " << format_name(a.format) << " [" << m << ", " << a.cols() << "] x [" << n
-       << ", " << b.cols() << "]^T -> " << c.str();
-  LASP_CHECK(path != Fp4GemmPath::Native) << what.str() << " (LASP_FP4_GEMM=native forbids the emulation)";
+  what << "gemm_fp4: " << why << " for " << format_name(a.format) << " [" << m << ", " << a.cols()
+       << "] x [" << n << ", " << b.cols() << "]^T -> " << c.str();
+  LASP_CHECK(path != Fp4GemmPath::Native)
+      << what.str() << " (LASP_FP4_GEMM=native forbids the emulation)";
   g_fallbacks.fetch_add(1);
   LASP_WARN() << what.str() << "; falling back to the exact emulation (bf16 tensor cores)";
   gemm_fp4_emulated_cuda(c, a, b);
@@ -213,13 +230,13 @@ void gemm_fp4_cuda(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b) {
 
 void gemm_fp4_emulated_cuda(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b) {
   LASP_CHECK(a.format == b.format) << "gemm_fp4_emulated_cuda: operands in different FP4 formats";
-  LASP_CHECK(a.cols() == b.cols()) << "gemm_fp4_emulated_cuda: inner dims differ, A " << a.codes.str()
-                                   << ", B " << b.codes.str();
+  LASP_CHECK(a.cols() == b.cols()) << "gemm_fp4_emulated_cuda: inner dims differ, A "
+                                   << a.codes.str() << ", B " << b.codes.str();
   const int64_t m = a.rows(), n = b.rows(), k = a.cols();
   LASP_CHECK(c.is_cuda() && c.ndim() == 2 && c.dim(0) == m && c.dim(1) == n &&
              (c.dtype() == DType::F32 || c.dtype() == DType::BF16))
-      << "gemm_fp4_emulated_cuda: C must be a bf16/fp32 CUDA tensor [" << m << ", " << n << "], got "
-      << c.str();
+      << "gemm_fp4_emulated_cuda: C must be a bf16/fp32 CUDA tensor [" << m << ", " << n
+      << "], got " << c.str();
   static std::once_flag logged;
   std::call_once(logged, [] {
     int dev = 0, major = 0, minor = 0;
@@ -229,7 +246,8 @@ void gemm_fp4_emulated_cuda(Tensor& c, const QuantizedFp4& a, const QuantizedFp4
     LASP_INFO() << "FP4 emulated on sm_" << major << minor
                 << ": FP4 GEMMs dequantize E2M1 x group scale exactly to bf16 and run bf16 tensor "
                    "cores with fp32 accumulation ("
-                << (major >= 10 ? "LASP_FP4_GEMM=emulated or no native kernel" : "no FP4 tensor cores on this GPU")
+                << (major >= 10 ? "LASP_FP4_GEMM=emulated or no native kernel"
+                                : "no FP4 tensor cores on this GPU")
                 << ")";
   });
   // E2M1 x E8M0 and E2M1 x E4M3 have at most 6 significant bits: exact in bf16. The tensor

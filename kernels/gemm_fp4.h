@@ -62,23 +62,26 @@ constexpr int64_t kFp4NativeKAlign = 128;   // K padded to this: 64-byte rows, w
 // Byte offset of the scale of (row, group column gc) in the tiled layout of a scale matrix with
 // `group_cols_padded` columns (a multiple of 4).
 inline int64_t fp4_scale_tile_offset(int64_t row, int64_t gc, int64_t group_cols_padded) {
-  const int64_t tile = (row / kFp4ScaleTileRows) * (group_cols_padded / kFp4ScaleTileCols) + gc / kFp4ScaleTileCols;
+  const int64_t tile =
+      (row / kFp4ScaleTileRows) * (group_cols_padded / kFp4ScaleTileCols) + gc / kFp4ScaleTileCols;
   const int64_t r = row % kFp4ScaleTileRows;
-  return tile * (kFp4ScaleTileRows * kFp4ScaleTileCols) + (r % 32) * 16 + (r / 32) * 4 + gc % kFp4ScaleTileCols;
+  return tile * (kFp4ScaleTileRows * kFp4ScaleTileCols) + (r % 32) * 16 + (r / 32) * 4 +
+         gc % kFp4ScaleTileCols;
 }
 
 struct Fp4NativeOperand {
   Tensor packed;  // uint8 [rows_padded, k_padded / 2]: two E2M1 codes per byte, low nibble first
   Tensor scales;  // uint8 [round_up(rows_padded, 128) * k_padded / group]: the tiled layout
-  int64_t rows = 0, cols = 0;              // the logical [rows, cols] = [rows, K]
-  int64_t rows_padded = 0, k_padded = 0;   // multiples of kFp4NativeRowAlign / kFp4NativeKAlign
+  int64_t rows = 0, cols = 0;             // the logical [rows, cols] = [rows, K]
+  int64_t rows_padded = 0, k_padded = 0;  // multiples of kFp4NativeRowAlign / kFp4NativeKAlign
   Fp4Format format = Fp4Format::MXFP4;
   float tensor_scale = 1.0f;
 };
 
 // The native operand of q (on q's device). rows_padded >= q.rows() must be a multiple of
 // kFp4NativeRowAlign (0: the smallest one), k_padded likewise of kFp4NativeKAlign.
-Fp4NativeOperand fp4_native_operand(const QuantizedFp4& q, int64_t rows_padded = 0, int64_t k_padded = 0);
+Fp4NativeOperand fp4_native_operand(const QuantizedFp4& q, int64_t rows_padded = 0,
+                                    int64_t k_padded = 0);
 
 // C[M, N] (fp32, CPU) from two CPU native operands, reading the packed codes and the tiled scales
 // through the layout above: the reference the layout tests hold fp4_native_operand to (it must

@@ -71,12 +71,13 @@ struct Shape3 {
 // (RTN), against the bf16 GEMM: native FP4 tensor cores where the GPU has them, else the exact
 // emulation (which the table names).
 void run_fp4(const Options& opt, const std::vector<Shape3>& shapes) {
-  const bool native = fp4_native_supported(cuda()) && fp4_gemm_path_from_env() != Fp4GemmPath::Emulated;
+  const bool native =
+      fp4_native_supported(cuda()) && fp4_gemm_path_from_env() != Fp4GemmPath::Emulated;
   std::printf("\nFP4 GEMM, %s; MXFP4 = E2M1 x E8M0 per 32, NVFP4 = E2M1 x E4M3 per 16 x fp32\n",
               native ? "native FP4 tensor cores (cuBLASLt block-scaled)"
                      : "EMULATED (no FP4 tensor cores: exact dequantize to bf16 + bf16 GEMM)");
-  std::printf("%-26s %-18s %8s %9s %9s %8s %8s %9s %9s\n", "op", "MxNxK", "bf16_ms", "mxfp4_ms", "nvfp4_ms",
-              "mx_TF", "nv_TF", "mx_speed", "nv_speed");
+  std::printf("%-26s %-18s %8s %9s %9s %8s %8s %9s %9s\n", "op", "MxNxK", "bf16_ms", "mxfp4_ms",
+              "nvfp4_ms", "mx_TF", "nv_TF", "mx_speed", "nv_speed");
   const int64_t fallbacks_before = gemm_fp4_fallback_count();
   uint32_t seed = 101;
   for (const Shape3& g : shapes) {
@@ -92,17 +93,19 @@ void run_fp4(const Options& opt, const std::vector<Shape3>& shapes) {
       ms[f] = time_ms([&] { gemm_fp4(y, xq, wq); }, opt);
     }
     char shape[64];
-    std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m), static_cast<long>(g.n),
-                  static_cast<long>(g.k));
-    std::printf("%-26s %-18s %8.3f %9.3f %9.3f %8.0f %8.0f %9.2f %9.2f\n", g.what, shape, bf16_ms, ms[0], ms[1],
-                flops / (ms[0] * 1e9), flops / (ms[1] * 1e9), bf16_ms / ms[0], bf16_ms / ms[1]);
+    std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m),
+                  static_cast<long>(g.n), static_cast<long>(g.k));
+    std::printf("%-26s %-18s %8.3f %9.3f %9.3f %8.0f %8.0f %9.2f %9.2f\n", g.what, shape, bf16_ms,
+                ms[0], ms[1], flops / (ms[0] * 1e9), flops / (ms[1] * 1e9), bf16_ms / ms[0],
+                bf16_ms / ms[1]);
     std::fflush(stdout);
   }
   std::printf("columns: *_speed = bf16_ms / fp4_ms (the GEMM alone; quantization not included)\n");
   const int64_t fallbacks = gemm_fp4_fallback_count() - fallbacks_before;
   if (fallbacks > 0) {
-    std::printf("WARNING: %ld native FP4 GEMMs fell back to the emulation (cuBLASLt refused them)\n",
-                static_cast<long>(fallbacks));
+    std::printf(
+        "WARNING: %ld native FP4 GEMMs fell back to the emulation (cuBLASLt refused them)\n",
+        static_cast<long>(fallbacks));
   }
 }
 

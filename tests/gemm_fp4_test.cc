@@ -4,6 +4,8 @@
 // column c of a tile at 16 (r % 32) + 4 (r / 32) + c), the nibble order against cuda_fp4.h's own
 // __nv_fp4x2_e2m1, and the packed + tiled operands of odd shapes against the exact emulation
 // through a GEMM that reads them by that layout alone. Plus gemm_fp4's CPU dispatch and errors.
+#include "kernels/gemm_fp4.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,7 +15,6 @@
 #include <vector>
 
 #include "core/check.h"
-#include "kernels/gemm_fp4.h"
 #include "kernels/quantize.h"
 #include "tests/test_util.h"
 
@@ -24,8 +25,8 @@
 namespace lasp {
 namespace {
 
-using testing::ScopedEnv;
 using testing::expect_error;
+using testing::ScopedEnv;
 
 Tensor random_f32(const Shape& shape, std::mt19937& rng, double stddev) {
   std::normal_distribution<float> n(0.0f, static_cast<float>(stddev));
@@ -49,9 +50,9 @@ TEST(Fp4NativeLayout, ScaleOffsetsAreTheCublasTiledPositions) {
   EXPECT_EQ(fp4_scale_tile_offset(0, 0, 4), 0);
   EXPECT_EQ(fp4_scale_tile_offset(0, 1, 4), 1);
   EXPECT_EQ(fp4_scale_tile_offset(0, 3, 4), 3);
-  EXPECT_EQ(fp4_scale_tile_offset(1, 0, 4), 16);   // the next row of a 32-row band: +16
+  EXPECT_EQ(fp4_scale_tile_offset(1, 0, 4), 16);  // the next row of a 32-row band: +16
   EXPECT_EQ(fp4_scale_tile_offset(31, 0, 4), 496);
-  EXPECT_EQ(fp4_scale_tile_offset(32, 0, 4), 4);   // the next 32-row band: +4
+  EXPECT_EQ(fp4_scale_tile_offset(32, 0, 4), 4);  // the next 32-row band: +4
   EXPECT_EQ(fp4_scale_tile_offset(33, 2, 4), 22);
   EXPECT_EQ(fp4_scale_tile_offset(64, 0, 4), 8);
   EXPECT_EQ(fp4_scale_tile_offset(96, 1, 4), 13);
@@ -119,11 +120,13 @@ TEST(Fp4NativeLayout, NativeOperandsOfOddShapesReproduceTheEmulatedGemm) {
   struct Shape3 {
     int64_t m, n, k;
   };
-  for (const Shape3 s : {Shape3{1, 1, 1}, Shape3{17, 33, 96}, Shape3{130, 5, 50}, Shape3{3, 141, 300}})
+  for (const Shape3 s :
+       {Shape3{1, 1, 1}, Shape3{17, 33, 96}, Shape3{130, 5, 50}, Shape3{3, 141, 300}})
     for (Fp4Format f : {Fp4Format::MXFP4, Fp4Format::NVFP4})
       for (Fp4Rounding r : {Fp4Rounding::Nearest, Fp4Rounding::Stochastic}) {
-        SCOPED_TRACE(::testing::Message() << "M " << s.m << " N " << s.n << " K " << s.k << " format " << int(f)
-                                          << " rounding " << int(r) << " seed " << seed);
+        SCOPED_TRACE(::testing::Message()
+                     << "M " << s.m << " N " << s.n << " K " << s.k << " format " << int(f)
+                     << " rounding " << int(r) << " seed " << seed);
         Fp4Options o;
         o.format = f;
         o.rounding = r;
@@ -148,10 +151,13 @@ TEST(Fp4NativeLayout, NativeOperandsOfOddShapesReproduceTheEmulatedGemm) {
               ASSERT_EQ(na.packed.data<uint8_t>()[row * na.k_padded / 2 + j], 0);
             }
         int64_t nonzero_in = 0, nonzero_out = 0;
-        for (int64_t i = 0; i < a.scales.numel(); ++i) nonzero_in += a.scales.data<uint8_t>()[i] != 0;
-        for (int64_t i = 0; i < na.scales.numel(); ++i) nonzero_out += na.scales.data<uint8_t>()[i] != 0;
+        for (int64_t i = 0; i < a.scales.numel(); ++i)
+          nonzero_in += a.scales.data<uint8_t>()[i] != 0;
+        for (int64_t i = 0; i < na.scales.numel(); ++i)
+          nonzero_out += na.scales.data<uint8_t>()[i] != 0;
         EXPECT_EQ(nonzero_out, nonzero_in);
-        EXPECT_EQ(na.scales.numel(), (na.rows_padded + 127) / 128 * 128 * (na.k_padded / a.group()));
+        EXPECT_EQ(na.scales.numel(),
+                  (na.rows_padded + 127) / 128 * 128 * (na.k_padded / a.group()));
         EXPECT_GE(na.k_padded / a.group(), groups);
       }
 }
@@ -163,8 +169,10 @@ TEST(Fp4NativeLayout, ExplicitPaddingIsHonouredAndBadPaddingRefused) {
   EXPECT_EQ(n.packed.dim(0), 64);
   EXPECT_EQ(n.packed.dim(1), 128);
   EXPECT_EQ(n.scales.numel(), 128 * (256 / 16));
-  expect_error([&] { fp4_native_operand(q, 24, 128); }, {"fp4_native_operand", "multiples of [16, 128]"});
-  expect_error([&] { fp4_native_operand(q, 16, 128); }, {"fp4_native_operand", "must cover [20, 40]"});
+  expect_error([&] { fp4_native_operand(q, 24, 128); },
+               {"fp4_native_operand", "multiples of [16, 128]"});
+  expect_error([&] { fp4_native_operand(q, 16, 128); },
+               {"fp4_native_operand", "must cover [20, 40]"});
   QuantizedFp4 bad = q;
   bad.scales = Tensor::zeros({20, 2}, DType::U8);
   expect_error([&] { fp4_native_operand(bad); }, {"scales must be contiguous uint8 [20, 3]"});
@@ -174,7 +182,8 @@ TEST(GemmFp4, CpuOperandsRunTheEmulationAndNativeIsRefused) {
   std::mt19937 rng(5);
   const QuantizedFp4 a = quantize_mxfp4(random_f32({9, 64}, rng, 1.0));
   const QuantizedFp4 b = quantize_mxfp4(random_f32({7, 64}, rng, 1.0));
-  Tensor ref = Tensor::empty({9, 7}, DType::F32), out = Tensor::full({9, 7}, std::nan(""), DType::F32);
+  Tensor ref = Tensor::empty({9, 7}, DType::F32),
+         out = Tensor::full({9, 7}, std::nan(""), DType::F32);
   gemm_fp4_emulated(ref, a, b);
   {
     ScopedEnv env("LASP_FP4_GEMM", nullptr);
@@ -188,7 +197,8 @@ TEST(GemmFp4, CpuOperandsRunTheEmulationAndNativeIsRefused) {
   }
   {
     ScopedEnv env("LASP_FP4_GEMM", "fast");
-    expect_error([&] { gemm_fp4(out, a, b); }, {"LASP_FP4_GEMM=fast", "expected auto, native or emulated"});
+    expect_error([&] { gemm_fp4(out, a, b); },
+                 {"LASP_FP4_GEMM=fast", "expected auto, native or emulated"});
   }
   const QuantizedFp4 nv = quantize_nvfp4(random_f32({7, 64}, rng, 1.0));
   expect_error([&] { gemm_fp4(out, a, nv); }, {"different FP4 formats"});

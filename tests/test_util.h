@@ -69,7 +69,9 @@ void expect_error(Fn fn, const std::vector<std::string>& parts) {
     ADD_FAILURE() << "expected lasp::Error containing \"" << parts[0] << "\"";
   } catch (const Error& e) {
     const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "\"" << p << "\" not in: " << msg;
+    for (const auto& p : parts) {
+      EXPECT_NE(msg.find(p), std::string::npos) << "\"" << p << "\" not in: " << msg;
+    }
   }
 }
 

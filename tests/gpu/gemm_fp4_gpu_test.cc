@@ -38,13 +38,13 @@ void check_against_cpu(const char* path_env) {
   testing::ScopedEnv env("LASP_FP4_GEMM", path_env);
   const uint32_t seed = fresh_seed();
   std::mt19937 rng(seed);
-  for (const Problem& p : {Problem{1, 1, 32}, Problem{17, 33, 96}, Problem{100, 64, 256}, Problem{3, 200, 50},
-                           Problem{256, 384, 1024}})
+  for (const Problem& p : {Problem{1, 1, 32}, Problem{17, 33, 96}, Problem{100, 64, 256},
+                           Problem{3, 200, 50}, Problem{256, 384, 1024}})
     for (Fp4Format f : {Fp4Format::MXFP4, Fp4Format::NVFP4})
       for (Fp4Rounding r : {Fp4Rounding::Nearest, Fp4Rounding::Stochastic}) {
-        SCOPED_TRACE(::testing::Message() << "path " << (path_env ? path_env : "auto") << " M=" << p.m << " N="
-                                          << p.n << " K=" << p.k << " format " << int(f) << " rounding " << int(r)
-                                          << " seed " << seed);
+        SCOPED_TRACE(::testing::Message() << "path " << (path_env ? path_env : "auto") << " M="
+                                          << p.m << " N=" << p.n << " K=" << p.k << " format "
+                                          << int(f) << " rounding " << int(r) << " seed " << seed);
         Fp4Options o;
         o.format = f;
         o.rounding = r;
@@ -103,10 +103,11 @@ TEST(Fp4NativeOperandGpu, PackedCodesAndTiledScalesEqualTheCpuBytes) {
   LASP_SKIP_WITHOUT_GPU();
   const uint32_t seed = fresh_seed();
   std::mt19937 rng(seed);
-  for (const Problem& p : {Problem{1, 0, 1}, Problem{17, 0, 96}, Problem{130, 0, 50}, Problem{300, 0, 333}})
+  for (const Problem& p :
+       {Problem{1, 0, 1}, Problem{17, 0, 96}, Problem{130, 0, 50}, Problem{300, 0, 333}})
     for (Fp4Format f : {Fp4Format::MXFP4, Fp4Format::NVFP4}) {
-      SCOPED_TRACE(::testing::Message() << "rows " << p.m << " K " << p.k << " format " << int(f) << " seed "
-                                        << seed);
+      SCOPED_TRACE(::testing::Message()
+                   << "rows " << p.m << " K " << p.k << " format " << int(f) << " seed " << seed);
       Fp4Options o;
       o.format = f;
       o.rounding = Fp4Rounding::Stochastic;
