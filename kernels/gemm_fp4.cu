@@ -223,8 +223,11 @@ void gemm_fp4_cuda(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b) {
        << "] x [" << n << ", " << b.cols() << "]^T -> " << c.str();
   LASP_CHECK(path != Fp4GemmPath::Native)
       << what.str() << " (LASP_FP4_GEMM=native forbids the emulation)";
-  g_fallbacks.fetch_add(1);
-  LASP_WARN() << what.str() << "; falling back to the exact emulation (bf16 tensor cores)";
+  // Warn for the first few only: a training step runs many FP4 GEMMs of the same shapes.
+  if (g_fallbacks.fetch_add(1) < 8) {
+    LASP_WARN() << what.str() << "; falling back to the exact emulation (bf16 tensor cores)"
+                << " (gemm_fp4_fallback_count counts every fallback; warnings stop after 8)";
+  }
   gemm_fp4_emulated_cuda(c, a, b);
 }
 
