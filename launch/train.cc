@@ -285,6 +285,9 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
 
   const int64_t T = cfg.train.seq_len, B = cfg.train.batch_size;
   const double global_tokens = static_cast<double>(B * T * grid.dp());
+  // Model FLOPs per token of the global sequence (T = the whole sequence, split over SP ranks).
+  const double flops_per_token = model_flops_per_token(cfg.model, T);
+  const double world_size = static_cast<double>(grid.world().size());
   const size_t bucket = static_cast<size_t>(cfg.parallel.bucket_mb * (1 << 20));
   // Every SP and DP rank sees different tokens of the same weights: their gradients are summed
   // over the SP group, then the DP group, in buckets formed in the order the backward finishes
@@ -364,17 +367,20 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
     if ((step + 1) % cfg.run.log_every == 0 || last || step == start_step) {
       const double t = now_s();
       const double tok_s = tokens_since / std::max(1e-9, t - t_last);
+      const double tflops_rank = tok_s * flops_per_token / world_size / 1e12;  // model TFLOP/s per rank
       const double eta = (cfg.train.steps - step - 1) * (t - t_start) / double(step + 1 - start_step);
       if (rank0) {
-        char line[256];
+        char line[320];
         const double mem_gib = device.is_cuda() ? cuda_memory_stats().peak_allocated / 1073741824.0 : peak_rss_mib() / 1024;
         std::snprintf(line, sizeof line,
-                      "step %6lld/%lld | loss %.4f | lr %.3e | grad norm %.3f | %.0f tok/s | peak mem %.1f GiB | ETA %s",
+                      "step %6lld/%lld | loss %.4f | lr %.3e | grad norm %.3f | %.0f tok/s | %.3g TFLOP/s/rank | "
+                      "peak mem %.1f GiB | ETA %s",
                       static_cast<long long>(step + 1), static_cast<long long>(cfg.train.steps), loss, lr, grad_norm,
-                      tok_s, mem_gib, format_eta(eta).c_str());
+                      tok_s, tflops_rank, mem_gib, format_eta(eta).c_str());
         LASP_INFO() << line;
       }
       metrics.log(step + 1, {{"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm}, {"tokens_per_s", tok_s},
+                             {"model_tflops_per_rank", tflops_rank},
                              {"peak_memory_mib", device.is_cuda() ? cuda_memory_stats().peak_allocated / 1048576.0 : peak_rss_mib()}, {"elapsed_s", t - t_start}});
       t_last = t;
       tokens_since = 0;

@@ -2,6 +2,7 @@
 // finite differences in float64, for every decay mode, feature maps and both mixers.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
 
 #include "core/model/model.h"
@@ -121,6 +122,62 @@ TEST(Model, RejectsTokensOutsideTheVocabulary) {
   Model model(cfg, par, 1, DType::F32);
   Tensor inputs = Tensor::full({1, 3}, 17, DType::I32), targets = Tensor::full({1, 3}, 1, DType::I32);
   EXPECT_THROW(model.forward_loss(inputs, targets), Error);
+}
+
+// The tiny default (configs/tiny.yaml: hidden 128, 4 layers LLLS, 2 heads of 64, 1 KV head, MLP
+// 384, vocab 256, chunk 64) at T = 256, counted by hand. Forward FLOPs per token:
+//   linear layer: 2 x (q, k, v, z: 4 x 128 x 128 + o: 128 x 128) = 163,840
+//                 + attention 2 heads x (4 x 64^2 + 2 x 64 x 64) = 49,152          (x 3 layers)
+//   softmax layer: 2 x (q, o: 2 x 128 x 128 + k, v: 2 x 128 x 64) = 98,304
+//                 + attention 2 heads x 2 x 256 x 64 = 65,536
+//   MLP: 2 x 3 x 128 x 384 = 294,912 (x 4); LM head: 2 x 128 x 256 = 65,536
+// = 3 x 212,992 + 163,840 + 4 x 294,912 + 65,536 = 2,048,000; training = 3 x forward.
+TEST(ModelFlops, TinyDefaultCountedByHand) {
+  ModelConfig cfg;
+  cfg.vocab_size = 256;
+  cfg.hidden = 128;
+  cfg.layers = 4;
+  cfg.pattern = "LLLS";
+  cfg.heads = 2;
+  cfg.kv_heads = 1;
+  cfg.head_dim = 64;
+  cfg.mlp_hidden = 384;
+  cfg.chunk = 64;
+  cfg.decay = "constant";
+  EXPECT_DOUBLE_EQ(model_flops_per_token(cfg, 256), 3.0 * 2048000.0);
+  // The data-dependent gate adds 2 x 128 x 2 per linear layer.
+  cfg.decay = "data";
+  EXPECT_DOUBLE_EQ(model_flops_per_token(cfg, 256), 3.0 * (2048000.0 + 3 * 512.0));
+  // Only the softmax layer's attention grows with T: 2 heads x 2 x T x 64 per token.
+  cfg.decay = "constant";
+  EXPECT_DOUBLE_EQ(model_flops_per_token(cfg, 1024) - model_flops_per_token(cfg, 256),
+                   3.0 * 2 * 2 * (1024 - 256) * 64.0);
+}
+
+// The projection part of the count agrees with the matrices the model actually builds: 2 x the
+// elements of every 2-D weight except the embedding, plus the LM head (tied or not).
+TEST(ModelFlops, ProjectionFlopsEqualTwiceTheModelsMatrixWeights) {
+  for (const char* decay : {"constant", "data"})
+    for (bool tied : {true, false}) {
+      ModelConfig cfg = tiny_model(decay, "none", tied);
+      ModelParallel par;
+      Model model(cfg, par, 1, DType::F32);
+      double weights = static_cast<double>(cfg.vocab_size * cfg.hidden);  // LM head
+      for (Param* p : model.params())
+        if (p->value.ndim() == 2 && p->name != "embedding") weights += p->value.numel();
+      if (!tied) weights -= static_cast<double>(cfg.vocab_size * cfg.hidden);  // counted above
+      // Attention terms of tiny_model by the header's formula, per token: softmax layers
+      // 2 T D per head, linear layers 4 D^2 + 2 min(C, T) D per head.
+      const int64_t T = 40;
+      double attention = 0;
+      for (int64_t l = 0; l < cfg.layers; ++l) {
+        const bool softmax = cfg.pattern[l % cfg.pattern.size()] == 'S';
+        const double D = cfg.head_dim, chunk = std::min<int64_t>(cfg.chunk, T);
+        attention += cfg.heads * (softmax ? 2.0 * T * D : 4.0 * D * D + 2.0 * chunk * D);
+      }
+      EXPECT_DOUBLE_EQ(model_flops_per_token(cfg, T), 3.0 * (2.0 * weights + attention))
+          << "decay " << decay << ", tied " << tied;
+    }
 }
 
 }  // namespace

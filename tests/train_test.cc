@@ -52,7 +52,8 @@ TEST(Train, LossFallsAndMetricsAreWritten) {
     ++lines;
     has_keys = has_keys || (line.find("\"loss\"") != std::string::npos && line.find("\"lr\"") != std::string::npos &&
                             line.find("\"grad_norm\"") != std::string::npos &&
-                            line.find("\"tokens_per_s\"") != std::string::npos);
+                            line.find("\"tokens_per_s\"") != std::string::npos &&
+                            line.find("\"model_tflops_per_rank\"") != std::string::npos);
   }
   EXPECT_GE(lines, 2);
   EXPECT_TRUE(has_keys);

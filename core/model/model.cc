@@ -1,5 +1,6 @@
 #include "core/model/model.h"
 
+#include <algorithm>
 #include <sstream>
 
 #include "kernels/ops.h"
@@ -238,6 +239,28 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
   LASP_CHECK(!grad_ready_ || next_ready == ready_groups.size())
       << "model backward reported " << next_ready << " of " << ready_groups.size() << " gradient groups";
   return loss;
+}
+
+double model_flops_per_token(const ModelConfig& cfg, int64_t seq_len) {
+  const double C = static_cast<double>(cfg.hidden), D = static_cast<double>(cfg.head_dim);
+  const double H = static_cast<double>(cfg.heads), KV = static_cast<double>(cfg.kv_heads);
+  const double T = static_cast<double>(seq_len);
+  const double chunk = static_cast<double>(std::min(cfg.chunk, seq_len));
+  const double mlp = 3.0 * C * static_cast<double>(cfg.mlp_hidden);
+  double weights = C * static_cast<double>(cfg.vocab_size);  // LM head
+  double attention = 0.0;
+  for (int64_t layer = 0; layer < cfg.layers; ++layer) {
+    const char kind = cfg.pattern[static_cast<size_t>(layer) % cfg.pattern.size()];
+    weights += mlp;
+    if (kind == 'S') {
+      weights += 2.0 * C * H * D + 2.0 * C * KV * D;  // q, o; k, v
+      attention += H * 2.0 * T * D;
+    } else {
+      weights += 5.0 * C * H * D + (cfg.decay == "data" ? C * H : 0.0);  // q, k, v, z, o; gate
+      attention += H * (4.0 * D * D + 2.0 * chunk * D);
+    }
+  }
+  return 3.0 * (2.0 * weights + attention);
 }
 
 }  // namespace lasp

@@ -12,6 +12,17 @@
 
 namespace lasp {
 
+// Model FLOPs of one training token (forward + backward = 3 x forward; recomputation not
+// counted, the usual "model FLOPs" of MFU) for the full model (every TP shard) at sequence length
+// seq_len. Forward, per token:
+//   every projection: 2 x its weights (q, k, v, z, o and the data-dependent gate of linear layers;
+//     q, k, v, o of softmax layers; the MLP's gate, up, down; the LM head, hidden x vocab);
+//   linear attention, per layer and head: 4 D^2 (the inter-chunk q S and the state update k^T v)
+//     + 2 C D (the causal half of the chunk's Q K^T and P V; C = model.chunk, at most seq_len);
+//   softmax attention, per layer and head: 2 T D (Q K^T and P V over T / 2 keys on average).
+// Norms, activations, rotary, the embedding lookup and the loss are left out (a few per mille).
+double model_flops_per_token(const ModelConfig& cfg, int64_t seq_len);
+
 class Model {
  public:
   // Parameters and activations live on par.device; `dtype` is the master dtype (fp32, or fp64 for
