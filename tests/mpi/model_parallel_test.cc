@@ -68,76 +68,87 @@ class ModelLayouts : public ::testing::TestWithParam<std::string> {};
 std::string method_of(const std::string& param) { return param == "lasp2_overlap" ? "lasp2" : param; }
 bool overlap_of(const std::string& param) { return param == "lasp2_overlap"; }
 
+// In fp64 the distributed step must equal the single process to 1e-9 (what is left is rounding:
+// ~1e-15 typically, 3e-14 for the worst inputs seen), the proof that the algorithms agree. In fp32
+// the same comparison is rounding-bound: over 40 fresh seeds the worst gradient error was 1.3e-6,
+// but inputs that are badly conditioned for a gradient (LASP_TEST_SEED=4768493310339: the
+// embedding gradient of the DP layout, a sum of ~100 terms that mostly cancel) reach 2.4e-5 with
+// any BLAS, and show the same ~300-ulp amplification in fp64 (2.7e-14). So fp32 is held to 1e-4.
 TEST_P(ModelLayouts, OneStepLossAndEveryGradientMatchSingleProcess) {
   const std::string method = GetParam();
   const uint64_t seed = testing::shared_seed();
   SCOPED_TRACE("LASP_TEST_SEED=" + std::to_string(seed));
-  for (const std::string decay : {"constant", "data"}) {
-    for (const Layout lay : layouts_for(world().size())) {
-      SCOPED_TRACE(lay.str() + " " + method + " decay=" + decay);
-      for (bool zigzag : {false, true}) {
-        const ModelConfig mc = small_model(decay);
-        const int64_t B = 2, T = 24;  // per DP rank; T divisible by 2 * sp
-        std::mt19937_64 rng(seed);
-        std::uniform_int_distribution<int> tok(0, static_cast<int>(mc.vocab_size) - 1);
-        std::vector<int32_t> tokens(static_cast<size_t>(lay.dp * B * (T + 1)));
-        for (auto& t : tokens) t = tok(rng);
-        const float scale = 1.0f / static_cast<float>(lay.dp * B * T);
+  for (const DType dtype : {DType::F64, DType::F32}) {
+    const double tol = dtype == DType::F64 ? 1e-9 : 1e-4;
+    for (const std::string decay : {"constant", "data"}) {
+      for (const Layout lay : layouts_for(world().size())) {
+        SCOPED_TRACE(lay.str() + " " + method + " decay=" + decay + " " + dtype_name(dtype));
+        for (bool zigzag : {false, true}) {
+          const ModelConfig mc = small_model(decay);
+          const int64_t B = 2, T = 24;  // per DP rank; T divisible by 2 * sp
+          std::mt19937_64 rng(seed);
+          std::uniform_int_distribution<int> tok(0, static_cast<int>(mc.vocab_size) - 1);
+          std::vector<int32_t> tokens(static_cast<size_t>(lay.dp * B * (T + 1)));
+          for (auto& t : tokens) t = tok(rng);
+          const float scale = 1.0f / static_cast<float>(lay.dp * B * T);
 
-        // Reference: one process, the full global batch.
-        ModelParallel single;
-        Model ref(mc, single, seed, DType::F32);
-        Tensor in = Tensor::empty({lay.dp * B, T}, DType::I32), tg = Tensor::empty({lay.dp * B, T}, DType::I32);
-        for (int64_t r = 0; r < lay.dp * B; ++r)
-          for (int64_t i = 0; i < T; ++i) {
-            in.data<int32_t>()[r * T + i] = tokens[r * (T + 1) + i];
-            tg.data<int32_t>()[r * T + i] = tokens[r * (T + 1) + i + 1];
+          // Reference: one process, the full global batch.
+          ModelParallel single;
+          Model ref(mc, single, seed, dtype);
+          Tensor in = Tensor::empty({lay.dp * B, T}, DType::I32),
+                 tg = Tensor::empty({lay.dp * B, T}, DType::I32);
+          for (int64_t r = 0; r < lay.dp * B; ++r)
+            for (int64_t i = 0; i < T; ++i) {
+              in.data<int32_t>()[r * T + i] = tokens[r * (T + 1) + i];
+              tg.data<int32_t>()[r * T + i] = tokens[r * (T + 1) + i + 1];
+            }
+          ref.zero_grad();
+          const double ref_loss = ref.forward_backward(in, tg, scale);
+
+          // Distributed: this rank's rows (DP) and positions (SP).
+          Grid grid(world(), lay.tp, lay.sp, lay.dp);
+          ModelParallel par;
+          par.sp.comm = lay.sp > 1 ? &grid.sp_group() : nullptr;
+          par.sp.method = sp_method_from_name(method_of(method));
+          par.sp.zigzag = zigzag;
+          par.sp.overlap = overlap_of(method);
+          par.tp_size = lay.tp;
+          par.tp_rank = grid.tp_rank();
+          par.tp_all_reduce = [&grid](Tensor& t) { grid.tp_group().all_reduce_sum(t); };
+          Model model(mc, par, seed, dtype);
+          // Recomputation re-runs the sequence-parallel forward (and its collectives) in the
+          // backward: it must not change a thing. The reference keeps every activation.
+          model.set_recompute(zigzag ? "block" : "mlp");
+          const int64_t L = T / lay.sp;
+          const std::vector<int64_t> pos = sp_local_positions(par.sp, L);
+          Tensor lin = Tensor::empty({B, L}, DType::I32), ltg = Tensor::empty({B, L}, DType::I32);
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t i = 0; i < L; ++i) {
+              const int64_t row = grid.dp_rank() * B + b;
+              lin.data<int32_t>()[b * L + i] = tokens[row * (T + 1) + pos[i]];
+              ltg.data<int32_t>()[b * L + i] = tokens[row * (T + 1) + pos[i] + 1];
+            }
+          model.zero_grad();
+          Tensor loss = Tensor::full({1}, model.forward_backward(lin, ltg, scale), DType::F64);
+          grid.world().all_reduce_sum(loss);
+          std::vector<Tensor> grads;
+          for (Param* p : model.params()) grads.push_back(p->grad);
+          if (lay.sp > 1) all_reduce_gradients(grid.sp_group(), grads, 1 << 16, false);
+          if (lay.dp > 1) all_reduce_gradients(grid.dp_group(), grads, 1 << 16, false);
+
+          EXPECT_NEAR(loss.item(0) / lay.tp, ref_loss, tol * ref_loss) << "zigzag " << zigzag;
+          auto ref_params = ref.params();
+          auto params = model.params();
+          ASSERT_EQ(ref_params.size(), params.size());
+          for (size_t i = 0; i < params.size(); ++i) {
+            ASSERT_EQ(ref_params[i]->name, params[i]->name);
+            const int d = shard_dim(ref_params[i]->value, params[i]->value, lay.tp, grid.tp_rank());
+            ASSERT_GE(d, -1) << params[i]->name << ": cannot locate the TP shard";
+            const Tensor expect =
+                d < 0 ? ref_params[i]->grad : shard(ref_params[i]->grad, d, lay.tp, grid.tp_rank());
+            EXPECT_LE(testing::scaled_max_error(params[i]->grad, expect), tol)
+                << params[i]->name << " zigzag " << zigzag;
           }
-        ref.zero_grad();
-        const double ref_loss = ref.forward_backward(in, tg, scale);
-
-        // Distributed: this rank's rows (DP) and positions (SP).
-        Grid grid(world(), lay.tp, lay.sp, lay.dp);
-        ModelParallel par;
-        par.sp.comm = lay.sp > 1 ? &grid.sp_group() : nullptr;
-        par.sp.method = sp_method_from_name(method_of(method));
-        par.sp.zigzag = zigzag;
-        par.sp.overlap = overlap_of(method);
-        par.tp_size = lay.tp;
-        par.tp_rank = grid.tp_rank();
-        par.tp_all_reduce = [&grid](Tensor& t) { grid.tp_group().all_reduce_sum(t); };
-        Model model(mc, par, seed, DType::F32);
-        // Recomputation re-runs the sequence-parallel forward (and its collectives) in the backward:
-        // it must not change a thing. The reference keeps every activation.
-        model.set_recompute(zigzag ? "block" : "mlp");
-        const int64_t L = T / lay.sp;
-        const std::vector<int64_t> pos = sp_local_positions(par.sp, L);
-        Tensor lin = Tensor::empty({B, L}, DType::I32), ltg = Tensor::empty({B, L}, DType::I32);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t i = 0; i < L; ++i) {
-            const int64_t row = grid.dp_rank() * B + b;
-            lin.data<int32_t>()[b * L + i] = tokens[row * (T + 1) + pos[i]];
-            ltg.data<int32_t>()[b * L + i] = tokens[row * (T + 1) + pos[i] + 1];
-          }
-        model.zero_grad();
-        Tensor loss = Tensor::full({1}, model.forward_backward(lin, ltg, scale), DType::F64);
-        grid.world().all_reduce_sum(loss);
-        std::vector<Tensor> grads;
-        for (Param* p : model.params()) grads.push_back(p->grad);
-        if (lay.sp > 1) all_reduce_gradients(grid.sp_group(), grads, 1 << 16, false);
-        if (lay.dp > 1) all_reduce_gradients(grid.dp_group(), grads, 1 << 16, false);
-
-        EXPECT_NEAR(loss.item(0) / lay.tp, ref_loss, 1e-5 * ref_loss) << "zigzag " << zigzag;
-        auto ref_params = ref.params();
-        auto params = model.params();
-        ASSERT_EQ(ref_params.size(), params.size());
-        for (size_t i = 0; i < params.size(); ++i) {
-          ASSERT_EQ(ref_params[i]->name, params[i]->name);
-          const int d = shard_dim(ref_params[i]->value, params[i]->value, lay.tp, grid.tp_rank());
-          ASSERT_GE(d, -1) << params[i]->name << ": cannot locate the TP shard";
-          const Tensor expect = d < 0 ? ref_params[i]->grad : shard(ref_params[i]->grad, d, lay.tp, grid.tp_rank());
-          EXPECT_LE(testing::scaled_max_error(params[i]->grad, expect), 1e-5)
-              << params[i]->name << " zigzag " << zigzag;
         }
       }
     }
