@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -18,8 +19,12 @@ namespace lasp::gpu_test {
     if (!::lasp::cuda_available()) GTEST_SKIP() << "no CUDA GPU"; \
   } while (0)
 
-// A fresh seed per call (printed on failure through SCOPED_TRACE by the caller).
-inline uint32_t fresh_seed() { return std::random_device{}(); }
+// A fresh seed per call (printed on failure through SCOPED_TRACE by the caller), or
+// LASP_TEST_SEED when set, to replay a failure.
+inline uint32_t fresh_seed() {
+  if (const char* env = std::getenv("LASP_TEST_SEED")) return static_cast<uint32_t>(std::strtoul(env, nullptr, 10));
+  return std::random_device{}();
+}
 
 // fp32 CPU tensor of N(0, stddev) values rounded to bf16 (so CPU and GPU see the same inputs).
 inline Tensor random_bf16_values(const Shape& shape, std::mt19937& rng, double stddev = 1.0) {
