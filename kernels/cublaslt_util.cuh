@@ -8,9 +8,11 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "core/tensor.h"
 #include "kernels/cuda_utils.cuh"
+#include "kernels/gemm.h"
 
 namespace lasp {
 
@@ -42,6 +44,65 @@ struct LtDescriptors {
     if (op) cublasLtMatmulDescDestroy(op);
   }
 };
+
+// How many of cuBLASLt's heuristic candidates lt_pick_algo times when tuning is on.
+constexpr int kLtTuneCandidates = 8;
+
+// The algorithm for the matmul `d` describes (its preference included), found once per shape by
+// the caller and cached there:
+// - tuning off (gemm_tuning(), LASP_GEMM_TUNE=0), or the stream is being captured: the
+//   heuristic's first candidate;
+// - tuning on: the fastest of the heuristic's first kLtTuneCandidates, each run once to warm up
+//   and then timed over 3 runs on these very operands, writing into a scratch D of `d_bytes`
+//   (C is only read, so nothing the caller owns changes). A candidate must beat the first by 2%
+//   to replace it, so timing noise rarely flips the choice.
+// Returns false when the heuristic has no candidate (its status in *status).
+inline bool lt_pick_algo(LtContext& ctx, const LtDescriptors& d, const void* alpha, const void* a_ptr,
+                         const void* b_ptr, const void* beta, const void* c_ptr, size_t d_bytes,
+                         Device dev, cublasLtMatmulAlgo_t* algo, cublasStatus_t* status) {
+  cudaStream_t stream = cuda_stream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const bool tune = gemm_tuning() && capture == cudaStreamCaptureStatusNone;
+  cublasLtMatmulHeuristicResult_t results[kLtTuneCandidates] = {};
+  int found = 0;
+  *status = cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.a, d.b, d.c, d.c, d.pref,
+                                           tune ? kLtTuneCandidates : 1, results, &found);
+  if (*status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
+  *algo = results[0].algo;
+  if (!tune || found == 1) return true;
+  Tensor scratch = Tensor::empty({static_cast<int64_t>(d_bytes)}, DType::U8, dev);
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  auto run = [&](const cublasLtMatmulAlgo_t& al) {
+    return cublasLtMatmul(ctx.handle, d.op, alpha, a_ptr, d.a, b_ptr, d.b, beta, c_ptr, d.c,
+                          scratch.raw(), d.c, &al, ctx.workspace, kLtWorkspaceBytes, stream);
+  };
+  float first_ms = std::numeric_limits<float>::infinity(), best_ms = first_ms;
+  for (int i = 0; i < found; ++i) {
+    if (results[i].state != CUBLAS_STATUS_SUCCESS || run(results[i].algo) != CUBLAS_STATUS_SUCCESS)
+      continue;
+    CUDA_CHECK(cudaEventRecord(start, stream));
+    bool ok = true;
+    for (int r = 0; r < 3 && ok; ++r) ok = run(results[i].algo) == CUBLAS_STATUS_SUCCESS;
+    CUDA_CHECK(cudaEventRecord(stop, stream));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (!ok) continue;
+    if (i == 0) first_ms = ms;
+    if (ms < best_ms && (i == 0 || ms < 0.98f * first_ms)) {
+      best_ms = ms;
+      *algo = results[i].algo;
+    }
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  CUDA_CHECK(cudaGetLastError());
+  gemm_tuning_note(first_ms, best_ms);
+  return true;
+}
 
 // C as cuBLASLt gets it: `c` itself when it is [mp, np] and 16-byte aligned, else a zeroed
 // [mp, np] copy that holds c's values when keep_values (beta != 0). finish() copies the [m, n]

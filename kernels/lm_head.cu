@@ -2,10 +2,12 @@
 // (cuBLASLt, per-tensor scales on the device, no host sync) around a row-wise cross-entropy kernel.
 //
 // Kernels:
-//   cross_entropy_rows_kernel    one CTA per row of fp32 logits: lse, row loss, bf16/fp32 dlogits
-//   cross_entropy_bf16_kernel    one CTA per row of bf16 logits (the FP8 path): 16-byte accesses,
-//                                dlogits written in place over the logits, and max |dlogits| of the
-//                                stored values noted for the E5M2 quantization (one atomic per CTA)
+//   cross_entropy_rows_kernel    one CTA per row of fp32 logits (fp32 operands): lse, row loss,
+//                                fp32 dlogits
+//   cross_entropy_bf16_kernel    one CTA per row of bf16 logits (bf16 operands and the FP8 path):
+//                                16-byte accesses, dlogits written in place over the logits, and,
+//                                for the FP8 path, max |dlogits| of the stored values noted for the
+//                                E5M2 quantization (one atomic per CTA)
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -170,6 +172,7 @@ __global__ void __launch_bounds__(kCeBf16Threads)
   }
   for (int64_t j = nv * kPack + threadIdx.x; j < V; j += blockDim.x)
     row[j] = grad(__bfloat162float(row[j]), j);
+  if (!dl_amax) return;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) am = max(am, __shfl_xor_sync(0xffffffffu, am, o));
   if (lane == 0) wamax[warp] = am;
@@ -212,9 +215,12 @@ double sum_row_losses(const Tensor& row_loss) {
 
 }  // namespace
 
-// Per chunk of rows: logits = h W^T (fp32, cuBLASLt), the row kernel above, then
-// d_h = dlogits W and d_w += dlogits^T h. Operands are bf16 when h or W is bf16 (the other is
-// converted: W once, h per chunk), fp32 when both are.
+// Per chunk of rows: logits = h W^T (cuBLASLt), the row kernel, then d_h = dlogits W and
+// d_w += dlogits^T h. Operands are bf16 when h or W is bf16 (the other is converted: W once, h per
+// chunk), fp32 when both are. With bf16 operands the logits are stored in bf16 (as Megatron and
+// PyTorch autocast do; lse and the softmax are then computed in fp32 from them) and the
+// gradient overwrites them: half the bytes of fp32 logits, which made the row kernel 4x its
+// memory floor at the Llama-3 vocabulary. fp32 operands keep fp32 logits.
 double lm_head_cross_entropy_cuda(Tensor& d_h, Tensor& d_w, const Tensor& h, const Tensor& w,
                                   const Tensor& targets, float loss_scale, int64_t chunk) {
   const char* fn = "lm_head_cross_entropy";
@@ -233,14 +239,16 @@ double lm_head_cross_entropy_cuda(Tensor& d_h, Tensor& d_w, const Tensor& h, con
   }
   const bool want_grad = d_h.defined() || d_w.defined();
   const int64_t rows_max = std::min(chunk, N);
-  Tensor logits = Tensor::empty({rows_max, V}, DType::F32, dev);
-  Tensor dlogits = want_grad ? Tensor::empty({rows_max, V}, op, dev) : Tensor();
+  // bf16: one buffer, logits then dlogits in place. fp32: fp32 logits and separate dlogits.
+  Tensor logits = Tensor::empty({rows_max, V}, op, dev);
+  Tensor dlogits = want_grad && op == DType::F32 ? Tensor::empty({rows_max, V}, op, dev) : Tensor();
   Tensor h_op_buf = h.dtype() != op ? Tensor::empty({rows_max, C}, op, dev) : Tensor();
   // gemm() writes bf16 or fp32 C from bf16 operands, only fp32 from fp32 ones.
   const bool dh_via_f32 = d_h.defined() && op == DType::F32 && d_h.dtype() != DType::F32;
   Tensor dh_buf = dh_via_f32 ? Tensor::empty({rows_max, C}, DType::F32, dev) : Tensor();
   Tensor row_loss = Tensor::empty({N}, DType::F64, dev);
   DeviceFlag bad(dev);
+  const bool vec_ok = V % kPack == 0;  // rows start 16-byte aligned (fresh buffer, V % 8 == 0)
 
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t rows = std::min(chunk, N - r0);
@@ -252,11 +260,20 @@ double lm_head_cross_entropy_cuda(Tensor& d_h, Tensor& d_w, const Tensor& h, con
     }
     Tensor lc = logits.slice(0, 0, rows);
     gemm(lc, hc, false, w_op, true);  // logits = h W^T
-    Tensor dlc = want_grad ? dlogits.slice(0, 0, rows) : Tensor();
-    cross_entropy_rows_kernel<<<static_cast<unsigned>(rows), kCeThreads, 0, cuda_stream()>>>(
-        want_grad ? out_of(dlc) : FloatOut{}, lc.data<float>(), targets.data<int32_t>() + r0,
-        row_loss.data<double>() + r0, V, loss_scale, want_grad, bad.ptr());
-    CUDA_CHECK_LAUNCH("lm_head_cross_entropy (rows)");
+    Tensor dlc;
+    if (op == DType::BF16) {
+      cross_entropy_bf16_kernel<<<static_cast<unsigned>(rows), kCeBf16Threads, 0, cuda_stream()>>>(
+          static_cast<bf16*>(lc.raw()), targets.data<int32_t>() + r0, row_loss.data<double>() + r0, V,
+          loss_scale, want_grad, vec_ok, nullptr, bad.ptr());
+      CUDA_CHECK_LAUNCH("lm_head_cross_entropy (bf16 rows)");
+      dlc = want_grad ? lc : Tensor();
+    } else {
+      dlc = want_grad ? dlogits.slice(0, 0, rows) : Tensor();
+      cross_entropy_rows_kernel<<<static_cast<unsigned>(rows), kCeThreads, 0, cuda_stream()>>>(
+          want_grad ? out_of(dlc) : FloatOut{}, lc.data<float>(), targets.data<int32_t>() + r0,
+          row_loss.data<double>() + r0, V, loss_scale, want_grad, bad.ptr());
+      CUDA_CHECK_LAUNCH("lm_head_cross_entropy (rows)");
+    }
     if (d_h.defined()) {
       Tensor dhc = d_h.slice(0, r0, r0 + rows);
       if (dh_via_f32) {

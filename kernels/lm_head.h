@@ -9,7 +9,8 @@
 //   d_h_c    = dlogits W,   d_w += dlogits^T h_c
 //
 // Precision of the three GEMMs (config key precision.lm_head):
-//   Full  the operands' dtype (fp32 on CPU; bf16 operands, fp32 accumulation on CUDA)
+//   Full  the operands' dtype (fp32 on CPU; on CUDA bf16 operands with fp32 accumulation and
+//         bf16 logits / dlogits, the softmax in fp32 from them; fp32 operands keep fp32 logits)
 //   Fp8   per-tensor FP8, fp32 accumulation: h and W in E4M3 (one scale each over the whole
 //         tensor, current amax; W quantized once per call = once per step), dlogits in E5M2 with
 //         one scale per chunk (its current amax). Each operand quantized along its GEMM's inner

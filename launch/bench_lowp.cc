@@ -131,15 +131,27 @@ int run(const Options& opt) {
               "q_tensor", "q_1x128");
   uint32_t seed = 1;
   const int64_t fallbacks_before = gemm_fp8_fallback_count();
+  const bool tuning = gemm_tuning();
+  struct FirstChoice {
+    const char* what;
+    double bf16_first, bf16, fp8_first, fp8;
+  };
+  std::vector<FirstChoice> first_choice;
   for (const Shape3& g : shapes) {
     Tensor x = random_bf16({g.m, g.k}, 1.0, seed++), w = random_bf16({g.n, g.k}, 0.02, seed++);
     Tensor y = Tensor::empty({g.m, g.n}, DType::BF16, cuda());
     const double flops = 2.0 * g.m * g.n * g.k;
-    const double bf16_ms = time_ms([&] { gemm(y, x, false, w, true); }, opt);
-
     const QuantizedFp8 xq = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
     const QuantizedFp8 wq = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+    // cuBLASLt's first choices (tuning off), then the tuned ones (kernels/gemm.h).
+    set_gemm_tuning(false);
+    const double bf16_first_ms = time_ms([&] { gemm(y, x, false, w, true); }, opt);
+    const double fp8_first_ms = time_ms([&] { gemm_fp8(y, xq, wq); }, opt);
+    set_gemm_tuning(true);
+    const double bf16_ms = time_ms([&] { gemm(y, x, false, w, true); }, opt);
     const double fp8_ms = time_ms([&] { gemm_fp8(y, xq, wq); }, opt);
+    set_gemm_tuning(tuning);
+    first_choice.push_back({g.what, bf16_first_ms, bf16_ms, fp8_first_ms, fp8_ms});
 
     const QuantizedFp8 xb = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128);
     const QuantizedFp8 wb = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::Block128x128);
@@ -162,6 +174,11 @@ int run(const Options& opt) {
   }
   std::printf("columns: *_TF = TFLOP/s; */fl = time / floor time (1.0 = at the floor); speedup = "
               "bf16_ms / fp8_ms; q_* = ms to quantize x (bf16 -> E4M3) per tensor / per 1x128 block\n");
+  std::printf("\ntuned vs cuBLASLt's first choice (ms; LASP_GEMM_TUNE, kernels/gemm.h):\n");
+  std::printf("%-26s %9s %9s %9s %9s %13s\n", "op", "bf16_1st", "bf16", "fp8_1st", "fp8", "speedup_1st");
+  for (const FirstChoice& f : first_choice)
+    std::printf("%-26s %9.3f %9.3f %9.3f %9.3f %13.2f\n", f.what, f.bf16_first, f.bf16, f.fp8_first,
+                f.fp8, f.bf16_first / f.fp8_first);
   const int64_t fallbacks = gemm_fp8_fallback_count() - fallbacks_before;
   if (fallbacks > 0) {
     std::printf("WARNING: %ld block-scaled GEMMs fell back to fp32 dequantize + GEMM (cuBLASLt "

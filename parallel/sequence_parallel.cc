@@ -46,9 +46,12 @@ std::vector<int64_t> sp_local_positions(const SpContext& ctx, int64_t local_len)
 void sp_linear_attention_forward(const SpContext& ctx, Tensor& o, const Tensor& q, const Tensor& k,
                                  const Tensor& v, const Decay& decay, SpSaved& saved, int chunk) {
   if (!ctx.comm) {
+    // One process: the CUDA kernel keeps its segment states for the backward (16 MiB per layer at
+    // B*H = 16, D = 128), which spares the backward one pass over k and v.
     Tensor no_state;
-    linear_attention_forward(o, no_state, q, k, v, decay, Tensor(), chunk);
-    saved.tensors.clear();
+    LinearAttentionSaved la;
+    linear_attention_forward(o, no_state, q, k, v, decay, Tensor(), chunk, &la);
+    saved.tensors = {la.segment_states, la.segment_log_decay, la.final_state};
     return;
   }
   const SpLayout lay = make_sp_layout(ctx, q.dim(1));
@@ -67,8 +70,10 @@ void sp_linear_attention_backward(const SpContext& ctx, Tensor& dq, Tensor& dk, 
                                   const Tensor& d_o, int chunk) {
   if (!ctx.comm) {
     Tensor no_grad;
+    LinearAttentionSaved la;
+    if (saved.tensors.size() == 3) la = {saved.tensors[0], saved.tensors[1], saved.tensors[2]};
     linear_attention_backward(dq, dk, dv, d_log_decay, no_grad, q, k, v, decay, Tensor(), d_o,
-                              Tensor(), chunk);
+                              Tensor(), chunk, &la);
     return;
   }
   const SpLayout lay = make_sp_layout(ctx, q.dim(1));
