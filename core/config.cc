@@ -61,6 +61,7 @@ std::vector<Field> schema(Config& c) {
       {"precision", "mlp", K::String, &c.model.precision.mlp, 0, 0, {"bf16", "fp8", "fp4"}, "MLP projections"},
       {"precision", "lm_head", K::String, &c.model.precision.lm_head, 0, 0, {"bf16", "fp8", "fp4"}, "LM head (bf16 | fp8)"},
       {"precision", "fp8_scaling", K::String, &c.model.precision.fp8_scaling, 0, 0, {"per_tensor", "delayed", "block"}, "FP8 scales"},
+      {"precision", "fp8_fast_accum", K::Bool, &c.model.precision.fp8_fast_accum, 0, 0, {}, "FP8 forward GEMMs with fast accumulation (CUDA; not with block scaling)"},
       {"precision", "fp4_format", K::String, &c.model.precision.fp4_format, 0, 0, {"mxfp4", "nvfp4"}, "FP4 element/scale format"},
       {"precision", "fp4_backward", K::String, &c.model.precision.fp4_backward, 0, 0, {"sr", "ms_eden"}, "FP4 backward quantizer"},
       {"precision", "hadamard_block", K::Int, &c.model.precision.hadamard_block, 2, 4096, {}, "Hadamard rotation block"},

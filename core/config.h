@@ -34,6 +34,11 @@ struct PrecisionConfig {
   std::string mlp = "bf16";          // SwiGLU projections: bf16 | fp8 | fp4
   std::string lm_head = "bf16";      // LM head + cross-entropy: bf16 | fp8 (fp4 is refused)
   std::string fp8_scaling = "per_tensor";  // per_tensor | delayed | block
+  // FP8 forward GEMMs (y = x W^T) with Hopper's fast accumulation (partial sums kept in the
+  // tensor cores' reduced precision, as Transformer Engine's default forward); dgrad / wgrad
+  // always accumulate in full fp32. CUDA only (the CPU emulation accumulates in fp32); not with
+  // block scaling.
+  bool fp8_fast_accum = false;
   std::string fp4_format = "mxfp4";  // mxfp4 | nvfp4
   std::string fp4_backward = "sr";   // sr (stochastic rounding) | ms_eden
   int64_t hadamard_block = 32;       // rotation block (power of two)

@@ -18,7 +18,7 @@ void gemm(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_
 bool gemm_tuning();
 void set_gemm_tuning(bool on);
 // What tuning found so far in this process: shapes tuned, shapes where another candidate won,
-// and the summed times of the heuristic's first vs the chosen candidates (ms, 3 runs each).
+// and the summed times of the heuristic's first vs the chosen candidates (ms per call).
 struct GemmTuneStats {
   int64_t shapes = 0, changed = 0;
   double first_ms = 0.0, chosen_ms = 0.0;

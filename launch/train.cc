@@ -413,7 +413,7 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
     if (t.shapes > 0)
       LASP_INFO() << "gemm tuning (LASP_GEMM_TUNE): " << t.shapes << " shapes timed, " << t.changed
                   << " run another algorithm than cuBLASLt's first choice; their sum "
-                  << t.first_ms / 3.0 << " ms -> " << t.chosen_ms / 3.0 << " ms per set of calls";
+                  << t.first_ms << " ms -> " << t.chosen_ms << " ms (one call of each shape)";
   }
   result.on_cuda = device.is_cuda();
   result.peak_memory_mib = device.is_cuda() ? cuda_memory_stats().peak_allocated / 1048576.0 : peak_rss_mib();

@@ -464,6 +464,15 @@ TEST(ProjectionErrors, UnknownOptionsAreRejected) {
   c.fp4_format = "mxfp4";
   c.hadamard_block = 16;  // MS-EDEN's correction block must hold whole MXFP4 groups of 32
   EXPECT_NE(error_of([&] { set_projection_options(c, 0); }).find("hadamard_block"), std::string::npos);
+  c = PrecisionConfig{};
+  c.fp8_fast_accum = true;
+  c.fp8_scaling = "block";  // cuBLASLt has no fast accumulation for block scales
+  const std::string msg = error_of([&] { set_projection_options(c, 0); });
+  EXPECT_NE(msg.find("precision.fp8_fast_accum"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("block"), std::string::npos) << msg;
+  c.fp8_scaling = "delayed";
+  EXPECT_EQ(error_of([&] { set_projection_options(c, 0); }), "");
+  set_projection_options(PrecisionConfig{}, 0);
 }
 
 }  // namespace

@@ -88,6 +88,10 @@ void set_projection_options(const PrecisionConfig& config, uint64_t seed) {
   else if (config.fp8_scaling == "delayed") o.fp8_scaling = Fp8ScaleMode::Delayed;
   else if (config.fp8_scaling == "block") o.fp8_scaling = Fp8ScaleMode::Block;
   else LASP_FAIL() << "precision.fp8_scaling: expected per_tensor | delayed | block, got '" << config.fp8_scaling << "'";
+  LASP_CHECK(!config.fp8_fast_accum || o.fp8_scaling != Fp8ScaleMode::Block)
+      << "precision.fp8_fast_accum: true needs fp8_scaling per_tensor or delayed (cuBLASLt has no fast "
+         "accumulation for block scales), got fp8_scaling '" << config.fp8_scaling << "'";
+  o.fp8_fast_accum = config.fp8_fast_accum;
   if (config.fp4_format == "mxfp4") o.fp4_format = Fp4Format::MXFP4;
   else if (config.fp4_format == "nvfp4") o.fp4_format = Fp4Format::NVFP4;
   else LASP_FAIL() << "precision.fp4_format: expected mxfp4 | nvfp4, got '" << config.fp4_format << "'";

@@ -287,7 +287,7 @@ void fp8_forward_cuda(Tensor& y, const Tensor& x, Param& w) {
       st.fp8_forward_done = true;
     }
   }
-  gemm_fp8(y, xq, st.w_rows);
+  gemm_fp8(y, xq, st.w_rows, 1.0f, 0.0f, options().fp8_fast_accum && mode != Fp8ScaleMode::Block);
 }
 
 void fp8_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& dy,

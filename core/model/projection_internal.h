@@ -17,6 +17,7 @@ enum class Fp8ScaleMode { PerTensor, Delayed, Block };
 // PrecisionConfig parsed once into enums.
 struct ProjectionOptions {
   Fp8ScaleMode fp8_scaling = Fp8ScaleMode::PerTensor;
+  bool fp8_fast_accum = false;  // forward GEMMs only (precision.fp8_fast_accum)
   Fp4Format fp4_format = Fp4Format::MXFP4;
   Fp4Rounding fp4_backward = Fp4Rounding::Stochastic;
   int64_t hadamard_block = 32;

@@ -814,6 +814,14 @@ TEST(ProjectionModelGpu, Fp8AndFp4ModelsOnCudaTrackTheCpuEmulation) {
   const Run fp8_gpu = run("fp8", on_gpu), fp8_cpu = run("fp8", on_cpu);
   compare("fp8 GPU vs fp8 CPU emulation", fp8_gpu, fp8_cpu, 0.3);
   compare("fp8 GPU vs bf16 GPU", fp8_gpu, bf16_gpu, 0);
+  // Fast accumulation in the forward GEMMs (precision.fp8_fast_accum): the same bound against the
+  // full-precision emulation.
+  PrecisionConfig fast = precision_config("per_tensor");
+  fast.fp8_fast_accum = true;
+  set_projection_options(fast, 5);
+  const Run fp8_fast_gpu = run("fp8", on_gpu);
+  compare("fp8 fast-accum GPU vs fp8 CPU", fp8_fast_gpu, fp8_cpu, 0.3);
+  set_projection_options(precision_config("per_tensor"), 5);
   const Run fp4_gpu = run("fp4", on_gpu), fp4_cpu = run("fp4", on_cpu);
   compare("fp4 GPU vs fp4 CPU emulation", fp4_gpu, fp4_cpu, 0.8);
   compare("fp4 GPU vs bf16 GPU", fp4_gpu, bf16_gpu, 0);
