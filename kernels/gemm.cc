@@ -3,52 +3,9 @@
 
 #include <cblas.h>
 
-#include <atomic>
-#include <cmath>
-#include <cstdlib>
-#include <cstring>
-#include <mutex>
-
 #include "core/profile.h"
 
 namespace lasp {
-
-namespace {
-std::atomic<int> g_tuning{-1};  // -1: not read from the environment yet
-std::mutex g_tune_mu;
-GemmTuneStats g_tune_stats;
-}  // namespace
-
-bool gemm_tuning() {
-  int t = g_tuning.load();
-  if (t < 0) {
-    const char* env = std::getenv("LASP_GEMM_TUNE");
-    const bool off = env && (std::strcmp(env, "0") == 0 || std::strcmp(env, "off") == 0);
-    LASP_CHECK(!env || off || std::strcmp(env, "1") == 0 || std::strcmp(env, "on") == 0)
-        << "LASP_GEMM_TUNE=" << env << ": expected 0/off or 1/on";
-    t = off ? 0 : 1;
-    int expected = -1;
-    g_tuning.compare_exchange_strong(expected, t);
-    t = g_tuning.load();
-  }
-  return t == 1;
-}
-
-void set_gemm_tuning(bool on) { g_tuning.store(on ? 1 : 0); }
-
-GemmTuneStats gemm_tune_stats() {
-  std::lock_guard<std::mutex> lock(g_tune_mu);
-  return g_tune_stats;
-}
-
-void gemm_tuning_note(float first_ms, float chosen_ms) {
-  if (!std::isfinite(first_ms) || !std::isfinite(chosen_ms)) return;
-  std::lock_guard<std::mutex> lock(g_tune_mu);
-  g_tune_stats.shapes += 1;
-  g_tune_stats.changed += chosen_ms < first_ms ? 1 : 0;
-  g_tune_stats.first_ms += first_ms;
-  g_tune_stats.chosen_ms += chosen_ms;
-}
 
 #ifdef LASP_HAVE_CUDA
 void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,

@@ -7,8 +7,8 @@
 // Supported: A, B bf16 with C bf16 or fp32; or A, B, C fp32. Accumulation is always fp32
 // (CUBLAS_COMPUTE_32F: plain fp32 for fp32 operands, no TF32).
 // One cuBLASLt handle and one 32 MiB workspace per device (kernels/cublaslt_util.cuh, defined
-// here), created on first use; the algorithm (the fastest of cuBLASLt's candidates when tuning is
-// on, lt_pick_algo) is cached per (shape, transposes, dtypes, alignment, beta != 0, tuning).
+// here), created on first use; the chosen algorithm is cached per (shape, transposes, dtypes,
+// alignment, beta != 0).
 #include <cuda_bf16.h>
 
 #include <map>
@@ -21,8 +21,7 @@
 namespace lasp {
 namespace {
 
-using AlgoKey =
-    std::tuple<int, int64_t, int64_t, int64_t, int, int, int, int, int, int, int, int, bool>;
+using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, int, int, int, int, int, int>;
 
 constexpr int kMaxDevices = 64;
 std::mutex g_mu;
@@ -114,7 +113,7 @@ void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool t
 
   const int al_x = alignment_of(b.raw()), al_y = alignment_of(a.raw()), al_c = alignment_of(c.raw());
   const AlgoKey key{dev, m, n, k, trans_a, trans_b, static_cast<int>(ab),
-                    static_cast<int>(c.dtype()), al_x, al_y, al_c, beta != 0.0f, gemm_tuning()};
+                    static_cast<int>(c.dtype()), al_x, al_y, al_c, beta != 0.0f};
   auto it = g_algos.find(key);
   if (it == g_algos.end()) {
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
@@ -130,15 +129,14 @@ void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool t
         d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof(ac)));
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof(ac)));
-    cublasLtMatmulAlgo_t algo{};
-    cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
-    const bool found = lt_pick_algo(ctx, d, &alpha, b.raw(), a.raw(), &beta, c.raw(), c.nbytes(),
-                                    c.device(), &algo, &status);
-    LASP_CHECK(found) << "gemm_cuda: cuBLASLt found no algorithm (status "
-                      << cublasGetStatusString(status) << ") for " << a.str()
-                      << (trans_a ? "^T" : "") << " x " << b.str() << (trans_b ? "^T" : "")
-                      << " -> " << c.str();
-    it = g_algos.emplace(key, algo).first;
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1,
+                                                &result, &found));
+    LASP_CHECK(found > 0) << "gemm_cuda: cuBLASLt found no algorithm for " << a.str()
+                          << (trans_a ? "^T" : "") << " x " << b.str() << (trans_b ? "^T" : "")
+                          << " -> " << c.str();
+    it = g_algos.emplace(key, result.algo).first;
   }
   CUBLAS_CHECK(cublasLtMatmul(ctx.handle, d.op, &alpha, b.raw(), d.a, a.raw(), d.b, &beta, c.raw(),
                               d.c, c.raw(), d.c, &it->second, ctx.workspace, kLtWorkspaceBytes,

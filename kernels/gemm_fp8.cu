@@ -38,7 +38,7 @@ constexpr int64_t kFp8Align = 16;  // elements (= bytes) for K-major FP8 rows; a
 constexpr int64_t kScaleBlock = kFp8BlockSize;
 
 // (device, M padded, N, K, A fmt, B fmt, A mode, B mode, C dtype, beta != 0, fast accum)
-using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, int, int, int, int, int, bool>;
+using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, int, int, int, int, int>;
 
 std::mutex g_mu;
 std::map<AlgoKey, cublasLtMatmulAlgo_t> g_algos;
@@ -259,18 +259,19 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, t_c, np, mp, np));
 
     const AlgoKey key{dev.index, mp, np, kp, static_cast<int>(b.format), static_cast<int>(a.format),
-                      s_lt_a.mode, s_lt_b.mode, static_cast<int>(c.dtype()), beta != 0.0f, fast,
-                      gemm_tuning()};
+                      s_lt_a.mode, s_lt_b.mode, static_cast<int>(c.dtype()), beta != 0.0f, fast};
     auto it = g_algos.find(key);
     if (it == g_algos.end()) {
       CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
       const size_t ws = kLtWorkspaceBytes;
       CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                         &ws, sizeof(ws)));
-      cublasLtMatmulAlgo_t algo{};
-      found = lt_pick_algo(ctx, d, &alpha, b_codes.raw(), a_codes.raw(), &beta, out.run.raw(),
-                           out.run.nbytes(), dev, &algo, &status);
-      if (found) it = g_algos.emplace(key, algo).first;
+      cublasLtMatmulHeuristicResult_t result{};
+      int count = 0;
+      status = cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1,
+                                              &result, &count);
+      found = status == CUBLAS_STATUS_SUCCESS && count > 0;
+      if (found) it = g_algos.emplace(key, result.algo).first;
     }
     if (found) {
       status = cublasLtMatmul(ctx.handle, d.op, &alpha, b_codes.raw(), d.a,

@@ -117,13 +117,12 @@ std::vector<Row> bench_gemm(const Options& opt) {
                            {16384, 2048, 2048, Kind::Dgrad, "1B attn proj dgrad"},
                            {16384, 8192, 2048, Kind::Dgrad, "1B mlp up dgrad"},
                            {16384, 2048, 8192, Kind::Dgrad, "1B mlp down dgrad"},
-                           {16384, 2048, 2048, Kind::Wgrad, "1B attn proj wgrad (fp32 +=)"},
-                           {16384, 8192, 2048, Kind::Wgrad, "1B mlp up wgrad (fp32 +=)"},
-                           {16384, 2048, 8192, Kind::Wgrad, "1B mlp down wgrad (fp32 +=)"}};
+                           {16384, 2048, 2048, Kind::Wgrad, "1B attn proj wgrad fp32+="},
+                           {16384, 8192, 2048, Kind::Wgrad, "1B mlp up wgrad fp32+="},
+                           {16384, 2048, 8192, Kind::Wgrad, "1B mlp down wgrad fp32+="}};
   if (opt.quick) shapes[0] = {4096, 4096, 4096, Kind::Fwd, "square"};
   std::vector<Row> rows;
   uint32_t seed = 1;
-  const bool tuning = gemm_tuning();
   for (const G& g : shapes) {
     Tensor x = random_bf16({g.m, g.k}, 1.0, seed++), w = random_bf16({g.n, g.k}, 0.02, seed++);
     Tensor dy = random_bf16({g.m, g.n}, 1.0, seed++);
@@ -136,19 +135,13 @@ std::vector<Row> bench_gemm(const Options& opt) {
         case Kind::Wgrad: gemm(dw, dy, true, x, false, 1.0f, 1.0f); break;
       }
     };
-    // cuBLASLt's first choice, then the tuned choice (kernels/gemm.h, LASP_GEMM_TUNE).
-    set_gemm_tuning(false);
-    const double first_ms = time_ms(run, opt);
-    set_gemm_tuning(true);
     const double ms = time_ms(run, opt);
-    set_gemm_tuning(tuning);
     const double flops = 2.0 * g.m * g.n * g.k;
     char shape[96];
     std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m), static_cast<long>(g.n),
                   static_cast<long>(g.k));
     rows.push_back({std::string("gemm bf16 ") + g.what, shape, ms, flops / kBf16PeakFlops * 1e3});
-    std::printf("  gemm %s %s: tuned %.3f ms (%.0f TFLOP/s), cuBLASLt's first choice %.3f ms (%.0f)\n",
-                g.what, shape, ms, flops / (ms * 1e-3) / 1e12, first_ms, flops / (first_ms * 1e-3) / 1e12);
+    std::printf("  gemm %s %s: %.3f ms, %.0f TFLOP/s\n", g.what, shape, ms, flops / (ms * 1e-3) / 1e12);
   }
   return rows;
 }
@@ -315,7 +308,7 @@ int bench_kernels_main(int argc, char** argv) {
   std::vector<Row> gemm_rows, la_rows, attn_rows;
   if (want("gemm")) {
     gemm_rows = bench_gemm(opt);
-    print_table("GEMM (bf16 in, bf16 out or fp32 += for wgrad, fp32 accumulate; tuned algorithms)", gemm_rows,
+    print_table("GEMM (bf16 in, bf16 out or fp32 += for wgrad, fp32 accumulate)", gemm_rows,
                 "flops / 790 TFLOP/s");
   }
   if (want("linear")) {

@@ -126,33 +126,22 @@ int run(const Options& opt) {
   std::printf("floors: bf16 %.0f TFLOP/s, fp8 %.0f TFLOP/s; fp8 = E4M3 x E4M3 per-tensor scales "
               "(fast accumulation off); blk = x 1x128, W 128x128\n",
               kBf16FloorFlops / 1e12, kFp8FloorFlops / 1e12);
-  std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %9s %9s\n", "op", "MxNxK", "bf16_ms",
-              "fp8_ms", "blk_ms", "bf16_TF", "fp8_TF", "blk_TF", "bf16/fl", "fp8/fl", "speedup",
-              "q_tensor", "q_1x128");
+  std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %9s %9s\n", "op", "MxNxK",
+              "bf16_ms", "fp8_ms", "fast_ms", "blk_ms", "bf16_TF", "fp8_TF", "blk_TF", "bf16/fl", "fp8/fl",
+              "speedup", "spd_fast", "q_tensor", "q_1x128");
   uint32_t seed = 1;
   const int64_t fallbacks_before = gemm_fp8_fallback_count();
-  const bool tuning = gemm_tuning();
-  struct FirstChoice {
-    const char* what;
-    double bf16_first, bf16, fp8_first, fp8, fp8_fast;
-  };
-  std::vector<FirstChoice> first_choice;
   for (const Shape3& g : shapes) {
     Tensor x = random_bf16({g.m, g.k}, 1.0, seed++), w = random_bf16({g.n, g.k}, 0.02, seed++);
     Tensor y = Tensor::empty({g.m, g.n}, DType::BF16, cuda());
     const double flops = 2.0 * g.m * g.n * g.k;
+    const double bf16_ms = time_ms([&] { gemm(y, x, false, w, true); }, opt);
+
     const QuantizedFp8 xq = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
     const QuantizedFp8 wq = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::PerTensor);
-    // cuBLASLt's first choices (tuning off), then the tuned ones (kernels/gemm.h).
-    set_gemm_tuning(false);
-    const double bf16_first_ms = time_ms([&] { gemm(y, x, false, w, true); }, opt);
-    const double fp8_first_ms = time_ms([&] { gemm_fp8(y, xq, wq); }, opt);
-    set_gemm_tuning(true);
-    const double bf16_ms = time_ms([&] { gemm(y, x, false, w, true); }, opt);
     const double fp8_ms = time_ms([&] { gemm_fp8(y, xq, wq); }, opt);
+    // The same with fast accumulation (precision.fp8_fast_accum: the forward GEMMs).
     const double fast_ms = time_ms([&] { gemm_fp8(y, xq, wq, 1.0f, 0.0f, true); }, opt);
-    set_gemm_tuning(tuning);
-    first_choice.push_back({g.what, bf16_first_ms, bf16_ms, fp8_first_ms, fp8_ms, fast_ms});
 
     const QuantizedFp8 xb = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128);
     const QuantizedFp8 wb = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::Block128x128);
@@ -167,23 +156,14 @@ int run(const Options& opt) {
     char shape[64];
     std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m), static_cast<long>(g.n),
                   static_cast<long>(g.k));
-    std::printf("%-26s %-18s %8.3f %8.3f %8.3f %8.0f %8.0f %8.0f %8.2f %8.2f %8.2f %9.3f %9.3f\n", g.what,
-                shape, bf16_ms, fp8_ms, blk_ms, flops / (bf16_ms * 1e9), flops / (fp8_ms * 1e9),
+    std::printf("%-26s %-18s %8.3f %8.3f %8.3f %8.3f %8.0f %8.0f %8.0f %8.2f %8.2f %8.2f %8.2f %9.3f %9.3f\n",
+                g.what, shape, bf16_ms, fp8_ms, fast_ms, blk_ms, flops / (bf16_ms * 1e9), flops / (fp8_ms * 1e9),
                 flops / (blk_ms * 1e9), bf16_ms / bf16_floor_ms, fp8_ms / fp8_floor_ms, bf16_ms / fp8_ms,
-                q_tensor_ms, q_block_ms);
+                bf16_ms / fast_ms, q_tensor_ms, q_block_ms);
     std::fflush(stdout);
   }
   std::printf("columns: *_TF = TFLOP/s; */fl = time / floor time (1.0 = at the floor); speedup = "
-              "bf16_ms / fp8_ms; q_* = ms to quantize x (bf16 -> E4M3) per tensor / per 1x128 block\n");
-  std::printf("\ntuned vs cuBLASLt's first choice (ms; LASP_GEMM_TUNE, kernels/gemm.h):\n");
-  std::printf("%-26s %9s %9s %9s %9s %9s %12s %13s\n", "op", "bf16_1st", "bf16", "fp8_1st", "fp8",
-              "fp8_fast", "speedup_1st", "speedup_fast");
-  for (const FirstChoice& f : first_choice)
-    std::printf("%-26s %9.3f %9.3f %9.3f %9.3f %9.3f %12.2f %13.2f\n", f.what, f.bf16_first, f.bf16,
-                f.fp8_first, f.fp8, f.fp8_fast, f.bf16_first / f.fp8_first,
-                std::min(f.bf16, f.bf16_first) / f.fp8_fast);
-  std::printf("columns: *_1st = cuBLASLt's first choice (LASP_GEMM_TUNE=0), fp8_fast = per-tensor E4M3 with "
-              "fast accumulation (tuned; precision.fp8_fast_accum), speedup_fast = best bf16 / fp8_fast\n");
+              "bf16_ms / fp8_ms; fast_ms / spd_fast = fp8 with fast accumulation and its speedup; q_* = ms to quantize x (bf16 -> E4M3) per tensor / per 1x128 block\n");
   const int64_t fallbacks = gemm_fp8_fallback_count() - fallbacks_before;
   if (fallbacks > 0) {
     std::printf("WARNING: %ld block-scaled GEMMs fell back to fp32 dequantize + GEMM (cuBLASLt "

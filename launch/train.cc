@@ -23,7 +23,6 @@
 #include "data/dataset.h"
 #include "launch/checkpoint.h"
 #include "launch/metrics.h"
-#include "kernels/gemm.h"
 #include "kernels/ops.h"
 #include "kernels/ops_batched.h"
 #include "optim/optim.h"
@@ -408,13 +407,6 @@ TrainResult train(const Config& cfg, const std::string& config_source, int64_t s
     }
   }
   if (profile_enabled() && rank0) LASP_INFO() << profile_report();
-  if (device.is_cuda() && rank0) {
-    const GemmTuneStats t = gemm_tune_stats();
-    if (t.shapes > 0)
-      LASP_INFO() << "gemm tuning (LASP_GEMM_TUNE): " << t.shapes << " shapes timed, " << t.changed
-                  << " run another algorithm than cuBLASLt's first choice; their sum "
-                  << t.first_ms << " ms -> " << t.chosen_ms << " ms (one call of each shape)";
-  }
   result.on_cuda = device.is_cuda();
   result.peak_memory_mib = device.is_cuda() ? cuda_memory_stats().peak_allocated / 1048576.0 : peak_rss_mib();
   if (cfg.eval.every < 0) return result;

@@ -8,9 +8,9 @@
 #
 # Also trains TRAIN_CONFIGS (default configs/linear_llama3_1b.yaml) for TRAIN_STEPS steps on the GPU
 # (extra --set options in TRAIN_SET), checks that TensorBoard reads the run's event files, and with
-# 2+ GPUs runs the multi-rank tests over NCCL. TRAIN_VARIANTS="notune fp8 fp8fast" trains the first
-# config again without GEMM tuning / with FP8 projections and LM head / with FP8 fast accumulation. TRAIN_SH=1 also runs scripts/train.sh (the README's
-# first command) for 100 steps; PRECISION_SEEDS="1 2 3" runs scripts/compare_precision.sh with
+# 2+ GPUs runs the multi-rank tests over NCCL. TRAIN_VARIANTS="ce16k fp8 fp8fast" trains the first
+# config again with one LM-head chunk / FP8 projections and LM head / FP8 fast accumulation.
+# TRAIN_SH=1 also runs scripts/train.sh (the README's first command) for 100 steps; PRECISION_SEEDS="1 2 3" runs scripts/compare_precision.sh with
 # those seeds on the GPU (extra lasp train args in PRECISION_ARGS, cap PRECISION_CAP_S seconds).
 #
 # Environment: OUT (default ./device_out), BUILD (default /tmp/lasp-build-gpu), BUDGET_S (wall
@@ -156,21 +156,21 @@ if [ -n "$LASP_BIN" ] && ((TRAIN)); then
     LASP_PROFILE=1 timeout "$(left 120)" "$LASP_BIN" train "$ROOT/configs/$cfg" --set train.steps=3 \
       --set run.dir=/tmp/lasp-prof-$name $TRAIN_SET 2>&1 | sed -n '/^profile/,$p' >>"$OUT/train_$name.log"
   done
-  # Variants of the first config (TRAIN_VARIANTS, space-separated): notune = LASP_GEMM_TUNE=0
-  # (cuBLASLt's first algorithm choice), fp8 = FP8 projections and LM head, fp8fast = the same with
-# fast accumulation in the forward projections.
+  # Variants of the first config (TRAIN_VARIANTS, space-separated): ce16k = one LM-head chunk of
+  # 16384 rows, fp8 = FP8 projections and LM head, fp8fast = the same with fast accumulation in
+  # the forward projections.
   first=${TRAIN_CONFIGS%% *}
   for variant in ${TRAIN_VARIANTS:-}; do
-    env_args=() sets=()
+    sets=()
     case "$variant" in
-      notune) env_args=(LASP_GEMM_TUNE=0) ;;
+      ce16k) sets=(--set model.ce_chunk=16384) ;;
       fp8) sets=(--set precision.attention=fp8 --set precision.mlp=fp8 --set precision.lm_head=fp8) ;;
       fp8fast) sets=(--set precision.attention=fp8 --set precision.mlp=fp8 --set precision.lm_head=fp8
                      --set precision.fp8_fast_accum=true) ;;
-      *) say "unknown TRAIN_VARIANTS entry $variant (expected notune, fp8, fp8fast)"; continue ;;
+      *) say "unknown TRAIN_VARIANTS entry $variant (expected ce16k, fp8, fp8fast)"; continue ;;
     esac
     log="$OUT/train_$(basename "$first" .yaml)_$variant.log"
-    env "${env_args[@]}" timeout "$(left 200)" "$LASP_BIN" train "$ROOT/configs/$first" \
+    timeout "$(left 200)" "$LASP_BIN" train "$ROOT/configs/$first" \
       --set train.steps="$TRAIN_STEPS" --set run.dir=/tmp/lasp-run-$variant $TRAIN_SET "${sets[@]}" 2>&1 |
       grep -v '^  ' | tee "$log" | tail -12
     TRAIN_RESULT="$TRAIN_RESULT | $variant rc=$? $(grep -E '^step' "$log" | tail -1)"
