@@ -568,32 +568,44 @@ struct AdamW {
   }
 };
 
+// One tensor's AdamW operands: fp32 w, m, v updated in place, g read, and the compute copy of w
+// written when w_compute.p is set. pack(i) updates the 8 elements at i (16-byte accesses), one(i)
+// a single element; both kernels below go through them.
+struct AdamWTensor {
+  float* w;
+  float* m;
+  float* v;
+  FloatIn g;
+  FloatOut w_compute;
+  __device__ __forceinline__ void pack(const AdamW& opt, int64_t i) const {
+    float wi[kPack], mi[kPack], vi[kPack], gi[kPack];
+    g.load8(i, gi);
+    load8_f32_rw(w, i, wi);
+    load8_f32_rw(m, i, mi);
+    load8_f32_rw(v, i, vi);
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) opt.step(wi[k], mi[k], vi[k], gi[k]);
+    store8_f32(m, i, mi);
+    store8_f32(v, i, vi);
+    store8_f32(w, i, wi);
+    if (w_compute.p) w_compute.store8(i, wi);
+  }
+  __device__ __forceinline__ void one(const AdamW& opt, int64_t i) const {
+    float wi = w[i], mi = m[i], vi = v[i];
+    opt.step(wi, mi, vi, g[i]);
+    m[i] = mi;
+    v[i] = vi;
+    w[i] = wi;
+    if (w_compute.p) w_compute.set(i, wi);
+  }
+};
+
 // 30 bytes per element with fp32 g and a bf16 compute copy: w, m, v read and written, g read.
 __global__ void adamw_kernel(float* w, FloatOut w_compute, FloatIn g, float* m, float* v, int64_t n,
                              AdamW opt, bool packed) {
+  const AdamWTensor t{w, m, v, g, w_compute};
   for_each_pack(
-      n, packed,
-      [&](int64_t i) {
-        float wi[kPack], mi[kPack], vi[kPack], gi[kPack];
-        g.load8(i, gi);
-        load8_f32_rw(w, i, wi);
-        load8_f32_rw(m, i, mi);
-        load8_f32_rw(v, i, vi);
-#pragma unroll
-        for (int k = 0; k < kPack; ++k) opt.step(wi[k], mi[k], vi[k], gi[k]);
-        store8_f32(m, i, mi);
-        store8_f32(v, i, vi);
-        store8_f32(w, i, wi);
-        if (w_compute.p) w_compute.store8(i, wi);
-      },
-      [&](int64_t i) {
-        float wi = w[i], mi = m[i], vi = v[i];
-        opt.step(wi, mi, vi, g[i]);
-        m[i] = mi;
-        v[i] = vi;
-        w[i] = wi;
-        if (w_compute.p) w_compute.set(i, wi);
-      });
+      n, packed, [&](int64_t i) { t.pack(opt, i); }, [&](int64_t i) { t.one(opt, i); });
 }
 
 // Element types cast_cuda converts between.
@@ -734,38 +746,13 @@ struct AdamWList {
 __global__ void __launch_bounds__(kThreads) adamw_many_kernel(const __grid_constant__ AdamWList list, AdamW opt) {
   for (int64_t tile = blockIdx.x; tile < list.tiles.tile_start[list.tiles.count]; tile += gridDim.x) {
     const int t = list.tiles.tensor_of(tile);
-    float* w = list.w[t];
-    float* m = list.m[t];
-    float* v = list.v[t];
-    const FloatIn g = list.g[t];
-    const FloatOut wc = list.w_compute[t];
+    const AdamWTensor at{list.w[t], list.m[t], list.v[t], list.g[t], list.w_compute[t]};
     AdamW o = opt;
     o.weight_decay = list.weight_decay[t];
     const int64_t begin = (tile - list.tiles.tile_start[t]) * kAdamTile;
     const int64_t end = min(list.tiles.n[t], begin + kAdamTile);
     for_each_pack_in(
-        begin, end, list.tiles.packed[t],
-        [&](int64_t i) {
-          float wi[kPack], mi[kPack], vi[kPack], gi[kPack];
-          g.load8(i, gi);
-          load8_f32_rw(w, i, wi);
-          load8_f32_rw(m, i, mi);
-          load8_f32_rw(v, i, vi);
-#pragma unroll
-          for (int k = 0; k < kPack; ++k) o.step(wi[k], mi[k], vi[k], gi[k]);
-          store8_f32(m, i, mi);
-          store8_f32(v, i, vi);
-          store8_f32(w, i, wi);
-          if (wc.p) wc.store8(i, wi);
-        },
-        [&](int64_t i) {
-          float wi = w[i], mi = m[i], vi = v[i];
-          o.step(wi, mi, vi, g[i]);
-          m[i] = mi;
-          v[i] = vi;
-          w[i] = wi;
-          if (wc.p) wc.set(i, wi);
-        });
+        begin, end, list.tiles.packed[t], [&](int64_t i) { at.pack(o, i); }, [&](int64_t i) { at.one(o, i); });
   }
 }
 
