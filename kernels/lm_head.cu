@@ -287,10 +287,7 @@ double lm_head_cross_entropy_cuda(Tensor& d_h, Tensor& d_w, const Tensor& h, con
     if (d_w.defined()) gemm(d_w, dlc, true, hc, false, 1.0f, 1.0f);  // d_w += dlogits^T h
   }
   LASP_CHECK(bad.read() == 0) << fn << ": a target is outside the vocabulary [0, " << V << ")";
-  const std::vector<double> losses = row_loss.to_vector();
-  double total = 0.0;
-  for (double l : losses) total += l;
-  return total;
+  return sum_row_losses(row_loss);
 }
 
 // FP8 (kernels/lm_head.h): W and h quantized once per call (E4M3, per-tensor scales from one amax
