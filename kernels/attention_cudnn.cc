@@ -32,6 +32,7 @@
 #include <string>
 
 #include "core/check.h"
+#include "core/env.h"
 #include "core/log.h"
 
 #ifdef LASP_HAVE_CUDNN
@@ -57,14 +58,7 @@
 namespace lasp {
 
 AttentionPath attention_path_from_env() {
-  const char* env = std::getenv("LASP_ATTENTION");
-  if (!env || !*env) return AttentionPath::Auto;
-  const std::string s(env);
-  if (s == "auto") return AttentionPath::Auto;
-  if (s == "cudnn") return AttentionPath::Cudnn;
-  if (s == "own") return AttentionPath::Own;
-  LASP_FAIL() << "LASP_ATTENTION=" << s << ": expected auto, cudnn or own";
-  return AttentionPath::Auto;
+  return static_cast<AttentionPath>(env_choice("LASP_ATTENTION", {"auto", "cudnn", "own"}));
 }
 
 #ifndef LASP_HAVE_CUDNN

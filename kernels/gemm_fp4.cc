@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/dtype.h"
+#include "core/env.h"
 #include "core/profile.h"
 
 namespace lasp {
@@ -35,14 +36,7 @@ void check_fp4_operand(const QuantizedFp4& q, const char* fn) {
 }  // namespace
 
 Fp4GemmPath fp4_gemm_path_from_env() {
-  const char* env = std::getenv("LASP_FP4_GEMM");
-  if (!env || !*env) return Fp4GemmPath::Auto;
-  const std::string s(env);
-  if (s == "auto") return Fp4GemmPath::Auto;
-  if (s == "native") return Fp4GemmPath::Native;
-  if (s == "emulated") return Fp4GemmPath::Emulated;
-  LASP_FAIL() << "LASP_FP4_GEMM=" << s << ": expected auto, native or emulated";
-  return Fp4GemmPath::Auto;
+  return static_cast<Fp4GemmPath>(env_choice("LASP_FP4_GEMM", {"auto", "native", "emulated"}));
 }
 
 void gemm_fp4(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b) {

@@ -65,6 +65,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "core/env.h"
 #include "core/tensor.h"
 #include "kernels/cuda_utils.cuh"
 #include "kernels/linear_attention.h"
@@ -1175,8 +1176,8 @@ bool use_sm90_kernels() {
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
   CUDA_CHECK(cudaMemcpyFromSymbol(&compiled, la_sm90_compiled, sizeof(int)));
-  const char* env = std::getenv("LASP_LA_KERNEL");
-  const bool forced_mma = env && std::strcmp(env, "mma") == 0;
+  // LASP_LA_KERNEL=mma forces the mma.sync kernels (for comparisons); other values are errors.
+  const bool forced_mma = env_choice("LASP_LA_KERNEL", {"auto", "mma"}) == 1;
   const bool yes = major == 9 && minor == 0 && compiled == 1 && !forced_mma;
   if (dev < 64) cached[dev] = yes ? 1 : 2;
   return yes;

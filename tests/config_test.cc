@@ -5,6 +5,8 @@
 
 #include "core/check.h"
 #include "core/config.h"
+#include "core/env.h"
+#include "tests/test_util.h"
 
 namespace lasp {
 namespace {
@@ -85,6 +87,31 @@ TEST(Config, ResolvedYamlRoundTripsToTheSameConfig) {
 
 TEST(Config, MissingFileIsAClearError) {
   EXPECT_NE(error_of([] { load_config("/nonexistent/x.yaml"); }).find("cannot open config file"), std::string::npos);
+}
+
+// Environment switches (core/env.h): unset and empty pick the first choice, each name its index,
+// anything else is an error naming the variable, the value and every choice.
+TEST(EnvChoice, UnsetEmptyNamedAndUnknownValues) {
+  const char* var = "LASP_TEST_ENV_CHOICE";
+  {
+    testing::ScopedEnv e(var, nullptr);
+    EXPECT_EQ(env_choice(var, {"auto", "native", "emulated"}), 0);
+  }
+  {
+    testing::ScopedEnv e(var, "");
+    EXPECT_EQ(env_choice(var, {"auto", "native", "emulated"}), 0);
+  }
+  {
+    testing::ScopedEnv e(var, "emulated");
+    EXPECT_EQ(env_choice(var, {"auto", "native", "emulated"}), 2);
+  }
+  {
+    testing::ScopedEnv e(var, "fast");
+    EXPECT_NE(error_of([&] { env_choice(var, {"auto", "native", "emulated"}); })
+                  .find("LASP_TEST_ENV_CHOICE=fast: expected auto, native or emulated"),
+              std::string::npos);
+    EXPECT_NE(error_of([&] { env_choice(var, {"auto", "mma"}); }).find("expected auto or mma"), std::string::npos);
+  }
 }
 
 }  // namespace
