@@ -7,6 +7,8 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "core/device.h"
@@ -17,13 +19,25 @@ namespace {
 
 struct Totals {
   std::mutex mu;
-  std::map<std::string, std::pair<int64_t, double>> by_name;  // calls, exclusive seconds
+  struct Entry {
+    int64_t calls = 0;
+    double seconds = 0;  // exclusive
+    double flops = 0;
+  };
+  std::map<std::string, Entry> by_name;
 };
 Totals& totals() {
   static Totals* t = new Totals();
   return *t;
 }
 thread_local ProfileScope* t_current = nullptr;
+
+// Waits for the device's queued work, so that a region's wall time includes it; nothing to wait
+// for in a process without a GPU (a CUDA build profiling a CPU run).
+void sync_device() {
+  static const bool gpu = cuda_available();
+  if (gpu) cuda_synchronize();
+}
 
 double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -39,6 +53,19 @@ bool profile_enabled() {
   return on;
 }
 
+bool profile_shapes_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("LASP_PROFILE");
+    return v && std::strcmp(v, "shapes") == 0;
+  }();
+  return on;
+}
+
+void ProfileScope::detail(std::string name, double flops) {
+  detail_ = std::move(name);
+  flops_ = flops;
+}
+
 void profile_reset() {
   std::lock_guard<std::mutex> lock(totals().mu);
   totals().by_name.clear();
@@ -46,7 +73,7 @@ void profile_reset() {
 
 ProfileScope::ProfileScope(const char* name) : name_(name) {
   if (!profile_enabled()) return;
-  cuda_synchronize();
+  sync_device();
   parent_ = t_current;
   t_current = this;
   start_ = now();
@@ -54,30 +81,35 @@ ProfileScope::ProfileScope(const char* name) : name_(name) {
 
 ProfileScope::~ProfileScope() {
   if (!profile_enabled()) return;
-  cuda_synchronize();
+  sync_device();
   const double total = now() - start_;
   t_current = parent_;
   if (parent_) parent_->child_ += total;
   std::lock_guard<std::mutex> lock(totals().mu);
-  auto& e = totals().by_name[name_];
-  e.first += 1;
-  e.second += total - child_;
+  auto& e = totals().by_name[detail_.empty() ? std::string(name_) : detail_];
+  e.calls += 1;
+  e.seconds += total - child_;
+  e.flops += flops_;
 }
 
 std::string profile_report() {
   std::lock_guard<std::mutex> lock(totals().mu);
-  std::vector<std::pair<std::string, std::pair<int64_t, double>>> rows(totals().by_name.begin(), totals().by_name.end());
-  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.second > b.second.second; });
+  std::vector<std::pair<std::string, Totals::Entry>> rows(totals().by_name.begin(), totals().by_name.end());
+  std::sort(rows.begin(), rows.end(),
+            [](const auto& a, const auto& b) { return a.second.seconds > b.second.seconds; });
   double sum = 0;
-  for (const auto& r : rows) sum += r.second.second;
+  for (const auto& r : rows) sum += r.second.seconds;
   std::string out = "profile (LASP_PROFILE=1; device synchronised around each region, exclusive times)\n";
-  char line[160];
-  std::snprintf(line, sizeof line, "%-34s %10s %12s %8s\n", "region", "calls", "total_ms", "share");
+  char line[200];
+  std::snprintf(line, sizeof line, "%-44s %8s %11s %7s %9s\n", "region", "calls", "total_ms", "share",
+                "TFLOP/s");
   out += line;
-  for (const auto& r : rows) {
-    std::snprintf(line, sizeof line, "%-34s %10lld %12.2f %7.1f%%\n", r.first.c_str(),
-                  static_cast<long long>(r.second.first), r.second.second * 1e3,
-                  sum > 0 ? 100 * r.second.second / sum : 0.0);
+  for (const auto& [name, e] : rows) {
+    char rate[32] = "";
+    if (e.flops > 0 && e.seconds > 0) std::snprintf(rate, sizeof rate, "%9.1f", e.flops / e.seconds * 1e-12);
+    std::snprintf(line, sizeof line, "%-44s %8lld %11.2f %6.1f%% %s\n", name.c_str(),
+                  static_cast<long long>(e.calls), e.seconds * 1e3, sum > 0 ? 100 * e.seconds / sum : 0.0,
+                  rate);
     out += line;
   }
   return out;

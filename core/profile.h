@@ -1,7 +1,9 @@
 // Where the time goes: with LASP_PROFILE=1 in the environment, every LASP_PROFILE_SCOPE region
 // synchronises the device at its ends and adds its wall time, minus the time of regions nested in
 // it, to a per-name total. `lasp train` prints the table at the end. Off (the default) a scope
-// costs one branch.
+// costs one branch. LASP_PROFILE=shapes also splits the GEMM regions by shape and layout
+// (ProfileScope::detail) and prints their TFLOP/s, to compare a GEMM inside the training step
+// with the same shape in `lasp bench kernels`.
 #pragma once
 
 #include <string>
@@ -9,6 +11,7 @@
 namespace lasp {
 
 bool profile_enabled();
+bool profile_shapes_enabled();  // LASP_PROFILE=shapes
 void profile_reset();
 // One line per region: name, calls, total ms, share of the profiled time.
 std::string profile_report();
@@ -19,9 +22,14 @@ class ProfileScope {
   ~ProfileScope();
   ProfileScope(const ProfileScope&) = delete;
   ProfileScope& operator=(const ProfileScope&) = delete;
+  // Files this region under `name` instead, and counts `flops` floating-point operations for it
+  // (the report then gives its TFLOP/s). Meant for profile_shapes_enabled().
+  void detail(std::string name, double flops);
 
  private:
   const char* name_;
+  std::string detail_;
+  double flops_ = 0;
   double start_ = 0;
   double child_ = 0;  // seconds spent in nested scopes
   ProfileScope* parent_ = nullptr;

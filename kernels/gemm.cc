@@ -3,6 +3,8 @@
 
 #include <cblas.h>
 
+#include <string>
+
 #include "core/profile.h"
 
 namespace lasp {
@@ -14,7 +16,7 @@ void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool t
 
 void gemm(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
           float beta) {
-  LASP_PROFILE_SCOPE("gemm");
+  ProfileScope profile("gemm");
   LASP_CHECK(a.ndim() == 2 && b.ndim() == 2 && c.ndim() == 2)
       << "gemm expects 2-D tensors, got " << a.str() << ", " << b.str() << " -> " << c.str();
   LASP_CHECK(a.is_contiguous() && b.is_contiguous() && c.is_contiguous()) << "gemm: operands must be contiguous";
@@ -25,6 +27,13 @@ void gemm(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_
   LASP_CHECK(k == kb && c.dim(0) == m && c.dim(1) == n)
       << "gemm shape mismatch: op(A) " << m << "x" << k << ", op(B) " << kb << "x" << n << ", C "
       << c.str();
+  if (profile_shapes_enabled()) {
+    // "gemm MxNxK NT bf16->f32+": op(A) M x K, op(B) K x N, T = transposed, + = accumulates into C.
+    profile.detail("gemm " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) + " " +
+                       (trans_a ? "T" : "N") + (trans_b ? "T" : "N") + " " + dtype_name(a.dtype()) +
+                       "->" + dtype_name(c.dtype()) + (beta != 0.0f ? "+" : ""),
+                   2.0 * m * n * k);
+  }
   check_same_device(a, b, "gemm");
   check_same_device(a, c, "gemm");
   if (a.is_cuda()) {

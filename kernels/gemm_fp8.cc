@@ -2,6 +2,8 @@
 // emulation in quantize.cc.
 #include "kernels/gemm_fp8.h"
 
+#include <string>
+
 #include "core/profile.h"
 
 namespace lasp {
@@ -13,9 +15,16 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
 
 void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha, float beta,
               bool fast_accum) {
-  LASP_PROFILE_SCOPE("gemm_fp8");
+  ProfileScope profile("gemm_fp8");
   LASP_CHECK(a.codes.defined() && b.codes.defined() && c.defined())
       << "gemm_fp8: operands and output must be defined";
+  if (profile_shapes_enabled()) {
+    // "gemm_fp8 MxNxK ->bf16+": C [M, N] = A [M, K] B [N, K]^T; + = accumulates into C.
+    profile.detail("gemm_fp8 " + std::to_string(a.rows()) + "x" + std::to_string(b.rows()) + "x" +
+                       std::to_string(a.cols()) + (fast_accum ? " fast" : "") + " ->" +
+                       dtype_name(c.dtype()) + (beta != 0.0f ? "+" : ""),
+                   2.0 * a.rows() * b.rows() * a.cols());
+  }
   check_same_device(a.codes, b.codes, "gemm_fp8");
   check_same_device(a.codes, c, "gemm_fp8");
   if (c.is_cuda()) {

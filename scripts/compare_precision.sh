@@ -69,13 +69,20 @@ for v in $variants; do
         >"$out/$name.log" 2>&1 || { tail -20 "$out/$name.log"; echo "=== $name failed (log: $out/$name.log)" >&2; exit 1; }
       echo "    $(( $(date +%s) - start )) s, $(grep -o 'final validation loss.*' "$out/$name.log" | tail -1)"
     fi
-    files+=("$out/$name/metrics.jsonl")
+    # Only finished runs (a run cut short has no final validation loss in its log).
+    if grep -q 'final validation loss' "$out/$name.log" 2>/dev/null; then
+      files+=("$out/$name/metrics.jsonl")
+    else
+      echo "    $name: not finished, left out of the plot and the table"
+    fi
   done
 done
 
-"$python" "$root/scripts/plot_metrics.py" "${files[@]}" -o "$out/loss.png" \
-  --title "tiny model, same tokens: projections in bf16 / fp8 / fp4 (lm_head bf16)"
-echo "plot: $out/loss.png"
+# The plot needs matplotlib; without it the table below is still printed.
+if "$python" "$root/scripts/plot_metrics.py" "${files[@]}" -o "$out/loss.png" \
+  --title "$(basename "$config" .yaml), same tokens: projections in bf16 / fp8 / fp4 (lm_head bf16)"; then
+  echo "plot: $out/loss.png"
+fi
 
 # Final validation loss (the last val_loss of each run) and the gap relative to bf16.
 "$python" - "${files[@]}" <<'PY'
@@ -102,12 +109,26 @@ def mean(xs):
     return statistics.fmean(xs) if xs else None
 base = mean([v for _, v, _ in groups.get("bf16", [])])
 fmt = lambda x: f"{x:.4f}" if x is not None else "-"
-print("| run | seeds | final val loss (per seed) | mean | spread | gap of the mean vs bf16 | final train loss (mean) |")
-print("|---|---|---|---|---|---|---|")
+# Paired gaps: each seed's run against the bf16 run of the same seed (same initial weights and
+# data order), then their mean and standard error over the seeds.
+bf16_by_seed = {re.search(r"_s(\d+)$", n).group(1): v for n, v, _ in groups.get("bf16", [])
+                if re.search(r"_s(\d+)$", n) and v is not None}
+def paired(runs):
+    gaps = []
+    for n, v, _ in runs:
+        m = re.search(r"_s(\d+)$", n)
+        if m and v is not None and bf16_by_seed.get(m.group(1)):
+            gaps.append(100 * (v - bf16_by_seed[m.group(1)]) / bf16_by_seed[m.group(1)])
+    if len(gaps) < 2:
+        return "-"
+    se = statistics.stdev(gaps) / len(gaps) ** 0.5
+    return f"{statistics.fmean(gaps):+.2f}% +- {se:.2f} ({' '.join(f'{g:+.2f}' for g in gaps)})"
+print("| run | seeds | final val loss (per seed) | mean | spread | gap of the mean vs bf16 | paired gap, mean +- s.e. (per seed) | final train loss (mean) |")
+print("|---|---|---|---|---|---|---|---|")
 for g, runs in groups.items():
     vals = [v for _, v, _ in runs if v is not None]
     m = mean(vals)
     spread = f"{max(vals) - min(vals):.4f}" if len(vals) > 1 else "-"
     gap = f"{100 * (m - base) / base:+.2f}%" if base and m is not None else "-"
-    print(f"| {g} | {len(runs)} | {' / '.join(fmt(v) for v in vals)} | {fmt(m)} | {spread} | {gap} | {fmt(mean([l for _, _, l in runs]))} |")
+    print(f"| {g} | {len(runs)} | {' / '.join(fmt(v) for v in vals)} | {fmt(m)} | {spread} | {gap} | {paired(runs)} | {fmt(mean([l for _, _, l in runs]))} |")
 PY

@@ -11,7 +11,8 @@
 # 2+ GPUs runs the multi-rank tests over NCCL. TRAIN_VARIANTS="ce16k fp8 fp8fast" trains the first
 # config again with one LM-head chunk / FP8 projections and LM head / FP8 fast accumulation.
 # TRAIN_SH=1 also runs scripts/train.sh (the README's first command) for 100 steps; PRECISION_SEEDS="1 2 3" runs scripts/compare_precision.sh with
-# those seeds on the GPU (extra lasp train args in PRECISION_ARGS, cap PRECISION_CAP_S seconds).
+# those seeds on the GPU (config PRECISION_CONFIG, default tiny.yaml; extra lasp train args in
+# PRECISION_ARGS; variants in VARIANTS; cap PRECISION_CAP_S seconds).
 #
 # Environment: OUT (default ./device_out), BUILD (default /tmp/lasp-build-gpu), BUDGET_S (wall
 # seconds for the whole script, default 520); BENCH_ONLY=gemm|linear|attention restricts the kernel
@@ -69,7 +70,9 @@ tee -a "$SUMMARY" </tmp/lasp_env.txt
 GPU_BIN="" CPU_BIN="" LASP_BIN="" BUILD_STATUS="failed"
 if timeout "$(left 60)" cmake -S "$ROOT" -B "$BUILD" -DLASP_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
     -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1; then
-  if timeout "$(left 300)" cmake --build "$BUILD" -j 16 --target lasp_gpu_tests >>"$OUT/build.log" 2>&1; then
+  if [ "${GPU_TESTS:-1}" = 0 ]; then
+    BUILD_STATUS="built on device (GPU tests not built: GPU_TESTS=0)"
+  elif timeout "$(left 300)" cmake --build "$BUILD" -j 16 --target lasp_gpu_tests >>"$OUT/build.log" 2>&1; then
     GPU_BIN="$BUILD/tests/lasp_gpu_tests"
     BUILD_STATUS="built on device"
   fi
@@ -78,12 +81,13 @@ if timeout "$(left 60)" cmake -S "$ROOT" -B "$BUILD" -DLASP_CUDA=ON -DCMAKE_CUDA
   fi
   if [ -f "$ROOT/launch/main.cc" ] && timeout "$(left 120)" cmake --build "$BUILD" -j 16 --target lasp >>"$OUT/build.log" 2>&1; then
     LASP_BIN="$BUILD/lasp"
+    [ "${GPU_TESTS:-1}" = 0 ] || [ -n "$GPU_BIN" ] || BUILD_STATUS="lasp built on device, lasp_gpu_tests failed"
   fi
   if (($(nvidia-smi -L 2>/dev/null | wc -l) >= 2)); then
     timeout "$(left 120)" cmake --build "$BUILD" -j 16 --target lasp_mpi_tests >>"$OUT/build.log" 2>&1
   fi
 fi
-if [ -z "$GPU_BIN" ] && [ -x "$ROOT/.prebuilt/lasp_gpu_tests" ]; then
+if [ -z "$GPU_BIN" ] && [ "${GPU_TESTS:-1}" != 0 ] && [ -x "$ROOT/.prebuilt/lasp_gpu_tests" ]; then
   say "device build failed (see build.log tail below); using carried .prebuilt/ binaries"
   tail -5 "$OUT/build.log" | tee -a "$SUMMARY"
   export LD_LIBRARY_PATH="$ROOT/.prebuilt/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -91,7 +95,7 @@ if [ -z "$GPU_BIN" ] && [ -x "$ROOT/.prebuilt/lasp_gpu_tests" ]; then
   [ -x "$ROOT/.prebuilt/lasp_tests" ] && CPU_BIN="$ROOT/.prebuilt/lasp_tests"
   BUILD_STATUS="prebuilt (carried)"
 fi
-say "build: $BUILD_STATUS"
+say "build: $BUILD_STATUS (at $(($(date +%s) - START)) s)"
 grep -E "error|warning: " "$OUT/build.log" | grep -v "^--" | head -20 | tee -a "$SUMMARY"
 
 # ---- 2. GPU tests ----
@@ -116,13 +120,15 @@ BENCH_ARGS="--csv $OUT/bench.csv"
 ((QUICK)) && BENCH_ARGS="$BENCH_ARGS --quick"
 [ -n "${BENCH_ONLY:-}" ] && BENCH_ARGS="$BENCH_ARGS --only $BENCH_ONLY"
 BENCH_RESULT="not run"
-if [ -n "$LASP_BIN" ]; then
+if [ -n "$LASP_BIN" ] && [ "${BENCH:-1}" = 0 ]; then
+  :  # BENCH=0: no kernel benchmark
+elif [ -n "$LASP_BIN" ]; then
   timeout "$(left 240)" "$LASP_BIN" bench kernels $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
   rc=$?
   BENCH_RESULT="rc=$rc (lasp bench kernels)"
   ((rc == 0)) || LASP_BIN=""
 fi
-if [ -z "$LASP_BIN" ] && [ -n "$GPU_BIN" ]; then
+if [ -z "$LASP_BIN" ] && [ -n "$GPU_BIN" ] && [ "${BENCH:-1}" != 0 ]; then
   LASP_BENCH_ARGS="$BENCH_ARGS" timeout "$(left 240)" "$GPU_BIN" --gtest_color=no \
     --gtest_filter='BenchKernels.*' 2>&1 | tee "$OUT/bench.log"
   BENCH_RESULT="rc=$? (through lasp_gpu_tests --gtest_filter=BenchKernels.*)"
@@ -145,15 +151,60 @@ if [ "${SDPA:-1}" = 1 ] && python3 -c "import torch" 2>/dev/null; then
 fi
 
 # ---- 5. training on the GPU: the 1B linear model, a few steps ----
+# train_run LOG CAP_S ARGS...: `lasp train ARGS` with nvidia-smi sampling the GPU every 100 ms;
+# each step line of LOG ends with what the GPU did during that step: mean SM clock, mean power,
+# top temperature and the clock-limit reasons seen (nvidia-smi's bit mask: 0x4 power cap, 0x20/0x40
+# thermal). Returns lasp's exit status.
+train_run() {
+  local log=$1 cap=$2 smi=/tmp/lasp_smi.csv smi_pid rc
+  shift 2
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv,noheader,nounits -lms 100 >"$smi" 2>/dev/null &
+  smi_pid=$!
+  timeout "$cap" "$LASP_BIN" train "$@" 2>&1 | grep --line-buffered -v '^  ' |
+    while IFS= read -r line; do printf '%s %s\n' "$(date +%s.%N)" "$line"; done >"/tmp/$(basename "$log").raw"
+  rc=${PIPESTATUS[0]}
+  kill "$smi_pid" 2>/dev/null; wait "$smi_pid" 2>/dev/null
+  python3 - "/tmp/$(basename "$log").raw" "$smi" >"$log" <<'PY'
+import sys, datetime
+samples = []
+for row in open(sys.argv[2], errors="replace"):
+    f = [x.strip() for x in row.split(",")]
+    try:
+        t = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+        samples.append((t, float(f[1]), float(f[2]), float(f[3]), int(f[4], 16)))
+    except (ValueError, IndexError):
+        pass
+prev = None
+for row in open(sys.argv[1], errors="replace"):
+    t, _, line = row.rstrip("\n").partition(" ")
+    t = float(t)
+    if line.startswith("step") and prev is not None:
+        s = [x for x in samples if prev < x[0] <= t]
+        if s:
+            reasons = 0
+            for x in s:
+                reasons |= x[4]
+            line += " | gpu %d samples: sm %.0f MHz (min %.0f), %.0f W, %.0f C, reasons 0x%x" % (
+                len(s), sum(x[1] for x in s) / len(s), min(x[1] for x in s),
+                sum(x[2] for x in s) / len(s), max(x[3] for x in s), reasons)
+    if line.startswith("step") or prev is None:
+        prev = t
+    print(line)
+PY
+  tail -12 "$log"
+  return "$rc"
+}
 TRAIN_RESULT="not run"
 if [ -n "$LASP_BIN" ] && ((TRAIN)); then
   for cfg in $TRAIN_CONFIGS; do
     name=$(basename "$cfg" .yaml)
-    timeout "$(left 200)" "$LASP_BIN" train "$ROOT/configs/$cfg" --set train.steps="$TRAIN_STEPS" \
-      --set run.dir=/tmp/lasp-run-$name $TRAIN_SET 2>&1 | grep -v '^  ' | tee "$OUT/train_$name.log" | tail -12
+    train_run "$OUT/train_$name.log" "$(left 200)" "$ROOT/configs/$cfg" --set train.steps="$TRAIN_STEPS" \
+      --set run.dir=/tmp/lasp-run-$name $TRAIN_SET
     TRAIN_RESULT="$TRAIN_RESULT | $name rc=$? $(grep -E '^step' "$OUT/train_$name.log" | tail -1)"
-    # Where the time goes (LASP_PROFILE synchronises around every region, so this run is slower).
-    LASP_PROFILE=1 timeout "$(left 120)" "$LASP_BIN" train "$ROOT/configs/$cfg" --set train.steps=3 \
+    # Where the time goes (LASP_PROFILE synchronises around every region, so this run is slower;
+    # PROFILE=shapes, the default, splits the GEMMs by shape with their TFLOP/s).
+    LASP_PROFILE=${PROFILE:-shapes} timeout "$(left 120)" "$LASP_BIN" train "$ROOT/configs/$cfg" --set train.steps=3 \
       --set run.dir=/tmp/lasp-prof-$name $TRAIN_SET 2>&1 | sed -n '/^profile/,$p' >>"$OUT/train_$name.log"
   done
   # Variants of the first config (TRAIN_VARIANTS, space-separated): ce16k = one LM-head chunk of
@@ -170,9 +221,8 @@ if [ -n "$LASP_BIN" ] && ((TRAIN)); then
       *) say "unknown TRAIN_VARIANTS entry $variant (expected ce16k, fp8, fp8fast)"; continue ;;
     esac
     log="$OUT/train_$(basename "$first" .yaml)_$variant.log"
-    timeout "$(left 200)" "$LASP_BIN" train "$ROOT/configs/$first" \
-      --set train.steps="$TRAIN_STEPS" --set run.dir=/tmp/lasp-run-$variant $TRAIN_SET "${sets[@]}" 2>&1 |
-      grep -v '^  ' | tee "$log" | tail -12
+    train_run "$log" "$(left 200)" "$ROOT/configs/$first" \
+      --set train.steps="$TRAIN_STEPS" --set run.dir=/tmp/lasp-run-$variant $TRAIN_SET "${sets[@]}"
     TRAIN_RESULT="$TRAIN_RESULT | $variant rc=$? $(grep -E '^step' "$log" | tail -1)"
   done
   TRAIN_RESULT=${TRAIN_RESULT#not run | }
@@ -199,9 +249,16 @@ fi
 PREC_RESULT="not run"
 if [ -n "${PRECISION_SEEDS:-}" ] && [ -n "$LASP_BIN" ]; then
   SEEDS="$PRECISION_SEEDS" LASP_BIN="$LASP_BIN" PRECISION_DIR=/tmp/lasp-precision \
+    LASP_CONFIG="$ROOT/configs/${PRECISION_CONFIG:-tiny.yaml}" \
     timeout "$(left ${PRECISION_CAP_S:-240})" bash "$ROOT/scripts/compare_precision.sh" ${PRECISION_ARGS:-} \
     >"$OUT/precision.log" 2>&1
-  PREC_RESULT="rc=$? (table in precision.log)"
+  rc=$?
+  if ((rc != 0)); then  # cut by the cap: the table of the runs that finished
+    SKIP_TRAIN=1 SEEDS="$PRECISION_SEEDS" PRECISION_DIR=/tmp/lasp-precision \
+      LASP_CONFIG="$ROOT/configs/${PRECISION_CONFIG:-tiny.yaml}" bash "$ROOT/scripts/compare_precision.sh" \
+      >>"$OUT/precision.log" 2>&1
+  fi
+  PREC_RESULT="rc=$rc (table in precision.log; runs' times there)"
   cp /tmp/lasp-precision/loss.png "$OUT/precision_loss.png" 2>/dev/null
 fi
 
