@@ -219,10 +219,20 @@ Tensor Tensor::to(DType t) const {
 
 void Tensor::copy_from(const Tensor& src) {
   LASP_CHECK(shape_ == src.shape_) << "copy_from: " << str() << " <- " << src.str();
-  LASP_CHECK(is_contiguous()) << "copy_from into a non-contiguous tensor " << str();
+  LASP_CHECK(is_contiguous() || device().is_cpu()) << "copy_from into a non-contiguous CUDA tensor " << str();
   Tensor s = src;
   if (s.dtype_ != dtype_) s = s.to(cpu()).to(dtype_);
   s = s.contiguous();
+  if (!is_contiguous()) {  // a strided CPU view: element by element
+    s = s.to(cpu());
+    const size_t es = dtype_size(dtype_);
+    const char* from = static_cast<const char*>(s.raw());
+    char* base = static_cast<char*>(storage_->data());
+    for_each_offset(shape_, strides_, offset_, [&](int64_t i, int64_t off) {
+      std::memcpy(base + off * es, from + i * es, es);
+    });
+    return;
+  }
   device_memcpy(raw(), device(), s.raw(), s.device(), nbytes());
 }
 

@@ -93,7 +93,7 @@ class Tensor {
   Tensor clone() const;
   Tensor to(Device device) const;
   Tensor to(DType dtype) const;  // CPU only: converts element by element
-  void copy_from(const Tensor& src);  // same shape; converts dtype on CPU
+  void copy_from(const Tensor& src);  // same shape; converts dtype on CPU; strided only on CPU
 
   void zero_();
   void fill_(double value);  // CPU float tensors, or zero on any device

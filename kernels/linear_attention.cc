@@ -175,6 +175,23 @@ void check_layout(const Tensor& t, const char* fn, const char* what, const Shape
   check_same_device(t, q, fn);
 }
 
+// q, k, v, o and their gradients: [B, T, H, D] with each token's H x D values packed, tokens
+// contiguous or a fixed row stride apart (a head slice of a wider tensor, e.g. the model's fused
+// q/k/v projection output viewed as [B, T, 3 H, D]).
+void check_token_layout(const Tensor& t, const char* fn, const char* what, const Shape& shape,
+                        const Tensor& q) {
+  LASP_CHECK(t.defined()) << fn << ": " << what << " is undefined";
+  LASP_CHECK(t.shape() == shape) << fn << ": " << what << " must have shape " << shape_str(shape)
+                                 << ", got " << t.str();
+  const Shape& st = t.strides();
+  const bool packed_rows = st[3] == 1 && st[2] == shape[3] && st[1] >= shape[2] * shape[3] &&
+                           st[0] == shape[1] * st[1];
+  LASP_CHECK(t.is_contiguous() || packed_rows)
+      << fn << ": " << what << " must be contiguous or [B, T, H, D] with packed heads and a row stride, got "
+      << t.str();
+  check_same_device(t, q, fn);
+}
+
 Dims check_common(const char* fn, const Tensor& q, const Tensor& k, const Tensor& v,
                   const Decay& decay, const Tensor& initial_state, int chunk) {
   LASP_CHECK(q.defined()) << fn << ": q is undefined";
@@ -182,9 +199,9 @@ Dims check_common(const char* fn, const Tensor& q, const Tensor& k, const Tensor
   Dims d{q.dim(0), q.dim(1), q.dim(2), q.dim(3)};
   LASP_CHECK(d.D >= 1 && d.H >= 1) << fn << ": q must have H >= 1 and D >= 1, got " << q.str();
   LASP_CHECK(chunk >= 1) << fn << ": chunk must be >= 1, got " << chunk;
-  check_layout(q, fn, "q", q.shape(), q);
-  check_layout(k, fn, "k", q.shape(), q);
-  check_layout(v, fn, "v", q.shape(), q);
+  check_token_layout(q, fn, "q", q.shape(), q);
+  check_token_layout(k, fn, "k", q.shape(), q);
+  check_token_layout(v, fn, "v", q.shape(), q);
   if (initial_state.defined())
     check_layout(initial_state, fn, "initial_state", {d.B, d.H, d.D, d.D}, q);
   if (decay.mode == DecayMode::Constant) {
@@ -440,7 +457,7 @@ void linear_attention_forward(Tensor& o, Tensor& final_state, const Tensor& q, c
   if (saved) *saved = LinearAttentionSaved{};
   const char* fn = "linear_attention_forward";
   const Dims d = check_common(fn, q, k, v, decay, initial_state, chunk);
-  if (o.defined()) check_layout(o, fn, "o", q.shape(), q);
+  if (o.defined()) check_token_layout(o, fn, "o", q.shape(), q);
   if (final_state.defined()) check_layout(final_state, fn, "final_state", {d.B, d.H, d.D, d.D}, q);
   if (q.is_cuda()) {
 #ifdef LASP_HAVE_CUDA
@@ -462,11 +479,15 @@ void linear_attention_forward(Tensor& o, Tensor& final_state, const Tensor& q, c
   if (decay.mode == DecayMode::DataDependent)
     check_cpu_dtype(decay.per_token, fn, "decay.per_token", dt);
   check_cpu_decay_values(fn, decay);
+  // The CPU kernels read and write contiguous tensors: strided ones go through copies.
+  const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  Tensor oc = o.defined() && !o.is_contiguous() ? Tensor::empty(o.shape(), o.dtype()) : o;
   if (dt == DType::F32) {
-    forward_cpu<float>(o, final_state, q, k, v, decay, initial_state, chunk, d);
+    forward_cpu<float>(oc, final_state, qc, kc, vc, decay, initial_state, chunk, d);
   } else {
-    forward_cpu<double>(o, final_state, q, k, v, decay, initial_state, chunk, d);
+    forward_cpu<double>(oc, final_state, qc, kc, vc, decay, initial_state, chunk, d);
   }
+  if (o.defined() && !o.is_contiguous()) o.copy_from(oc);
 }
 
 void linear_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_log_decay,
@@ -478,11 +499,11 @@ void linear_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_log
   const char* fn = "linear_attention_backward";
   const Dims d = check_common(fn, q, k, v, decay, initial_state, chunk);
   const Shape state_shape{d.B, d.H, d.D, d.D};
-  if (d_o.defined()) check_layout(d_o, fn, "d_o", q.shape(), q);
+  if (d_o.defined()) check_token_layout(d_o, fn, "d_o", q.shape(), q);
   if (d_final_state.defined()) check_layout(d_final_state, fn, "d_final_state", state_shape, q);
-  if (dq.defined()) check_layout(dq, fn, "dq", q.shape(), q);
-  if (dk.defined()) check_layout(dk, fn, "dk", q.shape(), q);
-  if (dv.defined()) check_layout(dv, fn, "dv", q.shape(), q);
+  if (dq.defined()) check_token_layout(dq, fn, "dq", q.shape(), q);
+  if (dk.defined()) check_token_layout(dk, fn, "dk", q.shape(), q);
+  if (dv.defined()) check_token_layout(dv, fn, "dv", q.shape(), q);
   if (d_initial_state.defined())
     check_layout(d_initial_state, fn, "d_initial_state", state_shape, q);
   if (d_log_decay.defined()) {
@@ -517,13 +538,22 @@ void linear_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_log
   if (decay.mode == DecayMode::DataDependent)
     check_cpu_dtype(decay.per_token, fn, "decay.per_token", dt);
   check_cpu_decay_values(fn, decay);
+  // The CPU kernels read and write contiguous tensors: strided ones go through copies.
+  const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const Tensor d_oc = d_o.defined() ? d_o.contiguous() : d_o;
+  auto out = [](const Tensor& t) {
+    return t.defined() && !t.is_contiguous() ? Tensor::empty(t.shape(), t.dtype()) : t;
+  };
+  Tensor dqc = out(dq), dkc = out(dk), dvc = out(dv);
   if (dt == DType::F32) {
-    backward_cpu<float>(dq, dk, dv, d_log_decay, d_initial_state, q, k, v, decay, initial_state,
-                        d_o, d_final_state, chunk, d);
+    backward_cpu<float>(dqc, dkc, dvc, d_log_decay, d_initial_state, qc, kc, vc, decay, initial_state,
+                        d_oc, d_final_state, chunk, d);
   } else {
-    backward_cpu<double>(dq, dk, dv, d_log_decay, d_initial_state, q, k, v, decay, initial_state,
-                         d_o, d_final_state, chunk, d);
+    backward_cpu<double>(dqc, dkc, dvc, d_log_decay, d_initial_state, qc, kc, vc, decay, initial_state,
+                         d_oc, d_final_state, chunk, d);
   }
+  for (auto [dst, src] : {std::pair<Tensor*, Tensor*>{&dq, &dqc}, {&dk, &dkc}, {&dv, &dvc}})
+    if (dst->defined() && !dst->is_contiguous()) dst->copy_from(*src);
 }
 
 }  // namespace lasp

@@ -94,6 +94,10 @@ struct LaParams {
   float* logg;               // [B*H, nseg] log total decay per segment
   bool transposed;           // walk starts from the transpose of its segment state
   int B, T, H, nseg, seg_chunks, nchunks;
+  // Row strides (elements from token t to t + 1) of a1, a2, a3 and of out and dot_src: H * D for
+  // a contiguous [B, T, H, D] tensor, more for a head slice of a wider one (the model's fused
+  // q/k/v projection output [B, T, 3 H, D]).
+  int64_t rs1, rs2, rs3, rs_out;
 };
 
 template <int D>
@@ -402,15 +406,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_segment_state_kerne
 
   const int z = blockIdx.x, seg = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
   const int col0 = z * SH::NV;
-  const int64_t rs = static_cast<int64_t>(p.H) * D;
   const ChunkRange cr = segment_chunks(p, seg);
   const int n = cr.end - cr.begin;
   auto issue = [&](int i) {  // chunk i of the walk into buffer i % kStateStages (not committed)
     const int c = kReverse ? cr.end - 1 - i : cr.begin + i, buf = i % kStateStages;
     const int t0 = c * kChunk, rows = min(kChunk, p.T - t0);
-    const int64_t base = (static_cast<int64_t>(b) * p.T + t0) * rs + static_cast<int64_t>(h) * D;
-    load_tile_async<D>(sX(buf), SH::ldx, p.a1 + base, rs, rows);
-    load_tile_async<SH::NV>(sY(buf), SH::ldv, p.a3 + base + col0, rs, rows);
+    const int64_t row = static_cast<int64_t>(b) * p.T + t0, hd = static_cast<int64_t>(h) * D;
+    load_tile_async<D>(sX(buf), SH::ldx, p.a1 + row * p.rs1 + hd, p.rs1, rows);
+    load_tile_async<SH::NV>(sY(buf), SH::ldv, p.a3 + row * p.rs3 + hd + col0, p.rs3, rows);
     load_logcum_async(sL(buf), p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
   };
 
@@ -530,24 +533,23 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParam
   const int row_lo = kReverse ? R : 0, row_n = kReverse ? 4 - R : R + 1, first_n = (row_n + 1) / 2;
   const int pc0 = row_lo + (half ? first_n : 0), np = half ? row_n - first_n : first_n;
   const int col0 = z * NV;
-  const int64_t rs = static_cast<int64_t>(p.H) * D;
   const ChunkRange cr = segment_chunks(p, seg);
   const int n = cr.end - cr.begin;
   auto chunk_of = [&](int i) { return kReverse ? cr.end - 1 - i : cr.begin + i; };
-  auto base_of = [&](int c) {
+  // Offset of chunk c's first row of this head in an operand of row stride rs.
+  auto base_of = [&](int c, int64_t rs) {
     return (static_cast<int64_t>(b) * p.T + c * kChunk) * rs + static_cast<int64_t>(h) * D;
   };
   auto rows_of = [&](int c) { return min(kChunk, p.T - c * kChunk); };
   auto issue_a1 = [&](int i) {
     const int c = chunk_of(i);
-    load_tile_async<D>(sA1, SH::ldx, p.a1 + base_of(c), rs, rows_of(c));
+    load_tile_async<D>(sA1, SH::ldx, p.a1 + base_of(c, p.rs1), p.rs1, rows_of(c));
     cp_async_commit();
   };
   auto issue_rest = [&](int i) {  // A2, A3 and L of walk step i into buffer i % 2
     const int c = chunk_of(i), rows = rows_of(c), buf = i & 1;
-    const int64_t base = base_of(c);
-    load_tile_async<D>(sA2(buf), SH::ldx, p.a2 + base, rs, rows);
-    load_tile_async<NV>(sA3(buf), SH::ldv, p.a3 + base + col0, rs, rows);
+    load_tile_async<D>(sA2(buf), SH::ldx, p.a2 + base_of(c, p.rs2), p.rs2, rows);
+    load_tile_async<NV>(sA3(buf), SH::ldv, p.a3 + base_of(c, p.rs3) + col0, p.rs3, rows);
     load_logcum_async(sLb(buf), p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
     cp_async_commit();
   };
@@ -571,7 +573,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParam
   }
   for (int i = 0; i < n; ++i) {
     const int c = chunk_of(i), rows = rows_of(c), buf = i & 1;
-    const int64_t base = base_of(c);
+    const int64_t base = base_of(c, p.rs_out), rs = p.rs_out;  // of out and dot_src
     const bool more = i + 1 < n;
     const bf16* a2 = sA2(buf);
     const bf16* a3 = sA3(buf);
@@ -828,15 +830,15 @@ __global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_segment_state_sm9
   const int z = blockIdx.x, seg = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
   const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, q = threadIdx.x % 4;
   const int col0 = z * NV;
-  const int64_t rs = static_cast<int64_t>(p.H) * D;
   const ChunkRange cr = segment_chunks(p, seg);
   const int n = cr.end - cr.begin;
   auto issue = [&](int i) {  // chunk i of the walk into buffer i % S (not committed)
     const int c = kReverse ? cr.end - 1 - i : cr.begin + i, buf = i % S;
     const int t0 = c * kChunk, rows = min(kChunk, p.T - t0);
-    const int64_t base = (static_cast<int64_t>(b) * p.T + t0) * rs + static_cast<int64_t>(h) * D;
-    sm90::load_tile_sw128<kChunk, D>(sbase + StateSmem::x + buf * 16384, p.a1 + base, rs, rows);
-    sm90::load_tile_sw128<kChunk, NV>(sbase + StateSmem::y + buf * 8192, p.a3 + base + col0, rs, rows);
+    const int64_t row = static_cast<int64_t>(b) * p.T + t0, hd = static_cast<int64_t>(h) * D;
+    sm90::load_tile_sw128<kChunk, D>(sbase + StateSmem::x + buf * 16384, p.a1 + row * p.rs1 + hd, p.rs1, rows);
+    sm90::load_tile_sw128<kChunk, NV>(sbase + StateSmem::y + buf * 8192, p.a3 + row * p.rs3 + hd + col0, p.rs3,
+                                      rows);
     load_logcum_async(lcs(buf), p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
   };
 
@@ -1093,20 +1095,19 @@ __global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_walk_sm90_kernel(
 
   const int z = blockIdx.x, seg = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
   const int col0 = z * NV;
-  const int64_t rs = static_cast<int64_t>(p.H) * D;
   const ChunkRange cr = segment_chunks(p, seg);
   const int n = cr.end - cr.begin;
   auto chunk_of = [&](int i) { return kReverse ? cr.end - 1 - i : cr.begin + i; };
-  auto base_of = [&](int c) {
+  // Offset of chunk c's first row of this head in an operand of row stride rs.
+  auto base_of = [&](int c, int64_t rs) {
     return (static_cast<int64_t>(b) * p.T + c * kChunk) * rs + static_cast<int64_t>(h) * D;
   };
   auto rows_of = [&](int c) { return min(kChunk, p.T - c * kChunk); };
   auto issue = [&](int i) {  // A1, A2, A3 and L of walk step i into stage i % 2 (one group)
     const int c = chunk_of(i), rows = rows_of(c), buf = i & 1;
-    const int64_t base = base_of(c);
-    sm90::load_tile_sw128<kChunk, D>(at(buf, WalkSmem::a1), p.a1 + base, rs, rows);
-    sm90::load_tile_sw128<kChunk, D>(at(buf, WalkSmem::a2), p.a2 + base, rs, rows);
-    sm90::load_tile_sw128<kChunk, NV>(at(buf, WalkSmem::a3), p.a3 + base + col0, rs, rows);
+    sm90::load_tile_sw128<kChunk, D>(at(buf, WalkSmem::a1), p.a1 + base_of(c, p.rs1), p.rs1, rows);
+    sm90::load_tile_sw128<kChunk, D>(at(buf, WalkSmem::a2), p.a2 + base_of(c, p.rs2), p.rs2, rows);
+    sm90::load_tile_sw128<kChunk, NV>(at(buf, WalkSmem::a3), p.a3 + base_of(c, p.rs3) + col0, p.rs3, rows);
     load_logcum_async(lcs(buf), p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
     cp_async_commit();
   };
@@ -1125,7 +1126,7 @@ __global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_walk_sm90_kernel(
     walk_chunk_sm90<kReverse>(acc_w, at(buf, WalkSmem::a1), at(buf, WalkSmem::a2), at(buf, WalkSmem::a3),
                               at(buf, WalkSmem::wt), lcs(buf), i + 1 < n,
                               smem + (buf ^ 1) * WalkSmem::stage + WalkSmem::wt,
-                              [&] { issue(i + 1); }, role, base_of(c) + col0, rs, rows_of(c), dlog_h,
+                              [&] { issue(i + 1); }, role, base_of(c, p.rs_out) + col0, p.rs_out, rows_of(c), dlog_h,
                               static_cast<int64_t>(b) * p.T + c * kChunk, p.H);
   }
 }
@@ -1183,11 +1184,23 @@ bool use_sm90_kernels() {
   return yes;
 }
 
+// A bf16 [B, T, H, D] operand: its data and its row stride (elements from token t to t + 1; H * D
+// when contiguous).
+struct Operand {
+  const bf16* p = nullptr;
+  int64_t rs = 0;
+};
+Operand operand_of(const Tensor& t) {
+  return t.defined() ? Operand{static_cast<const bf16*>(t.raw()), t.strides()[1]} : Operand{};
+}
+
 // The segment-state kernel: M_j (forward: x = k, y = v) or dM_j (reverse: x = q, y = dO).
 template <int D, bool kReverse>
-void run_segment_state(LaParams p, const char* what, const bf16* x, const bf16* y, float* states) {
-  p.a1 = x;
-  p.a3 = y;
+void run_segment_state(LaParams p, const char* what, Operand x, Operand y, float* states) {
+  p.a1 = x.p;
+  p.rs1 = x.rs;
+  p.a3 = y.p;
+  p.rs3 = y.rs;
   p.states = states;
   if (D == 128 && use_sm90_kernels())
     launch(la_segment_state_sm90_kernel<kReverse>, what, p, StateSmem::bytes + kAlignSlack, kWgThreads);
@@ -1196,16 +1209,21 @@ void run_segment_state(LaParams p, const char* what, const bf16* x, const bf16* 
 }
 
 // One walk: out (may be null) from operands a1, a2, a3 and the segment states (transposed or not).
+// out and dot_src share one row stride (checked by the callers' entry points).
 template <int D, bool kReverse>
-void run_walk(LaParams p, const char* what, const bf16* a1, const bf16* a2, const bf16* a3,
-              bf16* out, float* states, bool transposed, const bf16* dot_src, float dot_sign) {
-  p.a1 = a1;
-  p.a2 = a2;
-  p.a3 = a3;
-  p.out = out;
+void run_walk(LaParams p, const char* what, Operand a1, Operand a2, Operand a3, Operand out,
+              float* states, bool transposed, Operand dot_src, float dot_sign) {
+  p.a1 = a1.p;
+  p.a2 = a2.p;
+  p.a3 = a3.p;
+  p.rs1 = a1.rs;
+  p.rs2 = a2.rs;
+  p.rs3 = a3.rs;
+  p.out = const_cast<bf16*>(out.p);
   p.states = states;
   p.transposed = transposed;
-  p.dot_src = p.dlog ? dot_src : nullptr;
+  p.dot_src = p.dlog ? dot_src.p : nullptr;
+  p.rs_out = out.p ? out.rs : dot_src.rs;
   p.dot_sign = dot_sign;
   if (D == 128 && use_sm90_kernels())
     launch(la_walk_sm90_kernel<kReverse>, what, p, WalkSmem::bytes, kWgThreads);
@@ -1213,8 +1231,6 @@ void run_walk(LaParams p, const char* what, const bf16* a1, const bf16* a2, cons
     launch(la_walk_kernel<D, kReverse>, what, p, smem_walk_bytes<D>());
 }
 
-const bf16* bf16_ptr(const Tensor& t) { return t.defined() ? static_cast<const bf16*>(t.raw()) : nullptr; }
-bf16* bf16_out(const Tensor& t) { return t.defined() ? static_cast<bf16*>(t.raw()) : nullptr; }
 const float* f32_ptr(const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; }
 float* f32_out(const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; }
 
@@ -1226,8 +1242,9 @@ void check_cuda_args(const char* fn, std::initializer_list<std::pair<const Tenso
     LASP_CHECK(t->is_cuda() && t->device() == q.device())
         << fn << ": " << what << " must be on " << q.device().str() << ", got " << t->str();
     LASP_CHECK(t->dtype() == DType::BF16) << fn << ": CUDA path takes bf16 " << what << ", got " << t->str();
-    LASP_CHECK(reinterpret_cast<uintptr_t>(t->raw()) % 16 == 0)
-        << fn << ": " << what << " must be 16-byte aligned";
+    LASP_CHECK(reinterpret_cast<uintptr_t>(t->raw()) % 16 == 0 && t->strides()[1] % 8 == 0)
+        << fn << ": " << what << " must be 16-byte aligned, its rows too (row stride " << t->strides()[1]
+        << " elements)";
   }
   for (const auto& [t, what] : f32) {
     if (!t->defined()) continue;
@@ -1268,7 +1285,7 @@ LaParams make_params(const char* fn, const Tensor& q, const Decay& decay, Tensor
 
 // Segment states M_j and log g_j (from k, v), then the prefixes P_j in place and the final state.
 template <int D>
-void run_states(LaParams p, const bf16* k, const bf16* v, const Tensor& init,
+void run_states(LaParams p, Operand k, Operand v, const Tensor& init,
                 const Tensor& final_state, const Tensor& d_final, float* final_dot) {
   const int bh = p.B * p.H;
   if (p.nchunks > 0) {
@@ -1295,13 +1312,13 @@ void forward_impl(Tensor& o, Tensor& final_state, const Tensor& q, const Tensor&
   p.logg = logg.data<float>();
   // The saved final state is the backward's own copy (the caller's final_state may change).
   Tensor saved_final = saved ? Tensor::empty({p.B, p.H, D, D}, DType::F32, q.device()) : Tensor();
-  run_states<D>(p, bf16_ptr(k), bf16_ptr(v), init, saved ? saved_final : final_state, Tensor(), nullptr);
+  run_states<D>(p, operand_of(k), operand_of(v), init, saved ? saved_final : final_state, Tensor(), nullptr);
   if (saved && final_state.defined())
     CUDA_CHECK(cudaMemcpyAsync(final_state.raw(), saved_final.raw(), sizeof(float) * bh * D * D,
                                cudaMemcpyDeviceToDevice, cuda_stream()));
   if (o.defined() && p.nchunks > 0)
-    run_walk<D, false>(p, "la_walk_kernel (o)", bf16_ptr(q), bf16_ptr(k), bf16_ptr(v), bf16_out(o),
-                       p.states, false, nullptr, 0.0f);
+    run_walk<D, false>(p, "la_walk_kernel (o)", operand_of(q), operand_of(k), operand_of(v), operand_of(o),
+                       p.states, false, Operand{}, 0.0f);
   if (saved) *saved = LinearAttentionSaved{states, logg, saved_final};
 }
 
@@ -1331,7 +1348,7 @@ void backward_impl(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dlog, Tensor& d_i
   const int bh = p.B * p.H;
   Tensor d_o = d_o_in;
   if (!d_o.defined()) d_o = Tensor::zeros(q.shape(), DType::BF16, q.device());
-  const bf16 *pq = bf16_ptr(q), *pk = bf16_ptr(k), *pv = bf16_ptr(v), *pdo = bf16_ptr(d_o);
+  const Operand pq = operand_of(q), pk = operand_of(k), pv = operand_of(v), pdo = operand_of(d_o);
   p.dlog = f32_out(dlog);
   const bool reuse = saved_states_usable(saved, p, D, q);
   // The forward's segment states P_j and log decays: saved ones are only read.
@@ -1363,13 +1380,13 @@ void backward_impl(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dlog, Tensor& d_i
     CUDA_CHECK(cudaMemsetAsync(p.dlog, 0, sizeof(float) * static_cast<size_t>(p.B) * p.T * p.H,
                                cuda_stream()));
   if (dq.defined() || p.dlog)
-    run_walk<D, false>(p, "la_walk_kernel (dq)", pdo, pv, pk, bf16_out(dq), states.data<float>(),
+    run_walk<D, false>(p, "la_walk_kernel (dq)", pdo, pv, pk, operand_of(dq), states.data<float>(),
                        true, pq, 1.0f);
   if (dv.defined())
-    run_walk<D, true>(p, "la_walk_kernel (dv)", pk, pq, pdo, bf16_out(dv), dstates.data<float>(),
-                      false, nullptr, 0.0f);
+    run_walk<D, true>(p, "la_walk_kernel (dv)", pk, pq, pdo, operand_of(dv), dstates.data<float>(),
+                      false, Operand{}, 0.0f);
   if (dk.defined() || p.dlog)
-    run_walk<D, true>(p, "la_walk_kernel (dk)", pv, pdo, pq, bf16_out(dk), dstates.data<float>(),
+    run_walk<D, true>(p, "la_walk_kernel (dk)", pv, pdo, pq, operand_of(dk), dstates.data<float>(),
                       true, pk, -1.0f);
   if (p.dlog) {
     la_dlog_scan_kernel<<<bh, 256, 0, cuda_stream()>>>(p.dlog, f32_ptr(final_dot), p.T, p.H);
@@ -1404,6 +1421,13 @@ void linear_attention_backward_cuda(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& 
                    {&d_log_decay, "d_log_decay"}, {&d_initial_state, "d_initial_state"},
                    {&decay.per_head, "decay.per_head"}, {&decay.per_token, "decay.per_token"}},
                   q);
+  // The dlog walks write dq (dk) and read q (k) at the same positions with one row stride.
+  if (d_log_decay.defined()) {
+    LASP_CHECK(!dq.defined() || dq.strides()[1] == q.strides()[1])
+        << fn << ": with d_log_decay, dq must have q's row stride, got " << dq.str() << " and " << q.str();
+    LASP_CHECK(!dk.defined() || dk.strides()[1] == k.strides()[1])
+        << fn << ": with d_log_decay, dk must have k's row stride, got " << dk.str() << " and " << k.str();
+  }
   if (q.dim(3) == 64)
     backward_impl<64>(dq, dk, dv, d_log_decay, d_initial_state, q, k, v, decay, initial_state, d_o,
                       d_final_state, saved);

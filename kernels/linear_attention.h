@@ -5,8 +5,12 @@
 //   o_s = q_s S_s
 // final_state = S_{T-1}.
 //
-// Layouts (contiguous, row-major):
-//   q, k, v, o      [B, T, H, D]
+// Layouts (row-major):
+//   q, k, v, o      [B, T, H, D], contiguous, or with each token's H x D values packed and
+//                   tokens a fixed row stride apart (head slices of a wider [B, T, H', D] tensor,
+//                   e.g. the model's fused q/k/v projection output); likewise d_o, dq, dk, dv.
+//                   CUDA: row strides a multiple of 8 elements; with d_log_decay, dq has q's row
+//                   stride and dk has k's. The CPU path copies strided tensors.
 //   initial_state,
 //   final_state     [B, H, D, D]   (row index: key dim, column index: value dim); fp32 on GPU
 //   decay           see Decay below; log-space values log a_s <= 0

@@ -52,7 +52,7 @@ constexpr double kBf16PeakFlops = 790e12;  // measured dense bf16 rate on an H20
 
 struct Options {
   std::string csv;
-  std::string only;  // "", "gemm", "linear" or "attention": run just that table
+  std::string only;  // "", or "gemm", "linear", "attention" or a comma-separated list: just those tables
   int iters = 10, warmup = 3;
   bool quick = false;
 };
@@ -112,12 +112,15 @@ std::vector<Row> bench_gemm(const Options& opt) {
   };
   std::vector<G> shapes = {{8192, 8192, 8192, Kind::Fwd, "square"},
                            {16384, 2048, 2048, Kind::Fwd, "1B attn proj 2048->2048"},
+                           {16384, 6144, 2048, Kind::Fwd, "1B fused q/k/v 2048->6144"},
                            {16384, 8192, 2048, Kind::Fwd, "1B mlp up 2048->8192"},
                            {16384, 2048, 8192, Kind::Fwd, "1B mlp down 8192->2048"},
                            {16384, 2048, 2048, Kind::Dgrad, "1B attn proj dgrad"},
+                           {16384, 6144, 2048, Kind::Dgrad, "1B fused q/k/v dgrad"},
                            {16384, 8192, 2048, Kind::Dgrad, "1B mlp up dgrad"},
                            {16384, 2048, 8192, Kind::Dgrad, "1B mlp down dgrad"},
                            {16384, 2048, 2048, Kind::Wgrad, "1B attn proj wgrad fp32+="},
+                           {16384, 6144, 2048, Kind::Wgrad, "1B fused q/k/v wgrad fp32+="},
                            {16384, 8192, 2048, Kind::Wgrad, "1B mlp up wgrad fp32+="},
                            {16384, 2048, 8192, Kind::Wgrad, "1B mlp down wgrad fp32+="}};
   if (opt.quick) shapes[0] = {4096, 4096, 4096, Kind::Fwd, "square"};
@@ -291,9 +294,18 @@ int bench_kernels_main(int argc, char** argv) {
                      << "' (expected --csv PATH, --iters N, --warmup N, --quick, --only SECTION)";
   }
   LASP_CHECK(opt.iters >= 1 && opt.warmup >= 0) << "bench kernels: --iters must be >= 1";
-  LASP_CHECK(opt.only.empty() || opt.only == "gemm" || opt.only == "linear" || opt.only == "attention")
-      << "bench kernels: --only " << opt.only << ": expected gemm, linear or attention";
-  const auto want = [&](const char* section) { return opt.only.empty() || opt.only == section; };
+  // --only takes one section or a comma-separated list of them.
+  std::vector<std::string> sections;
+  for (size_t start = 0; !opt.only.empty() && start <= opt.only.size();) {
+    const size_t comma = std::min(opt.only.find(',', start), opt.only.size());
+    sections.push_back(opt.only.substr(start, comma - start));
+    LASP_CHECK(sections.back() == "gemm" || sections.back() == "linear" || sections.back() == "attention")
+        << "bench kernels: --only " << opt.only << ": expected gemm, linear or attention (or a comma-separated list)";
+    start = comma + 1;
+  }
+  const auto want = [&](const char* section) {
+    return sections.empty() || std::find(sections.begin(), sections.end(), section) != sections.end();
+  };
   if (!cuda_available()) {
     std::fprintf(stderr, "lasp bench kernels: no CUDA device visible; nothing to measure\n");
     return 2;

@@ -260,6 +260,8 @@ if [ -n "${PRECISION_SEEDS:-}" ] && [ -n "$LASP_BIN" ]; then
   fi
   PREC_RESULT="rc=$rc (table in precision.log; runs' times there)"
   cp /tmp/lasp-precision/loss.png "$OUT/precision_loss.png" 2>/dev/null
+  # The runs' metrics, to plot elsewhere when this machine has no matplotlib.
+  (cd /tmp/lasp-precision && tar czf "$OUT/precision_metrics.tar.gz" ./*/metrics.jsonl ./*.log) 2>/dev/null
 fi
 
 # ---- 6. multi-GPU: the multi-rank tests on NCCL (device tensors) when there are 2+ GPUs ----

@@ -397,6 +397,57 @@ TEST(LinearAttention, BackwardSkipsUndefinedOutputsAndTreatsUndefinedInputsAsZer
   same(run_backward(no_init, d_o, d_s, 8), run_backward(zero_init, d_o, d_s, 8));
 }
 
+// q, k, v (inputs) and o, dq, dk, dv (outputs) may be head slices of wider [B, T, H', D]
+// tensors (the model's fused q/k/v projection): same values as with contiguous tensors, and the
+// wide outputs' other heads are left as they were.
+TEST(LinearAttention, HeadSlicesOfWiderTensorsGiveTheContiguousResults) {
+  for (DecayMode mode : kModes) {
+    SCOPED_TRACE(decay_mode_name(mode));
+    const Problem p = make_problem(mode, 2, 13, 2, 4, true, DType::F64, 610);
+    std::mt19937 rng(611);
+    const Tensor d_o = random_tensor(p.qkv_shape(), DType::F64, rng, -1, 1);
+    const Tensor d_s = random_tensor(p.state_shape(), DType::F64, rng, -1, 1);
+    const Outputs want = run_forward(p, 4);
+    const Grads want_g = run_backward(p, d_o, d_s, 4);
+    const int64_t H = p.H;
+    // Inputs: heads [0, H), [H, 2H), [2H, 3H) of one [B, T, 3H, D] tensor.
+    Tensor qkv = poisoned({p.B, p.T, 3 * H, p.D}, DType::F64);
+    Problem s = p;
+    Tensor* parts[] = {&s.q, &s.k, &s.v};
+    for (int i = 0; i < 3; ++i) {
+      Tensor slice = qkv.slice(2, i * H, (i + 1) * H);
+      slice.copy_from(*parts[i]);
+      *parts[i] = slice;
+    }
+    ASSERT_FALSE(s.q.is_contiguous());
+    Tensor wide = poisoned({p.B, p.T, 4 * H, p.D}, DType::F64);  // o, dq, dk, dv
+    Tensor o = wide.slice(2, 0, H), dq = wide.slice(2, H, 2 * H), dk = wide.slice(2, 2 * H, 3 * H),
+           dv = wide.slice(2, 3 * H, 4 * H);
+    Tensor state = poisoned(p.state_shape(), DType::F64), dinit = poisoned(p.state_shape(), DType::F64);
+    Tensor dlog = mode == DecayMode::DataDependent ? poisoned({p.B, p.T, p.H}, DType::F64) : Tensor();
+    linear_attention_forward(o, state, s.q, s.k, s.v, s.decay, s.init, 4);
+    linear_attention_backward(dq, dk, dv, dlog, dinit, s.q, s.k, s.v, s.decay, s.init, d_o, d_s, 4);
+    EXPECT_EQ(o.contiguous().to_vector(), want.o.to_vector());
+    EXPECT_EQ(state.to_vector(), want.state.to_vector());
+    EXPECT_EQ(dq.contiguous().to_vector(), want_g.dq.to_vector());
+    EXPECT_EQ(dk.contiguous().to_vector(), want_g.dk.to_vector());
+    EXPECT_EQ(dv.contiguous().to_vector(), want_g.dv.to_vector());
+    EXPECT_EQ(dinit.to_vector(), want_g.dinit.to_vector());
+    if (dlog.defined()) EXPECT_EQ(dlog.to_vector(), want_g.dlog.to_vector());
+  }
+  // A slice whose heads are not packed (a D slice) is refused, naming the tensor.
+  const Problem p = make_problem(DecayMode::None, 1, 5, 2, 4, false, DType::F64, 612);
+  Tensor wide_d = Tensor::zeros({1, 5, 2, 8}, DType::F64);
+  Tensor o = Tensor::empty(p.qkv_shape(), DType::F64), state;
+  try {
+    linear_attention_forward(o, state, wide_d.slice(3, 0, 4), p.k, p.v, p.decay, p.init, 4);
+    ADD_FAILURE() << "a q with unpacked heads was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("q must be contiguous or [B, T, H, D] with packed heads"), std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(LinearAttention, RejectsBadInput) {
   const Problem p = make_problem(DecayMode::None, 2, 10, 2, 4, true, DType::F64, 600);
   Tensor o = Tensor::empty(p.qkv_shape(), DType::F64),

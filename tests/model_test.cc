@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <random>
 
 #include "core/model/model.h"
@@ -114,6 +115,35 @@ TEST(Model, BlockAndSelectiveRecomputationGiveIdenticalLossAndGradients) {
   ModelParallel par;
   Model m(tiny_model("none", "none", true), par, 1, DType::F32);
   EXPECT_THROW(m.set_recompute("selective"), Error);
+}
+
+// zero_grad leaves the projection weights' gradients in place, marked stale: the next backward
+// must overwrite them. Poisoned gradients from an earlier step must not reach the result, and
+// gradients the backward does not write must read zero.
+TEST(Model, ZeroGradThenBackwardGivesTheGradientOfAFreshModel) {
+  for (const char* decay : {"constant", "data"}) {
+    SCOPED_TRACE(decay);
+    const ModelConfig cfg = tiny_model(decay, "silu", false);
+    ModelParallel par;
+    Model fresh(cfg, par, 3, DType::F64), reused(cfg, par, 3, DType::F64);
+    std::mt19937 rng(5);
+    Tensor inputs, targets;
+    make_batch(rng, 2, 9, cfg.vocab_size, inputs, targets);
+    fresh.forward_backward(inputs, targets, 0.1f);  // gradients start at zero
+    reused.forward_backward(inputs, targets, 0.1f);
+    for (Param* p : reused.params()) p->grad.fill_(std::nan(""));
+    reused.zero_grad();
+    reused.forward_backward(inputs, targets, 0.1f);
+    auto a = fresh.params(), b = reused.params();
+    int stale_marked = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_EQ(a[i]->grad.to_vector(), b[i]->grad.to_vector()) << a[i]->name;
+      EXPECT_FALSE(b[i]->grad_stale) << b[i]->name;
+      stale_marked += b[i]->grad_write_only_by_projection;
+    }
+    // q, k, v, z, o (+ the gate) of the linear layer, q, k, v, o of the softmax one, 2 x 3 MLP
+    EXPECT_EQ(stale_marked, std::string(decay) == "data" ? 16 : 15);
+  }
 }
 
 TEST(Model, RejectsTokensOutsideTheVocabulary) {

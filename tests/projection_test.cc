@@ -167,6 +167,45 @@ Problem make_problem(int64_t n, int64_t in, int64_t out, uint32_t seed) {
           random_tensor({n, out}, seed + 2, 1e-3)};
 }
 
+// ================================================================ stale gradients
+
+// Model::zero_grad marks a projection weight's gradient stale instead of clearing it: the next
+// backward must overwrite it (garbage in it must not leak into the result), and the one after
+// that must add to it again. Every precision path writes the weight gradient its own way.
+TEST(ProjectionGradient, AStaleGradientIsOverwrittenAndTheNextBackwardAddsToIt) {
+  struct Variant {
+    const char* what;
+    PrecisionConfig config;
+    Precision precision;
+  };
+  const Variant variants[] = {{"full", PrecisionConfig{}, Precision::Full},
+                              {"fp8 per tensor", fp8_config("per_tensor"), Precision::Fp8},
+                              {"fp8 block", fp8_config("block"), Precision::Fp8},
+                              {"mxfp4 sr", fp4_config("mxfp4", "sr"), Precision::Fp4},
+                              {"nvfp4 ms_eden", fp4_config("nvfp4", "ms_eden"), Precision::Fp4}};
+  for (const Variant& v : variants) {
+    SCOPED_TRACE(v.what);
+    set_projection_options(v.config, 13);
+    set_projection_step(2);
+    const Problem p = make_problem(64, 64, 32, 91);
+    // Two weights of the same name draw the same FP4 backward randomness (call 0 of each).
+    Param fresh = make_weight("layers.1.attn.wk", p.w, v.precision);
+    Param stale = make_weight("layers.1.attn.wk", p.w, v.precision);
+    const Results ref = run_projection(fresh, p.x, p.dy);  // into a zero gradient
+    Tensor y = Tensor::empty({64, 32}, DType::F32), dx = Tensor::empty(p.x.shape(), DType::F32);
+    projection_forward(y, p.x, stale);
+    stale.grad.fill_(std::nan(""));
+    stale.grad_stale = true;
+    projection_backward(dx, false, stale, p.dy, p.x);
+    EXPECT_FALSE(stale.grad_stale);
+    EXPECT_EQ(to_mat(stale.grad).v, ref.dw.v);
+    if (v.precision == Precision::Fp4) continue;  // the next call draws new randomness
+    projection_backward(dx, false, stale, p.dy, p.x);
+    const Mat twice = to_mat(stale.grad);
+    for (size_t i = 0; i < twice.v.size(); ++i) ASSERT_NEAR(twice.v[i], 2 * ref.dw.v[i], 1e-6 * (1 + std::fabs(ref.dw.v[i])));
+  }
+}
+
 // ================================================================ FP8
 
 TEST(ProjectionFp8, PerTensorForwardAndBackwardEqualNaiveE4m3E5m2Reference) {

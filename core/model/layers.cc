@@ -40,6 +40,51 @@ Tensor* slot_ptr(Tensor& slot) { return slot.defined() ? &slot : nullptr; }
 void note_amax(const Tensor& out, const Tensor& slot) {
   if (slot.defined()) projection_note_amax(out, slot);
 }
+// Makes `parts` views of consecutive rows of one weight: `fused` gets the whole [sum of rows, C]
+// value, gradient and (where the parts have one) bf16 copy; each part keeps its name, values
+// and gradient, now in its rows. The optimizer and checkpoints see the parts only.
+void stack_rows(Param& fused, const std::vector<Param*>& parts, const std::string& name) {
+  int64_t rows = 0;
+  for (const Param* p : parts) rows += p->value.dim(0);
+  const Param& first = *parts.front();
+  const int64_t cols = first.value.dim(1);
+  fused.name = name;
+  fused.precision = first.precision;
+  fused.tp_sharded = first.tp_sharded;
+  fused.value = Tensor::empty({rows, cols}, first.value.dtype(), first.value.device());
+  fused.grad = Tensor::zeros({rows, cols}, first.grad.dtype(), first.grad.device());
+  if (first.compute.defined())
+    fused.compute = Tensor::empty({rows, cols}, first.compute.dtype(), first.compute.device());
+  int64_t r = 0;
+  for (Param* p : parts) {
+    const int64_t n = p->value.dim(0);
+    Tensor value = fused.value.slice(0, r, r + n);
+    value.copy_from(p->value);
+    p->value = value;
+    Tensor grad = fused.grad.slice(0, r, r + n);
+    grad.copy_from(p->grad);
+    p->grad = grad;
+    if (fused.compute.defined()) {
+      Tensor compute = fused.compute.slice(0, r, r + n);
+      compute.copy_from(p->compute);
+      p->compute = compute;
+    }
+    r += n;
+  }
+}
+
+// Before a gradient write to the stacked weight `fused`: it may overwrite (GEMM beta 0) when
+// every part's gradient is stale (Model::zero_grad); otherwise the stale parts are zeroed and it adds.
+void prepare_stacked_grad(Param& fused, const std::vector<Param*>& parts) {
+  bool all = true;
+  for (const Param* p : parts) all = all && p->grad_stale;
+  for (Param* p : parts) {
+    if (p->grad_stale && !all) p->grad.zero_();
+    p->grad_stale = false;
+  }
+  fused.grad_stale = all;
+}
+
 // Statistics (norm rstd, log decays): fp32 on CUDA, the activations' dtype on CPU.
 Tensor stat_like(const Tensor& t, const Shape& shape) {
   return Tensor::empty(shape, t.is_cuda() ? DType::F32 : t.dtype(), t.device());
@@ -128,9 +173,14 @@ LinearAttentionLayer::LinearAttentionLayer(const ModelConfig& cfg, const ModelPa
   norm_w_ = make_param(layer_name(layer, "attn.out_norm"),
                        shard(Tensor::full({Hf * D}, 1.0, dtype), 0, par.tp_size, par.tp_rank), false,
                        par.tp_size > 1, par.device);
-  for (Param* p : {&wq_, &wk_, &wv_, &wz_, &wo_}) p->precision = precision_from_name(cfg.precision.attention);
+  for (Param* p : {&wq_, &wk_, &wv_, &wz_, &wo_}) {
+    p->precision = precision_from_name(cfg.precision.attention);
+    p->grad_write_only_by_projection = true;
+  }
+  stack_rows(wqkv_, {&wq_, &wk_, &wv_}, layer_name(layer, "attn.wqkv"));
   if (decay_mode_ == DecayMode::DataDependent) {
     wgate_ = col("attn.wgate", sd, Hf);
+    wgate_.grad_write_only_by_projection = true;
     // Bias so that a = sigmoid(x w + b)^(1/16) starts close to 1 (long memory), as in GLA.
     bgate_ = make_param(layer_name(layer, "attn.bgate"),
                         shard(Tensor::full({Hf}, 4.0, dtype), 0, par.tp_size, par.tp_rank), false,
@@ -167,24 +217,39 @@ namespace {
 constexpr float kGateScale = 1.0f / 16.0f;  // log a = logsigmoid(x w + b) / 16
 }
 
+bool LinearAttentionLayer::fused_qkv(const LayerContext& ctx) const {
+  // The sequence-parallel methods (parallel/) take contiguous q, k, v.
+  return wqkv_.precision == Precision::Full && !has_feature_map_ && ctx.par->sp.comm == nullptr;
+}
+
 void LinearAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerContext& ctx) {
   const int64_t N = x.dim(0), H = heads_, D = head_dim_, HD = H * D;
   const Shape heads4 = {ctx.batch, ctx.length, H, D};
   x_ = x;
-  q_pre_ = like(x, {N, HD});
-  k_pre_ = like(x, {N, HD});
-  v_ = like(x, {N, HD});
-  projection_forward(q_pre_, x, wq_);
-  projection_forward(k_pre_, x, wk_);
-  projection_forward(v_, x, wv_);
-  if (has_feature_map_) {
-    q_ = like(x, {N, HD});
-    k_ = like(x, {N, HD});
-    activation_forward(q_, q_pre_, feature_map_);
-    activation_forward(k_, k_pre_, feature_map_);
+  if (fused_qkv(ctx)) {
+    Tensor qkv = like(x, {N, 3 * HD});
+    projection_forward(qkv, x, wqkv_);
+    const Tensor heads = qkv.view({ctx.batch, ctx.length, 3 * H, D});
+    q_ = heads.slice(2, 0, H);
+    k_ = heads.slice(2, H, 2 * H);
+    v_ = heads.slice(2, 2 * H, 3 * H);
   } else {
-    q_ = q_pre_;
-    k_ = k_pre_;
+    q_pre_ = like(x, {N, HD});
+    k_pre_ = like(x, {N, HD});
+    Tensor v = like(x, {N, HD});
+    projection_forward(q_pre_, x, wq_);
+    projection_forward(k_pre_, x, wk_);
+    projection_forward(v, x, wv_);
+    Tensor q = q_pre_, k = k_pre_;
+    if (has_feature_map_) {
+      q = like(x, {N, HD});
+      k = like(x, {N, HD});
+      activation_forward(q, q_pre_, feature_map_);
+      activation_forward(k, k_pre_, feature_map_);
+    }
+    q_ = q.view(heads4);
+    k_ = k.view(heads4);
+    v_ = v.view(heads4);
   }
   Decay decay;
   decay.mode = decay_mode_;
@@ -201,8 +266,7 @@ void LinearAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerContex
   }
   o_ = like(x, {N, HD});
   Tensor o4 = o_.view(heads4);
-  sp_linear_attention_forward(ctx.par->sp, o4, q_.view(heads4), k_.view(heads4), v_.view(heads4), decay,
-                              sp_saved_, static_cast<int>(ctx.cfg->chunk));
+  sp_linear_attention_forward(ctx.par->sp, o4, q_, k_, v_, decay, sp_saved_, static_cast<int>(ctx.cfg->chunk));
   o_norm_ = like(x, {N, HD});
   o_rstd_ = stat_like(x, {N, H});
   rmsnorm_forward(o_norm_, o_rstd_, o_, norm_w_.value, static_cast<float>(ctx.cfg->norm_eps), D);
@@ -236,27 +300,45 @@ void LinearAttentionLayer::backward(Tensor& dx, const Tensor& dy, const LayerCon
     decay.per_token = log_a_.view({ctx.batch, ctx.length, H});
     d_log_a = stat_like(dy, {ctx.batch, ctx.length, H});
   }
-  Tensor dq = like(dy, {N, HD}), dk = like(dy, {N, HD}), dv = like(dy, {N, HD});
-  Tensor dq4 = dq.view(heads4), dk4 = dk.view(heads4), dv4 = dv.view(heads4);
-  sp_linear_attention_backward(ctx.par->sp, dq4, dk4, dv4, d_log_a, q_.view(heads4), k_.view(heads4),
-                               v_.view(heads4), decay, sp_saved_, d_o.view(heads4),
-                               static_cast<int>(ctx.cfg->chunk));
+  const bool fused = fused_qkv(ctx);
+  Tensor dqkv, dq, dk, dv, dq4, dk4, dv4;
+  if (fused) {  // head slices of one [N, 3 HD] gradient, the input of one dgrad and one wgrad GEMM
+    dqkv = like(dy, {N, 3 * HD});
+    const Tensor heads = dqkv.view({ctx.batch, ctx.length, 3 * H, D});
+    dq4 = heads.slice(2, 0, H);
+    dk4 = heads.slice(2, H, 2 * H);
+    dv4 = heads.slice(2, 2 * H, 3 * H);
+  } else {
+    dq = like(dy, {N, HD});
+    dk = like(dy, {N, HD});
+    dv = like(dy, {N, HD});
+    dq4 = dq.view(heads4);
+    dk4 = dk.view(heads4);
+    dv4 = dv.view(heads4);
+  }
+  sp_linear_attention_backward(ctx.par->sp, dq4, dk4, dv4, d_log_a, q_, k_, v_, decay, sp_saved_,
+                               d_o.view(heads4), static_cast<int>(ctx.cfg->chunk));
   if (decay_mode_ == DecayMode::DataDependent) {
     Tensor d_gate = like(dy, {N, H});
     activation_backward(d_gate, d_log_a.view({N, H}), gate_pre_, Activation::LogSigmoid, kGateScale);
     bias_backward(bgate_.grad, d_gate);
     column_parallel_backward(dx, true, wgate_, d_gate, x_);
   }
-  if (has_feature_map_) {
-    Tensor dq_pre = like(dy, {N, HD}), dk_pre = like(dy, {N, HD});
-    activation_backward(dq_pre, dq, q_pre_, feature_map_);
-    activation_backward(dk_pre, dk, k_pre_, feature_map_);
-    dq = dq_pre;
-    dk = dk_pre;
+  if (fused) {
+    prepare_stacked_grad(wqkv_, {&wq_, &wk_, &wv_});
+    column_parallel_backward(dx, true, wqkv_, dqkv, x_);
+  } else {
+    if (has_feature_map_) {
+      Tensor dq_pre = like(dy, {N, HD}), dk_pre = like(dy, {N, HD});
+      activation_backward(dq_pre, dq, q_pre_, feature_map_);
+      activation_backward(dk_pre, dk, k_pre_, feature_map_);
+      dq = dq_pre;
+      dk = dk_pre;
+    }
+    column_parallel_backward(dx, true, wq_, dq, x_);
+    column_parallel_backward(dx, true, wk_, dk, x_);
+    column_parallel_backward(dx, true, wv_, dv, x_);
   }
-  column_parallel_backward(dx, true, wq_, dq, x_);
-  column_parallel_backward(dx, true, wk_, dk, x_);
-  column_parallel_backward(dx, true, wv_, dv, x_);
   if (ctx.par->tp_size > 1) ctx.par->tp_all_reduce(dx);
 }
 
@@ -280,7 +362,10 @@ SoftmaxAttentionLayer::SoftmaxAttentionLayer(const ModelConfig& cfg, const Model
   const std::string name = layer_name(layer, "attn.wo");
   wo_ = make_param(name, shard(init_normal({C, cfg.heads * D}, sd_out, seed, name, dtype), 1, par.tp_size, par.tp_rank),
                    true, par.tp_size > 1, par.device);
-  for (Param* p : {&wq_, &wk_, &wv_, &wo_}) p->precision = precision_from_name(cfg.precision.attention);
+  for (Param* p : {&wq_, &wk_, &wv_, &wo_}) {
+    p->precision = precision_from_name(cfg.precision.attention);
+    p->grad_write_only_by_projection = true;
+  }
 }
 
 void SoftmaxAttentionLayer::release() {
@@ -341,7 +426,10 @@ Mlp::Mlp(const ModelConfig& cfg, const ModelParallel& par, int layer, uint64_t s
   w_gate_ = make("mlp.w_gate", {F, C}, sd, 0);
   w_up_ = make("mlp.w_up", {F, C}, sd, 0);
   w_down_ = make("mlp.w_down", {C, F}, sd_out, 1);
-  for (Param* p : {&w_gate_, &w_up_, &w_down_}) p->precision = precision_from_name(cfg.precision.mlp);
+  for (Param* p : {&w_gate_, &w_up_, &w_down_}) {
+    p->precision = precision_from_name(cfg.precision.mlp);
+    p->grad_write_only_by_projection = true;
+  }
 }
 
 void Mlp::release() {

@@ -38,6 +38,12 @@ struct Param {
   bool tp_sharded = false;   // differs across TP ranks (else replicated on them)
   Precision precision = Precision::Full;   // of the products this weight takes part in
   std::shared_ptr<ProjectionState> state;  // created on first use by projection.cc
+  // Deferred zeroing of a projection weight's gradient (its only writer is projection_backward):
+  // Model::zero_grad sets grad_stale instead of clearing `grad` (a memset of every weight
+  // gradient, 6.6 GB a step at 1B), and the next gradient write then overwrites (GEMM beta 0)
+  // instead of adding. Model::forward_backward zeroes any gradient still stale before anyone reads it.
+  bool grad_write_only_by_projection = false;
+  bool grad_stale = false;
 };
 
 // How this rank takes part in the model's parallelism.
@@ -87,10 +93,16 @@ class LinearAttentionLayer {
   bool has_feature_map_;
   DecayMode decay_mode_;
   Param wq_, wk_, wv_, wz_, wo_, norm_w_, wgate_, bgate_;
+  // wq_, wk_ and wv_ are views of the rows of one [3 HD, C] weight (value, gradient and bf16
+  // copy): wqkv_, never optimised itself. In full precision without a feature map and without
+  // sequence parallelism the three projections run as one GEMM on it (fused_qkv()), as Megatron
+  // fuses QKV; q, k and v are then head slices of one [N, 3 HD] output.
+  Param wqkv_;
   Tensor head_log_decay_;  // Constant mode: [heads] log a per head
-  // saved for backward
+  // saved for backward (q_, k_, v_: [B, L, H, D], possibly head slices of the fused output)
   Tensor x_, q_pre_, k_pre_, q_, k_, v_, gate_pre_, log_a_, o_, o_norm_, o_rstd_, z_, gated_;
   SpSaved sp_saved_;
+  bool fused_qkv(const LayerContext& ctx) const;
 };
 
 // Softmax attention mixer: q, k, v projections with grouped-query heads, RoPE, causal attention

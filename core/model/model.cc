@@ -92,7 +92,18 @@ std::vector<Param*> Model::grad_ready_order() {
 }
 
 void Model::zero_grad() {
-  for (Param* p : params()) p->grad.zero_();
+  for (Param* p : params()) {
+    if (p->grad_write_only_by_projection) p->grad_stale = true;  // cleared by its first write
+    else p->grad.zero_();
+  }
+}
+
+void Model::clear_stale_grads(const std::vector<Param*>& params) {
+  for (Param* p : params) {
+    if (!p->grad_stale) continue;
+    p->grad.zero_();
+    p->grad_stale = false;
+  }
 }
 
 std::string Model::signature() const {
@@ -203,7 +214,10 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
       grad_ready_ ? grad_ready_groups() : std::vector<std::vector<Param*>>();
   size_t next_ready = 0;
   auto grads_ready = [&]() {
-    if (grad_ready_) grad_ready_(ready_groups.at(next_ready++));
+    if (grad_ready_) {
+      clear_stale_grads(ready_groups.at(next_ready));  // a weight that got no gradient reads 0
+      grad_ready_(ready_groups.at(next_ready++));
+    }
   };
   if (!cfg_.tie_embeddings) grads_ready();  // LM head
   Tensor dx = act();
@@ -238,6 +252,7 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
   grads_ready();  // embedding
   LASP_CHECK(!grad_ready_ || next_ready == ready_groups.size())
       << "model backward reported " << next_ready << " of " << ready_groups.size() << " gradient groups";
+  clear_stale_grads(params());  // from here on every gradient holds its value
   return loss;
 }
 

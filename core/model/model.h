@@ -33,6 +33,10 @@ class Model {
   Model& operator=(const Model&) = delete;
 
   std::vector<Param*> params();
+  // Clears the gradients before a step. The projection weights' gradients (most of the bytes)
+  // are not written here: they are marked stale (Param::grad_stale) and their first write in the
+  // next forward_backward overwrites them; forward_backward zeroes any it did not write. So read
+  // gradients after forward_backward, not between zero_grad and it.
   void zero_grad();
   // Parameters of the whole model (all TP shards counted once).
   int64_t num_params_full() const { return num_params_full_; }
@@ -69,6 +73,8 @@ class Model {
   Tensor block_forward(Block& b, const Tensor& x, const Tensor& skip, const LayerContext& ctx);
   // The parameter groups the hook receives, in the order the backward finishes them.
   std::vector<std::vector<Param*>> grad_ready_groups();
+  // Zeroes the gradients in `params` still marked stale (see zero_grad).
+  static void clear_stale_grads(const std::vector<Param*>& params);
 
   ModelConfig cfg_;
   ModelParallel par_;

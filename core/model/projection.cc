@@ -260,7 +260,7 @@ void fp8_backward(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& dy, co
   }
   Tensor gw = Tensor::empty({out, in}, DType::F32);
   gemm_fp8_emulated(gw, dyt_q, xt_q);
-  add_into(w.grad, gw);
+  store(w.grad, gw, !take_stale_grad(w));
 }
 
 // ---------------------------------------------------------------- FP4 (Quartet)
@@ -324,6 +324,7 @@ void fp4_backward(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& dy, co
   saved.mask_w = f.w.mask;
   Tensor g;
   if (dx.defined()) g = accumulate_dx ? Tensor::empty(dx.shape(), DType::F32) : dx;
+  if (take_stale_grad(w)) w.grad.zero_();  // quartet_linear_backward adds into the gradient
   quartet_linear_backward(g, w.grad, dy, saved, quartet_config(), seed);
   if (dx.defined() && accumulate_dx) add_into(dx, g);
 }
@@ -396,7 +397,7 @@ void projection_backward(Tensor& dx, bool accumulate_dx, Param& w, const Tensor&
       if (dx.defined()) {
         gemm(dx, dy, false, w.compute.defined() ? w.compute : w.value, false, 1.0f, accumulate_dx ? 1.0f : 0.0f);
       }
-      gemm(w.grad, dy, true, x, false, 1.0f, 1.0f);
+      gemm(w.grad, dy, true, x, false, 1.0f, take_stale_grad(w) ? 0.0f : 1.0f);
       return;
     case Precision::Fp8:
     case Precision::Fp4:

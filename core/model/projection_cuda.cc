@@ -324,7 +324,7 @@ void fp8_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& d
     }
   }
   if (dx.defined()) gemm_fp8(dx, dy_rows, st.w_cols, 1.0f, accumulate_dx ? 1.0f : 0.0f);
-  gemm_fp8(w.grad, dy_cols, x_cols, 1.0f, 1.0f);
+  gemm_fp8(w.grad, dy_cols, x_cols, 1.0f, take_stale_grad(w) ? 0.0f : 1.0f);
 }
 
 void fp4_forward_cuda(Tensor& y, const Tensor& x, Param& w) {
@@ -362,7 +362,7 @@ void fp4_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& d
   // wgrad (inner dim N): G_w = Q(dy^T R^T) Q(xq^T R^T)^T, masked, rotated back: dW += G_w H.
   const Tensor g = quartet_backward_gemm(transposed(dy), transposed(xq), o.fp4_format, o.fp4_backward,
                                          o.hadamard_block, seed, 2);
-  hadamard_cuda(w.grad, g, h, true, fw.mask.defined() ? &fw.mask : nullptr, true);
+  hadamard_cuda(w.grad, g, h, true, fw.mask.defined() ? &fw.mask : nullptr, !take_stale_grad(w));
 }
 
 }  // namespace lasp::projection_detail

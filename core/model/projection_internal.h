@@ -26,6 +26,14 @@ struct ProjectionOptions {
 };
 ProjectionOptions& options();
 
+// Whether w's gradient is stale (Param::grad_stale): the gradient write that follows must
+// overwrite it instead of adding to it. Clears the flag.
+inline bool take_stale_grad(Param& w) {
+  const bool stale = w.grad_stale;
+  w.grad_stale = false;
+  return stale;
+}
+
 // Validity of the per-step caches of the CUDA paths (quantized weights, quantized activations).
 // Caching is on once the trainer calls set_projection_step (it then promises that the weights
 // change only between steps, or tells projection_weights_changed()); each of those calls starts a

@@ -237,6 +237,68 @@ TEST(LinearAttentionGpu, BackwardFromSavedForwardStatesMatchesCpu) {
                Error);
 }
 
+// The model's fused q/k/v projection hands the kernels head slices of one [B, T, 3 H, D] tensor
+// (row stride 3 H D) and takes dq, dk, dv back the same way. Inputs are placed in wide tensors
+// whose other heads hold NaN (a read outside the slice poisons the result); outputs land in
+// NaN-poisoned wide tensors, and the heads outside each output slice must stay NaN (no write
+// outside it). o is the second half of a [B, T, 2 H, D] tensor: a row stride of its own.
+// Compared with the CPU on the contiguous values, both head dims (mma.sync and wgmma kernels),
+// every decay mode (data-dependent: the d_log_decay walks read q, k at dq's, dk's stride).
+TEST(LinearAttentionGpu, HeadSlicesOfWiderTensorsMatchCpu) {
+  LASP_SKIP_WITHOUT_GPU();
+  for (DecayMode mode : {DecayMode::None, DecayMode::Constant, DecayMode::DataDependent})
+    for (const LaCase& c : {LaCase{2, 257, 3, 128, mode, true, true}, LaCase{1, 3001, 2, 64, mode, false, true},
+                            LaCase{1, 4096, 4, 128, mode, true, false}}) {
+      const uint32_t seed = fresh_seed();
+      SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
+      std::mt19937 rng(seed);
+      const LaInputs in = make_inputs(c, rng);
+      const int64_t H = c.H;
+      const Shape x{c.B, c.T, H, c.D}, s{c.B, H, c.D, c.D}, g{c.B, c.T, H};
+      const bool data = c.mode == DecayMode::DataDependent;
+      // CPU references on contiguous tensors.
+      Tensor o_ref = Tensor::empty(x, DType::F32), fs_ref = Tensor::empty(s, DType::F32);
+      linear_attention_forward(o_ref, fs_ref, in.q, in.k, in.v, in.decay, in.init);
+      Tensor dq_ref = Tensor::empty(x, DType::F32), dk_ref = Tensor::empty(x, DType::F32),
+             dv_ref = Tensor::empty(x, DType::F32), dinit_ref = Tensor::empty(s, DType::F32);
+      Tensor dlog_ref = data ? Tensor::empty(g, DType::F32) : Tensor();
+      linear_attention_backward(dq_ref, dk_ref, dv_ref, dlog_ref, dinit_ref, in.q, in.k, in.v, in.decay,
+                                in.init, in.d_o, in.d_final);
+      // q, k, v as heads [0, H), [H, 2H), [2H, 3H) of one wide tensor (built on the CPU).
+      Tensor qkv_cpu = Tensor::full({c.B, c.T, 3 * H, c.D}, std::nan(""), DType::F32);
+      const Tensor parts[] = {in.q, in.k, in.v};
+      for (int i = 0; i < 3; ++i) {
+        Tensor slice = qkv_cpu.slice(2, i * H, (i + 1) * H);
+        slice.copy_from(parts[i]);
+      }
+      const Tensor qkv = to_cuda(qkv_cpu, DType::BF16);
+      const Tensor q = qkv.slice(2, 0, H), k = qkv.slice(2, H, 2 * H), v = qkv.slice(2, 2 * H, 3 * H);
+      ASSERT_FALSE(q.is_contiguous());
+      const Tensor init = cuda_or_undefined(in.init, DType::F32);
+      const Decay gd = decay_to_cuda(in.decay);
+      Tensor o_wide = poisoned_cuda({c.B, c.T, 2 * H, c.D}, DType::BF16);
+      Tensor o = o_wide.slice(2, H, 2 * H), fs = poisoned_cuda(s, DType::F32);
+      LinearAttentionSaved saved;
+      linear_attention_forward(o, fs, q, k, v, gd, init, 64, &saved);
+      Tensor d_wide = poisoned_cuda({c.B, c.T, 3 * H, c.D}, DType::BF16);
+      Tensor dq = d_wide.slice(2, 0, H), dk = d_wide.slice(2, H, 2 * H), dv = d_wide.slice(2, 2 * H, 3 * H);
+      Tensor dinit = poisoned_cuda(s, DType::F32);
+      Tensor dlog = data ? poisoned_cuda(g, DType::F32) : Tensor();
+      linear_attention_backward(dq, dk, dv, dlog, dinit, q, k, v, gd, init, to_cuda(in.d_o, DType::BF16),
+                                cuda_or_undefined(in.d_final, DType::F32), 64, &saved);
+      const Tensor ow = o_wide.to(cpu()), dw = d_wide.to(cpu());
+      expect_close(ow.slice(2, H, 2 * H).contiguous(), o_ref, kTolOut, "o");
+      const std::vector<double> outside = ow.slice(2, 0, H).contiguous().to_vector();
+      EXPECT_EQ(count_non_finite(outside), static_cast<int>(outside.size())) << "o written outside its heads";
+      expect_close(fs, fs_ref, kTolState, "final_state");
+      expect_close(dw.slice(2, 0, H).contiguous(), dq_ref, kTolOut, "dq");
+      expect_close(dw.slice(2, H, 2 * H).contiguous(), dk_ref, kTolOut, "dk");
+      expect_close(dw.slice(2, 2 * H, 3 * H).contiguous(), dv_ref, kTolOut, "dv");
+      expect_close(dinit, dinit_ref, kTolState, "d_initial_state");
+      if (data) expect_close(dlog, dlog_ref, kTolDlog, "d_log_decay");
+    }
+}
+
 TEST(LinearAttentionGpu, StateOnlyForwardAndPartialBackwardSkipUndefinedOutputs) {
   LASP_SKIP_WITHOUT_GPU();
   const LaCase c{1, 300, 2, 64, DecayMode::DataDependent, true, true};
