@@ -112,6 +112,7 @@ void run_fp4(const Options& opt, const std::vector<Shape3>& shapes) {
 int run(const Options& opt) {
   std::vector<Shape3> shapes = {{8192, 8192, 8192, "square"},
                                 {16384, 2048, 2048, "1B attn proj 2048->2048"},
+                                {16384, 6144, 2048, "1B fused q/k/v 2048->6144"},
                                 {16384, 8192, 2048, "1B mlp up 2048->8192"},
                                 {16384, 2048, 8192, "1B mlp down 8192->2048"}};
   if (opt.quick) {

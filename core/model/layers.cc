@@ -218,8 +218,13 @@ constexpr float kGateScale = 1.0f / 16.0f;  // log a = logsigmoid(x w + b) / 16
 }
 
 bool LinearAttentionLayer::fused_qkv(const LayerContext& ctx) const {
-  // The sequence-parallel methods (parallel/) take contiguous q, k, v.
-  return wqkv_.precision == Precision::Full && !has_feature_map_ && ctx.par->sp.comm == nullptr;
+  // Full precision, or FP8 that carries no state from step to step (current or block scaling;
+  // delayed scaling's amax histories are checkpointed per weight). FP4 keeps three projections:
+  // NVFP4's tensor scale and the backward's random draws belong to each weight. The
+  // sequence-parallel methods (parallel/) take contiguous q, k, v.
+  const bool precision_ok = wqkv_.precision == Precision::Full ||
+                            (wqkv_.precision == Precision::Fp8 && !projection_keeps_scaling_state(wqkv_));
+  return precision_ok && !has_feature_map_ && ctx.par->sp.comm == nullptr;
 }
 
 void LinearAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerContext& ctx) {

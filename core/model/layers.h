@@ -94,9 +94,11 @@ class LinearAttentionLayer {
   DecayMode decay_mode_;
   Param wq_, wk_, wv_, wz_, wo_, norm_w_, wgate_, bgate_;
   // wq_, wk_ and wv_ are views of the rows of one [3 HD, C] weight (value, gradient and bf16
-  // copy): wqkv_, never optimised itself. In full precision without a feature map and without
-  // sequence parallelism the three projections run as one GEMM on it (fused_qkv()), as Megatron
-  // fuses QKV; q, k and v are then head slices of one [N, 3 HD] output.
+  // copy): wqkv_, never optimised itself. In full precision or FP8 with current / block scaling,
+  // without a feature map and without sequence parallelism, the three projections run as one GEMM
+  // on it (fused_qkv()), as Megatron fuses QKV; q, k and v are then head slices of one [N, 3 HD]
+  // output. (FP8 per-tensor scaling then takes one scale for the three weights, as Transformer
+  // Engine does for a fused QKV; block scaling quantizes exactly as for three weights.)
   Param wqkv_;
   Tensor head_log_decay_;  // Constant mode: [heads] log a per head
   // saved for backward (q_, k_, v_: [B, L, H, D], possibly head slices of the fused output)
