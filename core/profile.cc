@@ -1,6 +1,7 @@
 #include "core/profile.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -45,21 +46,29 @@ double now() {
 
 }  // namespace
 
-bool profile_enabled() {
-  static const bool on = [] {
+namespace {
+std::atomic<int> g_mode{-1};  // -1: not read from the environment yet
+}  // namespace
+
+ProfileMode profile_mode() {
+  int m = g_mode.load(std::memory_order_relaxed);
+  if (m < 0) {
     const char* v = std::getenv("LASP_PROFILE");
-    return v && std::strcmp(v, "0") != 0 && v[0] != '\0';
-  }();
-  return on;
+    const ProfileMode from_env = !v || v[0] == '\0' || std::strcmp(v, "0") == 0 ? ProfileMode::Off
+                                 : std::strcmp(v, "shapes") == 0               ? ProfileMode::Shapes
+                                                                               : ProfileMode::Regions;
+    int expected = -1;
+    g_mode.compare_exchange_strong(expected, static_cast<int>(from_env));
+    m = g_mode.load(std::memory_order_relaxed);
+  }
+  return static_cast<ProfileMode>(m);
 }
 
-bool profile_shapes_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("LASP_PROFILE");
-    return v && std::strcmp(v, "shapes") == 0;
-  }();
-  return on;
-}
+void set_profile_mode(ProfileMode mode) { g_mode.store(static_cast<int>(mode), std::memory_order_relaxed); }
+
+bool profile_enabled() { return profile_mode() != ProfileMode::Off; }
+
+bool profile_shapes_enabled() { return profile_mode() == ProfileMode::Shapes; }
 
 void ProfileScope::detail(std::string name, double flops) {
   detail_ = std::move(name);
@@ -71,8 +80,8 @@ void profile_reset() {
   totals().by_name.clear();
 }
 
-ProfileScope::ProfileScope(const char* name) : name_(name) {
-  if (!profile_enabled()) return;
+ProfileScope::ProfileScope(const char* name) : name_(name), active_(profile_enabled()) {
+  if (!active_) return;
   sync_device();
   parent_ = t_current;
   t_current = this;
@@ -80,7 +89,7 @@ ProfileScope::ProfileScope(const char* name) : name_(name) {
 }
 
 ProfileScope::~ProfileScope() {
-  if (!profile_enabled()) return;
+  if (!active_) return;
   sync_device();
   const double total = now() - start_;
   t_current = parent_;
@@ -99,7 +108,7 @@ std::string profile_report() {
             [](const auto& a, const auto& b) { return a.second.seconds > b.second.seconds; });
   double sum = 0;
   for (const auto& r : rows) sum += r.second.seconds;
-  std::string out = "profile (LASP_PROFILE=1; device synchronised around each region, exclusive times)\n";
+  std::string out = "profile (LASP_PROFILE; device synchronised around each region, exclusive times)\n";
   char line[200];
   std::snprintf(line, sizeof line, "%-44s %8s %11s %7s %9s\n", "region", "calls", "total_ms", "share",
                 "TFLOP/s");

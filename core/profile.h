@@ -10,8 +10,13 @@
 
 namespace lasp {
 
-bool profile_enabled();
-bool profile_shapes_enabled();  // LASP_PROFILE=shapes
+enum class ProfileMode { Off, Regions, Shapes };
+// From LASP_PROFILE on first use (unset or "0": off; "shapes": shapes; anything else: regions),
+// unless set_profile_mode was called.
+ProfileMode profile_mode();
+void set_profile_mode(ProfileMode mode);  // overrides the environment (tests, tools)
+bool profile_enabled();         // mode != Off
+bool profile_shapes_enabled();  // mode == Shapes
 void profile_reset();
 // One line per region: name, calls, total ms, share of the profiled time.
 std::string profile_report();
@@ -28,6 +33,7 @@ class ProfileScope {
 
  private:
   const char* name_;
+  bool active_;  // profiling was on when the scope opened
   std::string detail_;
   double flops_ = 0;
   double start_ = 0;

@@ -28,7 +28,7 @@ void gemm(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_
       << "gemm shape mismatch: op(A) " << m << "x" << k << ", op(B) " << kb << "x" << n << ", C "
       << c.str();
   if (profile_shapes_enabled()) {
-    // "gemm MxNxK NT bf16->f32+": op(A) M x K, op(B) K x N, T = transposed, + = accumulates into C.
+    // "gemm MxNxK NT bf16->fp32+": op(A) M x K, op(B) K x N, T = transposed, + = accumulates into C.
     profile.detail("gemm " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) + " " +
                        (trans_a ? "T" : "N") + (trans_b ? "T" : "N") + " " + dtype_name(a.dtype()) +
                        "->" + dtype_name(c.dtype()) + (beta != 0.0f ? "+" : ""),
