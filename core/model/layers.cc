@@ -85,6 +85,15 @@ void prepare_stacked_grad(Param& fused, const std::vector<Param*>& parts) {
   fused.grad_stale = all;
 }
 
+// q, k, v (or their gradients) as head slices [B, L, H, D] of one fused [N, 3 H D] tensor.
+void head_thirds(const Tensor& fused, const LayerContext& ctx, int64_t H, int64_t D, Tensor& q, Tensor& k,
+                 Tensor& v) {
+  const Tensor heads = fused.view({ctx.batch, ctx.length, 3 * H, D});
+  q = heads.slice(2, 0, H);
+  k = heads.slice(2, H, 2 * H);
+  v = heads.slice(2, 2 * H, 3 * H);
+}
+
 // Statistics (norm rstd, log decays): fp32 on CUDA, the activations' dtype on CPU.
 Tensor stat_like(const Tensor& t, const Shape& shape) {
   return Tensor::empty(shape, t.is_cuda() ? DType::F32 : t.dtype(), t.device());
@@ -234,10 +243,7 @@ void LinearAttentionLayer::forward(Tensor& y, const Tensor& x, const LayerContex
   if (fused_qkv(ctx)) {
     Tensor qkv = like(x, {N, 3 * HD});
     projection_forward(qkv, x, wqkv_);
-    const Tensor heads = qkv.view({ctx.batch, ctx.length, 3 * H, D});
-    q_ = heads.slice(2, 0, H);
-    k_ = heads.slice(2, H, 2 * H);
-    v_ = heads.slice(2, 2 * H, 3 * H);
+    head_thirds(qkv, ctx, H, D, q_, k_, v_);
   } else {
     q_pre_ = like(x, {N, HD});
     k_pre_ = like(x, {N, HD});
@@ -309,10 +315,7 @@ void LinearAttentionLayer::backward(Tensor& dx, const Tensor& dy, const LayerCon
   Tensor dqkv, dq, dk, dv, dq4, dk4, dv4;
   if (fused) {  // head slices of one [N, 3 HD] gradient, the input of one dgrad and one wgrad GEMM
     dqkv = like(dy, {N, 3 * HD});
-    const Tensor heads = dqkv.view({ctx.batch, ctx.length, 3 * H, D});
-    dq4 = heads.slice(2, 0, H);
-    dk4 = heads.slice(2, H, 2 * H);
-    dv4 = heads.slice(2, 2 * H, 3 * H);
+    head_thirds(dqkv, ctx, H, D, dq4, dk4, dv4);
   } else {
     dq = like(dy, {N, HD});
     dk = like(dy, {N, HD});
