@@ -65,7 +65,7 @@ std::vector<Field> schema(Config& c) {
       {"precision", "fp4_format", K::String, &c.model.precision.fp4_format, 0, 0, {"mxfp4", "nvfp4"}, "FP4 element/scale format"},
       {"precision", "fp4_backward", K::String, &c.model.precision.fp4_backward, 0, 0, {"sr", "ms_eden"}, "FP4 backward quantizer"},
       {"precision", "hadamard_block", K::Int, &c.model.precision.hadamard_block, 2, 4096, {}, "Hadamard rotation block"},
-      {"data", "train", K::String, &c.data.train, 0, 0, {}, "'builtin' or comma-separated shard paths/globs"},
+      {"data", "train", K::String, &c.data.train, 0, 0, {}, "'builtin', 'builtin:<MB>' (more generated text) or comma-separated shard paths/globs"},
       {"data", "val", K::String, &c.data.val, 0, 0, {}, "validation shards (empty: tail of train)"},
       {"data", "val_fraction", K::Float, &c.data.val_fraction, 0, 0.5, {}, "tail share held out when val is empty"},
       {"optim", "lr", K::Float, &c.optim.lr, 0, 10, {}, "peak learning rate"},

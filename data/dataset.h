@@ -66,10 +66,15 @@ std::string byte_detokenize(const std::vector<uint32_t>& tokens);  // tokens mus
 // The built-in default corpus: deterministic, generated text (~1.5 MB) from a small grammar of
 // sentences about people, objects, places and actions, plus arithmetic lines ("17 + 25 = 42.").
 // Learnable by a byte-level model: loss falls from ln(256) ~ 5.5 nats to well under 2.5.
-std::string default_corpus_text();
+// One generator writes whole paragraphs until the text holds min_bytes, so a longer corpus
+// starts with every shorter one (data.train "builtin:<MB>").
+constexpr size_t kDefaultCorpusBytes = 1536 * 1024;
+std::string default_corpus_text(size_t min_bytes = kDefaultCorpusBytes);
 
 // Train / validation streams from the config.
 //   train_spec "builtin": the default corpus; its last `val_fraction` is validation.
+//   "builtin:<MB>": the same generator run to at least <MB> megabytes (0 < MB <= 1024), for runs
+//   that must not repeat the 1.5 MB corpus.
 //   otherwise a comma-separated list of shard paths or globs (each glob sorted, must match);
 //   validation from val_spec (same syntax) or, when val_spec is empty, the tail `val_fraction`
 //   of the train stream (which is then removed from train).

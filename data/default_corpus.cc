@@ -179,13 +179,12 @@ void write_arithmetic(CorpusRng& rng, CorpusWriter& w) {
 
 }  // namespace
 
-std::string default_corpus_text() {
-  constexpr size_t kTargetBytes = 1536 * 1024;
+std::string default_corpus_text(size_t min_bytes) {
   std::string text;
-  text.reserve(kTargetBytes + 4096);
+  text.reserve(min_bytes + 4096);
   CorpusRng rng(0x1A5B2C0FFEEull);
   CorpusWriter w(text);
-  while (text.size() < kTargetBytes) {
+  while (text.size() < min_bytes) {
     const int kind = rng.below(10);  // stories 4, counting 2, colors 2, arithmetic 2 in 10
     if (kind < 4) {
       write_story(rng, w);

@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "core/check.h"
 #include "data/dataset.h"
@@ -277,8 +279,19 @@ DataSplit open_data(const std::string& train_spec, const std::string& val_spec, 
       << "data.val_fraction must be in [0, 1), got " << val_fraction;
   DataSplit split;
   TokenStream train;
-  if (trim(train_spec) == "builtin") {
-    train = TokenStream::from_tokens(byte_tokenize(default_corpus_text()), "builtin corpus");
+  const std::string spec = trim(train_spec);
+  if (spec == "builtin" || spec.rfind("builtin:", 0) == 0) {
+    size_t bytes = kDefaultCorpusBytes;
+    if (spec != "builtin") {
+      const std::string mb = spec.substr(8);
+      char* end = nullptr;
+      const double v = std::strtod(mb.c_str(), &end);
+      LASP_CHECK(!mb.empty() && end && *end == '\0' && v > 0 && v <= 1024)
+          << "data.train \"" << spec << "\": expected builtin:<MB> with 0 < MB <= 1024 (megabytes of generated text)";
+      bytes = static_cast<size_t>(v * 1024 * 1024);
+    }
+    train = TokenStream::from_tokens(byte_tokenize(default_corpus_text(bytes)),
+                                     spec == "builtin" ? "builtin corpus" : "builtin corpus (" + spec.substr(8) + " MB)");
   } else {
     LASP_CHECK(!trim(train_spec).empty()) << "data.train is empty: give \"builtin\" or shard paths/globs";
     train = TokenStream::open(expand_spec(train_spec, "data.train"));

@@ -239,6 +239,21 @@ TEST(OpenData, BuiltinSplitsTheTailOffAsValidation) {
   expect_error([] { open_data("builtin", "", -0.1); }, {"val_fraction"});
 }
 
+// builtin:<MB> runs the same generator longer: at least that many bytes, starting with the
+// default corpus (so validation moves to the new tail), and bad sizes are refused naming the key.
+TEST(OpenData, BuiltinWithASizeExtendsTheDefaultCorpus) {
+  const std::string base = default_corpus_text();
+  const DataSplit d = open_data(" builtin:3.5 ", "", 0.02);
+  const int64_t n = d.train.size() + d.val.size();
+  EXPECT_GE(n, static_cast<int64_t>(3.5 * 1024 * 1024));
+  EXPECT_LT(n, static_cast<int64_t>(3.5 * 1024 * 1024) + 8192);  // whole paragraphs, not much more
+  for (size_t i = 0; i < base.size(); i += 997) ASSERT_EQ(d.train[static_cast<int64_t>(i)], static_cast<uint32_t>(base[i])) << i;
+  EXPECT_EQ(d.val.size(), static_cast<int64_t>(n * 0.02));
+  EXPECT_NE(d.train.description().find("3.5 MB"), std::string::npos) << d.train.description();
+  for (const char* bad : {"builtin:", "builtin:0", "builtin:-1", "builtin:2x", "builtin:4096"})
+    expect_error([bad] { open_data(bad, "", 0.02); }, {"data.train", "builtin:<MB>"});
+}
+
 TEST(OpenData, ShardGlobsAreSortedAndValidationComesFromValSpec) {
   TempDir dir;
   std::mt19937_64 rng(std::random_device{}());
