@@ -75,6 +75,12 @@ void ProfileScope::detail(std::string name, double flops) {
   flops_ = flops;
 }
 
+void ProfileScope::gemm(const char* op, int64_t m, int64_t n, int64_t k, const std::string& tail) {
+  if (!active_ || !profile_shapes_enabled()) return;
+  detail(std::string(op) + " " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) + tail,
+         2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k));
+}
+
 void profile_reset() {
   std::lock_guard<std::mutex> lock(totals().mu);
   totals().by_name.clear();

@@ -6,6 +6,7 @@
 // with the same shape in `lasp bench kernels`.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace lasp {
@@ -30,6 +31,9 @@ class ProfileScope {
   // Files this region under `name` instead, and counts `flops` floating-point operations for it
   // (the report then gives its TFLOP/s). Meant for profile_shapes_enabled().
   void detail(std::string name, double flops);
+  // A GEMM region in ProfileMode::Shapes: files it as "<op> MxNxK<tail>" with 2 M N K flops
+  // (C [M, N], inner dimension K); a no-op in the other modes.
+  void gemm(const char* op, int64_t m, int64_t n, int64_t k, const std::string& tail);
 
  private:
   const char* name_;

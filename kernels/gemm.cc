@@ -27,12 +27,10 @@ void gemm(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_
   LASP_CHECK(k == kb && c.dim(0) == m && c.dim(1) == n)
       << "gemm shape mismatch: op(A) " << m << "x" << k << ", op(B) " << kb << "x" << n << ", C "
       << c.str();
-  if (profile_shapes_enabled()) {
-    // "gemm MxNxK NT bf16->fp32+": op(A) M x K, op(B) K x N, T = transposed, + = accumulates into C.
-    profile.detail("gemm " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) + " " +
-                       (trans_a ? "T" : "N") + (trans_b ? "T" : "N") + " " + dtype_name(a.dtype()) +
-                       "->" + dtype_name(c.dtype()) + (beta != 0.0f ? "+" : ""),
-                   2.0 * m * n * k);
+  if (profile_shapes_enabled()) {  // "gemm MxNxK NT bf16->fp32+": T = transposed, + = accumulates into C
+    profile.gemm("gemm", m, n, k,
+                 std::string(" ") + (trans_a ? "T" : "N") + (trans_b ? "T" : "N") + " " + dtype_name(a.dtype()) +
+                     "->" + dtype_name(c.dtype()) + (beta != 0.0f ? "+" : ""));
   }
   check_same_device(a, b, "gemm");
   check_same_device(a, c, "gemm");

@@ -42,11 +42,8 @@ Fp4GemmPath fp4_gemm_path_from_env() {
 void gemm_fp4(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b) {
   ProfileScope profile("gemm_fp4");
   LASP_CHECK(c.defined()) << "gemm_fp4: the output must be defined";
-  if (profile_shapes_enabled() && a.codes.defined() && b.codes.defined()) {
-    profile.detail("gemm_fp4 " + std::to_string(a.rows()) + "x" + std::to_string(b.rows()) + "x" +
-                       std::to_string(a.cols()) + " ->" + dtype_name(c.dtype()),
-                   2.0 * a.rows() * b.rows() * a.cols());
-  }
+  if (profile_shapes_enabled() && a.codes.defined() && b.codes.defined())
+    profile.gemm("gemm_fp4", a.rows(), b.rows(), a.cols(), std::string(" ->") + dtype_name(c.dtype()));
   check_fp4_operand(a, "gemm_fp4: A");
   check_fp4_operand(b, "gemm_fp4: B");
   check_same_device(a.codes, b.codes, "gemm_fp4");

@@ -18,12 +18,9 @@ void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alp
   ProfileScope profile("gemm_fp8");
   LASP_CHECK(a.codes.defined() && b.codes.defined() && c.defined())
       << "gemm_fp8: operands and output must be defined";
-  if (profile_shapes_enabled()) {
-    // "gemm_fp8 MxNxK ->bf16+": C [M, N] = A [M, K] B [N, K]^T; + = accumulates into C.
-    profile.detail("gemm_fp8 " + std::to_string(a.rows()) + "x" + std::to_string(b.rows()) + "x" +
-                       std::to_string(a.cols()) + (fast_accum ? " fast" : "") + " ->" +
-                       dtype_name(c.dtype()) + (beta != 0.0f ? "+" : ""),
-                   2.0 * a.rows() * b.rows() * a.cols());
+  if (profile_shapes_enabled()) {  // "gemm_fp8 MxNxK ->bf16+": C [M, N] = A [M, K] B [N, K]^T
+    profile.gemm("gemm_fp8", a.rows(), b.rows(), a.cols(),
+                 std::string(fast_accum ? " fast" : "") + " ->" + dtype_name(c.dtype()) + (beta != 0.0f ? "+" : ""));
   }
   check_same_device(a.codes, b.codes, "gemm_fp8");
   check_same_device(a.codes, c, "gemm_fp8");

@@ -166,29 +166,25 @@ void scale_rows(T* x, const T* y, const T* f, int L, int64_t D) {
 // Argument checks shared by forward and backward
 // ---------------------------------------------------------------------------------------------
 
-void check_layout(const Tensor& t, const char* fn, const char* what, const Shape& shape,
-                  const Tensor& q) {
-  LASP_CHECK(t.defined()) << fn << ": " << what << " is undefined";
-  LASP_CHECK(t.shape() == shape) << fn << ": " << what << " must have shape " << shape_str(shape)
-                                 << ", got " << t.str();
-  LASP_CHECK(t.is_contiguous()) << fn << ": " << what << " must be contiguous, got " << t.str();
-  check_same_device(t, q, fn);
-}
-
-// q, k, v, o and their gradients: [B, T, H, D] with each token's H x D values packed, tokens
-// contiguous or a fixed row stride apart (a head slice of a wider tensor, e.g. the model's fused
+// A tensor argument: defined, of `shape`, on q's device, contiguous. With `row_strided`
+// ([B, T, H, D] q, k, v, o and their gradients) the tokens may instead be a fixed row stride
+// apart, each token's H x D values packed (a head slice of a wider tensor, e.g. the model's fused
 // q/k/v projection output viewed as [B, T, 3 H, D]).
-void check_token_layout(const Tensor& t, const char* fn, const char* what, const Shape& shape,
-                        const Tensor& q) {
+void check_layout(const Tensor& t, const char* fn, const char* what, const Shape& shape,
+                  const Tensor& q, bool row_strided = false) {
   LASP_CHECK(t.defined()) << fn << ": " << what << " is undefined";
   LASP_CHECK(t.shape() == shape) << fn << ": " << what << " must have shape " << shape_str(shape)
                                  << ", got " << t.str();
-  const Shape& st = t.strides();
-  const bool packed_rows = st[3] == 1 && st[2] == shape[3] && st[1] >= shape[2] * shape[3] &&
-                           st[0] == shape[1] * st[1];
-  LASP_CHECK(t.is_contiguous() || packed_rows)
-      << fn << ": " << what << " must be contiguous or [B, T, H, D] with packed heads and a row stride, got "
-      << t.str();
+  if (row_strided) {
+    const Shape& st = t.strides();
+    const bool packed_rows = st[3] == 1 && st[2] == shape[3] && st[1] >= shape[2] * shape[3] &&
+                             st[0] == shape[1] * st[1];
+    LASP_CHECK(t.is_contiguous() || packed_rows)
+        << fn << ": " << what << " must be contiguous or [B, T, H, D] with packed heads and a row stride, got "
+        << t.str();
+  } else {
+    LASP_CHECK(t.is_contiguous()) << fn << ": " << what << " must be contiguous, got " << t.str();
+  }
   check_same_device(t, q, fn);
 }
 
@@ -199,9 +195,9 @@ Dims check_common(const char* fn, const Tensor& q, const Tensor& k, const Tensor
   Dims d{q.dim(0), q.dim(1), q.dim(2), q.dim(3)};
   LASP_CHECK(d.D >= 1 && d.H >= 1) << fn << ": q must have H >= 1 and D >= 1, got " << q.str();
   LASP_CHECK(chunk >= 1) << fn << ": chunk must be >= 1, got " << chunk;
-  check_token_layout(q, fn, "q", q.shape(), q);
-  check_token_layout(k, fn, "k", q.shape(), q);
-  check_token_layout(v, fn, "v", q.shape(), q);
+  check_layout(q, fn, "q", q.shape(), q, true);
+  check_layout(k, fn, "k", q.shape(), q, true);
+  check_layout(v, fn, "v", q.shape(), q, true);
   if (initial_state.defined())
     check_layout(initial_state, fn, "initial_state", {d.B, d.H, d.D, d.D}, q);
   if (decay.mode == DecayMode::Constant) {
@@ -457,7 +453,7 @@ void linear_attention_forward(Tensor& o, Tensor& final_state, const Tensor& q, c
   if (saved) *saved = LinearAttentionSaved{};
   const char* fn = "linear_attention_forward";
   const Dims d = check_common(fn, q, k, v, decay, initial_state, chunk);
-  if (o.defined()) check_token_layout(o, fn, "o", q.shape(), q);
+  if (o.defined()) check_layout(o, fn, "o", q.shape(), q, true);
   if (final_state.defined()) check_layout(final_state, fn, "final_state", {d.B, d.H, d.D, d.D}, q);
   if (q.is_cuda()) {
 #ifdef LASP_HAVE_CUDA
@@ -499,11 +495,11 @@ void linear_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_log
   const char* fn = "linear_attention_backward";
   const Dims d = check_common(fn, q, k, v, decay, initial_state, chunk);
   const Shape state_shape{d.B, d.H, d.D, d.D};
-  if (d_o.defined()) check_token_layout(d_o, fn, "d_o", q.shape(), q);
+  if (d_o.defined()) check_layout(d_o, fn, "d_o", q.shape(), q, true);
   if (d_final_state.defined()) check_layout(d_final_state, fn, "d_final_state", state_shape, q);
-  if (dq.defined()) check_token_layout(dq, fn, "dq", q.shape(), q);
-  if (dk.defined()) check_token_layout(dk, fn, "dk", q.shape(), q);
-  if (dv.defined()) check_token_layout(dv, fn, "dv", q.shape(), q);
+  if (dq.defined()) check_layout(dq, fn, "dq", q.shape(), q, true);
+  if (dk.defined()) check_layout(dk, fn, "dk", q.shape(), q, true);
+  if (dv.defined()) check_layout(dv, fn, "dv", q.shape(), q, true);
   if (d_initial_state.defined())
     check_layout(d_initial_state, fn, "d_initial_state", state_shape, q);
   if (d_log_decay.defined()) {

@@ -248,15 +248,13 @@ fi
 # ---- 5c. precision comparison over seeds on the GPU, with PRECISION_SEEDS="1 2 3" ----
 PREC_RESULT="not run"
 if [ -n "${PRECISION_SEEDS:-}" ] && [ -n "$LASP_BIN" ]; then
-  SEEDS="$PRECISION_SEEDS" LASP_BIN="$LASP_BIN" PRECISION_DIR=/tmp/lasp-precision \
-    LASP_CONFIG="$ROOT/configs/${PRECISION_CONFIG:-tiny.yaml}" \
-    timeout "$(left ${PRECISION_CAP_S:-240})" bash "$ROOT/scripts/compare_precision.sh" ${PRECISION_ARGS:-} \
+  export SEEDS="$PRECISION_SEEDS" LASP_BIN PRECISION_DIR=/tmp/lasp-precision \
+    LASP_CONFIG="$ROOT/configs/${PRECISION_CONFIG:-tiny.yaml}"
+  timeout "$(left ${PRECISION_CAP_S:-240})" bash "$ROOT/scripts/compare_precision.sh" ${PRECISION_ARGS:-} \
     >"$OUT/precision.log" 2>&1
   rc=$?
   if ((rc != 0)); then  # cut by the cap: the table of the runs that finished
-    SKIP_TRAIN=1 SEEDS="$PRECISION_SEEDS" PRECISION_DIR=/tmp/lasp-precision \
-      LASP_CONFIG="$ROOT/configs/${PRECISION_CONFIG:-tiny.yaml}" bash "$ROOT/scripts/compare_precision.sh" \
-      >>"$OUT/precision.log" 2>&1
+    SKIP_TRAIN=1 bash "$ROOT/scripts/compare_precision.sh" >>"$OUT/precision.log" 2>&1
   fi
   PREC_RESULT="rc=$rc (table in precision.log; runs' times there)"
   cp /tmp/lasp-precision/loss.png "$OUT/precision_loss.png" 2>/dev/null
