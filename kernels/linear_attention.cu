@@ -59,6 +59,7 @@
 //   ---   barrier (top of the next chunk, after its loads have landed)
 // Tiles are padded by 16 bytes per row against bank conflicts. Shared-memory reads (ldmatrix)
 // bound the step, so every fragment load feeds at least two mma where the tiling allows.
+#include <cuda.h>  // CUtensorMap (types only: the encoder comes through the runtime)
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -166,9 +167,17 @@ __device__ void load_logcum_async(float* s, const float* g) {
   if (threadIdx.x < kChunk / 4) cp_async16(s + 4 * threadIdx.x, g + 4 * threadIdx.x, true);
 }
 
+// e^x for the decay factors (x <= 0): one multiply and ex2.approx.ftz (__expf adds a range
+// check and two multiplies for results below 2^-126, which flush to zero here: they are
+// negligible next to the terms they are added to).
+__device__ __forceinline__ float fexp(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
 // Row factor of chunk row r: exp(L[r]) (by_b) or exp(L[C-1] - L[r]).
 __device__ __forceinline__ float row_factor(const float* L, int r, bool by_b) {
-  return __expf(by_b ? L[r] : L[kChunk - 1] - L[r]);
+  return fexp(by_b ? L[r] : L[kChunk - 1] - L[r]);
 }
 // A bf16 pair (low half first) scaled by (f0, f1), rounded back to bf16.
 __device__ __forceinline__ uint32_t scale_bf16x2(uint32_t u, float f0, float f1) {
@@ -434,7 +443,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_segment_state_kerne
     cp_async_commit();
     const float last = sL(buf)[kChunk - 1];
     // S = bC S + (diag(e) K)^T V  or  (diag(b) Q)^T dO
-    S.update(__expf(last), sX(buf), SH::ldx, sY(buf), SH::ldv, sL(buf), kReverse);
+    S.update(fexp(last), sX(buf), SH::ldx, sY(buf), SH::ldv, sL(buf), kReverse);
     logg += last;
   }
   S.store(p.states + (static_cast<int64_t>(bh) * p.nseg + seg) * D * D, col0);
@@ -458,7 +467,7 @@ __global__ void la_combine_forward_kernel(float* states, const float* logg, cons
       float* m = states + (static_cast<int64_t>(bh) * nseg + j) * dd + e;
       const float mj = *m;
       *m = pv;
-      pv = __expf(logg[bh * nseg + j]) * pv + mj;
+      pv = fexp(logg[bh * nseg + j]) * pv + mj;
     }
     if (final_state) final_state[static_cast<int64_t>(bh) * dd + e] = pv;
     if (d_final) dot = d_final[static_cast<int64_t>(bh) * dd + e] * pv;
@@ -481,7 +490,7 @@ __global__ void la_combine_backward_kernel(float* dstates, const float* logg, co
     float* m = dstates + (static_cast<int64_t>(bh) * nseg + j) * dd + e;
     const float mj = *m;
     *m = ev;
-    ev = __expf(logg[bh * nseg + j]) * ev + mj;
+    ev = fexp(logg[bh * nseg + j]) * ev + mj;
   }
   if (d_init) d_init[static_cast<int64_t>(bh) * dd + e] = ev;
 }
@@ -640,7 +649,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParam
 #pragma unroll
             for (int v = 0; v < 2; ++v) {
               const int r = kReverse ? col + v : row, s = kReverse ? row : col + v;
-              val[v] = s <= r ? acc_p[u].c[nt][e + v] * __expf(sL[r] - sL[s]) : 0.0f;
+              val[v] = s <= r ? acc_p[u].c[nt][e + v] * fexp(sL[r] - sL[s]) : 0.0f;
             }
             store_bf16x2(sP + row * SH::ldp + col, val[0], val[1]);
           }
@@ -705,7 +714,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParam
     // C: state update in registers and its new bf16 copy (every warp finished reading the old
     //    copy in stage A, before the barrier above).
     if (more) {
-      S.update(__expf(sL[kChunk - 1]), a2, SH::ldx, a3, SH::ldv, sL, kReverse);
+      S.update(fexp(sL[kChunk - 1]), a2, SH::ldx, a3, SH::ldv, sL, kReverse);
       S.to_bf16(sS, SH::ldv);
     }
   }
@@ -773,8 +782,15 @@ struct StateSmem {
   enum : int {
     kStages = 4,
     x = 0, y = kStages * 16384, lc = y + kStages * 8192,
-    bytes = lc + kStages * 256
+    bar = lc + kStages * 256,  // one mbarrier per stage (TMA loads)
+    bytes = bar + kStages * 8
   };
+};
+// Bytes one state stage receives: X [C x 128], Y [C x 64] bf16, L [C] fp32.
+constexpr uint32_t kStateStageTxBytes = 16384 + 8192 + kChunk * 4;
+// The state kernel's operands as TMA tensor maps (as WalkMaps below).
+struct StateMaps {
+  CUtensorMap x, y;
 };
 constexpr int kAlignSlack = 1024;  // dynamic shared memory is aligned up to 1024 bytes in-kernel
 
@@ -814,10 +830,11 @@ __device__ __forceinline__ void state_update_issue(float (&acc)[64], uint32_t x,
 }
 
 // Segment-local states (as la_segment_state_kernel<128, reverse>), StateSmem::kStages-deep
-// cp.async pipeline, one barrier per chunk. The accumulator is M_j^T (dM_j^T): its rows are Y's
-// columns.
-template <bool kReverse>
-__global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_segment_state_sm90_kernel(LaParams p) {
+// load pipeline (TMA with kTma, else cp.async), one barrier per chunk. The accumulator is M_j^T
+// (dM_j^T): its rows are Y's columns.
+template <bool kReverse, bool kTma>
+__global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_segment_state_sm90_kernel(
+    LaParams p, const __grid_constant__ StateMaps maps) {
 #if !LASP_SM90_WGMMA
   __trap();  // compiled for a device without wgmma; the host never launches it there
 #endif
@@ -826,21 +843,42 @@ __global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_segment_state_sm9
   unsigned char* smem = align1024(smem_raw);
   const uint32_t sbase = sm90::smem_u32(smem);
   auto lcs = [&](int buf) { return reinterpret_cast<float*>(smem + StateSmem::lc + buf * 256); };
+  const uint32_t bar0 = sbase + StateSmem::bar;
 
   const int z = blockIdx.x, seg = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
   const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, q = threadIdx.x % 4;
   const int col0 = z * NV;
   const ChunkRange cr = segment_chunks(p, seg);
   const int n = cr.end - cr.begin;
-  auto issue = [&](int i) {  // chunk i of the walk into buffer i % S (not committed)
+  auto issue = [&](int i) {  // chunk i of the walk into buffer i % S (cp.async: not committed)
     const int c = kReverse ? cr.end - 1 - i : cr.begin + i, buf = i % S;
-    const int t0 = c * kChunk, rows = min(kChunk, p.T - t0);
-    const int64_t row = static_cast<int64_t>(b) * p.T + t0, hd = static_cast<int64_t>(h) * D;
-    sm90::load_tile_sw128<kChunk, D>(sbase + StateSmem::x + buf * 16384, p.a1 + row * p.rs1 + hd, p.rs1, rows);
-    sm90::load_tile_sw128<kChunk, NV>(sbase + StateSmem::y + buf * 8192, p.a3 + row * p.rs3 + hd + col0, p.rs3,
-                                      rows);
-    load_logcum_async(lcs(buf), p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
+    const float* lsrc = p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk;
+    if constexpr (kTma) {
+      if (threadIdx.x == 0) {
+        const uint32_t bar = bar0 + 8 * buf, x = sbase + StateSmem::x + buf * 16384;
+        sm90::fence_proxy();  // this stage's generic reads (S steps ago) before the async writes
+        sm90::mbar_arrive_expect_tx(bar, kStateStageTxBytes);
+        sm90::tma_load_3d(x, &maps.x, bar, h * D, c * kChunk, b);
+        sm90::tma_load_3d(x + sm90::kSwPanelBytes, &maps.x, bar, h * D + 64, c * kChunk, b);
+        sm90::tma_load_3d(sbase + StateSmem::y + buf * 8192, &maps.y, bar, h * D + col0, c * kChunk, b);
+        sm90::bulk_load(sm90::smem_u32(lcs(buf)), lsrc, kChunk * 4, bar);
+      }
+    } else {
+      const int t0 = c * kChunk, rows = min(kChunk, p.T - t0);
+      const int64_t row = static_cast<int64_t>(b) * p.T + t0, hd = static_cast<int64_t>(h) * D;
+      sm90::load_tile_sw128<kChunk, D>(sbase + StateSmem::x + buf * 16384, p.a1 + row * p.rs1 + hd, p.rs1, rows);
+      sm90::load_tile_sw128<kChunk, NV>(sbase + StateSmem::y + buf * 8192, p.a3 + row * p.rs3 + hd + col0, p.rs3,
+                                        rows);
+      load_logcum_async(lcs(buf), lsrc);
+    }
   };
+  if constexpr (kTma) {
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < S; ++k) sm90::mbar_init(bar0 + 8 * k, 1);
+      sm90::mbar_fence_init();
+    }
+    __syncthreads();
+  }
 
   float acc[64];
 #pragma unroll
@@ -849,21 +887,25 @@ __global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_segment_state_sm9
 #pragma unroll
   for (int i = 0; i < S - 1; ++i) {
     if (i < n) issue(i);
-    cp_async_commit();
+    if constexpr (!kTma) cp_async_commit();
   }
   for (int i = 0; i < n; ++i) {
     const int buf = i % S;
-    cp_async_wait_group<S - 2>();
-    sm90::fence_proxy();
+    if constexpr (kTma) {
+      sm90::mbar_wait(bar0 + 8 * buf, (i / S) & 1);
+    } else {
+      cp_async_wait_group<S - 2>();
+      sm90::fence_proxy();
+    }
     __syncthreads();  // chunk i has landed; every warp's products of chunk i - 1 are complete
     const float* L = lcs(buf);
-    const float last = L[kChunk - 1], bC = __expf(last);
+    const float last = L[kChunk - 1], bC = fexp(last);
 #pragma unroll
     for (int v = 0; v < 64; ++v) acc[v] *= bC;
     // S^T = bC S^T + (Y^T diag(f)) X, f = e (forward) or b (reverse)
     state_update_issue(acc, sbase + StateSmem::x + buf * 16384, sbase + StateSmem::y + buf * 8192, L, kReverse);
     if (i + S - 1 < n) issue(i + S - 1);  // while the product runs
-    cp_async_commit();
+    if constexpr (!kTma) cp_async_commit();
     sm90::wait<0>();
     sm90::fence_operands(acc);
     logg += last;
@@ -888,8 +930,19 @@ struct WalkSmem {  // byte offsets from the 1024-byte aligned dynamic shared mem
     wt = 40960,         // bf16 W^T [64 x 128], K-major: two panels
     stage = 57344,      // two stages
     lc = 2 * stage,     // two [C] fp32
-    bytes = lc + 512    // 112.5 KB: two blocks per SM (no room for alignment slack)
+    bar = lc + 512,     // two mbarriers (TMA loads)
+    bytes = bar + 16    // 112.5 KB: two blocks per SM (no room for alignment slack)
   };
+};
+// Bytes one walk stage receives: A1 and A2 [C x 128], A3 [C x 64] bf16, L [C] fp32.
+constexpr uint32_t kWalkStageTxBytes = 2 * 16384 + 8192 + kChunk * 4;
+
+// The walk operands as TMA tensor maps (kernel parameter, used when the kernel loads with TMA):
+// each a 3-D bf16 tensor {H * D columns, T rows (row stride rs), B}, boxes of 64 columns x C rows,
+// 128-byte swizzle; rows past T read as zeros.
+struct WalkMaps {
+  CUtensorMap a1, a2, a3;
+  CUtensorMap out;  // the same for out, boxes of 64 columns x 16 rows (one warp's rows)
 };
 
 // The walk of one warpgroup: its operands and outputs.
@@ -916,16 +969,10 @@ __device__ __forceinline__ void load_walk_state(float (&acc_w)[64], const WalkRo
       acc_w[4 * j + i] = role.transposed ? gs[c * D + r] : gs[r * D + c];
     }
 }
-// The bf16 copy of W^T [64 x 128] into the K-major tile at `wt` (generic pointer; row m, 16-byte
+// The bf16 copy of W^T [64 x 128] into the K-major tile at shared address `wt` (row m, 16-byte
 // chunk j % 8 of panel j / 8), then the proxy fence (a barrier must follow before it is read).
-__device__ __forceinline__ void store_walk_state_copy(unsigned char* wt, const float (&acc_w)[64]) {
-  const int q = threadIdx.x % 4, r0 = 16 * ((threadIdx.x / 32) % 4) + (threadIdx.x % 32) / 4;
-#pragma unroll
-  for (int j = 0; j < 16; ++j)
-#pragma unroll
-    for (int u = 0; u < 2; ++u)
-      *reinterpret_cast<uint32_t*>(wt + (j / 8) * sm90::kSwPanelBytes + sm90::sw128_offset(r0 + 8 * u, j % 8) +
-                                   4 * q) = pack_bf16x2(acc_w[4 * j + 2 * u], acc_w[4 * j + 2 * u + 1]);
+__device__ __forceinline__ void store_walk_state_copy(uint32_t wt, const float (&acc_w)[64]) {
+  sm90::store_acc_bf16_sw128<16>(wt, acc_w);
   sm90::fence_proxy();
 }
 
@@ -935,17 +982,27 @@ __device__ __forceinline__ void store_walk_state_copy(unsigned char* wt, const f
 // next stage, free since the last barrier). issue_next() is called once the products are queued.
 // Writes out[:, z] for the chunk's rows (at `out_base`, row stride rs) and adds the dlog row dots
 // to dlog_h[(dlog_row + r) * H] (dlog_h: the head's column of dlog [B, T, H]; dlog_row = b T + t0).
-template <bool kReverse, typename IssueNext>
+//
+// kTma: the next chunk's loads are TMA copies (one thread), issued first; O goes out by TMA too:
+// each warp stages its 16 rows (bf16) in its own rows of panel 0 of this stage's W^T copy (free
+// once the products are done, rewritten by the same warp only at the end of the next step, after
+// its store has read them) and one lane stores them through `out_map` (rows past T are not
+// written). kDot: the walk adds the dlog row dots (dot_src given).
+template <bool kReverse, bool kTma, bool kDot, typename IssueNext>
 __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1, uint32_t a2, uint32_t a3,
-                                                uint32_t wt, const float* L, bool more, unsigned char* next_wt,
+                                                uint32_t wt, const float* L, bool more, uint32_t next_wt,
                                                 IssueNext issue_next, const WalkRole& role, int64_t out_base,
-                                                int64_t rs, int rows, float* dlog_h, int64_t dlog_row, int H) {
+                                                int64_t rs, int rows, float* dlog_h, int64_t dlog_row, int H,
+                                                const CUtensorMap* out_map, int out_c0, int out_row, int out_b) {
   constexpr int D = 128;
   const int warp = (threadIdx.x / 32) % 4, g = (threadIdx.x % 32) / 4, q = threadIdx.x % 4;
   const int r0 = 16 * warp + g, r1 = r0 + 8;  // this thread's two rows of every 64 x N product
 
   // P = A1 A2^T and O = A1 W (both operands from shared memory), in two commit groups so that the
   // mask can start as soon as P is done.
+  if constexpr (kTma) {
+    if (more) issue_next();  // one thread, a few instructions: as early as possible
+  }
   float acc[32], acc_o[32];
   sm90::fence();
 #pragma unroll
@@ -966,15 +1023,15 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
   float fac[8][4];
   auto mask_factors = [&] {
     const float lr0 = L[r0], lr1 = L[r1], lm = L[kReverse ? 16 * warp + 15 : 16 * warp];
-    const float rf0 = __expf(kReverse ? lm - lr0 : lr0 - lm), rf1 = __expf(kReverse ? lm - lr1 : lr1 - lm);
+    const float rf0 = fexp(kReverse ? lm - lr0 : lr0 - lm), rf1 = fexp(kReverse ? lm - lr1 : lr1 - lm);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int s = 8 * j + 2 * q;
 #pragma unroll
       for (int e = 0; e < 4; ++e) fac[j][e] = 0.0f;
       if (kReverse ? j / 2 > warp : j / 2 < warp) {
-        const float c0 = __expf(kReverse ? L[s] - lm : lm - L[s]);
-        const float c1 = __expf(kReverse ? L[s + 1] - lm : lm - L[s + 1]);
+        const float c0 = fexp(kReverse ? L[s] - lm : lm - L[s]);
+        const float c1 = fexp(kReverse ? L[s + 1] - lm : lm - L[s + 1]);
         fac[j][0] = rf0 * c0;
         fac[j][1] = rf0 * c1;
         fac[j][2] = rf1 * c0;
@@ -986,7 +1043,7 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
           const int r = e < 2 ? r0 : r1, sc = s + e % 2;
           const float lr = e < 2 ? lr0 : lr1, ls = e % 2 ? ls1 : ls0;
           const bool keep = kReverse ? sc >= r : sc <= r;
-          fac[j][e] = keep ? __expf(kReverse ? ls - lr : lr - ls) : 0.0f;
+          fac[j][e] = keep ? fexp(kReverse ? ls - lr : lr - ls) : 0.0f;
         }
       }
     }
@@ -1004,11 +1061,11 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
   // when the two paths merge with products in flight.
   if (more) {
     // W^T = bC W^T + (A3^T diag(f)) A2 (not needed after the segment's last chunk).
-    const float bC = __expf(L[kChunk - 1]);
+    const float bC = fexp(L[kChunk - 1]);
 #pragma unroll
     for (int v = 0; v < 64; ++v) acc_w[v] *= bC;
     state_update_issue(acc_w, a2, a3, L, kReverse);
-    issue_next();  // the next chunk's loads, while the products run
+    if constexpr (!kTma) issue_next();  // the next chunk's loads, while the products run
     mask_factors();
     sm90::wait<2>();  // groups [P], [O], [W^T]: P is done
     mask();
@@ -1037,7 +1094,7 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
 
   // The dlog dot source at this thread's output positions (read while the product runs).
   uint32_t dsrc[8][2];
-  if (role.dot_src) {
+  if constexpr (kDot) {
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -1051,25 +1108,49 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
   sm90::wait<0>();
   sm90::fence_operands(acc_o);
   sm90::fence_operands(acc_w);
-  if (more) store_walk_state_copy(next_wt, acc_w);
+  if (more) {
+    if constexpr (kTma) {
+      // next_wt holds this warp's O rows of the previous step until its store has read them.
+      if (threadIdx.x % 32 == 0) sm90::bulk_wait_read();
+      __syncwarp();
+    }
+    store_walk_state_copy(next_wt, acc_w);
+  }
 
-  // Store O (bf16) and add the dlog row dots.
-  float dot[2] = {0.0f, 0.0f};
+  // Store O (bf16).
+  if (role.out) {
+    if constexpr (kTma) {
+      const uint32_t stage_rows = wt + 16 * warp * 128;  // this warp's rows 16 w .. 16 w + 15, panel 0
+      sm90::store_acc_bf16_sw128<8>(wt, acc_o);
+      sm90::fence_proxy();
+      __syncwarp();
+      if (threadIdx.x % 32 == 0) {
+        sm90::tma_store_3d(out_map, stage_rows, out_c0, out_row + 16 * warp, out_b);
+        sm90::bulk_commit();
+      }
+    } else {
 #pragma unroll
-  for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int r = u ? r1 : r0;
-      const float x = acc_o[4 * j + 2 * u], y = acc_o[4 * j + 2 * u + 1];
-      if (role.out && r < rows) store_bf16x2(role.out + out_base + r * rs + 8 * j + 2 * q, x, y);
-      if (role.dot_src) {
+        for (int u = 0; u < 2; ++u) {
+          const int r = u ? r1 : r0;
+          if (r < rows)
+            store_bf16x2(role.out + out_base + r * rs + 8 * j + 2 * q, acc_o[4 * j + 2 * u], acc_o[4 * j + 2 * u + 1]);
+        }
+    }
+  }
+  // Add the dlog row dots.
+  if constexpr (kDot) {
+    float dot[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
         __nv_bfloat162 hv;
         memcpy(&hv, &dsrc[j][u], 4);
         const float2 src = __bfloat1622float2(hv);
-        dot[u] += x * src.x + y * src.y;
+        dot[u] += acc_o[4 * j + 2 * u] * src.x + acc_o[4 * j + 2 * u + 1] * src.y;
       }
-    }
-  if (role.dot_src) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], 1);
@@ -1080,8 +1161,12 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
   }
 }
 
-template <bool kReverse>
-__global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_walk_sm90_kernel(LaParams p) {
+// kTma: the stage loads are TMA copies issued by one thread (mbarrier completion); otherwise
+// every thread issues cp.async copies (LASP_LA_LOADS=cp.async; the fallback where tensor maps
+// cannot be made).
+template <bool kReverse, bool kTma, bool kDot>
+__global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_walk_sm90_kernel(LaParams p,
+                                                                              const __grid_constant__ WalkMaps maps) {
 #if !LASP_SM90_WGMMA
   __trap();  // compiled for a device without wgmma; the host never launches it there
 #endif
@@ -1092,6 +1177,7 @@ __global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_walk_sm90_kernel(
   if (sbase & 1023) __trap();  // the swizzled tiles need a 1024-byte aligned base
   auto at = [&](int buf, int off) { return sbase + buf * WalkSmem::stage + off; };
   auto lcs = [&](int buf) { return reinterpret_cast<float*>(smem + WalkSmem::lc + buf * 256); };
+  const uint32_t bar0 = sbase + WalkSmem::bar;
 
   const int z = blockIdx.x, seg = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
   const int col0 = z * NV;
@@ -1103,31 +1189,63 @@ __global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_walk_sm90_kernel(
     return (static_cast<int64_t>(b) * p.T + c * kChunk) * rs + static_cast<int64_t>(h) * D;
   };
   auto rows_of = [&](int c) { return min(kChunk, p.T - c * kChunk); };
-  auto issue = [&](int i) {  // A1, A2, A3 and L of walk step i into stage i % 2 (one group)
-    const int c = chunk_of(i), rows = rows_of(c), buf = i & 1;
-    sm90::load_tile_sw128<kChunk, D>(at(buf, WalkSmem::a1), p.a1 + base_of(c, p.rs1), p.rs1, rows);
-    sm90::load_tile_sw128<kChunk, D>(at(buf, WalkSmem::a2), p.a2 + base_of(c, p.rs2), p.rs2, rows);
-    sm90::load_tile_sw128<kChunk, NV>(at(buf, WalkSmem::a3), p.a3 + base_of(c, p.rs3) + col0, p.rs3, rows);
-    load_logcum_async(lcs(buf), p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk);
-    cp_async_commit();
+  auto issue = [&](int i) {  // A1, A2, A3 and L of walk step i into stage i % 2
+    const int c = chunk_of(i), buf = i & 1;
+    const float* lsrc = p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk;
+    if constexpr (kTma) {
+      if (threadIdx.x == 0) {
+        const uint32_t bar = bar0 + 8 * buf;
+        const int row = c * kChunk, hc = h * D;
+        sm90::fence_proxy();  // this stage's generic reads (two steps ago) before the async writes
+        sm90::mbar_arrive_expect_tx(bar, kWalkStageTxBytes);
+        sm90::tma_load_3d(at(buf, WalkSmem::a1), &maps.a1, bar, hc, row, b);
+        sm90::tma_load_3d(at(buf, WalkSmem::a1) + sm90::kSwPanelBytes, &maps.a1, bar, hc + 64, row, b);
+        sm90::tma_load_3d(at(buf, WalkSmem::a2), &maps.a2, bar, hc, row, b);
+        sm90::tma_load_3d(at(buf, WalkSmem::a2) + sm90::kSwPanelBytes, &maps.a2, bar, hc + 64, row, b);
+        sm90::tma_load_3d(at(buf, WalkSmem::a3), &maps.a3, bar, hc + col0, row, b);
+        sm90::bulk_load(sm90::smem_u32(lcs(buf)), lsrc, kChunk * 4, bar);
+      }
+    } else {
+      const int rows = rows_of(c);
+      sm90::load_tile_sw128<kChunk, D>(at(buf, WalkSmem::a1), p.a1 + base_of(c, p.rs1), p.rs1, rows);
+      sm90::load_tile_sw128<kChunk, D>(at(buf, WalkSmem::a2), p.a2 + base_of(c, p.rs2), p.rs2, rows);
+      sm90::load_tile_sw128<kChunk, NV>(at(buf, WalkSmem::a3), p.a3 + base_of(c, p.rs3) + col0, p.rs3, rows);
+      load_logcum_async(lcs(buf), lsrc);
+      cp_async_commit();
+    }
   };
   const WalkRole role{p.states, p.transposed, p.out, p.dot_src, p.dot_sign};
   float* dlog_h = p.dlog ? p.dlog + h : nullptr;
 
+  if constexpr (kTma) {
+    if (threadIdx.x == 0) {
+      sm90::mbar_init(bar0, 1);
+      sm90::mbar_init(bar0 + 8, 1);
+      sm90::mbar_fence_init();
+    }
+    __syncthreads();
+  }
   float acc_w[64];
   load_walk_state(acc_w, role, p, bh, seg, col0);
-  store_walk_state_copy(smem + WalkSmem::wt, acc_w);
+  store_walk_state_copy(sbase + WalkSmem::wt, acc_w);
   if (n > 0) issue(0);
   for (int i = 0; i < n; ++i) {
     const int c = chunk_of(i), buf = i & 1;
-    cp_async_wait_all();
-    sm90::fence_proxy();
+    if constexpr (kTma) {
+      sm90::mbar_wait(bar0 + 8 * buf, (i >> 1) & 1);
+    } else {
+      cp_async_wait_all();
+      sm90::fence_proxy();
+    }
     __syncthreads();  // chunk i's tiles and W^T copy are ready; every warp is done with the other stage
-    walk_chunk_sm90<kReverse>(acc_w, at(buf, WalkSmem::a1), at(buf, WalkSmem::a2), at(buf, WalkSmem::a3),
-                              at(buf, WalkSmem::wt), lcs(buf), i + 1 < n,
-                              smem + (buf ^ 1) * WalkSmem::stage + WalkSmem::wt,
-                              [&] { issue(i + 1); }, role, base_of(c, p.rs_out) + col0, p.rs_out, rows_of(c), dlog_h,
-                              static_cast<int64_t>(b) * p.T + c * kChunk, p.H);
+    walk_chunk_sm90<kReverse, kTma, kDot>(
+        acc_w, at(buf, WalkSmem::a1), at(buf, WalkSmem::a2), at(buf, WalkSmem::a3), at(buf, WalkSmem::wt),
+        lcs(buf), i + 1 < n, at(buf ^ 1, WalkSmem::wt), [&] { issue(i + 1); }, role, base_of(c, p.rs_out) + col0,
+        p.rs_out, rows_of(c), dlog_h, static_cast<int64_t>(b) * p.T + c * kChunk, p.H, &maps.out, h * D + col0,
+        c * kChunk, b);
+  }
+  if constexpr (kTma) {
+    if (threadIdx.x % 32 == 0) sm90::bulk_wait();  // this warp's O stores are complete
   }
 }
 
@@ -1194,6 +1312,43 @@ Operand operand_of(const Tensor& t) {
   return t.defined() ? Operand{static_cast<const bf16*>(t.raw()), t.strides()[1]} : Operand{};
 }
 
+// The Hopper walk loads its tiles with TMA unless LASP_LA_LOADS=cp.async (for comparisons; `tma`
+// or unset is the default, any other value is an error) or the driver has no tensor-map encoder.
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn tensor_map_encoder() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      f = nullptr;
+    }
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+bool use_tma_loads() {
+  static const bool yes = env_choice("LASP_LA_LOADS", {"tma", "cp.async"}) == 0 && tensor_map_encoder() != nullptr;
+  return yes;
+}
+// x as the walk kernel's tensor map: {H * D columns, T rows (row stride x.rs), B}, boxes of 64
+// columns x box_rows rows, 128-byte swizzle. False if the driver refuses it (the caller then uses
+// cp.async).
+bool encode_walk_operand(CUtensorMap* map, Operand x, const LaParams& p, int box_rows) {
+  constexpr int D = 128;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(p.H) * D, static_cast<cuuint64_t>(p.T),
+                              static_cast<cuuint64_t>(p.B)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(x.rs) * 2, static_cast<cuuint64_t>(x.rs) * 2 * p.T};
+  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(box_rows), 1}, elem[3] = {1, 1, 1};
+  return tensor_map_encoder()(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(x.p), dims, strides, box,
+                              elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 // The segment-state kernel: M_j (forward: x = k, y = v) or dM_j (reverse: x = q, y = dO).
 template <int D, bool kReverse>
 void run_segment_state(LaParams p, const char* what, Operand x, Operand y, float* states) {
@@ -1202,9 +1357,16 @@ void run_segment_state(LaParams p, const char* what, Operand x, Operand y, float
   p.a3 = y.p;
   p.rs3 = y.rs;
   p.states = states;
-  if (D == 128 && use_sm90_kernels())
-    launch(la_segment_state_sm90_kernel<kReverse>, what, p, StateSmem::bytes + kAlignSlack, kWgThreads);
-  else
+  if (D == 128 && use_sm90_kernels()) {
+    StateMaps maps{};
+    const bool tma = use_tma_loads() && encode_walk_operand(&maps.x, x, p, kChunk) &&
+                     encode_walk_operand(&maps.y, y, p, kChunk);
+    auto kernel = tma ? la_segment_state_sm90_kernel<kReverse, true> : la_segment_state_sm90_kernel<kReverse, false>;
+    const int smem = StateSmem::bytes + kAlignSlack;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<dim3(kSplit, p.nseg, p.B * p.H), kWgThreads, smem, cuda_stream()>>>(p, maps);
+    CUDA_CHECK_LAUNCH(what);
+  } else
     launch(la_segment_state_kernel<D, kReverse>, what, p, smem_state_bytes<D>());
 }
 
@@ -1225,10 +1387,20 @@ void run_walk(LaParams p, const char* what, Operand a1, Operand a2, Operand a3, 
   p.dot_src = p.dlog ? dot_src.p : nullptr;
   p.rs_out = out.p ? out.rs : dot_src.rs;
   p.dot_sign = dot_sign;
-  if (D == 128 && use_sm90_kernels())
-    launch(la_walk_sm90_kernel<kReverse>, what, p, WalkSmem::bytes, kWgThreads);
-  else
+  if (D == 128 && use_sm90_kernels()) {
+    WalkMaps maps{};
+    const bool tma = use_tma_loads() && encode_walk_operand(&maps.a1, a1, p, kChunk) &&
+                     encode_walk_operand(&maps.a2, a2, p, kChunk) && encode_walk_operand(&maps.a3, a3, p, kChunk) &&
+                     (!out.p || encode_walk_operand(&maps.out, out, p, 16));
+    const bool dot = p.dot_src != nullptr;
+    auto kernel = tma ? (dot ? la_walk_sm90_kernel<kReverse, true, true> : la_walk_sm90_kernel<kReverse, true, false>)
+                      : (dot ? la_walk_sm90_kernel<kReverse, false, true> : la_walk_sm90_kernel<kReverse, false, false>);
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WalkSmem::bytes));
+    kernel<<<dim3(kSplit, p.nseg, p.B * p.H), kWgThreads, WalkSmem::bytes, cuda_stream()>>>(p, maps);
+    CUDA_CHECK_LAUNCH(what);
+  } else {
     launch(la_walk_kernel<D, kReverse>, what, p, smem_walk_bytes<D>());
+  }
 }
 
 const float* f32_ptr(const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; }

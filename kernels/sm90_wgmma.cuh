@@ -25,6 +25,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstring>
 
 // Device code for sm_90a has wgmma; device code for other targets compiles these functions to
 // nothing, and kernels that use them should trap there (their host side must check first). The
@@ -49,21 +50,33 @@ __device__ __forceinline__ uint32_t sw128_offset(int r, int c) {
   return static_cast<uint32_t>(r * 128 + ((c ^ (r & 7)) << 4));
 }
 
-// Shared-memory matrix descriptor, 128-byte swizzle.
+// Shared-memory matrix descriptor, 128-byte swizzle, built from its two 32-bit words: the low
+// word holds the start address / 16 (bits 0-13) and the leading byte offset / 16 (bits 16-29),
+// the high word the stride byte offset / 16 and the swizzle mode. Shared addresses are below
+// 2^18, so adding (offset / 16) to a tile's low word moves the start within the tile without
+// touching the other fields: one integer add per K step instead of rebuilding the descriptor.
+__device__ __forceinline__ uint64_t desc_make(uint32_t lo, uint32_t hi) {
+  uint64_t d;
+  asm("mov.b64 %0, {%1, %2};" : "=l"(d) : "r"(lo), "r"(hi));
+  return d;
+}
+__device__ __forceinline__ uint32_t desc_lo(uint32_t addr, uint32_t lbo_bytes) {
+  return ((addr & 0x3FFFF) >> 4) | ((lbo_bytes >> 4) << 16);
+}
+constexpr uint32_t desc_hi(uint32_t sbo_bytes) { return (sbo_bytes >> 4) | (1u << 30); }
 __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo_bytes,
                                                uint32_t sbo_bytes) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
-         (static_cast<uint64_t>(lbo_bytes >> 4) << 16) |
-         (static_cast<uint64_t>(sbo_bytes >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+  return desc_make(desc_lo(addr, lbo_bytes), desc_hi(sbo_bytes));
 }
 // K-major operand: K step kk (16 columns) of a tile of panels `panel` bytes apart at `tile`.
 __device__ __forceinline__ uint64_t desc_kmajor(uint32_t tile, int kk, int panel = kSwPanelBytes) {
-  return desc_sw128(tile + (kk / 4) * panel + (kk % 4) * 32, 16, 1024);
+  return desc_make(desc_lo(tile, 16) + static_cast<uint32_t>(((kk / 4) * panel + (kk % 4) * 32) >> 4),
+                   desc_hi(1024));
 }
 // MN-major operand: K step kk (16 rows) of a tile of panels `panel` bytes apart at `tile` (N
 // spans the panels).
 __device__ __forceinline__ uint64_t desc_mnmajor(uint32_t tile, int kk, int panel = kSwPanelBytes) {
-  return desc_sw128(tile + kk * 16 * 128, panel, 1024);
+  return desc_make(desc_lo(tile, panel) + static_cast<uint32_t>((kk * 16 * 128) >> 4), desc_hi(1024));
 }
 
 __device__ __forceinline__ void fence() {
@@ -181,6 +194,90 @@ __device__ __forceinline__ void load_tile_sw128(uint32_t tile, const __nv_bfloat
   for (int j = 0; j < ROWS / kRowsPerPass; ++j) {
     const bool ok = r0 + j * kRowsPerPass < rows;
     cp_async16(dst + j * kRowsPerPass * 128, ok ? src + j * kRowsPerPass * rs : g, ok);
+  }
+}
+
+// ---- TMA loads with mbarrier completion ------------------------------------------------------
+// One thread arms a stage's mbarrier with the bytes to expect and issues the bulk copies; every
+// thread waits on the barrier's phase parity (the k-th use of a barrier completes phase k, parity
+// k % 2). Tensor copies use a CUtensorMap (a __grid_constant__ kernel parameter) with 128-byte
+// swizzle: a box of 64 bf16 columns x R rows lands as one swizzle panel, the layout wgmma reads.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes initialised barriers visible to the async proxy (before a barrier and the first copy).
+__device__ __forceinline__ void mbar_fence_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// Box (c0, c1, c2) of the 3-D tensor map `map` into shared address `dst`, completing on `bar`.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* map, uint32_t bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global `src` into `dst`.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+
+// Shared `src` (a box of the 3-D tensor map `map`, in its swizzled layout) to global at (c0, c1,
+// c2); rows outside the tensor are not written. Completion through bulk groups (commit, wait).
+__device__ __forceinline__ void tma_store_3d(const void* map, uint32_t src, int c0, int c1, int c2) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(c1), "r"(c2), "r"(src)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until this thread's committed bulk stores have finished reading shared memory.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// Waits until this thread's committed bulk stores are complete.
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+// Stores NJ 8-column blocks of a warpgroup's 64 x (8 NJ) fp32 accumulator (the wgmma layout) as
+// bf16 into a K-major 128-byte swizzled tile at shared address `tile` (panels kSwPanelBytes
+// apart), with stmatrix: the accumulator layout is exactly stmatrix's fragment layout. Matrix
+// (j, u) is rows 16 w + 8 u .. + 7, columns 8 j .. + 7, of which this thread holds row g, columns
+// 2 q, 2 q + 1 (acc[4 j + 2 u], acc[4 j + 2 u + 1]). One instruction stores (j, 0), (j, 1),
+// (j + 1, 0), (j + 1, 1); lane l addresses row l % 8 of matrix l / 8. A matrix row is one 16-byte
+// swizzle chunk, (j % 8) ^ (row % 8) with row % 8 = l % 8 (j % 8 is even, so j % 8 + l / 16 =
+// (j % 8) ^ (l / 16)).
+template <int NJ>
+__device__ __forceinline__ void store_acc_bf16_sw128(uint32_t tile, const float (&acc)[4 * NJ]) {
+  static_assert(NJ % 2 == 0, "pairs of 8-column blocks");
+  const int l = threadIdx.x % 32, w = (threadIdx.x / 32) % 4;
+  const int row = 16 * w + 8 * ((l / 8) % 2) + l % 8;
+  const uint32_t base = tile + row * 128, y = static_cast<uint32_t>(((l / 16) ^ (l % 8)) << 4);
+  auto pack = [](float x, float y) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    uint32_t u;
+    memcpy(&u, &h, 4);
+    return u;
+  };
+#pragma unroll
+  for (int j = 0; j < NJ; j += 2) {
+    const uint32_t addr = base + (j / 8) * kSwPanelBytes + (static_cast<uint32_t>((j % 8) << 4) ^ y);
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+                 "r"(pack(acc[4 * j], acc[4 * j + 1])), "r"(pack(acc[4 * j + 2], acc[4 * j + 3])),
+                 "r"(pack(acc[4 * j + 4], acc[4 * j + 5])), "r"(pack(acc[4 * j + 6], acc[4 * j + 7]))
+                 : "memory");
   }
 }
 

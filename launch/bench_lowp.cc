@@ -20,6 +20,7 @@
 #include "kernels/gemm_fp8.h"
 
 #ifdef LASP_HAVE_CUDA
+#include <cublasLt.h>
 #include <cuda_runtime.h>
 
 #include "kernels/quantize_cuda.h"
@@ -52,6 +53,7 @@ constexpr double kFp8FloorFlops = 1450e12;   // dense fp8 rate (H200)
 struct Options {
   int iters = 20, warmup = 5;
   bool quick = false;
+  bool algos = false;  // --algos: time every cuBLASLt candidate instead of the tables
 };
 
 double time_ms(const std::function<void()>& fn, const Options& opt) {
@@ -108,6 +110,164 @@ void run_fp4(const Options& opt, const std::vector<Shape3>& shapes) {
         static_cast<long>(fallbacks));
   }
 }
+
+// ---- --algos: every candidate cuBLASLt's heuristic offers, timed ------------------------------
+// For one problem (the row-major y = x W^T of the tables, laid out as gemm / gemm_fp8 lay it
+// out) the heuristic is asked for up to 64 algorithms; each is timed in `iters` interleaved
+// rounds of 10 back-to-back runs (median over rounds of the per-run time), so clock drift hits
+// every candidate alike. Rank 0 is the one gemm / gemm_fp8 use.
+#define LOWP_LT(expr)                                                                      \
+  do {                                                                                     \
+    cublasStatus_t s_ = (expr);                                                            \
+    LASP_CHECK(s_ == CUBLAS_STATUS_SUCCESS) << #expr << ": " << cublasGetStatusString(s_); \
+  } while (0)
+
+struct LtProblem {
+  const char* name;
+  cudaDataType_t ta, tb;  // cuBLASLt's A (our W, [N, K]) and B (our x, [M, K])
+  bool fast;
+};
+
+std::string algo_config(const cublasLtMatmulAlgo_t& algo) {
+  // Ask for the attribute's size first (buffer 0 bytes), then read it at that size.
+  auto get = [&](cublasLtMatmulAlgoConfigAttributes_t attr) -> long {
+    size_t size = 0;
+    cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, nullptr, 0, &size);
+    uint64_t v = 0;
+    if (size == 0 || size > sizeof(v) ||
+        cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, &v, size, &size) != CUBLAS_STATUS_SUCCESS)
+      return -1;
+    return static_cast<long>(v);  // little endian: the low `size` bytes of v hold the value
+  };
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "id %ld tile %ld stages %ld splitk %ld swizzle %ld cluster %ld inner %ld custom %ld",
+                get(CUBLASLT_ALGO_CONFIG_ID), get(CUBLASLT_ALGO_CONFIG_TILE_ID), get(CUBLASLT_ALGO_CONFIG_STAGES_ID),
+                get(CUBLASLT_ALGO_CONFIG_SPLITK_NUM), get(CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
+                get(CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID), get(CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID),
+                get(CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION));
+  return buf;
+}
+
+void survey_problem(const Options& opt, cublasLtHandle_t handle, void* workspace, size_t ws_bytes,
+                    const Shape3& g, const LtProblem& pr, const void* a, const void* b, void* c,
+                    const float* scale) {
+  cudaStream_t stream = static_cast<cudaStream_t>(current_stream().handle);
+  const bool fp8 = pr.ta != CUDA_R_16BF;
+  cublasLtMatmulDesc_t op;
+  LOWP_LT(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
+  LOWP_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
+  LOWP_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+  if (fp8) {
+    const int8_t fast = pr.fast ? 1 : 0;
+    LOWP_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast)));
+    LOWP_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale, sizeof(scale)));
+    LOWP_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale, sizeof(scale)));
+  }
+  cublasLtMatrixLayout_t la, lb, lc;
+  LOWP_LT(cublasLtMatrixLayoutCreate(&la, pr.ta, g.k, g.n, g.k));
+  LOWP_LT(cublasLtMatrixLayoutCreate(&lb, pr.tb, g.k, g.m, g.k));
+  LOWP_LT(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, g.n, g.m, g.n));
+  cublasLtMatmulPreference_t pref;
+  LOWP_LT(cublasLtMatmulPreferenceCreate(&pref));
+  LOWP_LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+                                               sizeof(ws_bytes)));
+  std::vector<cublasLtMatmulHeuristicResult_t> res(64);
+  int count = 0;
+  LOWP_LT(cublasLtMatmulAlgoGetHeuristic(handle, op, la, lb, lc, lc, pref, static_cast<int>(res.size()), res.data(),
+                                         &count));
+  res.resize(static_cast<size_t>(count));
+  const float alpha = 1.0f, beta = 0.0f;
+  auto run_algo = [&](const cublasLtMatmulAlgo_t& algo) {
+    return cublasLtMatmul(handle, op, &alpha, a, la, b, lb, &beta, c, lc, c, lc, &algo, workspace, ws_bytes, stream);
+  };
+  std::vector<bool> ok(res.size(), true);
+  for (size_t i = 0; i < res.size(); ++i) {  // warm up; drop candidates that fail to launch
+    for (int w = 0; w < 3 && ok[i]; ++w) ok[i] = run_algo(res[i].algo) == CUBLAS_STATUS_SUCCESS;
+  }
+  LOWP_CUDA(cudaStreamSynchronize(stream));
+  constexpr int kRuns = 10;
+  std::vector<std::vector<double>> t(res.size());
+  cudaEvent_t start, stop;
+  LOWP_CUDA(cudaEventCreate(&start));
+  LOWP_CUDA(cudaEventCreate(&stop));
+  for (int round = 0; round < opt.iters; ++round) {
+    for (size_t i = 0; i < res.size(); ++i) {
+      if (!ok[i]) continue;
+      LOWP_CUDA(cudaEventRecord(start, stream));
+      for (int r = 0; r < kRuns; ++r) run_algo(res[i].algo);
+      LOWP_CUDA(cudaEventRecord(stop, stream));
+      LOWP_CUDA(cudaEventSynchronize(stop));
+      float ms = 0;
+      LOWP_CUDA(cudaEventElapsedTime(&ms, start, stop));
+      t[i].push_back(ms / kRuns);
+    }
+  }
+  LOWP_CUDA(cudaEventDestroy(start));
+  LOWP_CUDA(cudaEventDestroy(stop));
+  const double flops = 2.0 * g.m * g.n * g.k;
+  double first = 0.0;
+  std::printf("\n%s %ldx%ldx%ld: %d candidates\n", pr.name, static_cast<long>(g.m), static_cast<long>(g.n),
+              static_cast<long>(g.k), count);
+  std::printf("%4s %8s %8s %8s  %s\n", "rank", "ms", "TFLOP/s", "vs_first", "config");
+  for (size_t i = 0; i < res.size(); ++i) {
+    if (!ok[i]) {
+      std::printf("%4zu %8s %8s %8s  %s (launch failed)\n", i, "-", "-", "-", algo_config(res[i].algo).c_str());
+      continue;
+    }
+    std::sort(t[i].begin(), t[i].end());
+    const double ms = t[i][t[i].size() / 2];
+    if (i == 0) first = ms;
+    std::printf("%4zu %8.4f %8.0f %8.3f  %s ws %zu\n", i, ms, flops / (ms * 1e9), first / ms,
+                algo_config(res[i].algo).c_str(), res[i].workspaceSize);
+  }
+  std::fflush(stdout);
+  cublasLtMatmulPreferenceDestroy(pref);
+  cublasLtMatrixLayoutDestroy(lc);
+  cublasLtMatrixLayoutDestroy(lb);
+  cublasLtMatrixLayoutDestroy(la);
+  cublasLtMatmulDescDestroy(op);
+}
+
+int run_algos(const Options& opt) {
+  const std::vector<Shape3> shapes = {{16384, 2048, 2048, "1B attn proj 2048->2048"},
+                                      {16384, 6144, 2048, "1B fused q/k/v 2048->6144"}};
+  const LtProblem problems[] = {{"bf16", CUDA_R_16BF, CUDA_R_16BF, false},
+                                {"fp8 e4m3 x e4m3", CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, false},
+                                {"fp8 e4m3 x e4m3, fast accumulation", CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, true},
+                                {"fp8 e4m3 x e5m2 (dgrad: W x dy)", CUDA_R_8F_E4M3, CUDA_R_8F_E5M2, false}};
+  std::printf("lasp bench lowp --algos: y[M,N] = x[M,K] W[N,K]^T, bf16 out; every candidate of cuBLASLt's "
+              "heuristic (up to 64), median over %d interleaved rounds of 10 runs; rank 0 is what lasp uses\n",
+              opt.iters);
+  cublasLtHandle_t handle;
+  LOWP_LT(cublasLtCreate(&handle));
+  const size_t ws_bytes = 32u << 20;
+  void* workspace = nullptr;
+  LOWP_CUDA(cudaMalloc(&workspace, ws_bytes));
+  float* scale = nullptr;
+  LOWP_CUDA(cudaMalloc(&scale, sizeof(float)));
+  const float one = 1.0f;
+  LOWP_CUDA(cudaMemcpy(scale, &one, sizeof(float), cudaMemcpyHostToDevice));
+  uint32_t seed = 7;
+  for (const Shape3& g : shapes) {
+    Tensor x = random_bf16({g.m, g.k}, 1.0, seed++), w = random_bf16({g.n, g.k}, 0.02, seed++);
+    Tensor y = Tensor::empty({g.m, g.n}, DType::BF16, cuda());
+    // FP8 operands: real quantized codes (random bytes would include NaN codes).
+    const QuantizedFp8 x4 = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+    const QuantizedFp8 w4 = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+    const QuantizedFp8 x5 = quantize_fp8_cuda(x, Fp8Format::E5M2, Fp8Scaling::PerTensor);
+    for (const LtProblem& pr : problems) {
+      const void* a = pr.ta == CUDA_R_16BF ? w.raw() : w4.codes.raw();
+      const void* b = pr.tb == CUDA_R_16BF ? x.raw() : pr.tb == CUDA_R_8F_E4M3 ? x4.codes.raw() : x5.codes.raw();
+      survey_problem(opt, handle, workspace, ws_bytes, g, pr, a, b, y.raw(), scale);
+    }
+  }
+  LOWP_CUDA(cudaFree(scale));
+  LOWP_CUDA(cudaFree(workspace));
+  cublasLtDestroy(handle);
+  return 0;
+}
+#undef LOWP_LT
 
 int run(const Options& opt) {
   std::vector<Shape3> shapes = {{8192, 8192, 8192, "square"},
@@ -193,10 +353,12 @@ int bench_lowp_main(int argc, char** argv) {
       opt.warmup = next_int("--warmup");
     } else if (a == "--quick") {
       opt.quick = true;
+    } else if (a == "--algos") {
+      opt.algos = true;
     } else if (a == "lowp" || a == "bench") {
       continue;  // tolerate the subcommand words if the caller passes them through
     } else {
-      std::fprintf(stderr, "lasp bench lowp: unknown argument '%s' (expected --iters N, --warmup N, --quick)\n",
+      std::fprintf(stderr, "lasp bench lowp: unknown argument '%s' (expected --iters N, --warmup N, --quick, --algos)\n",
                    a.c_str());
       return 2;
     }
@@ -206,7 +368,7 @@ int bench_lowp_main(int argc, char** argv) {
     return 2;
   }
   set_log_quiet(true);
-  return run(opt);
+  return opt.algos ? run_algos(opt) : run(opt);
 }
 
 #endif
