@@ -40,7 +40,7 @@
 // Data-dependent decays: with global cumulative log decays Lambda_t,
 //   dLambda_t = q_t . dq_t - k_t . dk_t  (+ <dS_final, S_final> at t = T-1)  (the dQ and dK walks
 //   add their column tile's share with atomics), d log a_t = sum_{r >= t} dLambda_r
-//   (la_dlog_scan_kernel, in float64).
+//   (la_dlog_tile_sums_kernel and la_dlog_scan_apply_kernel, in float64).
 // Per-segment states cost B*H*nseg*D*D*4 bytes (16 MiB at B*H = 16, D = 128), independent of T;
 // storing per-chunk states instead would cost D/C = 2 times the size of q in fp32: recomputing
 // them by walking each segment is cheaper than writing and re-reading them. The forward can hand
@@ -724,31 +724,68 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) la_walk_kernel(LaParam
   }
 }
 
-// d log a_t = sum_{r >= t} dLambda_r + final_dot (the <dS_final, S_final> term sits at T-1),
-// per (b, h): one block, each thread a contiguous run of t, float64 sums.
-__global__ void la_dlog_scan_kernel(float* dlog, const float* final_dot, int T, int H) {
-  __shared__ double partial[256];
-  const int bh = blockIdx.x, b = bh / H, h = bh % H;
-  const int per = (T + blockDim.x - 1) / blockDim.x;
-  const int t_begin = threadIdx.x * per, t_end = min(T, t_begin + per);
-  auto at = [&](int t) -> float& { return dlog[(static_cast<int64_t>(b) * T + t) * H + h]; };
+// d log a_t = final_dot + sum_{r >= t} dLambda_r in place over dlog [B, T, H], in float64, in two
+// passes over tiles of kScanTile tokens (one block each, kScanPer consecutive tokens per thread):
+// the tiles' sums, then each tile's suffix scan from the sum of the tiles after it.
+constexpr int kScanThreads = 256, kScanPer = 16, kScanTile = kScanThreads * kScanPer;
+
+__global__ void la_dlog_tile_sums_kernel(const float* dlog, double* tile_sums, int T, int H, int ntiles) {
+  __shared__ double warp_sums[kScanThreads / 32];
+  const int tile = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int t0 = tile * kScanTile + threadIdx.x * kScanPer;
   double sum = 0.0;
-  for (int t = t_begin; t < t_end; ++t) sum += at(t);
-  partial[threadIdx.x] = sum;
+#pragma unroll
+  for (int i = 0; i < kScanPer; ++i)
+    if (t0 + i < T) sum += dlog[(static_cast<int64_t>(b) * T + t0 + i) * H + h];
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (lane == 0) warp_sums[warp] = sum;
   __syncthreads();
-  if (threadIdx.x == 0) {  // exclusive suffix sums over threads
-    double run = final_dot ? final_dot[bh] : 0.0;
-    for (int i = blockDim.x - 1; i >= 0; --i) {
-      const double x = partial[i];
-      partial[i] = run;
-      run += x;
-    }
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < kScanThreads / 32; ++w) total += warp_sums[w];
+    tile_sums[static_cast<int64_t>(bh) * ntiles + tile] = total;
   }
+}
+
+__global__ void la_dlog_scan_apply_kernel(float* dlog, const double* tile_sums, const float* final_dot, int T,
+                                          int H, int ntiles) {
+  __shared__ double warp_totals[kScanThreads / 32];
+  __shared__ double later_tiles;
+  const int tile = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (warp == 0) {  // final_dot plus the sums of the tiles after this one
+    double s = 0.0;
+    for (int k = tile + 1 + lane; k < ntiles; k += 32) s += tile_sums[static_cast<int64_t>(bh) * ntiles + k];
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) later_tiles = s + (final_dot ? final_dot[bh] : 0.0);
+  }
+  const int t0 = tile * kScanTile + threadIdx.x * kScanPer;
+  float x[kScanPer];
+  double sum = 0.0;
+#pragma unroll
+  for (int i = 0; i < kScanPer; ++i) {
+    x[i] = t0 + i < T ? dlog[(static_cast<int64_t>(b) * T + t0 + i) * H + h] : 0.0f;
+    sum += x[i];
+  }
+  // Inclusive suffix sums over the warp's lanes (later lanes hold later tokens); lane 0 ends with
+  // the warp's total.
+  double incl = sum;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const double y = __shfl_down_sync(0xffffffffu, incl, off);
+    if (lane + off < 32) incl += y;
+  }
+  if (lane == 0) warp_totals[warp] = incl;
   __syncthreads();
-  double run = partial[threadIdx.x];
-  for (int t = t_end - 1; t >= t_begin; --t) {
-    run += at(t);
-    at(t) = static_cast<float>(run);
+  double run = later_tiles + (incl - sum);
+  for (int w = warp + 1; w < kScanThreads / 32; ++w) run += warp_totals[w];
+#pragma unroll
+  for (int i = kScanPer - 1; i >= 0; --i) {
+    run += x[i];
+    if (t0 + i < T) dlog[(static_cast<int64_t>(b) * T + t0 + i) * H + h] = static_cast<float>(run);
   }
 }
 
@@ -804,28 +841,48 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float x, float y) {
   return u;
 }
 
-// Issues (one commit group, not waited on) acc += (Y^T diag(f)) X for one chunk: acc is
-// [64 x 128] (rows: Y's 64 columns, columns: X's 128 columns), y a single-panel [C x 64] tile,
-// x a two-panel [C x 128] tile, f[r] = row_factor(L, r, by_b).
-template <int XPANEL = sm90::kSwPanelBytes>
-__device__ __forceinline__ void state_update_issue(float (&acc)[64], uint32_t x, uint32_t y, const float* L,
-                                                   bool by_b) {
+// The A operand of one chunk's state update, A = Y^T diag(f) (see state_update_issue): the bf16
+// fragments of Y^T (ldmatrix.trans) and the cumulative log decays at this thread's rows of them.
+// Loaded apart from the products so that the walk can read it before queueing its other products
+// (a shared-memory read issued behind wgmma waits for the operand traffic of the wgmma).
+struct UpdateOperand {
   uint32_t a[kChunk / 16][4];
+  float l[kChunk / 16][4];  // L at rows 16 kk + 2 q + (0, 1, 8, 9)
+  float last;               // L[C - 1]
+};
+__device__ __forceinline__ void load_update_operand(UpdateOperand& u, uint32_t y, const float* L) {
   const int q2 = 2 * (threadIdx.x % 4);
 #pragma unroll
   for (int kk = 0; kk < kChunk / 16; ++kk) {
-    sm90::load_a_trans_sw128(a[kk], y, kk);
+    sm90::load_a_trans_sw128(u.a[kk], y, kk);
     const int r = kk * 16 + q2;
-    const float f0 = row_factor(L, r, by_b), f1 = row_factor(L, r + 1, by_b);
-    const float f8 = row_factor(L, r + 8, by_b), f9 = row_factor(L, r + 9, by_b);
-    a[kk][0] = scale_bf16x2(a[kk][0], f0, f1);
-    a[kk][1] = scale_bf16x2(a[kk][1], f0, f1);
-    a[kk][2] = scale_bf16x2(a[kk][2], f8, f9);
-    a[kk][3] = scale_bf16x2(a[kk][3], f8, f9);
+    const float2 l01 = *reinterpret_cast<const float2*>(L + r), l89 = *reinterpret_cast<const float2*>(L + r + 8);
+    u.l[kk][0] = l01.x;
+    u.l[kk][1] = l01.y;
+    u.l[kk][2] = l89.x;
+    u.l[kk][3] = l89.y;
+  }
+  u.last = L[kChunk - 1];
+}
+
+// Issues (one commit group, not waited on) acc += (Y^T diag(f)) X for one chunk: acc is
+// [64 x 128] (rows: Y's 64 columns, columns: X's 128 columns), u the loaded Y operand, x a
+// two-panel [C x 128] tile, f[r] = exp(L[r]) (by_b) or exp(L[C-1] - L[r]).
+template <int XPANEL = sm90::kSwPanelBytes>
+__device__ __forceinline__ void state_update_issue(float (&acc)[64], uint32_t x, UpdateOperand& u, bool by_b) {
+#pragma unroll
+  for (int kk = 0; kk < kChunk / 16; ++kk) {
+    float f[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f[e] = fexp(by_b ? u.l[kk][e] : u.last - u.l[kk][e]);
+    u.a[kk][0] = scale_bf16x2(u.a[kk][0], f[0], f[1]);
+    u.a[kk][1] = scale_bf16x2(u.a[kk][1], f[0], f[1]);
+    u.a[kk][2] = scale_bf16x2(u.a[kk][2], f[2], f[3]);
+    u.a[kk][3] = scale_bf16x2(u.a[kk][3], f[2], f[3]);
   }
   sm90::fence();
 #pragma unroll
-  for (int kk = 0; kk < kChunk / 16; ++kk) sm90::mma_64x128_rs_bt(acc, a[kk], sm90::desc_mnmajor(x, kk, XPANEL));
+  for (int kk = 0; kk < kChunk / 16; ++kk) sm90::mma_64x128_rs_bt(acc, u.a[kk], sm90::desc_mnmajor(x, kk, XPANEL));
   sm90::commit();
 }
 
@@ -903,7 +960,9 @@ __global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_segment_state_sm9
 #pragma unroll
     for (int v = 0; v < 64; ++v) acc[v] *= bC;
     // S^T = bC S^T + (Y^T diag(f)) X, f = e (forward) or b (reverse)
-    state_update_issue(acc, sbase + StateSmem::x + buf * 16384, sbase + StateSmem::y + buf * 8192, L, kReverse);
+    UpdateOperand u;
+    load_update_operand(u, sbase + StateSmem::y + buf * 8192, L);
+    state_update_issue(acc, sbase + StateSmem::x + buf * 16384, u, kReverse);
     if (i + S - 1 < n) issue(i + S - 1);  // while the product runs
     if constexpr (!kTma) cp_async_commit();
     sm90::wait<0>();
@@ -1003,6 +1062,9 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
   if constexpr (kTma) {
     if (more) issue_next();  // one thread, a few instructions: as early as possible
   }
+  UpdateOperand u;
+  if (more) load_update_operand(u, a3, L);
+  const float lr0 = L[r0], lr1 = L[r1];
   float acc[32], acc_o[32];
   sm90::fence();
 #pragma unroll
@@ -1022,7 +1084,7 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
   // (P o M) A3: fragment kk holds columns 16 kk .. 16 kk + 15.
   float fac[8][4];
   auto mask_factors = [&] {
-    const float lr0 = L[r0], lr1 = L[r1], lm = L[kReverse ? 16 * warp + 15 : 16 * warp];
+    const float lm = L[kReverse ? 16 * warp + 15 : 16 * warp];
     const float rf0 = fexp(kReverse ? lm - lr0 : lr0 - lm), rf1 = fexp(kReverse ? lm - lr1 : lr1 - lm);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -1061,10 +1123,10 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
   // when the two paths merge with products in flight.
   if (more) {
     // W^T = bC W^T + (A3^T diag(f)) A2 (not needed after the segment's last chunk).
-    const float bC = fexp(L[kChunk - 1]);
+    const float bC = fexp(u.last);
 #pragma unroll
     for (int v = 0; v < 64; ++v) acc_w[v] *= bC;
-    state_update_issue(acc_w, a2, a3, L, kReverse);
+    state_update_issue(acc_w, a2, u, kReverse);
     if constexpr (!kTma) issue_next();  // the next chunk's loads, while the products run
     mask_factors();
     sm90::wait<2>();  // groups [P], [O], [W^T]: P is done
@@ -1077,7 +1139,8 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
     sm90::wait<0>();
   }
   // O's row factors diag(f), f = b (forward) or e (reverse).
-  const float f0 = row_factor(L, r0, !kReverse), f1 = row_factor(L, r1, !kReverse);
+  const float lC = L[kChunk - 1];
+  const float f0 = fexp(kReverse ? lC - lr0 : lr0), f1 = fexp(kReverse ? lC - lr1 : lr1);
   sm90::fence_operands(acc_o);
   // O = diag(f) A1 W.
 #pragma unroll
@@ -1108,24 +1171,26 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
   sm90::wait<0>();
   sm90::fence_operands(acc_o);
   sm90::fence_operands(acc_w);
-  if (more) {
-    if constexpr (kTma) {
-      // next_wt holds this warp's O rows of the previous step until its store has read them.
+  if constexpr (kTma) {
+    // The bf16 copy of the new W^T, and O staged for its TMA store, then one proxy fence for
+    // both. next_wt holds this warp's O rows of the previous step until their store has read them.
+    if (more) {
       if (threadIdx.x % 32 == 0) sm90::bulk_wait_read();
       __syncwarp();
+      sm90::store_acc_bf16_sw128<16>(next_wt, acc_w);
     }
-    store_walk_state_copy(next_wt, acc_w);
+    if (role.out) sm90::store_acc_bf16_sw128<8>(wt, acc_o);  // rows 16 w .. 16 w + 15 of panel 0
+    sm90::fence_proxy();
+  } else {
+    if (more) store_walk_state_copy(next_wt, acc_w);
   }
 
   // Store O (bf16).
   if (role.out) {
     if constexpr (kTma) {
-      const uint32_t stage_rows = wt + 16 * warp * 128;  // this warp's rows 16 w .. 16 w + 15, panel 0
-      sm90::store_acc_bf16_sw128<8>(wt, acc_o);
-      sm90::fence_proxy();
       __syncwarp();
       if (threadIdx.x % 32 == 0) {
-        sm90::tma_store_3d(out_map, stage_rows, out_c0, out_row + 16 * warp, out_b);
+        sm90::tma_store_3d(out_map, wt + 16 * warp * 128, out_c0, out_row + 16 * warp, out_b);
         sm90::bulk_commit();
       }
     } else {
@@ -1561,8 +1626,14 @@ void backward_impl(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dlog, Tensor& d_i
     run_walk<D, true>(p, "la_walk_kernel (dk)", pv, pdo, pq, operand_of(dk), dstates.data<float>(),
                       true, pk, -1.0f);
   if (p.dlog) {
-    la_dlog_scan_kernel<<<bh, 256, 0, cuda_stream()>>>(p.dlog, f32_ptr(final_dot), p.T, p.H);
-    CUDA_CHECK_LAUNCH("la_dlog_scan_kernel");
+    const int ntiles = ceil_div(p.T, kScanTile);
+    Tensor tile_sums = Tensor::empty({static_cast<int64_t>(bh) * ntiles}, DType::F64, q.device());
+    la_dlog_tile_sums_kernel<<<dim3(ntiles, bh), kScanThreads, 0, cuda_stream()>>>(
+        p.dlog, tile_sums.data<double>(), p.T, p.H, ntiles);
+    CUDA_CHECK_LAUNCH("la_dlog_tile_sums_kernel");
+    la_dlog_scan_apply_kernel<<<dim3(ntiles, bh), kScanThreads, 0, cuda_stream()>>>(
+        p.dlog, tile_sums.data<double>(), f32_ptr(final_dot), p.T, p.H, ntiles);
+    CUDA_CHECK_LAUNCH("la_dlog_scan_apply_kernel");
   }
 }
 
