@@ -7,6 +7,9 @@
 //   bf16, 1450 TFLOP/s fp8, dense H200 rates), fp8 speedup over bf16, and the time of
 //   quantizing x (bf16 -> E4M3 per tensor and 1x128).
 //   --iters N (default 20), --warmup N (default 5), --quick (4096^3 and M = 4096)
+//   --algos: instead, every algorithm cuBLASLt's heuristic offers for bf16 / FP8 / FP8 fast
+//   accumulation / E4M3 x E5M2 at 16384x2048x2048 and 16384x6144x2048, timed in --iters
+//   interleaved rounds of 10 back-to-back runs, with each one's configuration.
 // Returns non-zero with a message in a CPU-only build or without a GPU.
 #pragma once
 
