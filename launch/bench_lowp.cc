@@ -23,6 +23,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include "kernels/cuda_utils.cuh"  // CUBLAS_CHECK
 #include "kernels/quantize_cuda.h"
 #endif
 
@@ -116,12 +117,6 @@ void run_fp4(const Options& opt, const std::vector<Shape3>& shapes) {
 // out) the heuristic is asked for up to 64 algorithms; each is timed in `iters` interleaved
 // rounds of 10 back-to-back runs (median over rounds of the per-run time), so clock drift hits
 // every candidate alike. Rank 0 is the one gemm / gemm_fp8 use.
-#define LOWP_LT(expr)                                                                      \
-  do {                                                                                     \
-    cublasStatus_t s_ = (expr);                                                            \
-    LASP_CHECK(s_ == CUBLAS_STATUS_SUCCESS) << #expr << ": " << cublasGetStatusString(s_); \
-  } while (0)
-
 struct LtProblem {
   const char* name;
   cudaDataType_t ta, tb;  // cuBLASLt's A (our W, [N, K]) and B (our x, [M, K])
@@ -154,27 +149,27 @@ void survey_problem(const Options& opt, cublasLtHandle_t handle, void* workspace
   cudaStream_t stream = static_cast<cudaStream_t>(current_stream().handle);
   const bool fp8 = pr.ta != CUDA_R_16BF;
   cublasLtMatmulDesc_t op;
-  LOWP_LT(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
-  LOWP_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
-  LOWP_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
   if (fp8) {
     const int8_t fast = pr.fast ? 1 : 0;
-    LOWP_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast)));
-    LOWP_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale, sizeof(scale)));
-    LOWP_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale, sizeof(scale)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale, sizeof(scale)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale, sizeof(scale)));
   }
   cublasLtMatrixLayout_t la, lb, lc;
-  LOWP_LT(cublasLtMatrixLayoutCreate(&la, pr.ta, g.k, g.n, g.k));
-  LOWP_LT(cublasLtMatrixLayoutCreate(&lb, pr.tb, g.k, g.m, g.k));
-  LOWP_LT(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, g.n, g.m, g.n));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, pr.ta, g.k, g.n, g.k));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb, pr.tb, g.k, g.m, g.k));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, g.n, g.m, g.n));
   cublasLtMatmulPreference_t pref;
-  LOWP_LT(cublasLtMatmulPreferenceCreate(&pref));
-  LOWP_LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+  CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
                                                sizeof(ws_bytes)));
   std::vector<cublasLtMatmulHeuristicResult_t> res(64);
   int count = 0;
-  LOWP_LT(cublasLtMatmulAlgoGetHeuristic(handle, op, la, lb, lc, lc, pref, static_cast<int>(res.size()), res.data(),
+  CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, op, la, lb, lc, lc, pref, static_cast<int>(res.size()), res.data(),
                                          &count));
   res.resize(static_cast<size_t>(count));
   const float alpha = 1.0f, beta = 0.0f;
@@ -240,7 +235,7 @@ int run_algos(const Options& opt) {
               "heuristic (up to 64), median over %d interleaved rounds of 10 runs; rank 0 is what lasp uses\n",
               opt.iters);
   cublasLtHandle_t handle;
-  LOWP_LT(cublasLtCreate(&handle));
+  CUBLAS_CHECK(cublasLtCreate(&handle));
   const size_t ws_bytes = 32u << 20;
   void* workspace = nullptr;
   LOWP_CUDA(cudaMalloc(&workspace, ws_bytes));
@@ -267,7 +262,6 @@ int run_algos(const Options& opt) {
   cublasLtDestroy(handle);
   return 0;
 }
-#undef LOWP_LT
 
 int run(const Options& opt) {
   std::vector<Shape3> shapes = {{8192, 8192, 8192, "square"},
