@@ -40,7 +40,7 @@ std::vector<Field> schema(Config& c) {
       {"train", "seq_len", K::Int, &c.train.seq_len, 1, kInf, {}, "tokens per sequence (split across SP ranks)"},
       {"train", "device", K::String, &c.train.device, 0, 0, {"auto", "cpu", "cuda"}, "where to train"},
       {"train", "dtype", K::String, &c.train.dtype, 0, 0, {"auto", "fp32", "bf16"}, "compute dtype (auto: fp32 on CPU, bf16 on CUDA)"},
-      {"train", "recompute", K::String, &c.train.recompute, 0, 0, {"none", "mlp", "block"}, "activation recomputation (mlp: selective, the MLP only; block: keep block inputs only)"},
+      {"train", "recompute", K::String, &c.train.recompute, 0, 0, {"none", "swiglu", "mlp", "block"}, "activation recomputation (swiglu: the MLP's SwiGLU output; mlp: selective, the MLP only; block: keep block inputs only)"},
       {"model", "vocab_size", K::Int, &c.model.vocab_size, 2, kInf, {}, "vocabulary size"},
       {"model", "hidden", K::Int, &c.model.hidden, 1, kInf, {}, "model width"},
       {"model", "layers", K::Int, &c.model.layers, 1, kInf, {}, "number of blocks"},

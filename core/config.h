@@ -24,7 +24,7 @@ struct TrainConfig {
   int64_t seq_len = 256;      // tokens per sequence (split across SP ranks)
   std::string device = "auto";  // auto | cpu | cuda
   std::string dtype = "auto";   // compute dtype: auto | fp32 (CPU) | bf16 (CUDA, fp32 master weights)
-  std::string recompute = "none";  // activation recomputation: none | mlp (selective) | block
+  std::string recompute = "none";  // activation recomputation: none | swiglu | mlp (selective) | block
 };
 
 // Precision of the matrix products per kind of layer (core/model/projection.h). Embeddings,

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <random>
 
+#include "core/model/layers.h"
 #include "core/model/model.h"
 #include "tests/test_util.h"
 
@@ -94,7 +95,7 @@ TEST(Model, InitialLossIsNearUniformAndParameterCountMatchesShapes) {
 }
 
 TEST(Model, BlockAndSelectiveRecomputationGiveIdenticalLossAndGradients) {
-  for (const char* mode : {"block", "mlp"})
+  for (const char* mode : {"block", "mlp", "swiglu"})
   for (const char* decay : {"constant", "data"}) {
     SCOPED_TRACE(std::string(mode) + " " + decay);
     const ModelConfig cfg = tiny_model(decay, "silu", false);
@@ -115,6 +116,31 @@ TEST(Model, BlockAndSelectiveRecomputationGiveIdenticalLossAndGradients) {
   ModelParallel par;
   Model m(tiny_model("none", "none", true), par, 1, DType::F32);
   EXPECT_THROW(m.set_recompute("selective"), Error);
+}
+
+// "swiglu" recomputation at the layer: an MLP whose SwiGLU output was dropped after the forward
+// recomputes it in the backward and gives the same input and weight gradients, bit for bit.
+TEST(Model, MlpBackwardRecomputesTheDroppedSwigluOutput) {
+  const ModelConfig cfg = tiny_model("constant", "none", false);
+  ModelParallel par;
+  const LayerContext ctx{&cfg, &par, 2, 9};
+  std::mt19937 rng(3);
+  const Tensor x = testing::random_tensor({18, cfg.hidden}, rng, 1.0, DType::F64);
+  const Tensor dy = testing::random_tensor({18, cfg.hidden}, rng, 1.0, DType::F64);
+  Mlp kept(cfg, par, 0, 7, DType::F64), dropped(cfg, par, 0, 7, DType::F64);
+  Tensor y1 = Tensor::empty({18, cfg.hidden}, DType::F64), y2 = Tensor::empty({18, cfg.hidden}, DType::F64);
+  kept.forward(y1, x, ctx);
+  dropped.forward(y2, x, ctx);
+  dropped.release_h();
+  Tensor dx1 = Tensor::full({18, cfg.hidden}, std::nan(""), DType::F64);
+  Tensor dx2 = Tensor::full({18, cfg.hidden}, std::nan(""), DType::F64);
+  kept.backward(dx1, dy, ctx);
+  dropped.backward(dx2, dy, ctx);
+  EXPECT_EQ(y1.to_vector(), y2.to_vector());
+  EXPECT_EQ(dx1.to_vector(), dx2.to_vector());
+  auto a = kept.params(), b = dropped.params();
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i]->grad.to_vector(), b[i]->grad.to_vector()) << a[i]->name;
+  for (double v : dx2.to_vector()) ASSERT_TRUE(std::isfinite(v));
 }
 
 // zero_grad leaves the projection weights' gradients in place, marked stale: the next backward

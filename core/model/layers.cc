@@ -451,18 +451,23 @@ void Mlp::forward(Tensor& y, const Tensor& x, const LayerContext& ctx) {
   x_ = x;
   gate_ = like(x, {N, F});
   up_ = like(x, {N, F});
-  h_ = like(x, {N, F});
   projection_forward(gate_, x, w_gate_);
   projection_forward(up_, x, w_up_);
+  compute_h();
+  row_parallel_forward(y, h_, w_down_, *par_);
+}
+
+void Mlp::compute_h() {
+  h_ = like(gate_, {gate_.dim(0), gate_.dim(1)});
   Tensor h_amax = amax_slot_for(h_, w_down_);
   swiglu_forward(h_, gate_, up_, slot_ptr(h_amax));
   note_amax(h_, h_amax);
-  row_parallel_forward(y, h_, w_down_, *par_);
 }
 
 void Mlp::backward(Tensor& dx, const Tensor& dy, const LayerContext& ctx) {
   const int64_t N = dy.dim(0), F = w_gate_.value.dim(0);
   Tensor dh = like(dy, {N, F});
+  if (!h_.defined()) compute_h();  // recompute: "swiglu" mode dropped it after the forward
   projection_backward(dh, false, w_down_, dy, h_);
   Tensor dgate = like(dy, {N, F}), dup = like(dy, {N, F});
   Tensor dgate_amax = amax_slot_for(dgate, w_gate_), dup_amax = amax_slot_for(dup, w_up_);

@@ -134,9 +134,13 @@ class Mlp {
   void forward(Tensor& y, const Tensor& x, const LayerContext& ctx);
   void backward(Tensor& dx, const Tensor& dy, const LayerContext& ctx);
   void release();
+  // Drops the SwiGLU output h after the forward; the backward recomputes it from gate and up.
+  void release_h() { h_ = Tensor(); }
   std::vector<Param*> params();
 
  private:
+  void compute_h();  // h = silu(gate) * up (and its amax for an FP8 down projection)
+
   const ModelParallel* par_;
   Param w_gate_, w_up_, w_down_;
   Tensor x_, gate_, up_, h_;

@@ -127,9 +127,12 @@ void release_block(BlockT& b) {
 }  // namespace
 
 void Model::set_recompute(const std::string& mode) {
-  LASP_CHECK(mode == "none" || mode == "mlp" || mode == "block")
-      << "recompute mode '" << mode << "': expected none | mlp | block";
-  recompute_ = mode == "block" ? Recompute::Block : mode == "mlp" ? Recompute::Mlp : Recompute::None;
+  LASP_CHECK(mode == "none" || mode == "swiglu" || mode == "mlp" || mode == "block")
+      << "recompute mode '" << mode << "': expected none | swiglu | mlp | block";
+  recompute_ = mode == "block"    ? Recompute::Block
+               : mode == "mlp"    ? Recompute::Mlp
+               : mode == "swiglu" ? Recompute::Swiglu
+                                  : Recompute::None;
 }
 
 // The block input is x + skip (skip undefined: x itself, as when recomputing from b.x). Computes
@@ -190,6 +193,7 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
     skip = b->x1;
     if (!backward || recompute_ == Recompute::Block) release_block(*b);  // keep the block input only
     if (recompute_ == Recompute::Mlp) b->mlp->release();                 // keep all but the MLP's
+    if (backward && recompute_ == Recompute::Swiglu) b->mlp->release_h();  // keep gate and up
     x = out;
   }
   Tensor h = act(), h_rstd = Tensor::empty({N, 1}, stat, device_);
@@ -247,6 +251,7 @@ double Model::run(const Tensor& inputs, const Tensor& targets, float loss_scale,
     dx = dxin;
     if (recompute_ == Recompute::Block) release_block(b);
     if (recompute_ == Recompute::Mlp) b.mlp->release();
+    if (recompute_ == Recompute::Swiglu) b.mlp->release_h();  // the recomputed h
   }
   embedding_backward(embedding_.grad, dx, tokens);
   grads_ready();  // embedding

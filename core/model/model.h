@@ -61,10 +61,12 @@ class Model {
   void set_grad_ready_hook(GradReadyHook hook) { grad_ready_ = std::move(hook); }
   std::vector<Param*> grad_ready_order();
 
-  // Activation recomputation: "none" keeps every block's activations for the backward; "mlp"
-  // (selective) drops the MLP's intermediates (3 x [tokens, mlp_hidden], most of a block's memory)
-  // and recomputes only the MLP forward; "block" keeps only each block's input and recomputes the
-  // whole block (memory per rank: one [tokens, hidden] tensor per block plus one block's activations).
+  // Activation recomputation: "none" keeps every block's activations for the backward; "swiglu"
+  // drops each MLP's SwiGLU output h ([tokens, mlp_hidden]) and recomputes it from gate and up
+  // (one elementwise kernel per block); "mlp" (selective) drops the MLP's intermediates
+  // (3 x [tokens, mlp_hidden], most of a block's memory) and recomputes the MLP forward; "block"
+  // keeps only each block's input and recomputes the whole block (memory per rank: one
+  // [tokens, hidden] tensor per block plus one block's activations).
   void set_recompute(const std::string& mode);
 
  private:
@@ -84,7 +86,7 @@ class Model {
   int64_t num_params_full_ = 0;
   Param embedding_, final_norm_, lm_head_;
   std::vector<std::unique_ptr<Block>> blocks_;
-  enum class Recompute { None, Mlp, Block } recompute_ = Recompute::None;
+  enum class Recompute { None, Swiglu, Mlp, Block } recompute_ = Recompute::None;
   GradReadyHook grad_ready_;
 };
 
