@@ -65,8 +65,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <string>
 
 #include "core/env.h"
+#include "core/profile.h"
 #include "core/tensor.h"
 #include "kernels/cuda_utils.cuh"
 #include "kernels/linear_attention.h"
@@ -1415,8 +1418,20 @@ bool encode_walk_operand(CUtensorMap* map, Operand x, const LaParams& p, int box
 }
 
 // The segment-state kernel: M_j (forward: x = k, y = v) or dM_j (reverse: x = q, y = dO).
+// With LASP_PROFILE=shapes each pass is its own profile region ("<kernel> (<pass>) T=..."), so
+// the report splits the linear-attention regions of a training step or benchmark by pass.
+void open_pass_scope(std::optional<ProfileScope>& scope, const char* what, const LaParams& p) {
+  if (!profile_shapes_enabled()) return;
+  scope.emplace("linear_attention pass");
+  scope->detail(std::string(what) + " B=" + std::to_string(p.B) + " T=" + std::to_string(p.T) +
+                    " H=" + std::to_string(p.H),
+                0.0);
+}
+
 template <int D, bool kReverse>
 void run_segment_state(LaParams p, const char* what, Operand x, Operand y, float* states) {
+  std::optional<ProfileScope> scope;
+  open_pass_scope(scope, what, p);
   p.a1 = x.p;
   p.rs1 = x.rs;
   p.a3 = y.p;
@@ -1440,6 +1455,8 @@ void run_segment_state(LaParams p, const char* what, Operand x, Operand y, float
 template <int D, bool kReverse>
 void run_walk(LaParams p, const char* what, Operand a1, Operand a2, Operand a3, Operand out,
               float* states, bool transposed, Operand dot_src, float dot_sign) {
+  std::optional<ProfileScope> scope;
+  open_pass_scope(scope, what, p);
   p.a1 = a1.p;
   p.a2 = a2.p;
   p.a3 = a3.p;

@@ -17,6 +17,7 @@
 
 #include "core/device.h"
 #include "core/log.h"
+#include "core/profile.h"
 #include "core/tensor.h"
 #include "kernels/attention.h"
 #include "kernels/attention_cudnn.h"
@@ -345,6 +346,9 @@ int bench_kernels_main(int argc, char** argv) {
         f << r.op << "," << r.shape << "," << r.ms << "," << r.floor_ms << "," << r.ms / r.floor_ms
           << "\n";
   }
+  // LASP_PROFILE=shapes: the regions of every timed run (the linear-attention passes one by one;
+  // the device is synchronised around each region, so the table's times include those syncs).
+  if (profile_enabled()) std::printf("\nprofile (LASP_PROFILE; all timed runs)\n%s", profile_report().c_str());
   return 0;
 }
 

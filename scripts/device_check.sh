@@ -16,7 +16,7 @@
 #
 # Environment: OUT (default ./device_out), BUILD (default /tmp/lasp-build-gpu), BUDGET_S (wall
 # seconds for the whole script, default 520); BENCH_ONLY=gemm|linear|attention restricts the kernel
-# benchmark, LOWP=0 skips `lasp bench lowp/ops`, SDPA=0 skips the PyTorch SDPA timing;
+# benchmark, LA_PROFILE=1 adds its linear-attention passes one by one (LASP_PROFILE=shapes), LOWP=0 skips `lasp bench lowp/ops`, SDPA=0 skips the PyTorch SDPA timing;
 # GPU_FILTER / GPU_REPEAT pass --gtest_filter / --gtest_repeat to the GPU tests (flaky-test hunts). If the project cannot be configured on the device
 # (missing yaml-cpp / OpenBLAS / protobuf / GoogleTest there), the script falls back to binaries
 # prebuilt elsewhere and carried in .prebuilt/ (lasp_gpu_tests, lasp_tests, lib/ with their
@@ -127,6 +127,12 @@ elif [ -n "$LASP_BIN" ]; then
   rc=$?
   BENCH_RESULT="rc=$rc (lasp bench kernels)"
   ((rc == 0)) || LASP_BIN=""
+  # LA_PROFILE=1: the linear-attention benchmark again with every pass a profile region (appended
+  # to bench.log; the times in its table include the synchronisations around each pass).
+  if [ -n "$LASP_BIN" ] && [ "${LA_PROFILE:-0}" = 1 ]; then
+    LASP_PROFILE=shapes timeout "$(left 120)" "$LASP_BIN" bench kernels --only linear --iters 5 --warmup 2 2>&1 |
+      sed -n '/^profile/,$p' | tee -a "$OUT/bench.log"
+  fi
 fi
 if [ -z "$LASP_BIN" ] && [ -n "$GPU_BIN" ] && [ "${BENCH:-1}" != 0 ]; then
   LASP_BENCH_ARGS="$BENCH_ARGS" timeout "$(left 240)" "$GPU_BIN" --gtest_color=no \
