@@ -1,5 +1,6 @@
 // Hopper (sm_90a) warpgroup matrix multiply primitives: wgmma.mma_async bf16 -> fp32 with
-// shared-memory operands in the 128-byte swizzled layout, and cp.async loads into that layout.
+// shared-memory operands in the 128-byte swizzled layout, cp.async and TMA loads into that layout,
+// TMA stores and stmatrix out of it.
 //
 // A warpgroup is 4 consecutive warps (128 threads, starting at a warp index divisible by 4). One
 // wgmma computes D[64 x N] (+)= A[64 x 16] B[16 x N]. Accumulator d[v], v = 4 j + i, of thread
@@ -203,53 +204,81 @@ __device__ __forceinline__ void load_tile_sw128(uint32_t tile, const __nv_bfloat
 // k % 2). Tensor copies use a CUtensorMap (a __grid_constant__ kernel parameter) with 128-byte
 // swizzle: a box of 64 bf16 columns x R rows lands as one swizzle panel, the layout wgmma reads.
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+#if LASP_SM90_WGMMA
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
 }
 // Makes initialised barriers visible to the async proxy (before a barrier and the first copy).
 __device__ __forceinline__ void mbar_fence_init() {
+#if LASP_SM90_WGMMA
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
 }
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#if LASP_SM90_WGMMA
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
   do {
+#if LASP_SM90_WGMMA
     asm volatile(
         "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
         : "r"(bar), "r"(parity)
         : "memory");
+#else
+    done = 1;  // never launched there
+#endif
   } while (!done);
 }
 // Box (c0, c1, c2) of the 3-D tensor map `map` into shared address `dst`, completing on `bar`.
 __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* map, uint32_t bar, int c0, int c1, int c2) {
+#if LASP_SM90_WGMMA
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
       "[%5];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
       : "memory");
+#endif
 }
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) from global `src` into `dst`.
 __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+#if LASP_SM90_WGMMA
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
                "l"(src), "r"(bytes), "r"(bar)
                : "memory");
+#endif
 }
 
 // Shared `src` (a box of the 3-D tensor map `map`, in its swizzled layout) to global at (c0, c1,
 // c2); rows outside the tensor are not written. Completion through bulk groups (commit, wait).
 __device__ __forceinline__ void tma_store_3d(const void* map, uint32_t src, int c0, int c1, int c2) {
+#if LASP_SM90_WGMMA
   asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];\n" ::"l"(
                    reinterpret_cast<uint64_t>(map)),
                "r"(c0), "r"(c1), "r"(c2), "r"(src)
                : "memory");
+#endif
 }
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_commit() {
+#if LASP_SM90_WGMMA
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
 // Waits until this thread's committed bulk stores have finished reading shared memory.
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read() {
+#if LASP_SM90_WGMMA
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#endif
+}
 // Waits until this thread's committed bulk stores are complete.
-__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait() {
+#if LASP_SM90_WGMMA
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+#endif
+}
 
 // Stores NJ 8-column blocks of a warpgroup's 64 x (8 NJ) fp32 accumulator (the wgmma layout) as
 // bf16 into a K-major 128-byte swizzled tile at shared address `tile` (panels kSwPanelBytes
@@ -274,10 +303,12 @@ __device__ __forceinline__ void store_acc_bf16_sw128(uint32_t tile, const float 
 #pragma unroll
   for (int j = 0; j < NJ; j += 2) {
     const uint32_t addr = base + (j / 8) * kSwPanelBytes + (static_cast<uint32_t>((j % 8) << 4) ^ y);
+#if LASP_SM90_WGMMA
     asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
                  "r"(pack(acc[4 * j], acc[4 * j + 1])), "r"(pack(acc[4 * j + 2], acc[4 * j + 3])),
                  "r"(pack(acc[4 * j + 4], acc[4 * j + 5])), "r"(pack(acc[4 * j + 6], acc[4 * j + 7]))
                  : "memory");
+#endif
   }
 }
 
