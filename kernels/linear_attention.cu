@@ -802,13 +802,18 @@ __global__ void la_dlog_scan_apply_kernel(float* dlog, const double* tile_sums, 
 //                                          B = A2 read N-major from shared memory
 // Walk step per chunk (every operand tile 128-byte swizzled; A1, A2, A3, L and the bf16 copy of
 // W^T double-buffered, so one barrier per chunk):
+//   next chunk's loads      TMA: one thread, five copies on the other stage's mbarrier
+//   A operand of the update ldmatrix.trans of A3 and the decays L it needs (before the products)
 //   P = A1 A2^T             8 x m64n64k16, A1 and A2 K-major from shared memory (one group)
 //   O = A1 W                8 x m64n64k16, B = the bf16 copy of W^T (K-major) (one group)
-//   W^T update              4 x m64n128k16, queued behind P and O; then the next chunk's loads
+//   W^T update              4 x m64n128k16, queued behind P and O
 //   mask factors            from L alone, while the products run
 //   O = diag(b) O + (P o M) A3    the factors applied once P is done, P as the register A operand,
 //                           4 x m64n64k16 with A3 read N-major
-//   new bf16 copy of W^T into the next stage; store O (and the dlog dots).
+//   new bf16 copy of W^T into the next stage and O into this stage's spent copy (stmatrix, one
+//   proxy fence); O out by TMA, one store per warp (and the dlog dots).
+// With LASP_LA_LOADS=cp.async every thread issues cp.async copies after the update instead, and O
+// is stored from registers.
 // ptxas may serialise every wgmma of a kernel (WARPGROUP.ARRIVE/DEPBAR around each HGMMA in the
 // SASS): silently for a variant with P and O merged into one m64n128 product, and with messages
 // C7514/C7517 ("warpgroup.wait is injected") when the last-chunk and other-chunk paths merge with
@@ -1041,7 +1046,8 @@ __device__ __forceinline__ void store_walk_state_copy(uint32_t wt, const float (
 // One walk step of one warpgroup over a chunk whose tiles have landed (a1, a2: [C x 128], a3:
 // single panel [C x 64] holding A3's columns z, wt: the bf16 copy of W^T, L: the chunk's
 // cumulative log decays). With `more`, updates acc_w and writes its bf16 copy to next_wt (in the
-// next stage, free since the last barrier). issue_next() is called once the products are queued.
+// next stage, free since the last barrier). issue_next() loads the next chunk (kTma: first, else
+// once the products are queued).
 // Writes out[:, z] for the chunk's rows (at `out_base`, row stride rs) and adds the dlog row dots
 // to dlog_h[(dlog_row + r) * H] (dlog_h: the head's column of dlog [B, T, H]; dlog_row = b T + t0).
 //
