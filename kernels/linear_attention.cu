@@ -1351,10 +1351,11 @@ int smem_state_bytes() {
   return kStateStages * (carved(SH::x_bytes) + carved(SH::v_bytes) + carved(SH::l_bytes));
 }
 
-template <typename Kernel>
-void launch(Kernel kernel, const char* what, const LaParams& p, int smem, int threads = kThreads) {
+// One block per (value tile, segment, b * h); `extra` follows p in the kernel's parameters.
+template <typename Kernel, typename... Extra>
+void launch(Kernel kernel, const char* what, const LaParams& p, int smem, int threads, const Extra&... extra) {
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<dim3(kSplit, p.nseg, p.B * p.H), threads, smem, cuda_stream()>>>(p);
+  kernel<<<dim3(kSplit, p.nseg, p.B * p.H), threads, smem, cuda_stream()>>>(p, extra...);
   CUDA_CHECK_LAUNCH(what);
 }
 
@@ -1448,12 +1449,9 @@ void run_segment_state(LaParams p, const char* what, Operand x, Operand y, float
     const bool tma = use_tma_loads() && encode_walk_operand(&maps.x, x, p, kChunk) &&
                      encode_walk_operand(&maps.y, y, p, kChunk);
     auto kernel = tma ? la_segment_state_sm90_kernel<kReverse, true> : la_segment_state_sm90_kernel<kReverse, false>;
-    const int smem = StateSmem::bytes + kAlignSlack;
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<dim3(kSplit, p.nseg, p.B * p.H), kWgThreads, smem, cuda_stream()>>>(p, maps);
-    CUDA_CHECK_LAUNCH(what);
+    launch(kernel, what, p, StateSmem::bytes + kAlignSlack, kWgThreads, maps);
   } else
-    launch(la_segment_state_kernel<D, kReverse>, what, p, smem_state_bytes<D>());
+    launch(la_segment_state_kernel<D, kReverse>, what, p, smem_state_bytes<D>(), kThreads);
 }
 
 // One walk: out (may be null) from operands a1, a2, a3 and the segment states (transposed or not).
@@ -1483,11 +1481,9 @@ void run_walk(LaParams p, const char* what, Operand a1, Operand a2, Operand a3, 
     const bool dot = p.dot_src != nullptr;
     auto kernel = tma ? (dot ? la_walk_sm90_kernel<kReverse, true, true> : la_walk_sm90_kernel<kReverse, true, false>)
                       : (dot ? la_walk_sm90_kernel<kReverse, false, true> : la_walk_sm90_kernel<kReverse, false, false>);
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WalkSmem::bytes));
-    kernel<<<dim3(kSplit, p.nseg, p.B * p.H), kWgThreads, WalkSmem::bytes, cuda_stream()>>>(p, maps);
-    CUDA_CHECK_LAUNCH(what);
+    launch(kernel, what, p, WalkSmem::bytes, kWgThreads, maps);
   } else {
-    launch(la_walk_kernel<D, kReverse>, what, p, smem_walk_bytes<D>());
+    launch(la_walk_kernel<D, kReverse>, what, p, smem_walk_bytes<D>(), kThreads);
   }
 }
 
