@@ -176,22 +176,21 @@ std::vector<Row> bench_linear_attention(const Options& opt, double bandwidth) {
         decay_bytes = static_cast<double>(B * T * H) * 4;
       }
       const Tensor none;
-      const double fwd = time_ms([&] { linear_attention_forward(o, fs, q, k, v, decay, none); }, opt);
-      const double fwdbwd = time_ms(
-          [&] {
-            linear_attention_forward(o, fs, q, k, v, decay, none);
-            linear_attention_backward(dq, dk, dv, dlog, dinit, q, k, v, decay, none, d_o, none);
-          },
-          opt);
-      // The same with the forward's segment states kept for the backward (LinearAttentionSaved).
+      // Forward, forward + backward, and the same with the forward's segment states kept for the
+      // backward (LinearAttentionSaved), measured in interleaved rounds (median of --iters each).
       LinearAttentionSaved saved;
-      const double fwdbwd_saved = time_ms(
-          [&] {
-            linear_attention_forward(o, fs, q, k, v, decay, none, 64, &saved);
-            linear_attention_backward(dq, dk, dv, dlog, dinit, q, k, v, decay, none, d_o, none, 64,
-                                      &saved);
-          },
-          opt);
+      const std::vector<double> ms = median_event_ms_interleaved(
+          {[&] { linear_attention_forward(o, fs, q, k, v, decay, none); },
+           [&] {
+             linear_attention_forward(o, fs, q, k, v, decay, none);
+             linear_attention_backward(dq, dk, dv, dlog, dinit, q, k, v, decay, none, d_o, none);
+           },
+           [&] {
+             linear_attention_forward(o, fs, q, k, v, decay, none, 64, &saved);
+             linear_attention_backward(dq, dk, dv, dlog, dinit, q, k, v, decay, none, d_o, none, 64, &saved);
+           }},
+          opt.iters, opt.warmup);
+      const double fwd = ms[0], fwdbwd = ms[1], fwdbwd_saved = ms[2];
       char shape[96];
       std::snprintf(shape, sizeof shape, "B=%ld T=%ld H=%ld D=%ld", static_cast<long>(B),
                     static_cast<long>(T), static_cast<long>(H), static_cast<long>(D));

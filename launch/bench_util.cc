@@ -20,26 +20,38 @@
 namespace lasp {
 
 double median_event_ms(const std::function<void()>& fn, int iters, int warmup) {
+  return median_event_ms_interleaved({fn}, iters, warmup).front();
+}
+
+std::vector<double> median_event_ms_interleaved(const std::vector<std::function<void()>>& fns, int rounds,
+                                                int warmup) {
   auto stream = static_cast<cudaStream_t>(current_stream().handle);
-  for (int i = 0; i < warmup; ++i) fn();
+  for (int i = 0; i < warmup; ++i)
+    for (const auto& fn : fns) fn();
   BENCH_UTIL_CUDA(cudaStreamSynchronize(stream));
   cudaEvent_t start, stop;
   BENCH_UTIL_CUDA(cudaEventCreate(&start));
   BENCH_UTIL_CUDA(cudaEventCreate(&stop));
-  std::vector<double> t;
-  for (int i = 0; i < iters; ++i) {
-    BENCH_UTIL_CUDA(cudaEventRecord(start, stream));
-    fn();
-    BENCH_UTIL_CUDA(cudaEventRecord(stop, stream));
-    BENCH_UTIL_CUDA(cudaEventSynchronize(stop));
-    float ms = 0;
-    BENCH_UTIL_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    t.push_back(ms);
+  std::vector<std::vector<double>> t(fns.size());
+  for (int i = 0; i < rounds; ++i) {
+    for (size_t f = 0; f < fns.size(); ++f) {
+      BENCH_UTIL_CUDA(cudaEventRecord(start, stream));
+      fns[f]();
+      BENCH_UTIL_CUDA(cudaEventRecord(stop, stream));
+      BENCH_UTIL_CUDA(cudaEventSynchronize(stop));
+      float ms = 0;
+      BENCH_UTIL_CUDA(cudaEventElapsedTime(&ms, start, stop));
+      t[f].push_back(ms);
+    }
   }
   BENCH_UTIL_CUDA(cudaEventDestroy(start));
   BENCH_UTIL_CUDA(cudaEventDestroy(stop));
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  std::vector<double> medians;
+  for (auto& v : t) {
+    std::sort(v.begin(), v.end());
+    medians.push_back(v[v.size() / 2]);
+  }
+  return medians;
 }
 
 Tensor random_bf16_cuda(const Shape& shape, double stddev, uint32_t seed) {

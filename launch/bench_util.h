@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -13,6 +14,13 @@ namespace lasp {
 // Median time in ms of fn() over `iters` runs after `warmup` runs, each bracketed by CUDA events
 // on the current stream.
 double median_event_ms(const std::function<void()>& fn, int iters, int warmup);
+
+// The same for several functions measured in turn: `warmup` rounds, then `rounds` rounds that each
+// time every function once; one median per function. Clock and power drift during the
+// measurement then weigh on every function alike, where timing them one after the other would
+// give the later ones the later (often slower) clocks.
+std::vector<double> median_event_ms_interleaved(const std::vector<std::function<void()>>& fns, int rounds,
+                                                int warmup);
 
 // A bf16 CUDA tensor of N(0, stddev) values (one random block of up to 16 M values, tiled).
 Tensor random_bf16_cuda(const Shape& shape, double stddev, uint32_t seed);
