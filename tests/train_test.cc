@@ -76,6 +76,27 @@ TEST(Train, ResumeGivesBitIdenticalLosses) {
   for (int i = 0; i < 20; ++i) EXPECT_EQ(a.losses[20 + i], b.losses[i]) << "step " << 21 + i;
 }
 
+// train.recompute: swiglu recomputes each MLP's SwiGLU output in the backward: with FP8 projections
+// (delayed scaling: amax histories carried across steps) the losses equal those of a run that
+// keeps it, step for step.
+TEST(Train, SwigluRecomputationWithFp8GivesBitIdenticalLosses) {
+  set_log_quiet(true);
+  auto fp8 = [](Config c, const char* recompute) {
+    c.model.precision.attention = "fp8";
+    c.model.precision.mlp = "fp8";
+    c.model.precision.fp8_scaling = "delayed";
+    c.train.recompute = recompute;
+    c.train.steps = 6;
+    c.checkpoint.every = 0;
+    return c;
+  };
+  const TrainResult a = train(fp8(small_config(fresh_dir("recompute_none_fp8")), "none"), "small.yaml");
+  const TrainResult b = train(fp8(small_config(fresh_dir("recompute_swiglu_fp8")), "swiglu"), "small.yaml");
+  ASSERT_EQ(a.losses.size(), 6u);
+  ASSERT_EQ(b.losses.size(), 6u);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(a.losses[i], b.losses[i]) << "step " << i + 1;
+}
+
 // FP8 with delayed scaling keeps amax histories across steps; a resumed run must restore them
 // (checkpoint tensors fp8_amax_history.*) to continue bit for bit.
 TEST(Train, ResumeWithFp8DelayedScalingGivesBitIdenticalLosses) {
