@@ -842,12 +842,6 @@ constexpr int kAlignSlack = 1024;  // dynamic shared memory is aligned up to 102
 __device__ __forceinline__ unsigned char* align1024(unsigned char* p) {
   return p + ((1024 - (sm90::smem_u32(p) & 1023)) & 1023);
 }
-__device__ __forceinline__ uint32_t pack_bf16x2(float x, float y) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-  uint32_t u;
-  memcpy(&u, &h, 4);
-  return u;
-}
 
 // The A operand of one chunk's state update, A = Y^T diag(f) (see state_update_issue): the bf16
 // fragments of Y^T (ldmatrix.trans) and the cumulative log decays at this thread's rows of them.
@@ -1124,8 +1118,8 @@ __device__ __forceinline__ void walk_chunk_sm90(float (&acc_w)[64], uint32_t a1,
     sm90::fence_operands(acc);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      pa[j / 2][(j % 2) * 2] = pack_bf16x2(acc[4 * j] * fac[j][0], acc[4 * j + 1] * fac[j][1]);
-      pa[j / 2][(j % 2) * 2 + 1] = pack_bf16x2(acc[4 * j + 2] * fac[j][2], acc[4 * j + 3] * fac[j][3]);
+      pa[j / 2][(j % 2) * 2] = sm90::pack_bf16x2(acc[4 * j] * fac[j][0], acc[4 * j + 1] * fac[j][1]);
+      pa[j / 2][(j % 2) * 2 + 1] = sm90::pack_bf16x2(acc[4 * j + 2] * fac[j][2], acc[4 * j + 3] * fac[j][3]);
     }
   };
   // Every wait sits in the branch that issued the groups: ptxas serialises all wgmma of the kernel

@@ -280,6 +280,14 @@ __device__ __forceinline__ void bulk_wait() {
 #endif
 }
 
+// (x, y) rounded to a bf16 pair, x in the low half.
+__device__ __forceinline__ uint32_t pack_bf16x2(float x, float y) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  uint32_t u;
+  memcpy(&u, &h, 4);
+  return u;
+}
+
 // Stores NJ 8-column blocks of a warpgroup's 64 x (8 NJ) fp32 accumulator (the wgmma layout) as
 // bf16 into a K-major 128-byte swizzled tile at shared address `tile` (panels kSwPanelBytes
 // apart), with stmatrix: the accumulator layout is exactly stmatrix's fragment layout. Matrix
@@ -294,19 +302,13 @@ __device__ __forceinline__ void store_acc_bf16_sw128(uint32_t tile, const float 
   const int l = threadIdx.x % 32, w = (threadIdx.x / 32) % 4;
   const int row = 16 * w + 8 * ((l / 8) % 2) + l % 8;
   const uint32_t base = tile + row * 128, y = static_cast<uint32_t>(((l / 16) ^ (l % 8)) << 4);
-  auto pack = [](float x, float y) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-    uint32_t u;
-    memcpy(&u, &h, 4);
-    return u;
-  };
 #pragma unroll
   for (int j = 0; j < NJ; j += 2) {
     const uint32_t addr = base + (j / 8) * kSwPanelBytes + (static_cast<uint32_t>((j % 8) << 4) ^ y);
 #if LASP_SM90_WGMMA
     asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
-                 "r"(pack(acc[4 * j], acc[4 * j + 1])), "r"(pack(acc[4 * j + 2], acc[4 * j + 3])),
-                 "r"(pack(acc[4 * j + 4], acc[4 * j + 5])), "r"(pack(acc[4 * j + 6], acc[4 * j + 7]))
+                 "r"(pack_bf16x2(acc[4 * j], acc[4 * j + 1])), "r"(pack_bf16x2(acc[4 * j + 2], acc[4 * j + 3])),
+                 "r"(pack_bf16x2(acc[4 * j + 4], acc[4 * j + 5])), "r"(pack_bf16x2(acc[4 * j + 6], acc[4 * j + 7]))
                  : "memory");
 #endif
   }
