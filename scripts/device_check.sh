@@ -8,8 +8,9 @@
 #
 # Also trains TRAIN_CONFIGS (default configs/linear_llama3_1b.yaml) for TRAIN_STEPS steps on the GPU
 # (extra --set options in TRAIN_SET), checks that TensorBoard reads the run's event files, and with
-# 2+ GPUs runs the multi-rank tests over NCCL. TRAIN_VARIANTS="ce16k fp8 fp8fast" trains the first
-# config again with one LM-head chunk / FP8 projections and LM head / FP8 fast accumulation.
+# 2+ GPUs runs the multi-rank tests over NCCL. TRAIN_VARIANTS="ce16k fp8 fp8fast swiglu" trains the first
+# config again with one LM-head chunk / FP8 projections and LM head / FP8 fast accumulation /
+# train.recompute=swiglu.
 # TRAIN_SH=1 also runs scripts/train.sh (the README's first command) for 100 steps; PRECISION_SEEDS="1 2 3" runs scripts/compare_precision.sh with
 # those seeds on the GPU (config PRECISION_CONFIG, default tiny.yaml; extra lasp train args in
 # PRECISION_ARGS; variants in VARIANTS; cap PRECISION_CAP_S seconds).
@@ -215,7 +216,7 @@ if [ -n "$LASP_BIN" ] && ((TRAIN)); then
   done
   # Variants of the first config (TRAIN_VARIANTS, space-separated): ce16k = one LM-head chunk of
   # 16384 rows, fp8 = FP8 projections and LM head, fp8fast = the same with fast accumulation in
-  # the forward projections.
+  # the forward projections, swiglu = recompute each MLP's SwiGLU output in the backward.
   first=${TRAIN_CONFIGS%% *}
   for variant in ${TRAIN_VARIANTS:-}; do
     sets=()
@@ -224,7 +225,8 @@ if [ -n "$LASP_BIN" ] && ((TRAIN)); then
       fp8) sets=(--set precision.attention=fp8 --set precision.mlp=fp8 --set precision.lm_head=fp8) ;;
       fp8fast) sets=(--set precision.attention=fp8 --set precision.mlp=fp8 --set precision.lm_head=fp8
                      --set precision.fp8_fast_accum=true) ;;
-      *) say "unknown TRAIN_VARIANTS entry $variant (expected ce16k, fp8, fp8fast)"; continue ;;
+      swiglu) sets=(--set train.recompute=swiglu) ;;
+      *) say "unknown TRAIN_VARIANTS entry $variant (expected ce16k, fp8, fp8fast, swiglu)"; continue ;;
     esac
     log="$OUT/train_$(basename "$first" .yaml)_$variant.log"
     train_run "$log" "$(left 200)" "$ROOT/configs/$first" \
