@@ -14,6 +14,8 @@
 #   SKIP_TRAIN=1 scripts/compare_precision.sh           # only the plot and the table
 #   SEEDS="1 2 3" scripts/compare_precision.sh          # each variant per seed (runs <name>_s<seed>);
 #                                                       # the table gives the mean and spread per variant
+#   JOBS=8 ...                                          # 8 runs at a time (a GPU; on CPU each run
+#                                                       # takes a core)
 #   LASP_BIN=build/lasp ...                             # an existing binary (no build; e.g. a CUDA one,
 #                                                       # then train.device=auto trains on the GPU)
 # On CPU the FP4 runs cost ~3 s a step (emulated quantizers), the bf16 run ~0.15 s: the measured
@@ -53,29 +55,72 @@ variant_args() {
   esac
 }
 
-files=()
-for v in $variants; do
-  args=$(variant_args "$v")
-  for seed in ${seeds:-none}; do
-    name=$v seed_args=""
-    if [ "$seed" != none ]; then name=${v}_s$seed seed_args="--set train.seed=$seed"; fi
-    if [ -z "${SKIP_TRAIN:-}" ]; then
-      rm -rf "${out:?}/$name"
-      mkdir -p "$out"
-      echo "=== $name: lasp train $config $args $seed_args $*"
-      start=$(date +%s)
-      # shellcheck disable=SC2086  # $args is a list of words
-      "$lasp_bin" train "$config" --set run.dir="$out/$name" --set checkpoint.every=-1 $args $seed_args "$@" \
-        >"$out/$name.log" 2>&1 || { tail -20 "$out/$name.log"; echo "=== $name failed (log: $out/$name.log)" >&2; exit 1; }
-      echo "    $(( $(date +%s) - start )) s, $(grep -o 'final validation loss.*' "$out/$name.log" | tail -1)"
-    fi
-    # Only finished runs (a run cut short has no final validation loss in its log).
-    if grep -q 'final validation loss' "$out/$name.log" 2>/dev/null; then
-      files+=("$out/$name/metrics.jsonl")
-    else
-      echo "    $name: not finished, left out of the plot and the table"
-    fi
+# The runs, seed-major (with JOBS > 1 a seed's variants finish together, so a run cut short by a
+# time cap leaves whole seeds behind it).
+runs=()
+for seed in ${seeds:-none}; do
+  for v in $variants; do
+    variant_args "$v" >/dev/null || exit 2
+    runs+=("$v:$seed")
   done
+done
+run_name() {  # variant:seed -> run name
+  local v=${1%%:*} seed=${1#*:}
+  if [ "$seed" = none ]; then echo "$v"; else echo "${v}_s$seed"; fi
+}
+# One run, its log in $out/<name>.log; prints one line when done.
+train_one() {
+  local v=${1%%:*} seed=${1#*:} name args seed_args="" start
+  shift
+  name=$(run_name "$v:$seed")
+  args=$(variant_args "$v")
+  [ "$seed" != none ] && seed_args="--set train.seed=$seed"
+  rm -rf "${out:?}/$name"
+  start=$(date +%s)
+  # shellcheck disable=SC2086  # $args is a list of words
+  if "$lasp_bin" train "$config" --set run.dir="$out/$name" --set checkpoint.every=-1 $args $seed_args "$@" \
+      >"$out/$name.log" 2>&1; then
+    echo "=== $name: $(( $(date +%s) - start )) s, $(grep -o 'final validation loss.*' "$out/$name.log" | tail -1)"
+  else
+    tail -20 "$out/$name.log"
+    echo "=== $name failed (log: $out/$name.log)" >&2
+    return 1
+  fi
+}
+
+# JOBS runs at a time (default 1). On a GPU the small models here leave it mostly idle (each step
+# is a few hundred short kernels), so several processes share it well.
+jobs_max=${JOBS:-1}
+if [ -z "${SKIP_TRAIN:-}" ]; then
+  mkdir -p "$out"
+  echo "=== ${#runs[@]} runs, $jobs_max at a time: lasp train $config <variant args> $*"
+  # A time cap (timeout's TERM) or Ctrl-C stops the runs in flight too.
+  trap 'kill $(jobs -p) 2>/dev/null; exit 143' TERM INT
+  failed=0 running=0
+  for r in "${runs[@]}"; do
+    if ((running >= jobs_max)); then
+      wait -n || failed=1
+      running=$((running - 1))
+    fi
+    train_one "$r" "$@" &
+    running=$((running + 1))
+  done
+  while ((running > 0)); do
+    wait -n || failed=1
+    running=$((running - 1))
+  done
+  ((failed == 0)) || { echo "compare_precision.sh: a run failed" >&2; exit 1; }
+fi
+
+files=()
+for r in "${runs[@]}"; do
+  name=$(run_name "$r")
+  # Only finished runs (a run cut short has no final validation loss in its log).
+  if grep -q 'final validation loss' "$out/$name.log" 2>/dev/null; then
+    files+=("$out/$name/metrics.jsonl")
+  else
+    echo "    $name: not finished, left out of the plot and the table"
+  fi
 done
 
 # The plot needs matplotlib; without it the table below is still printed.
