@@ -14,8 +14,8 @@
 #   SKIP_TRAIN=1 scripts/compare_precision.sh           # only the plot and the table
 #   SEEDS="1 2 3" scripts/compare_precision.sh          # each variant per seed (runs <name>_s<seed>);
 #                                                       # the table gives the mean and spread per variant
-#   JOBS=8 ...                                          # 8 runs at a time (a GPU; on CPU each run
-#                                                       # takes a core)
+#   JOBS=2 ...                                          # 2 runs at a time (CPU: one core each;
+#                                                       # not on a single GPU, see below)
 #   LASP_BIN=build/lasp ...                             # an existing binary (no build; e.g. a CUDA one,
 #                                                       # then train.device=auto trains on the GPU)
 # On CPU the FP4 runs cost ~3 s a step (emulated quantizers), the bf16 run ~0.15 s: the measured
@@ -88,8 +88,9 @@ train_one() {
   fi
 }
 
-# JOBS runs at a time (default 1). On a GPU the small models here leave it mostly idle (each step
-# is a few hundred short kernels), so several processes share it well.
+# JOBS runs at a time (default 1): for CPUs with cores to spare (each run takes one). Not on one
+# GPU: without MPS its processes take turns, and 10 at a time on an H200 ran the FP4 runs ~15x
+# slower each than one alone (docs/low_precision.md).
 jobs_max=${JOBS:-1}
 if [ -z "${SKIP_TRAIN:-}" ]; then
   mkdir -p "$out"
