@@ -8,7 +8,8 @@
 // (CUBLAS_COMPUTE_32F: plain fp32 for fp32 operands, no TF32).
 // One cuBLASLt handle and one 32 MiB workspace per device (kernels/cublaslt_util.cuh, defined
 // here), created on first use; the chosen algorithm is cached per (shape, transposes, dtypes,
-// alignment, beta != 0).
+// alignment, beta != 0, where alpha and beta live). gemm_cuda_device_alpha reads alpha and beta
+// from device memory (cuBLASLt's device pointer mode), for scales that never leave the GPU.
 #include <cuda_bf16.h>
 
 #include <map>
@@ -21,7 +22,7 @@
 namespace lasp {
 namespace {
 
-using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, int, int, int, int, int, int>;
+using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, int, int, int, int, int, int, int>;
 
 constexpr int kMaxDevices = 64;
 std::mutex g_mu;
@@ -66,8 +67,12 @@ LtContext& lt_context(LtUser user, int dev) {
   return c;
 }
 
-void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
-               float beta) {
+namespace {
+
+// C = alpha op(A) op(B) + beta C with alpha, beta host values or (device_scalars) one device
+// buffer {alpha, beta}. beta_nonzero: whether C is read (host: beta != 0).
+void gemm_lt(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
+             float beta, const float* device_scalars, bool beta_nonzero) {
   const DType ab = a.dtype();
   LASP_CHECK(b.dtype() == ab) << "gemm_cuda: A and B must share a dtype, got " << a.str() << " and "
                               << b.str();
@@ -81,6 +86,7 @@ void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool t
   if (m == 0 || n == 0) return;
   cudaStream_t stream = cuda_stream();
   if (k == 0) {  // C = beta C: cuBLASLt does not take k = 0
+    LASP_CHECK(device_scalars == nullptr) << "gemm_cuda_device_alpha: k = 0 is not supported";
     const int64_t cn = c.numel();
     const int threads = 256;
     const int blocks = ceil_div(cn, threads);
@@ -107,13 +113,17 @@ void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool t
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_x, sizeof(op_x)));
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_y, sizeof(op_y)));
+  if (device_scalars) {
+    const cublasLtPointerMode_t mode = CUBLASLT_POINTER_MODE_DEVICE;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof(mode)));
+  }
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, t_ab, b.dim(1), b.dim(0), b.dim(1)));
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, t_ab, a.dim(1), a.dim(0), a.dim(1)));
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, t_c, n, m, n));
 
   const int al_x = alignment_of(b.raw()), al_y = alignment_of(a.raw()), al_c = alignment_of(c.raw());
   const AlgoKey key{dev, m, n, k, trans_a, trans_b, static_cast<int>(ab),
-                    static_cast<int>(c.dtype()), al_x, al_y, al_c, beta != 0.0f};
+                    static_cast<int>(c.dtype()), al_x, al_y, al_c, beta_nonzero, device_scalars != nullptr};
   auto it = g_algos.find(key);
   if (it == g_algos.end()) {
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
@@ -138,9 +148,26 @@ void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool t
                           << " -> " << c.str();
     it = g_algos.emplace(key, result.algo).first;
   }
-  CUBLAS_CHECK(cublasLtMatmul(ctx.handle, d.op, &alpha, b.raw(), d.a, a.raw(), d.b, &beta, c.raw(),
-                              d.c, c.raw(), d.c, &it->second, ctx.workspace, kLtWorkspaceBytes,
-                              stream));
+  const void* pa = device_scalars ? static_cast<const void*>(device_scalars) : &alpha;
+  const void* pb = device_scalars ? static_cast<const void*>(device_scalars + 1) : &beta;
+  CUBLAS_CHECK(cublasLtMatmul(ctx.handle, d.op, pa, b.raw(), d.a, a.raw(), d.b, pb, c.raw(), d.c, c.raw(),
+                              d.c, &it->second, ctx.workspace, kLtWorkspaceBytes, stream));
+}
+
+}  // namespace
+
+void gemm_cuda(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
+               float beta) {
+  gemm_lt(c, a, trans_a, b, trans_b, alpha, beta, nullptr, beta != 0.0f);
+}
+
+void gemm_cuda_device_alpha(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+                            const Tensor& alpha_beta, bool beta_nonzero) {
+  LASP_CHECK(alpha_beta.is_cuda() && alpha_beta.dtype() == DType::F32 && alpha_beta.numel() == 2 &&
+             alpha_beta.is_contiguous() && alpha_beta.device() == c.device())
+      << "gemm_cuda_device_alpha: alpha_beta must be an fp32 [2] tensor on " << c.str() << "'s device, got "
+      << alpha_beta.str();
+  gemm_lt(c, a, trans_a, b, trans_b, 0.0f, 0.0f, alpha_beta.data<float>(), beta_nonzero);
 }
 
 }  // namespace lasp

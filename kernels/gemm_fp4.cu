@@ -66,6 +66,13 @@ int compute_capability_major(int dev) {
   return major;
 }
 
+// {alpha, beta} = {ts_A ts_B, 0} for the emulated GEMM, each tensor scale from device memory
+// (ta, tb) or the host value (sa, sb).
+__global__ void fp4_alpha_kernel(const float* ta, float sa, const float* tb, float sb, float* alpha_beta) {
+  alpha_beta[0] = (ta ? *ta : sa) * (tb ? *tb : sb);
+  alpha_beta[1] = 0.0f;
+}
+
 // (device, M padded, N padded, K padded, format, C dtype)
 using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int>;
 std::mutex g_mu;
@@ -79,7 +86,9 @@ bool gemm_fp4_native(Tensor& c, const QuantizedFp4& a, const QuantizedFp4& b, st
   const int64_t mp = round_up(m, kFp4NativeRowAlign), np = round_up(n, kFp4NativeRowAlign);
   const int64_t kp = round_up(k, kFp4NativeKAlign);
   const Fp4NativeOperand na = fp4_native_operand(a, mp, kp), nb = fp4_native_operand(b, np, kp);
-  const float alpha = a.tensor_scale * b.tensor_scale, beta = 0.0f;
+  // The tensor scales on the host (a synchronisation when the CUDA quantizer left them on the
+  // GPU; this path is compile-ready for sm_100 and has not run yet).
+  const float alpha = fp4_tensor_scale(a) * fp4_tensor_scale(b), beta = 0.0f;
   const int32_t mode = a.format == Fp4Format::MXFP4 ? CUBLASLT_MATMUL_MATRIX_SCALE_VEC32_UE8M0
                                                     : CUBLASLT_MATMUL_MATRIX_SCALE_VEC16_UE4M3;
   const void* scale_lt_a = nb.scales.raw();  // cuBLASLt's A is our B
@@ -164,7 +173,7 @@ Fp4NativeOperand fp4_native_operand_cuda(const QuantizedFp4& q, int64_t rows_pad
   n.rows_padded = rows_padded;
   n.k_padded = k_padded;
   n.format = q.format;
-  n.tensor_scale = q.tensor_scale;
+  n.tensor_scale = fp4_tensor_scale(q);
   const Device dev = q.codes.device();
   const int64_t group = q.group(), groups = (n.cols + group - 1) / group,
                 groups_padded = k_padded / group;
@@ -254,12 +263,24 @@ void gemm_fp4_emulated_cuda(Tensor& c, const QuantizedFp4& a, const QuantizedFp4
                 << ")";
   });
   // E2M1 x E8M0 and E2M1 x E4M3 have at most 6 significant bits: exact in bf16. The tensor
-  // scales go to the epilogue (alpha), as in gemm_fp4_emulated.
+  // scales go to the epilogue (alpha), as in gemm_fp4_emulated; read from device memory when the
+  // quantizer left them there, so nothing here waits for the GPU.
   Tensor ad = Tensor::empty(a.codes.shape(), DType::BF16, c.device());
   Tensor bd = Tensor::empty(b.codes.shape(), DType::BF16, c.device());
   dequantize_fp4_cuda(ad, a, false);
   dequantize_fp4_cuda(bd, b, false);
-  gemm(c, ad.view({m, k}), false, bd.view({n, k}), true, a.tensor_scale * b.tensor_scale);
+  if (!a.tensor_scale_device.defined() && !b.tensor_scale_device.defined()) {
+    gemm(c, ad.view({m, k}), false, bd.view({n, k}), true, a.tensor_scale * b.tensor_scale);
+    return;
+  }
+  Tensor alpha_beta = Tensor::empty({2}, DType::F32, c.device());
+  auto dev_ptr = [](const QuantizedFp4& q) {
+    return q.tensor_scale_device.defined() ? q.tensor_scale_device.data<float>() : nullptr;
+  };
+  fp4_alpha_kernel<<<1, 1, 0, cuda_stream()>>>(dev_ptr(a), a.tensor_scale, dev_ptr(b), b.tensor_scale,
+                                               alpha_beta.data<float>());
+  CUDA_CHECK_LAUNCH("gemm_fp4_emulated_cuda (alpha)");
+  gemm_cuda_device_alpha(c, ad.view({m, k}), false, bd.view({n, k}), true, alpha_beta);
 }
 
 }  // namespace lasp

@@ -212,6 +212,11 @@ void gemm_fp8_emulated(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b) 
 
 int64_t fp4_group_size(Fp4Format f) { return f == Fp4Format::MXFP4 ? 32 : 16; }
 
+float fp4_tensor_scale(const QuantizedFp4& q) {
+  if (!q.tensor_scale_device.defined()) return q.tensor_scale;
+  return static_cast<float>(q.tensor_scale_device.to(cpu()).item(0));
+}
+
 int64_t QuantizedFp4::rows() const { return codes.dim(-1) == 0 ? 0 : codes.numel() / codes.dim(-1); }
 int64_t QuantizedFp4::cols() const { return codes.dim(-1); }
 

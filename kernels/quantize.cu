@@ -143,10 +143,11 @@ __global__ void fp8_dequant_kernel(const uint8_t* codes, int64_t n, int64_t cols
 
 template <typename T>
 __global__ void fp4_quantize_kernel(const T* x, int64_t rows, int64_t cols, int64_t group,
-                                    int64_t ngroups, Fp4GroupRule rule, uint8_t* codes,
-                                    uint8_t* scodes, uint8_t* mask) {
+                                    int64_t ngroups, Fp4GroupRule rule, const float* ts_dev,
+                                    uint8_t* codes, uint8_t* scodes, uint8_t* mask) {
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (t >= rows * ngroups) return;
+  if (ts_dev) rule.tensor_scale = *ts_dev;
   const int64_t r = t / ngroups, g = t % ngroups;
   const T* xr = x + r * cols;
   const auto load = [xr](int64_t c) { return to_float(xr[c]); };
@@ -159,11 +160,12 @@ __global__ void fp4_quantize_kernel(const T* x, int64_t rows, int64_t cols, int6
 // fp4_quantize_kernel wrote the no-clip scales and round-to-nearest codes.
 template <typename T>
 __global__ void fp4_eden_kernel(const T* x, int64_t rows, int64_t cols, int64_t group, int64_t ngroups,
-                                int64_t per_block, bool mx, float ts, uint64_t seed, uint64_t stream,
-                                const uint8_t* codes, uint8_t* scodes) {
+                                int64_t per_block, bool mx, float ts, const float* ts_dev, uint64_t seed,
+                                uint64_t stream, const uint8_t* codes, uint8_t* scodes) {
   const int64_t nblocks = (ngroups + per_block - 1) / per_block;
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (t >= rows * nblocks) return;
+  if (ts_dev) ts = *ts_dev;
   const int64_t r = t / nblocks, g0 = (t % nblocks) * per_block;
   const T* xr = x + r * cols;
   const auto load = [xr](int64_t c) { return to_float(xr[c]); };
@@ -171,10 +173,23 @@ __global__ void fp4_eden_kernel(const T* x, int64_t rows, int64_t cols, int64_t 
                      ngroups, mx, ts, seed, stream);
 }
 
+// The FP4 tensor scale from the amax (float bits, as amax_into_cuda leaves them), one thread:
+// NVFP4 amax / denom (1 for amax 0), MXFP4 1; NaN for a non-finite amax (a NaN or an infinity
+// in x), so that everything computed from the quantized tensor turns non-finite.
+__global__ void fp4_tensor_scale_kernel(const uint32_t* amax_bits, bool mx, float denom, float* ts) {
+  const float a = __uint_as_float(*amax_bits);
+  if (!isfinite(a)) {
+    *ts = __int_as_float(0x7fc00000);
+  } else {
+    *ts = mx ? 1.0f : (a > 0.0f ? a / denom : 1.0f);
+  }
+}
+
 template <typename TO>
 __global__ void fp4_dequant_kernel(const uint8_t* codes, int64_t n, int64_t cols, int64_t group,
                                    int64_t ngroups, const uint8_t* scodes, bool mx, float ts,
-                                   TO* out) {
+                                   const float* ts_dev, TO* out) {
+  if (ts_dev) ts = *ts_dev;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
     const int64_t r = i / cols, c = i % cols;
@@ -647,42 +662,46 @@ QuantizedFp4 quantize_fp4_cuda(const Tensor& x, const Fp4Options& opt) {
   const int64_t ngroups = (d.cols + group - 1) / group;
   const Device dev = x.device();
 
-  // The amax: finiteness check (as the CPU does) and the NVFP4 tensor scale, a host value.
-  const float amax = amax_cuda(x);
-  LASP_CHECK(std::isfinite(amax)) << "quantize_fp4_cuda: non-finite input " << x.str()
-                                  << " (max |x| = " << amax << ")";
-
   QuantizedFp4 q;
   q.format = opt.format;
   q.codes = Tensor::empty(x.shape(), DType::U8, dev);
   q.scales = Tensor::empty({d.rows, ngroups}, DType::U8, dev);
   if (quest) q.mask = Tensor::empty(x.shape(), DType::U8, dev);
-  // MS-EDEN keeps the E4M3 group scales <= 256 to leave room for its correction (as the CPU).
-  if (!mx) q.tensor_scale = amax > 0 ? amax / ((eden ? 256.0f : kE4M3Max) * kE2M1Max) : 1.0f;
+  cudaStream_t stream = cuda_stream();
+  // The tensor scale stays on the GPU (no synchronisation): from the amax, as the CPU computes it
+  // (MS-EDEN keeps the E4M3 group scales <= 256 to leave room for its correction); NaN for a
+  // non-finite input, where the CPU function throws.
+  {
+    const Tensor amax = device_amax_bits(x);
+    q.tensor_scale_device = Tensor::empty({1}, DType::F32, dev);
+    fp4_tensor_scale_kernel<<<1, 1, 0, stream>>>(static_cast<const uint32_t*>(amax.raw()), mx,
+                                                 (eden ? 256.0f : kE4M3Max) * kE2M1Max,
+                                                 q.tensor_scale_device.data<float>());
+    CUDA_CHECK_LAUNCH("quantize_fp4_cuda (tensor scale)");
+  }
+  const float* ts_dev = mx ? nullptr : q.tensor_scale_device.data<float>();
 
   Fp4GroupRule rule;
   rule.mx = mx;
   rule.quest = quest;
   rule.stochastic = opt.rounding == Fp4Rounding::Stochastic;
   rule.no_clip_scale = eden;
-  rule.tensor_scale = q.tensor_scale;
   rule.seed = opt.seed;
   rule.stream = opt.stream;
   const int64_t threads_total = d.rows * ngroups;
   if (threads_total == 0) return q;
-  cudaStream_t stream = cuda_stream();
   uint8_t* mask = quest ? q.mask.data<uint8_t>() : nullptr;
   with_input_type(x, [&](auto* xp) {
     fp4_quantize_kernel<<<ceil_div(threads_total, 128), 128, 0, stream>>>(
-        xp, d.rows, d.cols, group, ngroups, rule, q.codes.data<uint8_t>(), q.scales.data<uint8_t>(),
-        mask);
+        xp, d.rows, d.cols, group, ngroups, rule, ts_dev, q.codes.data<uint8_t>(),
+        q.scales.data<uint8_t>(), mask);
   });
   CUDA_CHECK_LAUNCH("quantize_fp4_cuda");
   if (eden) {
     const int64_t per_block = opt.eden_block / group, nblocks = (ngroups + per_block - 1) / per_block;
     with_input_type(x, [&](auto* xp) {
       fp4_eden_kernel<<<ceil_div(d.rows * nblocks, 128), 128, 0, stream>>>(
-          xp, d.rows, d.cols, group, ngroups, per_block, mx, q.tensor_scale, opt.seed, opt.stream,
+          xp, d.rows, d.cols, group, ngroups, per_block, mx, q.tensor_scale, ts_dev, opt.seed, opt.stream,
           q.codes.data<uint8_t>(), q.scales.data<uint8_t>());
     });
     CUDA_CHECK_LAUNCH("quantize_fp4_cuda (MS-EDEN scale correction)");
@@ -707,15 +726,17 @@ void dequantize_fp4_cuda(Tensor& out, const QuantizedFp4& q, bool with_tensor_sc
   const int64_t n = q.codes.numel();
   if (n == 0) return;
   const float ts = with_tensor_scale ? q.tensor_scale : 1.0f;
+  const float* ts_dev =
+      with_tensor_scale && q.tensor_scale_device.defined() ? q.tensor_scale_device.data<float>() : nullptr;
   const bool mx = q.format == Fp4Format::MXFP4;
   cudaStream_t stream = cuda_stream();
   if (out.dtype() == DType::F32) {
     fp4_dequant_kernel<<<grid_for(n), kThreads, 0, stream>>>(q.codes.data<uint8_t>(), n, cols, group,
                                                              ngroups, q.scales.data<uint8_t>(), mx,
-                                                             ts, out.data<float>());
+                                                             ts, ts_dev, out.data<float>());
   } else {
     fp4_dequant_kernel<<<grid_for(n), kThreads, 0, stream>>>(
-        q.codes.data<uint8_t>(), n, cols, group, ngroups, q.scales.data<uint8_t>(), mx, ts,
+        q.codes.data<uint8_t>(), n, cols, group, ngroups, q.scales.data<uint8_t>(), mx, ts, ts_dev,
         static_cast<__nv_bfloat16*>(out.raw()));
   }
   CUDA_CHECK_LAUNCH("dequantize_fp4_cuda");

@@ -117,6 +117,10 @@ struct QuantizedFp4 {
   Tensor codes;   // uint8, the input's shape, one E2M1 code per byte (low nibble; unpacked on CPU)
   Tensor scales;  // uint8 [rows, ceil(cols/group)]: E8M0 (MXFP4) or E4M3 (NVFP4) codes
   float tensor_scale = 1.0f;  // fp32 factor applied to every element (the GEMM epilogue's alpha)
+  // The CUDA quantizers keep that factor on the GPU instead (fp32 [1]; tensor_scale stays 1):
+  // the NVFP4 tensor scale, and for MXFP4 1, both NaN when the input held a NaN or an infinity.
+  // The CUDA GEMMs and dequantization read it there; fp4_tensor_scale() reads it on the host.
+  Tensor tensor_scale_device;
   Tensor mask;    // uint8, codes' shape, 1 = inside the clip range (Quest only; else undefined)
   Fp4Format format = Fp4Format::MXFP4;
   int64_t rows() const;
@@ -126,6 +130,9 @@ struct QuantizedFp4 {
 };
 
 QuantizedFp4 quantize_fp4(const Tensor& x, const Fp4Options& options);
+// q's tensor scale as a host value: tensor_scale, or tensor_scale_device copied to the host
+// (one synchronisation) when the quantizer left it on the GPU.
+float fp4_tensor_scale(const QuantizedFp4& q);
 // Shorthands.
 QuantizedFp4 quantize_mxfp4(const Tensor& x, Fp4Rounding rounding = Fp4Rounding::Nearest,
                             Fp4Clip clip = Fp4Clip::AbsMax, uint64_t seed = 0, uint64_t stream = 0);

@@ -9,9 +9,12 @@
 //   - per-tensor FP8 with current scaling never synchronizes: amax, scale and codes stay on the
 //     device (scales[0] is written by the kernel). A non-finite input makes the scale NaN/inf
 //     instead of throwing, so the training loop's non-finite check sees it;
-//   - delayed FP8 scaling and every FP4 mode copy the amax to the host (one stream sync): the
-//     AmaxHistory and QuantizedFp4::tensor_scale are host values. These check finiteness and
-//     throw as the CPU functions do.
+//   - delayed FP8 scaling copies the amax to the host (one stream sync): the AmaxHistory is a
+//     host value. It checks finiteness and throws as the CPU function does;
+//   - FP4 never synchronizes either: the tensor scale stays on the GPU
+//     (QuantizedFp4::tensor_scale_device; tensor_scale stays 1; fp4_tensor_scale() reads it on the
+//     host). A NaN or an infinity in x makes it NaN instead of throwing, so every dequantized
+//     value and GEMM output of the tensor is NaN and the training loop's check stops the run.
 //   - Fp4Rounding::MsEden runs as two kernels (no-clip scales and round-to-nearest codes, then
 //     one thread per row and correction block for the scale correction); the correction's fp64
 //     sums use explicit fma on both sides (qmath::eden_correct_block), so they agree bit for bit.

@@ -299,19 +299,19 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float x, float y) {
 template <int NJ>
 __device__ __forceinline__ void store_acc_bf16_sw128(uint32_t tile, const float (&acc)[4 * NJ]) {
   static_assert(NJ % 2 == 0, "pairs of 8-column blocks");
+#if LASP_SM90_WGMMA
   const int l = threadIdx.x % 32, w = (threadIdx.x / 32) % 4;
   const int row = 16 * w + 8 * ((l / 8) % 2) + l % 8;
   const uint32_t base = tile + row * 128, y = static_cast<uint32_t>(((l / 16) ^ (l % 8)) << 4);
 #pragma unroll
   for (int j = 0; j < NJ; j += 2) {
     const uint32_t addr = base + (j / 8) * kSwPanelBytes + (static_cast<uint32_t>((j % 8) << 4) ^ y);
-#if LASP_SM90_WGMMA
     asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
                  "r"(pack_bf16x2(acc[4 * j], acc[4 * j + 1])), "r"(pack_bf16x2(acc[4 * j + 2], acc[4 * j + 3])),
                  "r"(pack_bf16x2(acc[4 * j + 4], acc[4 * j + 5])), "r"(pack_bf16x2(acc[4 * j + 6], acc[4 * j + 7]))
                  : "memory");
-#endif
   }
+#endif
 }
 
 // The register A fragment of A = X^T for K step kk, with X a [K rows x 64 columns] single-panel

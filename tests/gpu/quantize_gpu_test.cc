@@ -19,6 +19,7 @@
 #include "tests/gpu/gpu_test_util.h"
 
 #ifdef LASP_HAVE_CUDA
+#include "kernels/gemm_fp4.h"
 #include "kernels/quantize_cuda.h"
 #endif
 
@@ -402,8 +403,11 @@ TEST(QuantizeGpu, Fp4CodesScalesMasksAndTensorScaleMatchCpuInEveryMode) {
                                         << " input " << dtype_name(in) << " seed " << seed);
         const QuantizedFp4 ref = quantize_fp4(x, o);
         const QuantizedFp4 q = quantize_fp4_cuda(to_cuda(x, in), o);
-        EXPECT_EQ(qmath::float_bits(q.tensor_scale), qmath::float_bits(ref.tensor_scale))
-            << "tensor_scale gpu " << q.tensor_scale << " cpu " << ref.tensor_scale;
+        // The CUDA quantizer keeps the tensor scale on the GPU (no host synchronisation).
+        EXPECT_EQ(q.tensor_scale, 1.0f);
+        ASSERT_TRUE(q.tensor_scale_device.defined());
+        EXPECT_EQ(qmath::float_bits(fp4_tensor_scale(q)), qmath::float_bits(ref.tensor_scale))
+            << "tensor_scale gpu " << fp4_tensor_scale(q) << " cpu " << ref.tensor_scale;
         EXPECT_TRUE(bytes_equal(q.codes, ref.codes, "codes", &x));
         EXPECT_TRUE(bytes_equal(q.scales, ref.scales, "scales"));
         if (m.c == Fp4Clip::Quest) {
@@ -438,7 +442,7 @@ TEST(QuantizeGpu, Fp4StochasticRoundingDependsOnlyOnSeedStreamAndIndex) {
   EXPECT_FALSE(bytes_equal(c, a, "another seed")) << "a different seed must change some draws";
 }
 
-TEST(QuantizeGpu, UnsupportedModesAndBadInputsFailWithAClearError) {
+TEST(QuantizeGpu, UnsupportedModesFailAndNonFiniteInputsTurnNan) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
   const Tensor x = Tensor::full({4, 32}, 1.0, DType::F32, cuda());
   Fp4Options o;
@@ -449,9 +453,29 @@ TEST(QuantizeGpu, UnsupportedModesAndBadInputsFailWithAClearError) {
   o.rounding = Fp4Rounding::Stochastic;
   o.clip = Fp4Clip::Quest;
   EXPECT_THROW(quantize_fp4_cuda(x, o), Error);
-  Tensor bad = Tensor::full({4, 32}, 1.0, DType::F32);
-  bad.set_item(3, INFINITY);
-  EXPECT_THROW(quantize_fp4_cuda(bad.to(cuda()), Fp4Options{}), Error);
+  // A non-finite input does not stop the quantizer (that would need a synchronisation): its
+  // tensor scale is NaN, so every dequantized value and every GEMM output from it is NaN and the
+  // training loop's non-finite check stops the run (the CPU function throws here).
+  for (const float v : {INFINITY, -INFINITY, NAN}) {
+    for (const Fp4Format f : {Fp4Format::MXFP4, Fp4Format::NVFP4}) {
+      SCOPED_TRACE(testing::Message() << "value " << v << " format " << int(f));
+      Tensor bad = Tensor::full({4, 32}, 1.0, DType::F32);
+      bad.set_item(3, v);
+      Fp4Options fo;
+      fo.format = f;
+      const QuantizedFp4 q = quantize_fp4_cuda(bad.to(cuda()), fo);
+      EXPECT_TRUE(std::isnan(fp4_tensor_scale(q)));
+      Tensor out = Tensor::zeros({4, 32}, DType::F32, cuda());
+      dequantize_fp4_cuda(out, q, true);
+      const std::vector<double> vals = out.to(lasp::cpu()).to_vector();
+      EXPECT_TRUE(std::all_of(vals.begin(), vals.end(), [](double x) { return std::isnan(x); }));
+      const QuantizedFp4 good = quantize_fp4_cuda(Tensor::full({2, 32}, 1.0, DType::F32, cuda()), fo);
+      Tensor c = Tensor::zeros({4, 2}, DType::F32, cuda());
+      gemm_fp4(c, q, good);
+      const std::vector<double> cv = c.to(lasp::cpu()).to_vector();
+      EXPECT_TRUE(std::all_of(cv.begin(), cv.end(), [](double x) { return std::isnan(x); }));
+    }
+  }
   EXPECT_THROW(quantize_fp8_cuda(Tensor::full({4, 32}, 1.0, DType::F32), Fp8Format::E4M3,
                                  Fp8Scaling::PerTensor),
                Error)
