@@ -17,7 +17,8 @@
 #
 # Environment: OUT (default ./device_out), BUILD (default /tmp/lasp-build-gpu), BUDGET_S (wall
 # seconds for the whole script, default 520); BENCH_ONLY=gemm|linear|attention restricts the kernel
-# benchmark, LA_PROFILE=1 adds its linear-attention passes one by one (LASP_PROFILE=shapes), LOWP=0 skips `lasp bench lowp/ops`, SDPA=0 skips the PyTorch SDPA timing;
+# benchmark, LA_PROFILE=1 adds its linear-attention passes one by one (LASP_PROFILE=shapes), LA_FUSED=1 the
+# linear-attention benchmark with LASP_LA_FUSED_DVDK=1, LOWP=0 skips `lasp bench lowp/ops`, SDPA=0 skips the PyTorch SDPA timing;
 # GPU_FILTER / GPU_REPEAT pass --gtest_filter / --gtest_repeat to the GPU tests (flaky-test hunts). If the project cannot be configured on the device
 # (missing yaml-cpp / OpenBLAS / protobuf / GoogleTest there), the script falls back to binaries
 # prebuilt elsewhere and carried in .prebuilt/ (lasp_gpu_tests, lasp_tests, lib/ with their
@@ -133,6 +134,13 @@ elif [ -n "$LASP_BIN" ]; then
   if [ -n "$LASP_BIN" ] && [ "${LA_PROFILE:-0}" = 1 ]; then
     LASP_PROFILE=shapes timeout "$(left 120)" "$LASP_BIN" bench kernels --only linear --iters 5 --warmup 2 2>&1 |
       sed -n '/^profile/,$p' | tee -a "$OUT/bench.log"
+  fi
+  # LA_FUSED=1: the linear-attention benchmark again with dV and dK from one kernel
+  # (LASP_LA_FUSED_DVDK=1), appended to bench.log.
+  if [ -n "$LASP_BIN" ] && [ "${LA_FUSED:-0}" = 1 ]; then
+    echo "== LASP_LA_FUSED_DVDK=1" | tee -a "$OUT/bench.log"
+    LASP_LA_FUSED_DVDK=1 timeout "$(left 120)" "$LASP_BIN" bench kernels --only linear 2>&1 |
+      grep -E '^linear_attention' | tee -a "$OUT/bench.log"
   fi
 fi
 if [ -z "$LASP_BIN" ] && [ -n "$GPU_BIN" ] && [ "${BENCH:-1}" != 0 ]; then
