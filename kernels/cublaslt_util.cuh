@@ -23,12 +23,6 @@ struct LtContext {
   void* workspace = nullptr;  // kLtWorkspaceBytes of device memory
 };
 
-// gemm() on CUDA tensors with alpha and beta read from device memory, alpha_beta = {alpha, beta}
-// (fp32 [2] on C's device; no host synchronisation). beta_nonzero tells whether C is read
-// (it picks the algorithm, as beta != 0 does for gemm()). Defined in gemm.cu.
-void gemm_cuda_device_alpha(Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
-                            const Tensor& alpha_beta, bool beta_nonzero = false);
-
 // The context of `user` on CUDA device `dev`, created on first use (defined in gemm.cu; not
 // thread-safe by itself: call it under the caller's mutex).
 LtContext& lt_context(LtUser user, int dev);

@@ -18,6 +18,7 @@
 
 #include "core/tensor.h"
 #include "kernels/cublaslt_util.cuh"
+#include "kernels/gemm.h"
 
 namespace lasp {
 namespace {

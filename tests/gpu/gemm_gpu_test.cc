@@ -56,6 +56,38 @@ TEST(GemmGpu, Bf16OutputMatchesCpuWithinOneBf16Rounding) {
   for (const auto& c : kCases) check_gemm(c, DType::BF16, DType::BF16, 1.0f, 0.0f, 8e-3);
 }
 
+// gemm_cuda_device_alpha: alpha and beta read from device memory (cuBLASLt's device pointer
+// mode) give what gemm() gives with the same host values, the CPU's product within the dtype's
+// tolerance, with and without accumulation into C.
+TEST(GemmGpu, DeviceAlphaAndBetaMatchCpu) {
+  LASP_SKIP_WITHOUT_GPU();
+  for (const auto& gcase : kCases) {
+    for (const auto& [alpha, beta] : {std::pair<float, float>{0.37f, 0.0f}, {-1.5f, 0.75f}}) {
+      for (DType cdt : {DType::F32, DType::BF16}) {
+        const uint32_t seed = fresh_seed();
+        SCOPED_TRACE(testing::Message() << "m=" << gcase.m << " n=" << gcase.n << " k=" << gcase.k
+                                        << " alpha=" << alpha << " beta=" << beta << " out "
+                                        << dtype_name(cdt) << " seed=" << seed);
+        std::mt19937 rng(seed);
+        Tensor a = random_bf16_values(gcase.ta ? Shape{gcase.k, gcase.m} : Shape{gcase.m, gcase.k}, rng);
+        Tensor b = random_bf16_values(gcase.tb ? Shape{gcase.n, gcase.k} : Shape{gcase.k, gcase.n}, rng);
+        Tensor c0 = random_bf16_values({gcase.m, gcase.n}, rng);
+        Tensor ref = c0.clone();
+        gemm(ref, a, gcase.ta, b, gcase.tb, alpha, beta);
+        Tensor scalars = Tensor::empty({2}, DType::F32);
+        scalars.set_item(0, alpha);
+        scalars.set_item(1, beta);
+        Tensor out = beta == 0.0f ? poisoned_cuda({gcase.m, gcase.n}, cdt) : to_cuda(c0, cdt);
+        gemm_cuda_device_alpha(out, to_cuda(a, DType::BF16), gcase.ta, to_cuda(b, DType::BF16), gcase.tb,
+                               scalars.to(cuda()), beta != 0.0f);
+        const std::vector<double> v = out.to_vector();
+        EXPECT_EQ(count_non_finite(v), 0);
+        EXPECT_LT(rel_error(v, ref.to_vector()), cdt == DType::F32 ? 1e-5 : 8e-3);
+      }
+    }
+  }
+}
+
 TEST(GemmGpu, AlphaAndBetaScaleAndAccumulateIntoC) {
   LASP_SKIP_WITHOUT_GPU();
   for (const auto& c : kCases) {
