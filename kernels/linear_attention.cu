@@ -62,6 +62,7 @@
 #include <cuda.h>  // CUtensorMap (types only: the encoder comes through the runtime)
 #include <cuda_bf16.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -1601,6 +1602,7 @@ void run_walk(LaParams p, const char* what, Operand a1, Operand a2, Operand a3, 
 // the Hopper kernels and TMA are in use; 0 or unset keeps two walks (the default until the fused
 // kernel has been measured on a GPU). Read at every backward call (tests switch it).
 bool use_fused_dvdk() { return env_choice("LASP_LA_FUSED_DVDK", {"0", "1"}) == 1; }
+std::atomic<int64_t> g_fused_dvdk_count{0};
 
 // dV and dK (or only the dK walk's dlog dots when dk is undefined) in one kernel. False, with
 // nothing launched, where it does not apply (then the caller runs the two walks).
@@ -1624,6 +1626,7 @@ bool run_walk_dvdk(LaParams p, Operand k, Operand q, Operand d_o, Operand v, Ope
   fo.rs_dk = dk.p ? dk.rs : k.rs;
   auto kernel = fo.dot_src ? la_walk_dvdk_sm90_kernel<true> : la_walk_dvdk_sm90_kernel<false>;
   launch(kernel, "la_walk_dvdk_kernel", p, FusedSmem::bytes, 2 * kWgThreads, maps, fo);
+  g_fused_dvdk_count.fetch_add(1);
   return true;
 }
 
@@ -1799,6 +1802,8 @@ void backward_impl(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dlog, Tensor& d_i
 }
 
 }  // namespace
+
+int64_t linear_attention_fused_dvdk_count() { return g_fused_dvdk_count.load(); }
 
 void linear_attention_forward_cuda(Tensor& o, Tensor& final_state, const Tensor& q, const Tensor& k,
                                    const Tensor& v, const Decay& decay, const Tensor& initial_state,

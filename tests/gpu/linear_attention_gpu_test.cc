@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <string>
 
 #include "kernels/linear_attention.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -308,11 +309,19 @@ TEST(LinearAttentionGpu, HeadSlicesOfWiderTensorsMatchCpu) {
       check_head_slices(c);
 }
 
-// Sets an environment variable for one scope.
+// Sets an environment variable for one scope, then restores what it was.
 struct ScopedEnv {
   const char* name;
-  ScopedEnv(const char* n, const char* value) : name(n) { setenv(n, value, 1); }
-  ~ScopedEnv() { unsetenv(name); }
+  bool had;
+  std::string before;
+  ScopedEnv(const char* n, const char* value) : name(n), had(std::getenv(n) != nullptr) {
+    if (had) before = std::getenv(n);
+    setenv(n, value, 1);
+  }
+  ~ScopedEnv() {
+    if (had) setenv(name, before.c_str(), 1);
+    else unsetenv(name);
+  }
 };
 
 // LASP_LA_FUSED_DVDK=1: dV and dK from one kernel of two warpgroups (Hopper, D = 128) must give
@@ -323,6 +332,7 @@ struct ScopedEnv {
 TEST(LinearAttentionGpu, FusedDvDkWalkMatchesCpu) {
   LASP_SKIP_WITHOUT_GPU();
   const ScopedEnv fused("LASP_LA_FUSED_DVDK", "1");
+  const int64_t launches_before = linear_attention_fused_dvdk_count();
   for (DecayMode mode : {DecayMode::None, DecayMode::Constant, DecayMode::DataDependent}) {
     for (const LaCase& c : cases_for(mode))
       if (c.D == 128) check_backward(c);
@@ -345,6 +355,14 @@ TEST(LinearAttentionGpu, FusedDvDkWalkMatchesCpu) {
                             to_cuda(in.d_o, DType::BF16), to_cuda(in.d_final, DType::F32));
   expect_close(dv, dv_ref, kTolOut, "dv");
   expect_close(dlog, dlog_ref, kTolDlog, "d_log_decay");
+  // On Hopper (the wgmma kernels, TMA loads) the fused kernel must have run, not the two walks.
+  const char* kernel_env = std::getenv("LASP_LA_KERNEL");
+  const char* loads_env = std::getenv("LASP_LA_LOADS");
+  const bool hopper_path = cuda_compute_capability(0) == 90 && !(kernel_env && std::string(kernel_env) == "mma") &&
+                           !(loads_env && std::string(loads_env) == "cp.async");
+  if (hopper_path) {
+    EXPECT_GT(linear_attention_fused_dvdk_count(), launches_before) << "the fused kernel never ran";
+  }
 }
 
 TEST(LinearAttentionGpu, StateOnlyForwardAndPartialBackwardSkipUndefinedOutputs) {
