@@ -16,6 +16,7 @@
 
 #include <cmath>
 
+#include "core/profile.h"
 #include "core/tensor.h"
 #include "kernels/counter_rng.h"
 #include "kernels/cuda_utils.cuh"
@@ -150,6 +151,7 @@ void dispatch_out(const TI* x, Tensor& y, const uint8_t* mask, int64_t nblocks,
 
 void hadamard_cuda(Tensor& y, const Tensor& x, const HadamardSpec& spec, bool inverse,
                    const Tensor* mask, bool accumulate) {
+  LASP_PROFILE_SCOPE("hadamard");
   const char* fn = "hadamard_cuda";
   auto fp32_or_bf16 = [](const Tensor& t) {
     return t.dtype() == DType::F32 || t.dtype() == DType::BF16;

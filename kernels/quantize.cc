@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "core/profile.h"
 #include "kernels/counter_rng.h"
 #include "kernels/gemm.h"
 #include "kernels/gemm_fp4.h"
@@ -266,6 +267,7 @@ QuantizedFp4 quantize_nvfp4(const Tensor& x, Fp4Rounding rounding, uint64_t seed
 }
 
 QuantizedFp4 quantize_fp4(const Tensor& x, const Fp4Options& opt) {
+  LASP_PROFILE_SCOPE("fp4_quantize");
 #ifdef LASP_HAVE_CUDA
   if (x.is_cuda()) return quantize_fp4_cuda(x, opt);
 #endif

@@ -31,6 +31,7 @@
 #include <mutex>
 #include <type_traits>
 
+#include "core/profile.h"
 #include "core/tensor.h"
 #include "kernels/cuda_utils.cuh"
 #include "kernels/quantize_cuda.h"
@@ -710,6 +711,7 @@ QuantizedFp4 quantize_fp4_cuda(const Tensor& x, const Fp4Options& opt) {
 }
 
 void dequantize_fp4_cuda(Tensor& out, const QuantizedFp4& q, bool with_tensor_scale) {
+  LASP_PROFILE_SCOPE("fp4_dequantize");
   LASP_CHECK(q.codes.defined() && q.codes.is_cuda() && q.codes.dtype() == DType::U8 &&
              q.codes.is_contiguous())
       << "dequantize_fp4_cuda: codes must be contiguous uint8 CUDA, got " << q.codes.str();
@@ -880,6 +882,7 @@ Fp8RowsCols quantize_fp8_rows_cols_cuda(const Tensor& x, Fp8Format format, const
 }
 
 void transpose_pad_cuda(Tensor& out, const Tensor& x) {
+  LASP_PROFILE_SCOPE("transpose");
   check_cuda_input(x, "transpose_pad_cuda");
   LASP_CHECK(x.ndim() == 2) << "transpose_pad_cuda: expects a 2-D tensor, got " << x.str();
   const int64_t rows = x.dim(0), cols = x.dim(1);

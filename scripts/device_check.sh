@@ -10,7 +10,8 @@
 # (extra --set options in TRAIN_SET), checks that TensorBoard reads the run's event files, and with
 # 2+ GPUs runs the multi-rank tests over NCCL. TRAIN_VARIANTS="ce16k fp8 fp8fast swiglu" trains the first
 # config again with one LM-head chunk / FP8 projections and LM head / FP8 fast accumulation /
-# train.recompute=swiglu.
+# train.recompute=swiglu (also: fp4 = FP4 projections, fused = LASP_LA_FUSED_DVDK=1). FP4_PROFILE=1
+# times and profiles the FP4 emulation on configs/hybrid_27m.yaml (fp4_profile.log).
 # TRAIN_SH=1 also runs scripts/train.sh (the README's first command) for 100 steps; PRECISION_SEEDS="1 2 3" runs scripts/compare_precision.sh with
 # those seeds on the GPU (config PRECISION_CONFIG, default tiny.yaml; extra lasp train args in
 # PRECISION_ARGS; variants in VARIANTS; cap PRECISION_CAP_S seconds).
@@ -228,19 +229,23 @@ if [ -n "$LASP_BIN" ] && ((TRAIN)); then
   first=${TRAIN_CONFIGS%% *}
   for variant in ${TRAIN_VARIANTS:-}; do
     sets=()
+    unset LASP_LA_FUSED_DVDK
     case "$variant" in
+      fused) export LASP_LA_FUSED_DVDK=1 ;;
+      fp4) sets=(--set precision.attention=fp4 --set precision.mlp=fp4) ;;
       ce16k) sets=(--set model.ce_chunk=16384) ;;
       fp8) sets=(--set precision.attention=fp8 --set precision.mlp=fp8 --set precision.lm_head=fp8) ;;
       fp8fast) sets=(--set precision.attention=fp8 --set precision.mlp=fp8 --set precision.lm_head=fp8
                      --set precision.fp8_fast_accum=true) ;;
       swiglu) sets=(--set train.recompute=swiglu) ;;
-      *) say "unknown TRAIN_VARIANTS entry $variant (expected ce16k, fp8, fp8fast, swiglu)"; continue ;;
+      *) say "unknown TRAIN_VARIANTS entry $variant (expected ce16k, fp8, fp8fast, fp4, fused, swiglu)"; continue ;;
     esac
     log="$OUT/train_$(basename "$first" .yaml)_$variant.log"
     train_run "$log" "$(left 200)" "$ROOT/configs/$first" \
       --set train.steps="$TRAIN_STEPS" --set run.dir=/tmp/lasp-run-$variant $TRAIN_SET "${sets[@]}"
     TRAIN_RESULT="$TRAIN_RESULT | $variant rc=$? $(grep -E '^step' "$log" | tail -1)"
   done
+  unset LASP_LA_FUSED_DVDK
   TRAIN_RESULT=${TRAIN_RESULT#not run | }
   # TensorBoard reads the event files the run wrote (issue: metrics).
   tb_dir=$(ls -d /tmp/lasp-run-*/tb 2>/dev/null | head -1)
@@ -259,6 +264,61 @@ if [ "${TRAIN_SH:-0}" = 1 ]; then
   LASP_BUILD_DIR=$BUILD timeout "$(left 150)" bash "$ROOT/scripts/train.sh" --set train.steps=100 \
     --set run.dir=/tmp/lasp-trainsh >"$OUT/train_sh.log" 2>&1
   TRAINSH_RESULT="rc=$? $(grep -E '^step|final validation' "$OUT/train_sh.log" | tail -2 | tr '\n' ' ')"
+fi
+
+# ---- 5b2. where the FP4 emulation's time goes, with FP4_PROFILE=1 ----
+# On configs/hybrid_27m.yaml: tokens/s of 200 steps in bf16, NVFP4 + MS-EDEN and MXFP4 + SR; the
+# NVFP4 run's profile regions (LASP_PROFILE=1, 20 steps); and, when Nsight Compute is there, every
+# kernel's time over a few steps (ncu, one metric, clocks left alone), summed per kernel name.
+FP4P_RESULT="not run"
+if [ "${FP4_PROFILE:-0}" = 1 ] && [ -n "$LASP_BIN" ]; then
+  cfg27="$ROOT/configs/hybrid_27m.yaml"
+  nv=(--set precision.attention=fp4 --set precision.mlp=fp4 --set precision.fp4_format=nvfp4
+      --set precision.fp4_backward=ms_eden --set precision.hadamard_block=32)
+  mx=(--set precision.attention=fp4 --set precision.mlp=fp4 --set precision.fp4_format=mxfp4
+      --set precision.fp4_backward=sr --set precision.hadamard_block=32)
+  log="$OUT/fp4_profile.log"
+  : >"$log"
+  for v in bf16 nv mx; do
+    sets=()
+    [ "$v" = nv ] && sets=("${nv[@]}")
+    [ "$v" = mx ] && sets=("${mx[@]}")
+    echo "== $v: 200 steps" >>"$log"
+    timeout "$(left 60)" "$LASP_BIN" train "$cfg27" --set train.steps=200 --set eval.every=1000 \
+      --set run.dir=/tmp/lasp-fp4p-$v "${sets[@]}" 2>&1 | grep -E '^step (50|100|150|200) ' >>"$log"
+  done
+  echo "== nv: LASP_PROFILE=1, 20 steps" >>"$log"
+  LASP_PROFILE=1 timeout "$(left 60)" "$LASP_BIN" train "$cfg27" --set train.steps=20 --set eval.every=1000 \
+    --set run.dir=/tmp/lasp-fp4p-prof "${nv[@]}" 2>&1 | sed -n '/^profile/,$p' >>"$log"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  if [ -n "$NCU" ]; then
+    echo "== nv: ncu kernel times (launches 4000-5999)" >>"$log"
+    timeout "$(left 150)" "$NCU" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+      --csv --print-units base --launch-skip 4000 --launch-count 2000 "$LASP_BIN" train "$cfg27" \
+      --set train.steps=12 --set eval.every=1000 --set run.dir=/tmp/lasp-fp4p-ncu "${nv[@]}" \
+      >/tmp/lasp_ncu.csv 2>/tmp/lasp_ncu.err
+    echo "ncu rc=$?" >>"$log"
+    python3 - /tmp/lasp_ncu.csv >>"$log" 2>&1 <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(l for l in open(sys.argv[1], errors="replace") if l.startswith('"'))]
+if not rows:
+    sys.exit("no ncu rows")
+h = rows[0]
+ki, vi = h.index("Kernel Name"), h.index("Metric Value")
+tot, cnt = collections.Counter(), collections.Counter()
+for r in rows[1:]:
+    name = r[ki].split("(")[0][:90]
+    tot[name] += float(r[vi].replace(",", "")) / 1e3  # ns -> us
+    cnt[name] += 1
+all_us = sum(tot.values())
+print("kernels: %d launches, %.1f ms of kernel time" % (sum(cnt.values()), all_us / 1e3))
+for name, us in tot.most_common(30):
+    print("%9.1f us %5.1f%% %6d x %7.2f us  %s" % (us, 100 * us / all_us, cnt[name], us / cnt[name], name))
+PY
+    tail -3 /tmp/lasp_ncu.err >>"$log"
+  fi
+  FP4P_RESULT="see fp4_profile.log"
+  cat "$log"
 fi
 
 # ---- 5c. precision comparison over seeds on the GPU, with PRECISION_SEEDS="1 2 3" ----
@@ -298,6 +358,7 @@ say "cpu tests:  $CPU_RESULT"
 grep -E '^\[  FAILED  \] [A-Za-z]' "$OUT/cpu_tests.log" 2>/dev/null | sort -u | head -20 | tee -a "$SUMMARY"
 say "training:   $TRAIN_RESULT"
 say "tensorboard: ${TB_RESULT:-not run}"
+say "fp4 profile: $FP4P_RESULT"
 say "train.sh:   $TRAINSH_RESULT"
 say "precision:  $PREC_RESULT"
 [ -f "$OUT/precision.log" ] && grep -E '^\|' "$OUT/precision.log" | tee -a "$SUMMARY"
