@@ -35,12 +35,6 @@ int cuda_device_count() {
   return n;
 }
 bool cuda_available() { return cuda_device_count() > 0; }
-int cuda_compute_capability(int index) {
-  int major = 0, minor = 0;
-  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
-  CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
-  return 10 * major + minor;
-}
 void cuda_set_device(int index) { CUDA_CHECK(cudaSetDevice(index)); }
 
 namespace {
@@ -135,7 +129,6 @@ void cuda_empty_cache() {
 
 int cuda_device_count() { return 0; }
 bool cuda_available() { return false; }
-int cuda_compute_capability(int) { return 0; }
 void cuda_set_device(int) {}
 Stream current_stream() { return Stream{}; }
 void set_current_stream(Stream) {}

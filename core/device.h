@@ -24,8 +24,6 @@ inline Device cuda(int index = 0) { return Device{DeviceType::CUDA, index}; }
 // True when lasp was built with CUDA and a device is present.
 bool cuda_available();
 int cuda_device_count();
-// Compute capability of CUDA device `index` as 10 * major + minor (90 for Hopper); 0 without CUDA.
-int cuda_compute_capability(int index = 0);
 // Makes `index` the current CUDA device of this thread (no-op without CUDA).
 void cuda_set_device(int index);
 

@@ -34,8 +34,6 @@ void linear_attention_backward_cuda(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& 
                                     const Tensor& initial_state, const Tensor& d_o,
                                     const Tensor& d_final_state, int chunk,
                                     const LinearAttentionSaved* saved);
-#else
-int64_t linear_attention_fused_dvdk_count() { return 0; }
 #endif
 
 DecayMode decay_mode_from_name(const std::string& name) {

@@ -62,7 +62,6 @@
 #include <cuda.h>  // CUtensorMap (types only: the encoder comes through the runtime)
 #include <cuda_bf16.h>
 
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -1318,122 +1317,6 @@ __global__ void __launch_bounds__(kWgThreads, kBlocksPerSm) la_walk_sm90_kernel(
   }
 }
 
-// dV and dK in one block (LASP_LA_FUSED_DVDK=1; Hopper with TMA loads). The reverse walks dV
-// (A1 = K, A2 = Q, A3 = dO[:, z], state E) and dK (A1 = V, A2 = dO, A3 = Q[:, z], state E^T) read
-// the same four tiles per chunk: K, Q, dO and V. One block of two warpgroups loads each chunk's
-// tiles once (TMA, two stages, one barrier per chunk): warpgroup 0 runs the dV walk step,
-// warpgroup 1 the dK walk step (with the dlog dots when kDot), each A3 being panel z of a full
-// tile. HBM traffic of the pair: K, Q, dO, V read and dV, dK written (6 tensors), against 8 for
-// two separate walks. 192.5 KB of shared memory: one block per SM.
-struct FusedSmem {  // byte offsets from the 1024-byte aligned dynamic shared memory base
-  enum : int {
-    k = 0,           // [C x 128] each: two 8 KB panels
-    q = 16384,
-    d_o = 32768,
-    v = 49152,
-    wt0 = 65536,     // bf16 W^T of the dV walk
-    wt1 = 81920,     // bf16 W^T of the dK walk
-    stage = 98304,   // two stages
-    lc = 2 * stage,  // two [C] fp32
-    bar = lc + 512,  // two mbarriers
-    bytes = bar + 16
-  };
-};
-constexpr uint32_t kFusedStageTxBytes = 4 * 16384 + kChunk * 4;
-struct FusedMaps {
-  CUtensorMap k, q, d_o, v;  // boxes of 64 columns x C rows
-  CUtensorMap dv, dk;        // boxes of 64 columns x 16 rows
-};
-// The two walks' outputs: dv (columns z), dk (columns z, or null when only the dlog dots are
-// wanted), their row strides, and the dK walk's dot source (k) and sign.
-struct FusedOut {
-  bf16* dv;
-  bf16* dk;
-  const bf16* dot_src;
-  float dot_sign;
-  int64_t rs_dv, rs_dk;
-};
-
-template <bool kDot>
-__global__ void __launch_bounds__(2 * kWgThreads, 1) la_walk_dvdk_sm90_kernel(LaParams p,
-                                                                           const __grid_constant__ FusedMaps maps,
-                                                                           FusedOut fo) {
-#if !LASP_SM90_WGMMA
-  __trap();  // compiled for a device without wgmma; the host never launches it there
-#endif
-  constexpr int D = 128, NV = kWgNV;
-  extern __shared__ __align__(1024) unsigned char smem1024[];
-  const uint32_t sbase = sm90::smem_u32(smem1024);
-  if (sbase & 1023) __trap();  // the swizzled tiles need a 1024-byte aligned base
-  auto at = [&](int buf, int off) { return sbase + buf * FusedSmem::stage + off; };
-  auto lcs = [&](int buf) { return reinterpret_cast<float*>(smem1024 + FusedSmem::lc + buf * 256); };
-  const uint32_t bar0 = sbase + FusedSmem::bar;
-
-  const int wg = threadIdx.x / kWgThreads;
-  const int z = blockIdx.x, seg = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
-  const int col0 = z * NV;
-  const ChunkRange cr = segment_chunks(p, seg);
-  const int n = cr.end - cr.begin;
-  auto chunk_of = [&](int i) { return cr.end - 1 - i; };  // reverse walks
-  auto base_of = [&](int c, int64_t rs) {
-    return (static_cast<int64_t>(b) * p.T + c * kChunk) * rs + static_cast<int64_t>(h) * D;
-  };
-  auto issue = [&](int i) {  // K, Q, dO, V and L of walk step i into stage i % 2 (one thread)
-    if (threadIdx.x != 0) return;
-    const int c = chunk_of(i), buf = i & 1;
-    const uint32_t bar = bar0 + 8 * buf;
-    const int row = c * kChunk, hc = h * D;
-    sm90::fence_proxy();  // this stage's generic reads (two steps ago) before the async writes
-    sm90::mbar_arrive_expect_tx(bar, kFusedStageTxBytes);
-    auto both_panels = [&](int off, const CUtensorMap* map) {
-      sm90::tma_load_3d(at(buf, off), map, bar, hc, row, b);
-      sm90::tma_load_3d(at(buf, off) + sm90::kSwPanelBytes, map, bar, hc + 64, row, b);
-    };
-    both_panels(FusedSmem::k, &maps.k);
-    both_panels(FusedSmem::q, &maps.q);
-    both_panels(FusedSmem::d_o, &maps.d_o);
-    both_panels(FusedSmem::v, &maps.v);
-    sm90::bulk_load(sm90::smem_u32(lcs(buf)), p.lc + (static_cast<int64_t>(bh) * p.nchunks + c) * kChunk,
-                    kChunk * 4, bar);
-  };
-  float* dlog_h = p.dlog ? p.dlog + h : nullptr;
-  if (threadIdx.x == 0) {
-    sm90::mbar_init(bar0, 1);
-    sm90::mbar_init(bar0 + 8, 1);
-    sm90::mbar_fence_init();
-  }
-  __syncthreads();
-  if (n > 0) issue(0);
-  // One walk per warpgroup, each its own loop (one loop with both steps in it kept both sets of
-  // live values and spilled); the warpgroups meet at named barrier 1 once per chunk.
-  const uint32_t panel_z = z * sm90::kSwPanelBytes;
-  auto walk = [&](auto dot_tag, const WalkRole& role, int a1, int a2, int a3, int wt, const CUtensorMap* out_map,
-                  int64_t rs) {
-    constexpr bool kWalkDot = decltype(dot_tag)::value;
-    float acc_w[64];
-    load_walk_state(acc_w, role, p, bh, seg, col0);
-    store_walk_state_copy(sbase + wt, acc_w);
-    for (int i = 0; i < n; ++i) {
-      const int c = chunk_of(i), buf = i & 1;
-      sm90::mbar_wait(bar0 + 8 * buf, (i >> 1) & 1);
-      // Chunk i's tiles and both W^T copies are ready; both warpgroups are done with the other stage.
-      asm volatile("bar.sync 1, %0;\n" ::"n"(2 * kWgThreads) : "memory");
-      walk_chunk_sm90<true, true, kWalkDot>(
-          acc_w, at(buf, a1), at(buf, a2), at(buf, a3) + panel_z, at(buf, wt), lcs(buf), i + 1 < n, at(buf ^ 1, wt),
-          [&] { issue(i + 1); }, role, base_of(c, rs) + col0, rs, min(kChunk, p.T - c * kChunk), dlog_h,
-          static_cast<int64_t>(b) * p.T + c * kChunk, p.H, out_map, h * D + col0, c * kChunk, b);
-    }
-  };
-  if (wg == 0) {  // dV from E (columns z)
-    walk(std::false_type{}, WalkRole{p.states, false, fo.dv, nullptr, 0.0f}, FusedSmem::k, FusedSmem::q,
-         FusedSmem::d_o, FusedSmem::wt0, &maps.dv, fo.rs_dv);
-  } else {  // dK from E^T, and the dlog dots
-    walk(std::integral_constant<bool, kDot>{}, WalkRole{p.states, true, fo.dk, fo.dot_src, fo.dot_sign},
-         FusedSmem::v, FusedSmem::d_o, FusedSmem::q, FusedSmem::wt1, &maps.dk, fo.rs_dk);
-  }
-  if (threadIdx.x % 32 == 0) sm90::bulk_wait();  // this warp's output stores are complete
-}
-
 // 1 where the kernels above were compiled for sm_90a (read once per device by the host).
 __device__ int la_sm90_compiled = LASP_SM90_WGMMA;
 
@@ -1598,38 +1481,6 @@ void run_walk(LaParams p, const char* what, Operand a1, Operand a2, Operand a3, 
   }
 }
 
-// LASP_LA_FUSED_DVDK=1 runs the dV and dK walks as one kernel (la_walk_dvdk_sm90_kernel) where
-// the Hopper kernels and TMA are in use; 0 or unset keeps two walks (the default until the fused
-// kernel has been measured on a GPU). Read at every backward call (tests switch it).
-bool use_fused_dvdk() { return env_choice("LASP_LA_FUSED_DVDK", {"0", "1"}) == 1; }
-std::atomic<int64_t> g_fused_dvdk_count{0};
-
-// dV and dK (or only the dK walk's dlog dots when dk is undefined) in one kernel. False, with
-// nothing launched, where it does not apply (then the caller runs the two walks).
-bool run_walk_dvdk(LaParams p, Operand k, Operand q, Operand d_o, Operand v, Operand dv, Operand dk,
-                   float* dstates) {
-  if (!use_fused_dvdk() || !use_sm90_kernels() || !use_tma_loads() || !dv.p) return false;
-  FusedMaps maps{};
-  if (!encode_walk_operand(&maps.k, k, p, kChunk) || !encode_walk_operand(&maps.q, q, p, kChunk) ||
-      !encode_walk_operand(&maps.d_o, d_o, p, kChunk) || !encode_walk_operand(&maps.v, v, p, kChunk) ||
-      !encode_walk_operand(&maps.dv, dv, p, 16) || (dk.p && !encode_walk_operand(&maps.dk, dk, p, 16)))
-    return false;
-  std::optional<ProfileScope> scope;
-  open_pass_scope(scope, "la_walk_dvdk_kernel (dv, dk)", p);
-  p.states = dstates;
-  FusedOut fo{};
-  fo.dv = const_cast<bf16*>(dv.p);
-  fo.rs_dv = dv.rs;
-  fo.dk = const_cast<bf16*>(dk.p);
-  fo.dot_src = p.dlog ? k.p : nullptr;
-  fo.dot_sign = -1.0f;
-  fo.rs_dk = dk.p ? dk.rs : k.rs;
-  auto kernel = fo.dot_src ? la_walk_dvdk_sm90_kernel<true> : la_walk_dvdk_sm90_kernel<false>;
-  launch(kernel, "la_walk_dvdk_kernel", p, FusedSmem::bytes, 2 * kWgThreads, maps, fo);
-  g_fused_dvdk_count.fetch_add(1);
-  return true;
-}
-
 const float* f32_ptr(const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; }
 float* f32_out(const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; }
 
@@ -1781,12 +1632,10 @@ void backward_impl(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dlog, Tensor& d_i
   if (dq.defined() || p.dlog)
     run_walk<D, false>(p, "la_walk_kernel (dq)", pdo, pv, pk, operand_of(dq), states.data<float>(),
                        true, pq, 1.0f);
-  const bool fused = D == 128 && dv.defined() && (dk.defined() || p.dlog) &&
-                     run_walk_dvdk(p, pk, pq, pdo, pv, operand_of(dv), operand_of(dk), dstates.data<float>());
-  if (dv.defined() && !fused)
+  if (dv.defined())
     run_walk<D, true>(p, "la_walk_kernel (dv)", pk, pq, pdo, operand_of(dv), dstates.data<float>(),
                       false, Operand{}, 0.0f);
-  if ((dk.defined() || p.dlog) && !fused)
+  if (dk.defined() || p.dlog)
     run_walk<D, true>(p, "la_walk_kernel (dk)", pv, pdo, pq, operand_of(dk), dstates.data<float>(),
                       true, pk, -1.0f);
   if (p.dlog) {
@@ -1802,8 +1651,6 @@ void backward_impl(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dlog, Tensor& d_i
 }
 
 }  // namespace
-
-int64_t linear_attention_fused_dvdk_count() { return g_fused_dvdk_count.load(); }
 
 void linear_attention_forward_cuda(Tensor& o, Tensor& final_state, const Tensor& q, const Tensor& k,
                                    const Tensor& v, const Decay& decay, const Tensor& initial_state,

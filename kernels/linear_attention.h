@@ -64,9 +64,4 @@ void linear_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_log
                                const Tensor& d_o, const Tensor& d_final_state, int chunk = 64,
                                const LinearAttentionSaved* saved = nullptr);
 
-// How many CUDA backward calls so far ran the dV and dK walks as one kernel
-// (LASP_LA_FUSED_DVDK=1 on Hopper, kernels/linear_attention.cu), so tests can tell that this
-// path ran. Always 0 in builds without CUDA.
-int64_t linear_attention_fused_dvdk_count();
-
 }  // namespace lasp
