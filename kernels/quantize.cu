@@ -495,6 +495,113 @@ __global__ void transpose_pad_kernel(const T* __restrict__ x, int64_t rows, int6
   }
 }
 
+// ---------------------------------------------------------------- FP4, tiled (cols % G == 0)
+// When a row holds a whole number of groups, the groups of the tensor are consecutive runs of G
+// elements in flat order (flat group F = row * ngroups + g starts at element F * G). A CTA of
+// kQGroups threads then quantizes kQGroups consecutive groups, one per thread, with the same
+// per-group rule as fp4_quantize_kernel (fp4_quantize_group, so the same codes bit for bit):
+//   - x comes in with coalesced 16-byte loads into shared memory, rows of G floats padded to
+//     G + 1 (a thread reading its group down the row hits 32 different banks);
+//   - codes and mask are written to shared memory (rows of G + 4 bytes) and leave with coalesced
+//     4-byte stores; the scale codes are one byte per thread, consecutive;
+//   - with MS-EDEN (eden_pb > 0 groups per correction block, dividing kQGroups and the row's
+//     group count, so a block lies inside one CTA and one row) the block's first thread then
+//     corrects the block's scales from the staged x, as fp4_eden_kernel does (eden_correct_block,
+//     called with flat group indices: row 0 of a tensor of total_groups groups).
+constexpr int kQGroups = 128;
+
+__device__ inline void load16_scalar(const float* p, float (&v)[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) v[j] = p[j];
+}
+__device__ inline void load16_scalar(const __nv_bfloat16* p, float (&v)[8]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = __bfloat162float(p[j]);
+}
+
+template <typename T, int G>
+__global__ void __launch_bounds__(kQGroups)
+    fp4_quantize_tile_kernel(const T* __restrict__ x, int64_t total_groups, bool vec_ok,
+                             Fp4GroupRule rule, const float* ts_dev, int eden_pb, uint8_t* codes,
+                             uint8_t* scodes, uint8_t* mask) {
+  static_assert(G % 8 == 0, "a group holds whole 16-byte loads of bf16 and whole 4-byte code words");
+  constexpr int kV = Vec16<T>::kN;  // elements per 16-byte load
+  constexpr int kW = G / 4 + 1;     // 32-bit words per padded code row
+  __shared__ float xs[kQGroups * (G + 1)];
+  __shared__ uint32_t cs[kQGroups * kW];
+  __shared__ uint32_t ms[kQGroups * kW];
+  if (ts_dev) rule.tensor_scale = *ts_dev;
+  const int t = threadIdx.x;
+  const int64_t g0 = blockIdx.x * static_cast<int64_t>(kQGroups), e0 = g0 * G;
+  const int ng = static_cast<int>(min(static_cast<int64_t>(kQGroups), total_groups - g0));
+  const int ne = ng * G;  // a multiple of kV and of 4
+  for (int i = t * kV; i < ne; i += kQGroups * kV) {
+    float v[kV];
+    if (vec_ok) {
+      load16(x + e0 + i, v);
+    } else {
+      load16_scalar(x + e0 + i, v);
+    }
+#pragma unroll
+    for (int j = 0; j < kV; ++j) xs[((i + j) / G) * (G + 1) + (i + j) % G] = v[j];
+  }
+  __syncthreads();
+  if (t < ng) {
+    const float* xr = xs + t * (G + 1);
+    uint8_t* cr = reinterpret_cast<uint8_t*>(cs + t * kW);
+    uint8_t* mr = reinterpret_cast<uint8_t*>(ms + t * kW);
+    scodes[g0 + t] = fp4_quantize_group([xr](int64_t c) { return xr[c]; }, 0, G,
+                                        static_cast<uint64_t>((g0 + t) * G), rule, cr,
+                                        mask ? mr : nullptr);
+  }
+  __syncthreads();
+  for (int w = t; w < ne / 4; w += kQGroups) {
+    const int s = (4 * w / G) * kW + (4 * w % G) / 4;
+    reinterpret_cast<uint32_t*>(codes + e0)[w] = cs[s];
+    if (mask) reinterpret_cast<uint32_t*>(mask + e0)[w] = ms[s];
+  }
+  if (eden_pb > 0) {
+    __syncthreads();  // this CTA's codes and scale codes are in global memory and visible
+    if (t < ng && t % eden_pb == 0) {
+      const auto load = [&](int64_t c) {
+        const int64_t e = c - e0;
+        return xs[(e / G) * (G + 1) + e % G];
+      };
+      eden_correct_block(load, codes, scodes, 0, g0 + t, g0 + t + eden_pb, G, total_groups * G,
+                         total_groups, rule.mx, rule.tensor_scale, rule.seed,
+                         rule.stream);
+    }
+  }
+}
+
+// out = e2m1(code) * scale(group) * ts, four elements per thread (cols % group == 0, so the scale
+// of flat element i is scodes[i / group]; group = 2^group_shift; out 16-byte (fp32) or 8-byte
+// (bf16) aligned).
+__device__ inline void store4(float* p, const float (&v)[4]) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ inline void store4(__nv_bfloat16* p, const float (&v)[4]) {
+  __nv_bfloat162 h[2] = {__floats2bfloat162_rn(v[0], v[1]), __floats2bfloat162_rn(v[2], v[3])};
+  *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(h);
+}
+
+template <typename TO>
+__global__ void __launch_bounds__(kThreads)
+    fp4_dequant_vec_kernel(const uint8_t* __restrict__ codes, int64_t n4, int group_shift,
+                           const uint8_t* __restrict__ scodes, bool mx, float ts, const float* ts_dev,
+                           TO* __restrict__ out) {
+  if (ts_dev) ts = *ts_dev;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < n4; q += stride) {
+    const uchar4 c = reinterpret_cast<const uchar4*>(codes)[q];
+    const uint8_t sc = scodes[(4 * q) >> group_shift];
+    const float s = mx ? e8m0_decode(sc) : e4m3_decode(sc);
+    const float v[4] = {e2m1_decode(c.x) * s * ts, e2m1_decode(c.y) * s * ts, e2m1_decode(c.z) * s * ts,
+                        e2m1_decode(c.w) * s * ts};
+    store4(out + 4 * q, v);
+  }
+}
+
 // ---------------------------------------------------------------- host side
 
 struct Rows2D {
@@ -692,14 +799,32 @@ QuantizedFp4 quantize_fp4_cuda(const Tensor& x, const Fp4Options& opt) {
   const int64_t threads_total = d.rows * ngroups;
   if (threads_total == 0) return q;
   uint8_t* mask = quest ? q.mask.data<uint8_t>() : nullptr;
-  with_input_type(x, [&](auto* xp) {
-    fp4_quantize_kernel<<<ceil_div(threads_total, 128), 128, 0, stream>>>(
-        xp, d.rows, d.cols, group, ngroups, rule, ts_dev, q.codes.data<uint8_t>(),
-        q.scales.data<uint8_t>(), mask);
-  });
-  CUDA_CHECK_LAUNCH("quantize_fp4_cuda");
+  // Whole groups per row: the tiled kernel (coalesced, MS-EDEN's correction in the same pass when
+  // its blocks fit a CTA); else one thread per group reading x directly.
+  const int64_t per_block = eden ? opt.eden_block / group : 0;
+  if (d.cols % group == 0) {
+    const bool eden_fused = eden && kQGroups % per_block == 0 && ngroups % per_block == 0;
+    const bool vec_ok = reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0;
+    const int blocks = static_cast<int>(ceil_div(threads_total, static_cast<int64_t>(kQGroups)));
+    with_input_type(x, [&](auto* xp) {
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+      auto kernel = mx ? fp4_quantize_tile_kernel<T, 32> : fp4_quantize_tile_kernel<T, 16>;
+      kernel<<<blocks, kQGroups, 0, stream>>>(xp, threads_total, vec_ok, rule, ts_dev,
+                                              eden_fused ? static_cast<int>(per_block) : 0,
+                                              q.codes.data<uint8_t>(), q.scales.data<uint8_t>(), mask);
+    });
+    CUDA_CHECK_LAUNCH("quantize_fp4_cuda (tiled)");
+    if (!eden || eden_fused) return q;
+  } else {
+    with_input_type(x, [&](auto* xp) {
+      fp4_quantize_kernel<<<ceil_div(threads_total, 128), 128, 0, stream>>>(
+          xp, d.rows, d.cols, group, ngroups, rule, ts_dev, q.codes.data<uint8_t>(),
+          q.scales.data<uint8_t>(), mask);
+    });
+    CUDA_CHECK_LAUNCH("quantize_fp4_cuda");
+  }
   if (eden) {
-    const int64_t per_block = opt.eden_block / group, nblocks = (ngroups + per_block - 1) / per_block;
+    const int64_t nblocks = (ngroups + per_block - 1) / per_block;
     with_input_type(x, [&](auto* xp) {
       fp4_eden_kernel<<<ceil_div(d.rows * nblocks, 128), 128, 0, stream>>>(
           xp, d.rows, d.cols, group, ngroups, per_block, mx, q.tensor_scale, ts_dev, opt.seed, opt.stream,
@@ -732,6 +857,24 @@ void dequantize_fp4_cuda(Tensor& out, const QuantizedFp4& q, bool with_tensor_sc
       with_tensor_scale && q.tensor_scale_device.defined() ? q.tensor_scale_device.data<float>() : nullptr;
   const bool mx = q.format == Fp4Format::MXFP4;
   cudaStream_t stream = cuda_stream();
+  // Whole groups per row and aligned pointers: four elements per thread, the group by a shift.
+  const bool f32 = out.dtype() == DType::F32;
+  if (cols % group == 0 && reinterpret_cast<uintptr_t>(q.codes.raw()) % 4 == 0 &&
+      reinterpret_cast<uintptr_t>(out.raw()) % (f32 ? 16 : 8) == 0) {
+    const int shift = group == 32 ? 5 : 4;
+    LASP_CHECK(group == (int64_t{1} << shift)) << "dequantize_fp4_cuda: group " << group;
+    const int64_t n4 = n / 4;  // n = rows * cols, cols a multiple of the group (16 or 32)
+    if (f32) {
+      fp4_dequant_vec_kernel<<<grid_for(n4), kThreads, 0, stream>>>(
+          q.codes.data<uint8_t>(), n4, shift, q.scales.data<uint8_t>(), mx, ts, ts_dev, out.data<float>());
+    } else {
+      fp4_dequant_vec_kernel<<<grid_for(n4), kThreads, 0, stream>>>(
+          q.codes.data<uint8_t>(), n4, shift, q.scales.data<uint8_t>(), mx, ts, ts_dev,
+          static_cast<__nv_bfloat16*>(out.raw()));
+    }
+    CUDA_CHECK_LAUNCH("dequantize_fp4_cuda");
+    return;
+  }
   if (out.dtype() == DType::F32) {
     fp4_dequant_kernel<<<grid_for(n), kThreads, 0, stream>>>(q.codes.data<uint8_t>(), n, cols, group,
                                                              ngroups, q.scales.data<uint8_t>(), mx,

@@ -257,8 +257,9 @@ fi
 
 # ---- 5b2. where the FP4 emulation's time goes, with FP4_PROFILE=1 ----
 # On configs/hybrid_27m.yaml: tokens/s of 200 steps in bf16, NVFP4 + MS-EDEN and MXFP4 + SR; the
-# NVFP4 run's profile regions (LASP_PROFILE=1, 20 steps); and, when Nsight Compute is there, every
-# kernel's time over a few steps (ncu, one metric, clocks left alone), summed per kernel name.
+# NVFP4 run's profile regions (LASP_PROFILE=1, 20 steps); with NCU_PROFILE=1 also every kernel's
+# time over 2000 launches (ncu, one metric, clocks left alone), summed per kernel name (slow: on
+# 2026-12-02 it did not finish in 150 s).
 FP4P_RESULT="not run"
 if [ "${FP4_PROFILE:-0}" = 1 ] && [ -n "$LASP_BIN" ]; then
   cfg27="$ROOT/configs/hybrid_27m.yaml"
@@ -280,7 +281,7 @@ if [ "${FP4_PROFILE:-0}" = 1 ] && [ -n "$LASP_BIN" ]; then
   LASP_PROFILE=1 timeout "$(left 60)" "$LASP_BIN" train "$cfg27" --set train.steps=20 --set eval.every=1000 \
     --set run.dir=/tmp/lasp-fp4p-prof "${nv[@]}" 2>&1 | sed -n '/^profile/,$p' >>"$log"
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-  if [ -n "$NCU" ]; then
+  if [ -n "$NCU" ] && [ "${NCU_PROFILE:-0}" = 1 ]; then
     echo "== nv: ncu kernel times (launches 4000-5999)" >>"$log"
     timeout "$(left 150)" "$NCU" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
       --csv --print-units base --launch-skip 4000 --launch-count 2000 "$LASP_BIN" train "$cfg27" \

@@ -313,6 +313,18 @@ TEST(QuantizeDeviceMath, Fp4GroupRoutineReproducesCpuQuantizerBitForBit) {
 // ---------------------------------------------------------------- GPU vs CPU
 
 const Shape kShapes[] = {{1, 1}, {3, 17}, {37, 200}, {130, 129}, {2, 129, 300}, {256, 256}};
+// Rows of whole FP4 groups (the tiled quantizer): one partial CTA of 128 groups; 12 CTAs, the
+// last partial, rows straddling CTAs, MS-EDEN blocks (128 elements) not dividing a row; MS-EDEN
+// blocks dividing the rows, the second of two CTAs partial (NVFP4) with a row across the CTA boundary.
+const Shape kFp4TiledShapes[] = {{5, 96}, {300, 160}, {7, 384}};
+
+// x on the GPU in `dtype`, starting one element past an aligned address (no 16-byte loads).
+Tensor misaligned_cuda(const Tensor& x, DType dtype) {
+  const int64_t n = x.numel();
+  Tensor flat = Tensor::zeros({n + 1}, DType::F32);
+  std::copy(x.data<float>(), x.data<float>() + n, flat.data<float>() + 1);
+  return to_cuda(flat, dtype).slice(0, 1, n + 1).view(x.shape());
+}
 
 TEST(QuantizeGpu, Fp8CodesAndScalesMatchCpuForEveryScalingFormatAndInputDtype) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
@@ -388,7 +400,9 @@ TEST(QuantizeGpu, Fp4CodesScalesMasksAndTensorScaleMatchCpuInEveryMode) {
                         {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
                         {Fp4Format::MXFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax},
                         {Fp4Format::NVFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax}};
-  for (const Shape& shape : kShapes) {
+  std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
+  shapes.insert(shapes.end(), std::begin(kFp4TiledShapes), std::end(kFp4TiledShapes));
+  for (const Shape& shape : shapes) {
     const Tensor x = bf16_rounded(tricky_input(shape, rng));
     for (const Mode& m : modes)
       for (DType in : {DType::F32, DType::BF16}) {
@@ -412,6 +426,14 @@ TEST(QuantizeGpu, Fp4CodesScalesMasksAndTensorScaleMatchCpuInEveryMode) {
         EXPECT_TRUE(bytes_equal(q.scales, ref.scales, "scales"));
         if (m.c == Fp4Clip::Quest) {
           EXPECT_TRUE(bytes_equal(q.mask, ref.mask, "mask", &x));
+        }
+        {  // the same input at an address that is not 16-byte aligned
+          const QuantizedFp4 qm = quantize_fp4_cuda(misaligned_cuda(x, in), o);
+          EXPECT_TRUE(bytes_equal(qm.codes, ref.codes, "codes (misaligned input)", &x));
+          EXPECT_TRUE(bytes_equal(qm.scales, ref.scales, "scales (misaligned input)"));
+          if (m.c == Fp4Clip::Quest) {
+            EXPECT_TRUE(bytes_equal(qm.mask, ref.mask, "mask (misaligned input)", &x));
+          }
         }
         for (bool with_ts : {true, false}) {
           Tensor out = poisoned_cuda(shape, DType::F32);
