@@ -602,6 +602,33 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// out [cols, rows] (fp32) = (e2m1(code) * scale(group) * ts)^T: the dequantization and the
+// transpose in one pass. 32 x 32 tiles through shared memory (one padded row per tile row): a
+// warp reads 32 consecutive codes of one row and writes 32 consecutive floats of one out row.
+// Same products as fp4_dequant_kernel, so the same bits.
+__global__ void __launch_bounds__(256)
+    fp4_dequant_t_kernel(const uint8_t* __restrict__ codes, int64_t rows, int64_t cols, int group,
+                         int64_t ngroups, const uint8_t* __restrict__ scodes, bool mx, float ts,
+                         const float* ts_dev, float* __restrict__ out) {
+  __shared__ float tile[32][33];
+  if (ts_dev) ts = *ts_dev;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * 32, c0 = static_cast<int64_t>(blockIdx.x) * 32;
+  const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;  // 8 warps
+  for (int i = ty; i < 32; i += 8) {
+    const int64_t r = r0 + i, c = c0 + tx;
+    if (r < rows && c < cols) {
+      const uint8_t sc = scodes[r * ngroups + c / group];
+      const float sv = mx ? e8m0_decode(sc) : e4m3_decode(sc);
+      tile[i][tx] = e2m1_decode(codes[r * cols + c]) * sv * ts;
+    }
+  }
+  __syncthreads();
+  for (int i = ty; i < 32; i += 8) {
+    const int64_t c = c0 + i, r = r0 + tx;
+    if (r < rows && c < cols) out[c * rows + r] = tile[tx][i];
+  }
+}
+
 // ---------------------------------------------------------------- host side
 
 struct Rows2D {
@@ -885,6 +912,35 @@ void dequantize_fp4_cuda(Tensor& out, const QuantizedFp4& q, bool with_tensor_sc
         static_cast<__nv_bfloat16*>(out.raw()));
   }
   CUDA_CHECK_LAUNCH("dequantize_fp4_cuda");
+}
+
+void dequantize_fp4_transposed_cuda(Tensor& out, const QuantizedFp4& q, bool with_tensor_scale) {
+  LASP_PROFILE_SCOPE("fp4_dequantize");
+  LASP_CHECK(q.codes.defined() && q.codes.is_cuda() && q.codes.dtype() == DType::U8 &&
+             q.codes.is_contiguous() && q.codes.ndim() == 2)
+      << "dequantize_fp4_transposed_cuda: codes must be 2-D contiguous uint8 CUDA, got "
+      << (q.codes.defined() ? q.codes.str() : "undefined");
+  const int64_t rows = q.rows(), cols = q.cols(), group = q.group();
+  const int64_t ngroups = (cols + group - 1) / group;
+  LASP_CHECK(out.defined() && out.is_cuda() && out.is_contiguous() && out.dtype() == DType::F32 &&
+             out.shape() == Shape({cols, rows}))
+      << "dequantize_fp4_transposed_cuda: out must be a contiguous fp32 CUDA tensor of shape ["
+      << cols << ", " << rows << "], got " << (out.defined() ? out.str() : "undefined");
+  LASP_CHECK(q.scales.defined() && q.scales.is_cuda() && q.scales.dtype() == DType::U8 &&
+             q.scales.numel() == rows * ngroups)
+      << "dequantize_fp4_transposed_cuda: scales must be uint8 CUDA [" << rows << ", " << ngroups
+      << "], got " << q.scales.str();
+  if (rows == 0 || cols == 0) return;
+  LASP_CHECK(ceil_div(rows, int64_t{32}) <= 65535)
+      << "dequantize_fp4_transposed_cuda: " << rows << " rows exceed the grid (65535 x 32)";
+  const float ts = with_tensor_scale ? q.tensor_scale : 1.0f;
+  const float* ts_dev =
+      with_tensor_scale && q.tensor_scale_device.defined() ? q.tensor_scale_device.data<float>() : nullptr;
+  const dim3 grid(static_cast<unsigned>(ceil_div(cols, int64_t{32})), static_cast<unsigned>(ceil_div(rows, int64_t{32})));
+  fp4_dequant_t_kernel<<<grid, 256, 0, cuda_stream()>>>(q.codes.data<uint8_t>(), rows, cols,
+                                                        static_cast<int>(group), ngroups, q.scales.data<uint8_t>(),
+                                                        q.format == Fp4Format::MXFP4, ts, ts_dev, out.data<float>());
+  CUDA_CHECK_LAUNCH("dequantize_fp4_transposed_cuda");
 }
 
 // ---------------------------------------------------------------- projection pieces (host side)

@@ -35,6 +35,8 @@ QuantizedFp4 quantize_fp4_cuda(const Tensor& x, const Fp4Options& options);
 // MXFP4 and NVFP4 value is exact in bf16 (E2M1 x E8M0 or E2M1 x E4M3 has at most 6 significant
 // bits), which the emulated FP4 GEMM relies on.
 void dequantize_fp4_cuda(Tensor& out, const QuantizedFp4& q, bool with_tensor_scale = true);
+// The same into out [cols, rows] fp32 (the transpose, written in the same pass; 2-D q only).
+void dequantize_fp4_transposed_cuda(Tensor& out, const QuantizedFp4& q, bool with_tensor_scale = true);
 
 // max |x| over a CUDA fp32/bf16 tensor, copied to the host (synchronizes). NaN if x holds one.
 float amax_cuda(const Tensor& x);

@@ -4,6 +4,7 @@
 #include "launch/bench_util.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -109,6 +110,103 @@ void run_fp4(const Options& opt, const std::vector<Shape3>& shapes) {
     std::printf(
         "WARNING: %ld native FP4 GEMMs fell back to the emulation (cuBLASLt refused them)\n",
         static_cast<long>(fallbacks));
+  }
+}
+
+// ---- accuracy of the FP8 accumulation modes ---------------------------------------------------
+// The full-size GEMM (fp32 out) on the GPU, checked on `rows` sampled rows against float64 dot
+// products on the host: of the dequantized FP8 operands (what an exact FP8 GEMM computes: the
+// error of the accumulation alone) and of the bf16 operands (the FP8 quantization's own error,
+// for scale). Two inputs: zero-mean x ~ N(0, 1), and all-positive x = |N(0, 1)| with
+// w = |N(0, 0.02)|, where every partial sum grows with k (the hard case for an accumulator that
+// keeps few bits). Errors: ||y - ref|| / ||ref|| over the sampled rows.
+struct AccuracyRow {
+  double quant = 0, bf16 = 0, fp8 = 0, fast = 0;
+};
+
+// A bf16 CUDA tensor with N(0, stddev) values, or |N(0, stddev)| when `positive`.
+Tensor host_random_bf16(const Shape& shape, double stddev, bool positive, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> nd(0.0, stddev);
+  std::vector<double> v(static_cast<size_t>(shape_numel(shape)));
+  for (double& e : v) e = positive ? std::fabs(nd(gen)) : nd(gen);
+  return Tensor::from_values(v, shape, DType::BF16).to(cuda());
+}
+
+std::vector<double> dequantized_rows(const QuantizedFp8& q, const std::vector<int64_t>& rows) {
+  LASP_CHECK(q.scaling == Fp8Scaling::PerTensor) << "bench lowp accuracy: per-tensor operands only";
+  const std::vector<double> codes = q.codes.to_vector();
+  const double s = q.scales.to_vector()[0];
+  const int64_t k = q.cols();
+  std::vector<double> out;
+  out.reserve(rows.size() * static_cast<size_t>(k));
+  for (int64_t r : rows)
+    for (int64_t j = 0; j < k; ++j)
+      out.push_back(static_cast<double>(fp8_decode(static_cast<uint8_t>(codes[r * k + j]), q.format)) * s);
+  return out;
+}
+
+// ||y[rows] - a b^T|| / ||a b^T||, a = the sampled rows [R, K], b [N, K] (row-major doubles).
+double rel_error(const std::vector<double>& y_all, int64_t n, const std::vector<int64_t>& rows,
+                 const std::vector<double>& a, const std::vector<double>& b, int64_t k) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const double* ai = a.data() + i * k;
+    for (int64_t j = 0; j < n; ++j) {
+      const double* bj = b.data() + j * k;
+      double ref = 0;
+      for (int64_t t = 0; t < k; ++t) ref += ai[t] * bj[t];
+      const double d = y_all[rows[i] * n + j] - ref;
+      num += d * d;
+      den += ref * ref;
+    }
+  }
+  return std::sqrt(num / den);
+}
+
+void run_accuracy(const std::vector<Shape3>& shapes) {
+  std::printf("\nFP8 accumulation accuracy: ||y - ref|| / ||ref|| on 32 sampled rows, fp32 out; quant = "
+              "exact FP8 product vs exact bf16 product (the quantization's error), the others vs the exact "
+              "product of their own operands (the GEMM's summation error)\n");
+  std::printf("%-26s %-18s %-9s %10s %10s %10s %10s %9s\n", "op", "MxNxK", "inputs", "quant", "bf16_gemm",
+              "fp8", "fp8_fast", "fast/fp8");
+  uint32_t seed = 501;
+  for (const Shape3& g : shapes) {
+    for (int positive = 0; positive < 2; ++positive) {
+      Tensor x = host_random_bf16({g.m, g.k}, 1.0, positive, seed++);
+      Tensor w = host_random_bf16({g.n, g.k}, 0.02, positive, seed++);
+      std::vector<int64_t> rows;
+      for (int64_t i = 0; i < 32; ++i) rows.push_back(i * (g.m / 32) + (i * 7) % std::max<int64_t>(1, g.m / 32));
+      const std::vector<double> xb_all = x.to_vector(), wb = w.to_vector();
+      std::vector<double> xb;
+      for (int64_t r : rows) xb.insert(xb.end(), xb_all.begin() + r * g.k, xb_all.begin() + (r + 1) * g.k);
+      const QuantizedFp8 xq = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+      const QuantizedFp8 wq = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+      const std::vector<int64_t> all_w = [&] {
+        std::vector<int64_t> v(static_cast<size_t>(g.n));
+        for (int64_t j = 0; j < g.n; ++j) v[j] = j;
+        return v;
+      }();
+      const std::vector<double> xd = dequantized_rows(xq, rows), wd = dequantized_rows(wq, all_w);
+      Tensor y = Tensor::empty({g.m, g.n}, DType::F32, cuda());
+      AccuracyRow e;
+      gemm(y, x, false, w, true);
+      e.bf16 = rel_error(y.to_vector(), g.n, rows, xb, wb, g.k);
+      gemm_fp8(y, xq, wq);
+      const std::vector<double> y_fp8 = y.to_vector();
+      e.fp8 = rel_error(y_fp8, g.n, rows, xd, wd, g.k);
+      gemm_fp8(y, xq, wq, 1.0f, 0.0f, true);
+      e.fast = rel_error(y.to_vector(), g.n, rows, xd, wd, g.k);
+      // The quantization's error: the exact FP8 product (here the fp8 GEMM's output, whose own
+      // error is orders smaller) against the exact bf16 product.
+      e.quant = rel_error(y_fp8, g.n, rows, xb, wb, g.k);
+      char shape[64];
+      std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m), static_cast<long>(g.n),
+                    static_cast<long>(g.k));
+      std::printf("%-26s %-18s %-9s %10.2e %10.2e %10.2e %10.2e %9.1f\n", g.what, shape,
+                  positive ? "positive" : "zero-mean", e.quant, e.bf16, e.fp8, e.fast, e.fast / e.fp8);
+      std::fflush(stdout);
+    }
   }
 }
 
@@ -276,7 +374,7 @@ int run(const Options& opt) {
               {4096, 2048, 8192, "mlp down"}};
   }
   std::printf("lasp bench lowp: y[M,N] = x[M,K] W[N,K]^T, bf16 out, fp32 accumulation, median of %d "
-              "runs\n",
+              "interleaved rounds (each times every GEMM of the row once)\n",
               opt.iters);
   std::printf("floors: bf16 %.0f TFLOP/s, fp8 %.0f TFLOP/s; fp8 = E4M3 x E4M3 per-tensor scales "
               "(fast accumulation off); blk = x 1x128, W 128x128\n",
@@ -290,17 +388,18 @@ int run(const Options& opt) {
     Tensor x = random_bf16({g.m, g.k}, 1.0, seed++), w = random_bf16({g.n, g.k}, 0.02, seed++);
     Tensor y = Tensor::empty({g.m, g.n}, DType::BF16, cuda());
     const double flops = 2.0 * g.m * g.n * g.k;
-    const double bf16_ms = time_ms([&] { gemm(y, x, false, w, true); }, opt);
-
     const QuantizedFp8 xq = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
     const QuantizedFp8 wq = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::PerTensor);
-    const double fp8_ms = time_ms([&] { gemm_fp8(y, xq, wq); }, opt);
-    // The same with fast accumulation (precision.fp8_fast_accum: the forward GEMMs).
-    const double fast_ms = time_ms([&] { gemm_fp8(y, xq, wq, 1.0f, 0.0f, true); }, opt);
-
     const QuantizedFp8 xb = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128);
     const QuantizedFp8 wb = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::Block128x128);
-    const double blk_ms = time_ms([&] { gemm_fp8(y, xb, wb); }, opt);
+    // Interleaved rounds: the GPU runs at its power cap, and its clock drifts; each round times
+    // every GEMM once, so the ratios compare like with like. fast = fp8 with fast accumulation
+    // (precision.fp8_fast_accum, the forward GEMMs).
+    const std::vector<double> ms = median_event_ms_interleaved(
+        {[&] { gemm(y, x, false, w, true); }, [&] { gemm_fp8(y, xq, wq); },
+         [&] { gemm_fp8(y, xq, wq, 1.0f, 0.0f, true); }, [&] { gemm_fp8(y, xb, wb); }},
+        opt.iters, opt.warmup);
+    const double bf16_ms = ms[0], fp8_ms = ms[1], fast_ms = ms[2], blk_ms = ms[3];
 
     const double q_tensor_ms =
         time_ms([&] { (void)quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor); }, opt);
@@ -325,6 +424,7 @@ int run(const Options& opt) {
                 "refused them): blk_ms is not a cuBLASLt time\n",
                 static_cast<long>(fallbacks));
   }
+  if (!opt.quick) run_accuracy({shapes[1], shapes[4]});
   run_fp4(opt, shapes);
   return 0;
 }

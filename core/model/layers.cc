@@ -444,6 +444,11 @@ void Mlp::release() {
   for (Tensor* t : {&x_, &gate_, &up_, &h_}) *t = Tensor();
 }
 
+void Mlp::release_h() {
+  h_ = Tensor();
+  projection_release_saved(w_down_);  // what it saved of its input, h
+}
+
 std::vector<Param*> Mlp::params() { return {&w_gate_, &w_up_, &w_down_}; }
 
 void Mlp::forward(Tensor& y, const Tensor& x, const LayerContext& ctx) {

@@ -135,7 +135,7 @@ class Mlp {
   void backward(Tensor& dx, const Tensor& dy, const LayerContext& ctx);
   void release();
   // Drops the SwiGLU output h after the forward; the backward recomputes it from gate and up.
-  void release_h() { h_ = Tensor(); }
+  void release_h();
   std::vector<Param*> params();
 
  private:

@@ -118,6 +118,13 @@ void set_projection_step(int64_t step) {
 
 void projection_weights_changed() { new_cache_epoch(); }
 
+void projection_release_saved(Param& w) {
+  if (!w.state) return;
+  w.state->fp4_x_src = Tensor();
+  w.state->fp4_x = QuantizedFp4();
+  w.state->fp4_x_epoch = -1;
+}
+
 void projection_note_amax(const Tensor& x, const Tensor& amax_bits) {
 #ifdef LASP_HAVE_CUDA
   if (x.defined() && x.is_cuda() && cache_control().enabled &&

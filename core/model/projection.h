@@ -68,6 +68,11 @@ void set_projection_scaling_state(Param& w, const Tensor& state);
 
 // y = x W^T  (x [N, in], W [out, in], y [N, out]).
 void projection_forward(Tensor& y, const Tensor& x, Param& w);
+// Drops what w's forward saved for its backward beyond the caller's own tensors (FP4 on CUDA:
+// the quantized x, which the backward would otherwise rebuild). The backward drops it too; a
+// layer calls this where it drops its saved activations (release, recomputation), so that a
+// released layer holds no memory for w.
+void projection_release_saved(Param& w);
 // dx = dy W (or dx += dy W when accumulate_dx), and W.grad += dy^T x.
 void projection_backward(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& dy, const Tensor& x);
 

@@ -223,6 +223,54 @@ QuantizedFp4 fp4_forward_operand(const Tensor& t) {
   return quantize_fp4_cuda(hadamard_rotated(t, HadamardSpec{o.hadamard_block, false, 0}), q);
 }
 
+// The forward's operand for x, through a one-entry cache (the projections that read the same x,
+// q, k, v and z, or gate and up, quantize it once), saved in w's state for w's backward.
+Tensor g_fp4_x_src;  // guarded by g_cache_mu
+int64_t g_fp4_x_epoch = -1;
+QuantizedFp4 g_fp4_x;
+
+bool same_tensor(const Tensor& a, const Tensor& b) {
+  return a.defined() && a.raw() == b.raw() && a.shape() == b.shape() && a.dtype() == b.dtype();
+}
+
+QuantizedFp4 fp4_forward_x(ProjectionState& st, const Tensor& x) {
+  QuantizedFp4 q;
+  bool hit = false;
+  {
+    std::lock_guard<std::mutex> lock(g_cache_mu);
+    if (cache_valid(g_fp4_x_epoch) && same_tensor(g_fp4_x_src, x)) {
+      q = g_fp4_x;
+      hit = true;
+    }
+  }
+  if (!hit) q = fp4_forward_operand(x);
+  if (cache_control().enabled) {
+    if (!hit) {
+      std::lock_guard<std::mutex> lock(g_cache_mu);
+      g_fp4_x_src = x;
+      g_fp4_x_epoch = cache_control().epoch;
+      g_fp4_x = q;
+    }
+    st.fp4_x_src = x;
+    st.fp4_x_epoch = cache_control().epoch;
+    st.fp4_x = q;
+  }
+  return q;
+}
+
+// The backward's view of the forward's operand for x: the saved one (then dropped), else rebuilt
+// (RTN is deterministic: the same codes).
+QuantizedFp4 fp4_backward_x(ProjectionState& st, const Tensor& x) {
+  if (cache_valid(st.fp4_x_epoch) && same_tensor(st.fp4_x_src, x)) {
+    QuantizedFp4 q = st.fp4_x;
+    st.fp4_x_src = Tensor();
+    st.fp4_x = QuantizedFp4();
+    st.fp4_x_epoch = -1;
+    return q;
+  }
+  return fp4_forward_operand(x);
+}
+
 const QuantizedFp4& fp4_weight(Param& w, ProjectionState& st) {
   if (!st.w_fp4.codes.defined() || !cache_valid(st.w_epoch)) {
     st.w_fp4 = fp4_forward_operand(w.value);
@@ -243,6 +291,9 @@ void clear_activation_caches_cuda() {
   std::lock_guard<std::mutex> lock(g_cache_mu);
   g_forward_x = ActivationEntry{};
   g_backward_xt = ActivationEntry{};
+  g_fp4_x_src = Tensor();
+  g_fp4_x = QuantizedFp4();
+  g_fp4_x_epoch = -1;
   g_amax_notes.clear();
 }
 
@@ -332,7 +383,7 @@ void fp4_forward_cuda(Tensor& y, const Tensor& x, Param& w) {
   check_fp4_dims(w, x.dim(0), false);
   ProjectionState& st = state_of(w);
   LASP_PROFILE_SCOPE("fp4_forward");
-  gemm_fp4(y, fp4_forward_operand(x), fp4_weight(w, st));
+  gemm_fp4(y, fp4_forward_x(st, x), fp4_weight(w, st));
 }
 
 void fp4_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& dy,
@@ -344,24 +395,24 @@ void fp4_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& d
   LASP_PROFILE_SCOPE("fp4_backward");
   const ProjectionOptions& o = options();
   const HadamardSpec h{o.hadamard_block, false, 0};
-  // The forward's operands, rebuilt (RTN is deterministic; W's is cached for the epoch), and
-  // their dequantized values (exact), as quartet_linear_backward reads them.
-  const QuantizedFp4 fx = fp4_forward_operand(x);
+  // The forward's operands (x's saved by the forward or rebuilt; W's cached for the epoch), and
+  // their dequantized values (exact), as quartet_linear_backward reads them: transposed, which is
+  // how both backward GEMMs take them, in the dequantizing pass.
+  const QuantizedFp4 fx = fp4_backward_x(st, x);
   const QuantizedFp4& fw = fp4_weight(w, st);
-  Tensor xq = Tensor::empty(x.shape(), DType::F32, x.device());
-  Tensor wq = Tensor::empty(w.value.shape(), DType::F32, x.device());
-  dequantize_fp4_cuda(xq, fx, true);
-  dequantize_fp4_cuda(wq, fw, true);
   if (dx.defined()) {
     // dgrad (inner dim out): G_x = Q(dy R^T) Q(wq^T R^T)^T, masked by the forward's clip mask,
     // then rotated back: dx (+)= G_x H.
-    const Tensor g =
-        quartet_backward_gemm(dy, transposed(wq), o.fp4_format, o.fp4_backward, o.hadamard_block, seed, 1);
+    Tensor wqt = Tensor::empty({w.value.dim(1), w.value.dim(0)}, DType::F32, x.device());
+    dequantize_fp4_transposed_cuda(wqt, fw, true);
+    const Tensor g = quartet_backward_gemm(dy, wqt, o.fp4_format, o.fp4_backward, o.hadamard_block, seed, 1);
     hadamard_cuda(dx, g, h, true, fx.mask.defined() ? &fx.mask : nullptr, accumulate_dx);
   }
   // wgrad (inner dim N): G_w = Q(dy^T R^T) Q(xq^T R^T)^T, masked, rotated back: dW += G_w H.
-  const Tensor g = quartet_backward_gemm(transposed(dy), transposed(xq), o.fp4_format, o.fp4_backward,
-                                         o.hadamard_block, seed, 2);
+  Tensor xqt = Tensor::empty({x.dim(1), x.dim(0)}, DType::F32, x.device());
+  dequantize_fp4_transposed_cuda(xqt, fx, true);
+  const Tensor g =
+      quartet_backward_gemm(transposed(dy), xqt, o.fp4_format, o.fp4_backward, o.hadamard_block, seed, 2);
   hadamard_cuda(w.grad, g, h, true, fw.mask.defined() ? &fw.mask : nullptr, !take_stale_grad(w));
 }
 

@@ -104,6 +104,13 @@ struct ProjectionState {
   DType x_dtype = DType::F32;
   int64_t x_epoch = -1;
   Tensor x_current_scale;
+  // FP4: the forward's quantized x (rotated, RTN, QuEST mask) for the backward of the same
+  // projection, with x itself (held: its memory cannot be reused while saved), valid in cache
+  // epoch fp4_x_epoch. The backward takes it (and drops it); projection_release_saved drops it
+  // where the layer drops its own saved activations.
+  Tensor fp4_x_src;
+  int64_t fp4_x_epoch = -1;
+  QuantizedFp4 fp4_x;
 };
 
 namespace projection_detail {

@@ -723,6 +723,61 @@ TEST(ProjectionFp4Gpu, ForwardAndBackwardMatchTheCpuEmulationWithTheSameSeeds) {
   }
 }
 
+// The forward saves its quantized x for the backward of the same projection (and a projection
+// reading the same x reuses it). A backward handed another tensor must rebuild from that tensor;
+// one after projection_release_saved rebuilds too. Checked against the CPU, which always rebuilds:
+// a wrong reuse would show as a dW error of order 1 (x1 and x2 are unrelated).
+TEST(ProjectionFp4Gpu, BackwardUsesTheForwardsQuantizedXOnlyForThatTensor) {
+  LASP_SKIP_WITHOUT_GPU();
+  const uint32_t seed = fresh_seed();
+  std::mt19937 rng(seed);
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  set_projection_options(precision_config("per_tensor", "mxfp4", "sr", 32), seed);
+  set_projection_step(2);
+  const int64_t n = 64, in = 96, out = 64;
+  const Tensor x1 = activation(n, in, rng), x2 = activation(n, in, rng);
+  const Tensor w = random_uniform({out, in}, rng, -0.1, 0.1), dy = activation(n, out, rng, 1e-3);
+  // GPU side: wa and wb read x1 (the second forward takes the first one's operand); wa's backward
+  // gets x2, wb's gets x1 (its saved operand); wc's saved operand is released before its backward.
+  Param ga = make_weight("layers.0.attn.wq", w, Precision::Fp4, cuda());
+  Param gb = make_weight("layers.0.attn.wk", w, Precision::Fp4, cuda());
+  Param gc = make_weight("layers.0.attn.wv", w, Precision::Fp4, cuda());
+  const Tensor x1g = to_cuda(x1, DType::BF16), x2g = to_cuda(x2, DType::BF16), dyg = to_cuda(dy, DType::BF16);
+  Tensor y = poisoned_cuda({n, out}, DType::BF16);
+  for (Param* p : {&ga, &gb, &gc}) projection_forward(y, x1g, *p);
+  projection_release_saved(gc);
+  Tensor dxa = poisoned_cuda({n, in}, DType::BF16), dxb = poisoned_cuda({n, in}, DType::BF16),
+         dxc = poisoned_cuda({n, in}, DType::BF16);
+  projection_backward(dxa, false, ga, dyg, x2g);
+  projection_backward(dxb, false, gb, dyg, x1g);
+  projection_backward(dxc, false, gc, dyg, x1g);
+  // CPU side, the same calls.
+  Param ca = make_weight("layers.0.attn.wq", w, Precision::Fp4, cpu());
+  Param cb = make_weight("layers.0.attn.wk", w, Precision::Fp4, cpu());
+  Param cc = make_weight("layers.0.attn.wv", w, Precision::Fp4, cpu());
+  Tensor yc = Tensor::empty({n, out}, DType::F32);
+  for (Param* p : {&ca, &cb, &cc}) projection_forward(yc, x1, *p);
+  const auto cpu_backward = [&](Param& p, const Tensor& x) {
+    Tensor dx = Tensor::empty({n, in}, DType::F32);
+    projection_backward(dx, false, p, dy, x);
+    return dx;
+  };
+  const Tensor dxa_c = cpu_backward(ca, x2), dxb_c = cpu_backward(cb, x1), dxc_c = cpu_backward(cc, x1);
+  const auto f32 = [](const Tensor& t) { return Tensor::from_values(t.to_vector(), t.shape(), DType::F32); };
+  const struct {
+    const char* what;
+    const Tensor &dx, &dx_cpu;
+    const Param &g, &c;
+  } cases[] = {{"backward with another x", dxa, dxa_c, ga, ca},
+               {"backward with the saved x", dxb, dxb_c, gb, cb},
+               {"backward after release", dxc, dxc_c, gc, cc}};
+  for (const auto& k : cases) {
+    SCOPED_TRACE(k.what);
+    EXPECT_LT(rel_error(f32(k.dx), k.dx_cpu), kBf16Tol) << "dgrad";
+    EXPECT_LT(rel_error(k.g.grad.to(cpu()), k.c.grad), kFp4GradTol) << "wgrad";
+  }
+}
+
 // ---------------------------------------------------------------- in the model
 
 ModelConfig small_model(const std::string& precision) {

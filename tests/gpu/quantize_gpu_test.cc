@@ -439,6 +439,13 @@ TEST(QuantizeGpu, Fp4CodesScalesMasksAndTensorScaleMatchCpuInEveryMode) {
           Tensor out = poisoned_cuda(shape, DType::F32);
           dequantize_fp4_cuda(out, q, with_ts);
           EXPECT_TRUE(bytes_equal(out, dequantize_fp4(ref, with_ts), "dequantized")) << "with_ts " << with_ts;
+          if (shape.size() == 2) {  // dequantized and transposed in one pass (the FP4 backward's operands)
+            Tensor out_t = poisoned_cuda({shape[1], shape[0]}, DType::F32);
+            dequantize_fp4_transposed_cuda(out_t, q, with_ts);
+            EXPECT_TRUE(bytes_equal(out_t, dequantize_fp4(ref, with_ts).transpose(0, 1).contiguous(),
+                                    "dequantized, transposed"))
+                << "with_ts " << with_ts;
+          }
         }
         // Without the tensor scale, bf16 holds every dequantized value exactly.
         Tensor out16 = poisoned_cuda(shape, DType::BF16);
