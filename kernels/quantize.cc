@@ -266,6 +266,16 @@ QuantizedFp4 quantize_nvfp4(const Tensor& x, Fp4Rounding rounding, uint64_t seed
   return quantize_fp4(x, o);
 }
 
+QuantizedFp4 quantize_fp4_rotated(const Tensor& x, const HadamardSpec& spec, const Fp4Options& opt) {
+#ifdef LASP_HAVE_CUDA
+  if (x.is_cuda()) {
+    LASP_PROFILE_SCOPE("fp4_quantize");
+    return quantize_fp4_rotated_cuda(x, spec, opt);
+  }
+#endif
+  return quantize_fp4(hadamard_rotated(x, spec), opt);
+}
+
 QuantizedFp4 quantize_fp4(const Tensor& x, const Fp4Options& opt) {
   LASP_PROFILE_SCOPE("fp4_quantize");
 #ifdef LASP_HAVE_CUDA
@@ -436,9 +446,9 @@ Tensor quartet_backward_gemm(const Tensor& a, const Tensor& b, Fp4Format format,
   o.seed = seed;
   o.eden_block = block;
   o.stream = 2 * stream;
-  const QuantizedFp4 qa = quantize_fp4(hadamard_rotated(a, rot), o);
+  const QuantizedFp4 qa = quantize_fp4_rotated(a, rot, o);
   o.stream = 2 * stream + 1;
-  const QuantizedFp4 qb = quantize_fp4(hadamard_rotated(b, rot), o);
+  const QuantizedFp4 qb = quantize_fp4_rotated(b, rot, o);
   Tensor c = Tensor::empty({a.dim(0), b.dim(0)}, DType::F32, a.device());
   gemm_fp4(c, qa, qb);
   return c;

@@ -519,23 +519,11 @@ __device__ inline void load16_scalar(const __nv_bfloat16* p, float (&v)[8]) {
   for (int j = 0; j < 8; ++j) v[j] = __bfloat162float(p[j]);
 }
 
+// The ne elements of x from e0 on into the padded tile xs (rows of G floats, G + 1 apart).
 template <typename T, int G>
-__global__ void __launch_bounds__(kQGroups)
-    fp4_quantize_tile_kernel(const T* __restrict__ x, int64_t total_groups, bool vec_ok,
-                             Fp4GroupRule rule, const float* ts_dev, int eden_pb, uint8_t* codes,
-                             uint8_t* scodes, uint8_t* mask) {
-  static_assert(G % 8 == 0, "a group holds whole 16-byte loads of bf16 and whole 4-byte code words");
+__device__ inline void stage_tile(const T* __restrict__ x, int64_t e0, int ne, bool vec_ok, float* xs) {
   constexpr int kV = Vec16<T>::kN;  // elements per 16-byte load
-  constexpr int kW = G / 4 + 1;     // 32-bit words per padded code row
-  __shared__ float xs[kQGroups * (G + 1)];
-  __shared__ uint32_t cs[kQGroups * kW];
-  __shared__ uint32_t ms[kQGroups * kW];
-  if (ts_dev) rule.tensor_scale = *ts_dev;
-  const int t = threadIdx.x;
-  const int64_t g0 = blockIdx.x * static_cast<int64_t>(kQGroups), e0 = g0 * G;
-  const int ng = static_cast<int>(min(static_cast<int64_t>(kQGroups), total_groups - g0));
-  const int ne = ng * G;  // a multiple of kV and of 4
-  for (int i = t * kV; i < ne; i += kQGroups * kV) {
+  for (int i = threadIdx.x * kV; i < ne; i += kQGroups * kV) {
     float v[kV];
     if (vec_ok) {
       load16(x + e0 + i, v);
@@ -545,7 +533,117 @@ __global__ void __launch_bounds__(kQGroups)
 #pragma unroll
     for (int j = 0; j < kV; ++j) xs[((i + j) / G) * (G + 1) + (i + j) % G] = v[j];
   }
+}
+
+// The forward Hadamard rotation (blocks of B along the flat tile, B dividing ne) of the staged
+// tile, in place: hadamard_kernel's schedule and float operations (kernels/hadamard.cu), so the
+// values are the CPU's hadamard_forward bit for bit. `sign`: the B signs (+-1). Callers
+// synchronise before and after.
+template <int G, int B>
+__device__ inline void rotate_tile(float* xs, int ne, const float* sign, float norm) {
+  constexpr int kLanes = B >= 32 ? 32 : B;
+  constexpr int kPerLane = B / kLanes;
+  constexpr int kBlocksPerWarp = 32 / kLanes;
+  constexpr int kWarps = kQGroups / 32;
+  const int lane = threadIdx.x & 31, l = lane % kLanes, sub = lane / kLanes, warp = threadIdx.x / 32;
+  const int nblk = ne / B;
+  for (int b0 = warp * kBlocksPerWarp; b0 < nblk; b0 += kWarps * kBlocksPerWarp) {  // warp-uniform
+    const int b = b0 + sub;
+    const bool active = b < nblk;
+    float v[kPerLane];
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      const int j = e * kLanes + l, i = b * B + j;
+      v[e] = active ? __fmul_rn(xs[(i / G) * (G + 1) + i % G], sign[j]) : 0.0f;
+    }
+#pragma unroll
+    for (int h = 1; h < kLanes; h *= 2) {
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) {
+        const float p = __shfl_xor_sync(0xffffffffu, v[e], h);
+        v[e] = (l & h) ? p - v[e] : v[e] + p;
+      }
+    }
+#pragma unroll
+    for (int hb = 1; hb < kPerLane; hb *= 2) {
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) {
+        if ((e & hb) == 0) {
+          const float a = v[e], c = v[e | hb];
+          v[e] = a + c;
+          v[e | hb] = a - c;
+        }
+      }
+    }
+    if (!active) continue;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      const int i = b * B + e * kLanes + l;
+      xs[(i / G) * (G + 1) + i % G] = __fmul_rn(v[e], norm);
+    }
+  }
+}
+
+// The B Hadamard signs of a rotation (all +1 unless randomized), as hadamard_kernel draws them.
+template <int B>
+__device__ inline void hadamard_signs(float* sign, bool randomized, uint64_t seed) {
+  for (int j = threadIdx.x; j < B; j += blockDim.x) {
+    sign[j] = randomized && (philox_u32(seed, kHadamardSignStream, static_cast<uint64_t>(j)) & 1u) ? -1.0f
+                                                                                                  : 1.0f;
+  }
+}
+
+// Rotation of the tiled quantizer's input (B = 0: none).
+struct TileRotation {
+  bool randomized = false;
+  uint64_t seed = 0;
+  float norm = 1.0f;  // 1 / sqrt(B), the host's float expression
+};
+
+// max |H x| (float bits) of x rotated as rotate_tile rotates it, one atomicMax per CTA into *out:
+// the amax the tensor scale of a rotated FP4 operand comes from, without writing H x.
+template <typename T, int G, int B>
+__global__ void __launch_bounds__(kQGroups)
+    fp4_rotated_amax_kernel(const T* __restrict__ x, int64_t total_groups, bool vec_ok, TileRotation rot,
+                            uint32_t* out) {
+  __shared__ float xs[kQGroups * (G + 1)];
+  __shared__ float sign[B];
+  hadamard_signs<B>(sign, rot.randomized, rot.seed);
+  const int64_t g0 = blockIdx.x * static_cast<int64_t>(kQGroups), e0 = g0 * G;
+  const int ne = static_cast<int>(min(static_cast<int64_t>(kQGroups), total_groups - g0)) * G;
+  stage_tile<T, G>(x, e0, ne, vec_ok, xs);
   __syncthreads();
+  rotate_tile<G, B>(xs, ne, sign, rot.norm);
+  __syncthreads();
+  uint32_t m = 0;
+  for (int i = threadIdx.x; i < ne; i += kQGroups) m = max(m, float_bits(fabsf(xs[(i / G) * (G + 1) + i % G])));
+  m = block_max(m);
+  if (threadIdx.x == 0) atomicMax(out, m);
+}
+
+template <typename T, int G, int B>
+__global__ void __launch_bounds__(kQGroups)
+    fp4_quantize_tile_kernel(const T* __restrict__ x, int64_t total_groups, bool vec_ok,
+                             Fp4GroupRule rule, const float* ts_dev, int eden_pb, TileRotation rot,
+                             uint8_t* codes, uint8_t* scodes, uint8_t* mask) {
+  static_assert(G % 8 == 0, "a group holds whole 16-byte loads of bf16 and whole 4-byte code words");
+  constexpr int kW = G / 4 + 1;     // 32-bit words per padded code row
+  __shared__ float xs[kQGroups * (G + 1)];
+  __shared__ uint32_t cs[kQGroups * kW];
+  __shared__ uint32_t ms[kQGroups * kW];
+  __shared__ float sign[B > 0 ? B : 1];
+  if constexpr (B > 0) hadamard_signs<B>(sign, rot.randomized, rot.seed);
+  if (ts_dev) rule.tensor_scale = *ts_dev;
+  const int t = threadIdx.x;
+  const int64_t g0 = blockIdx.x * static_cast<int64_t>(kQGroups), e0 = g0 * G;
+  const int ng = static_cast<int>(min(static_cast<int64_t>(kQGroups), total_groups - g0));
+  const int ne = ng * G;  // a multiple of the 16-byte load, of 4 and (rotating) of B
+  stage_tile<T, G>(x, e0, ne, vec_ok, xs);
+  __syncthreads();
+  if constexpr (B > 0) {
+    rotate_tile<G, B>(xs, ne, sign, rot.norm);
+    __syncthreads();
+  }
   if (t < ng) {
     const float* xr = xs + t * (G + 1);
     uint8_t* cr = reinterpret_cast<uint8_t*>(cs + t * kW);
@@ -783,7 +881,50 @@ void dequantize_fp8_cuda(Tensor& out, const QuantizedFp8& q) {
   CUDA_CHECK_LAUNCH("dequantize_fp8_cuda");
 }
 
+namespace {
+
+// kernel<T, G, B> for the rotation block B (0: no rotation) of the tiled quantizer.
+template <int G, typename F>
+void with_rotation_block(int64_t b, F&& body) {
+  switch (b) {
+    case 0: return body(std::integral_constant<int, 0>{});
+    case 16: return body(std::integral_constant<int, 16>{});
+    case 32: return body(std::integral_constant<int, 32>{});
+    case 64: return body(std::integral_constant<int, 64>{});
+    case 128: return body(std::integral_constant<int, 128>{});
+    default: LASP_FAIL() << "quantize_fp4: no fused rotation of block " << b;
+  }
+}
+
+bool fused_rotation_block(int64_t b) { return b == 16 || b == 32 || b == 64 || b == 128; }
+
+// quantize_fp4_cuda(x) (rot == nullptr), or of x rotated by *rot with the rotation done in the
+// tiled quantizer (the caller checked that it applies: whole groups and whole rotation blocks per
+// row, a fused block size, MS-EDEN's correction fusable).
+QuantizedFp4 quantize_fp4_impl(const Tensor& x, const Fp4Options& opt, const HadamardSpec* rot);
+
+}  // namespace
+
 QuantizedFp4 quantize_fp4_cuda(const Tensor& x, const Fp4Options& opt) {
+  return quantize_fp4_impl(x, opt, nullptr);
+}
+
+QuantizedFp4 quantize_fp4_rotated_cuda(const Tensor& x, const HadamardSpec& spec, const Fp4Options& opt) {
+  const Rows2D d = check_cuda_input(x, "quantize_fp4_rotated_cuda");
+  const int64_t group = fp4_group_size(opt.format);
+  const bool eden = opt.rounding == Fp4Rounding::MsEden;
+  const int64_t per_block = eden ? opt.eden_block / group : 0;
+  const int64_t ngroups = d.cols / group;
+  const bool fused = fused_rotation_block(spec.block) && d.cols % spec.block == 0 && d.cols % group == 0 &&
+                     (!eden || (opt.eden_block % group == 0 && per_block > 0 && kQGroups % per_block == 0 &&
+                                ngroups % per_block == 0));
+  if (!fused) return quantize_fp4_cuda(hadamard_rotated(x, spec), opt);
+  return quantize_fp4_impl(x, opt, &spec);
+}
+
+namespace {
+
+QuantizedFp4 quantize_fp4_impl(const Tensor& x, const Fp4Options& opt, const HadamardSpec* rot) {
   const Rows2D d = check_cuda_input(x, "quantize_fp4_cuda");
   const bool mx = opt.format == Fp4Format::MXFP4;
   const bool quest = opt.clip == Fp4Clip::Quest;
@@ -806,8 +947,44 @@ QuantizedFp4 quantize_fp4_cuda(const Tensor& x, const Fp4Options& opt) {
   // The tensor scale stays on the GPU (no synchronisation): from the amax, as the CPU computes it
   // (MS-EDEN keeps the E4M3 group scales <= 256 to leave room for its correction); NaN for a
   // non-finite input, where the CPU function throws.
+  TileRotation tile_rot;
+  if (rot) {
+    tile_rot.randomized = rot->randomized;
+    tile_rot.seed = rot->seed;
+    tile_rot.norm = 1.0f / std::sqrt(static_cast<float>(rot->block));  // hadamard_cuda's expression
+  }
   {
-    const Tensor amax = device_amax_bits(x);
+    Tensor amax;
+    if (rot) {  // max |H x|: the rotated values are never written
+      amax = Tensor::empty({1}, DType::I32, dev);
+      amax_reset_cuda(amax, 0);
+      const int64_t total_groups = d.rows * ngroups;
+      if (total_groups > 0) {
+        const bool vec_ok = reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0;
+        const int blocks = static_cast<int>(ceil_div(total_groups, static_cast<int64_t>(kQGroups)));
+        with_input_type(x, [&](auto* xp) {
+          using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+          const auto launch = [&](auto g) {
+            constexpr int G = decltype(g)::value;
+            with_rotation_block<G>(rot->block, [&](auto b) {
+              constexpr int B = decltype(b)::value;
+              if constexpr (B > 0) {
+                fp4_rotated_amax_kernel<T, G, B><<<blocks, kQGroups, 0, stream>>>(
+                    xp, total_groups, vec_ok, tile_rot, static_cast<uint32_t*>(amax.raw()));
+              }
+            });
+          };
+          if (mx) {
+            launch(std::integral_constant<int, 32>{});
+          } else {
+            launch(std::integral_constant<int, 16>{});
+          }
+        });
+        CUDA_CHECK_LAUNCH("quantize_fp4_rotated_cuda (amax)");
+      }
+    } else {
+      amax = device_amax_bits(x);
+    }
     q.tensor_scale_device = Tensor::empty({1}, DType::F32, dev);
     fp4_tensor_scale_kernel<<<1, 1, 0, stream>>>(static_cast<const uint32_t*>(amax.raw()), mx,
                                                  (eden ? 256.0f : kE4M3Max) * kE2M1Max,
@@ -833,16 +1010,28 @@ QuantizedFp4 quantize_fp4_cuda(const Tensor& x, const Fp4Options& opt) {
     const bool eden_fused = eden && kQGroups % per_block == 0 && ngroups % per_block == 0;
     const bool vec_ok = reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0;
     const int blocks = static_cast<int>(ceil_div(threads_total, static_cast<int64_t>(kQGroups)));
+    LASP_CHECK(!rot || !eden || eden_fused) << "quantize_fp4_rotated_cuda: MS-EDEN correction not fusable";
     with_input_type(x, [&](auto* xp) {
       using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-      auto kernel = mx ? fp4_quantize_tile_kernel<T, 32> : fp4_quantize_tile_kernel<T, 16>;
-      kernel<<<blocks, kQGroups, 0, stream>>>(xp, threads_total, vec_ok, rule, ts_dev,
-                                              eden_fused ? static_cast<int>(per_block) : 0,
-                                              q.codes.data<uint8_t>(), q.scales.data<uint8_t>(), mask);
+      const auto launch = [&](auto g) {
+        constexpr int G = decltype(g)::value;
+        with_rotation_block<G>(rot ? rot->block : 0, [&](auto b) {
+          constexpr int B = decltype(b)::value;
+          fp4_quantize_tile_kernel<T, G, B><<<blocks, kQGroups, 0, stream>>>(
+              xp, threads_total, vec_ok, rule, ts_dev, eden_fused ? static_cast<int>(per_block) : 0, tile_rot,
+              q.codes.data<uint8_t>(), q.scales.data<uint8_t>(), mask);
+        });
+      };
+      if (mx) {
+        launch(std::integral_constant<int, 32>{});
+      } else {
+        launch(std::integral_constant<int, 16>{});
+      }
     });
     CUDA_CHECK_LAUNCH("quantize_fp4_cuda (tiled)");
     if (!eden || eden_fused) return q;
   } else {
+    LASP_CHECK(!rot) << "quantize_fp4_rotated_cuda: rows of whole groups only";
     with_input_type(x, [&](auto* xp) {
       fp4_quantize_kernel<<<ceil_div(threads_total, 128), 128, 0, stream>>>(
           xp, d.rows, d.cols, group, ngroups, rule, ts_dev, q.codes.data<uint8_t>(),
@@ -861,6 +1050,8 @@ QuantizedFp4 quantize_fp4_cuda(const Tensor& x, const Fp4Options& opt) {
   }
   return q;
 }
+
+}  // namespace
 
 void dequantize_fp4_cuda(Tensor& out, const QuantizedFp4& q, bool with_tensor_scale) {
   LASP_PROFILE_SCOPE("fp4_dequantize");

@@ -130,6 +130,9 @@ struct QuantizedFp4 {
 };
 
 QuantizedFp4 quantize_fp4(const Tensor& x, const Fp4Options& options);
+// quantize_fp4(hadamard_rotated(x, spec), options); on CUDA the rotation runs inside the
+// quantizer where it can (quantize_fp4_rotated_cuda), with the same results.
+QuantizedFp4 quantize_fp4_rotated(const Tensor& x, const HadamardSpec& spec, const Fp4Options& options);
 // q's tensor scale as a host value: tensor_scale, or tensor_scale_device copied to the host
 // (one synchronisation) when the quantizer left it on the GPU.
 float fp4_tensor_scale(const QuantizedFp4& q);

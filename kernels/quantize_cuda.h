@@ -31,6 +31,12 @@ QuantizedFp8 quantize_fp8_cuda(const Tensor& x, Fp8Format format, Fp8Scaling sca
 void dequantize_fp8_cuda(Tensor& out, const QuantizedFp8& q);
 
 QuantizedFp4 quantize_fp4_cuda(const Tensor& x, const Fp4Options& options);
+// quantize_fp4_cuda(hadamard_rotated(x, spec), options) with the rotation done inside the
+// quantizer (H x is never written; one extra read of x for its amax), when rows hold whole groups
+// and whole rotation blocks, the block is 16, 32, 64 or 128 and an MS-EDEN correction block
+// divides the quantizer's 128-group tile and the row; else exactly that composition. Same codes,
+// scales, mask and tensor scale bit for bit.
+QuantizedFp4 quantize_fp4_rotated_cuda(const Tensor& x, const HadamardSpec& spec, const Fp4Options& options);
 // out (fp32 or bf16, CUDA) = e2m1(code) * scale * tensor_scale. Without the tensor scale every
 // MXFP4 and NVFP4 value is exact in bf16 (E2M1 x E8M0 or E2M1 x E4M3 has at most 6 significant
 // bits), which the emulated FP4 GEMM relies on.

@@ -220,7 +220,7 @@ QuantizedFp4 fp4_forward_operand(const Tensor& t) {
   q.format = o.fp4_format;
   q.rounding = Fp4Rounding::Nearest;
   q.clip = o.fp4_format == Fp4Format::MXFP4 ? Fp4Clip::Quest : Fp4Clip::AbsMax;
-  return quantize_fp4_cuda(hadamard_rotated(t, HadamardSpec{o.hadamard_block, false, 0}), q);
+  return quantize_fp4_rotated(t, HadamardSpec{o.hadamard_block, false, 0}, q);
 }
 
 // The forward's operand for x, through a one-entry cache (the projections that read the same x,

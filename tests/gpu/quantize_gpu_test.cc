@@ -456,6 +456,67 @@ TEST(QuantizeGpu, Fp4CodesScalesMasksAndTensorScaleMatchCpuInEveryMode) {
   }
 }
 
+// The rotation inside the quantizer (quantize_fp4_rotated_cuda) against the CPU's rotate-then-
+// quantize, bit for bit: every fused block size (16..128), plain and randomized signs, every
+// rounding, both formats, bf16 and fp32 inputs, aligned and misaligned; and problems it cannot
+// fuse (rows not of whole MXFP4 groups, block 256), which take the unfused path, same results.
+TEST(QuantizeGpu, Fp4RotatedQuantizationEqualsRotatingThenQuantizingOnTheCpu) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  const uint32_t seed = fresh_seed();
+  std::mt19937 rng(seed);
+  struct Mode {
+    Fp4Format f;
+    Fp4Rounding r;
+    Fp4Clip c;
+  };
+  const Mode modes[] = {{Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::Quest},
+                        {Fp4Format::MXFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
+                        {Fp4Format::MXFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax},
+                        {Fp4Format::NVFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
+                        {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
+                        {Fp4Format::NVFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax}};
+  // {5, 96}: one partial tile; {300, 160}: 12 tiles, rows across tiles; {7, 384} and {33, 1024}:
+  // blocks of 128 (MS-EDEN blocks of 128, as the backward uses them); {3, 48}: rows of 1.5 MXFP4
+  // groups (unfused); {9, 256}: block 256 (unfused).
+  const Shape shapes[] = {{5, 96}, {300, 160}, {7, 384}, {33, 1024}, {3, 48}, {9, 256}};
+  for (const Shape& shape : shapes) {
+    const Tensor x = bf16_rounded(tricky_input(shape, rng));
+    for (int64_t block : {16, 32, 64, 128, 256}) {
+      if (shape[1] % block != 0) continue;
+      for (bool randomized : {false, true}) {
+        const HadamardSpec spec{block, randomized, 0x5EEDull + seed};
+        const Tensor rotated = hadamard_rotated(x, spec);
+        for (const Mode& m : modes) {
+          for (DType in : {DType::BF16, DType::F32}) {
+            Fp4Options o;
+            o.format = m.f;
+            o.rounding = m.r;
+            o.clip = m.c;
+            o.seed = seed;
+            o.stream = 5;
+            o.eden_block = std::max<int64_t>(block, fp4_group_size(m.f));
+            SCOPED_TRACE(testing::Message() << "shape " << shape_str(shape) << " block " << block << " randomized "
+                                            << randomized << " format " << int(m.f) << " rounding " << int(m.r)
+                                            << " input " << dtype_name(in) << " seed " << seed);
+            const QuantizedFp4 ref = quantize_fp4(rotated, o);
+            for (bool misaligned : {false, true}) {
+              const Tensor xg = misaligned ? misaligned_cuda(x, in) : to_cuda(x, in);
+              const QuantizedFp4 q = quantize_fp4_rotated_cuda(xg, spec, o);
+              EXPECT_EQ(qmath::float_bits(fp4_tensor_scale(q)), qmath::float_bits(ref.tensor_scale))
+                  << "misaligned " << misaligned;
+              EXPECT_TRUE(bytes_equal(q.codes, ref.codes, "codes", &rotated)) << "misaligned " << misaligned;
+              EXPECT_TRUE(bytes_equal(q.scales, ref.scales, "scales")) << "misaligned " << misaligned;
+              if (m.c == Fp4Clip::Quest) {
+                EXPECT_TRUE(bytes_equal(q.mask, ref.mask, "mask", &rotated));
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(QuantizeGpu, Fp4StochasticRoundingDependsOnlyOnSeedStreamAndIndex) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
   std::mt19937 rng(fresh_seed());
