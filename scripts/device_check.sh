@@ -145,7 +145,7 @@ fi
 # ---- 4b. low-precision GEMMs (bf16 vs fp8) ----
 LOWP_RESULT="not run"
 if [ -n "$LASP_BIN" ] && [ "${LOWP:-1}" = 1 ]; then
-  timeout "$(left 120)" "$LASP_BIN" bench lowp 2>&1 | tee "$OUT/bench_lowp.log" | tail -20
+  timeout "$(left 180)" "$LASP_BIN" bench lowp 2>&1 | tee "$OUT/bench_lowp.log" | tail -20
   LOWP_RESULT="rc=$? (lasp bench lowp)"
   timeout "$(left 90)" "$LASP_BIN" bench ops 2>&1 | tee -a "$OUT/bench_lowp.log" | tail -20
 fi
