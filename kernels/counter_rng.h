@@ -4,7 +4,10 @@
 // identical numbers; no generator state is carried between calls.
 //
 // Conventions used by the quantizers (kernels/quantize.h) and the randomized Hadamard transform:
-//   element draw for stochastic rounding   philox_uniform(seed, stream, flat element index)
+//   element draw for stochastic rounding   philox_element_uniform(seed, stream, flat element index):
+//                                           word i % 4 of the block at index i / 4, so one Philox
+//                                           evaluation serves four consecutive elements (until
+//                                           2026-12-02 each element took word 0 of its own block)
 //   MS-EDEN group-scale draw                philox_uniform(seed, stream | kScaleStreamBit, group index)
 //   Hadamard sign of column j (in a block)  philox_u32(seed, kHadamardSignStream, j) & 1
 #pragma once
@@ -52,9 +55,48 @@ LASP_HOST_DEVICE inline uint32_t philox_u32(uint64_t seed, uint64_t stream, uint
       .v[0];
 }
 
-// A uniform float in [0, 1) with 24 random bits (exact in fp32).
-LASP_HOST_DEVICE inline float philox_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
-  return static_cast<float>(philox_u32(seed, stream, index) >> 8) * (1.0f / 16777216.0f);
+// A uniform float in [0, 1) with 24 random bits (exact in fp32) from 32 random bits.
+LASP_HOST_DEVICE inline float uniform_from_bits(uint32_t bits) {
+  return static_cast<float>(bits >> 8) * (1.0f / 16777216.0f);
 }
+
+// A uniform float in [0, 1) for (seed, stream, index) (word 0 of the block).
+LASP_HOST_DEVICE inline float philox_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
+  return uniform_from_bits(philox_u32(seed, stream, index));
+}
+
+// The four words of the block at `block` for (seed, stream).
+LASP_HOST_DEVICE inline Philox4x32 philox_block(uint64_t seed, uint64_t stream, uint64_t block) {
+  return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                       static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32),
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Word k (0..3) of a block, selected without indexing (a run-time index would put a CUDA
+// thread's block in local memory).
+LASP_HOST_DEVICE inline uint32_t philox_word(const Philox4x32& b, uint32_t k) {
+  return k == 0 ? b.v[0] : k == 1 ? b.v[1] : k == 2 ? b.v[2] : b.v[3];
+}
+
+// The element draw of stochastic rounding: element i takes word i % 4 of block i / 4.
+LASP_HOST_DEVICE inline float philox_element_uniform(uint64_t seed, uint64_t stream, uint64_t i) {
+  return uniform_from_bits(philox_word(philox_block(seed, stream, i >> 2), static_cast<uint32_t>(i & 3)));
+}
+
+// philox_element_uniform for elements visited mostly in order: the last block is kept, so a run
+// of consecutive elements costs one Philox evaluation per four. Same values in any order.
+struct PhiloxElementDraws {
+  uint64_t seed = 0, stream = 0;
+  uint64_t block = ~uint64_t{0};
+  Philox4x32 words{};
+  LASP_HOST_DEVICE PhiloxElementDraws(uint64_t seed_, uint64_t stream_) : seed(seed_), stream(stream_) {}
+  LASP_HOST_DEVICE float operator()(uint64_t i) {
+    if ((i >> 2) != block) {
+      block = i >> 2;
+      words = philox_block(seed, stream, block);
+    }
+    return uniform_from_bits(philox_word(words, static_cast<uint32_t>(i & 3)));
+  }
+};
 
 }  // namespace lasp

@@ -343,6 +343,7 @@ QuantizedFp4 quantize_fp4(const Tensor& x, const Fp4Options& opt) {
       }
       scodes[r * ngroups + g] = sc;
       const float s = mx ? e8m0_to_float(sc) : e4m3_to_float(sc);
+      PhiloxElementDraws draw(opt.seed, opt.stream);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t i = r * d.cols + c;
         if (s == 0.0f) {  // zero group, or an NVFP4 scale that underflowed E4M3
@@ -353,7 +354,7 @@ QuantizedFp4 quantize_fp4(const Tensor& x, const Fp4Options& opt) {
         const float v = xs[i] / (s * ts);
         if (mask) mask[i] = std::fabs(v) <= kE2M1Max ? 1 : 0;
         if (opt.rounding == Fp4Rounding::Stochastic) {
-          codes[i] = e2m1_round_stochastic(v, philox_uniform(opt.seed, opt.stream, static_cast<uint64_t>(i)));
+          codes[i] = e2m1_round_stochastic(v, draw(static_cast<uint64_t>(i)));
         } else {
           codes[i] = float_to_e2m1(v);
         }

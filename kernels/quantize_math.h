@@ -203,6 +203,7 @@ LASP_HOST_DEVICE inline uint8_t fp4_quantize_group(const Load& load, int64_t c0,
     sc = e4m3_ceil(gmax / kE2M1MaxF / ts);
   }
   const float s = rule.mx ? e8m0_decode(sc) : e4m3_decode(sc);
+  PhiloxElementDraws draw(rule.seed, rule.stream);
   for (int64_t c = c0; c < c1; ++c) {
     if (s == 0.0f) {
       codes[c] = 0;
@@ -211,10 +212,7 @@ LASP_HOST_DEVICE inline uint8_t fp4_quantize_group(const Load& load, int64_t c0,
     }
     const float v = load(c) / (s * ts);
     if (mask) mask[c] = fabsf(v) <= kE2M1MaxF ? 1 : 0;
-    codes[c] = rule.stochastic
-                   ? e2m1_round_stochastic(v, philox_uniform(rule.seed, rule.stream,
-                                                             flat + static_cast<uint64_t>(c)))
-                   : e2m1_encode(v);
+    codes[c] = rule.stochastic ? e2m1_round_stochastic(v, draw(flat + static_cast<uint64_t>(c))) : e2m1_encode(v);
   }
   return sc;
 }

@@ -127,6 +127,38 @@ TEST(CounterRng, UniformDrawsAreReproducibleAndUniform) {
   EXPECT_NE(philox_u32(42, 3, 0), philox_u32(42, 4, 0));
 }
 
+// The element draws of stochastic rounding: element i is word i % 4 of Philox block i / 4, the
+// cached walker gives the same numbers visited backwards and at random, and the draws are uniform.
+TEST(CounterRng, ElementDrawsTakeTheFourWordsOfABlockInAnyVisitingOrder) {
+  const uint64_t seed = 0x1234ABCDull, stream = 9;
+  const int n = 1 << 14;
+  std::vector<float> ref(n);
+  for (int i = 0; i < n; ++i) {
+    const Philox4x32 b = philox4x32_10(uint32_t(i / 4), 0, uint32_t(stream), 0, uint32_t(seed), uint32_t(seed >> 32));
+    ref[i] = float(b.v[i % 4] >> 8) * (1.0f / 16777216.0f);
+    ASSERT_EQ(philox_element_uniform(seed, stream, uint64_t(i)), ref[i]) << i;
+  }
+  PhiloxElementDraws backwards(seed, stream), shuffled(seed, stream);
+  for (int i = n - 1; i >= 0; --i) ASSERT_EQ(backwards(uint64_t(i)), ref[i]) << i;
+  std::mt19937 rng(5);
+  for (int j = 0; j < n; ++j) {
+    const int i = int(rng() % n);
+    ASSERT_EQ(shuffled(uint64_t(i)), ref[i]) << i;
+  }
+  double sum = 0;
+  int bins[16] = {};
+  for (float u : ref) {
+    sum += u;
+    ++bins[int(u * 16)];
+  }
+  EXPECT_NEAR(sum / n, 0.5, 5 * std::sqrt(1.0 / 12 / n));
+  for (int b : bins) EXPECT_NEAR(b, n / 16, 6 * std::sqrt(n / 16.0));
+  // Neighbours (within and across blocks) are not equal.
+  int same = 0;
+  for (int i = 0; i + 1 < n; ++i) same += ref[i] == ref[i + 1];
+  EXPECT_LT(same, 4);
+}
+
 // ================================================================ Hadamard
 
 TEST(Hadamard, ForwardMatchesDenseMatrixForEveryBlockSizeWithAndWithoutSigns) {
@@ -450,7 +482,7 @@ TEST(Fp4, StochasticDrawsAreAddressedByElementIndexSoAGpuCanReproduceThem) {
   const QuantizedFp4 q = quantize_mxfp4(x, Fp4Rounding::Stochastic, Fp4Clip::AbsMax, 77, 5);
   for (int64_t i = 0; i < x.numel(); ++i) {
     const double s = q.scale(i / 64, (i % 64) / 32);
-    const uint8_t want = e2m1_round_stochastic(float(x.item(i) / s), philox_uniform(77, 5, uint64_t(i)));
+    const uint8_t want = e2m1_round_stochastic(float(x.item(i) / s), philox_element_uniform(77, 5, uint64_t(i)));
     ASSERT_EQ(q.codes.data<uint8_t>()[i], want) << i;
   }
   const QuantizedFp4 same = quantize_mxfp4(x, Fp4Rounding::Stochastic, Fp4Clip::AbsMax, 77, 5);

@@ -8,8 +8,18 @@
 // outputs once, each a 2^-9 relative rounding, so errors land at 2e-3 .. 6e-3:
 //   o, dq, dk, dv                    2e-2
 //   final_state, d_initial_state     2e-2 (fp32 outputs built from bf16 operands)
-//   d_log_decay                      5e-2 (a difference q.dq - k.dk followed by a suffix sum)
+//   d_log_decay                      1e-1: sums of differences of D-term dot products (the
+//                                    intra-chunk P o dO V^T terms, q.dq-like and k.dk-like), so
+//                                    each term carries a rounding error of order eps |q| |dq|
+//                                    while the result is of order |q| |dq| / sqrt(D): relative
+//                                    errors of eps sqrt(D) times the cancellation of the draw.
+//                                    A draw at D = 64, T = 9000 gave 5.3e-2 (H200, 2026-12-02, the
+//                                    first above the earlier bound 5e-2 in the test's runs since
+//                                    2026-11-23); a wrong term or chunk boundary gives errors of
+//                                    order 1.
 #include <gtest/gtest.h>
+
+#include <cstdio>
 
 #include "kernels/linear_attention.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -19,7 +29,7 @@ namespace {
 
 using namespace gpu_test;
 
-constexpr double kTolOut = 2e-2, kTolState = 2e-2, kTolDlog = 5e-2;
+constexpr double kTolOut = 2e-2, kTolState = 2e-2, kTolDlog = 1e-1;
 
 struct LaCase {
   int64_t B, T, H, D;
@@ -72,6 +82,7 @@ void expect_close(const Tensor& gpu, const Tensor& cpu, double tol, const char* 
   const auto out = gpu.to_vector();
   EXPECT_EQ(count_non_finite(out), 0) << what << ": unwritten or non-finite outputs";
   const double err = rel_error(out, cpu.to_vector());
+  if (tol == kTolDlog) std::printf("[ info ] %s relative error %.2e (bound %.0e)\n", what, err, tol);
   EXPECT_LT(err, tol) << what;
 }
 
