@@ -134,15 +134,20 @@ constexpr float kE5M2MaxF = 57344.0f;
 constexpr float kE2M1MaxF = 6.0f;
 constexpr float kQuestAlpha = 2.92247856f;  // = kQuestAlphaE2M1 in quantize.h
 
-// Stochastic rounding of v onto the E2M1 grid: up when u < (|v| - lo) / (hi - lo).
+// Stochastic rounding of v onto the E2M1 grid: up when u < (|v| - lo) / (hi - lo). Without
+// loops or a division (the grid 0, .5, 1, 1.5, 2, 3, 4, 6 is monotone, so lo is a count of
+// comparisons; hi - lo is 0.5, 1 or 2, and dividing by a power of two is multiplying by its
+// exact reciprocal): the same results as the CPU's search and division.
 LASP_HOST_DEVICE inline uint8_t e2m1_round_stochastic(float v, float u) {
   const uint32_t sign = (float_bits(v) >> 31) << 3;
   const float a = fminf(fabsf(v), kE2M1MaxF);
-  uint8_t lo = 0;
-  while (lo < 7 && e2m1_decode(static_cast<uint8_t>(lo + 1)) <= a) ++lo;
-  const float glo = e2m1_decode(lo);
-  if (lo == 7 || glo == a) return static_cast<uint8_t>(sign | lo);
-  const float p = (a - glo) / (e2m1_decode(static_cast<uint8_t>(lo + 1)) - glo);
+  const uint32_t lo = static_cast<uint32_t>(a >= 0.5f) + (a >= 1.0f) + (a >= 1.5f) + (a >= 2.0f) +
+                      (a >= 3.0f) + (a >= 4.0f) + (a >= 6.0f);
+  if (lo == 7) return static_cast<uint8_t>(sign | 7u);
+  const float glo = e2m1_decode(static_cast<uint8_t>(lo));
+  if (glo == a) return static_cast<uint8_t>(sign | lo);
+  const float inv_step = lo < 4 ? 2.0f : lo < 6 ? 1.0f : 0.5f;
+  const float p = (a - glo) * inv_step;
   return static_cast<uint8_t>(sign | (u < p ? lo + 1u : lo));
 }
 
@@ -203,6 +208,11 @@ LASP_HOST_DEVICE inline uint8_t fp4_quantize_group(const Load& load, int64_t c0,
     sc = e4m3_ceil(gmax / kE2M1MaxF / ts);
   }
   const float s = rule.mx ? e8m0_decode(sc) : e4m3_decode(sc);
+  // MXFP4 divides by a power of two (E8M0, tensor scale 1): multiplying by its exact reciprocal
+  // gives the correctly rounded quotient too, i.e. the CPU's x / (s ts) bit for bit.
+  const float d = s * ts;
+  const bool by_reciprocal = rule.mx && ts == 1.0f;
+  const float r = 1.0f / d;
   PhiloxElementDraws draw(rule.seed, rule.stream);
   for (int64_t c = c0; c < c1; ++c) {
     if (s == 0.0f) {
@@ -210,7 +220,7 @@ LASP_HOST_DEVICE inline uint8_t fp4_quantize_group(const Load& load, int64_t c0,
       if (mask) mask[c] = 1;
       continue;
     }
-    const float v = load(c) / (s * ts);
+    const float v = by_reciprocal ? load(c) * r : load(c) / d;
     if (mask) mask[c] = fabsf(v) <= kE2M1MaxF ? 1 : 0;
     codes[c] = rule.stochastic ? e2m1_round_stochastic(v, draw(flat + static_cast<uint64_t>(c))) : e2m1_encode(v);
   }

@@ -234,6 +234,15 @@ TEST(QuantizeDeviceMath, StochasticRoundingMatchesCpu) {
     const float uu = u(rng);
     if (qmath::e2m1_round_stochastic(x, uu) != e2m1_round_stochastic(x, uu)) ++bad;
   }
+  // Next to every grid point (a few ulps either side, both signs) and at the probability's edges.
+  const float us[] = {0.0f, 1e-7f, 0.25f, 0.5f, 0.75f, std::nextafter(1.0f, 0.0f)};
+  for (int c = 0; c < 16; ++c)
+    for (float dir : {-1.0f, 1.0f}) {
+      float y = e2m1_to_float(static_cast<uint8_t>(c));
+      for (int k = 0; k < 4; ++k, y = std::nextafter(y, dir * 10.0f))
+        for (float uu : us)
+          if (qmath::e2m1_round_stochastic(y, uu) != e2m1_round_stochastic(y, uu)) ++bad;
+    }
   EXPECT_EQ(bad, 0);
 }
 
