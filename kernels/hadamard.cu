@@ -10,8 +10,8 @@
 //
 // Work split (G = block, a compile-time constant): one warp per block for G >= 32, lane l holding
 // elements e * 32 + l (e < G / 32) — stages h < 32 are lane shuffles, stages h >= 32 are register
-// pairs; for G < 32 a warp holds 32 / G blocks, G lanes each. The G signs are computed once per
-// CTA into shared memory (philox, as hadamard_sign does).
+// pairs; for G < 32 a warp holds 32 / G blocks, G lanes each (kernels/hadamard_device.cuh). The
+// G signs are computed once per CTA into shared memory (philox, as hadamard_sign does).
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -20,6 +20,7 @@
 #include "core/tensor.h"
 #include "kernels/counter_rng.h"
 #include "kernels/cuda_utils.cuh"
+#include "kernels/hadamard_device.cuh"
 #include "kernels/quantize_cuda.h"
 
 namespace lasp {
@@ -40,15 +41,10 @@ __global__ void __launch_bounds__(kThreads)
     hadamard_kernel(const TI* __restrict__ x, TO* __restrict__ y, const uint8_t* __restrict__ mask,
                     int64_t nblocks, uint64_t seed, bool randomized, bool inverse, bool accumulate,
                     float norm) {
-  constexpr int kLanes = G >= 32 ? 32 : G;  // lanes per block
-  constexpr int kPerLane = G / kLanes;      // elements per lane
-  constexpr int kBlocksPerWarp = 32 / kLanes;
+  constexpr int kLanes = HadamardLanes<G>::kLanes, kPerLane = HadamardLanes<G>::kPerLane;
+  constexpr int kBlocksPerWarp = HadamardLanes<G>::kBlocksPerWarp;
   __shared__ float sign[G];
-  for (int j = threadIdx.x; j < G; j += blockDim.x) {
-    sign[j] = randomized && (philox_u32(seed, kHadamardSignStream, static_cast<uint64_t>(j)) & 1u)
-                  ? -1.0f
-                  : 1.0f;
-  }
+  hadamard_signs<G>(sign, randomized, seed);
   __syncthreads();
   const int lane = threadIdx.x & 31, l = lane % kLanes, sub = lane / kLanes;
   const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
@@ -66,25 +62,7 @@ __global__ void __launch_bounds__(kThreads)
       if (mask != nullptr && active && mask[i] == 0) t = 0.0f;
       v[e] = inverse ? t : __fmul_rn(t, sign[j]);
     }
-#pragma unroll
-    for (int h = 1; h < kLanes; h *= 2) {
-#pragma unroll
-      for (int e = 0; e < kPerLane; ++e) {
-        const float p = __shfl_xor_sync(0xffffffffu, v[e], h);
-        v[e] = (l & h) ? p - v[e] : v[e] + p;
-      }
-    }
-#pragma unroll
-    for (int hb = 1; hb < kPerLane; hb *= 2) {
-#pragma unroll
-      for (int e = 0; e < kPerLane; ++e) {
-        if ((e & hb) == 0) {
-          const float a = v[e], c = v[e | hb];
-          v[e] = a + c;
-          v[e | hb] = a - c;
-        }
-      }
-    }
+    hadamard_butterfly<G>(v, l);
     if (!active) continue;
 #pragma unroll
     for (int e = 0; e < kPerLane; ++e) {

@@ -34,6 +34,7 @@
 #include "core/profile.h"
 #include "core/tensor.h"
 #include "kernels/cuda_utils.cuh"
+#include "kernels/hadamard_device.cuh"
 #include "kernels/quantize_cuda.h"
 #include "kernels/quantize_math.h"
 
@@ -541,9 +542,8 @@ __device__ inline void stage_tile(const T* __restrict__ x, int64_t e0, int ne, b
 // synchronise before and after.
 template <int G, int B>
 __device__ inline void rotate_tile(float* xs, int ne, const float* sign, float norm) {
-  constexpr int kLanes = B >= 32 ? 32 : B;
-  constexpr int kPerLane = B / kLanes;
-  constexpr int kBlocksPerWarp = 32 / kLanes;
+  constexpr int kLanes = HadamardLanes<B>::kLanes, kPerLane = HadamardLanes<B>::kPerLane;
+  constexpr int kBlocksPerWarp = HadamardLanes<B>::kBlocksPerWarp;
   constexpr int kWarps = kQGroups / 32;
   const int lane = threadIdx.x & 31, l = lane % kLanes, sub = lane / kLanes, warp = threadIdx.x / 32;
   const int nblk = ne / B;
@@ -556,40 +556,13 @@ __device__ inline void rotate_tile(float* xs, int ne, const float* sign, float n
       const int j = e * kLanes + l, i = b * B + j;
       v[e] = active ? __fmul_rn(xs[(i / G) * (G + 1) + i % G], sign[j]) : 0.0f;
     }
-#pragma unroll
-    for (int h = 1; h < kLanes; h *= 2) {
-#pragma unroll
-      for (int e = 0; e < kPerLane; ++e) {
-        const float p = __shfl_xor_sync(0xffffffffu, v[e], h);
-        v[e] = (l & h) ? p - v[e] : v[e] + p;
-      }
-    }
-#pragma unroll
-    for (int hb = 1; hb < kPerLane; hb *= 2) {
-#pragma unroll
-      for (int e = 0; e < kPerLane; ++e) {
-        if ((e & hb) == 0) {
-          const float a = v[e], c = v[e | hb];
-          v[e] = a + c;
-          v[e | hb] = a - c;
-        }
-      }
-    }
+    hadamard_butterfly<B>(v, l);
     if (!active) continue;
 #pragma unroll
     for (int e = 0; e < kPerLane; ++e) {
       const int i = b * B + e * kLanes + l;
       xs[(i / G) * (G + 1) + i % G] = __fmul_rn(v[e], norm);
     }
-  }
-}
-
-// The B Hadamard signs of a rotation (all +1 unless randomized), as hadamard_kernel draws them.
-template <int B>
-__device__ inline void hadamard_signs(float* sign, bool randomized, uint64_t seed) {
-  for (int j = threadIdx.x; j < B; j += blockDim.x) {
-    sign[j] = randomized && (philox_u32(seed, kHadamardSignStream, static_cast<uint64_t>(j)) & 1u) ? -1.0f
-                                                                                                  : 1.0f;
   }
 }
 

@@ -393,27 +393,29 @@ TEST(QuantizeGpu, Fp8NonFiniteInputPoisonsTheScaleInsteadOfPassingSilently) {
   EXPECT_THROW(quantize_fp8_cuda(x.to(cuda()), Fp8Format::E4M3, Fp8Scaling::PerTensor, &hist), Error);
 }
 
+// Every FP4 quantizer mode: format, element rounding, clipping.
+struct Fp4Mode {
+  Fp4Format f;
+  Fp4Rounding r;
+  Fp4Clip c;
+};
+const Fp4Mode kFp4Modes[] = {{Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
+                             {Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::Quest},
+                             {Fp4Format::MXFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
+                             {Fp4Format::NVFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
+                             {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
+                             {Fp4Format::MXFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax},
+                             {Fp4Format::NVFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax}};
+
 TEST(QuantizeGpu, Fp4CodesScalesMasksAndTensorScaleMatchCpuInEveryMode) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
   const uint32_t seed = fresh_seed();
   std::mt19937 rng(seed);
-  struct Mode {
-    Fp4Format f;
-    Fp4Rounding r;
-    Fp4Clip c;
-  };
-  const Mode modes[] = {{Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
-                        {Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::Quest},
-                        {Fp4Format::MXFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
-                        {Fp4Format::NVFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
-                        {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
-                        {Fp4Format::MXFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax},
-                        {Fp4Format::NVFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax}};
   std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
   shapes.insert(shapes.end(), std::begin(kFp4TiledShapes), std::end(kFp4TiledShapes));
   for (const Shape& shape : shapes) {
     const Tensor x = bf16_rounded(tricky_input(shape, rng));
-    for (const Mode& m : modes)
+    for (const Fp4Mode& m : kFp4Modes)
       for (DType in : {DType::F32, DType::BF16}) {
         Fp4Options o;
         o.format = m.f;
@@ -473,17 +475,6 @@ TEST(QuantizeGpu, Fp4RotatedQuantizationEqualsRotatingThenQuantizingOnTheCpu) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
   const uint32_t seed = fresh_seed();
   std::mt19937 rng(seed);
-  struct Mode {
-    Fp4Format f;
-    Fp4Rounding r;
-    Fp4Clip c;
-  };
-  const Mode modes[] = {{Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::Quest},
-                        {Fp4Format::MXFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
-                        {Fp4Format::MXFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax},
-                        {Fp4Format::NVFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
-                        {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
-                        {Fp4Format::NVFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax}};
   // {5, 96}: one partial tile; {300, 160}: 12 tiles, rows across tiles; {7, 384} and {33, 1024}:
   // blocks of 128 (MS-EDEN blocks of 128, as the backward uses them); {3, 48}: rows of 1.5 MXFP4
   // groups (unfused); {9, 256}: block 256 (unfused).
@@ -495,7 +486,7 @@ TEST(QuantizeGpu, Fp4RotatedQuantizationEqualsRotatingThenQuantizingOnTheCpu) {
       for (bool randomized : {false, true}) {
         const HadamardSpec spec{block, randomized, 0x5EEDull + seed};
         const Tensor rotated = hadamard_rotated(x, spec);
-        for (const Mode& m : modes) {
+        for (const Fp4Mode& m : kFp4Modes) {
           for (DType in : {DType::BF16, DType::F32}) {
             Fp4Options o;
             o.format = m.f;
