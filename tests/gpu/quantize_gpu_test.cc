@@ -246,32 +246,39 @@ TEST(QuantizeDeviceMath, StochasticRoundingMatchesCpu) {
   EXPECT_EQ(bad, 0);
 }
 
+// Every FP4 quantizer mode: format, element rounding, clipping.
+struct Fp4Mode {
+  Fp4Format f;
+  Fp4Rounding r;
+  Fp4Clip c;
+};
+const Fp4Mode kFp4Modes[] = {{Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
+                             {Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::Quest},
+                             {Fp4Format::MXFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
+                             {Fp4Format::NVFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
+                             {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
+                             {Fp4Format::MXFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax},
+                             {Fp4Format::NVFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax}};
+
+Fp4Options fp4_options(const Fp4Mode& m, uint64_t seed, uint64_t stream) {
+  Fp4Options o;
+  o.format = m.f;
+  o.rounding = m.r;
+  o.clip = m.c;
+  o.seed = seed;
+  o.stream = stream;
+  return o;
+}
+
 // The per-group routine the FP4 kernel runs, executed on the host over every group, against
 // quantize_fp4 (CPU) for each supported mode.
 TEST(QuantizeDeviceMath, Fp4GroupRoutineReproducesCpuQuantizerBitForBit) {
   const uint32_t seed = fresh_seed();
   std::mt19937 rng(seed);
-  struct Mode {
-    Fp4Format f;
-    Fp4Rounding r;
-    Fp4Clip c;
-  };
-  const Mode modes[] = {{Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
-                        {Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::Quest},
-                        {Fp4Format::MXFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
-                        {Fp4Format::NVFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
-                        {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
-                        {Fp4Format::MXFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax},
-                        {Fp4Format::NVFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax}};
   for (const Shape& shape : {Shape{13, 77}, Shape{5, 3, 64}, Shape{1, 31}}) {
     const Tensor x = tricky_input(shape, rng);
-    for (const Mode& m : modes) {
-      Fp4Options o;
-      o.format = m.f;
-      o.rounding = m.r;
-      o.clip = m.c;
-      o.seed = seed;
-      o.stream = 3;
+    for (const Fp4Mode& m : kFp4Modes) {
+      const Fp4Options o = fp4_options(m, seed, 3);
       SCOPED_TRACE(testing::Message() << "shape " << shape_str(shape) << " format " << int(m.f)
                                       << " rounding " << int(m.r) << " clip " << int(m.c)
                                       << " seed " << seed);
@@ -393,20 +400,6 @@ TEST(QuantizeGpu, Fp8NonFiniteInputPoisonsTheScaleInsteadOfPassingSilently) {
   EXPECT_THROW(quantize_fp8_cuda(x.to(cuda()), Fp8Format::E4M3, Fp8Scaling::PerTensor, &hist), Error);
 }
 
-// Every FP4 quantizer mode: format, element rounding, clipping.
-struct Fp4Mode {
-  Fp4Format f;
-  Fp4Rounding r;
-  Fp4Clip c;
-};
-const Fp4Mode kFp4Modes[] = {{Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
-                             {Fp4Format::MXFP4, Fp4Rounding::Nearest, Fp4Clip::Quest},
-                             {Fp4Format::MXFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
-                             {Fp4Format::NVFP4, Fp4Rounding::Nearest, Fp4Clip::AbsMax},
-                             {Fp4Format::NVFP4, Fp4Rounding::Stochastic, Fp4Clip::AbsMax},
-                             {Fp4Format::MXFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax},
-                             {Fp4Format::NVFP4, Fp4Rounding::MsEden, Fp4Clip::AbsMax}};
-
 TEST(QuantizeGpu, Fp4CodesScalesMasksAndTensorScaleMatchCpuInEveryMode) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
   const uint32_t seed = fresh_seed();
@@ -417,12 +410,7 @@ TEST(QuantizeGpu, Fp4CodesScalesMasksAndTensorScaleMatchCpuInEveryMode) {
     const Tensor x = bf16_rounded(tricky_input(shape, rng));
     for (const Fp4Mode& m : kFp4Modes)
       for (DType in : {DType::F32, DType::BF16}) {
-        Fp4Options o;
-        o.format = m.f;
-        o.rounding = m.r;
-        o.clip = m.c;
-        o.seed = seed;
-        o.stream = 11;
+        const Fp4Options o = fp4_options(m, seed, 11);
         SCOPED_TRACE(testing::Message() << "shape " << shape_str(shape) << " format " << int(m.f)
                                         << " rounding " << int(m.r) << " clip " << int(m.c)
                                         << " input " << dtype_name(in) << " seed " << seed);
@@ -488,12 +476,7 @@ TEST(QuantizeGpu, Fp4RotatedQuantizationEqualsRotatingThenQuantizingOnTheCpu) {
         const Tensor rotated = hadamard_rotated(x, spec);
         for (const Fp4Mode& m : kFp4Modes) {
           for (DType in : {DType::BF16, DType::F32}) {
-            Fp4Options o;
-            o.format = m.f;
-            o.rounding = m.r;
-            o.clip = m.c;
-            o.seed = seed;
-            o.stream = 5;
+            Fp4Options o = fp4_options(m, seed, 5);
             o.eden_block = std::max<int64_t>(block, fp4_group_size(m.f));
             SCOPED_TRACE(testing::Message() << "shape " << shape_str(shape) << " block " << block << " randomized "
                                             << randomized << " format " << int(m.f) << " rounding " << int(m.r)
