@@ -390,10 +390,16 @@ void dequantize_fp4(Tensor& out, const QuantizedFp4& q, bool with_tensor_scale) 
   const uint8_t* codes = q.codes.data<uint8_t>();
   float* o = out.data<float>();
   const float ts = with_tensor_scale ? q.tensor_scale : 1.0f;
+  float value[16];  // the 16 E2M1 codes' values
+  for (int v = 0; v < 16; ++v) value[v] = e2m1_to_float(static_cast<uint8_t>(v));
+  const int64_t ngroups = ceil_div(cols, group);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t i = r * cols + c;
-      o[i] = e2m1_to_float(codes[i]) * q.scale(r, c / group) * ts;
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const float s = q.scale(r, g);
+      for (int64_t c = g * group, c1 = std::min(cols, c + group); c < c1; ++c) {
+        const int64_t i = r * cols + c;
+        o[i] = value[codes[i] & 0xF] * s * ts;
+      }
     }
 }
 
