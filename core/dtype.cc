@@ -170,7 +170,19 @@ uint8_t float_to_e5m2(float x, bool saturate) {
 }
 float e5m2_to_float(uint8_t bits) { return mini_decode(kE5M2, bits); }
 
-uint8_t float_to_e2m1(float x) { return static_cast<uint8_t>(mini_encode(kE2M1, x, true)); }
+// E2M1 has eight magnitudes (0, .5, 1, 1.5, 2, 3, 4, 6), so round-to-nearest-even is a count of
+// the midpoints at or below |x|: strictly above a midpoint whose lower neighbour has the even
+// code (.25, 1.25, 2.5, 5), at or above one whose upper neighbour has it (.75, 1.75, 3.5).
+// Saturating; NaN encodes as +-6 (E2M1 has no NaN), as mini_encode does. The FP4 quantizers call
+// this once per element, hence no frexp / ldexp here (tests/dtype_test.cc checks every float
+// from 2^-4 to 16 against a nearest-even search).
+uint8_t float_to_e2m1(float x) {
+  const uint8_t sign = std::signbit(x) ? 0x8 : 0x0;
+  if (std::isnan(x)) return sign | 0x7;
+  const float a = std::fabs(x);
+  const int code = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
+  return static_cast<uint8_t>(sign | code);
+}
 float e2m1_to_float(uint8_t bits) { return mini_decode(kE2M1, bits & 0xF); }
 
 float e8m0_to_float(uint8_t bits) {

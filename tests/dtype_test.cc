@@ -252,6 +252,33 @@ TEST(DType, RandomFloatsRoundLikeABruteForceNearestEvenSearch) {
   }
 }
 
+// E2M1 is encoded once per element by the FP4 quantizers, with its own comparison chain: every
+// float from 2^-4 to 16 (67 M values, both signs by symmetry of the code) against the search.
+TEST(DType, E2M1EncodesEveryFloatFromOneSixteenthToSixteenLikeTheSearch) {
+  Format e2m1;
+  for (const Format& f : all_formats())
+    if (f.name == "e2m1") e2m1 = f;
+  const PositiveGrid g = positive_grid(e2m1);
+  float lo = 0.0625f, hi = 16.0f;
+  uint32_t b, end;
+  std::memcpy(&b, &lo, 4);
+  std::memcpy(&end, &hi, 4);
+  int mismatches = 0;
+  for (; b <= end; ++b) {
+    float x;
+    std::memcpy(&x, &b, 4);
+    const uint32_t want = reference_encode(e2m1, g, x, true);
+    if (float_to_e2m1(x) != want || float_to_e2m1(-x) != (want | 0x8)) {
+      if (mismatches++ < 5) ADD_FAILURE() << "encode(" << x << ") = " << int(float_to_e2m1(x)) << ", expected " << want;
+    }
+  }
+  EXPECT_EQ(mismatches, 0);
+  for (float x : {0.0f, 1e-30f, 1e-45f, 0.03f}) {  // below the sweep: all round to zero
+    EXPECT_EQ(float_to_e2m1(x), 0);
+    EXPECT_EQ(float_to_e2m1(-x), 0x8);
+  }
+}
+
 TEST(DType, NaNAndInfinityFollowEachFormatsRules) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();
