@@ -4,31 +4,49 @@
 
 #include <string>
 
+#include "core/env.h"
 #include "core/profile.h"
 
 namespace lasp {
 
 #ifdef LASP_HAVE_CUDA
-void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha,
-                   float beta, bool fast_accum);
+void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha, float beta,
+                   bool fast_accum, Fp8GemmBackend backend, const Fp8KernelConfig& cfg);
 #endif
+
+Fp8GemmBackend fp8_gemm_backend_from_env() {
+  const int choice = env_choice("LASP_FP8_GEMM", {"auto", "cublaslt", "lasp"});
+  if (choice == 1) return Fp8GemmBackend::CublasLt;
+  if (choice == 2) return Fp8GemmBackend::Lasp;
+  return Fp8GemmBackend::CublasLt;
+}
 
 void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha, float beta,
               bool fast_accum) {
+  const bool cuda_run = c.is_cuda();
+  gemm_fp8_with(c, a, b, alpha, beta, fast_accum,
+                cuda_run ? fp8_gemm_backend_from_env() : Fp8GemmBackend::CublasLt);
+}
+
+void gemm_fp8_with(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha, float beta,
+                   bool fast_accum, Fp8GemmBackend backend, Fp8KernelConfig cfg) {
   ProfileScope profile("gemm_fp8");
   LASP_CHECK(a.codes.defined() && b.codes.defined() && c.defined())
       << "gemm_fp8: operands and output must be defined";
   if (profile_shapes_enabled()) {  // "gemm_fp8 MxNxK ->bf16+": C [M, N] = A [M, K] B [N, K]^T
     profile.gemm("gemm_fp8", a.rows(), b.rows(), a.cols(),
-                 std::string(fast_accum ? " fast" : "") + " ->" + dtype_name(c.dtype()) + (beta != 0.0f ? "+" : ""));
+                 std::string(fast_accum ? " fast" : "") + " ->" + dtype_name(c.dtype()) +
+                     (beta != 0.0f ? "+" : ""));
   }
   check_same_device(a.codes, b.codes, "gemm_fp8");
   check_same_device(a.codes, c, "gemm_fp8");
   if (c.is_cuda()) {
 #ifdef LASP_HAVE_CUDA
-    return gemm_fp8_cuda(c, a, b, alpha, beta, fast_accum);
+    return gemm_fp8_cuda(c, a, b, alpha, beta, fast_accum, backend, cfg);
 #endif
   }
+  (void)backend;
+  (void)cfg;
   LASP_CHECK(c.dtype() == DType::F32) << "gemm_fp8 on CPU writes fp32, got " << c.str();
   Tensor prod = Tensor::empty(c.shape(), DType::F32);
   gemm_fp8_emulated(prod, a, b);
@@ -40,6 +58,8 @@ void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alp
 
 #ifndef LASP_HAVE_CUDA
 int64_t gemm_fp8_fallback_count() { return 0; }
+bool gemm_fp8_lasp_available() { return false; }
+int gemm_fp8_lasp_resident_ctas() { return 0; }
 #endif
 
 }  // namespace lasp

@@ -188,8 +188,13 @@ void gemm_fp8_dequantized(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& 
 
 int64_t gemm_fp8_fallback_count() { return g_fallbacks.load(); }
 
+// lasp's own kernel (gemm_fp8_sm90.cu) on an aligned problem.
+void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, const void* a_codes,
+                       Fp8Format fa, const float* scale_a, const void* b_codes, Fp8Format fb,
+                       const float* scale_b, float alpha, float beta, const Fp8KernelConfig& cfg);
+
 void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha,
-                   float beta, bool fast_accum) {
+                   float beta, bool fast_accum, Fp8GemmBackend backend, const Fp8KernelConfig& cfg) {
   check_operand(a, "A");
   check_operand(b, "B");
   const int64_t m = a.rows(), k = a.cols(), n = b.rows();
@@ -198,11 +203,14 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
   LASP_CHECK(c.is_cuda() && c.is_contiguous() && c.ndim() == 2 && c.dim(0) == m && c.dim(1) == n &&
              (c.dtype() == DType::F32 || c.dtype() == DType::BF16))
       << "gemm_fp8: C must be a contiguous bf16/fp32 CUDA tensor [" << m << ", " << n << "]: " << what;
-  LASP_CHECK(!(a.format == Fp8Format::E5M2 && b.format == Fp8Format::E5M2))
+  const bool block = a.scaling != Fp8Scaling::PerTensor || b.scaling != Fp8Scaling::PerTensor;
+  const bool lasp_kernel = backend == Fp8GemmBackend::Lasp;
+  LASP_CHECK(!(lasp_kernel && block))
+      << "gemm_fp8: lasp's FP8 kernel takes per-tensor scales only (block scaling runs in cuBLASLt): " << what;
+  LASP_CHECK(lasp_kernel || !(a.format == Fp8Format::E5M2 && b.format == Fp8Format::E5M2))
       << "gemm_fp8: E5M2 x E5M2 is not supported by cuBLASLt (use E4M3 for the non-gradient "
          "operand): "
       << what;
-  const bool block = a.scaling != Fp8Scaling::PerTensor || b.scaling != Fp8Scaling::PerTensor;
   LASP_CHECK(!(block && fast_accum))
       << "gemm_fp8: fast accumulation is only available with per-tensor scaling: " << what;
   if (m == 0 || n == 0) return;
@@ -226,6 +234,15 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
   };
   const Tensor a_codes = padded_codes(a, m, mp), b_codes = padded_codes(b, n, np);
   PaddedOutput out(c, mp, np, beta != 0.0f);
+  if (lasp_kernel) {
+    Fp8KernelConfig run_cfg = cfg;
+    if (fast_accum) run_cfg.promote_every = static_cast<int>((kp + 127) / 128);
+    gemm_fp8_lasp_run(out.run.raw(), c.dtype() == DType::F32, mp, np, kp, a_codes.raw(), a.format,
+                      a.scales.data<float>(), b_codes.raw(), b.format, b.scales.data<float>(), alpha, beta,
+                      run_cfg);
+    out.finish();
+    return;
+  }
   // cuBLASLt's A is our B (outer N), its B is our A (outer mp).
   const bool both_tiles = a.scaling == Fp8Scaling::Block128x128 && b.scaling == Fp8Scaling::Block128x128;
   const OperandScales s_lt_a = prepare_scales(b, np, block, false);

@@ -59,7 +59,6 @@
 //   ---   barrier (top of the next chunk, after its loads have landed)
 // Tiles are padded by 16 bytes per row against bank conflicts. Shared-memory reads (ldmatrix)
 // bound the step, so every fragment load feeds at least two mma where the tiling allows.
-#include <cuda.h>  // CUtensorMap (types only: the encoder comes through the runtime)
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -1383,25 +1382,8 @@ Operand operand_of(const Tensor& t) {
 
 // The Hopper walk loads its tiles with TMA unless LASP_LA_LOADS=cp.async (for comparisons; `tma`
 // or unset is the default, any other value is an error) or the driver has no tensor-map encoder.
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-EncodeTiledFn tensor_map_encoder() {
-  static const EncodeTiledFn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      f = nullptr;
-    }
-    return reinterpret_cast<EncodeTiledFn>(f);
-  }();
-  return fn;
-}
 bool use_tma_loads() {
-  static const bool yes = env_choice("LASP_LA_LOADS", {"tma", "cp.async"}) == 0 && tensor_map_encoder() != nullptr;
+  static const bool yes = env_choice("LASP_LA_LOADS", {"tma", "cp.async"}) == 0 && sm90::tensor_map_encoder() != nullptr;
   return yes;
 }
 // x as the walk kernel's tensor map: {H * D columns, T rows (row stride x.rs), B}, boxes of 64
@@ -1413,7 +1395,7 @@ bool encode_walk_operand(CUtensorMap* map, Operand x, const LaParams& p, int box
                               static_cast<cuuint64_t>(p.B)};
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(x.rs) * 2, static_cast<cuuint64_t>(x.rs) * 2 * p.T};
   const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(box_rows), 1}, elem[3] = {1, 1, 1};
-  return tensor_map_encoder()(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(x.p), dims, strides, box,
+  return sm90::tensor_map_encoder()(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(x.p), dims, strides, box,
                               elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }

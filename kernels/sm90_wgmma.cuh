@@ -23,7 +23,9 @@
 // fence_operands, which keeps the compiler from moving their reads above the wait).
 #pragma once
 
+#include <cuda.h>  // CUtensorMap (types only: the encoder comes through the runtime)
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <cstring>
@@ -39,6 +41,27 @@
 
 namespace lasp {
 namespace sm90 {
+
+// The driver's cuTensorMapEncodeTiled, fetched through the runtime (no -lcuda), or nullptr where
+// the driver has none (the kernels that load with TMA then use cp.async or another path).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+inline EncodeTiledFn tensor_map_encoder() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      f = nullptr;
+    }
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
 
 constexpr int kSwPanelBytes = 64 * 128;  // one [64 rows x 128 B] swizzle panel
 
@@ -71,13 +94,15 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo_bytes
 }
 // K-major operand: K step kk (16 columns) of a tile of panels `panel` bytes apart at `tile`.
 __device__ __forceinline__ uint64_t desc_kmajor(uint32_t tile, int kk, int panel = kSwPanelBytes) {
-  return desc_make(desc_lo(tile, 16) + static_cast<uint32_t>(((kk / 4) * panel + (kk % 4) * 32) >> 4),
-                   desc_hi(1024));
+  return desc_make(
+      desc_lo(tile, 16) + static_cast<uint32_t>(((kk / 4) * panel + (kk % 4) * 32) >> 4),
+      desc_hi(1024));
 }
 // MN-major operand: K step kk (16 rows) of a tile of panels `panel` bytes apart at `tile` (N
 // spans the panels).
 __device__ __forceinline__ uint64_t desc_mnmajor(uint32_t tile, int kk, int panel = kSwPanelBytes) {
-  return desc_make(desc_lo(tile, panel) + static_cast<uint32_t>((kk * 16 * 128) >> 4), desc_hi(1024));
+  return desc_make(desc_lo(tile, panel) + static_cast<uint32_t>((kk * 16 * 128) >> 4),
+                   desc_hi(1024));
 }
 
 __device__ __forceinline__ void fence() {
@@ -100,6 +125,20 @@ __device__ __forceinline__ void wait() {
 __device__ __forceinline__ void fence_proxy() {
 #if LASP_SM90_WGMMA
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Warp-specialised kernels: a warpgroup gives registers back (a producer) or takes them (a
+// consumer); R is a multiple of 8 in [24, 256], every warp of the warpgroup executes it.
+template <int R>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#if LASP_SM90_WGMMA
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+#endif
+}
+template <int R>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#if LASP_SM90_WGMMA
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
 #endif
 }
 template <int N>
@@ -216,7 +255,14 @@ __device__ __forceinline__ void mbar_fence_init() {
 }
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
 #if LASP_SM90_WGMMA
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+#endif
+}
+// One arrival (no transaction bytes) on a barrier, e.g. a consumer releasing a pipeline stage.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#if LASP_SM90_WGMMA
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 #endif
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
@@ -224,7 +270,8 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   do {
 #if LASP_SM90_WGMMA
     asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, "
+        "0, p;\n}\n"
         : "=r"(done)
         : "r"(bar), "r"(parity)
         : "memory");
@@ -234,32 +281,89 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   } while (!done);
 }
 // Box (c0, c1, c2) of the 3-D tensor map `map` into shared address `dst`, completing on `bar`.
-__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* map, uint32_t bar, int c0, int c1, int c2) {
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* map, uint32_t bar, int c0,
+                                            int c1, int c2) {
 #if LASP_SM90_WGMMA
   asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+      "%3, %4}], "
       "[%5];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
       : "memory");
 #endif
 }
-// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global `src` into `dst`.
-__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+// Box (c0, c1) of the 2-D tensor map `map` into shared address `dst`, completing on `bar`.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, uint32_t bar, int c0,
+                                            int c1) {
 #if LASP_SM90_WGMMA
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+      "%3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+#endif
+}
+// The same box, written to shared address `dst` of every CTA of the cluster in `cta_mask` (bit r =
+// cluster rank r), each completing on its own barrier at address `bar`.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const void* map, uint32_t bar,
+                                                      int c0, int c1, uint16_t cta_mask) {
+#if LASP_SM90_WGMMA
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::"
+      "cluster [%0], [%1, {%2, "
+      "%3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(cta_mask)
+      : "memory");
+#endif
+}
+// ---- thread block clusters ----
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r = 0;
+#if LASP_SM90_WGMMA
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+  return r;
+}
+// Every thread of every CTA of the cluster (release/acquire: shared-memory writes and barrier
+// initialisations before it are visible to the whole cluster after it).
+__device__ __forceinline__ void cluster_sync() {
+#if LASP_SM90_WGMMA
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::
+                   : "memory");
+#endif
+}
+// One arrival on the barrier at shared address `bar` of the cluster's CTA `rank` (this CTA too).
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
+#if LASP_SM90_WGMMA
+  asm volatile(
+      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
+      "r"(rank)
+      : "memory");
+#endif
+}
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global `src` into `dst`.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
+                                          uint32_t bar) {
+#if LASP_SM90_WGMMA
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
 #endif
 }
 
 // Shared `src` (a box of the 3-D tensor map `map`, in its swizzled layout) to global at (c0, c1,
 // c2); rows outside the tensor are not written. Completion through bulk groups (commit, wait).
-__device__ __forceinline__ void tma_store_3d(const void* map, uint32_t src, int c0, int c1, int c2) {
+__device__ __forceinline__ void tma_store_3d(const void* map, uint32_t src, int c0, int c1,
+                                             int c2) {
 #if LASP_SM90_WGMMA
-  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];\n" ::"l"(
-                   reinterpret_cast<uint64_t>(map)),
-               "r"(c0), "r"(c1), "r"(c2), "r"(src)
-               : "memory");
+  asm volatile(
+      "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(c0), "r"(c1), "r"(c2), "r"(src)
+      : "memory");
 #endif
 }
 __device__ __forceinline__ void bulk_commit() {
@@ -305,10 +409,13 @@ __device__ __forceinline__ void store_acc_bf16_sw128(uint32_t tile, const float 
   const uint32_t base = tile + row * 128, y = static_cast<uint32_t>(((l / 16) ^ (l % 8)) << 4);
 #pragma unroll
   for (int j = 0; j < NJ; j += 2) {
-    const uint32_t addr = base + (j / 8) * kSwPanelBytes + (static_cast<uint32_t>((j % 8) << 4) ^ y);
+    const uint32_t addr =
+        base + (j / 8) * kSwPanelBytes + (static_cast<uint32_t>((j % 8) << 4) ^ y);
     asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
-                 "r"(pack_bf16x2(acc[4 * j], acc[4 * j + 1])), "r"(pack_bf16x2(acc[4 * j + 2], acc[4 * j + 3])),
-                 "r"(pack_bf16x2(acc[4 * j + 4], acc[4 * j + 5])), "r"(pack_bf16x2(acc[4 * j + 6], acc[4 * j + 7]))
+                 "r"(pack_bf16x2(acc[4 * j], acc[4 * j + 1])),
+                 "r"(pack_bf16x2(acc[4 * j + 2], acc[4 * j + 3])),
+                 "r"(pack_bf16x2(acc[4 * j + 4], acc[4 * j + 5])),
+                 "r"(pack_bf16x2(acc[4 * j + 6], acc[4 * j + 7]))
                  : "memory");
   }
 #endif

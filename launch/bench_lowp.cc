@@ -1,7 +1,6 @@
 // Low-precision GEMM benchmark (see bench_lowp.h). Inputs are random bf16 (one random 16 Mi
 // element block tiled over each tensor: never zeros, which run faster than real data).
 #include "launch/bench_lowp.h"
-#include "launch/bench_util.h"
 
 #include <algorithm>
 #include <cmath>
@@ -19,6 +18,7 @@
 #include "kernels/gemm.h"
 #include "kernels/gemm_fp4.h"
 #include "kernels/gemm_fp8.h"
+#include "launch/bench_util.h"
 
 #ifdef LASP_HAVE_CUDA
 #include <cublasLt.h>
@@ -33,9 +33,10 @@ namespace lasp {
 #ifndef LASP_HAVE_CUDA
 
 int bench_lowp_main(int, char**) {
-  std::fprintf(stderr,
-               "lasp bench lowp: this build has no CUDA backend (configure with -DLASP_CUDA=ON on a "
-               "machine with nvcc); FP8 GEMMs need a Hopper GPU\n");
+  std::fprintf(
+      stderr,
+      "lasp bench lowp: this build has no CUDA backend (configure with -DLASP_CUDA=ON on a "
+      "machine with nvcc); FP8 GEMMs need a Hopper GPU\n");
   return 2;
 }
 
@@ -43,12 +44,12 @@ int bench_lowp_main(int, char**) {
 
 namespace {
 
-constexpr double kBf16FloorFlops = 790e12;   // dense bf16 rate (H200, measured)
-constexpr double kFp8FloorFlops = 1450e12;   // dense fp8 rate (H200)
+constexpr double kBf16FloorFlops = 790e12;  // dense bf16 rate (H200, measured)
+constexpr double kFp8FloorFlops = 1450e12;  // dense fp8 rate (H200)
 
-#define LOWP_CUDA(expr)                                                        \
-  do {                                                                         \
-    cudaError_t e_ = (expr);                                                   \
+#define LOWP_CUDA(expr)                                                       \
+  do {                                                                        \
+    cudaError_t e_ = (expr);                                                  \
     LASP_CHECK(e_ == cudaSuccess) << #expr << ": " << cudaGetErrorString(e_); \
   } while (0)
 
@@ -121,7 +122,7 @@ void run_fp4(const Options& opt, const std::vector<Shape3>& shapes) {
 // w = |N(0, 0.02)|, where every partial sum grows with k (the hard case for an accumulator that
 // keeps few bits). Errors: ||y - ref|| / ||ref|| over the sampled rows.
 struct AccuracyRow {
-  double quant = 0, bf16 = 0, fp8 = 0, fast = 0;
+  double quant = 0, bf16 = 0, fp8 = 0, fast = 0, lasp = 0, lasp4 = 0;
 };
 
 // A bf16 CUDA tensor with N(0, stddev) values, or |N(0, stddev)| when `positive`.
@@ -142,7 +143,8 @@ std::vector<double> dequantized_rows(const QuantizedFp8& q, const std::vector<in
   out.reserve(rows.size() * static_cast<size_t>(k));
   for (int64_t r : rows)
     for (int64_t j = 0; j < k; ++j)
-      out.push_back(static_cast<double>(fp8_decode(static_cast<uint8_t>(codes[r * k + j]), q.format)) * s);
+      out.push_back(
+          static_cast<double>(fp8_decode(static_cast<uint8_t>(codes[r * k + j]), q.format)) * s);
   return out;
 }
 
@@ -165,21 +167,25 @@ double rel_error(const std::vector<double>& y_all, int64_t n, const std::vector<
 }
 
 void run_accuracy(const std::vector<Shape3>& shapes) {
-  std::printf("\nFP8 accumulation accuracy: ||y - ref|| / ||ref|| on 32 sampled rows, fp32 out; quant = "
-              "exact FP8 product vs exact bf16 product (the quantization's error), the others vs the exact "
-              "product of their own operands (the GEMM's summation error)\n");
-  std::printf("%-26s %-18s %-9s %10s %10s %10s %10s %9s\n", "op", "MxNxK", "inputs", "quant", "bf16_gemm",
-              "fp8", "fp8_fast", "fast/fp8");
+  std::printf(
+      "\nFP8 accumulation accuracy: ||y - ref|| / ||ref|| on 32 sampled rows, fp32 out; quant = "
+      "exact FP8 product vs exact bf16 product (the quantization's error), the others vs the exact "
+      "product of their own operands (the GEMM's summation error)\n");
+  const bool lasp = gemm_fp8_lasp_available();
+  std::printf("%-26s %-18s %-9s %10s %10s %10s %10s %9s %10s %10s\n", "op", "MxNxK", "inputs",
+              "quant", "bf16_gemm", "fp8", "fp8_fast", "fast/fp8", "lasp", "lasp_p4");
   uint32_t seed = 501;
   for (const Shape3& g : shapes) {
     for (int positive = 0; positive < 2; ++positive) {
       Tensor x = host_random_bf16({g.m, g.k}, 1.0, positive, seed++);
       Tensor w = host_random_bf16({g.n, g.k}, 0.02, positive, seed++);
       std::vector<int64_t> rows;
-      for (int64_t i = 0; i < 32; ++i) rows.push_back(i * (g.m / 32) + (i * 7) % std::max<int64_t>(1, g.m / 32));
+      for (int64_t i = 0; i < 32; ++i)
+        rows.push_back(i * (g.m / 32) + (i * 7) % std::max<int64_t>(1, g.m / 32));
       const std::vector<double> xb_all = x.to_vector(), wb = w.to_vector();
       std::vector<double> xb;
-      for (int64_t r : rows) xb.insert(xb.end(), xb_all.begin() + r * g.k, xb_all.begin() + (r + 1) * g.k);
+      for (int64_t r : rows)
+        xb.insert(xb.end(), xb_all.begin() + r * g.k, xb_all.begin() + (r + 1) * g.k);
       const QuantizedFp8 xq = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
       const QuantizedFp8 wq = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::PerTensor);
       const std::vector<int64_t> all_w = [&] {
@@ -192,19 +198,27 @@ void run_accuracy(const std::vector<Shape3>& shapes) {
       AccuracyRow e;
       gemm(y, x, false, w, true);
       e.bf16 = rel_error(y.to_vector(), g.n, rows, xb, wb, g.k);
-      gemm_fp8(y, xq, wq);
+      const Fp8GemmBackend lt = Fp8GemmBackend::CublasLt;
+      gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, lt);
       const std::vector<double> y_fp8 = y.to_vector();
       e.fp8 = rel_error(y_fp8, g.n, rows, xd, wd, g.k);
-      gemm_fp8(y, xq, wq, 1.0f, 0.0f, true);
+      gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, true, lt);
       e.fast = rel_error(y.to_vector(), g.n, rows, xd, wd, g.k);
+      if (lasp) {  // lasp's kernel promoting every 128 and every 512 of K
+        gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Lasp, {0, 1});
+        e.lasp = rel_error(y.to_vector(), g.n, rows, xd, wd, g.k);
+        gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Lasp, {0, 4});
+        e.lasp4 = rel_error(y.to_vector(), g.n, rows, xd, wd, g.k);
+      }
       // The quantization's error: the exact FP8 product (here the fp8 GEMM's output, whose own
       // error is orders smaller) against the exact bf16 product.
       e.quant = rel_error(y_fp8, g.n, rows, xb, wb, g.k);
       char shape[64];
-      std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m), static_cast<long>(g.n),
-                    static_cast<long>(g.k));
-      std::printf("%-26s %-18s %-9s %10.2e %10.2e %10.2e %10.2e %9.1f\n", g.what, shape,
-                  positive ? "positive" : "zero-mean", e.quant, e.bf16, e.fp8, e.fast, e.fast / e.fp8);
+      std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m),
+                    static_cast<long>(g.n), static_cast<long>(g.k));
+      std::printf("%-26s %-18s %-9s %10.2e %10.2e %10.2e %10.2e %9.1f %10.2e %10.2e\n", g.what,
+                  shape, positive ? "positive" : "zero-mean", e.quant, e.bf16, e.fp8, e.fast,
+                  e.fast / e.fp8, e.lasp, e.lasp4);
       std::fflush(stdout);
     }
   }
@@ -233,11 +247,13 @@ std::string algo_config(const cublasLtMatmulAlgo_t& algo) {
     return static_cast<long>(v);  // little endian: the low `size` bytes of v hold the value
   };
   char buf[160];
-  std::snprintf(buf, sizeof buf, "id %ld tile %ld stages %ld splitk %ld swizzle %ld cluster %ld inner %ld custom %ld",
-                get(CUBLASLT_ALGO_CONFIG_ID), get(CUBLASLT_ALGO_CONFIG_TILE_ID), get(CUBLASLT_ALGO_CONFIG_STAGES_ID),
-                get(CUBLASLT_ALGO_CONFIG_SPLITK_NUM), get(CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
-                get(CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID), get(CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID),
-                get(CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION));
+  std::snprintf(
+      buf, sizeof buf,
+      "id %ld tile %ld stages %ld splitk %ld swizzle %ld cluster %ld inner %ld custom %ld",
+      get(CUBLASLT_ALGO_CONFIG_ID), get(CUBLASLT_ALGO_CONFIG_TILE_ID),
+      get(CUBLASLT_ALGO_CONFIG_STAGES_ID), get(CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+      get(CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING), get(CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID),
+      get(CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID), get(CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION));
   return buf;
 }
 
@@ -249,13 +265,18 @@ void survey_problem(const Options& opt, cublasLtHandle_t handle, void* workspace
   cublasLtMatmulDesc_t op;
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
-  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
-  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+  CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
+  CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
   if (fp8) {
     const int8_t fast = pr.fast ? 1 : 0;
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale, sizeof(scale)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale, sizeof(scale)));
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale,
+                                                sizeof(scale)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale,
+                                                sizeof(scale)));
   }
   cublasLtMatrixLayout_t la, lb, lc;
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, pr.ta, g.k, g.n, g.k));
@@ -263,16 +284,17 @@ void survey_problem(const Options& opt, cublasLtHandle_t handle, void* workspace
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, g.n, g.m, g.n));
   cublasLtMatmulPreference_t pref;
   CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
-                                               sizeof(ws_bytes)));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                    &ws_bytes, sizeof(ws_bytes)));
   std::vector<cublasLtMatmulHeuristicResult_t> res(64);
   int count = 0;
-  CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, op, la, lb, lc, lc, pref, static_cast<int>(res.size()), res.data(),
-                                         &count));
+  CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, op, la, lb, lc, lc, pref,
+                                              static_cast<int>(res.size()), res.data(), &count));
   res.resize(static_cast<size_t>(count));
   const float alpha = 1.0f, beta = 0.0f;
   auto run_algo = [&](const cublasLtMatmulAlgo_t& algo) {
-    return cublasLtMatmul(handle, op, &alpha, a, la, b, lb, &beta, c, lc, c, lc, &algo, workspace, ws_bytes, stream);
+    return cublasLtMatmul(handle, op, &alpha, a, la, b, lb, &beta, c, lc, c, lc, &algo, workspace,
+                          ws_bytes, stream);
   };
   std::vector<bool> ok(res.size(), true);
   for (size_t i = 0; i < res.size(); ++i) {  // warm up; drop candidates that fail to launch
@@ -280,7 +302,7 @@ void survey_problem(const Options& opt, cublasLtHandle_t handle, void* workspace
   }
   LOWP_CUDA(cudaStreamSynchronize(stream));
   constexpr int kRuns = 10;
-  std::vector<std::vector<double>> t(res.size());
+  std::vector<std::vector<double> > t(res.size());
   cudaEvent_t start, stop;
   LOWP_CUDA(cudaEventCreate(&start));
   LOWP_CUDA(cudaEventCreate(&stop));
@@ -300,12 +322,13 @@ void survey_problem(const Options& opt, cublasLtHandle_t handle, void* workspace
   LOWP_CUDA(cudaEventDestroy(stop));
   const double flops = 2.0 * g.m * g.n * g.k;
   double first = 0.0;
-  std::printf("\n%s %ldx%ldx%ld: %d candidates\n", pr.name, static_cast<long>(g.m), static_cast<long>(g.n),
-              static_cast<long>(g.k), count);
+  std::printf("\n%s %ldx%ldx%ld: %d candidates\n", pr.name, static_cast<long>(g.m),
+              static_cast<long>(g.n), static_cast<long>(g.k), count);
   std::printf("%4s %8s %8s %8s  %s\n", "rank", "ms", "TFLOP/s", "vs_first", "config");
   for (size_t i = 0; i < res.size(); ++i) {
     if (!ok[i]) {
-      std::printf("%4zu %8s %8s %8s  %s (launch failed)\n", i, "-", "-", "-", algo_config(res[i].algo).c_str());
+      std::printf("%4zu %8s %8s %8s  %s (launch failed)\n", i, "-", "-", "-",
+                  algo_config(res[i].algo).c_str());
       continue;
     }
     std::sort(t[i].begin(), t[i].end());
@@ -325,13 +348,16 @@ void survey_problem(const Options& opt, cublasLtHandle_t handle, void* workspace
 int run_algos(const Options& opt) {
   const std::vector<Shape3> shapes = {{16384, 2048, 2048, "1B attn proj 2048->2048"},
                                       {16384, 6144, 2048, "1B fused q/k/v 2048->6144"}};
-  const LtProblem problems[] = {{"bf16", CUDA_R_16BF, CUDA_R_16BF, false},
-                                {"fp8 e4m3 x e4m3", CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, false},
-                                {"fp8 e4m3 x e4m3, fast accumulation", CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, true},
-                                {"fp8 e4m3 x e5m2 (dgrad: W x dy)", CUDA_R_8F_E4M3, CUDA_R_8F_E5M2, false}};
-  std::printf("lasp bench lowp --algos: y[M,N] = x[M,K] W[N,K]^T, bf16 out; every candidate of cuBLASLt's "
-              "heuristic (up to 64), median over %d interleaved rounds of 10 runs; rank 0 is what lasp uses\n",
-              opt.iters);
+  const LtProblem problems[] = {
+      {"bf16", CUDA_R_16BF, CUDA_R_16BF, false},
+      {"fp8 e4m3 x e4m3", CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, false},
+      {"fp8 e4m3 x e4m3, fast accumulation", CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, true},
+      {"fp8 e4m3 x e5m2 (dgrad: W x dy)", CUDA_R_8F_E4M3, CUDA_R_8F_E5M2, false}};
+  std::printf(
+      "lasp bench lowp --algos: y[M,N] = x[M,K] W[N,K]^T, bf16 out; every candidate of cuBLASLt's "
+      "heuristic (up to 64), median over %d interleaved rounds of 10 runs; rank 0 is what lasp "
+      "uses\n",
+      opt.iters);
   cublasLtHandle_t handle;
   CUBLAS_CHECK(cublasLtCreate(&handle));
   const size_t ws_bytes = 32u << 20;
@@ -351,7 +377,9 @@ int run_algos(const Options& opt) {
     const QuantizedFp8 x5 = quantize_fp8_cuda(x, Fp8Format::E5M2, Fp8Scaling::PerTensor);
     for (const LtProblem& pr : problems) {
       const void* a = pr.ta == CUDA_R_16BF ? w.raw() : w4.codes.raw();
-      const void* b = pr.tb == CUDA_R_16BF ? x.raw() : pr.tb == CUDA_R_8F_E4M3 ? x4.codes.raw() : x5.codes.raw();
+      const void* b = pr.tb == CUDA_R_16BF      ? x.raw()
+                      : pr.tb == CUDA_R_8F_E4M3 ? x4.codes.raw()
+                                                : x5.codes.raw();
       survey_problem(opt, handle, workspace, ws_bytes, g, pr, a, b, y.raw(), scale);
     }
   }
@@ -359,6 +387,72 @@ int run_algos(const Options& opt) {
   LOWP_CUDA(cudaFree(workspace));
   cublasLtDestroy(handle);
   return 0;
+}
+
+// lasp's own FP8 kernel (kernels/gemm_fp8_sm90.cu) next to cuBLASLt, timed in the same
+// interleaved rounds: tile N 128 and 192 promoting every 128 of K (what cuBLASLt computes), tile
+// 128 promoting every 512, and fast accumulation (one promotion at the end) of both.
+void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
+  if (!gemm_fp8_lasp_available()) {
+    std::printf(
+        "\nlasp FP8 kernel: not available on this GPU/build (needs sm_90 and sm_90a code)\n");
+    return;
+  }
+  std::printf(
+      "\nlasp FP8 kernel vs cuBLASLt, bf16 out, per-tensor E4M3 (interleaved rounds; speedups over "
+      "bf16)\n");
+  // name, fast accumulation, config (tile_n, promote_every, cluster)
+  struct Variant {
+    const char* name;
+    bool fast;
+    Fp8KernelConfig cfg;
+  };
+  const std::vector<Variant> variants = {
+      {"n128", false, {128, 1, 1}},     {"n192", false, {192, 1, 1}},
+      {"n128c2", false, {128, 1, 2}},   {"n192c2", false, {192, 1, 2}},
+      {"n192p4", false, {192, 4, 1}},   {"n192fast", true, {192, 1, 1}},
+      {"n192c2fast", true, {192, 1, 2}}};
+  std::printf("%-26s %-18s %8s %8s %8s", "op", "MxNxK", "bf16_ms", "lt_ms", "ltfast");
+  for (const Variant& v : variants) std::printf(" %10s", v.name);
+  std::printf("   (ms; then bf16_ms / ms for lt, ltfast and each)\n");
+  uint32_t seed = 301;
+  const Fp8GemmBackend lt = Fp8GemmBackend::CublasLt, ours = Fp8GemmBackend::Lasp;
+  std::vector<int> resident(variants.size(), 0);
+  for (const Shape3& g : shapes) {
+    Tensor x = random_bf16({g.m, g.k}, 1.0, seed++), w = random_bf16({g.n, g.k}, 0.02, seed++);
+    Tensor y = Tensor::empty({g.m, g.n}, DType::BF16, cuda());
+    const QuantizedFp8 xq = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+    const QuantizedFp8 wq = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+    std::vector<std::function<void()> > fns = {
+        [&] { gemm(y, x, false, w, true); },
+        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, lt); },
+        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, true, lt); }};
+    for (size_t i = 0; i < variants.size(); ++i) {
+      const Variant v = variants[i];
+      fns.push_back([&, v] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, v.fast, ours, v.cfg); });
+      fns.back()();
+      resident[i] = gemm_fp8_lasp_resident_ctas();
+    }
+    const std::vector<double> ms = median_event_ms_interleaved(fns, opt.iters, opt.warmup);
+    char shape[64];
+    std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m),
+                  static_cast<long>(g.n), static_cast<long>(g.k));
+    std::printf("%-26s %-18s %8.3f %8.3f %8.3f", g.what, shape, ms[0], ms[1], ms[2]);
+    for (size_t i = 3; i < ms.size(); ++i) std::printf(" %10.3f", ms[i]);
+    std::printf("\n%-26s %-18s %8s %8.2f %8.2f", "", "  speedup over bf16", "", ms[0] / ms[1],
+                ms[0] / ms[2]);
+    for (size_t i = 3; i < ms.size(); ++i) std::printf(" %10.2f", ms[0] / ms[i]);
+    std::printf("\n");
+    std::fflush(stdout);
+  }
+  std::printf("resident CTAs of the persistent grid:");
+  for (size_t i = 0; i < variants.size(); ++i) std::printf(" %s %d", variants[i].name, resident[i]);
+  std::printf(
+      "\ncolumns: lt = cuBLASLt (promotion), ltfast = cuBLASLt fast accumulation; n128 / n192 = "
+      "lasp tile "
+      "128 x N promoting every 128 of K, c2 = 2-CTA clusters sharing B by multicast, p4 = "
+      "promoting every 512, "
+      "fast = one promotion at the end\n");
 }
 
 int run(const Options& opt) {
@@ -373,15 +467,17 @@ int run(const Options& opt) {
               {4096, 8192, 2048, "mlp up"},
               {4096, 2048, 8192, "mlp down"}};
   }
-  std::printf("lasp bench lowp: y[M,N] = x[M,K] W[N,K]^T, bf16 out, fp32 accumulation, median of %d "
-              "interleaved rounds (each times every GEMM of the row once)\n",
-              opt.iters);
-  std::printf("floors: bf16 %.0f TFLOP/s, fp8 %.0f TFLOP/s; fp8 = E4M3 x E4M3 per-tensor scales "
-              "(fast accumulation off); blk = x 1x128, W 128x128\n",
-              kBf16FloorFlops / 1e12, kFp8FloorFlops / 1e12);
+  std::printf(
+      "lasp bench lowp: y[M,N] = x[M,K] W[N,K]^T, bf16 out, fp32 accumulation, median of %d "
+      "interleaved rounds (each times every GEMM of the row once)\n",
+      opt.iters);
+  std::printf(
+      "floors: bf16 %.0f TFLOP/s, fp8 %.0f TFLOP/s; fp8 = E4M3 x E4M3 per-tensor scales "
+      "(fast accumulation off); blk = x 1x128, W 128x128\n",
+      kBf16FloorFlops / 1e12, kFp8FloorFlops / 1e12);
   std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %9s %9s\n", "op", "MxNxK",
-              "bf16_ms", "fp8_ms", "fast_ms", "blk_ms", "bf16_TF", "fp8_TF", "blk_TF", "bf16/fl", "fp8/fl",
-              "speedup", "spd_fast", "q_tensor", "q_1x128");
+              "bf16_ms", "fp8_ms", "fast_ms", "blk_ms", "bf16_TF", "fp8_TF", "blk_TF", "bf16/fl",
+              "fp8/fl", "speedup", "spd_fast", "q_tensor", "q_1x128");
   uint32_t seed = 1;
   const int64_t fallbacks_before = gemm_fp8_fallback_count();
   for (const Shape3& g : shapes) {
@@ -396,8 +492,10 @@ int run(const Options& opt) {
     // every GEMM once, so the ratios compare like with like. fast = fp8 with fast accumulation
     // (precision.fp8_fast_accum, the forward GEMMs).
     const std::vector<double> ms = median_event_ms_interleaved(
-        {[&] { gemm(y, x, false, w, true); }, [&] { gemm_fp8(y, xq, wq); },
-         [&] { gemm_fp8(y, xq, wq, 1.0f, 0.0f, true); }, [&] { gemm_fp8(y, xb, wb); }},
+        {[&] { gemm(y, x, false, w, true); },
+         [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt); },
+         [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, true, Fp8GemmBackend::CublasLt); },
+         [&] { gemm_fp8(y, xb, wb); }},
         opt.iters, opt.warmup);
     const double bf16_ms = ms[0], fp8_ms = ms[1], fast_ms = ms[2], blk_ms = ms[3];
 
@@ -406,24 +504,31 @@ int run(const Options& opt) {
     const double q_block_ms =
         time_ms([&] { (void)quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128); }, opt);
 
-    const double bf16_floor_ms = flops / kBf16FloorFlops * 1e3, fp8_floor_ms = flops / kFp8FloorFlops * 1e3;
+    const double bf16_floor_ms = flops / kBf16FloorFlops * 1e3,
+                 fp8_floor_ms = flops / kFp8FloorFlops * 1e3;
     char shape[64];
-    std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m), static_cast<long>(g.n),
-                  static_cast<long>(g.k));
-    std::printf("%-26s %-18s %8.3f %8.3f %8.3f %8.3f %8.0f %8.0f %8.0f %8.2f %8.2f %8.2f %8.2f %9.3f %9.3f\n",
-                g.what, shape, bf16_ms, fp8_ms, fast_ms, blk_ms, flops / (bf16_ms * 1e9), flops / (fp8_ms * 1e9),
-                flops / (blk_ms * 1e9), bf16_ms / bf16_floor_ms, fp8_ms / fp8_floor_ms, bf16_ms / fp8_ms,
-                bf16_ms / fast_ms, q_tensor_ms, q_block_ms);
+    std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m),
+                  static_cast<long>(g.n), static_cast<long>(g.k));
+    std::printf(
+        "%-26s %-18s %8.3f %8.3f %8.3f %8.3f %8.0f %8.0f %8.0f %8.2f %8.2f %8.2f %8.2f %9.3f "
+        "%9.3f\n",
+        g.what, shape, bf16_ms, fp8_ms, fast_ms, blk_ms, flops / (bf16_ms * 1e9),
+        flops / (fp8_ms * 1e9), flops / (blk_ms * 1e9), bf16_ms / bf16_floor_ms,
+        fp8_ms / fp8_floor_ms, bf16_ms / fp8_ms, bf16_ms / fast_ms, q_tensor_ms, q_block_ms);
     std::fflush(stdout);
   }
-  std::printf("columns: *_TF = TFLOP/s; */fl = time / floor time (1.0 = at the floor); speedup = "
-              "bf16_ms / fp8_ms; fast_ms / spd_fast = fp8 with fast accumulation and its speedup; q_* = ms to quantize x (bf16 -> E4M3) per tensor / per 1x128 block\n");
+  std::printf(
+      "columns: *_TF = TFLOP/s; */fl = time / floor time (1.0 = at the floor); speedup = "
+      "bf16_ms / fp8_ms; fast_ms / spd_fast = fp8 with fast accumulation and its speedup; q_* = ms "
+      "to quantize x (bf16 -> E4M3) per tensor / per 1x128 block\n");
   const int64_t fallbacks = gemm_fp8_fallback_count() - fallbacks_before;
   if (fallbacks > 0) {
-    std::printf("WARNING: %ld block-scaled GEMMs fell back to fp32 dequantize + GEMM (cuBLASLt "
-                "refused them): blk_ms is not a cuBLASLt time\n",
-                static_cast<long>(fallbacks));
+    std::printf(
+        "WARNING: %ld block-scaled GEMMs fell back to fp32 dequantize + GEMM (cuBLASLt "
+        "refused them): blk_ms is not a cuBLASLt time\n",
+        static_cast<long>(fallbacks));
   }
+  run_lasp_kernel(opt, shapes);
   if (!opt.quick) run_accuracy({shapes[1], shapes[4]});
   run_fp4(opt, shapes);
   return 0;
@@ -452,7 +557,9 @@ int bench_lowp_main(int argc, char** argv) {
     } else if (a == "lowp" || a == "bench") {
       continue;  // tolerate the subcommand words if the caller passes them through
     } else {
-      std::fprintf(stderr, "lasp bench lowp: unknown argument '%s' (expected --iters N, --warmup N, --quick, --algos)\n",
+      std::fprintf(stderr,
+                   "lasp bench lowp: unknown argument '%s' (expected --iters N, --warmup N, "
+                   "--quick, --algos)\n",
                    a.c_str());
       return 2;
     }

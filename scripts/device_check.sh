@@ -218,18 +218,23 @@ if [ -n "$LASP_BIN" ] && ((TRAIN)); then
   done
   # Variants of the first config (TRAIN_VARIANTS, space-separated): ce16k = one LM-head chunk of
   # 16384 rows, fp8 = FP8 projections and LM head, fp8fast = the same with fast accumulation in
-  # the forward projections, swiglu = recompute each MLP's SwiGLU output in the backward.
+  # the forward projections, swiglu = recompute each MLP's SwiGLU output in the backward;
+  # fp8lt / fp8lasp = fp8 with the FP8 GEMMs in cuBLASLt / in lasp's own kernel (LASP_FP8_GEMM).
   first=${TRAIN_CONFIGS%% *}
   for variant in ${TRAIN_VARIANTS:-}; do
     sets=()
+    unset LASP_FP8_GEMM
     case "$variant" in
+      fp8lt | fp8lasp)
+        sets=(--set precision.attention=fp8 --set precision.mlp=fp8 --set precision.lm_head=fp8)
+        if [ "$variant" = fp8lt ]; then export LASP_FP8_GEMM=cublaslt; else export LASP_FP8_GEMM=lasp; fi ;;
       fp4) sets=(--set precision.attention=fp4 --set precision.mlp=fp4) ;;
       ce16k) sets=(--set model.ce_chunk=16384) ;;
       fp8) sets=(--set precision.attention=fp8 --set precision.mlp=fp8 --set precision.lm_head=fp8) ;;
       fp8fast) sets=(--set precision.attention=fp8 --set precision.mlp=fp8 --set precision.lm_head=fp8
                      --set precision.fp8_fast_accum=true) ;;
       swiglu) sets=(--set train.recompute=swiglu) ;;
-      *) say "unknown TRAIN_VARIANTS entry $variant (expected ce16k, fp8, fp8fast, fp4, swiglu)"; continue ;;
+      *) say "unknown TRAIN_VARIANTS entry $variant (expected ce16k, fp8, fp8fast, fp8lt, fp8lasp, fp4, swiglu)"; continue ;;
     esac
     log="$OUT/train_$(basename "$first" .yaml)_$variant.log"
     train_run "$log" "$(left 200)" "$ROOT/configs/$first" \
@@ -240,6 +245,7 @@ if [ -n "$LASP_BIN" ] && ((TRAIN)); then
         --set run.dir=/tmp/lasp-prof-$variant $TRAIN_SET "${sets[@]}" 2>&1 | sed -n '/^profile/,$p' >>"$log"
     fi
   done
+  unset LASP_FP8_GEMM
   TRAIN_RESULT=${TRAIN_RESULT#not run | }
   # TensorBoard reads the event files the run wrote (issue: metrics).
   tb_dir=$(ls -d /tmp/lasp-run-*/tb 2>/dev/null | head -1)

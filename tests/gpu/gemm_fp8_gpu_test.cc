@@ -1,15 +1,17 @@
-// FP8 GEMM (cuBLASLt) against gemm_fp8_emulated (CPU, fp32) on the same quantized operands
-// (the FP4 GEMMs: gemm_fp4_gpu_test.cc).
+// FP8 GEMM (cuBLASLt, and lasp's own sm_90 kernel) against gemm_fp8_emulated (CPU, fp32) on the
+// same quantized operands (the FP4 GEMMs: gemm_fp4_gpu_test.cc).
 // Tolerances (relative Frobenius error vs the fp32 reference):
 //   fp8, fp32 C: 5e-4 — every fp8 product is exact in fp32, but Hopper's FP8 MMA keeps partial
 //     sums with fewer bits than fp32 between promotions to the fp32 accumulator (fast
 //     accumulation off); a plain fp32 summation-order difference alone would be ~1e-6;
 //   fast accumulation: 5e-3 (no promotion: the partial-sum precision loss compounds over K);
+//     lasp's kernel promoting every 3 blocks of 128: 2e-3;
 //   bf16 C: 8e-3 — one bf16 rounding of the result dominates.
 // Every case prints its shapes, formats and scalings; gemm_fp8_fallback_count() tells whether
 // cuBLASLt ran the block-scaled problem itself.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
 #include <functional>
 #include <random>
@@ -39,8 +41,8 @@ TEST(GemmFp8Cpu, CpuTensorsRunTheExactEmulationWithAlphaAndBeta) {
   Tensor c = c0.clone();
   gemm_fp8(c, a, b, 0.5f, 2.0f);
   for (int64_t i = 0; i < c.numel(); ++i)
-    EXPECT_FLOAT_EQ(static_cast<float>(c.item(i)), 0.5f * static_cast<float>(ref.item(i)) +
-                                                       2.0f * static_cast<float>(c0.item(i)));
+    EXPECT_FLOAT_EQ(static_cast<float>(c.item(i)),
+                    0.5f * static_cast<float>(ref.item(i)) + 2.0f * static_cast<float>(c0.item(i)));
 }
 
 #ifdef LASP_HAVE_CUDA
@@ -61,15 +63,20 @@ struct Fp8Case {
 };
 
 // One GEMM: CPU-quantized operands copied to the GPU (identical codes), compared with the CPU.
-void check_fp8(const Fp8Case& g, Fp8Format fa, Fp8Format fb, Fp8Scaling sa, Fp8Scaling sb, DType cdt,
-               float alpha, float beta, bool fast, double tol) {
+void check_fp8(const Fp8Case& g, Fp8Format fa, Fp8Format fb, Fp8Scaling sa, Fp8Scaling sb,
+               DType cdt, float alpha, float beta, bool fast, double tol,
+               Fp8GemmBackend backend = Fp8GemmBackend::CublasLt, Fp8KernelConfig cfg = {}) {
   const uint32_t seed = fresh_seed();
   const int64_t fallbacks_before = gemm_fp8_fallback_count();
   SCOPED_TRACE(testing::Message() << "M=" << g.m << " N=" << g.n << " K=" << g.k << " A "
                                   << (fa == Fp8Format::E4M3 ? "e4m3 " : "e5m2 ") << scaling_str(sa)
                                   << " B " << (fb == Fp8Format::E4M3 ? "e4m3 " : "e5m2 ")
-                                  << scaling_str(sb) << " C " << dtype_name(cdt) << " alpha=" << alpha
-                                  << " beta=" << beta << " fast_accum=" << fast << " seed=" << seed);
+                                  << scaling_str(sb) << " C " << dtype_name(cdt)
+                                  << " alpha=" << alpha << " beta=" << beta
+                                  << " fast_accum=" << fast << " kernel="
+                                  << (backend == Fp8GemmBackend::Lasp ? "lasp" : "cublaslt")
+                                  << " tile_n=" << cfg.tile_n
+                                  << " promote_every=" << cfg.promote_every << " seed=" << seed);
   std::mt19937 rng(seed);
   // Rows of very different magnitude, so block scales matter.
   Tensor x = random_bf16_values({g.m, g.k}, rng), w = random_bf16_values({g.n, g.k}, rng, 0.05);
@@ -85,7 +92,7 @@ void check_fp8(const Fp8Case& g, Fp8Format fa, Fp8Format fb, Fp8Scaling sa, Fp8S
       r[i] = alpha * r[i] + beta * static_cast<float>(c0.item(i));
   }
   Tensor out = beta == 0.0f ? poisoned_cuda({g.m, g.n}, cdt) : to_cuda(c0, cdt);
-  gemm_fp8(out, to_device(a), to_device(b), alpha, beta, fast);
+  gemm_fp8_with(out, to_device(a), to_device(b), alpha, beta, fast, backend, cfg);
   const std::vector<double> got = out.to_vector();
   EXPECT_EQ(count_non_finite(got), 0) << "unwritten or non-finite outputs";
   const double err = rel_error(got, ref.to_vector());
@@ -93,7 +100,7 @@ void check_fp8(const Fp8Case& g, Fp8Format fa, Fp8Format fb, Fp8Scaling sa, Fp8S
                       << gemm_fp8_fallback_count() - fallbacks_before;
 }
 
-const Fp8Case kCases[] = {{16, 16, 16},   {1, 32, 64},     {17, 48, 144},  {100, 272, 128},
+const Fp8Case kCases[] = {{16, 16, 16},    {1, 32, 64},     {17, 48, 144}, {100, 272, 128},
                           {257, 128, 384}, {128, 256, 512}, {64, 16, 1024}};
 
 TEST(GemmFp8Gpu, PerTensorE4M3MatchesEmulationForFp32AndBf16OutputAndRaggedM) {
@@ -130,13 +137,15 @@ TEST(GemmFp8Gpu, AlphaBetaAndFastAccumulation) {
 
 TEST(GemmFp8Gpu, BlockScalingEveryCombinationMatchesEmulation) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
-  const Fp8Scaling kAll[] = {Fp8Scaling::PerTensor, Fp8Scaling::Block1x128, Fp8Scaling::Block128x128};
+  const Fp8Scaling kAll[] = {Fp8Scaling::PerTensor, Fp8Scaling::Block1x128,
+                             Fp8Scaling::Block128x128};
   for (const auto& g : kCases)
     for (Fp8Scaling sa : kAll)
       for (Fp8Scaling sb : kAll) {
         if (sa == Fp8Scaling::PerTensor && sb == Fp8Scaling::PerTensor) continue;
         check_fp8(g, Fp8Format::E4M3, Fp8Format::E4M3, sa, sb, DType::F32, 1.0f, 0.0f, false, 5e-4);
-        check_fp8(g, Fp8Format::E5M2, Fp8Format::E4M3, sa, sb, DType::BF16, 0.5f, 1.0f, false, 8e-3);
+        check_fp8(g, Fp8Format::E5M2, Fp8Format::E4M3, sa, sb, DType::BF16, 0.5f, 1.0f, false,
+                  8e-3);
       }
 }
 
@@ -161,8 +170,10 @@ TEST(GemmFp8Gpu, BlockScaledProblemsRunInCublasLtNotTheFallback) {
 TEST(GemmFp8Gpu, GpuQuantizedOperandsGiveTheSameProductAsCpuQuantized) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
   std::mt19937 rng(fresh_seed());
-  const Tensor x = random_bf16_values({200, 256}, rng), w = random_bf16_values({96, 256}, rng, 0.02);
-  const QuantizedFp8 a = quantize_fp8_cuda(x.to(DType::BF16).to(cuda()), Fp8Format::E4M3, Fp8Scaling::Block1x128);
+  const Tensor x = random_bf16_values({200, 256}, rng),
+               w = random_bf16_values({96, 256}, rng, 0.02);
+  const QuantizedFp8 a =
+      quantize_fp8_cuda(x.to(DType::BF16).to(cuda()), Fp8Format::E4M3, Fp8Scaling::Block1x128);
   const QuantizedFp8 b = quantize_fp8_cuda(w.to(cuda()), Fp8Format::E4M3, Fp8Scaling::Block128x128);
   Tensor ref = Tensor::empty({200, 96}, DType::F32);
   gemm_fp8_emulated(ref, quantize_fp8(x, Fp8Format::E4M3, Fp8Scaling::Block1x128),
@@ -188,9 +199,20 @@ TEST(GemmFp8Gpu, ViolationsOfCublasLtLimitsFailWithAClearError) {
     }
   };
   Tensor c = Tensor::zeros({32, 32}, DType::F32, cuda());
-  expect_error([&] { gemm_fp8(c, q(32, 32, e5), q(32, 32, e5)); }, "E5M2 x E5M2");
-  expect_error([&] { gemm_fp8(c, q(32, 32, e4, Fp8Scaling::Block1x128), q(32, 32, e4), 1.0f, 0.0f, true); },
-               "fast accumulation");
+  expect_error(
+      [&] {
+        gemm_fp8_with(c, q(32, 32, e5), q(32, 32, e5), 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt);
+      },
+      "E5M2 x E5M2");
+  expect_error(
+      [&] {
+        gemm_fp8_with(c, q(32, 32, e4, Fp8Scaling::Block1x128), q(32, 32, e4), 1.0f, 0.0f, false,
+                      Fp8GemmBackend::Lasp);
+      },
+      "per-tensor scales only");
+  expect_error(
+      [&] { gemm_fp8(c, q(32, 32, e4, Fp8Scaling::Block1x128), q(32, 32, e4), 1.0f, 0.0f, true); },
+      "fast accumulation");
   Tensor wrong = Tensor::zeros({31, 32}, DType::F32, cuda());
   expect_error([&] { gemm_fp8(wrong, q(32, 32, e4), q(32, 32, e4)); }, "[32, 32]");
   Tensor c64 = Tensor::zeros({32, 32}, DType::F64, cuda());
@@ -200,12 +222,76 @@ TEST(GemmFp8Gpu, ViolationsOfCublasLtLimitsFailWithAClearError) {
 // cuBLASLt FP8 wants M, N, K multiples of 16: other shapes run on zero-padded copies.
 TEST(GemmFp8Gpu, RaggedMNAndKRunOnPaddedCopiesAndMatchTheEmulation) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
-  check_fp8({37, 24, 40}, Fp8Format::E4M3, Fp8Format::E4M3, Fp8Scaling::PerTensor, Fp8Scaling::PerTensor,
-            DType::F32, 1.0f, 0.0f, false, 5e-4);
-  check_fp8({5, 17, 200}, Fp8Format::E5M2, Fp8Format::E4M3, Fp8Scaling::PerTensor, Fp8Scaling::PerTensor,
-            DType::BF16, 0.5f, 1.0f, false, 8e-3);
-  check_fp8({33, 40, 136}, Fp8Format::E4M3, Fp8Format::E4M3, Fp8Scaling::Block1x128, Fp8Scaling::Block128x128,
-            DType::F32, 1.0f, 1.0f, false, 5e-4);
+  check_fp8({37, 24, 40}, Fp8Format::E4M3, Fp8Format::E4M3, Fp8Scaling::PerTensor,
+            Fp8Scaling::PerTensor, DType::F32, 1.0f, 0.0f, false, 5e-4);
+  check_fp8({5, 17, 200}, Fp8Format::E5M2, Fp8Format::E4M3, Fp8Scaling::PerTensor,
+            Fp8Scaling::PerTensor, DType::BF16, 0.5f, 1.0f, false, 8e-3);
+  check_fp8({33, 40, 136}, Fp8Format::E4M3, Fp8Format::E4M3, Fp8Scaling::Block1x128,
+            Fp8Scaling::Block128x128, DType::F32, 1.0f, 1.0f, false, 5e-4);
+}
+
+// ---- lasp's own kernel (kernels/gemm_fp8_sm90.cu) ------------------------------------------
+// The small cases above plus problems with more tiles than SMs (the persistent loop's later
+// tiles), K not a multiple of 128 (TMA's zero fill), M and N off the 128 x BN tile, both tile
+// widths, 1- and 2-CTA clusters, promotion every block and every third, every format pair (E5M2 x
+// E5M2 too, which cuBLASLt lacks), both C types, alpha and beta.
+const Fp8Case kLaspCases[] = {{16, 16, 16},      {1, 32, 64},     {17, 48, 144},
+                              {100, 272, 128},   {257, 128, 384}, {300, 200, 1040},
+                              {2053, 2112, 512}, {129, 384, 4096}};
+
+TEST(GemmFp8LaspGpu, EveryFormatTileAndPromotionIntervalMatchesEmulation) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  if (!gemm_fp8_lasp_available())
+    GTEST_SKIP() << "lasp's FP8 kernel needs an sm_90 GPU and sm_90a code";
+  using F = Fp8Format;
+  const Fp8Scaling t = Fp8Scaling::PerTensor;
+  const Fp8GemmBackend lasp = Fp8GemmBackend::Lasp;
+  const Fp8KernelConfig kConfigs[] = {
+      {128, 1, 1}, {192, 1, 1}, {192, 3, 1}, {128, 3, 2}, {192, 1, 2}};
+  for (const auto& g : kLaspCases)
+    for (const Fp8KernelConfig& cfg : kConfigs) {
+      const double tol32 = cfg.promote_every == 1 ? 5e-4 : 2e-3;
+      check_fp8(g, F::E4M3, F::E4M3, t, t, DType::F32, 1.0f, 0.0f, false, tol32, lasp, cfg);
+      check_fp8(g, F::E4M3, F::E4M3, t, t, DType::BF16, 1.0f, 0.0f, false, 8e-3, lasp, cfg);
+      check_fp8(g, F::E5M2, F::E4M3, t, t, DType::F32, 0.5f, 1.0f, false, tol32, lasp, cfg);
+      check_fp8(g, F::E4M3, F::E5M2, t, t, DType::BF16, -2.0f, 0.25f, false, 8e-3, lasp, cfg);
+      check_fp8(g, F::E5M2, F::E5M2, t, t, DType::F32, 1.0f, 0.0f, false, tol32, lasp, cfg);
+    }
+  for (const auto& g : kLaspCases)
+    for (int cluster : {1, 2})
+      check_fp8(g, F::E4M3, F::E4M3, t, t, DType::F32, 1.0f, 0.0f, true, 5e-3, lasp,
+                {0, 1, cluster});
+}
+
+// Promotion is what keeps long sums accurate: on all-positive data (every partial sum grows) at
+// K = 8192, promoting every block of 128 must stay near fp32 (cuBLASLt: 6e-4 in
+// docs/fp8_gpu.md), and accumulating all of K in the tensor cores must be clearly worse (3-13%
+// measured); a kernel that silently skipped promotion fails the first bound.
+TEST(GemmFp8LaspGpu, PromotionKeepsLongPositiveSumsAccurate) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  if (!gemm_fp8_lasp_available())
+    GTEST_SKIP() << "lasp's FP8 kernel needs an sm_90 GPU and sm_90a code";
+  const uint32_t seed = fresh_seed();
+  std::mt19937 rng(seed);
+  const int64_t m = 64, n = 256, k = 8192;
+  Tensor x = random_bf16_values({m, k}, rng), w = random_bf16_values({n, k}, rng, 0.02);
+  for (int64_t i = 0; i < x.numel(); ++i) x.set_item(i, std::fabs(x.item(i)));
+  for (int64_t i = 0; i < w.numel(); ++i) w.set_item(i, std::fabs(w.item(i)));
+  const QuantizedFp8 a = quantize_fp8(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+  const QuantizedFp8 b = quantize_fp8(w, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+  Tensor ref = Tensor::empty({m, n}, DType::F32);
+  gemm_fp8_emulated(ref, a, b);
+  auto error_of = [&](bool fast) {
+    Tensor out = poisoned_cuda({m, n}, DType::F32);
+    gemm_fp8_with(out, to_device(a), to_device(b), 1.0f, 0.0f, fast, Fp8GemmBackend::Lasp);
+    return rel_error(out.to_vector(), ref.to_vector());
+  };
+  const double promoted = error_of(false), fast = error_of(true);
+  std::printf(
+      "[ info ] K = 8192 all-positive, seed %u: promote every 128 %.2e, fast accumulation %.2e\n",
+      seed, promoted, fast);
+  EXPECT_LT(promoted, 1.5e-3);
+  EXPECT_GT(fast, 3.0 * promoted);
 }
 
 #endif  // LASP_HAVE_CUDA

@@ -1,0 +1,410 @@
+// lasp's own Hopper FP8 GEMM (gemm_fp8_lasp in gemm_fp8.h; design in docs/fp8_gpu.md, "Our FP8
+// kernel"): C[M, N] = alpha s_A s_B A[M, K] B[N, K]^T + beta C, per-tensor scales, both operands
+// K-major E4M3/E5M2 codes, fp32 accumulation with the tensor cores' partial sums promoted into
+// fp32 registers every `promote_every` K blocks of 128.
+//
+// Tiles and stages (names as in the code):
+//   CTA tile kBM x BN (128 x 128 or 128 x 192) of C, K in blocks of kBK = 128 bytes (one 128-byte
+//   swizzle row, the unit TMA writes and wgmma reads), kStages stages of A [128 x 128] and
+//   B [BN x 128] in shared memory.
+//   Warpgroup 0 (producer): one thread issues the TMA loads of every stage of every tile this CTA
+//   owns, waiting for a stage to be released before refilling it.
+//   Warpgroups 1 and 2 (consumers): rows 0-63 and 64-127 of the tile. Per K block, 4 wgmma
+//   m64nBNk32 into `acc` (the tensor cores' accumulator), then — every promote_every blocks —
+//   wait, release the stages and add acc into `total` (fp32 adds on the CUDA cores). While one
+//   consumer waits and adds, the other's wgmmas keep the tensor cores busy.
+//   Epilogue: each consumer scales its 64 x BN block of `total` and stores it straight from
+//   registers (bf16 or fp32, beta C added), while the producer already loads the next tile.
+//   The grid is persistent: one CTA per SM walks tiles blockIdx.x, + gridDim.x, ... (N fastest,
+//   so concurrent CTAs share A's row blocks in L2).
+// Registers: the consumers hold acc and total (BN / 2 fp32 each); setmaxnreg moves registers from
+// the producer (40) to them (232).
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "core/log.h"
+#include "core/tensor.h"
+#include "kernels/cuda_utils.cuh"
+#include "kernels/gemm_fp8.h"
+#include "kernels/ops_cuda_util.cuh"
+#include "kernels/sm90_wgmma.cuh"
+
+namespace lasp {
+namespace {
+
+constexpr int kBM = 128, kBK = 128, kThreads = 384;
+constexpr int kSmemLimit = 227 * 1024;
+int g_resident_ctas = 0;  // CTAs of the last launch's persistent grid that fit the GPU at once
+
+template <int BN>
+struct Fp8Tiles {
+  static constexpr int kAccRegs = BN / 2;  // fp32 accumulator registers per thread (64 x BN / 128)
+  static constexpr int kABytes = kBM * kBK, kBBytes = BN * kBK, kStageBytes = kABytes + kBBytes;
+  static constexpr int kStages =
+      (kSmemLimit - 1024 - 256) / kStageBytes < 8 ? (kSmemLimit - 1024 - 256) / kStageBytes : 8;
+  static constexpr int kSmemBytes =
+      kStages * kStageBytes + 1024 + 16 * kStages;  // + alignment + barriers
+};
+
+struct Fp8GemmArgs {
+  void* c = nullptr;  // [m, n] row-major, bf16 or fp32
+  int m = 0, n = 0, k = 0;
+  int c_f32 = 0;
+  float alpha = 1.0f, beta = 0.0f;
+  const float* scale_a = nullptr;  // device, one value each (the dequantization factors)
+  const float* scale_b = nullptr;
+  int pairs_m = 0, tiles_n = 0;  // pairs of M tiles (one cluster's work), N tiles
+  int promote_every = 1;         // K blocks between promotions; >= nk: one promotion at the end
+};
+
+// ---- wgmma m64nNk32 with fp8 operands, both K-major from shared memory ----------------------
+#define LASP_F8_ACC8(d, i)                                                                    \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+#define LASP_F8_ACC32(d, i) \
+  LASP_F8_ACC8(d, i), LASP_F8_ACC8(d, i + 8), LASP_F8_ACC8(d, i + 16), LASP_F8_ACC8(d, i + 24)
+#define LASP_F8_ACC64(d) LASP_F8_ACC32(d, 0), LASP_F8_ACC32(d, 32)
+#define LASP_F8_ACC96(d) LASP_F8_ACC32(d, 0), LASP_F8_ACC32(d, 32), LASP_F8_ACC32(d, 64)
+#define LASP_F8_D64                                                                  \
+  "{"                                                                                \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "           \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"   \
+  "}, "
+#define LASP_F8_D96                                                                  \
+  "{"                                                                                \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "           \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"   \
+  "}, "
+// One instruction: D (+)= A[64 x 32] B[BN x 32]^T; `acc` = 0 overwrites D. IA, IB, IP: the
+// operand numbers of a, b and acc (after the BN / 2 accumulator registers).
+#define LASP_F8_MMA(N, D, ACC, TA, TB, IA, IB, IP)                                                 \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IP                                            \
+               ", 0;\n"                                                                            \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k32.f32." TA "." TB " " D "%" #IA ", %" #IB \
+               ", p, 1, 1;\n}\n"                                                                   \
+               : ACC(d)                                                                            \
+               : "l"(a), "l"(b), "r"(acc))
+
+template <int BN, Fp8Format FA, Fp8Format FB>
+struct Fp8Mma;
+
+#define LASP_F8_MMA_STRUCT(N, R, D, ACC, FA, FB, TA, TB, IA, IB, IP)                             \
+  template <>                                                                                    \
+  struct Fp8Mma<N, Fp8Format::FA, Fp8Format::FB> {                                               \
+    __device__ __forceinline__ static void run(float (&d)[R], uint64_t a, uint64_t b, int acc) { \
+      if constexpr (LASP_SM90_WGMMA) LASP_F8_MMA(N, D, ACC, TA, TB, IA, IB, IP);                 \
+    }                                                                                            \
+  };
+LASP_F8_MMA_STRUCT(128, 64, LASP_F8_D64, LASP_F8_ACC64, E4M3, E4M3, "e4m3", "e4m3", 64, 65, 66)
+LASP_F8_MMA_STRUCT(128, 64, LASP_F8_D64, LASP_F8_ACC64, E4M3, E5M2, "e4m3", "e5m2", 64, 65, 66)
+LASP_F8_MMA_STRUCT(128, 64, LASP_F8_D64, LASP_F8_ACC64, E5M2, E4M3, "e5m2", "e4m3", 64, 65, 66)
+LASP_F8_MMA_STRUCT(128, 64, LASP_F8_D64, LASP_F8_ACC64, E5M2, E5M2, "e5m2", "e5m2", 64, 65, 66)
+LASP_F8_MMA_STRUCT(192, 96, LASP_F8_D96, LASP_F8_ACC96, E4M3, E4M3, "e4m3", "e4m3", 96, 97, 98)
+LASP_F8_MMA_STRUCT(192, 96, LASP_F8_D96, LASP_F8_ACC96, E4M3, E5M2, "e4m3", "e5m2", 96, 97, 98)
+LASP_F8_MMA_STRUCT(192, 96, LASP_F8_D96, LASP_F8_ACC96, E5M2, E4M3, "e5m2", "e4m3", 96, 97, 98)
+LASP_F8_MMA_STRUCT(192, 96, LASP_F8_D96, LASP_F8_ACC96, E5M2, E5M2, "e5m2", "e5m2", 96, 97, 98)
+#undef LASP_F8_MMA_STRUCT
+#undef LASP_F8_MMA
+#undef LASP_F8_D64
+#undef LASP_F8_D96
+#undef LASP_F8_ACC8
+#undef LASP_F8_ACC32
+#undef LASP_F8_ACC64
+#undef LASP_F8_ACC96
+
+// 1 where this file's kernels were compiled for sm_90a (read once per device by the host).
+__device__ int fp8_sm90_compiled = LASP_SM90_WGMMA;
+
+template <int BN, int kClusterSize, Fp8Format FA, Fp8Format FB>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_fp8_sm90_kernel(const Fp8GemmArgs p, const __grid_constant__ CUtensorMap map_a,
+                         const __grid_constant__ CUtensorMap map_b) {
+#if LASP_SM90_WGMMA
+  using T = Fp8Tiles<BN>;
+  constexpr int S = T::kStages, R = T::kAccRegs;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base =
+      (sm90::smem_u32(smem_raw) + 1023u) & ~1023u;  // 128-byte swizzle: 1024-aligned
+  const uint32_t full0 = base + S * T::kStageBytes, empty0 = full0 + 8 * S;
+  const int wg = threadIdx.x / 128;
+  const uint32_t rank =
+      kClusterSize == 1 ? 0 : sm90::cluster_rank();  // which M tile of the cluster's
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      sm90::mbar_init(full0 + 8 * s, 1);                  // the producer's arrive + the TMA bytes
+      sm90::mbar_init(empty0 + 8 * s, 2 * kClusterSize);  // both consumers of both CTAs
+    }
+    sm90::mbar_fence_init();
+  }
+  if constexpr (kClusterSize > 1) {
+    sm90::cluster_sync();  // the peer's barriers exist before any multicast or remote arrive
+  } else {
+    __syncthreads();
+  }
+  const int nk = (p.k + kBK - 1) / kBK, pairs = p.pairs_m * p.tiles_n;
+  const int first_pair = blockIdx.x / kClusterSize, pair_step = gridDim.x / kClusterSize;
+
+  if (wg == 0) {
+    // ---- producer: A [128 x 128] of this CTA's tile, and half of the pair's shared B
+    // [BN x 128] multicast to both CTAs (the peer loads the other half) ----
+    sm90::setmaxnreg_dec<40>();
+    if (threadIdx.x == 0) {
+      int s = 0;
+      uint32_t round = 0;  // how many times stage s has been filled before
+      for (int pair = first_pair; pair < pairs; pair += pair_step) {
+        const int m0 = (kClusterSize * (pair / p.tiles_n) + static_cast<int>(rank)) * kBM;
+        const int n0 = (pair % p.tiles_n) * BN;
+        for (int kb = 0; kb < nk; ++kb) {
+          if (round > 0) sm90::mbar_wait(empty0 + 8 * s, (round - 1) & 1);
+          const uint32_t a = base + s * T::kStageBytes, bar = full0 + 8 * s;
+          sm90::mbar_arrive_expect_tx(bar, T::kStageBytes);  // all of A and B land here
+          sm90::tma_load_2d(a, &map_a, bar, kb * kBK, m0);
+          if constexpr (kClusterSize > 1) {
+            sm90::tma_load_2d_multicast(
+                a + T::kABytes + rank * (T::kBBytes / kClusterSize), &map_b, bar, kb * kBK,
+                n0 + static_cast<int>(rank) * (BN / kClusterSize), (1u << kClusterSize) - 1);
+          } else {
+            sm90::tma_load_2d(a + T::kABytes, &map_b, bar, kb * kBK, n0);
+          }
+          if (++s == S) {
+            s = 0;
+            ++round;
+          }
+        }
+      }
+    }
+  } else {
+    // ---- consumers: rows 64 c .. 64 c + 63 of each tile ----
+    sm90::setmaxnreg_inc<232>();
+    const int c = wg - 1, t = threadIdx.x % 128;
+    const float scale = p.alpha * *p.scale_a * *p.scale_b;
+    float acc[R], total[R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) acc[i] = 0.0f;
+    auto release = [](uint32_t bar) {
+      if constexpr (kClusterSize > 1) {
+        for (uint32_t r = 0; r < kClusterSize; ++r) sm90::mbar_arrive_cluster(bar, r);
+      } else {
+        sm90::mbar_arrive(bar);
+      }
+    };
+    int s = 0;
+    uint32_t phase = 0;
+    for (int pair = first_pair; pair < pairs; pair += pair_step) {
+      const int m0 = (kClusterSize * (pair / p.tiles_n) + static_cast<int>(rank)) * kBM;
+      const int n0 = (pair % p.tiles_n) * BN;
+#pragma unroll
+      for (int i = 0; i < R; ++i) total[i] = 0.0f;
+      // A promotion batch is promote_every K blocks: its first wgmma overwrites acc, its last is
+      // followed by wait<0> and total += acc. Inside a batch, wait<1> after each block's wgmmas
+      // lets the previous block's stage go back while this block's run.
+      int pending = -1;  // a stage whose wgmmas were issued but not yet known to be done
+      for (int kb = 0; kb < nk; ++kb) {
+        const bool fresh = kb % p.promote_every == 0;
+        const bool promote = kb % p.promote_every == p.promote_every - 1 || kb == nk - 1;
+        sm90::mbar_wait(full0 + 8 * s, phase);
+        sm90::fence();  // orders the last promotion's reads of acc before these wgmmas
+        const uint32_t a = base + s * T::kStageBytes + c * (64 * kBK),
+                       b = base + s * T::kStageBytes + T::kABytes;
+#pragma unroll
+        for (int kk = 0; kk < kBK / 32; ++kk)
+          Fp8Mma<BN, FA, FB>::run(acc, sm90::desc_kmajor(a, kk), sm90::desc_kmajor(b, kk),
+                                  !fresh || kk > 0);
+        sm90::commit();
+        // Once a stage's wgmmas are done reading it, one thread per consumer releases it in both
+        // CTAs (the peer's producer multicasts into this CTA's copy too).
+        if (promote) {
+          sm90::wait<0>();
+          sm90::fence_operands(acc);
+          if (t == 0) {
+            if (pending >= 0) release(empty0 + 8 * pending);
+            release(empty0 + 8 * s);
+          }
+          pending = -1;
+#pragma unroll
+          for (int i = 0; i < R; ++i) total[i] += acc[i];
+        } else {
+          sm90::wait<1>();
+          if (t == 0 && pending >= 0) release(empty0 + 8 * pending);
+          pending = s;
+        }
+        if (++s == S) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+
+      // ---- epilogue: C = scale * total (+ beta C), straight from the accumulator layout ----
+      // Thread t = 32 w + 4 g + q holds rows 16 w + g (+ 8) and columns 8 j + 2 q, + 1.
+      const int w = t / 32, g = (t % 32) / 4, q = t % 4;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + 64 * c + 16 * w + g + 8 * h;
+        if (row >= p.m) continue;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          const int col = n0 + 8 * j + 2 * q;
+          if (col >= p.n) continue;
+          float v0 = scale * total[4 * j + 2 * h], v1 = scale * total[4 * j + 2 * h + 1];
+          const int64_t off = static_cast<int64_t>(row) * p.n + col;
+          if (p.c_f32) {
+            float2* dst = reinterpret_cast<float2*>(static_cast<float*>(p.c) + off);
+            if (p.beta != 0.0f) {
+              const float2 old = *dst;
+              v0 += p.beta * old.x;
+              v1 += p.beta * old.y;
+            }
+            *dst = make_float2(v0, v1);
+          } else {
+            __nv_bfloat162* dst =
+                reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.c) + off);
+            if (p.beta != 0.0f) {
+              const float2 old = __bfloat1622float2(*dst);
+              v0 += p.beta * old.x;
+              v1 += p.beta * old.y;
+            }
+            *dst = __floats2bfloat162_rn(v0, v1);
+          }
+        }
+      }
+    }
+  }
+  // No CTA leaves while its peer may still multicast into it or arrive on its barriers.
+  if constexpr (kClusterSize > 1) sm90::cluster_sync();
+#else
+  __trap();  // the host never launches it on a device without sm_90a code
+#endif
+}
+
+// A K-major uint8 operand [rows, k] as a TMA map: boxes of 128 bytes of K x box_rows rows,
+// 128-byte swizzle (the layout wgmma reads), zeros outside the tensor.
+bool encode_operand(CUtensorMap* map, const void* codes, int64_t rows, int64_t k, int box_rows) {
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(k)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(box_rows)},
+                   elem[2] = {1, 1};
+  return sm90::tensor_map_encoder()(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(codes),
+                                    dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                    CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// A persistent grid of 2-CTA clusters: as many as fit on the GPU at once (cluster placement can
+// leave SMs of a GPC idle), at most one per pair of tiles.
+template <int BN, int kClusterSize, Fp8Format FA, Fp8Format FB>
+void launch_fp8(const Fp8GemmArgs& args, const CUtensorMap& map_a, const CUtensorMap& map_b) {
+  auto kernel = gemm_fp8_sm90_kernel<BN, kClusterSize, FA, FB>;
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kClusterSize;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = Fp8Tiles<BN>::kSmemBytes;
+  config.stream = cuda_stream();
+  static int max_clusters[64] = {0};
+  const int dev = cuda_current_device();
+  int& fit = max_clusters[dev % 64];
+  if (fit == 0) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    Fp8Tiles<BN>::kSmemBytes));
+    config.gridDim = dim3(ops_cuda::sm_count() / kClusterSize * kClusterSize);
+    CUDA_CHECK(cudaOccupancyMaxActiveClusters(&fit, kernel, &config));
+    LASP_CHECK(fit > 0) << "gemm_fp8_lasp: no " << kClusterSize << "-CTA cluster of " << kThreads
+                        << " threads and " << Fp8Tiles<BN>::kSmemBytes
+                        << " bytes of shared memory fits this GPU";
+  }
+  const int pairs = args.pairs_m * args.tiles_n;
+  config.gridDim = dim3(kClusterSize * std::min(pairs, fit));
+  g_resident_ctas = kClusterSize * fit;
+  CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args, map_a, map_b));
+  CUDA_CHECK_LAUNCH("gemm_fp8_lasp");
+}
+
+template <int BN, int CL>
+void launch_formats(const Fp8GemmArgs& args, Fp8Format fa, Fp8Format fb, const CUtensorMap& ma,
+                    const CUtensorMap& mb) {
+  using F = Fp8Format;
+  if (fa == F::E4M3 && fb == F::E4M3) return launch_fp8<BN, CL, F::E4M3, F::E4M3>(args, ma, mb);
+  if (fa == F::E4M3 && fb == F::E5M2) return launch_fp8<BN, CL, F::E4M3, F::E5M2>(args, ma, mb);
+  if (fa == F::E5M2 && fb == F::E4M3) return launch_fp8<BN, CL, F::E5M2, F::E4M3>(args, ma, mb);
+  return launch_fp8<BN, CL, F::E5M2, F::E5M2>(args, ma, mb);
+}
+
+}  // namespace
+
+int gemm_fp8_lasp_resident_ctas() { return g_resident_ctas; }
+
+bool gemm_fp8_lasp_available() {
+  static int cached[64] = {0};  // per device: 0 unknown, 1 yes, 2 no
+  const int dev = cuda_current_device();
+  if (dev >= 0 && dev < 64 && cached[dev] != 0) return cached[dev] == 1;
+  int major = 0, minor = 0, compiled = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  CUDA_CHECK(cudaMemcpyFromSymbol(&compiled, fp8_sm90_compiled, sizeof(int)));
+  const bool yes =
+      major == 9 && minor == 0 && compiled == 1 && sm90::tensor_map_encoder() != nullptr;
+  if (dev >= 0 && dev < 64) cached[dev] = yes ? 1 : 2;
+  return yes;
+}
+
+// Operands: contiguous [m, k] / [n, k] codes with k % 16 == 0 and 16-byte aligned data (TMA's
+// rules; gemm_fp8_cuda pads anything else), C contiguous [m, n] with n even.
+void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, const void* a_codes,
+                       Fp8Format fa, const float* scale_a, const void* b_codes, Fp8Format fb,
+                       const float* scale_b, float alpha, float beta, const Fp8KernelConfig& cfg) {
+  LASP_CHECK(gemm_fp8_lasp_available()) << "gemm_fp8_lasp: needs a compute capability 9.0 GPU, "
+                                           "code built for sm_90a and a driver with "
+                                           "cuTensorMapEncodeTiled";
+  LASP_CHECK(k % 16 == 0 && n % 2 == 0 && reinterpret_cast<uintptr_t>(a_codes) % 16 == 0 &&
+             reinterpret_cast<uintptr_t>(b_codes) % 16 == 0)
+      << "gemm_fp8_lasp: internal error, unaligned problem m=" << m << " n=" << n << " k=" << k;
+  LASP_CHECK(m < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31))
+      << "gemm_fp8_lasp: dims must fit int32, got " << m << " x " << n << " x " << k;
+  const int bn = cfg.tile_n != 0 ? cfg.tile_n : (n % 192 == 0 && n % 128 != 0 ? 192 : 128);
+  LASP_CHECK(bn == 128 || bn == 192)
+      << "gemm_fp8_lasp: tile_n must be 128 or 192, got " << cfg.tile_n;
+  LASP_CHECK(cfg.promote_every >= 1)
+      << "gemm_fp8_lasp: promote_every must be >= 1, got " << cfg.promote_every;
+  CUtensorMap map_a{}, map_b{};
+  LASP_CHECK(encode_operand(&map_a, a_codes, m, k, kBM) &&
+             encode_operand(&map_b, b_codes, n, k, bn / cfg.cluster))
+      << "gemm_fp8_lasp: the driver refused a tensor map for m=" << m << " n=" << n << " k=" << k;
+  Fp8GemmArgs args;
+  args.c = c;
+  args.m = static_cast<int>(m);
+  args.n = static_cast<int>(n);
+  args.k = static_cast<int>(k);
+  args.c_f32 = c_f32 ? 1 : 0;
+  args.alpha = alpha;
+  args.beta = beta;
+  args.scale_a = scale_a;
+  args.scale_b = scale_b;
+  const int cl = cfg.cluster;
+  LASP_CHECK(cl == 1 || cl == 2) << "gemm_fp8_lasp: cluster must be 1 or 2, got " << cl;
+  args.pairs_m = static_cast<int>((m + cl * kBM - 1) / (cl * kBM));
+  args.tiles_n = static_cast<int>((n + bn - 1) / bn);
+  args.promote_every = cfg.promote_every;
+  if (bn == 128) {
+    cl == 1 ? launch_formats<128, 1>(args, fa, fb, map_a, map_b)
+            : launch_formats<128, 2>(args, fa, fb, map_a, map_b);
+  } else {
+    cl == 1 ? launch_formats<192, 1>(args, fa, fb, map_a, map_b)
+            : launch_formats<192, 2>(args, fa, fb, map_a, map_b);
+  }
+}
+
+}  // namespace lasp
