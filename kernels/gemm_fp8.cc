@@ -59,7 +59,6 @@ void gemm_fp8_with(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
 #ifndef LASP_HAVE_CUDA
 int64_t gemm_fp8_fallback_count() { return 0; }
 bool gemm_fp8_lasp_available() { return false; }
-int gemm_fp8_lasp_resident_ctas() { return 0; }
 #endif
 
 }  // namespace lasp

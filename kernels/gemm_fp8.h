@@ -41,18 +41,15 @@ void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alp
               float beta = 0.0f, bool fast_accum = false);
 
 enum class Fp8GemmBackend { CublasLt, Lasp };
-// lasp's kernel: the CTA tile's N (128 or 192; 0 picks) and how many K blocks of 128 the tensor
+// lasp's kernel: the CTA tile's N (128 or 192; 0 = 192) and how many K blocks of 128 the tensor
 // cores accumulate before their partial sums are added into the fp32 total (1 = every 128, what
 // cuBLASLt does; fast accumulation = one promotion at the end).
-// cluster: 1, or 2 CTAs (M tiles 2i, 2i + 1 of one N tile) that load half of B each and multicast
-// it.
 struct Fp8KernelConfig {
   int tile_n = 0;
   int promote_every = 1;
-  int cluster = 1;
 };
-// LASP_FP8_GEMM: "cublaslt", "lasp", or "auto"/unset (= lasp where gemm_fp8_lasp_available(),
-// else cuBLASLt). Other values are an error naming the variable.
+// LASP_FP8_GEMM: "cublaslt", "lasp", or "auto"/unset (= cuBLASLt, which is faster on every shape
+// measured: docs/fp8_gpu.md). Other values are an error naming the variable.
 Fp8GemmBackend fp8_gemm_backend_from_env();
 // gemm_fp8 on a chosen kernel (benchmarks and tests compare them). Lasp needs per-tensor scales
 // and gemm_fp8_lasp_available(); fast_accum there means promote_every = the whole K.
@@ -60,8 +57,6 @@ void gemm_fp8_with(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
                    bool fast_accum, Fp8GemmBackend backend, Fp8KernelConfig cfg = {});
 // True on a compute capability 9.0 GPU with this build's sm_90a code (false without CUDA).
 bool gemm_fp8_lasp_available();
-// CTAs of the last lasp FP8 launch's persistent grid (resident at once), for benchmarks.
-int gemm_fp8_lasp_resident_ctas();
 
 // How many gemm_fp8 calls took the exact-but-slow fallback since the process started.
 int64_t gemm_fp8_fallback_count();

@@ -303,45 +303,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, uint3
       : "memory");
 #endif
 }
-// The same box, written to shared address `dst` of every CTA of the cluster in `cta_mask` (bit r =
-// cluster rank r), each completing on its own barrier at address `bar`.
-__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const void* map, uint32_t bar,
-                                                      int c0, int c1, uint16_t cta_mask) {
-#if LASP_SM90_WGMMA
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::"
-      "cluster [%0], [%1, {%2, "
-      "%3}], [%4], %5;\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(cta_mask)
-      : "memory");
-#endif
-}
-// ---- thread block clusters ----
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r = 0;
-#if LASP_SM90_WGMMA
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-#endif
-  return r;
-}
-// Every thread of every CTA of the cluster (release/acquire: shared-memory writes and barrier
-// initialisations before it are visible to the whole cluster after it).
-__device__ __forceinline__ void cluster_sync() {
-#if LASP_SM90_WGMMA
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::
-                   : "memory");
-#endif
-}
-// One arrival on the barrier at shared address `bar` of the cluster's CTA `rank` (this CTA too).
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
-#if LASP_SM90_WGMMA
-  asm volatile(
-      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
-      "r"(rank)
-      : "memory");
-#endif
-}
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) from global `src` into `dst`.
 __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
                                           uint32_t bar) {
