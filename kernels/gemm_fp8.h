@@ -5,7 +5,7 @@
 // A [M, K] and B [N, K] are QuantizedFp8 (kernels/quantize.h) quantized along K: both operands
 // K-major, which is cuBLASLt's required FP8 "TN" layout (docs/fp8_gpu.md has the mapping).
 // Formats: E4M3 x E4M3, E4M3 x E5M2, E5M2 x E4M3 (gradients are E5M2; E5M2 x E5M2 is refused,
-// cuBLASLt has no such kernel). C: bf16 or fp32. Accumulation in fp32, fast accumulation OFF
+// cuBLASLt has no such kernel; lasp's kernel below takes it). C: bf16 or fp32. Accumulation in fp32, fast accumulation OFF
 // unless asked for (per-tensor scaling only: cuBLASLt's block-scaled kernels do not offer it).
 //
 // Scaling (the scales are the dequantization factors, applied by cuBLASLt per operand):
@@ -52,7 +52,8 @@ struct Fp8KernelConfig {
 // measured: docs/fp8_gpu.md). Other values are an error naming the variable.
 Fp8GemmBackend fp8_gemm_backend_from_env();
 // gemm_fp8 on a chosen kernel (benchmarks and tests compare them). Lasp needs per-tensor scales
-// and gemm_fp8_lasp_available(); fast_accum there means promote_every = the whole K.
+// and gemm_fp8_lasp_available(); fast_accum there means promote_every = the whole K. CPU tensors
+// ignore the choice (the exact emulation).
 void gemm_fp8_with(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha, float beta,
                    bool fast_accum, Fp8GemmBackend backend, Fp8KernelConfig cfg = {});
 // True on a compute capability 9.0 GPU with this build's sm_90a code (false without CUDA).
