@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <random>
 #include <string>
@@ -43,6 +44,35 @@ TEST(GemmFp8Cpu, CpuTensorsRunTheExactEmulationWithAlphaAndBeta) {
   for (int64_t i = 0; i < c.numel(); ++i)
     EXPECT_FLOAT_EQ(static_cast<float>(c.item(i)),
                     0.5f * static_cast<float>(ref.item(i)) + 2.0f * static_cast<float>(c0.item(i)));
+}
+
+// LASP_FP8_GEMM picks the kernel of gemm_fp8: unset / auto / cublaslt -> cuBLASLt, lasp -> ours;
+// anything else is an error that names the variable and the choices.
+TEST(GemmFp8Cpu, KernelChoiceFromTheEnvironment) {
+  const char* old = std::getenv("LASP_FP8_GEMM");
+  const std::string saved = old ? old : "";
+  unsetenv("LASP_FP8_GEMM");
+  EXPECT_EQ(fp8_gemm_backend_from_env(), Fp8GemmBackend::CublasLt);
+  setenv("LASP_FP8_GEMM", "auto", 1);
+  EXPECT_EQ(fp8_gemm_backend_from_env(), Fp8GemmBackend::CublasLt);
+  setenv("LASP_FP8_GEMM", "cublaslt", 1);
+  EXPECT_EQ(fp8_gemm_backend_from_env(), Fp8GemmBackend::CublasLt);
+  setenv("LASP_FP8_GEMM", "lasp", 1);
+  EXPECT_EQ(fp8_gemm_backend_from_env(), Fp8GemmBackend::Lasp);
+  setenv("LASP_FP8_GEMM", "cutlass", 1);
+  try {
+    (void)fp8_gemm_backend_from_env();
+    ADD_FAILURE() << "LASP_FP8_GEMM=cutlass was accepted";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("LASP_FP8_GEMM=cutlass"), std::string::npos) << what;
+    EXPECT_NE(what.find("lasp"), std::string::npos) << what;
+  }
+  if (old) {
+    setenv("LASP_FP8_GEMM", saved.c_str(), 1);
+  } else {
+    unsetenv("LASP_FP8_GEMM");
+  }
 }
 
 #ifdef LASP_HAVE_CUDA
