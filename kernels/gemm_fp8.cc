@@ -22,9 +22,9 @@ Fp8GemmBackend fp8_gemm_backend_from_env() {
 
 void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha, float beta,
               bool fast_accum) {
-  const bool cuda_run = c.is_cuda();
-  gemm_fp8_with(c, a, b, alpha, beta, fast_accum,
-                cuda_run ? fp8_gemm_backend_from_env() : Fp8GemmBackend::CublasLt);
+  // Read once: gemm_fp8 runs hundreds of times per training step.
+  static const Fp8GemmBackend backend = fp8_gemm_backend_from_env();
+  gemm_fp8_with(c, a, b, alpha, beta, fast_accum, backend);
 }
 
 void gemm_fp8_with(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha, float beta,

@@ -5,8 +5,9 @@
 // A [M, K] and B [N, K] are QuantizedFp8 (kernels/quantize.h) quantized along K: both operands
 // K-major, which is cuBLASLt's required FP8 "TN" layout (docs/fp8_gpu.md has the mapping).
 // Formats: E4M3 x E4M3, E4M3 x E5M2, E5M2 x E4M3 (gradients are E5M2; E5M2 x E5M2 is refused,
-// cuBLASLt has no such kernel; lasp's kernel below takes it). C: bf16 or fp32. Accumulation in fp32, fast accumulation OFF
-// unless asked for (per-tensor scaling only: cuBLASLt's block-scaled kernels do not offer it).
+// cuBLASLt has no such kernel; lasp's kernel below takes it). C: bf16 or fp32. Accumulation in
+// fp32, fast accumulation OFF unless asked for (per-tensor scaling only: cuBLASLt's block-scaled
+// kernels do not offer it).
 //
 // Scaling (the scales are the dequantization factors, applied by cuBLASLt per operand):
 //   PerTensor x PerTensor  -> CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F (device scale pointers,
@@ -48,8 +49,9 @@ struct Fp8KernelConfig {
   int tile_n = 0;
   int promote_every = 1;
 };
-// LASP_FP8_GEMM: "cublaslt", "lasp", or "auto"/unset (= cuBLASLt, which is faster on every shape
-// measured: docs/fp8_gpu.md). Other values are an error naming the variable.
+// LASP_FP8_GEMM (gemm_fp8 reads it once per process): "cublaslt", "lasp", or "auto"/unset
+// (= cuBLASLt, which is faster on every shape measured: docs/fp8_gpu.md). Other values are an
+// error naming the variable.
 Fp8GemmBackend fp8_gemm_backend_from_env();
 // gemm_fp8 on a chosen kernel (benchmarks and tests compare them). Lasp needs per-tensor scales
 // and gemm_fp8_lasp_available(); fast_accum there means promote_every = the whole K. CPU tensors

@@ -20,7 +20,6 @@
 //   so concurrent CTAs share A's row blocks in L2).
 // Registers: the consumers hold acc and total (BN / 2 fp32 each); setmaxnreg moves registers from
 // the producer (40) to them (232).
-#include <cuda.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
