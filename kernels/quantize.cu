@@ -5,8 +5,9 @@
 //
 // Kernels and their work split:
 //   fp8_tensor_kernel        one scale (from the device amax or a host value), grid-stride encode
-//   fp8_block1x128_kernel    one warp per 1x128 block: 4 elements per lane, warp max, encode
-//   fp8_block128x128_kernel  one 256-thread CTA per 128x128 tile: CTA max, encode
+//   fp8_block_rows_cols_kernel  1x128 / 128x128 block FP8 of x and/or x^T in one pass, one CTA
+//                            per 128x128 tile through shared memory (also quantize_fp8_cuda's
+//                            block modes)
 //   fp4_quantize_kernel      one thread per (row, group) of 32 (MX) or 16 (NV) elements
 //   *_dequant_kernel         grid-stride elementwise
 // and the sync-free pieces of the CUDA projections (core/model/projection.cc):
@@ -75,60 +76,6 @@ __global__ void fp8_tensor_kernel(const T* x, int64_t n, const uint32_t* amax_bi
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
     codes[i] = fp8_encode_dev(to_float(x[i]) / s, e4m3);
-}
-
-template <typename T>
-__global__ void fp8_block1x128_kernel(const T* x, int64_t rows, int64_t cols, int64_t nb,
-                                      float fmax, bool e4m3, uint8_t* codes, float* scales) {
-  const int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
-  const int lane = threadIdx.x & 31;
-  if (w >= rows * nb) return;  // uniform per warp
-  const int64_t r = w / nb, c0 = (w % nb) * kBlock;
-  float v[kBlock / 32];
-  uint32_t m = 0;
-#pragma unroll
-  for (int j = 0; j < kBlock / 32; ++j) {
-    const int64_t c = c0 + lane + 32 * j;
-    v[j] = c < cols ? to_float(x[r * cols + c]) : 0.0f;
-    m = max(m, float_bits(fabsf(v[j])));
-  }
-  const float s = scale_from_amax(bits_float(warp_max(m)), fmax);
-  if (lane == 0) scales[w] = s;
-#pragma unroll
-  for (int j = 0; j < kBlock / 32; ++j) {
-    const int64_t c = c0 + lane + 32 * j;
-    if (c < cols) codes[r * cols + c] = fp8_encode_dev(v[j] / s, e4m3);
-  }
-}
-
-template <typename T>
-__global__ void fp8_block128x128_kernel(const T* x, int64_t rows, int64_t cols, int64_t nb,
-                                        float fmax, bool e4m3, uint8_t* codes, float* scales) {
-  __shared__ uint32_t warp_maxes[kThreads / 32];
-  __shared__ float tile_scale;
-  const int64_t tile = blockIdx.x;
-  const int64_t r0 = (tile / nb) * kBlock, c0 = (tile % nb) * kBlock;
-  const int64_t r1 = min(rows, r0 + kBlock), c1 = min(cols, c0 + kBlock);
-  uint32_t m = 0;
-  for (int i = threadIdx.x; i < kBlock * kBlock; i += blockDim.x) {
-    const int64_t r = r0 + i / kBlock, c = c0 + i % kBlock;
-    if (r < r1 && c < c1) m = max(m, float_bits(fabsf(to_float(x[r * cols + c]))));
-  }
-  m = warp_max(m);
-  if ((threadIdx.x & 31) == 0) warp_maxes[threadIdx.x / 32] = m;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    uint32_t t = 0;
-    for (int i = 0; i < kThreads / 32; ++i) t = max(t, warp_maxes[i]);
-    tile_scale = scale_from_amax(bits_float(t), fmax);
-    scales[tile] = tile_scale;
-  }
-  __syncthreads();
-  const float s = tile_scale;
-  for (int i = threadIdx.x; i < kBlock * kBlock; i += blockDim.x) {
-    const int64_t r = r0 + i / kBlock, c = c0 + i % kBlock;
-    if (r < r1 && c < c1) codes[r * cols + c] = fp8_encode_dev(to_float(x[r * cols + c]) / s, e4m3);
-  }
 }
 
 template <typename TO>
@@ -496,6 +443,131 @@ __global__ void transpose_pad_kernel(const T* __restrict__ x, int64_t rows, int6
   }
 }
 
+// Block FP8 (1x128 or 128x128 blocks) of x and/or of x^T in one pass: one CTA (256 threads) per
+// 128 x 128 tile of x.
+//   load:  16-byte loads (element-wise at ragged edges, zeros outside x) into a shared fp32 tile
+//          of row stride 129 words, so a warp reading 32 rows of one column or 32 columns of one
+//          row hits 32 different banks;
+//   rows:  warp w takes tile rows w, w + 8, ...: lane l holds columns l, l + 32, l + 64, l + 96,
+//          a warp max gives the 1x128 block's amax, and each of its four byte stores writes one
+//          full 32-byte sector of the row;
+//   cols:  the same down the columns for x^T (1x128 blocks of x^T are 128x1 blocks of x), x^T's
+//          rows zero-padded to ldt >= rows columns (the tile's rows past `rows` are zeros, encoded
+//          with the block's scale as quantizing a zero-padded transpose does);
+//   2-D:   with 128x128 blocks the tile's amax (a CTA max) scales both outputs: a 128x128 block of
+//          x^T is a block of x transposed.
+// Scales are amax / format max (amax 0 -> 1) and codes encode(x / s), the CPU's rules.
+constexpr int kBrTile = 128, kBrStride = kBrTile + 1;
+constexpr int kBrSmemBytes = kBrTile * kBrStride * 4;
+
+// Four codes of v[0..3] / s (byte j = code of v[j]), the IEEE quotient.
+__device__ inline uint32_t fp8x4_block_codes(const float (&v)[4], float s, bool e4m3) {
+  const bool fast_div = scale_division_ok(s);
+  const float rs = 1.0f / s;
+  float q[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) q[j] = fast_div ? div_by_scale(v[j], s, rs) : v[j] / s;
+  return fp8x2_encode(q[0], q[1], v[0], v[1], e4m3) | (fp8x2_encode(q[2], q[3], v[2], v[3], e4m3) << 16);
+}
+
+template <typename T, bool kTile2d>
+__global__ void __launch_bounds__(kThreads) fp8_block_rows_cols_kernel(
+    const T* __restrict__ x, int64_t rows, int64_t cols, int64_t ldt, int64_t col_tiles, float fmax,
+    bool e4m3, bool vec_ok, uint8_t* __restrict__ rows_out, float* __restrict__ rows_scales,
+    uint8_t* __restrict__ cols_out, float* __restrict__ cols_scales) {
+  extern __shared__ float br_tile[];  // [kBrTile][kBrStride]
+  __shared__ uint32_t tile_amax;
+  constexpr int V = Vec16<T>::kN, kUnitsPerRow = kBrTile / V, kUnits = kBrTile * kUnitsPerRow / kThreads;
+  const int64_t rt = blockIdx.x / col_tiles, ct = blockIdx.x % col_tiles;
+  const int64_t r0 = rt * kBrTile, c0 = ct * kBrTile;
+  const int64_t nbc = col_tiles;                       // 128-blocks per row of x
+  const int64_t nbt = (ldt + kBrTile - 1) / kBrTile;   // 128-blocks per row of x^T
+  uint32_t m = 0;
+  {
+    float v[kUnits][V];
+#pragma unroll
+    for (int k = 0; k < kUnits; ++k) {
+      const int u = threadIdx.x + k * kThreads;
+      const int64_t gr = r0 + u / kUnitsPerRow, gc = c0 + (u % kUnitsPerRow) * V;
+      if (vec_ok && gr < rows && gc + V <= cols) {
+        load16(x + gr * cols + gc, v[k]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[k][j] = gr < rows && gc + j < cols ? to_float(x[gr * cols + gc + j]) : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kUnits; ++k) {
+      const int u = threadIdx.x + k * kThreads;
+      float* row = br_tile + (u / kUnitsPerRow) * kBrStride + (u % kUnitsPerRow) * V;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        row[j] = v[k][j];
+        if constexpr (kTile2d) m = max(m, float_bits(fabsf(v[k][j])));
+      }
+    }
+  }
+  if constexpr (kTile2d) {
+    m = block_max(m);  // contains a __syncthreads
+    if (threadIdx.x == 0) tile_amax = m;
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float s2d = kTile2d ? scale_from_amax(bits_float(tile_amax), fmax) : 0.0f;
+  if (kTile2d && threadIdx.x == 0) {
+    if (rows_scales && r0 < rows) rows_scales[rt * nbc + ct] = s2d;
+    if (cols_scales && c0 < cols && r0 < ldt) cols_scales[ct * nbt + rt] = s2d;
+  }
+  if (rows_out != nullptr) {
+    for (int tr = warp; tr < kBrTile; tr += kThreads / 32) {
+      const int64_t gr = r0 + tr;
+      if (gr >= rows) break;  // uniform per warp
+      float v[4];
+      uint32_t wm = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        v[j] = br_tile[tr * kBrStride + lane + 32 * j];
+        wm = max(wm, float_bits(fabsf(v[j])));
+      }
+      float s = s2d;
+      if constexpr (!kTile2d) {
+        s = scale_from_amax(bits_float(warp_max(wm)), fmax);
+        if (lane == 0) rows_scales[gr * nbc + ct] = s;
+      }
+      const uint32_t codes = fp8x4_block_codes(v, s, e4m3);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t gc = c0 + lane + 32 * j;
+        if (gc < cols) rows_out[gr * cols + gc] = static_cast<uint8_t>(codes >> (8 * j));
+      }
+    }
+  }
+  if (cols_out != nullptr) {
+    for (int tc = warp; tc < kBrTile; tc += kThreads / 32) {
+      const int64_t gc = c0 + tc;
+      if (gc >= cols) break;  // uniform per warp
+      float v[4];
+      uint32_t wm = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        v[j] = br_tile[(lane + 32 * j) * kBrStride + tc];
+        wm = max(wm, float_bits(fabsf(v[j])));
+      }
+      float s = s2d;
+      if constexpr (!kTile2d) {
+        s = scale_from_amax(bits_float(warp_max(wm)), fmax);
+        if (lane == 0) cols_scales[gc * nbt + rt] = s;
+      }
+      const uint32_t codes = fp8x4_block_codes(v, s, e4m3);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t gr = r0 + lane + 32 * j;
+        if (gr < ldt) cols_out[gc * ldt + gr] = static_cast<uint8_t>(codes >> (8 * j));
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- FP4, tiled (cols % G == 0)
 // When a row holds a whole number of groups, the groups of the tensor are consecutive runs of G
 // elements in flat order (flat group F = row * ngroups + g starts at element F * G). A CTA of
@@ -749,6 +821,44 @@ int scaling_index(Fp8Scaling s) {
   return s == Fp8Scaling::PerTensor ? 0 : s == Fp8Scaling::Block1x128 ? 1 : 2;
 }
 
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// fp8_block_rows_cols_kernel over x as [rows, cols] (x's leading dims flattened): the codes of x
+// (rows_out, [rows, cols]) and/or of x^T zero-padded to ldt columns (cols_out, [cols, ldt]), with
+// their block scales (1x128: [rows, nb(cols)] and [cols, nb(ldt)]; 128x128: [nb(rows), nb(cols)]
+// and [nb(cols), nb(ldt)]; nb(n) = ceil(n / 128)).
+void launch_block_rows_cols(const Tensor& x, int64_t rows, int64_t cols, int64_t ldt, Fp8Format format,
+                            bool tile2d, uint8_t* rows_out, float* rows_scales, uint8_t* cols_out,
+                            float* cols_scales) {
+  static std::once_flag smem_opt_in;  // the shared tile is above the default 48 KiB
+  std::call_once(smem_opt_in, [] {
+    const cudaFuncAttribute a = cudaFuncAttributeMaxDynamicSharedMemorySize;
+    CUDA_CHECK(cudaFuncSetAttribute(fp8_block_rows_cols_kernel<float, false>, a, kBrSmemBytes));
+    CUDA_CHECK(cudaFuncSetAttribute(fp8_block_rows_cols_kernel<float, true>, a, kBrSmemBytes));
+    CUDA_CHECK(cudaFuncSetAttribute(fp8_block_rows_cols_kernel<__nv_bfloat16, false>, a, kBrSmemBytes));
+    CUDA_CHECK(cudaFuncSetAttribute(fp8_block_rows_cols_kernel<__nv_bfloat16, true>, a, kBrSmemBytes));
+  });
+  const int64_t col_tiles = (cols + kBrTile - 1) / kBrTile;
+  const int64_t row_tiles = ((cols_out ? std::max(rows, ldt) : rows) + kBrTile - 1) / kBrTile;
+  if (row_tiles == 0 || col_tiles == 0) return;
+  const float fmax = fp8_format_max(format);
+  const bool e4m3 = format == Fp8Format::E4M3;
+  cudaStream_t stream = cuda_stream();
+  with_input_type(x, [&](auto* xp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    const bool vec_ok = aligned16(xp) && cols % Vec16<T>::kN == 0;
+    const unsigned grid = static_cast<unsigned>(row_tiles * col_tiles);
+    if (tile2d) {
+      fp8_block_rows_cols_kernel<T, true><<<grid, kThreads, kBrSmemBytes, stream>>>(
+          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, rows_out, rows_scales, cols_out, cols_scales);
+    } else {
+      fp8_block_rows_cols_kernel<T, false><<<grid, kThreads, kBrSmemBytes, stream>>>(
+          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, rows_out, rows_scales, cols_out, cols_scales);
+    }
+  });
+  CUDA_CHECK_LAUNCH("fp8 block quantizer");
+}
+
 }  // namespace
 
 float amax_cuda(const Tensor& x) {
@@ -800,24 +910,9 @@ QuantizedFp8 quantize_fp8_cuda(const Tensor& x, Fp8Format format, Fp8Scaling sca
     });
     CUDA_CHECK_LAUNCH("quantize_fp8_cuda (per tensor)");
     if (delayed) delayed->record(amax_now);
-  } else if (scaling == Fp8Scaling::Block1x128) {
-    const int64_t warps = d.rows * nb;
-    if (warps > 0) {
-      with_input_type(x, [&](auto* xp) {
-        fp8_block1x128_kernel<<<ceil_div(warps, kThreads / 32), kThreads, 0, stream>>>(
-            xp, d.rows, d.cols, nb, fmax, e4m3, codes, scales);
-      });
-      CUDA_CHECK_LAUNCH("quantize_fp8_cuda (1x128)");
-    }
   } else {
-    const int64_t tiles = q.scales.numel();
-    if (tiles > 0) {
-      with_input_type(x, [&](auto* xp) {
-        fp8_block128x128_kernel<<<static_cast<int>(tiles), kThreads, 0, stream>>>(
-            xp, d.rows, d.cols, nb, fmax, e4m3, codes, scales);
-      });
-      CUDA_CHECK_LAUNCH("quantize_fp8_cuda (128x128)");
-    }
+    launch_block_rows_cols(x, d.rows, d.cols, d.rows, format, scaling == Fp8Scaling::Block128x128, codes,
+                           scales, nullptr, nullptr);
   }
   return q;
 }
@@ -1121,8 +1216,6 @@ int max_grid_blocks() {
   return blocks;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // Grid of a grid-stride kernel over `work` CTA-sized items: as many CTAs as are resident on the
 // GPU at once (SMs x the kernel's occupancy at kThreads), at most one per item. Cached per kernel.
 template <typename Kernel>
@@ -1241,6 +1334,41 @@ Fp8RowsCols quantize_fp8_rows_cols_cuda(const Tensor& x, Fp8Format format, const
     }
   });
   CUDA_CHECK_LAUNCH("quantize_fp8_rows_cols_cuda");
+  return out;
+}
+
+Fp8RowsCols quantize_fp8_block_rows_cols_cuda(const Tensor& x, Fp8Format format, Fp8Scaling scaling,
+                                              bool want_rows, bool want_cols, int64_t cols_ld) {
+  const char* fn = "quantize_fp8_block_rows_cols_cuda";
+  check_cuda_input(x, fn);
+  LASP_CHECK(x.ndim() == 2) << fn << ": expects a 2-D tensor, got " << x.str();
+  LASP_CHECK(scaling == Fp8Scaling::Block1x128 || scaling == Fp8Scaling::Block128x128)
+      << fn << ": scaling must be 1x128 or 128x128 blocks (per tensor: quantize_fp8_rows_cols_cuda)";
+  LASP_CHECK(want_rows || want_cols) << fn << ": asked for neither the rows nor the cols codes";
+  const int64_t rows = x.dim(0), cols = x.dim(1);
+  const int64_t ldt = cols_ld == 0 ? rows : cols_ld;
+  LASP_CHECK(ldt >= rows) << fn << ": cols_ld (" << cols_ld << ") must be 0 or >= the rows of x (" << rows << ")";
+  const Device dev = x.device();
+  const bool tile2d = scaling == Fp8Scaling::Block128x128;
+  auto nb = [](int64_t n) { return (n + kBrTile - 1) / kBrTile; };
+  Fp8RowsCols out;
+  for (QuantizedFp8* q : {&out.rows, &out.cols}) {
+    q->format = format;
+    q->scaling = scaling;
+  }
+  if (want_rows) {
+    out.rows.codes = Tensor::empty({rows, cols}, DType::U8, dev);
+    out.rows.scales = Tensor::empty({tile2d ? nb(rows) : rows, nb(cols)}, DType::F32, dev);
+  }
+  if (want_cols) {
+    out.cols.codes = Tensor::empty({cols, ldt}, DType::U8, dev);
+    out.cols.scales = Tensor::empty({tile2d ? nb(cols) : cols, nb(ldt)}, DType::F32, dev);
+  }
+  launch_block_rows_cols(x, rows, cols, ldt, format, tile2d,
+                         want_rows ? out.rows.codes.data<uint8_t>() : nullptr,
+                         want_rows ? out.rows.scales.data<float>() : nullptr,
+                         want_cols ? out.cols.codes.data<uint8_t>() : nullptr,
+                         want_cols ? out.cols.scales.data<float>() : nullptr);
   return out;
 }
 

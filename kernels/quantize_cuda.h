@@ -88,6 +88,16 @@ struct Fp8RowsCols {
 Fp8RowsCols quantize_fp8_rows_cols_cuda(const Tensor& x, Fp8Format format, const Fp8DeviceScale& scale,
                                         bool want_rows, bool want_cols, int64_t pad_to = 16);
 
+// Block FP8 codes of a 2-D [rows, cols] fp32/bf16 CUDA tensor x and/or of its transpose, in ONE
+// pass over x (scaling Block1x128 or Block128x128):
+//   rows (want_rows): quantize_fp8_cuda(x, format, scaling);
+//   cols (want_cols): quantize_fp8_cuda(t, format, scaling) with t = x^T zero-padded to
+//                     cols_ld >= rows columns (0: rows), as transpose_pad_cuda writes it;
+// code for code and scale for scale. The backward GEMMs take the cols (K-major along x's rows);
+// a 128x128 block of x^T is a block of x transposed, so both share the block's scale.
+Fp8RowsCols quantize_fp8_block_rows_cols_cuda(const Tensor& x, Fp8Format format, Fp8Scaling scaling,
+                                              bool want_rows, bool want_cols, int64_t cols_ld = 0);
+
 // out [cols, out.dim(1)] = x^T with zeros in columns >= rows (out.dim(1) >= rows); x a 2-D
 // fp32/bf16 CUDA tensor, out of the same dtype.
 void transpose_pad_cuda(Tensor& out, const Tensor& x);

@@ -75,6 +75,58 @@ struct Shape3 {
 // The FP4 GEMM (gemm_fp4) on the same shapes, MXFP4 and NVFP4 operands quantized beforehand
 // (RTN), against the bf16 GEMM: native FP4 tensor cores where the GPU has them, else the exact
 // emulation (which the table names).
+// The FP8 quantizers the projections run, against the HBM floor (bytes read + written once at
+// 4.3 TB/s): 1x128 blocks of x (forward), of dy and dy^T in one pass (backward) and 128x128 blocks
+// of a weight and its transpose, each next to the composition it replaced (transpose_pad_cuda,
+// then a quantizer per output).
+void run_quantizers(const Options& opt) {
+  constexpr double kHbm = 4.3e12;
+  std::printf("\nFP8 block quantizers vs the HBM floor (bytes in + out once at %.1f TB/s)\n", kHbm / 1e12);
+  std::printf("%-46s %-22s %9s %9s %7s\n", "op", "shape", "time_ms", "floor_ms", "ratio");
+  struct Q {
+    int64_t rows, cols;
+    DType dtype;
+  };
+  const Fp8Scaling b1 = Fp8Scaling::Block1x128, b2 = Fp8Scaling::Block128x128;
+  const Fp8Format e4 = Fp8Format::E4M3;
+  auto row = [&](const char* op, const Q& q, double out_bytes_per_elem, const std::function<void()>& fn) {
+    const double n = static_cast<double>(q.rows) * q.cols;
+    const double bytes = n * dtype_size(q.dtype) + n * out_bytes_per_elem;
+    const double ms = time_ms(fn, opt), floor_ms = bytes / kHbm * 1e3;
+    char shape[64];
+    std::snprintf(shape, sizeof shape, "%ldx%ld %s", static_cast<long>(q.rows), static_cast<long>(q.cols),
+                  dtype_name(q.dtype));
+    std::printf("%-46s %-22s %9.3f %9.3f %7.2f\n", op, shape, ms, floor_ms, ms / floor_ms);
+    std::fflush(stdout);
+  };
+  for (const Q& q : {Q{16384, 2048, DType::BF16}, Q{16384, 8192, DType::BF16}}) {
+    Tensor x = random_bf16({q.rows, q.cols}, 1.0, 901);
+    row("1x128 rows (forward x)", q, 1.0, [&] { (void)quantize_fp8_cuda(x, e4, b1); });
+    row("1x128 rows + cols, one pass (dy)", q, 2.0,
+        [&] { (void)quantize_fp8_block_rows_cols_cuda(x, e4, b1, true, true); });
+    row("  composition: rows, transpose, cols", q, 2.0, [&] {
+      (void)quantize_fp8_cuda(x, e4, b1);
+      Tensor t = Tensor::empty({q.cols, q.rows}, q.dtype, cuda());
+      transpose_pad_cuda(t, x);
+      (void)quantize_fp8_cuda(t, e4, b1);
+    });
+    row("per tensor rows (quantize_fp8_cuda)", q, 1.0,
+        [&] { (void)quantize_fp8_cuda(x, e4, Fp8Scaling::PerTensor); });
+  }
+  {
+    const Q q{8192, 2048, DType::F32};
+    Tensor w = random_bf16({q.rows, q.cols}, 0.02, 902).to(cpu()).to(DType::F32).to(cuda());
+    row("128x128 rows + cols, one pass (weight)", q, 2.0,
+        [&] { (void)quantize_fp8_block_rows_cols_cuda(w, e4, b2, true, true); });
+    row("  composition: rows, fp32 transpose, cols", q, 2.0, [&] {
+      (void)quantize_fp8_cuda(w, e4, b2);
+      Tensor t = Tensor::empty({q.cols, q.rows}, q.dtype, cuda());
+      transpose_pad_cuda(t, w);
+      (void)quantize_fp8_cuda(t, e4, b2);
+    });
+  }
+}
+
 void run_fp4(const Options& opt, const std::vector<Shape3>& shapes) {
   const bool native =
       fp4_native_supported(cuda()) && fp4_gemm_path_from_env() != Fp4GemmPath::Emulated;
@@ -448,6 +500,45 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
       "promotion at the end\n");
 }
 
+// How the timing condition moves the FP8 speedup (cuBLASLt, promotion): one call on an idle GPU
+// (the main table; includes the host's time to issue it), 10 calls queued back to back (a
+// training step keeps the GPU's queue full; the operands stay warm in L2 as far as they fit), the
+// host's time per call, and quantize-then-GEMM back to back (what a forward projection runs).
+void run_timing(const Options& opt, const std::vector<Shape3>& shapes) {
+  std::printf(
+      "\nTiming conditions, cuBLASLt with promotion: alone = one call on an idle GPU (as above), "
+      "b2b = 10 calls queued back to back (time per call), host = host us to issue one call, "
+      "q+fp8 = per-tensor quantize of x then the GEMM, back to back\n");
+  std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s\n", "op", "MxNxK", "bf16_ms",
+              "fp8_ms", "speedup", "bf16_b2b", "fp8_b2b", "spd_b2b", "host_bf", "host_f8",
+              "q+fp8", "spd_q");
+  uint32_t seed = 701;
+  for (const Shape3& g : shapes) {
+    Tensor x = random_bf16({g.m, g.k}, 1.0, seed++), w = random_bf16({g.n, g.k}, 0.02, seed++);
+    Tensor y = Tensor::empty({g.m, g.n}, DType::BF16, cuda());
+    const QuantizedFp8 xq = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+    const QuantizedFp8 wq = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+    const Fp8GemmBackend lt = Fp8GemmBackend::CublasLt;
+    const std::function<void()> bf16 = [&] { gemm(y, x, false, w, true); };
+    const std::function<void()> fp8 = [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, lt); };
+    const std::function<void()> q_fp8 = [&] {
+      const QuantizedFp8 q = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+      gemm_fp8_with(y, q, wq, 1.0f, 0.0f, false, lt);
+    };
+    const std::vector<double> alone = median_event_ms_interleaved({bf16, fp8}, opt.iters, opt.warmup);
+    const std::vector<double> b2b =
+        median_event_ms_interleaved({bf16, fp8, q_fp8}, opt.iters, opt.warmup, 10);
+    const double host_bf = host_issue_us(bf16, 20), host_f8 = host_issue_us(fp8, 20);
+    char shape[64];
+    std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m),
+                  static_cast<long>(g.n), static_cast<long>(g.k));
+    std::printf("%-26s %-18s %8.3f %8.3f %8.2f %8.3f %8.3f %8.2f %8.1f %8.1f %8.3f %8.2f\n", g.what,
+                shape, alone[0], alone[1], alone[0] / alone[1], b2b[0], b2b[1], b2b[0] / b2b[1],
+                host_bf, host_f8, b2b[2], b2b[0] / b2b[2]);
+    std::fflush(stdout);
+  }
+}
+
 int run(const Options& opt) {
   std::vector<Shape3> shapes = {{8192, 8192, 8192, "square"},
                                 {16384, 2048, 2048, "1B attn proj 2048->2048"},
@@ -521,8 +612,10 @@ int run(const Options& opt) {
         "refused them): blk_ms is not a cuBLASLt time\n",
         static_cast<long>(fallbacks));
   }
+  run_timing(opt, shapes);
   run_lasp_kernel(opt, shapes);
   if (!opt.quick) run_accuracy({shapes[1], shapes[4]});
+  run_quantizers(opt);
   run_fp4(opt, shapes);
   return 0;
 }

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <random>
 #include <vector>
 
@@ -24,7 +25,7 @@ double median_event_ms(const std::function<void()>& fn, int iters, int warmup) {
 }
 
 std::vector<double> median_event_ms_interleaved(const std::vector<std::function<void()>>& fns, int rounds,
-                                                int warmup) {
+                                                int warmup, int reps) {
   auto stream = static_cast<cudaStream_t>(current_stream().handle);
   for (int i = 0; i < warmup; ++i)
     for (const auto& fn : fns) fn();
@@ -36,12 +37,12 @@ std::vector<double> median_event_ms_interleaved(const std::vector<std::function<
   for (int i = 0; i < rounds; ++i) {
     for (size_t f = 0; f < fns.size(); ++f) {
       BENCH_UTIL_CUDA(cudaEventRecord(start, stream));
-      fns[f]();
+      for (int r = 0; r < reps; ++r) fns[f]();
       BENCH_UTIL_CUDA(cudaEventRecord(stop, stream));
       BENCH_UTIL_CUDA(cudaEventSynchronize(stop));
       float ms = 0;
       BENCH_UTIL_CUDA(cudaEventElapsedTime(&ms, start, stop));
-      t[f].push_back(ms);
+      t[f].push_back(ms / reps);
     }
   }
   BENCH_UTIL_CUDA(cudaEventDestroy(start));
@@ -52,6 +53,17 @@ std::vector<double> median_event_ms_interleaved(const std::vector<std::function<
     medians.push_back(v[v.size() / 2]);
   }
   return medians;
+}
+
+double host_issue_us(const std::function<void()>& fn, int calls) {
+  auto stream = static_cast<cudaStream_t>(current_stream().handle);
+  fn();
+  BENCH_UTIL_CUDA(cudaStreamSynchronize(stream));
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < calls; ++i) fn();
+  const auto t1 = std::chrono::steady_clock::now();
+  BENCH_UTIL_CUDA(cudaStreamSynchronize(stream));
+  return std::chrono::duration<double, std::micro>(t1 - t0).count() / calls;
 }
 
 Tensor random_bf16_cuda(const Shape& shape, double stddev, uint32_t seed) {

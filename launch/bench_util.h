@@ -19,8 +19,14 @@ double median_event_ms(const std::function<void()>& fn, int iters, int warmup);
 // time every function once; one median per function. Clock and power drift during the
 // measurement then weigh on every function alike, where timing them one after the other would
 // give the later ones the later (often slower) clocks.
+// reps > 1: each sample is `reps` calls queued back to back (the time per call), so the GPU never
+// waits for the host between them, as in a training step; reps = 1 times one call on an idle GPU,
+// which includes the host's time to issue it.
 std::vector<double> median_event_ms_interleaved(const std::vector<std::function<void()>>& fns, int rounds,
-                                                int warmup);
+                                                int warmup, int reps = 1);
+
+// Host time in microseconds to issue one call of fn (mean over `calls`, the GPU kept busy).
+double host_issue_us(const std::function<void()>& fn, int calls);
 
 // A bf16 CUDA tensor of N(0, stddev) values (one random block of up to 16 M values, tiled).
 Tensor random_bf16_cuda(const Shape& shape, double stddev, uint32_t seed);

@@ -10,7 +10,7 @@
 # (extra --set options in TRAIN_SET), checks that TensorBoard reads the run's event files, and with
 # 2+ GPUs runs the multi-rank tests over NCCL. TRAIN_VARIANTS="ce16k fp8 fp8fast swiglu" trains the first
 # config again with one LM-head chunk / FP8 projections and LM head / FP8 fast accumulation /
-# train.recompute=swiglu (also: fp4 = FP4 projections; VARIANT_PROFILE=1 adds a 3-step LASP_PROFILE=1
+# train.recompute=swiglu (also: fp4 = FP4 projections; fp8block = FP8 with block scaling; VARIANT_PROFILE=1 adds a 3-step LASP_PROFILE=1
 # run of each variant to its log). FP4_PROFILE=1
 # times and profiles the FP4 emulation on configs/hybrid_27m.yaml (fp4_profile.log).
 # TRAIN_SH=1 also runs scripts/train.sh (the README's first command) for 100 steps; PRECISION_SEEDS="1 2 3" runs scripts/compare_precision.sh with
@@ -146,7 +146,7 @@ fi
 # ---- 4b. low-precision GEMMs (bf16 vs fp8) ----
 LOWP_RESULT="not run"
 if [ -n "$LASP_BIN" ] && [ "${LOWP:-1}" = 1 ]; then
-  timeout "$(left 180)" "$LASP_BIN" bench lowp 2>&1 | tee "$OUT/bench_lowp.log" | tail -20
+  timeout "$(left ${LOWP_CAP_S:-240})" "$LASP_BIN" bench lowp 2>&1 | tee "$OUT/bench_lowp.log" | tail -20
   LOWP_RESULT="rc=$? (lasp bench lowp)"
   timeout "$(left 90)" "$LASP_BIN" bench ops 2>&1 | tee -a "$OUT/bench_lowp.log" | tail -20
 fi
@@ -219,7 +219,8 @@ if [ -n "$LASP_BIN" ] && ((TRAIN)); then
   # Variants of the first config (TRAIN_VARIANTS, space-separated): ce16k = one LM-head chunk of
   # 16384 rows, fp8 = FP8 projections and LM head, fp8fast = the same with fast accumulation in
   # the forward projections, swiglu = recompute each MLP's SwiGLU output in the backward;
-  # fp8lt / fp8lasp = fp8 with the FP8 GEMMs in cuBLASLt / in lasp's own kernel (LASP_FP8_GEMM).
+  # fp8lt / fp8lasp = fp8 with the FP8 GEMMs in cuBLASLt / in lasp's own kernel (LASP_FP8_GEMM);
+  # fp8block = fp8 with block scaling (1x128 activations and gradients, 128x128 weights).
   first=${TRAIN_CONFIGS%% *}
   for variant in ${TRAIN_VARIANTS:-}; do
     sets=()
@@ -231,10 +232,12 @@ if [ -n "$LASP_BIN" ] && ((TRAIN)); then
       fp4) sets=(--set precision.attention=fp4 --set precision.mlp=fp4) ;;
       ce16k) sets=(--set model.ce_chunk=16384) ;;
       fp8) sets=(--set precision.attention=fp8 --set precision.mlp=fp8 --set precision.lm_head=fp8) ;;
+      fp8block) sets=(--set precision.attention=fp8 --set precision.mlp=fp8 --set precision.lm_head=fp8
+                      --set precision.fp8_scaling=block) ;;
       fp8fast) sets=(--set precision.attention=fp8 --set precision.mlp=fp8 --set precision.lm_head=fp8
                      --set precision.fp8_fast_accum=true) ;;
       swiglu) sets=(--set train.recompute=swiglu) ;;
-      *) say "unknown TRAIN_VARIANTS entry $variant (expected ce16k, fp8, fp8fast, fp8lt, fp8lasp, fp4, swiglu)"; continue ;;
+      *) say "unknown TRAIN_VARIANTS entry $variant (expected ce16k, fp8, fp8fast, fp8block, fp8lt, fp8lasp, fp4, swiglu)"; continue ;;
     esac
     log="$OUT/train_$(basename "$first" .yaml)_$variant.log"
     train_run "$log" "$(left 200)" "$ROOT/configs/$first" \

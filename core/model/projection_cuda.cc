@@ -175,10 +175,10 @@ Tensor forward_x_scale(const ProjectionState& st, const Tensor& x) {
 void fp8_weight(Param& w, ProjectionState& st, Fp8ScaleMode mode) {
   if (st.w_rows.codes.defined() && st.w_cols.codes.defined() && cache_valid(st.w_epoch)) return;
   if (mode == Fp8ScaleMode::Block) {
-    st.w_rows = quantize_fp8_cuda(w.value, Fp8Format::E4M3, Fp8Scaling::Block128x128);
-    Tensor wt = Tensor::empty({w.value.dim(1), w.value.dim(0)}, DType::F32, w.value.device());
-    transpose_pad_cuda(wt, w.value);
-    st.w_cols = quantize_fp8_cuda(wt, Fp8Format::E4M3, Fp8Scaling::Block128x128);
+    const Fp8RowsCols q =
+        quantize_fp8_block_rows_cols_cuda(w.value, Fp8Format::E4M3, Fp8Scaling::Block128x128, true, true);
+    st.w_rows = q.rows;
+    st.w_cols = q.cols;
   } else {
     const Fp8RowsCols q =
         quantize_fp8_rows_cols_cuda(w.value, Fp8Format::E4M3, current_scale(w.value), true, true);
@@ -186,13 +186,6 @@ void fp8_weight(Param& w, ProjectionState& st, Fp8ScaleMode mode) {
     st.w_cols = q.cols;
   }
   st.w_epoch = cache_control().epoch;
-}
-
-// 1x128 block codes of t^T (zero-padded to np columns).
-QuantizedFp8 block_transposed(const Tensor& t, int64_t np, Fp8Format format) {
-  Tensor tt = Tensor::empty({t.dim(1), np}, t.dtype(), t.device());
-  transpose_pad_cuda(tt, t);
-  return quantize_fp8_cuda(tt, format, Fp8Scaling::Block1x128);
 }
 
 // ---------------------------------------------------------------- FP4
@@ -351,9 +344,13 @@ void fp8_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& d
     LASP_PROFILE_SCOPE("fp8_quantize");
     if (mode == Fp8ScaleMode::Block) {
       fp8_weight(w, st, mode);
-      if (dx.defined()) dy_rows = quantize_fp8_cuda(dy, Fp8Format::E5M2, Fp8Scaling::Block1x128);
-      dy_cols = block_transposed(dy, np, Fp8Format::E5M2);
-      x_cols = block_transposed(x, np, Fp8Format::E4M3);
+      // One pass each: dy's rows (dgrad) and 1x128 blocks of dy^T and x^T (wgrad, inner dim the
+      // tokens, zero-padded to np).
+      const Fp8Scaling b = Fp8Scaling::Block1x128;
+      const Fp8RowsCols d = quantize_fp8_block_rows_cols_cuda(dy, Fp8Format::E5M2, b, dx.defined(), true, np);
+      dy_rows = d.rows;
+      dy_cols = d.cols;
+      x_cols = quantize_fp8_block_rows_cols_cuda(x, Fp8Format::E4M3, b, false, true, np).cols;
     } else {
       Fp8DeviceScale dy_scale;
       if (mode == Fp8ScaleMode::PerTensor) {

@@ -373,6 +373,63 @@ TEST(QuantizeGpu, Fp8CodesAndScalesMatchCpuForEveryScalingFormatAndInputDtype) {
   }
 }
 
+// x^T zero-padded to ld columns (what transpose_pad_cuda writes), on the CPU.
+Tensor transposed_padded(const Tensor& x, int64_t ld) {
+  const int64_t rows = x.dim(0), cols = x.dim(1);
+  Tensor t = Tensor::zeros({cols, ld}, DType::F32);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t.data<float>()[c * ld + r] = x.data<float>()[r * cols + c];
+  return t;
+}
+
+// The one-pass block quantizer of x and x^T against the CPU quantizer of x and of the zero-padded
+// transpose: partial tiles on both edges, x^T padded inside the last tile and by a whole extra
+// tile, fp32 / bf16 / unaligned input, both formats, both block shapes, each output alone too.
+TEST(QuantizeGpu, Fp8BlockRowsAndColsInOnePassEqualTheCpuOnXAndItsPaddedTranspose) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  const uint32_t seed = fresh_seed();
+  std::mt19937 rng(seed);
+  const Shape shapes[] = {{1, 1}, {3, 17}, {37, 200}, {130, 129}, {256, 256}, {300, 384}};
+  for (const Shape& shape : shapes) {
+    const Tensor x = bf16_rounded(tricky_input(shape, rng));
+    const int64_t rows = shape[0];
+    for (const int64_t ld : {int64_t{0}, (rows + 15) / 16 * 16, rows + 130})
+      for (Fp8Format f : {Fp8Format::E4M3, Fp8Format::E5M2})
+        for (Fp8Scaling s : {Fp8Scaling::Block1x128, Fp8Scaling::Block128x128})
+          for (int input = 0; input < 3; ++input) {
+            SCOPED_TRACE(testing::Message() << "shape " << shape_str(shape) << " ld " << ld << " format "
+                                            << int(f) << " scaling " << int(s) << " input " << input
+                                            << " seed " << seed);
+            const Tensor xg = input == 2 ? misaligned_cuda(x, DType::BF16)
+                                         : to_cuda(x, input == 0 ? DType::F32 : DType::BF16);
+            const QuantizedFp8 ref_rows = quantize_fp8(x, f, s);
+            const QuantizedFp8 ref_cols = quantize_fp8(transposed_padded(x, ld == 0 ? rows : ld), f, s);
+            const Fp8RowsCols both = quantize_fp8_block_rows_cols_cuda(xg, f, s, true, true, ld);
+            EXPECT_EQ(both.rows.scaling, s);
+            EXPECT_EQ(both.cols.format, f);
+            EXPECT_TRUE(bytes_equal(both.rows.codes, ref_rows.codes, "rows codes", &x));
+            EXPECT_TRUE(bytes_equal(both.rows.scales, ref_rows.scales, "rows scales"));
+            EXPECT_TRUE(bytes_equal(both.cols.codes, ref_cols.codes, "cols codes"));
+            EXPECT_TRUE(bytes_equal(both.cols.scales, ref_cols.scales, "cols scales"));
+            if (input == 1) {
+              const Fp8RowsCols r = quantize_fp8_block_rows_cols_cuda(xg, f, s, true, false, ld);
+              const Fp8RowsCols c = quantize_fp8_block_rows_cols_cuda(xg, f, s, false, true, ld);
+              EXPECT_FALSE(r.cols.codes.defined());
+              EXPECT_FALSE(c.rows.codes.defined());
+              EXPECT_TRUE(bytes_equal(r.rows.codes, ref_rows.codes, "rows codes alone", &x));
+              EXPECT_TRUE(bytes_equal(r.rows.scales, ref_rows.scales, "rows scales alone"));
+              EXPECT_TRUE(bytes_equal(c.cols.codes, ref_cols.codes, "cols codes alone"));
+              EXPECT_TRUE(bytes_equal(c.cols.scales, ref_cols.scales, "cols scales alone"));
+            }
+          }
+  }
+  const Tensor x = Tensor::full({4, 32}, 1.0, DType::F32, cuda());
+  EXPECT_THROW(quantize_fp8_block_rows_cols_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor, true, true), Error);
+  EXPECT_THROW(quantize_fp8_block_rows_cols_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128, false, false), Error);
+  EXPECT_THROW(quantize_fp8_block_rows_cols_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128, true, true, 3), Error)
+      << "cols_ld below the rows of x";
+}
+
 TEST(QuantizeGpu, Fp8DelayedScalingFollowsTheSameHistoryAsCpu) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
   const uint32_t seed = fresh_seed();
