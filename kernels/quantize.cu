@@ -444,66 +444,81 @@ __global__ void transpose_pad_kernel(const T* __restrict__ x, int64_t rows, int6
 }
 
 // Block FP8 (1x128 or 128x128 blocks) of x and/or of x^T in one pass: one CTA (256 threads) per
-// 128 x 128 tile of x.
-//   load:  16-byte loads (element-wise at ragged edges, zeros outside x) into a shared fp32 tile
-//          of row stride 129 words, so a warp reading 32 rows of one column or 32 columns of one
-//          row hits 32 different banks;
-//   rows:  warp w takes tile rows w, w + 8, ...: lane l holds columns l, l + 32, l + 64, l + 96,
-//          a warp max gives the 1x128 block's amax, and each of its four byte stores writes one
-//          full 32-byte sector of the row;
-//   cols:  the same down the columns for x^T (1x128 blocks of x^T are 128x1 blocks of x), x^T's
-//          rows zero-padded to ldt >= rows columns (the tile's rows past `rows` are zeros, encoded
-//          with the block's scale as quantizing a zero-padded transpose does);
-//   2-D:   with 128x128 blocks the tile's amax (a CTA max) scales both outputs: a 128x128 block of
-//          x^T is a block of x transposed.
+// 128 x 128 tile of x, staged in shared memory as fp32 with a row stride of 129 words.
+//   load:  16-byte loads (element-wise at ragged edges, zeros outside x); a warp instruction
+//          covers V rows (V = 8 bf16 or 4 fp32 per load) x 32 / V lanes of consecutive 16-byte
+//          chunks, so its shared stores hit 32 different banks;
+//   encode: a line is a row of the tile (codes of x) or a column (codes of x^T: 1x128 blocks of
+//          x^T are 128x1 blocks of x); lanes 2i and 2i + 1 of a warp take halves of line
+//          16 w + i, 64 elements each in chunks of 16: amax (one shuffle joins the halves),
+//          scale, then 16 codes per 16-byte store. Half 1 starts at its second chunk, so the
+//          pair's shared reads are 16 banks apart and a warp's reads never conflict.
+//   2-D:   with 128x128 blocks the tile's amax (a CTA max) scales both outputs: a 128x128 block
+//          of x^T is a block of x transposed.
+// x^T's rows are zero-padded to ldt >= rows columns: the tile's rows past `rows` are zeros,
+// encoded with the block's scale, as quantizing a zero-padded transpose does.
 // Scales are amax / format max (amax 0 -> 1) and codes encode(x / s), the CPU's rules.
 constexpr int kBrTile = 128, kBrStride = kBrTile + 1;
 constexpr int kBrSmemBytes = kBrTile * kBrStride * 4;
 
-// Four codes of v[0..3] / s (byte j = code of v[j]), the IEEE quotient.
-__device__ inline uint32_t fp8x4_block_codes(const float (&v)[4], float s, bool e4m3) {
-  const bool fast_div = scale_division_ok(s);
-  const float rs = 1.0f / s;
-  float q[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) q[j] = fast_div ? div_by_scale(v[j], s, rs) : v[j] / s;
-  return fp8x2_encode(q[0], q[1], v[0], v[1], e4m3) | (fp8x2_encode(q[2], q[3], v[2], v[3], e4m3) << 16);
-}
-
 template <typename T, bool kTile2d>
-__global__ void __launch_bounds__(kThreads) fp8_block_rows_cols_kernel(
+__global__ void __launch_bounds__(kThreads, 3) fp8_block_rows_cols_kernel(
     const T* __restrict__ x, int64_t rows, int64_t cols, int64_t ldt, int64_t col_tiles, float fmax,
-    bool e4m3, bool vec_ok, uint8_t* __restrict__ rows_out, float* __restrict__ rows_scales,
-    uint8_t* __restrict__ cols_out, float* __restrict__ cols_scales) {
+    bool e4m3, bool vec_ok, bool vec_rows_out, bool vec_cols_out, uint8_t* __restrict__ rows_out,
+    float* __restrict__ rows_scales, uint8_t* __restrict__ cols_out, float* __restrict__ cols_scales) {
   extern __shared__ float br_tile[];  // [kBrTile][kBrStride]
   __shared__ uint32_t tile_amax;
-  constexpr int V = Vec16<T>::kN, kUnitsPerRow = kBrTile / V, kUnits = kBrTile * kUnitsPerRow / kThreads;
+  constexpr int V = Vec16<T>::kN, kLanesPerRow = 32 / V;
+  constexpr int kUnits = kBrTile * (kBrTile / V) / kThreads;  // 16-byte loads per thread
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rt = blockIdx.x / col_tiles, ct = blockIdx.x % col_tiles;
   const int64_t r0 = rt * kBrTile, c0 = ct * kBrTile;
-  const int64_t nbc = col_tiles;                       // 128-blocks per row of x
-  const int64_t nbt = (ldt + kBrTile - 1) / kBrTile;   // 128-blocks per row of x^T
+  const int64_t nbc = col_tiles;                      // 128-blocks per row of x
+  const int64_t nbt = (ldt + kBrTile - 1) / kBrTile;  // 128-blocks per row of x^T
   uint32_t m = 0;
   {
-    float v[kUnits][V];
+    // Warp iteration it = warp + 8 k: rows V (it / 4) + lane / kLanesPerRow, 16-byte chunk
+    // kLanesPerRow (it % 4) + lane % kLanesPerRow.
+    uint4 raw[kUnits];
+    auto unit_rc = [&](int k, int& tr, int& tc) {
+      const int it = warp + (kThreads / 32) * k;
+      tr = V * (it / 4) + lane / kLanesPerRow;
+      tc = V * (kLanesPerRow * (it % 4) + lane % kLanesPerRow);
+    };
 #pragma unroll
     for (int k = 0; k < kUnits; ++k) {
-      const int u = threadIdx.x + k * kThreads;
-      const int64_t gr = r0 + u / kUnitsPerRow, gc = c0 + (u % kUnitsPerRow) * V;
+      int tr, tc;
+      unit_rc(k, tr, tc);
+      const int64_t gr = r0 + tr, gc = c0 + tc;
       if (vec_ok && gr < rows && gc + V <= cols) {
-        load16(x + gr * cols + gc, v[k]);
+        raw[k] = *reinterpret_cast<const uint4*>(x + gr * cols + gc);
       } else {
+        float v[V];
 #pragma unroll
-        for (int j = 0; j < V; ++j) v[k][j] = gr < rows && gc + j < cols ? to_float(x[gr * cols + gc + j]) : 0.0f;
+        for (int j = 0; j < V; ++j) v[j] = gr < rows && gc + j < cols ? to_float(x[gr * cols + gc + j]) : 0.0f;
+        if constexpr (V == 4) {
+          raw[k] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                              __float_as_uint(v[3]));
+        } else {
+          uint32_t w[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            w[i] = (__float_as_uint(v[2 * i]) >> 16) | (__float_as_uint(v[2 * i + 1]) & 0xFFFF0000u);
+          raw[k] = make_uint4(w[0], w[1], w[2], w[3]);
+        }
       }
     }
 #pragma unroll
     for (int k = 0; k < kUnits; ++k) {
-      const int u = threadIdx.x + k * kThreads;
-      float* row = br_tile + (u / kUnitsPerRow) * kBrStride + (u % kUnitsPerRow) * V;
+      int tr, tc;
+      unit_rc(k, tr, tc);
+      const uint32_t w[4] = {raw[k].x, raw[k].y, raw[k].z, raw[k].w};
+      float* dst = br_tile + tr * kBrStride + tc;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        row[j] = v[k][j];
-        if constexpr (kTile2d) m = max(m, float_bits(fabsf(v[k][j])));
+        const float f = V == 4 ? __uint_as_float(w[j]) : __uint_as_float(j % 2 == 0 ? w[j / 2] << 16 : w[j / 2] & 0xFFFF0000u);
+        dst[j] = f;
+        if constexpr (kTile2d) m = max(m, float_bits(fabsf(f)));
       }
     }
   }
@@ -512,57 +527,56 @@ __global__ void __launch_bounds__(kThreads) fp8_block_rows_cols_kernel(
     if (threadIdx.x == 0) tile_amax = m;
   }
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float s2d = kTile2d ? scale_from_amax(bits_float(tile_amax), fmax) : 0.0f;
   if (kTile2d && threadIdx.x == 0) {
     if (rows_scales && r0 < rows) rows_scales[rt * nbc + ct] = s2d;
-    if (cols_scales && c0 < cols && r0 < ldt) cols_scales[ct * nbt + rt] = s2d;
+    if (cols_scales && c0 < cols) cols_scales[ct * nbt + rt] = s2d;
   }
-  if (rows_out != nullptr) {
-    for (int tr = warp; tr < kBrTile; tr += kThreads / 32) {
-      const int64_t gr = r0 + tr;
-      if (gr >= rows) break;  // uniform per warp
-      float v[4];
-      uint32_t wm = 0;
+  const int line = 16 * warp + lane / 2, half = lane % 2;
+  for (int kind = 0; kind < 2; ++kind) {  // 0: rows of the tile -> x; 1: columns -> x^T
+    uint8_t* out = kind == 0 ? rows_out : cols_out;
+    if (out == nullptr) continue;
+    // This line in the output: row g_line of length g_len, the tile's part starting at g0.
+    const int64_t g_line = (kind == 0 ? r0 : c0) + line, g_len = kind == 0 ? cols : ldt;
+    const int64_t g0 = kind == 0 ? c0 : r0;
+    const bool line_ok = g_line < (kind == 0 ? rows : cols);
+    const bool vec_out = kind == 0 ? vec_rows_out : vec_cols_out;
+    auto at = [&](int i) { return kind == 0 ? br_tile[line * kBrStride + i] : br_tile[i * kBrStride + line]; };
+    float s = s2d;
+    if constexpr (!kTile2d) {
+      uint32_t mm = 0;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        v[j] = br_tile[tr * kBrStride + lane + 32 * j];
-        wm = max(wm, float_bits(fabsf(v[j])));
-      }
-      float s = s2d;
-      if constexpr (!kTile2d) {
-        s = scale_from_amax(bits_float(warp_max(wm)), fmax);
-        if (lane == 0) rows_scales[gr * nbc + ct] = s;
-      }
-      const uint32_t codes = fp8x4_block_codes(v, s, e4m3);
+      for (int k = 0; k < 4; ++k) {
+        const int i0 = 64 * half + 16 * ((k + half) % 4);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t gc = c0 + lane + 32 * j;
-        if (gc < cols) rows_out[gr * cols + gc] = static_cast<uint8_t>(codes >> (8 * j));
+        for (int j = 0; j < 16; ++j) mm = max(mm, float_bits(fabsf(at(i0 + j))));
       }
+      mm = max(mm, __shfl_xor_sync(0xffffffffu, mm, 1));
+      s = scale_from_amax(bits_float(mm), fmax);
+      if (half == 0 && line_ok) (kind == 0 ? rows_scales[g_line * nbc + ct] : cols_scales[g_line * nbt + rt]) = s;
     }
-  }
-  if (cols_out != nullptr) {
-    for (int tc = warp; tc < kBrTile; tc += kThreads / 32) {
-      const int64_t gc = c0 + tc;
-      if (gc >= cols) break;  // uniform per warp
-      float v[4];
-      uint32_t wm = 0;
+    if (!line_ok) continue;
+    const bool fast_div = scale_division_ok(s);
+    const float rs = 1.0f / s;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        v[j] = br_tile[(lane + 32 * j) * kBrStride + tc];
-        wm = max(wm, float_bits(fabsf(v[j])));
-      }
-      float s = s2d;
-      if constexpr (!kTile2d) {
-        s = scale_from_amax(bits_float(warp_max(wm)), fmax);
-        if (lane == 0) cols_scales[gc * nbt + rt] = s;
-      }
-      const uint32_t codes = fp8x4_block_codes(v, s, e4m3);
+    for (int k = 0; k < 4; ++k) {
+      const int i0 = 64 * half + 16 * ((k + half) % 4);
+      uint32_t w[4] = {0, 0, 0, 0};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t gr = r0 + lane + 32 * j;
-        if (gr < ldt) cols_out[gc * ldt + gr] = static_cast<uint8_t>(codes >> (8 * j));
+      for (int j = 0; j < 16; j += 2) {
+        const float a = at(i0 + j), b = at(i0 + j + 1);
+        const float qa = fast_div ? div_by_scale(a, s, rs) : a / s;
+        const float qb = fast_div ? div_by_scale(b, s, rs) : b / s;
+        w[j / 4] |= fp8x2_encode(qa, qb, a, b, e4m3) << (8 * (j % 4));
+      }
+      const int64_t pos = g0 + i0;
+      uint8_t* dst = out + g_line * g_len + pos;
+      if (vec_out && pos + 16 <= g_len) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+          if (pos + j < g_len) dst[j] = static_cast<uint8_t>(w[j / 4] >> (8 * (j % 4)));
       }
     }
   }
@@ -847,13 +861,17 @@ void launch_block_rows_cols(const Tensor& x, int64_t rows, int64_t cols, int64_t
   with_input_type(x, [&](auto* xp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     const bool vec_ok = aligned16(xp) && cols % Vec16<T>::kN == 0;
+    // 16-byte code stores where every output row starts 16-byte aligned
+    const bool vec_rows = aligned16(rows_out) && cols % 16 == 0, vec_cols = aligned16(cols_out) && ldt % 16 == 0;
     const unsigned grid = static_cast<unsigned>(row_tiles * col_tiles);
     if (tile2d) {
       fp8_block_rows_cols_kernel<T, true><<<grid, kThreads, kBrSmemBytes, stream>>>(
-          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, rows_out, rows_scales, cols_out, cols_scales);
+          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, vec_rows, vec_cols, rows_out, rows_scales,
+          cols_out, cols_scales);
     } else {
       fp8_block_rows_cols_kernel<T, false><<<grid, kThreads, kBrSmemBytes, stream>>>(
-          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, rows_out, rows_scales, cols_out, cols_scales);
+          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, vec_rows, vec_cols, rows_out, rows_scales,
+          cols_out, cols_scales);
     }
   });
   CUDA_CHECK_LAUNCH("fp8 block quantizer");
