@@ -19,7 +19,7 @@
 #
 # Environment: OUT (default ./device_out), BUILD (default /tmp/lasp-build-gpu), BUDGET_S (wall
 # seconds for the whole script, default 520); BENCH_ONLY=gemm|linear|attention restricts the kernel
-# benchmark, LA_PROFILE=1 adds its linear-attention passes one by one (LASP_PROFILE=shapes), LOWP=0 skips `lasp bench lowp/ops`, SDPA=0 skips the PyTorch SDPA timing;
+# benchmark, LA_PROFILE=1 adds its linear-attention passes one by one (LASP_PROFILE=shapes), LOWP=0 skips `lasp bench lowp/ops` (LOWP_ARGS: extra arguments, e.g. --quantizers; OPS=0 skips `lasp bench ops`), SDPA=0 skips the PyTorch SDPA timing;
 # GPU_FILTER / GPU_REPEAT pass --gtest_filter / --gtest_repeat to the GPU tests (flaky-test hunts), GPU_TESTS_CAP_S caps them (300 s). If the project cannot be configured on the device
 # (missing yaml-cpp / OpenBLAS / protobuf / GoogleTest there), the script falls back to binaries
 # prebuilt elsewhere and carried in .prebuilt/ (lasp_gpu_tests, lasp_tests, lib/ with their
@@ -146,9 +146,9 @@ fi
 # ---- 4b. low-precision GEMMs (bf16 vs fp8) ----
 LOWP_RESULT="not run"
 if [ -n "$LASP_BIN" ] && [ "${LOWP:-1}" = 1 ]; then
-  timeout "$(left ${LOWP_CAP_S:-240})" "$LASP_BIN" bench lowp 2>&1 | tee "$OUT/bench_lowp.log" | tail -20
+  timeout "$(left ${LOWP_CAP_S:-240})" "$LASP_BIN" bench lowp ${LOWP_ARGS:-} 2>&1 | tee "$OUT/bench_lowp.log" | tail -20
   LOWP_RESULT="rc=$? (lasp bench lowp)"
-  timeout "$(left 90)" "$LASP_BIN" bench ops 2>&1 | tee -a "$OUT/bench_lowp.log" | tail -20
+  [ "${OPS:-1}" = 1 ] && timeout "$(left 90)" "$LASP_BIN" bench ops 2>&1 | tee -a "$OUT/bench_lowp.log" | tail -20
 fi
 
 # ---- 4c. PyTorch SDPA on the same GPU (baseline for the softmax attention rows) ----
