@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -73,7 +74,11 @@ bool overlap_of(const std::string& param) { return param == "lasp2_overlap"; }
 // the same comparison is rounding-bound: over 40 fresh seeds the worst gradient error was 1.3e-6,
 // but inputs that are badly conditioned for a gradient (LASP_TEST_SEED=4768493310339: the
 // embedding gradient of the DP layout, a sum of ~100 terms that mostly cancel) reach 2.4e-5 with
-// any BLAS, and show the same ~300-ulp amplification in fp64 (2.7e-14). So fp32 is held to 1e-4.
+// any BLAS, and show the same ~300-ulp amplification in fp64 (2.7e-14). So fp32 is held to 1e-4,
+// or, where the inputs amplify rounding beyond that (LASP_TEST_SEED=13723109602938: 1.4e-4 on
+// the embedding gradient of tp2_sp2_dp1, decay=data), to the single process's own fp32 accuracy:
+// against the fp64 single-process gradient the distributed fp32 one must be within 4x the
+// single-process fp32 error (a wrong term gives errors of order 1 and fails both).
 TEST_P(ModelLayouts, OneStepLossAndEveryGradientMatchSingleProcess) {
   const std::string method = GetParam();
   const uint64_t seed = testing::shared_seed();
@@ -104,6 +109,13 @@ TEST_P(ModelLayouts, OneStepLossAndEveryGradientMatchSingleProcess) {
             }
           ref.zero_grad();
           const double ref_loss = ref.forward_backward(in, tg, scale);
+          // fp32: the same step in fp64 on one process, the yardstick of both fp32 results.
+          std::unique_ptr<Model> exact;
+          if (dtype == DType::F32) {
+            exact = std::make_unique<Model>(mc, single, seed, DType::F64);
+            exact->zero_grad();
+            exact->forward_backward(in, tg, scale);
+          }
 
           // Distributed: this rank's rows (DP) and positions (SP).
           Grid grid(world(), lay.tp, lay.sp, lay.dp);
@@ -144,10 +156,18 @@ TEST_P(ModelLayouts, OneStepLossAndEveryGradientMatchSingleProcess) {
             ASSERT_EQ(ref_params[i]->name, params[i]->name);
             const int d = shard_dim(ref_params[i]->value, params[i]->value, lay.tp, grid.tp_rank());
             ASSERT_GE(d, -1) << params[i]->name << ": cannot locate the TP shard";
-            const Tensor expect =
-                d < 0 ? ref_params[i]->grad : shard(ref_params[i]->grad, d, lay.tp, grid.tp_rank());
-            EXPECT_LE(testing::scaled_max_error(params[i]->grad, expect), tol)
-                << params[i]->name << " zigzag " << zigzag;
+            auto local = [&](const Tensor& g) { return d < 0 ? g : shard(g, d, lay.tp, grid.tp_rank()); };
+            const Tensor expect = local(ref_params[i]->grad);
+            const double err = testing::scaled_max_error(params[i]->grad, expect);
+            if (exact && err > tol) {
+              const Tensor truth = local(exact->params()[i]->grad);
+              const double dist = testing::scaled_max_error(params[i]->grad, truth),
+                           one = testing::scaled_max_error(expect, truth);
+              EXPECT_LE(dist, 4 * one) << params[i]->name << " zigzag " << zigzag << ": fp32 distributed vs "
+                                       << "single " << err << ", vs fp64: distributed " << dist << ", single " << one;
+            } else {
+              EXPECT_LE(err, tol) << params[i]->name << " zigzag " << zigzag;
+            }
           }
         }
       }
