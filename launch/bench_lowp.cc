@@ -117,6 +117,18 @@ void run_quantizers(const Options& opt) {
     });
     row("per tensor rows (quantize_fp8_cuda)", q, 1.0,
         [&] { (void)quantize_fp8_cuda(x, e4, Fp8Scaling::PerTensor); });
+    // What the per-tensor projections run: the amax pass, then one pass writing the codes.
+    Tensor amax = Tensor::empty({1}, DType::I32, cuda());
+    Fp8DeviceScale sc;
+    sc.amax = amax;
+    row("per tensor rows, projection path", q, 1.0, [&] {
+      amax_into_cuda(amax, 0, x, true);
+      (void)quantize_fp8_rows_cols_cuda(x, e4, sc, true, false);
+    });
+    row("per tensor rows + cols, projection path", q, 2.0, [&] {
+      amax_into_cuda(amax, 0, x, true);
+      (void)quantize_fp8_rows_cols_cuda(x, e4, sc, true, true);
+    });
   }
   {
     const Q q{8192, 2048, DType::F32};
