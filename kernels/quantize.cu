@@ -443,172 +443,142 @@ __global__ void transpose_pad_kernel(const T* __restrict__ x, int64_t rows, int6
   }
 }
 
-// Block FP8 (1x128 or 128x128 blocks) of x and/or of x^T in one pass. A persistent grid of
-// 256-thread CTAs walks the 128 x 128 tiles of x; each tile is staged in shared memory as fp32
-// with a row stride of 129 words.
+// Block FP8 (1x128 or 128x128 blocks) of x and/or of x^T in one pass: one CTA (256 threads) per
+// 128 x 128 tile of x, staged in shared memory as fp32 with a row stride of 129 words.
 //   load:  16-byte loads (element-wise at ragged edges, zeros outside x); a warp instruction
 //          covers V rows (V = 8 bf16 or 4 fp32 per load) x 32 / V lanes of consecutive 16-byte
-//          chunks, so its shared stores hit 32 different banks. bf16: the next tile's loads are
-//          issued once this tile is staged, so they are in flight while it is encoded;
+//          chunks, so its shared stores hit 32 different banks;
 //   encode: a line is a row of the tile (codes of x) or a column (codes of x^T: 1x128 blocks of
 //          x^T are 128x1 blocks of x); lanes 2i and 2i + 1 of a warp take halves of line
 //          16 w + i, 64 elements each in chunks of 16: amax (one shuffle joins the halves),
 //          scale, then 16 codes per 16-byte store. Half 1 starts at its second chunk, so the
-//          pair's shared reads are 16 banks apart and a warp's reads never conflict;
+//          pair's shared reads are 16 banks apart and a warp's reads never conflict.
 //   2-D:   with 128x128 blocks the tile's amax (a CTA max) scales both outputs: a 128x128 block
 //          of x^T is a block of x transposed.
 // x^T's rows are zero-padded to ldt >= rows columns: the tile's rows past `rows` are zeros,
 // encoded with the block's scale, as quantizing a zero-padded transpose does.
-// Scales are amax / format max (amax 0 -> 1) and codes encode(x / s), the CPU's rules. Where s
-// is in div_by_scale's range (then finite, so the block holds no NaN or inf) the quotient is
-// div_by_scale's and the hardware converter's code is final; otherwise x / s and fp8x2_encode.
+// Scales are amax / format max (amax 0 -> 1) and codes encode(x / s), the CPU's rules.
 constexpr int kBrTile = 128, kBrStride = kBrTile + 1;
 constexpr int kBrSmemBytes = kBrTile * kBrStride * 4;
 
 template <typename T, bool kTile2d>
 __global__ void __launch_bounds__(kThreads, 3) fp8_block_rows_cols_kernel(
-    const T* __restrict__ x, int64_t rows, int64_t cols, int64_t ldt, int64_t row_tiles, int64_t col_tiles,
-    float fmax, bool e4m3, bool vec_ok, bool vec_rows_out, bool vec_cols_out, uint8_t* __restrict__ rows_out,
+    const T* __restrict__ x, int64_t rows, int64_t cols, int64_t ldt, int64_t col_tiles, float fmax,
+    bool e4m3, bool vec_ok, bool vec_rows_out, bool vec_cols_out, uint8_t* __restrict__ rows_out,
     float* __restrict__ rows_scales, uint8_t* __restrict__ cols_out, float* __restrict__ cols_scales) {
   extern __shared__ float br_tile[];  // [kBrTile][kBrStride]
   __shared__ uint32_t tile_amax;
   constexpr int V = Vec16<T>::kN, kLanesPerRow = 32 / V;
   constexpr int kUnits = kBrTile * (kBrTile / V) / kThreads;  // 16-byte loads per thread
-  constexpr bool kPrefetch = sizeof(T) == 2;                  // fp32: 64 more live registers
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t tiles = row_tiles * col_tiles;
+  const int64_t rt = blockIdx.x / col_tiles, ct = blockIdx.x % col_tiles;
+  const int64_t r0 = rt * kBrTile, c0 = ct * kBrTile;
   const int64_t nbc = col_tiles;                      // 128-blocks per row of x
   const int64_t nbt = (ldt + kBrTile - 1) / kBrTile;  // 128-blocks per row of x^T
-  const __nv_fp8_interpretation_t fmt = e4m3 ? __NV_E4M3 : __NV_E5M2;
-  // Warp iteration it = warp + 8 k: rows V (it / 4) + lane / kLanesPerRow, 16-byte chunk
-  // kLanesPerRow (it % 4) + lane % kLanesPerRow.
-  auto unit_rc = [&](int k, int& tr, int& tc) {
-    const int it = warp + (kThreads / 32) * k;
-    tr = V * (it / 4) + lane / kLanesPerRow;
-    tc = V * (kLanesPerRow * (it % 4) + lane % kLanesPerRow);
-  };
-  // The tile's loads in kBatches batches of kRaw (fp32: two, so that 32 registers hold a batch).
-  constexpr int kRaw = kUnits < 8 ? kUnits : 8, kBatches = kUnits / kRaw;
-  static_assert(kBatches * kRaw == kUnits && (!kPrefetch || kBatches == 1), "load batches");
-  uint4 raw[kRaw];
-  auto load = [&](int64_t t, int batch) {
-    const int64_t r0 = (t / col_tiles) * kBrTile, c0 = (t % col_tiles) * kBrTile;
+  uint32_t m = 0;
+  {
+    // Warp iteration it = warp + 8 k: rows V (it / 4) + lane / kLanesPerRow, 16-byte chunk
+    // kLanesPerRow (it % 4) + lane % kLanesPerRow.
+    uint4 raw[kUnits];
+    auto unit_rc = [&](int k, int& tr, int& tc) {
+      const int it = warp + (kThreads / 32) * k;
+      tr = V * (it / 4) + lane / kLanesPerRow;
+      tc = V * (kLanesPerRow * (it % 4) + lane % kLanesPerRow);
+    };
 #pragma unroll
-    for (int b = 0; b < kRaw; ++b) {
+    for (int k = 0; k < kUnits; ++k) {
       int tr, tc;
-      unit_rc(kRaw * batch + b, tr, tc);
+      unit_rc(k, tr, tc);
       const int64_t gr = r0 + tr, gc = c0 + tc;
       if (vec_ok && gr < rows && gc + V <= cols) {
-        raw[b] = *reinterpret_cast<const uint4*>(x + gr * cols + gc);
+        raw[k] = *reinterpret_cast<const uint4*>(x + gr * cols + gc);
       } else {
         float v[V];
 #pragma unroll
         for (int j = 0; j < V; ++j) v[j] = gr < rows && gc + j < cols ? to_float(x[gr * cols + gc + j]) : 0.0f;
         if constexpr (V == 4) {
-          raw[b] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+          raw[k] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
                               __float_as_uint(v[3]));
         } else {
           uint32_t w[4];
 #pragma unroll
           for (int i = 0; i < 4; ++i)
             w[i] = (__float_as_uint(v[2 * i]) >> 16) | (__float_as_uint(v[2 * i + 1]) & 0xFFFF0000u);
-          raw[b] = make_uint4(w[0], w[1], w[2], w[3]);
+          raw[k] = make_uint4(w[0], w[1], w[2], w[3]);
         }
       }
     }
-  };
-  if (kPrefetch && blockIdx.x < tiles) load(blockIdx.x, 0);
-  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int64_t rt = t / col_tiles, ct = t % col_tiles;
-    const int64_t r0 = rt * kBrTile, c0 = ct * kBrTile;
-    uint32_t m = 0;
 #pragma unroll
-    for (int batch = 0; batch < kBatches; ++batch) {
-      if (!kPrefetch) load(t, batch);
+    for (int k = 0; k < kUnits; ++k) {
+      int tr, tc;
+      unit_rc(k, tr, tc);
+      const uint32_t w[4] = {raw[k].x, raw[k].y, raw[k].z, raw[k].w};
+      float* dst = br_tile + tr * kBrStride + tc;
 #pragma unroll
-      for (int b = 0; b < kRaw; ++b) {
-        int tr, tc;
-        unit_rc(kRaw * batch + b, tr, tc);
-        const uint32_t w[4] = {raw[b].x, raw[b].y, raw[b].z, raw[b].w};
-        float* dst = br_tile + tr * kBrStride + tc;
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const float f =
-              V == 4 ? __uint_as_float(w[j]) : __uint_as_float(j % 2 == 0 ? w[j / 2] << 16 : w[j / 2] & 0xFFFF0000u);
-          dst[j] = f;
-          if constexpr (kTile2d) m = max(m, float_bits(fabsf(f)));
-        }
+      for (int j = 0; j < V; ++j) {
+        const float f = V == 4 ? __uint_as_float(w[j]) : __uint_as_float(j % 2 == 0 ? w[j / 2] << 16 : w[j / 2] & 0xFFFF0000u);
+        dst[j] = f;
+        if constexpr (kTile2d) m = max(m, float_bits(fabsf(f)));
       }
     }
-    if constexpr (kTile2d) {
-      m = block_max(m);  // contains a __syncthreads
-      if (threadIdx.x == 0) tile_amax = m;
-    }
-    __syncthreads();
-    if (kPrefetch && t + gridDim.x < tiles) load(t + gridDim.x, 0);  // in flight during the encode
-    const float s2d = kTile2d ? scale_from_amax(bits_float(tile_amax), fmax) : 0.0f;
-    if (kTile2d && threadIdx.x == 0) {
-      if (rows_scales && r0 < rows) rows_scales[rt * nbc + ct] = s2d;
-      if (cols_scales && c0 < cols) cols_scales[ct * nbt + rt] = s2d;
-    }
-    const int line = 16 * warp + lane / 2, half = lane % 2;
-    for (int kind = 0; kind < 2; ++kind) {  // 0: rows of the tile -> x; 1: columns -> x^T
-      uint8_t* out = kind == 0 ? rows_out : cols_out;
-      if (out == nullptr) continue;
-      // This line in the output: row g_line of length g_len, the tile's part starting at g0.
-      const int64_t g_line = (kind == 0 ? r0 : c0) + line, g_len = kind == 0 ? cols : ldt;
-      const int64_t g0 = kind == 0 ? c0 : r0;
-      const bool line_ok = g_line < (kind == 0 ? rows : cols);
-      const bool vec_out = kind == 0 ? vec_rows_out : vec_cols_out;
-      const float* src = kind == 0 ? br_tile + line * kBrStride : br_tile + line;
-      const int step = kind == 0 ? 1 : kBrStride;  // along the line
-      float s = s2d;
-      if constexpr (!kTile2d) {
-        uint32_t mm = 0;
+  }
+  if constexpr (kTile2d) {
+    m = block_max(m);  // contains a __syncthreads
+    if (threadIdx.x == 0) tile_amax = m;
+  }
+  __syncthreads();
+  const float s2d = kTile2d ? scale_from_amax(bits_float(tile_amax), fmax) : 0.0f;
+  if (kTile2d && threadIdx.x == 0) {
+    if (rows_scales && r0 < rows) rows_scales[rt * nbc + ct] = s2d;
+    if (cols_scales && c0 < cols) cols_scales[ct * nbt + rt] = s2d;
+  }
+  const int line = 16 * warp + lane / 2, half = lane % 2;
+  for (int kind = 0; kind < 2; ++kind) {  // 0: rows of the tile -> x; 1: columns -> x^T
+    uint8_t* out = kind == 0 ? rows_out : cols_out;
+    if (out == nullptr) continue;
+    // This line in the output: row g_line of length g_len, the tile's part starting at g0.
+    const int64_t g_line = (kind == 0 ? r0 : c0) + line, g_len = kind == 0 ? cols : ldt;
+    const int64_t g0 = kind == 0 ? c0 : r0;
+    const bool line_ok = g_line < (kind == 0 ? rows : cols);
+    const bool vec_out = kind == 0 ? vec_rows_out : vec_cols_out;
+    auto at = [&](int i) { return kind == 0 ? br_tile[line * kBrStride + i] : br_tile[i * kBrStride + line]; };
+    float s = s2d;
+    if constexpr (!kTile2d) {
+      uint32_t mm = 0;
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int i0 = 64 * half + 16 * ((k + half) % 4);
-#pragma unroll
-          for (int j = 0; j < 16; ++j) mm = max(mm, float_bits(fabsf(src[(i0 + j) * step])));
-        }
-        mm = max(mm, __shfl_xor_sync(0xffffffffu, mm, 1));
-        s = scale_from_amax(bits_float(mm), fmax);
-        if (half == 0 && line_ok) (kind == 0 ? rows_scales[g_line * nbc + ct] : cols_scales[g_line * nbt + rt]) = s;
-      }
-      if (!line_ok) continue;
-      const bool fast = scale_division_ok(s);
-      const float rs = 1.0f / s;
-#pragma unroll 1
       for (int k = 0; k < 4; ++k) {
         const int i0 = 64 * half + 16 * ((k + half) % 4);
-        uint32_t w[4] = {0, 0, 0, 0};
-        if (fast) {
 #pragma unroll
-          for (int j = 0; j < 16; j += 2) {
-            const float qa = div_by_scale(src[(i0 + j) * step], s, rs);
-            const float qb = div_by_scale(src[(i0 + j + 1) * step], s, rs);
-            w[j / 4] |= static_cast<uint32_t>(__nv_cvt_float2_to_fp8x2(make_float2(qa, qb), __NV_SATFINITE, fmt))
-                        << (8 * (j % 4));
-          }
-        } else {
+        for (int j = 0; j < 16; ++j) mm = max(mm, float_bits(fabsf(at(i0 + j))));
+      }
+      mm = max(mm, __shfl_xor_sync(0xffffffffu, mm, 1));
+      s = scale_from_amax(bits_float(mm), fmax);
+      if (half == 0 && line_ok) (kind == 0 ? rows_scales[g_line * nbc + ct] : cols_scales[g_line * nbt + rt]) = s;
+    }
+    if (!line_ok) continue;
+    const bool fast_div = scale_division_ok(s);
+    const float rs = 1.0f / s;
 #pragma unroll
-          for (int j = 0; j < 16; j += 2) {
-            const float a = src[(i0 + j) * step], b = src[(i0 + j + 1) * step];
-            w[j / 4] |= fp8x2_encode(a / s, b / s, a, b, e4m3) << (8 * (j % 4));
-          }
-        }
-        const int64_t pos = g0 + i0;
-        uint8_t* dst = out + g_line * g_len + pos;
-        if (vec_out && pos + 16 <= g_len) {
-          *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
-        } else {
+    for (int k = 0; k < 4; ++k) {
+      const int i0 = 64 * half + 16 * ((k + half) % 4);
+      uint32_t w[4] = {0, 0, 0, 0};
 #pragma unroll
-          for (int j = 0; j < 16; ++j)
-            if (pos + j < g_len) dst[j] = static_cast<uint8_t>(w[j / 4] >> (8 * (j % 4)));
-        }
+      for (int j = 0; j < 16; j += 2) {
+        const float a = at(i0 + j), b = at(i0 + j + 1);
+        const float qa = fast_div ? div_by_scale(a, s, rs) : a / s;
+        const float qb = fast_div ? div_by_scale(b, s, rs) : b / s;
+        w[j / 4] |= fp8x2_encode(qa, qb, a, b, e4m3) << (8 * (j % 4));
+      }
+      const int64_t pos = g0 + i0;
+      uint8_t* dst = out + g_line * g_len + pos;
+      if (vec_out && pos + 16 <= g_len) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+          if (pos + j < g_len) dst[j] = static_cast<uint8_t>(w[j / 4] >> (8 * (j % 4)));
       }
     }
-    __syncthreads();  // the next tile is staged into the same shared memory
   }
 }
 
@@ -865,29 +835,6 @@ int scaling_index(Fp8Scaling s) {
   return s == Fp8Scaling::PerTensor ? 0 : s == Fp8Scaling::Block1x128 ? 1 : 2;
 }
 
-// Grid of a grid-stride kernel over `work` CTA-sized items: as many CTAs as are resident on the
-// GPU at once (SMs x the kernel's occupancy at kThreads and smem_bytes of dynamic shared memory), at
-// most one per item. Cached per kernel.
-template <typename Kernel>
-int persistent_grid(Kernel kernel, int64_t work, size_t smem_bytes = 0) {
-  static std::mutex mu;
-  static std::map<const void*, int> resident_of;
-  int resident = 0;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    int& r = resident_of[reinterpret_cast<const void*>(kernel)];
-    if (r == 0) {
-      int dev = 0, sms = 0, per_sm = 0;
-      CUDA_CHECK(cudaGetDevice(&dev));
-      CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-      CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem_bytes));
-      r = std::max(1, sms) * std::max(1, per_sm);
-    }
-    resident = r;
-  }
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, resident)));
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // fp8_block_rows_cols_kernel over x as [rows, cols] (x's leading dims flattened): the codes of x
@@ -916,16 +863,16 @@ void launch_block_rows_cols(const Tensor& x, int64_t rows, int64_t cols, int64_t
     const bool vec_ok = aligned16(xp) && cols % Vec16<T>::kN == 0;
     // 16-byte code stores where every output row starts 16-byte aligned
     const bool vec_rows = aligned16(rows_out) && cols % 16 == 0, vec_cols = aligned16(cols_out) && ldt % 16 == 0;
-    auto launch = [&](auto kernel) {
-      const int grid = persistent_grid(kernel, row_tiles * col_tiles, kBrSmemBytes);
-      kernel<<<grid, kThreads, kBrSmemBytes, stream>>>(xp, rows, cols, ldt, row_tiles, col_tiles, fmax, e4m3,
-                                                       vec_ok, vec_rows, vec_cols, rows_out, rows_scales,
-                                                       cols_out, cols_scales);
-    };
-    if (tile2d)
-      launch(fp8_block_rows_cols_kernel<T, true>);
-    else
-      launch(fp8_block_rows_cols_kernel<T, false>);
+    const unsigned grid = static_cast<unsigned>(row_tiles * col_tiles);
+    if (tile2d) {
+      fp8_block_rows_cols_kernel<T, true><<<grid, kThreads, kBrSmemBytes, stream>>>(
+          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, vec_rows, vec_cols, rows_out, rows_scales,
+          cols_out, cols_scales);
+    } else {
+      fp8_block_rows_cols_kernel<T, false><<<grid, kThreads, kBrSmemBytes, stream>>>(
+          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, vec_rows, vec_cols, rows_out, rows_scales,
+          cols_out, cols_scales);
+    }
   });
   CUDA_CHECK_LAUNCH("fp8 block quantizer");
 }
@@ -1285,6 +1232,28 @@ int max_grid_blocks() {
     return std::max(1, sms) * 8;
   }();
   return blocks;
+}
+
+// Grid of a grid-stride kernel over `work` CTA-sized items: as many CTAs as are resident on the
+// GPU at once (SMs x the kernel's occupancy at kThreads), at most one per item. Cached per kernel.
+template <typename Kernel>
+int persistent_grid(Kernel kernel, int64_t work) {
+  static std::mutex mu;
+  static std::map<const void*, int> resident_of;
+  int resident = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    int& r = resident_of[reinterpret_cast<const void*>(kernel)];
+    if (r == 0) {
+      int dev = 0, sms = 0, per_sm = 0;
+      CUDA_CHECK(cudaGetDevice(&dev));
+      CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+      CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+      r = std::max(1, sms) * std::max(1, per_sm);
+    }
+    resident = r;
+  }
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, resident)));
 }
 
 uint32_t* amax_slot(Tensor& bits, int64_t index, const char* fn) {
