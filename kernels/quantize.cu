@@ -462,10 +462,12 @@ constexpr int kBrTile = 128, kBrStride = kBrTile + 1;
 constexpr int kBrSmemBytes = kBrTile * kBrStride * 4;
 
 template <typename T, bool kTile2d>
-__global__ void __launch_bounds__(kThreads, 3) fp8_block_rows_cols_kernel(
-    const T* __restrict__ x, int64_t rows, int64_t cols, int64_t ldt, int64_t col_tiles, float fmax,
-    bool e4m3, bool vec_ok, bool vec_rows_out, bool vec_cols_out, uint8_t* __restrict__ rows_out,
-    float* __restrict__ rows_scales, uint8_t* __restrict__ cols_out, float* __restrict__ cols_scales) {
+__global__ void __launch_bounds__(kThreads, 3)
+    fp8_block_rows_cols_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, int64_t ldt,
+                               int64_t col_tiles, float fmax, bool e4m3, bool vec_ok,
+                               bool vec_rows_out, bool vec_cols_out, uint8_t* __restrict__ rows_out,
+                               float* __restrict__ rows_scales, uint8_t* __restrict__ cols_out,
+                               float* __restrict__ cols_scales) {
   extern __shared__ float br_tile[];  // [kBrTile][kBrStride]
   __shared__ uint32_t tile_amax;
   constexpr int V = Vec16<T>::kN, kLanesPerRow = 32 / V;
@@ -495,7 +497,8 @@ __global__ void __launch_bounds__(kThreads, 3) fp8_block_rows_cols_kernel(
       } else {
         float v[V];
 #pragma unroll
-        for (int j = 0; j < V; ++j) v[j] = gr < rows && gc + j < cols ? to_float(x[gr * cols + gc + j]) : 0.0f;
+        for (int j = 0; j < V; ++j)
+          v[j] = gr < rows && gc + j < cols ? to_float(x[gr * cols + gc + j]) : 0.0f;
         if constexpr (V == 4) {
           raw[k] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
                               __float_as_uint(v[3]));
@@ -503,7 +506,8 @@ __global__ void __launch_bounds__(kThreads, 3) fp8_block_rows_cols_kernel(
           uint32_t w[4];
 #pragma unroll
           for (int i = 0; i < 4; ++i)
-            w[i] = (__float_as_uint(v[2 * i]) >> 16) | (__float_as_uint(v[2 * i + 1]) & 0xFFFF0000u);
+            w[i] =
+                (__float_as_uint(v[2 * i]) >> 16) | (__float_as_uint(v[2 * i + 1]) & 0xFFFF0000u);
           raw[k] = make_uint4(w[0], w[1], w[2], w[3]);
         }
       }
@@ -516,7 +520,9 @@ __global__ void __launch_bounds__(kThreads, 3) fp8_block_rows_cols_kernel(
       float* dst = br_tile + tr * kBrStride + tc;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float f = V == 4 ? __uint_as_float(w[j]) : __uint_as_float(j % 2 == 0 ? w[j / 2] << 16 : w[j / 2] & 0xFFFF0000u);
+        const float f = V == 4
+                            ? __uint_as_float(w[j])
+                            : __uint_as_float(j % 2 == 0 ? w[j / 2] << 16 : w[j / 2] & 0xFFFF0000u);
         dst[j] = f;
         if constexpr (kTile2d) m = max(m, float_bits(fabsf(f)));
       }
@@ -541,7 +547,9 @@ __global__ void __launch_bounds__(kThreads, 3) fp8_block_rows_cols_kernel(
     const int64_t g0 = kind == 0 ? c0 : r0;
     const bool line_ok = g_line < (kind == 0 ? rows : cols);
     const bool vec_out = kind == 0 ? vec_rows_out : vec_cols_out;
-    auto at = [&](int i) { return kind == 0 ? br_tile[line * kBrStride + i] : br_tile[i * kBrStride + line]; };
+    auto at = [&](int i) {
+      return kind == 0 ? br_tile[line * kBrStride + i] : br_tile[i * kBrStride + line];
+    };
     float s = s2d;
     if constexpr (!kTile2d) {
       uint32_t mm = 0;
@@ -553,7 +561,8 @@ __global__ void __launch_bounds__(kThreads, 3) fp8_block_rows_cols_kernel(
       }
       mm = max(mm, __shfl_xor_sync(0xffffffffu, mm, 1));
       s = scale_from_amax(bits_float(mm), fmax);
-      if (half == 0 && line_ok) (kind == 0 ? rows_scales[g_line * nbc + ct] : cols_scales[g_line * nbt + rt]) = s;
+      if (half == 0 && line_ok)
+        (kind == 0 ? rows_scales[g_line * nbc + ct] : cols_scales[g_line * nbt + rt]) = s;
     }
     if (!line_ok) continue;
     const bool fast_div = scale_division_ok(s);
@@ -841,16 +850,18 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // (rows_out, [rows, cols]) and/or of x^T zero-padded to ldt columns (cols_out, [cols, ldt]), with
 // their block scales (1x128: [rows, nb(cols)] and [cols, nb(ldt)]; 128x128: [nb(rows), nb(cols)]
 // and [nb(cols), nb(ldt)]; nb(n) = ceil(n / 128)).
-void launch_block_rows_cols(const Tensor& x, int64_t rows, int64_t cols, int64_t ldt, Fp8Format format,
-                            bool tile2d, uint8_t* rows_out, float* rows_scales, uint8_t* cols_out,
-                            float* cols_scales) {
+void launch_block_rows_cols(const Tensor& x, int64_t rows, int64_t cols, int64_t ldt,
+                            Fp8Format format, bool tile2d, uint8_t* rows_out, float* rows_scales,
+                            uint8_t* cols_out, float* cols_scales) {
   static std::once_flag smem_opt_in;  // the shared tile is above the default 48 KiB
   std::call_once(smem_opt_in, [] {
     const cudaFuncAttribute a = cudaFuncAttributeMaxDynamicSharedMemorySize;
     CUDA_CHECK(cudaFuncSetAttribute(fp8_block_rows_cols_kernel<float, false>, a, kBrSmemBytes));
     CUDA_CHECK(cudaFuncSetAttribute(fp8_block_rows_cols_kernel<float, true>, a, kBrSmemBytes));
-    CUDA_CHECK(cudaFuncSetAttribute(fp8_block_rows_cols_kernel<__nv_bfloat16, false>, a, kBrSmemBytes));
-    CUDA_CHECK(cudaFuncSetAttribute(fp8_block_rows_cols_kernel<__nv_bfloat16, true>, a, kBrSmemBytes));
+    CUDA_CHECK(
+        cudaFuncSetAttribute(fp8_block_rows_cols_kernel<__nv_bfloat16, false>, a, kBrSmemBytes));
+    CUDA_CHECK(
+        cudaFuncSetAttribute(fp8_block_rows_cols_kernel<__nv_bfloat16, true>, a, kBrSmemBytes));
   });
   const int64_t col_tiles = (cols + kBrTile - 1) / kBrTile;
   const int64_t row_tiles = ((cols_out ? std::max(rows, ldt) : rows) + kBrTile - 1) / kBrTile;
@@ -862,16 +873,17 @@ void launch_block_rows_cols(const Tensor& x, int64_t rows, int64_t cols, int64_t
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     const bool vec_ok = aligned16(xp) && cols % Vec16<T>::kN == 0;
     // 16-byte code stores where every output row starts 16-byte aligned
-    const bool vec_rows = aligned16(rows_out) && cols % 16 == 0, vec_cols = aligned16(cols_out) && ldt % 16 == 0;
+    const bool vec_rows = aligned16(rows_out) && cols % 16 == 0,
+               vec_cols = aligned16(cols_out) && ldt % 16 == 0;
     const unsigned grid = static_cast<unsigned>(row_tiles * col_tiles);
     if (tile2d) {
       fp8_block_rows_cols_kernel<T, true><<<grid, kThreads, kBrSmemBytes, stream>>>(
-          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, vec_rows, vec_cols, rows_out, rows_scales,
-          cols_out, cols_scales);
+          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, vec_rows, vec_cols, rows_out,
+          rows_scales, cols_out, cols_scales);
     } else {
       fp8_block_rows_cols_kernel<T, false><<<grid, kThreads, kBrSmemBytes, stream>>>(
-          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, vec_rows, vec_cols, rows_out, rows_scales,
-          cols_out, cols_scales);
+          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, vec_rows, vec_cols, rows_out,
+          rows_scales, cols_out, cols_scales);
     }
   });
   CUDA_CHECK_LAUNCH("fp8 block quantizer");
@@ -929,8 +941,8 @@ QuantizedFp8 quantize_fp8_cuda(const Tensor& x, Fp8Format format, Fp8Scaling sca
     CUDA_CHECK_LAUNCH("quantize_fp8_cuda (per tensor)");
     if (delayed) delayed->record(amax_now);
   } else {
-    launch_block_rows_cols(x, d.rows, d.cols, d.rows, format, scaling == Fp8Scaling::Block128x128, codes,
-                           scales, nullptr, nullptr);
+    launch_block_rows_cols(x, d.rows, d.cols, d.rows, format, scaling == Fp8Scaling::Block128x128,
+                           codes, scales, nullptr, nullptr);
   }
   return q;
 }
@@ -1361,11 +1373,13 @@ Fp8RowsCols quantize_fp8_block_rows_cols_cuda(const Tensor& x, Fp8Format format,
   check_cuda_input(x, fn);
   LASP_CHECK(x.ndim() == 2) << fn << ": expects a 2-D tensor, got " << x.str();
   LASP_CHECK(scaling == Fp8Scaling::Block1x128 || scaling == Fp8Scaling::Block128x128)
-      << fn << ": scaling must be 1x128 or 128x128 blocks (per tensor: quantize_fp8_rows_cols_cuda)";
+      << fn
+      << ": scaling must be 1x128 or 128x128 blocks (per tensor: quantize_fp8_rows_cols_cuda)";
   LASP_CHECK(want_rows || want_cols) << fn << ": asked for neither the rows nor the cols codes";
   const int64_t rows = x.dim(0), cols = x.dim(1);
   const int64_t ldt = cols_ld == 0 ? rows : cols_ld;
-  LASP_CHECK(ldt >= rows) << fn << ": cols_ld (" << cols_ld << ") must be 0 or >= the rows of x (" << rows << ")";
+  LASP_CHECK(ldt >= rows) << fn << ": cols_ld (" << cols_ld << ") must be 0 or >= the rows of x ("
+                          << rows << ")";
   const Device dev = x.device();
   const bool tile2d = scaling == Fp8Scaling::Block128x128;
   auto nb = [](int64_t n) { return (n + kBrTile - 1) / kBrTile; };

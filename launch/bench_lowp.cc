@@ -56,7 +56,7 @@ constexpr double kFp8FloorFlops = 1450e12;  // dense fp8 rate (H200)
 struct Options {
   int iters = 20, warmup = 5;
   bool quick = false;
-  bool algos = false;  // --algos: time every cuBLASLt candidate instead of the tables
+  bool algos = false;            // --algos: time every cuBLASLt candidate instead of the tables
   bool quantizers_only = false;  // --quantizers: only the FP8 block quantizer table
 };
 
@@ -83,38 +83,45 @@ struct Shape3 {
 void run_quantizers(const Options& opt) {
   constexpr double kHbm = 4.3e12;
   std::printf(
-      "\nFP8 block quantizers vs the HBM floor (bytes in + out once at %.1f TB/s); alone = one call on an "
+      "\nFP8 block quantizers vs the HBM floor (bytes in + out once at %.1f TB/s); alone = one "
+      "call on an "
       "idle GPU (with its host time and output allocation), b2b = 10 queued back to back\n",
       kHbm / 1e12);
-  std::printf("%-46s %-22s %9s %9s %9s %7s\n", "op", "shape", "alone_ms", "b2b_ms", "floor_ms", "b2b/fl");
+  std::printf("%-46s %-22s %9s %9s %9s %7s\n", "op", "shape", "alone_ms", "b2b_ms", "floor_ms",
+              "b2b/fl");
   struct Q {
     int64_t rows, cols;
     DType dtype;
   };
   const Fp8Scaling b1 = Fp8Scaling::Block1x128, b2 = Fp8Scaling::Block128x128;
   const Fp8Format e4 = Fp8Format::E4M3;
-  auto row = [&](const char* op, const Q& q, double out_bytes_per_elem, const std::function<void()>& fn) {
+  auto row = [&](const char* op, const Q& q, double out_bytes_per_elem,
+                 const std::function<void()>& fn) {
     const double n = static_cast<double>(q.rows) * q.cols;
     const double bytes = n * dtype_size(q.dtype) + n * out_bytes_per_elem;
     const double ms = time_ms(fn, opt), floor_ms = bytes / kHbm * 1e3;
     const double b2b = median_event_ms_interleaved({fn}, opt.iters, opt.warmup, 10)[0];
     char shape[64];
-    std::snprintf(shape, sizeof shape, "%ldx%ld %s", static_cast<long>(q.rows), static_cast<long>(q.cols),
-                  dtype_name(q.dtype));
-    std::printf("%-46s %-22s %9.3f %9.3f %9.3f %7.2f\n", op, shape, ms, b2b, floor_ms, b2b / floor_ms);
+    std::snprintf(shape, sizeof shape, "%ldx%ld %s", static_cast<long>(q.rows),
+                  static_cast<long>(q.cols), dtype_name(q.dtype));
+    std::printf("%-46s %-22s %9.3f %9.3f %9.3f %7.2f\n", op, shape, ms, b2b, floor_ms,
+                b2b / floor_ms);
     std::fflush(stdout);
+  };
+  // What the block-scaled projections ran before the one-pass quantizer: x's codes, x^T
+  // materialised, x^T's codes.
+  auto composition = [&](const Tensor& x, Fp8Scaling scaling) {
+    (void)quantize_fp8_cuda(x, e4, scaling);
+    Tensor t = Tensor::empty({x.dim(1), x.dim(0)}, x.dtype(), cuda());
+    transpose_pad_cuda(t, x);
+    (void)quantize_fp8_cuda(t, e4, scaling);
   };
   for (const Q& q : {Q{16384, 2048, DType::BF16}, Q{16384, 8192, DType::BF16}}) {
     Tensor x = random_bf16({q.rows, q.cols}, 1.0, 901);
     row("1x128 rows (forward x)", q, 1.0, [&] { (void)quantize_fp8_cuda(x, e4, b1); });
     row("1x128 rows + cols, one pass (dy)", q, 2.0,
         [&] { (void)quantize_fp8_block_rows_cols_cuda(x, e4, b1, true, true); });
-    row("  composition: rows, transpose, cols", q, 2.0, [&] {
-      (void)quantize_fp8_cuda(x, e4, b1);
-      Tensor t = Tensor::empty({q.cols, q.rows}, q.dtype, cuda());
-      transpose_pad_cuda(t, x);
-      (void)quantize_fp8_cuda(t, e4, b1);
-    });
+    row("  composition: rows, transpose, cols", q, 2.0, [&] { composition(x, b1); });
     row("per tensor rows (quantize_fp8_cuda)", q, 1.0,
         [&] { (void)quantize_fp8_cuda(x, e4, Fp8Scaling::PerTensor); });
     // What the per-tensor projections run: the amax pass, then one pass writing the codes.
@@ -135,12 +142,7 @@ void run_quantizers(const Options& opt) {
     Tensor w = random_bf16({q.rows, q.cols}, 0.02, 902).to(cpu()).to(DType::F32).to(cuda());
     row("128x128 rows + cols, one pass (weight)", q, 2.0,
         [&] { (void)quantize_fp8_block_rows_cols_cuda(w, e4, b2, true, true); });
-    row("  composition: rows, fp32 transpose, cols", q, 2.0, [&] {
-      (void)quantize_fp8_cuda(w, e4, b2);
-      Tensor t = Tensor::empty({q.cols, q.rows}, q.dtype, cuda());
-      transpose_pad_cuda(t, w);
-      (void)quantize_fp8_cuda(t, e4, b2);
-    });
+    row("  composition: rows, fp32 transpose, cols", q, 2.0, [&] { composition(w, b2); });
   }
 }
 
@@ -458,6 +460,22 @@ int run_algos(const Options& opt) {
   return 0;
 }
 
+// One benchmark GEMM's operands, y[M, N] = x[M, K] W[N, K]^T: bf16 x ~ N(0, 1) and W ~ N(0, 0.02),
+// a bf16 y, and x and W as per-tensor E4M3 codes (real codes: random bytes would include NaNs).
+struct GemmOperands {
+  Tensor x, w, y;
+  QuantizedFp8 xq, wq;
+};
+GemmOperands gemm_operands(const Shape3& g, uint32_t& seed) {
+  GemmOperands o;
+  o.x = random_bf16({g.m, g.k}, 1.0, seed++);
+  o.w = random_bf16({g.n, g.k}, 0.02, seed++);
+  o.y = Tensor::empty({g.m, g.n}, DType::BF16, cuda());
+  o.xq = quantize_fp8_cuda(o.x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+  o.wq = quantize_fp8_cuda(o.w, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+  return o;
+}
+
 // lasp's own FP8 kernel (kernels/gemm_fp8_sm90.cu) next to cuBLASLt, timed in the same
 // interleaved rounds: tile N 128 and 192 promoting every 128 of K (what cuBLASLt computes), tile
 // 128 promoting every 512, and fast accumulation (one promotion at the end) of both.
@@ -487,10 +505,9 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
   uint32_t seed = 301;
   const Fp8GemmBackend lt = Fp8GemmBackend::CublasLt, ours = Fp8GemmBackend::Lasp;
   for (const Shape3& g : shapes) {
-    Tensor x = random_bf16({g.m, g.k}, 1.0, seed++), w = random_bf16({g.n, g.k}, 0.02, seed++);
-    Tensor y = Tensor::empty({g.m, g.n}, DType::BF16, cuda());
-    const QuantizedFp8 xq = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
-    const QuantizedFp8 wq = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+    GemmOperands o = gemm_operands(g, seed);
+    Tensor &x = o.x, &w = o.w, &y = o.y;
+    const QuantizedFp8 &xq = o.xq, &wq = o.wq;
     std::vector<std::function<void()> > fns = {
         [&] { gemm(y, x, false, w, true); },
         [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, lt); },
@@ -527,14 +544,13 @@ void run_timing(const Options& opt, const std::vector<Shape3>& shapes) {
       "b2b = 10 calls queued back to back (time per call), host = host us to issue one call, "
       "q+fp8 = per-tensor quantize of x then the GEMM, back to back\n");
   std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s\n", "op", "MxNxK", "bf16_ms",
-              "fp8_ms", "speedup", "bf16_b2b", "fp8_b2b", "spd_b2b", "host_bf", "host_f8",
-              "q+fp8", "spd_q");
+              "fp8_ms", "speedup", "bf16_b2b", "fp8_b2b", "spd_b2b", "host_bf", "host_f8", "q+fp8",
+              "spd_q");
   uint32_t seed = 701;
   for (const Shape3& g : shapes) {
-    Tensor x = random_bf16({g.m, g.k}, 1.0, seed++), w = random_bf16({g.n, g.k}, 0.02, seed++);
-    Tensor y = Tensor::empty({g.m, g.n}, DType::BF16, cuda());
-    const QuantizedFp8 xq = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
-    const QuantizedFp8 wq = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+    GemmOperands o = gemm_operands(g, seed);
+    Tensor &x = o.x, &w = o.w, &y = o.y;
+    const QuantizedFp8 &xq = o.xq, &wq = o.wq;
     const Fp8GemmBackend lt = Fp8GemmBackend::CublasLt;
     const std::function<void()> bf16 = [&] { gemm(y, x, false, w, true); };
     const std::function<void()> fp8 = [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, lt); };
@@ -542,7 +558,8 @@ void run_timing(const Options& opt, const std::vector<Shape3>& shapes) {
       const QuantizedFp8 q = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
       gemm_fp8_with(y, q, wq, 1.0f, 0.0f, false, lt);
     };
-    const std::vector<double> alone = median_event_ms_interleaved({bf16, fp8}, opt.iters, opt.warmup);
+    const std::vector<double> alone =
+        median_event_ms_interleaved({bf16, fp8}, opt.iters, opt.warmup);
     const std::vector<double> b2b =
         median_event_ms_interleaved({bf16, fp8, q_fp8}, opt.iters, opt.warmup, 10);
     const double host_bf = host_issue_us(bf16, 20), host_f8 = host_issue_us(fp8, 20);
@@ -582,11 +599,10 @@ int run(const Options& opt) {
   uint32_t seed = 1;
   const int64_t fallbacks_before = gemm_fp8_fallback_count();
   for (const Shape3& g : shapes) {
-    Tensor x = random_bf16({g.m, g.k}, 1.0, seed++), w = random_bf16({g.n, g.k}, 0.02, seed++);
-    Tensor y = Tensor::empty({g.m, g.n}, DType::BF16, cuda());
+    GemmOperands o = gemm_operands(g, seed);
+    Tensor &x = o.x, &w = o.w, &y = o.y;
+    const QuantizedFp8 &xq = o.xq, &wq = o.wq;
     const double flops = 2.0 * g.m * g.n * g.k;
-    const QuantizedFp8 xq = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
-    const QuantizedFp8 wq = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::PerTensor);
     const QuantizedFp8 xb = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128);
     const QuantizedFp8 wb = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::Block128x128);
     // Interleaved rounds: the GPU runs at its power cap, and its clock drifts; each round times

@@ -24,8 +24,8 @@ double median_event_ms(const std::function<void()>& fn, int iters, int warmup) {
   return median_event_ms_interleaved({fn}, iters, warmup).front();
 }
 
-std::vector<double> median_event_ms_interleaved(const std::vector<std::function<void()>>& fns, int rounds,
-                                                int warmup, int reps) {
+std::vector<double> median_event_ms_interleaved(const std::vector<std::function<void()>>& fns,
+                                                int rounds, int warmup, int reps) {
   auto stream = static_cast<cudaStream_t>(current_stream().handle);
   for (int i = 0; i < warmup; ++i)
     for (const auto& fn : fns) fn();

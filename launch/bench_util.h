@@ -22,8 +22,8 @@ double median_event_ms(const std::function<void()>& fn, int iters, int warmup);
 // reps > 1: each sample is `reps` calls queued back to back (the time per call), so the GPU never
 // waits for the host between them, as in a training step; reps = 1 times one call on an idle GPU,
 // which includes the host's time to issue it.
-std::vector<double> median_event_ms_interleaved(const std::vector<std::function<void()>>& fns, int rounds,
-                                                int warmup, int reps = 1);
+std::vector<double> median_event_ms_interleaved(const std::vector<std::function<void()>>& fns,
+                                                int rounds, int warmup, int reps = 1);
 
 // Host time in microseconds to issue one call of fn (mean over `calls`, the GPU kept busy).
 double host_issue_us(const std::function<void()>& fn, int calls);

@@ -175,8 +175,8 @@ Tensor forward_x_scale(const ProjectionState& st, const Tensor& x) {
 void fp8_weight(Param& w, ProjectionState& st, Fp8ScaleMode mode) {
   if (st.w_rows.codes.defined() && st.w_cols.codes.defined() && cache_valid(st.w_epoch)) return;
   if (mode == Fp8ScaleMode::Block) {
-    const Fp8RowsCols q =
-        quantize_fp8_block_rows_cols_cuda(w.value, Fp8Format::E4M3, Fp8Scaling::Block128x128, true, true);
+    const Fp8RowsCols q = quantize_fp8_block_rows_cols_cuda(w.value, Fp8Format::E4M3,
+                                                            Fp8Scaling::Block128x128, true, true);
     st.w_rows = q.rows;
     st.w_cols = q.cols;
   } else {
@@ -347,7 +347,8 @@ void fp8_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& d
       // One pass each: dy's rows (dgrad) and 1x128 blocks of dy^T and x^T (wgrad, inner dim the
       // tokens, zero-padded to np).
       const Fp8Scaling b = Fp8Scaling::Block1x128;
-      const Fp8RowsCols d = quantize_fp8_block_rows_cols_cuda(dy, Fp8Format::E5M2, b, dx.defined(), true, np);
+      const Fp8RowsCols d =
+          quantize_fp8_block_rows_cols_cuda(dy, Fp8Format::E5M2, b, dx.defined(), true, np);
       dy_rows = d.rows;
       dy_cols = d.cols;
       x_cols = quantize_fp8_block_rows_cols_cuda(x, Fp8Format::E4M3, b, false, true, np).cols;

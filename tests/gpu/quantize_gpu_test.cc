@@ -397,13 +397,14 @@ TEST(QuantizeGpu, Fp8BlockRowsAndColsInOnePassEqualTheCpuOnXAndItsPaddedTranspos
       for (Fp8Format f : {Fp8Format::E4M3, Fp8Format::E5M2})
         for (Fp8Scaling s : {Fp8Scaling::Block1x128, Fp8Scaling::Block128x128})
           for (int input = 0; input < 3; ++input) {
-            SCOPED_TRACE(testing::Message() << "shape " << shape_str(shape) << " ld " << ld << " format "
-                                            << int(f) << " scaling " << int(s) << " input " << input
-                                            << " seed " << seed);
+            SCOPED_TRACE(testing::Message()
+                         << "shape " << shape_str(shape) << " ld " << ld << " format " << int(f)
+                         << " scaling " << int(s) << " input " << input << " seed " << seed);
             const Tensor xg = input == 2 ? misaligned_cuda(x, DType::BF16)
                                          : to_cuda(x, input == 0 ? DType::F32 : DType::BF16);
             const QuantizedFp8 ref_rows = quantize_fp8(x, f, s);
-            const QuantizedFp8 ref_cols = quantize_fp8(transposed_padded(x, ld == 0 ? rows : ld), f, s);
+            const QuantizedFp8 ref_cols =
+                quantize_fp8(transposed_padded(x, ld == 0 ? rows : ld), f, s);
             const Fp8RowsCols both = quantize_fp8_block_rows_cols_cuda(xg, f, s, true, true, ld);
             EXPECT_EQ(both.rows.scaling, s);
             EXPECT_EQ(both.cols.format, f);
@@ -424,9 +425,15 @@ TEST(QuantizeGpu, Fp8BlockRowsAndColsInOnePassEqualTheCpuOnXAndItsPaddedTranspos
           }
   }
   const Tensor x = Tensor::full({4, 32}, 1.0, DType::F32, cuda());
-  EXPECT_THROW(quantize_fp8_block_rows_cols_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor, true, true), Error);
-  EXPECT_THROW(quantize_fp8_block_rows_cols_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128, false, false), Error);
-  EXPECT_THROW(quantize_fp8_block_rows_cols_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128, true, true, 3), Error)
+  EXPECT_THROW(
+      quantize_fp8_block_rows_cols_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor, true, true),
+      Error);
+  EXPECT_THROW(
+      quantize_fp8_block_rows_cols_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128, false, false),
+      Error);
+  EXPECT_THROW(
+      quantize_fp8_block_rows_cols_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128, true, true, 3),
+      Error)
       << "cols_ld below the rows of x";
 }
 

@@ -156,15 +156,18 @@ TEST_P(ModelLayouts, OneStepLossAndEveryGradientMatchSingleProcess) {
             ASSERT_EQ(ref_params[i]->name, params[i]->name);
             const int d = shard_dim(ref_params[i]->value, params[i]->value, lay.tp, grid.tp_rank());
             ASSERT_GE(d, -1) << params[i]->name << ": cannot locate the TP shard";
-            auto local = [&](const Tensor& g) { return d < 0 ? g : shard(g, d, lay.tp, grid.tp_rank()); };
+            auto local = [&](const Tensor& g) {
+              return d < 0 ? g : shard(g, d, lay.tp, grid.tp_rank());
+            };
             const Tensor expect = local(ref_params[i]->grad);
             const double err = testing::scaled_max_error(params[i]->grad, expect);
             if (exact && err > tol) {
               const Tensor truth = local(exact->params()[i]->grad);
               const double dist = testing::scaled_max_error(params[i]->grad, truth),
                            one = testing::scaled_max_error(expect, truth);
-              EXPECT_LE(dist, 4 * one) << params[i]->name << " zigzag " << zigzag << ": fp32 distributed vs "
-                                       << "single " << err << ", vs fp64: distributed " << dist << ", single " << one;
+              EXPECT_LE(dist, 4 * one)
+                  << params[i]->name << " zigzag " << zigzag << ": fp32 distributed vs "
+                  << "single " << err << ", vs fp64: distributed " << dist << ", single " << one;
             } else {
               EXPECT_LE(err, tol) << params[i]->name << " zigzag " << zigzag;
             }
