@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check for the device machine: build (CUDA, sm_90a), run the GPU tests (GPU kernels
 # vs the CPU ones), the CPU unit tests if time allows, and the kernel benchmark; logs and a short
-# summary go to $OUT (at most 8 files). Every step runs even if an earlier one failed; the summary
+# summary go to $OUT (at most 9 files with NCU_KERNEL). Every step runs even if an earlier one failed; the summary
 # is printed last.
 #
 #   OUT=/some/dir scripts/device_check.sh [--quick] [--cpu-tests] [--no-train]
@@ -20,7 +20,8 @@
 # Environment: OUT (default ./device_out), BUILD (default /tmp/lasp-build-gpu), BUDGET_S (wall
 # seconds for the whole script, default 520); BENCH_ONLY=gemm|linear|attention restricts the kernel
 # benchmark, LA_PROFILE=1 adds its linear-attention passes one by one (LASP_PROFILE=shapes), LOWP=0 skips `lasp bench lowp/ops` (LOWP_ARGS: extra arguments, e.g. --quantizers; OPS=0 skips `lasp bench ops`), SDPA=0 skips the PyTorch SDPA timing;
-# GPU_FILTER / GPU_REPEAT pass --gtest_filter / --gtest_repeat to the GPU tests (flaky-test hunts), GPU_TESTS_CAP_S caps them (300 s). If the project cannot be configured on the device
+# NCU_KERNEL=regex profiles that kernel under `lasp bench lowp` with Nsight Compute (ncu.log; NCU_SKIP,
+# NCU_COUNT, NCU_ARGS, NCU_CAP_S); GPU_FILTER / GPU_REPEAT pass --gtest_filter / --gtest_repeat to the GPU tests (flaky-test hunts), GPU_TESTS_CAP_S caps them (300 s). If the project cannot be configured on the device
 # (missing yaml-cpp / OpenBLAS / protobuf / GoogleTest there), the script falls back to binaries
 # prebuilt elsewhere and carried in .prebuilt/ (lasp_gpu_tests, lasp_tests, lib/ with their
 # shared libraries): see docs/kernels.md.
@@ -149,6 +150,24 @@ if [ -n "$LASP_BIN" ] && [ "${LOWP:-1}" = 1 ]; then
   timeout "$(left ${LOWP_CAP_S:-240})" "$LASP_BIN" bench lowp ${LOWP_ARGS:-} 2>&1 | tee "$OUT/bench_lowp.log" | tail -20
   LOWP_RESULT="rc=$? (lasp bench lowp)"
   [ "${OPS:-1}" = 1 ] && timeout "$(left 90)" "$LASP_BIN" bench ops 2>&1 | tee -a "$OUT/bench_lowp.log" | tail -20
+fi
+
+# ---- 4b'. Nsight Compute on one kernel (NCU_KERNEL = a kernel-name regex, e.g. gemm_fp8_sm90) ----
+# Profiles launch NCU_SKIP (default 5, past the warm-up) and NCU_COUNT - 1 more of the matching
+# kernel while `lasp bench lowp NCU_ARGS` (default --quick) runs; ncu.log gets the speed-of-light,
+# warp-state, scheduler, compute and memory sections.
+NCU_RESULT="not run"
+if [ -n "$LASP_BIN" ] && [ -n "${NCU_KERNEL:-}" ]; then
+  NCU_BIN=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -n "$NCU_BIN" ]; then
+    timeout "$(left ${NCU_CAP_S:-150})" "$NCU_BIN" --kernel-name "regex:$NCU_KERNEL" --launch-skip "${NCU_SKIP:-5}" \
+      --launch-count "${NCU_COUNT:-1}" --section SpeedOfLight --section WarpStateStats \
+      --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      "$LASP_BIN" bench lowp ${NCU_ARGS:---quick} >"$OUT/ncu.log" 2>&1
+    NCU_RESULT="rc=$? (ncu on $NCU_KERNEL, ncu.log)"
+  else
+    NCU_RESULT="ncu not found on this machine"
+  fi
 fi
 
 # ---- 4c. PyTorch SDPA on the same GPU (baseline for the softmax attention rows) ----
@@ -368,6 +387,7 @@ say "precision:  $PREC_RESULT"
 [ -f "$OUT/precision.log" ] && grep -E '^\|' "$OUT/precision.log" | tee -a "$SUMMARY"
 say "multi-gpu:  $MPI_RESULT"
 say "lowp bench: $LOWP_RESULT"
+say "ncu:        $NCU_RESULT"
 say "sdpa bench: $SDPA_RESULT"
 say "benchmark:  $BENCH_RESULT"
 if [ -f "$OUT/bench.log" ]; then
