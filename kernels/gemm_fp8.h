@@ -45,9 +45,16 @@ enum class Fp8GemmBackend { CublasLt, Lasp };
 // lasp's kernel: the CTA tile's N (128 or 192; 0 = 192) and how many K blocks of 128 the tensor
 // cores accumulate before their partial sums are added into the fp32 total (1 = every 128, what
 // cuBLASLt does; fast accumulation = one promotion at the end).
+// stagger and tma_store (-1 = the kernel's default, 0 off, 1 on; measured in docs/fp8_gpu.md):
+// stagger holds the second consumer warpgroup back by one K block at the start, so the two
+// consumers' promotions fall under each other's wgmmas instead of together; tma_store writes a
+// bf16 C (beta = 0) through shared memory with TMA stores, so a consumer starts its next tile
+// while the stores drain.
 struct Fp8KernelConfig {
   int tile_n = 0;
   int promote_every = 1;
+  int stagger = -1;
+  int tma_store = -1;
 };
 // LASP_FP8_GEMM (gemm_fp8 reads it once per process): "cublaslt", "lasp", or "auto"/unset
 // (= cuBLASLt, which is faster on every shape measured: docs/fp8_gpu.md). Other values are an

@@ -42,10 +42,17 @@ template <int BN>
 struct Fp8Tiles {
   static constexpr int kAccRegs = BN / 2;  // fp32 accumulator registers per thread (64 x BN / 128)
   static constexpr int kABytes = kBM * kBK, kBBytes = BN * kBK, kStageBytes = kABytes + kBBytes;
-  static constexpr int kStages =
-      (kSmemLimit - 1024 - 256) / kStageBytes < 8 ? (kSmemLimit - 1024 - 256) / kStageBytes : 8;
-  static constexpr int kSmemBytes =
-      kStages * kStageBytes + 1024 + 16 * kStages;  // + alignment + barriers
+  // The TMA-store epilogue's bf16 C tile: per consumer, BN / 64 swizzle panels of 64 rows.
+  static constexpr int kCBytes = 2 * (BN / 64) * sm90::kSwPanelBytes;
+  static constexpr int stages(bool tma_store) {
+    return std::min(8, (kSmemLimit - 1024 - 256 - (tma_store ? kCBytes : 0)) / kStageBytes);
+  }
+  // Layout from the 1024-aligned base: stages, [C tile], full and empty barriers, the two stagger
+  // barriers.
+  static constexpr int smem_bytes(bool tma_store) {
+    return 1024 + stages(tma_store) * kStageBytes + (tma_store ? kCBytes : 0) +
+           16 * stages(tma_store) + 16;
+  }
 };
 
 struct Fp8GemmArgs {
@@ -57,6 +64,9 @@ struct Fp8GemmArgs {
   const float* scale_b = nullptr;
   int tiles_m = 0, tiles_n = 0;
   int promote_every = 1;  // K blocks between promotions; >= nk: one promotion at the end
+  int stages = 0;         // Fp8Tiles<BN>::stages(tma_store)
+  int stagger = 0;        // consumer 1 starts after consumer 0's first K block (Fp8KernelConfig)
+  int tma_store = 0;      // bf16 C, beta = 0, through shared memory and map_c
 };
 
 // ---- wgmma m64nNk32 with fp8 operands, both K-major from shared memory ----------------------
@@ -126,20 +136,27 @@ __device__ int fp8_sm90_compiled = LASP_SM90_WGMMA;
 template <int BN, Fp8Format FA, Fp8Format FB>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_fp8_sm90_kernel(const Fp8GemmArgs p, const __grid_constant__ CUtensorMap map_a,
-                         const __grid_constant__ CUtensorMap map_b) {
+                         const __grid_constant__ CUtensorMap map_b,
+                         const __grid_constant__ CUtensorMap map_c) {
 #if LASP_SM90_WGMMA
   using T = Fp8Tiles<BN>;
-  constexpr int S = T::kStages, R = T::kAccRegs;
+  constexpr int R = T::kAccRegs;
+  const int S = p.stages;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base =
       (sm90::smem_u32(smem_raw) + 1023u) & ~1023u;  // 128-byte swizzle: 1024-aligned
-  const uint32_t full0 = base + S * T::kStageBytes, empty0 = full0 + 8 * S;
+  const uint32_t c_tile = base + S * T::kStageBytes;  // the TMA-store epilogue's C tile
+  const uint32_t full0 = c_tile + (p.tma_store ? T::kCBytes : 0), empty0 = full0 + 8 * S,
+                 stagger_bar = empty0 + 8 * S;
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
       sm90::mbar_init(full0 + 8 * s, 1);   // the producer's arrive + the TMA bytes
       sm90::mbar_init(empty0 + 8 * s, 2);  // one arrival per consumer warpgroup
     }
+    sm90::mbar_init(stagger_bar, 1);
+    sm90::mbar_init(stagger_bar + 8, 1);
+    sm90::mbar_arrive(stagger_bar);
     sm90::mbar_fence_init();
   }
   __syncthreads();
@@ -171,8 +188,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // ---- consumers: rows 64 c .. 64 c + 63 of each tile ----
   sm90::setmaxnreg_inc<232>();
-  const int c = wg - 1, t = threadIdx.x % 128;
+  // c through a shuffle: ptxas then knows it is the same across the warp (a wait whose address
+  // depends on a value it cannot prove uniform makes it serialise the wgmmas, C7518).
+  const int c = __shfl_sync(0xffffffffu, wg - 1, 0), t = threadIdx.x % 128;
   const float scale = p.alpha * *p.scale_a * *p.scale_b;
+  // Stagger: consumer 1 waits until consumer 0's first K block is done, so that from then on
+  // each one's wait and promotion run under the other's wgmmas.
+  bool hold = p.stagger != 0 && c == 0;  // consumer 0 still owes consumer 1 its arrival
+  // Every consumer waits for phase 0, consumer 1 on stagger_bar + 8 (consumer 0's arrival),
+  // everyone else on stagger_bar (complete from the start).
+  sm90::mbar_wait(stagger_bar + (p.stagger != 0 && c == 1 ? 8 : 0), 0);
   float acc[R], total[R];
 #pragma unroll
   for (int i = 0; i < R; ++i) acc[i] = 0.0f;
@@ -214,15 +239,41 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (t == 0 && pending >= 0) sm90::mbar_arrive(empty0 + 8 * pending);
         pending = s;
       }
+      // An mbarrier, not a named barrier: bar.arrive in this loop makes ptxas serialise the
+      // wgmmas (C7518).
+      if (hold && t == 0) sm90::mbar_arrive(stagger_bar + 8);
+      hold = false;
       if (++s == S) {
         s = 0;
         phase ^= 1;
       }
     }
 
+    const int w = t / 32;
+    if (p.tma_store) {
+      // ---- epilogue through shared memory: each warp stages its 16 rows of scale * total as
+      // bf16 in BN / 64 swizzled panels and stores them with TMA (rows and columns outside C are
+      // dropped); the stores drain while the next tile's main loop runs. ----
+      const uint32_t mine = c_tile + c * (BN / 64) * sm90::kSwPanelBytes;
+      if (t % 32 == 0) sm90::bulk_wait_read();  // the previous tile's stores have read the panels
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < R; ++i) total[i] *= scale;
+      sm90::store_acc_bf16_sw128<BN / 8>(mine, total);
+      sm90::fence_proxy();
+      __syncwarp();
+      if (t % 32 == 0) {
+#pragma unroll
+        for (int panel = 0; panel < BN / 64; ++panel)
+          sm90::tma_store_2d(&map_c, mine + panel * sm90::kSwPanelBytes + 16 * w * 128,
+                             n0 + 64 * panel, m0 + 64 * c + 16 * w);
+        sm90::bulk_commit();
+      }
+      continue;
+    }
     // ---- epilogue: C = scale * total (+ beta C), straight from the accumulator layout ----
     // Thread t = 32 w + 4 g + q holds rows 16 w + g (+ 8) and columns 8 j + 2 q, + 1.
-    const int w = t / 32, g = (t % 32) / 4, q = t % 4;
+    const int g = (t % 32) / 4, q = t % 4;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = m0 + 64 * c + 16 * w + g + 8 * h;
@@ -254,6 +305,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+  if (hold && t == 0) sm90::mbar_arrive(stagger_bar + 8);  // consumer 0 ran no K block
+  if (p.tma_store && t % 32 == 0) sm90::bulk_wait();  // the last stores, before shared memory goes
 #else
   __trap();  // the host never launches it on a device without sm_90a code
 #endif
@@ -272,28 +325,45 @@ bool encode_operand(CUtensorMap* map, const void* codes, int64_t rows, int64_t k
                                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// C [m, n] bf16 for the TMA-store epilogue: boxes of 64 columns (128 bytes) x 16 rows (one warp's
+// rows), 128-byte swizzle (store_acc_bf16_sw128's layout); rows and columns outside are dropped.
+bool encode_output(CUtensorMap* map, void* c, int64_t m, int64_t n) {
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(n), static_cast<cuuint64_t>(m)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(n) * 2};
+  const cuuint32_t box[2] = {64, 16}, elem[2] = {1, 1};
+  return sm90::tensor_map_encoder()(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, c, dims, strides, box,
+                                    elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                    CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+struct Fp8Maps {
+  CUtensorMap a{}, b{}, c{};  // c: only read with args.tma_store
+};
+
 // A persistent grid: one CTA per SM (at most one per tile).
 template <int BN, Fp8Format FA, Fp8Format FB>
-void launch_fp8(const Fp8GemmArgs& args, const CUtensorMap& map_a, const CUtensorMap& map_b) {
+void launch_fp8(const Fp8GemmArgs& args, const Fp8Maps& maps) {
+  using T = Fp8Tiles<BN>;
   auto kernel = gemm_fp8_sm90_kernel<BN, FA, FB>;
   static std::once_flag once[64];
   std::call_once(once[cuda_current_device() % 64], [&] {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    Fp8Tiles<BN>::kSmemBytes));
+                                    std::max(T::smem_bytes(false), T::smem_bytes(true))));
   });
   const int grid = std::min(args.tiles_m * args.tiles_n, ops_cuda::sm_count());
-  kernel<<<grid, kThreads, Fp8Tiles<BN>::kSmemBytes, cuda_stream()>>>(args, map_a, map_b);
+  kernel<<<grid, kThreads, T::smem_bytes(args.tma_store != 0), cuda_stream()>>>(args, maps.a,
+                                                                                 maps.b, maps.c);
   CUDA_CHECK_LAUNCH("gemm_fp8_lasp");
 }
 
 template <int BN>
-void launch_formats(const Fp8GemmArgs& args, Fp8Format fa, Fp8Format fb, const CUtensorMap& ma,
-                    const CUtensorMap& mb) {
+void launch_formats(const Fp8GemmArgs& args, Fp8Format fa, Fp8Format fb, const Fp8Maps& maps) {
   using F = Fp8Format;
-  if (fa == F::E4M3 && fb == F::E4M3) return launch_fp8<BN, F::E4M3, F::E4M3>(args, ma, mb);
-  if (fa == F::E4M3 && fb == F::E5M2) return launch_fp8<BN, F::E4M3, F::E5M2>(args, ma, mb);
-  if (fa == F::E5M2 && fb == F::E4M3) return launch_fp8<BN, F::E5M2, F::E4M3>(args, ma, mb);
-  return launch_fp8<BN, F::E5M2, F::E5M2>(args, ma, mb);
+  if (fa == F::E4M3 && fb == F::E4M3) return launch_fp8<BN, F::E4M3, F::E4M3>(args, maps);
+  if (fa == F::E4M3 && fb == F::E5M2) return launch_fp8<BN, F::E4M3, F::E5M2>(args, maps);
+  if (fa == F::E5M2 && fb == F::E4M3) return launch_fp8<BN, F::E5M2, F::E4M3>(args, maps);
+  return launch_fp8<BN, F::E5M2, F::E5M2>(args, maps);
 }
 
 }  // namespace
@@ -330,9 +400,17 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
       << "gemm_fp8_lasp: tile_n must be 128 or 192, got " << cfg.tile_n;
   LASP_CHECK(cfg.promote_every >= 1)
       << "gemm_fp8_lasp: promote_every must be >= 1, got " << cfg.promote_every;
-  CUtensorMap map_a{}, map_b{};
-  LASP_CHECK(encode_operand(&map_a, a_codes, m, k, kBM) &&
-             encode_operand(&map_b, b_codes, n, k, bn))
+  LASP_CHECK(cfg.stagger >= -1 && cfg.stagger <= 1 && cfg.tma_store >= -1 && cfg.tma_store <= 1)
+      << "gemm_fp8_lasp: stagger and tma_store must be -1, 0 or 1, got " << cfg.stagger << ", "
+      << cfg.tma_store;
+  // The TMA-store epilogue writes bf16 C with beta = 0 and needs TMA's 16-byte row pitch and
+  // alignment; anything else stores from registers.
+  const bool tma_store = cfg.tma_store == 1 && !c_f32 && beta == 0.0f && n % 8 == 0 &&
+                         reinterpret_cast<uintptr_t>(c) % 16 == 0;
+  Fp8Maps maps;
+  LASP_CHECK(encode_operand(&maps.a, a_codes, m, k, kBM) &&
+             encode_operand(&maps.b, b_codes, n, k, bn) &&
+             (!tma_store || encode_output(&maps.c, c, m, n)))
       << "gemm_fp8_lasp: the driver refused a tensor map for m=" << m << " n=" << n << " k=" << k;
   Fp8GemmArgs args;
   args.c = c;
@@ -347,10 +425,13 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
   args.tiles_m = static_cast<int>((m + kBM - 1) / kBM);
   args.tiles_n = static_cast<int>((n + bn - 1) / bn);
   args.promote_every = cfg.promote_every;
+  args.stagger = cfg.stagger == 1 ? 1 : 0;
+  args.tma_store = tma_store ? 1 : 0;
+  args.stages = bn == 128 ? Fp8Tiles<128>::stages(tma_store) : Fp8Tiles<192>::stages(tma_store);
   if (bn == 128) {
-    launch_formats<128>(args, fa, fb, map_a, map_b);
+    launch_formats<128>(args, fa, fb, maps);
   } else {
-    launch_formats<192>(args, fa, fb, map_a, map_b);
+    launch_formats<192>(args, fa, fb, maps);
   }
 }
 

@@ -327,6 +327,16 @@ __device__ __forceinline__ void tma_store_3d(const void* map, uint32_t src, int 
       : "memory");
 #endif
 }
+// The 2-D version: shared `src` to global box (c0, c1) of `map`.
+__device__ __forceinline__ void tma_store_2d(const void* map, uint32_t src, int c0, int c1) {
+#if LASP_SM90_WGMMA
+  asm volatile(
+      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(c0), "r"(c1), "r"(src)
+      : "memory");
+#endif
+}
 __device__ __forceinline__ void bulk_commit() {
 #if LASP_SM90_WGMMA
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");

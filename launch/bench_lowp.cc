@@ -58,6 +58,8 @@ struct Options {
   bool quick = false;
   bool algos = false;            // --algos: time every cuBLASLt candidate instead of the tables
   bool quantizers_only = false;  // --quantizers: only the FP8 block quantizer table
+  bool kernel_only = false;      // --kernel: only the lasp FP8 kernel table
+  std::string shape;             // --shape MxNxK: only that shape (with --kernel)
 };
 
 double time_ms(const std::function<void()>& fn, const Options& opt) {
@@ -494,11 +496,16 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
     bool fast;
     Fp8KernelConfig cfg;
   };
-  const std::vector<Variant> variants = {{"n128", false, {128, 1}},
-                                         {"n192", false, {192, 1}},
-                                         {"n192p2", false, {192, 2}},
-                                         {"n192p4", false, {192, 4}},
-                                         {"n192fast", true, {192, 1}}};
+  // {tile_n, promote_every, stagger, tma_store}
+  const std::vector<Variant> variants = {{"n128", false, {128, 1, 0, 0}},
+                                         {"n192", false, {192, 1, 0, 0}},
+                                         {"n192s", false, {192, 1, 1, 0}},
+                                         {"n192t", false, {192, 1, 0, 1}},
+                                         {"n192st", false, {192, 1, 1, 1}},
+                                         {"n128st", false, {128, 1, 1, 1}},
+                                         {"n192p4st", false, {192, 4, 1, 1}},
+                                         {"n192fast", true, {192, 1, 0, 0}},
+                                         {"n192fastt", true, {192, 1, 0, 1}}};
   std::printf("%-26s %-18s %8s %8s %8s", "op", "MxNxK", "bf16_ms", "lt_ms", "ltfast");
   for (const Variant& v : variants) std::printf(" %10s", v.name);
   std::printf("   (ms; then bf16_ms / ms for lt, ltfast and each)\n");
@@ -530,8 +537,8 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
   }
   std::printf(
       "columns: lt = cuBLASLt (promotion), ltfast = cuBLASLt fast accumulation; n128 / n192 = lasp "
-      "tile 128 x N promoting every 128 of K, p2 / p4 = promoting every 256 / 512, fast = one "
-      "promotion at the end\n");
+      "tile 128 x N promoting every 128 of K, p4 = promoting every 512, fast = one promotion at "
+      "the end; s = staggered consumers, t = TMA-store epilogue\n");
 }
 
 // How the timing condition moves the FP8 speedup (cuBLASLt, promotion): one call on an idle GPU
@@ -573,18 +580,23 @@ void run_timing(const Options& opt, const std::vector<Shape3>& shapes) {
   }
 }
 
-int run(const Options& opt) {
-  std::vector<Shape3> shapes = {{8192, 8192, 8192, "square"},
-                                {16384, 2048, 2048, "1B attn proj 2048->2048"},
-                                {16384, 6144, 2048, "1B fused q/k/v 2048->6144"},
-                                {16384, 8192, 2048, "1B mlp up 2048->8192"},
-                                {16384, 2048, 8192, "1B mlp down 8192->2048"}};
-  if (opt.quick) {
-    shapes = {{4096, 4096, 4096, "square"},
-              {4096, 2048, 2048, "attn proj"},
-              {4096, 8192, 2048, "mlp up"},
-              {4096, 2048, 8192, "mlp down"}};
+// 8192^3 and the 1B model's projections at M = 16384 tokens (--quick: M = 4096, 4096^3).
+std::vector<Shape3> bench_shapes(bool quick) {
+  if (quick) {
+    return {{4096, 4096, 4096, "square"},
+            {4096, 2048, 2048, "attn proj"},
+            {4096, 8192, 2048, "mlp up"},
+            {4096, 2048, 8192, "mlp down"}};
   }
+  return {{8192, 8192, 8192, "square"},
+          {16384, 2048, 2048, "1B attn proj 2048->2048"},
+          {16384, 6144, 2048, "1B fused q/k/v 2048->6144"},
+          {16384, 8192, 2048, "1B mlp up 2048->8192"},
+          {16384, 2048, 8192, "1B mlp down 8192->2048"}};
+}
+
+int run(const Options& opt) {
+  const std::vector<Shape3> shapes = bench_shapes(opt.quick);
   std::printf(
       "lasp bench lowp: y[M,N] = x[M,K] W[N,K]^T, bf16 out, fp32 accumulation, median of %d "
       "interleaved rounds (each times every GEMM of the row once)\n",
@@ -675,12 +687,17 @@ int bench_lowp_main(int argc, char** argv) {
       opt.algos = true;
     } else if (a == "--quantizers") {
       opt.quantizers_only = true;
+    } else if (a == "--kernel") {
+      opt.kernel_only = true;
+    } else if (a == "--shape") {
+      LASP_CHECK(i + 1 < argc) << "lasp bench lowp: --shape needs a value MxNxK";
+      opt.shape = argv[++i];
     } else if (a == "lowp" || a == "bench") {
       continue;  // tolerate the subcommand words if the caller passes them through
     } else {
       std::fprintf(stderr,
                    "lasp bench lowp: unknown argument '%s' (expected --iters N, --warmup N, "
-                   "--quick, --algos, --quantizers)\n",
+                   "--quick, --algos, --quantizers, --kernel, --shape MxNxK)\n",
                    a.c_str());
       return 2;
     }
@@ -692,6 +709,20 @@ int bench_lowp_main(int argc, char** argv) {
   set_log_quiet(true);
   if (opt.quantizers_only) {
     run_quantizers(opt);
+    return 0;
+  }
+  if (opt.kernel_only) {
+    std::vector<Shape3> shapes = bench_shapes(false);
+    if (!opt.shape.empty()) {
+      long m = 0, n = 0, k = 0;
+      char tail = 0;
+      LASP_CHECK(std::sscanf(opt.shape.c_str(), "%ldx%ldx%ld%c", &m, &n, &k, &tail) == 3 && m > 0 &&
+                 n > 0 && k > 0)
+          << "lasp bench lowp: --shape wants MxNxK with positive integers, got '" << opt.shape
+          << "'";
+      shapes = {{m, n, k, "--shape"}};
+    }
+    run_lasp_kernel(opt, shapes);
     return 0;
   }
   return opt.algos ? run_algos(opt) : run(opt);

@@ -106,7 +106,9 @@ void check_fp8(const Fp8Case& g, Fp8Format fa, Fp8Format fb, Fp8Scaling sa, Fp8S
                                   << " fast_accum=" << fast << " kernel="
                                   << (backend == Fp8GemmBackend::Lasp ? "lasp" : "cublaslt")
                                   << " tile_n=" << cfg.tile_n
-                                  << " promote_every=" << cfg.promote_every << " seed=" << seed);
+                                  << " promote_every=" << cfg.promote_every
+                                  << " stagger=" << cfg.stagger << " tma_store=" << cfg.tma_store
+                                  << " seed=" << seed);
   std::mt19937 rng(seed);
   // Rows of very different magnitude, so block scales matter.
   Tensor x = random_bf16_values({g.m, g.k}, rng), w = random_bf16_values({g.n, g.k}, rng, 0.05);
@@ -262,9 +264,10 @@ TEST(GemmFp8Gpu, RaggedMNAndKRunOnPaddedCopiesAndMatchTheEmulation) {
 
 // ---- lasp's own kernel (kernels/gemm_fp8_sm90.cu) ------------------------------------------
 // The small cases above plus problems with more tiles than SMs (the persistent loop's later
-// tiles), K not a multiple of 128 (TMA's zero fill), M and N off the 128 x BN tile, both tile
-// widths, promotion every block and every third, every format pair (E5M2 x
-// E5M2 too, which cuBLASLt lacks), both C types, alpha and beta.
+// tiles), K not a multiple of 128 (TMA's zero fill), M and N off the 128 x BN tile (the TMA
+// stores must drop what lies outside C), both tile widths, promotion every block and every
+// third, staggered consumers and the TMA-store epilogue, every format pair (E5M2 x E5M2 too,
+// which cuBLASLt lacks), both C types, alpha and beta.
 const Fp8Case kLaspCases[] = {{16, 16, 16},      {1, 32, 64},     {17, 48, 144},
                               {100, 272, 128},   {257, 128, 384}, {300, 200, 1040},
                               {2053, 2112, 512}, {129, 384, 4096}};
@@ -276,7 +279,11 @@ TEST(GemmFp8LaspGpu, EveryFormatTileAndPromotionIntervalMatchesEmulation) {
   using F = Fp8Format;
   const Fp8Scaling t = Fp8Scaling::PerTensor;
   const Fp8GemmBackend lasp = Fp8GemmBackend::Lasp;
-  const Fp8KernelConfig kConfigs[] = {{128, 1}, {192, 1}, {128, 3}, {192, 3}};
+  // {tile_n, promote_every, stagger, tma_store}; the TMA-store epilogue runs on the bf16, beta = 0
+  // checks (the others store from registers).
+  const Fp8KernelConfig kConfigs[] = {{128, 1, 0, 0}, {192, 1, 0, 0}, {128, 3, 0, 0},
+                                      {192, 3, 0, 0}, {192, 1, 1, 0}, {192, 1, 0, 1},
+                                      {128, 1, 1, 1}, {192, 3, 1, 1}, {192, 1, -1, -1}};
   for (const auto& g : kLaspCases)
     for (const Fp8KernelConfig& cfg : kConfigs) {
       const double tol32 = cfg.promote_every == 1 ? 5e-4 : 2e-3;
