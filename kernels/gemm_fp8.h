@@ -45,7 +45,7 @@ enum class Fp8GemmBackend { CublasLt, Lasp };
 // lasp's kernel: the CTA tile's N (128 or 192; 0 = 192) and how many K blocks of 128 the tensor
 // cores accumulate before their partial sums are added into the fp32 total (1 = every 128, what
 // cuBLASLt does; fast accumulation = one promotion at the end).
-// stagger and tma_store (-1 = the kernel's default, 0 off, 1 on; measured in docs/fp8_gpu.md):
+// stagger and tma_store (-1 = the default, on; 0 off, 1 on; measured in docs/fp8_gpu.md):
 // stagger holds the second consumer warpgroup back by one K block at the start, so the two
 // consumers' promotions fall under each other's wgmmas instead of together; tma_store writes a
 // bf16 C (beta = 0) through shared memory with TMA stores, so a consumer starts its next tile

@@ -13,9 +13,12 @@
 //   Warpgroups 1 and 2 (consumers): rows 0-63 and 64-127 of the tile. Per K block, 4 wgmma
 //   m64nBNk32 into `acc` (the tensor cores' accumulator), then — every promote_every blocks —
 //   wait, release the stages and add acc into `total` (fp32 adds on the CUDA cores). While one
-//   consumer waits and adds, the other's wgmmas keep the tensor cores busy.
-//   Epilogue: each consumer scales its 64 x BN block of `total` and stores it straight from
-//   registers (bf16 or fp32, beta C added), while the producer already loads the next tile.
+//   consumer waits and adds, the other's wgmmas keep the tensor cores busy; consumer 1 starts
+//   one K block after consumer 0 (stagger), so that their waits do not fall together.
+//   Epilogue (bf16 C, beta = 0, the default path): each warp writes its 16 rows of scale * total
+//   as bf16 into swizzled shared memory (stmatrix) and one lane issues TMA stores, which drain
+//   while the consumer runs its next tile's main loop. Otherwise (fp32 C or beta != 0) each
+//   consumer stores straight from registers. The producer meanwhile loads the next tile.
 //   The grid is persistent: one CTA per SM walks tiles blockIdx.x, + gridDim.x, ... (N fastest,
 //   so concurrent CTAs share A's row blocks in L2).
 // Registers: the consumers hold acc and total (BN / 2 fp32 each); setmaxnreg moves registers from
@@ -405,7 +408,7 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
       << cfg.tma_store;
   // The TMA-store epilogue writes bf16 C with beta = 0 and needs TMA's 16-byte row pitch and
   // alignment; anything else stores from registers.
-  const bool tma_store = cfg.tma_store == 1 && !c_f32 && beta == 0.0f && n % 8 == 0 &&
+  const bool tma_store = cfg.tma_store != 0 && !c_f32 && beta == 0.0f && n % 8 == 0 &&
                          reinterpret_cast<uintptr_t>(c) % 16 == 0;
   Fp8Maps maps;
   LASP_CHECK(encode_operand(&maps.a, a_codes, m, k, kBM) &&
@@ -425,7 +428,7 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
   args.tiles_m = static_cast<int>((m + kBM - 1) / kBM);
   args.tiles_n = static_cast<int>((n + bn - 1) / bn);
   args.promote_every = cfg.promote_every;
-  args.stagger = cfg.stagger == 1 ? 1 : 0;
+  args.stagger = cfg.stagger != 0 ? 1 : 0;
   args.tma_store = tma_store ? 1 : 0;
   args.stages = bn == 128 ? Fp8Tiles<128>::stages(tma_store) : Fp8Tiles<192>::stages(tma_store);
   if (bn == 128) {

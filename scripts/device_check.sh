@@ -21,7 +21,7 @@
 # seconds for the whole script, default 520); BENCH_ONLY=gemm|linear|attention restricts the kernel
 # benchmark, LA_PROFILE=1 adds its linear-attention passes one by one (LASP_PROFILE=shapes), LOWP=0 skips `lasp bench lowp/ops` (LOWP_ARGS: extra arguments, e.g. --quantizers; OPS=0 skips `lasp bench ops`), SDPA=0 skips the PyTorch SDPA timing;
 # NCU_KERNEL=regex profiles that kernel under `lasp bench lowp` with Nsight Compute (ncu.log; NCU_SKIP,
-# NCU_COUNT, NCU_ARGS, NCU_CAP_S); GPU_FILTER / GPU_REPEAT pass --gtest_filter / --gtest_repeat to the GPU tests (flaky-test hunts), GPU_TESTS_CAP_S caps them (300 s). If the project cannot be configured on the device
+# NCU_COUNT, NCU_ARGS, NCU_CAP_S, NCU_METRICS = extra --metrics, e.g. regex:...stalled_.*); GPU_FILTER / GPU_REPEAT pass --gtest_filter / --gtest_repeat to the GPU tests (flaky-test hunts), GPU_TESTS_CAP_S caps them (300 s). If the project cannot be configured on the device
 # (missing yaml-cpp / OpenBLAS / protobuf / GoogleTest there), the script falls back to binaries
 # prebuilt elsewhere and carried in .prebuilt/ (lasp_gpu_tests, lasp_tests, lib/ with their
 # shared libraries): see docs/kernels.md.
@@ -163,7 +163,7 @@ if [ -n "$LASP_BIN" ] && [ -n "${NCU_KERNEL:-}" ]; then
     timeout "$(left ${NCU_CAP_S:-150})" "$NCU_BIN" --kernel-name "regex:$NCU_KERNEL" --launch-skip "${NCU_SKIP:-5}" \
       --launch-count "${NCU_COUNT:-1}" --section SpeedOfLight --section WarpStateStats \
       --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-      "$LASP_BIN" bench lowp ${NCU_ARGS:---quick} >"$OUT/ncu.log" 2>&1
+      ${NCU_METRICS:+--metrics "$NCU_METRICS"} "$LASP_BIN" bench lowp ${NCU_ARGS:---quick} >"$OUT/ncu.log" 2>&1
     NCU_RESULT="rc=$? (ncu on $NCU_KERNEL, ncu.log)"
   else
     NCU_RESULT="ncu not found on this machine"
