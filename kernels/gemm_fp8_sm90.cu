@@ -230,21 +230,19 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (promote) {
         sm90::wait<0>();
         sm90::fence_operands(acc);
-        if (t == 0) {
-          if (pending >= 0) sm90::mbar_arrive(empty0 + 8 * pending);
-          sm90::mbar_arrive(empty0 + 8 * s);
-        }
+        sm90::mbar_arrive_if(empty0 + 8 * pending, t == 0 && pending >= 0);
+        sm90::mbar_arrive_if(empty0 + 8 * s, t == 0);
         pending = -1;
 #pragma unroll
         for (int i = 0; i < R; ++i) total[i] += acc[i];
       } else {
         sm90::wait<1>();
-        if (t == 0 && pending >= 0) sm90::mbar_arrive(empty0 + 8 * pending);
+        sm90::mbar_arrive_if(empty0 + 8 * pending, t == 0 && pending >= 0);
         pending = s;
       }
       // An mbarrier, not a named barrier: bar.arrive in this loop makes ptxas serialise the
       // wgmmas (C7518).
-      if (hold && t == 0) sm90::mbar_arrive(stagger_bar + 8);
+      sm90::mbar_arrive_if(stagger_bar + 8, hold && t == 0);
       hold = false;
       if (++s == S) {
         s = 0;

@@ -265,6 +265,16 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 #endif
 }
+// The same where `pred` holds, as one predicated instruction (no branch around it).
+__device__ __forceinline__ void mbar_arrive_if(uint32_t bar, bool pred) {
+#if LASP_SM90_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::
+          "r"(bar),
+      "r"(static_cast<uint32_t>(pred))
+      : "memory");
+#endif
+}
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
   do {

@@ -21,7 +21,8 @@
 # seconds for the whole script, default 520); BENCH_ONLY=gemm|linear|attention restricts the kernel
 # benchmark, LA_PROFILE=1 adds its linear-attention passes one by one (LASP_PROFILE=shapes), LOWP=0 skips `lasp bench lowp/ops` (LOWP_ARGS: extra arguments, e.g. --quantizers; OPS=0 skips `lasp bench ops`), SDPA=0 skips the PyTorch SDPA timing;
 # NCU_KERNEL=regex profiles that kernel under `lasp bench lowp` with Nsight Compute (ncu.log; NCU_SKIP,
-# NCU_COUNT, NCU_ARGS, NCU_CAP_S, NCU_METRICS = extra --metrics, e.g. regex:...stalled_.*); GPU_FILTER / GPU_REPEAT pass --gtest_filter / --gtest_repeat to the GPU tests (flaky-test hunts), GPU_TESTS_CAP_S caps them (300 s). If the project cannot be configured on the device
+# NCU_COUNT, NCU_ARGS, NCU_CAP_S, NCU_METRICS = extra --metrics, e.g. regex:...stalled_.*);
+# SASS_FILE=gemm_fp8_sm90 SASS_MATCH=<mangled-name fragment> writes one kernel's SASS to sass.txt; GPU_FILTER / GPU_REPEAT pass --gtest_filter / --gtest_repeat to the GPU tests (flaky-test hunts), GPU_TESTS_CAP_S caps them (300 s). If the project cannot be configured on the device
 # (missing yaml-cpp / OpenBLAS / protobuf / GoogleTest there), the script falls back to binaries
 # prebuilt elsewhere and carried in .prebuilt/ (lasp_gpu_tests, lasp_tests, lib/ with their
 # shared libraries): see docs/kernels.md.
@@ -150,6 +151,20 @@ if [ -n "$LASP_BIN" ] && [ "${LOWP:-1}" = 1 ]; then
   timeout "$(left ${LOWP_CAP_S:-240})" "$LASP_BIN" bench lowp ${LOWP_ARGS:-} 2>&1 | tee "$OUT/bench_lowp.log" | tail -20
   LOWP_RESULT="rc=$? (lasp bench lowp)"
   [ "${OPS:-1}" = 1 ] && timeout "$(left 90)" "$LASP_BIN" bench ops 2>&1 | tee -a "$OUT/bench_lowp.log" | tail -20
+fi
+
+# ---- 4a'. SASS of one kernel (SASS_FILE = an object file under $BUILD, SASS_MATCH = a fragment of
+# the mangled name): cuobjdump's listing of the first matching function goes to sass.txt.
+SASS_RESULT="not run"
+if [ -n "${SASS_FILE:-}" ] && [ -n "${SASS_MATCH:-}" ]; then
+  CUOBJDUMP=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null | head -1)
+  OBJ=$(find "$BUILD" -path "*$SASS_FILE*" -name "*.o" | head -1)
+  if [ -n "$CUOBJDUMP" ] && [ -n "$OBJ" ]; then
+    "$CUOBJDUMP" -sass "$OBJ" 2>&1 | awk -v m="$SASS_MATCH" '/Function : /{ if (on) exit; if (index($0, m)) on = 1 } on' >"$OUT/sass.txt"
+    SASS_RESULT="$(wc -l <"$OUT/sass.txt") lines of $(basename "$OBJ") (sass.txt)"
+  else
+    SASS_RESULT="cuobjdump or the object file not found"
+  fi
 fi
 
 # ---- 4b'. Nsight Compute on one kernel (NCU_KERNEL = a kernel-name regex, e.g. gemm_fp8_sm90) ----
@@ -388,6 +403,7 @@ say "precision:  $PREC_RESULT"
 say "multi-gpu:  $MPI_RESULT"
 say "lowp bench: $LOWP_RESULT"
 say "ncu:        $NCU_RESULT"
+say "sass:       $SASS_RESULT"
 say "sdpa bench: $SDPA_RESULT"
 say "benchmark:  $BENCH_RESULT"
 if [ -f "$OUT/bench.log" ]; then
