@@ -214,9 +214,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     // followed by wait<0> and total += acc. Inside a batch, wait<1> after each block's wgmmas
     // lets the previous block's stage go back while this block's run.
     int pending = -1;  // a stage whose wgmmas were issued but not yet known to be done
+    int in_batch = 0;  // K blocks of this promotion batch issued so far (no kb % promote_every:
+                       // that division sat in every block's path to its first wgmma)
     for (int kb = 0; kb < nk; ++kb) {
-      const bool fresh = kb % p.promote_every == 0;
-      const bool promote = kb % p.promote_every == p.promote_every - 1 || kb == nk - 1;
+      const bool fresh = in_batch == 0;
+      const bool promote = in_batch == p.promote_every - 1 || kb == nk - 1;
+      in_batch = promote ? 0 : in_batch + 1;
       sm90::mbar_wait(full0 + 8 * s, phase);
       sm90::fence();  // orders the last promotion's reads of acc before these wgmmas
       const uint32_t a = base + s * T::kStageBytes + c * (64 * kBK),
