@@ -15,9 +15,14 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
 #endif
 
 Fp8GemmBackend fp8_gemm_backend_from_env() {
-  // auto = cuBLASLt: our kernel is slower on every shape measured (docs/fp8_gpu.md).
   const int choice = env_choice("LASP_FP8_GEMM", {"auto", "cublaslt", "lasp"});
-  return choice == 2 ? Fp8GemmBackend::Lasp : Fp8GemmBackend::CublasLt;
+  return choice == 2   ? Fp8GemmBackend::Lasp
+         : choice == 1 ? Fp8GemmBackend::CublasLt
+                       : Fp8GemmBackend::Auto;
+}
+
+bool fp8_auto_prefers_lasp(int64_t k, bool per_tensor, bool c_bf16, float beta) {
+  return per_tensor && c_bf16 && beta == 0.0f && k <= 4096;
 }
 
 void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha, float beta,

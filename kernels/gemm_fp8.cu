@@ -204,6 +204,12 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
              (c.dtype() == DType::F32 || c.dtype() == DType::BF16))
       << "gemm_fp8: C must be a contiguous bf16/fp32 CUDA tensor [" << m << ", " << n << "]: " << what;
   const bool block = a.scaling != Fp8Scaling::PerTensor || b.scaling != Fp8Scaling::PerTensor;
+  if (backend == Fp8GemmBackend::Auto) {
+    backend = gemm_fp8_lasp_available() &&
+                      fp8_auto_prefers_lasp(k, !block, c.dtype() == DType::BF16, beta)
+                  ? Fp8GemmBackend::Lasp
+                  : Fp8GemmBackend::CublasLt;
+  }
   const bool lasp_kernel = backend == Fp8GemmBackend::Lasp;
   LASP_CHECK(!(lasp_kernel && block))
       << "gemm_fp8: lasp's FP8 kernel takes per-tensor scales only (block scaling runs in cuBLASLt): " << what;

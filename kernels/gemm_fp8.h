@@ -41,7 +41,9 @@ namespace lasp {
 void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha = 1.0f,
               float beta = 0.0f, bool fast_accum = false);
 
-enum class Fp8GemmBackend { CublasLt, Lasp };
+// Auto: lasp's kernel where it was measured at least as fast as cuBLASLt (fp8_auto_prefers_lasp),
+// cuBLASLt everywhere else.
+enum class Fp8GemmBackend { CublasLt, Lasp, Auto };
 // lasp's kernel: the CTA tile's N (128 or 192; 0 = 192) and how many K blocks of 128 the tensor
 // cores accumulate before their partial sums are added into the fp32 total (1 = every 128, what
 // cuBLASLt does; fast accumulation = one promotion at the end).
@@ -57,9 +59,14 @@ struct Fp8KernelConfig {
   int tma_store = -1;
 };
 // LASP_FP8_GEMM (gemm_fp8 reads it once per process): "cublaslt", "lasp", or "auto"/unset
-// (= cuBLASLt, which is faster on every shape measured: docs/fp8_gpu.md). Other values are an
-// error naming the variable.
+// (= Auto). Other values are an error naming the variable.
 Fp8GemmBackend fp8_gemm_backend_from_env();
+// Auto's rule on an sm_90 GPU: our kernel for per-tensor scales, bf16 C, beta = 0 and K <= 4096,
+// where `lasp bench lowp` measured it at or above cuBLASLt (the 1B model's K = 2048 projections:
+// 1.66-1.79x bf16 against cuBLASLt's 1.61-1.79x); cuBLASLt for the rest (K = 8192: 1.72 vs 1.75x,
+// 8192^3: 1.83 vs 1.96x; block scaling; fp32 C or beta != 0, which our kernel stores from
+// registers). docs/fp8_gpu.md, "Our FP8 kernel".
+bool fp8_auto_prefers_lasp(int64_t k, bool per_tensor, bool c_bf16, float beta);
 // gemm_fp8 on a chosen kernel (benchmarks and tests compare them). Lasp needs per-tensor scales
 // and gemm_fp8_lasp_available(); fast_accum there means promote_every = the whole K. CPU tensors
 // ignore the choice (the exact emulation).

@@ -605,9 +605,10 @@ int run(const Options& opt) {
       "floors: bf16 %.0f TFLOP/s, fp8 %.0f TFLOP/s; fp8 = E4M3 x E4M3 per-tensor scales "
       "(fast accumulation off); blk = x 1x128, W 128x128\n",
       kBf16FloorFlops / 1e12, kFp8FloorFlops / 1e12);
-  std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %9s %9s\n", "op", "MxNxK",
-              "bf16_ms", "fp8_ms", "fast_ms", "blk_ms", "bf16_TF", "fp8_TF", "blk_TF", "bf16/fl",
-              "fp8/fl", "speedup", "spd_fast", "q_tensor", "q_1x128");
+  std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %9s %9s\n", "op",
+              "MxNxK", "bf16_ms", "fp8_ms", "fast_ms", "blk_ms", "auto_ms", "bf16_TF", "fp8_TF",
+              "blk_TF", "bf16/fl", "fp8/fl", "speedup", "spd_fast", "spd_auto", "q_tensor",
+              "q_1x128");
   uint32_t seed = 1;
   const int64_t fallbacks_before = gemm_fp8_fallback_count();
   for (const Shape3& g : shapes) {
@@ -624,9 +625,10 @@ int run(const Options& opt) {
         {[&] { gemm(y, x, false, w, true); },
          [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt); },
          [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, true, Fp8GemmBackend::CublasLt); },
-         [&] { gemm_fp8(y, xb, wb); }},
+         [&] { gemm_fp8(y, xb, wb); },
+         [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Auto); }},
         opt.iters, opt.warmup);
-    const double bf16_ms = ms[0], fp8_ms = ms[1], fast_ms = ms[2], blk_ms = ms[3];
+    const double bf16_ms = ms[0], fp8_ms = ms[1], fast_ms = ms[2], blk_ms = ms[3], auto_ms = ms[4];
 
     const double q_tensor_ms =
         time_ms([&] { (void)quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor); }, opt);
@@ -639,17 +641,19 @@ int run(const Options& opt) {
     std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m),
                   static_cast<long>(g.n), static_cast<long>(g.k));
     std::printf(
-        "%-26s %-18s %8.3f %8.3f %8.3f %8.3f %8.0f %8.0f %8.0f %8.2f %8.2f %8.2f %8.2f %9.3f "
-        "%9.3f\n",
-        g.what, shape, bf16_ms, fp8_ms, fast_ms, blk_ms, flops / (bf16_ms * 1e9),
+        "%-26s %-18s %8.3f %8.3f %8.3f %8.3f %8.3f %8.0f %8.0f %8.0f %8.2f %8.2f %8.2f %8.2f %8.2f "
+        "%9.3f %9.3f\n",
+        g.what, shape, bf16_ms, fp8_ms, fast_ms, blk_ms, auto_ms, flops / (bf16_ms * 1e9),
         flops / (fp8_ms * 1e9), flops / (blk_ms * 1e9), bf16_ms / bf16_floor_ms,
-        fp8_ms / fp8_floor_ms, bf16_ms / fp8_ms, bf16_ms / fast_ms, q_tensor_ms, q_block_ms);
+        fp8_ms / fp8_floor_ms, bf16_ms / fp8_ms, bf16_ms / fast_ms, bf16_ms / auto_ms, q_tensor_ms,
+        q_block_ms);
     std::fflush(stdout);
   }
   std::printf(
-      "columns: *_TF = TFLOP/s; */fl = time / floor time (1.0 = at the floor); speedup = "
-      "bf16_ms / fp8_ms; fast_ms / spd_fast = fp8 with fast accumulation and its speedup; q_* = ms "
-      "to quantize x (bf16 -> E4M3) per tensor / per 1x128 block\n");
+      "columns: *_TF = TFLOP/s; */fl = time / floor time (1.0 = at the floor); fp8 = cuBLASLt; "
+      "speedup = bf16_ms / fp8_ms; fast_ms / spd_fast = fp8 with fast accumulation and its "
+      "speedup; auto_ms / spd_auto = gemm_fp8's default kernel choice (LASP_FP8_GEMM=auto: ours at "
+      "K <= 4096); q_* = ms to quantize x (bf16 -> E4M3) per tensor / per 1x128 block\n");
   const int64_t fallbacks = gemm_fp8_fallback_count() - fallbacks_before;
   if (fallbacks > 0) {
     std::printf(

@@ -46,15 +46,15 @@ TEST(GemmFp8Cpu, CpuTensorsRunTheExactEmulationWithAlphaAndBeta) {
                     0.5f * static_cast<float>(ref.item(i)) + 2.0f * static_cast<float>(c0.item(i)));
 }
 
-// LASP_FP8_GEMM picks the kernel of gemm_fp8: unset / auto / cublaslt -> cuBLASLt, lasp -> ours;
-// anything else is an error that names the variable and the choices.
+// LASP_FP8_GEMM picks the kernel of gemm_fp8: unset / auto -> Auto, cublaslt -> cuBLASLt, lasp
+// -> ours; anything else is an error that names the variable and the choices.
 TEST(GemmFp8Cpu, KernelChoiceFromTheEnvironment) {
   const char* old = std::getenv("LASP_FP8_GEMM");
   const std::string saved = old ? old : "";
   unsetenv("LASP_FP8_GEMM");
-  EXPECT_EQ(fp8_gemm_backend_from_env(), Fp8GemmBackend::CublasLt);
+  EXPECT_EQ(fp8_gemm_backend_from_env(), Fp8GemmBackend::Auto);
   setenv("LASP_FP8_GEMM", "auto", 1);
-  EXPECT_EQ(fp8_gemm_backend_from_env(), Fp8GemmBackend::CublasLt);
+  EXPECT_EQ(fp8_gemm_backend_from_env(), Fp8GemmBackend::Auto);
   setenv("LASP_FP8_GEMM", "cublaslt", 1);
   EXPECT_EQ(fp8_gemm_backend_from_env(), Fp8GemmBackend::CublasLt);
   setenv("LASP_FP8_GEMM", "lasp", 1);
@@ -73,6 +73,18 @@ TEST(GemmFp8Cpu, KernelChoiceFromTheEnvironment) {
   } else {
     unsetenv("LASP_FP8_GEMM");
   }
+}
+
+// Auto's rule: our kernel only where it was measured at least as fast (per-tensor, bf16 C,
+// beta = 0, K <= 4096); everything else stays on cuBLASLt.
+TEST(GemmFp8Cpu, AutoPrefersOurKernelOnlyWhereItWasMeasuredFaster) {
+  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, true, true, 0.0f));
+  EXPECT_TRUE(fp8_auto_prefers_lasp(4096, true, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(4112, true, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(8192, true, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, false, true, 0.0f));  // block scaling
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, true, false, 0.0f));  // fp32 C
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, true, true, 1.0f));   // beta != 0
 }
 
 #ifdef LASP_HAVE_CUDA
