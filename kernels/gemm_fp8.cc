@@ -62,6 +62,7 @@ void gemm_fp8_with(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
 
 #ifndef LASP_HAVE_CUDA
 int64_t gemm_fp8_fallback_count() { return 0; }
+int64_t gemm_fp8_lasp_launches() { return 0; }
 bool gemm_fp8_lasp_available() { return false; }
 #endif
 

@@ -43,6 +43,7 @@ using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, int, int, i
 std::mutex g_mu;
 std::map<AlgoKey, cublasLtMatmulAlgo_t> g_algos;
 std::atomic<int64_t> g_fallbacks{0};
+std::atomic<int64_t> g_lasp_launches{0};
 
 const char* format_name(Fp8Format f) { return f == Fp8Format::E4M3 ? "e4m3" : "e5m2"; }
 const char* scaling_name(Fp8Scaling s) {
@@ -187,6 +188,7 @@ void gemm_fp8_dequantized(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& 
 }  // namespace
 
 int64_t gemm_fp8_fallback_count() { return g_fallbacks.load(); }
+int64_t gemm_fp8_lasp_launches() { return g_lasp_launches.load(); }
 
 // lasp's own kernel (gemm_fp8_sm90.cu) on an aligned problem.
 void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, const void* a_codes,
@@ -246,6 +248,7 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
     gemm_fp8_lasp_run(out.run.raw(), c.dtype() == DType::F32, mp, np, kp, a_codes.raw(), a.format,
                       a.scales.data<float>(), b_codes.raw(), b.format, b.scales.data<float>(), alpha, beta,
                       run_cfg);
+    g_lasp_launches.fetch_add(1);
     out.finish();
     return;
   }

@@ -77,5 +77,7 @@ bool gemm_fp8_lasp_available();
 
 // How many gemm_fp8 calls took the exact-but-slow fallback since the process started.
 int64_t gemm_fp8_fallback_count();
+// How many gemm_fp8 calls ran on lasp's own kernel in this process (tests check Auto's choice).
+int64_t gemm_fp8_lasp_launches();
 
 }  // namespace lasp

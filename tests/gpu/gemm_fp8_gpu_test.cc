@@ -309,6 +309,25 @@ TEST(GemmFp8LaspGpu, EveryFormatTileAndPromotionIntervalMatchesEmulation) {
     check_fp8(g, F::E4M3, F::E4M3, t, t, DType::F32, 1.0f, 0.0f, true, 5e-3, lasp);
 }
 
+// Auto (gemm_fp8's default) sends a per-tensor, bf16-out, beta = 0, K <= 4096 problem to our
+// kernel on a GPU that has it, and a fp32-out one to cuBLASLt; both match the emulation.
+TEST(GemmFp8LaspGpu, AutoRunsOurKernelExactlyWhereItsRuleSays) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  using F = Fp8Format;
+  const Fp8Scaling t = Fp8Scaling::PerTensor;
+  const Fp8GemmBackend automatic = Fp8GemmBackend::Auto;
+  const int64_t before = gemm_fp8_lasp_launches();
+  check_fp8({300, 200, 1040}, F::E4M3, F::E4M3, t, t, DType::BF16, 1.0f, 0.0f, false, 8e-3,
+            automatic);
+  EXPECT_EQ(gemm_fp8_lasp_launches() - before, gemm_fp8_lasp_available() ? 1 : 0);
+  const int64_t mid = gemm_fp8_lasp_launches();
+  check_fp8({300, 200, 1040}, F::E4M3, F::E4M3, t, t, DType::F32, 1.0f, 0.0f, false, 5e-4,
+            automatic);
+  check_fp8({64, 128, 8192}, F::E4M3, F::E4M3, t, t, DType::BF16, 1.0f, 0.0f, false, 8e-3,
+            automatic);
+  EXPECT_EQ(gemm_fp8_lasp_launches(), mid) << "fp32 C and K = 8192 stay on cuBLASLt";
+}
+
 // Promotion is what keeps long sums accurate: on all-positive data (every partial sum grows) at
 // K = 8192, promoting every block of 128 must stay near fp32 (cuBLASLt: 6e-4 in
 // docs/fp8_gpu.md), and accumulating all of K in the tensor cores must be clearly worse (3-13%
