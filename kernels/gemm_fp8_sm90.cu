@@ -1,9 +1,9 @@
 // lasp's own Hopper FP8 GEMM (gemm_fp8_with(..., Fp8GemmBackend::Lasp) in gemm_fp8.h,
 // LASP_FP8_GEMM=lasp, and gemm_fp8's default for per-tensor bf16-out GEMMs with K <= 4096; design
 // and measured speed, at or above cuBLASLt's at the 1B model's K = 2048 shapes, in
-// docs/fp8_gpu.md, "Our FP8 kernel"): C[M, N] = alpha s_A s_B A[M, K] B[N, K]^T + beta C, per-tensor scales, both operands
-// K-major E4M3/E5M2 codes, fp32 accumulation with the tensor cores' partial sums promoted into
-// fp32 registers every `promote_every` K blocks of 128.
+// docs/fp8_gpu.md, "Our FP8 kernel"): C[M, N] = alpha s_A s_B A[M, K] B[N, K]^T + beta C,
+// per-tensor scales, both operands K-major E4M3/E5M2 codes, fp32 accumulation with the tensor
+// cores' partial sums promoted into fp32 registers every `promote_every` K blocks of 128.
 //
 // Tiles and stages (names as in the code):
 //   CTA tile kBM x BN (128 x 128 or 128 x 192) of C, K in blocks of kBK = 128 bytes (one 128-byte
@@ -337,8 +337,8 @@ bool encode_output(CUtensorMap* map, void* c, int64_t m, int64_t n) {
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(n) * 2};
   const cuuint32_t box[2] = {64, 16}, elem[2] = {1, 1};
   return sm90::tensor_map_encoder()(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, c, dims, strides, box,
-                                    elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                    CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                                    elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                    CU_TENSOR_MAP_L2_PROMOTION_NONE,
                                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
@@ -358,7 +358,7 @@ void launch_fp8(const Fp8GemmArgs& args, const Fp8Maps& maps) {
   });
   const int grid = std::min(args.tiles_m * args.tiles_n, ops_cuda::sm_count());
   kernel<<<grid, kThreads, T::smem_bytes(args.tma_store != 0), cuda_stream()>>>(args, maps.a,
-                                                                                 maps.b, maps.c);
+                                                                                maps.b, maps.c);
   CUDA_CHECK_LAUNCH("gemm_fp8_lasp");
 }
 

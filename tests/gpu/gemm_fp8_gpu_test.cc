@@ -110,17 +110,16 @@ void check_fp8(const Fp8Case& g, Fp8Format fa, Fp8Format fb, Fp8Scaling sa, Fp8S
                Fp8GemmBackend backend = Fp8GemmBackend::CublasLt, Fp8KernelConfig cfg = {}) {
   const uint32_t seed = fresh_seed();
   const int64_t fallbacks_before = gemm_fp8_fallback_count();
-  SCOPED_TRACE(testing::Message() << "M=" << g.m << " N=" << g.n << " K=" << g.k << " A "
-                                  << (fa == Fp8Format::E4M3 ? "e4m3 " : "e5m2 ") << scaling_str(sa)
-                                  << " B " << (fb == Fp8Format::E4M3 ? "e4m3 " : "e5m2 ")
-                                  << scaling_str(sb) << " C " << dtype_name(cdt)
-                                  << " alpha=" << alpha << " beta=" << beta
-                                  << " fast_accum=" << fast << " kernel="
-                                  << (backend == Fp8GemmBackend::Lasp ? "lasp" : "cublaslt")
-                                  << " tile_n=" << cfg.tile_n
-                                  << " promote_every=" << cfg.promote_every
-                                  << " stagger=" << cfg.stagger << " tma_store=" << cfg.tma_store
-                                  << " seed=" << seed);
+  SCOPED_TRACE(
+      testing::Message() << "M=" << g.m << " N=" << g.n << " K=" << g.k << " A "
+                         << (fa == Fp8Format::E4M3 ? "e4m3 " : "e5m2 ") << scaling_str(sa) << " B "
+                         << (fb == Fp8Format::E4M3 ? "e4m3 " : "e5m2 ") << scaling_str(sb) << " C "
+                         << dtype_name(cdt) << " alpha=" << alpha << " beta=" << beta
+                         << " fast_accum=" << fast
+                         << " kernel=" << (backend == Fp8GemmBackend::Lasp ? "lasp" : "cublaslt")
+                         << " tile_n=" << cfg.tile_n << " promote_every=" << cfg.promote_every
+                         << " stagger=" << cfg.stagger << " tma_store=" << cfg.tma_store
+                         << " seed=" << seed);
   std::mt19937 rng(seed);
   // Rows of very different magnitude, so block scales matter.
   Tensor x = random_bf16_values({g.m, g.k}, rng), w = random_bf16_values({g.n, g.k}, rng, 0.05);
