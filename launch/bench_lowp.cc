@@ -75,6 +75,14 @@ struct Shape3 {
   const char* what;
 };
 
+// "MxNxK", the tables' shape column.
+std::string shape_str(const Shape3& g) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%ldx%ldx%ld", static_cast<long>(g.m), static_cast<long>(g.n),
+                static_cast<long>(g.k));
+  return buf;
+}
+
 // The FP4 GEMM (gemm_fp4) on the same shapes, MXFP4 and NVFP4 operands quantized beforehand
 // (RTN), against the bf16 GEMM: native FP4 tensor cores where the GPU has them, else the exact
 // emulation (which the table names).
@@ -170,12 +178,10 @@ void run_fp4(const Options& opt, const std::vector<Shape3>& shapes) {
       const QuantizedFp4 xq = quantize_fp4_cuda(x, o), wq = quantize_fp4_cuda(w, o);
       ms[f] = time_ms([&] { gemm_fp4(y, xq, wq); }, opt);
     }
-    char shape[64];
-    std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m),
-                  static_cast<long>(g.n), static_cast<long>(g.k));
-    std::printf("%-26s %-18s %8.3f %9.3f %9.3f %8.0f %8.0f %9.2f %9.2f\n", g.what, shape, bf16_ms,
-                ms[0], ms[1], flops / (ms[0] * 1e9), flops / (ms[1] * 1e9), bf16_ms / ms[0],
-                bf16_ms / ms[1]);
+    const std::string shape = shape_str(g);
+    std::printf("%-26s %-18s %8.3f %9.3f %9.3f %8.0f %8.0f %9.2f %9.2f\n", g.what, shape.c_str(),
+                bf16_ms, ms[0], ms[1], flops / (ms[0] * 1e9), flops / (ms[1] * 1e9),
+                bf16_ms / ms[0], bf16_ms / ms[1]);
     std::fflush(stdout);
   }
   std::printf("columns: *_speed = bf16_ms / fp4_ms (the GEMM alone; quantization not included)\n");
@@ -286,12 +292,10 @@ void run_accuracy(const std::vector<Shape3>& shapes) {
       // The quantization's error: the exact FP8 product (here the fp8 GEMM's output, whose own
       // error is orders smaller) against the exact bf16 product.
       e.quant = rel_error(y_fp8, g.n, rows, xb, wb, g.k);
-      char shape[64];
-      std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m),
-                    static_cast<long>(g.n), static_cast<long>(g.k));
+      const std::string shape = shape_str(g);
       std::printf("%-26s %-18s %-9s %10.2e %10.2e %10.2e %10.2e %9.1f %10.2e %10.2e\n", g.what,
-                  shape, positive ? "positive" : "zero-mean", e.quant, e.bf16, e.fp8, e.fast,
-                  e.fast / e.fp8, e.lasp, e.lasp4);
+                  shape.c_str(), positive ? "positive" : "zero-mean", e.quant, e.bf16, e.fp8,
+                  e.fast, e.fast / e.fp8, e.lasp, e.lasp4);
       std::fflush(stdout);
     }
   }
@@ -521,10 +525,8 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
       fns.push_back([&, v] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, v.fast, ours, v.cfg); });
     }
     const std::vector<double> ms = median_event_ms_interleaved(fns, opt.iters, opt.warmup);
-    char shape[64];
-    std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m),
-                  static_cast<long>(g.n), static_cast<long>(g.k));
-    std::printf("%-26s %-18s %8.3f %8.3f %8.3f", g.what, shape, ms[0], ms[1], ms[2]);
+    const std::string shape = shape_str(g);
+    std::printf("%-26s %-18s %8.3f %8.3f %8.3f", g.what, shape.c_str(), ms[0], ms[1], ms[2]);
     for (size_t i = 3; i < ms.size(); ++i) std::printf(" %10.3f", ms[i]);
     std::printf("\n%-26s %-18s %8s %8.2f %8.2f", "", "  speedup over bf16", "", ms[0] / ms[1],
                 ms[0] / ms[2]);
@@ -571,15 +573,13 @@ void run_timing(const Options& opt, const std::vector<Shape3>& shapes) {
     const std::vector<double> b2b =
         median_event_ms_interleaved({bf16, fp8, q_fp8, fp8_auto}, opt.iters, opt.warmup, 10);
     const double host_bf = host_issue_us(bf16, 20), host_f8 = host_issue_us(fp8, 20);
-    char shape[64];
-    std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m),
-                  static_cast<long>(g.n), static_cast<long>(g.k));
+    const std::string shape = shape_str(g);
     std::printf(
         "%-26s %-18s %8.3f %8.3f %8.2f %8.3f %8.2f %8.3f %8.3f %8.2f %8.3f %8.2f %8.1f %8.1f %8.3f "
         "%8.2f\n",
-        g.what, shape, alone[0], alone[1], alone[0] / alone[1], alone[2], alone[0] / alone[2],
-        b2b[0], b2b[1], b2b[0] / b2b[1], b2b[3], b2b[0] / b2b[3], host_bf, host_f8, b2b[2],
-        b2b[0] / b2b[2]);
+        g.what, shape.c_str(), alone[0], alone[1], alone[0] / alone[1], alone[2],
+        alone[0] / alone[2], b2b[0], b2b[1], b2b[0] / b2b[1], b2b[3], b2b[0] / b2b[3], host_bf,
+        host_f8, b2b[2], b2b[0] / b2b[2]);
     std::fflush(stdout);
   }
 }
@@ -641,13 +641,11 @@ int run(const Options& opt) {
 
     const double bf16_floor_ms = flops / kBf16FloorFlops * 1e3,
                  fp8_floor_ms = flops / kFp8FloorFlops * 1e3;
-    char shape[64];
-    std::snprintf(shape, sizeof shape, "%ldx%ldx%ld", static_cast<long>(g.m),
-                  static_cast<long>(g.n), static_cast<long>(g.k));
+    const std::string shape = shape_str(g);
     std::printf(
         "%-26s %-18s %8.3f %8.3f %8.3f %8.3f %8.3f %8.0f %8.0f %8.0f %8.2f %8.2f %8.2f %8.2f %8.2f "
         "%9.3f %9.3f\n",
-        g.what, shape, bf16_ms, fp8_ms, fast_ms, blk_ms, auto_ms, flops / (bf16_ms * 1e9),
+        g.what, shape.c_str(), bf16_ms, fp8_ms, fast_ms, blk_ms, auto_ms, flops / (bf16_ms * 1e9),
         flops / (fp8_ms * 1e9), flops / (blk_ms * 1e9), bf16_ms / bf16_floor_ms,
         fp8_ms / fp8_floor_ms, bf16_ms / fp8_ms, bf16_ms / fast_ms, bf16_ms / auto_ms, q_tensor_ms,
         q_block_ms);
