@@ -5,8 +5,9 @@
 //
 // Kernels and their work split:
 //   fp8_tensor_kernel        one scale (from the device amax or a host value), grid-stride encode
-//   fp8_block_rows_cols_kernel  1x128 / 128x128 block FP8 of x and/or x^T in one pass, one CTA
-//                            per 128x128 tile through shared memory (also quantize_fp8_cuda's
+//   fp8_block_rows_cols_kernel  1x128 / 128x128 block FP8 of x and/or x^T in one pass, grid-
+//                            stride over 128x128 tiles, an 8x8 sub-block per thread in registers,
+//                            only x^T's codes through shared memory (also quantize_fp8_cuda's
 //                            block modes)
 //   fp4_quantize_kernel      one thread per (row, group) of 32 (MX) or 16 (NV) elements
 //   *_dequant_kernel         grid-stride elementwise
@@ -443,151 +444,285 @@ __global__ void transpose_pad_kernel(const T* __restrict__ x, int64_t rows, int6
   }
 }
 
-// Block FP8 (1x128 or 128x128 blocks) of x and/or of x^T in one pass: one CTA (256 threads) per
-// 128 x 128 tile of x, staged in shared memory as fp32 with a row stride of 129 words.
-//   load:  16-byte loads (element-wise at ragged edges, zeros outside x); a warp instruction
-//          covers V rows (V = 8 bf16 or 4 fp32 per load) x 32 / V lanes of consecutive 16-byte
-//          chunks, so its shared stores hit 32 different banks;
-//   encode: a line is a row of the tile (codes of x) or a column (codes of x^T: 1x128 blocks of
-//          x^T are 128x1 blocks of x); lanes 2i and 2i + 1 of a warp take halves of line
-//          16 w + i, 64 elements each in chunks of 16: amax (one shuffle joins the halves),
-//          scale, then 16 codes per 16-byte store. Half 1 starts at its second chunk, so the
-//          pair's shared reads are 16 banks apart and a warp's reads never conflict.
-//   2-D:   with 128x128 blocks the tile's amax (a CTA max) scales both outputs: a 128x128 block
-//          of x^T is a block of x transposed.
+// Block FP8 (1x128 or 128x128 blocks) of x and/or of x^T in one pass over x: grid-stride over
+// 128 x 128 tiles of x (as many CTAs as are resident at once), 256 threads. Thread t owns the
+// 8 x 8 sub-block of tile rows 8 (t / 16) + k and columns 8 (t % 16) + j (k, j < 8), held in
+// registers as raw bits from load to encode; nothing of x goes through shared memory.
+//   load:   row k of a sub-block is one 16-byte load (two for fp32; element-wise at ragged edges,
+//           zeros outside x); a warp instruction reads two tile rows of 256 (bf16) contiguous
+//           bytes. Software-pipelined: the next tile's loads are issued once this tile's codes
+//           are computed, so they are in flight during its stores, the x^T pass and the barriers.
+//   amax:   1x128: a tile row's max over the 16 lanes of a half-warp, a column's over the
+//           thread's 8 rows, the other half-warp and the 8 warps (shared memory); both use
+//           transposed butterflies (a lane ends with some of the values, each fully reduced), so
+//           each scale s = amax / fmax and its reciprocal are computed by one lane (two for rows)
+//           and shuffled to the lanes that need them. 128x128: the tile's max.
+//   rows:   row k's 8 codes leave in one 8-byte store (a half-warp writes 128 contiguous bytes);
+//   cols:   column j's 8 codes are 8 consecutive bytes of a row of x^T: one 8-byte store into a
+//           128 x 128-byte shared tile, in 8-byte chunk (t / 16) XOR (t % 16) of its row, so the
+//           16 lanes of a half-warp hit 16 different bank pairs; after a barrier 8 lanes read a
+//           whole row (16 bytes each, conflict-free) and write it to x^T with 16-byte stores.
 // x^T's rows are zero-padded to ldt >= rows columns: the tile's rows past `rows` are zeros,
 // encoded with the block's scale, as quantizing a zero-padded transpose does.
-// Scales are amax / format max (amax 0 -> 1) and codes encode(x / s), the CPU's rules.
-constexpr int kBrTile = 128, kBrStride = kBrTile + 1;
-constexpr int kBrSmemBytes = kBrTile * kBrStride * 4;
+// Scales are amax / format max (amax 0 -> 1) and codes encode(x / s), the CPU's rules, x / s
+// through the reciprocal (qmath::div_by_scale) when every scale of the warp allows it.
+constexpr int kBrTile = 128;
+constexpr int kBrSub = 8;  // a thread's sub-block: 8 x 8 elements
+static_assert(kThreads == (kBrTile / kBrSub) * (kBrTile / kBrSub), "one 8 x 8 sub-block per thread");
+
+// Raw words of one sub-block row: 8 bf16 (4 words) or 8 fp32 (8 words).
+template <typename T>
+constexpr int kBrWords = kBrSub * static_cast<int>(sizeof(T)) / 4;
+
+template <typename T>
+__device__ inline float br_element(const uint32_t (&w)[kBrWords<T>], int j) {
+  if constexpr (sizeof(T) == 2) {
+    return __uint_as_float(j % 2 == 0 ? w[j / 2] << 16 : w[j / 2] & 0xFFFF0000u);
+  } else {
+    return __uint_as_float(w[j]);
+  }
+}
+
+// Max of 8 values over the 16 lanes of a half-warp, transposed: afterwards value index
+// 4 b3 + 2 b2 + b1 (b = bits of hl, the lane's index in its half-warp) is fully reduced in the
+// lane (and in its neighbour hl ^ 1). 8 shuffles where reducing each value would take 32.
+__device__ inline uint32_t half_warp_max8(uint32_t (&v)[8], int hl) {
+  const bool b3 = hl & 8, b2 = hl & 4, b1 = hl & 2;
+  uint32_t a[4], b[2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // keep half b3 of the 8, send the other half
+    const uint32_t keep = b3 ? v[i + 4] : v[i], send = b3 ? v[i] : v[i + 4];
+    a[i] = max(keep, __shfl_xor_sync(0xffffffffu, send, 8));
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t keep = b2 ? a[i + 2] : a[i], send = b2 ? a[i] : a[i + 2];
+    b[i] = max(keep, __shfl_xor_sync(0xffffffffu, send, 4));
+  }
+  const uint32_t keep = b1 ? b[1] : b[0], send = b1 ? b[0] : b[1];
+  const uint32_t c = max(keep, __shfl_xor_sync(0xffffffffu, send, 2));
+  return max(c, __shfl_xor_sync(0xffffffffu, c, 1));
+}
 
 template <typename T, bool kTile2d>
-__global__ void __launch_bounds__(kThreads, 3)
+__global__ void __launch_bounds__(kThreads, 2)
     fp8_block_rows_cols_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, int64_t ldt,
-                               int64_t col_tiles, float fmax, bool e4m3, bool vec_ok,
-                               bool vec_rows_out, bool vec_cols_out, uint8_t* __restrict__ rows_out,
-                               float* __restrict__ rows_scales, uint8_t* __restrict__ cols_out,
-                               float* __restrict__ cols_scales) {
-  extern __shared__ float br_tile[];  // [kBrTile][kBrStride]
-  __shared__ uint32_t tile_amax;
-  constexpr int V = Vec16<T>::kN, kLanesPerRow = 32 / V;
-  constexpr int kUnits = kBrTile * (kBrTile / V) / kThreads;  // 16-byte loads per thread
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t rt = blockIdx.x / col_tiles, ct = blockIdx.x % col_tiles;
-  const int64_t r0 = rt * kBrTile, c0 = ct * kBrTile;
+                               int64_t row_tiles, int64_t col_tiles, float fmax, bool e4m3,
+                               bool vec_ok, bool vec_rows_out, bool vec_cols_out,
+                               uint8_t* __restrict__ rows_out, float* __restrict__ rows_scales,
+                               uint8_t* __restrict__ cols_out, float* __restrict__ cols_scales) {
+  constexpr int W = kBrWords<T>, V = Vec16<T>::kN, kWarps = kThreads / 32;
+  __shared__ __align__(16) uint8_t codes_t[kBrTile][kBrTile];  // x^T's codes, chunks swizzled
+  // Per-warp column maxima (1x128) / tile maxima (128x128), double-buffered by tile parity: a
+  // warp may write the next tile's while another still reads this tile's (with no x^T pass there
+  // is one barrier per tile).
+  __shared__ __align__(16) uint32_t col_m[2][kWarps][kBrTile];
+  __shared__ uint32_t tile_m[2][kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int hl = lane % 16, half = lane / 16;  // lane in its half-warp; which half
+  const int cc = threadIdx.x % 16, rg = threadIdx.x / 16;
+  const int tr0 = kBrSub * rg, tc0 = kBrSub * cc;  // the sub-block's first tile row / column
+  const int64_t tiles = row_tiles * col_tiles;
   const int64_t nbc = col_tiles;                      // 128-blocks per row of x
   const int64_t nbt = (ldt + kBrTile - 1) / kBrTile;  // 128-blocks per row of x^T
-  uint32_t m = 0;
-  {
-    // Warp iteration it = warp + 8 k: rows V (it / 4) + lane / kLanesPerRow, 16-byte chunk
-    // kLanesPerRow (it % 4) + lane % kLanesPerRow.
-    uint4 raw[kUnits];
-    auto unit_rc = [&](int k, int& tr, int& tc) {
-      const int it = warp + (kThreads / 32) * k;
-      tr = V * (it / 4) + lane / kLanesPerRow;
-      tc = V * (kLanesPerRow * (it % 4) + lane % kLanesPerRow);
-    };
+
+  uint32_t raw[kBrSub][W];
+  auto load_tile = [&](int64_t t) {
+    const int64_t r0 = (t / col_tiles) * kBrTile, gc = (t % col_tiles) * kBrTile + tc0;
 #pragma unroll
-    for (int k = 0; k < kUnits; ++k) {
-      int tr, tc;
-      unit_rc(k, tr, tc);
-      const int64_t gr = r0 + tr, gc = c0 + tc;
-      if (vec_ok && gr < rows && gc + V <= cols) {
-        raw[k] = *reinterpret_cast<const uint4*>(x + gr * cols + gc);
+    for (int k = 0; k < kBrSub; ++k) {
+      const int64_t gr = r0 + tr0 + k;
+      if (vec_ok && gr < rows && gc + kBrSub <= cols) {
+#pragma unroll
+        for (int i = 0; i < W / 4; ++i) {
+          const uint4 v = *reinterpret_cast<const uint4*>(x + gr * cols + gc + i * V);
+          raw[k][4 * i] = v.x;
+          raw[k][4 * i + 1] = v.y;
+          raw[k][4 * i + 2] = v.z;
+          raw[k][4 * i + 3] = v.w;
+        }
       } else {
-        float v[V];
 #pragma unroll
-        for (int j = 0; j < V; ++j)
-          v[j] = gr < rows && gc + j < cols ? to_float(x[gr * cols + gc + j]) : 0.0f;
-        if constexpr (V == 4) {
-          raw[k] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
-                              __float_as_uint(v[3]));
-        } else {
-          uint32_t w[4];
+        for (int i = 0; i < W; ++i) raw[k][i] = 0;
 #pragma unroll
-          for (int i = 0; i < 4; ++i)
-            w[i] =
-                (__float_as_uint(v[2 * i]) >> 16) | (__float_as_uint(v[2 * i + 1]) & 0xFFFF0000u);
-          raw[k] = make_uint4(w[0], w[1], w[2], w[3]);
+        for (int j = 0; j < kBrSub; ++j) {
+          if (gr < rows && gc + j < cols) {
+            const uint32_t b = raw_bits(x[gr * cols + gc + j]);
+            if constexpr (sizeof(T) == 2) {
+              raw[k][j / 2] |= b << (16 * (j % 2));
+            } else {
+              raw[k][j] = b;
+            }
+          }
         }
       }
     }
+  };
+
+  if (blockIdx.x < tiles) load_tile(blockIdx.x);
+  int buf = 0;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x, buf ^= 1) {
+    const int64_t rt = t / col_tiles, ct = t % col_tiles;
+    const int64_t r0 = rt * kBrTile, c0 = ct * kBrTile;
+    // ---- amax and scales. 1x128: this lane's row scale (s_row, r_row: sub-block row ridx) and
+    // column scales (s4, r4: sub-block columns 4 half + [0, 4)); 128x128: one scale (s_row).
+    float s_row, r_row, s4[4], r4[4];
+    bool ok;  // every scale this lane computed allows x / s through the reciprocal
+    if constexpr (kTile2d) {
+      uint32_t m = 0;
 #pragma unroll
-    for (int k = 0; k < kUnits; ++k) {
-      int tr, tc;
-      unit_rc(k, tr, tc);
-      const uint32_t w[4] = {raw[k].x, raw[k].y, raw[k].z, raw[k].w};
-      float* dst = br_tile + tr * kBrStride + tc;
+      for (int k = 0; k < kBrSub; ++k)
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const float f = V == 4
-                            ? __uint_as_float(w[j])
-                            : __uint_as_float(j % 2 == 0 ? w[j / 2] << 16 : w[j / 2] & 0xFFFF0000u);
-        dst[j] = f;
-        if constexpr (kTile2d) m = max(m, float_bits(fabsf(f)));
+        for (int j = 0; j < kBrSub; ++j) m = max(m, float_bits(fabsf(br_element<T>(raw[k], j))));
+      m = warp_max(m);
+      if (lane == 0) tile_m[buf][warp] = m;
+      __syncthreads();  // (A)
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) m = max(m, tile_m[buf][w]);
+      s_row = scale_from_amax(bits_float(m), fmax);
+      r_row = 1.0f / s_row;
+      ok = scale_division_ok(s_row);
+      if (threadIdx.x == 0) {
+        if (rows_scales && r0 < rows) rows_scales[rt * nbc + ct] = s_row;
+        if (cols_scales && c0 < cols) cols_scales[ct * nbt + rt] = s_row;
+      }
+    } else {
+      uint32_t mr[kBrSub], mc[kBrSub];
+#pragma unroll
+      for (int j = 0; j < kBrSub; ++j) mc[j] = 0;
+#pragma unroll
+      for (int k = 0; k < kBrSub; ++k) {
+        mr[k] = 0;
+#pragma unroll
+        for (int j = 0; j < kBrSub; ++j) {
+          const uint32_t a = float_bits(fabsf(br_element<T>(raw[k], j)));
+          mr[k] = max(mr[k], a);
+          mc[j] = max(mc[j], a);
+        }
+      }
+      // Columns: half h keeps columns 4 h + [0, 4) of its sub-block, the other half's rows
+      // joined in, then the 8 warps' maxima through shared memory.
+      uint32_t m4[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t keep = half ? mc[i + 4] : mc[i], send = half ? mc[i] : mc[i + 4];
+        m4[i] = max(keep, __shfl_xor_sync(0xffffffffu, send, 16));
+      }
+      const int cq = tc0 + 4 * half;  // the 4 columns this lane finishes: cq + [0, 4)
+      *reinterpret_cast<uint4*>(&col_m[buf][warp][cq]) = make_uint4(m4[0], m4[1], m4[2], m4[3]);
+      // Rows: the lane finishes row ridx of the sub-block (as does its neighbour hl ^ 1).
+      const uint32_t mrow = half_warp_max8(mr, hl);
+      const int ridx = 4 * ((hl >> 3) & 1) + 2 * ((hl >> 2) & 1) + ((hl >> 1) & 1);
+      s_row = scale_from_amax(bits_float(mrow), fmax);
+      r_row = 1.0f / s_row;
+      ok = scale_division_ok(s_row);
+      if (rows_scales && hl % 2 == 0 && r0 + tr0 + ridx < rows)
+        rows_scales[(r0 + tr0 + ridx) * nbc + ct] = s_row;
+      __syncthreads();  // (A)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) m4[i] = 0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const uint4 v = *reinterpret_cast<const uint4*>(&col_m[buf][w][cq]);
+        m4[0] = max(m4[0], v.x);
+        m4[1] = max(m4[1], v.y);
+        m4[2] = max(m4[2], v.z);
+        m4[3] = max(m4[3], v.w);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s4[i] = scale_from_amax(bits_float(m4[i]), fmax);
+        r4[i] = 1.0f / s4[i];
+        ok = ok && scale_division_ok(s4[i]);
+        if (cols_scales && warp == 0 && c0 + cq + i < cols)
+          cols_scales[(c0 + cq + i) * nbt + rt] = s4[i];
       }
     }
-  }
-  if constexpr (kTile2d) {
-    m = block_max(m);  // contains a __syncthreads
-    if (threadIdx.x == 0) tile_amax = m;
-  }
-  __syncthreads();
-  const float s2d = kTile2d ? scale_from_amax(bits_float(tile_amax), fmax) : 0.0f;
-  if (kTile2d && threadIdx.x == 0) {
-    if (rows_scales && r0 < rows) rows_scales[rt * nbc + ct] = s2d;
-    if (cols_scales && c0 < cols) cols_scales[ct * nbt + rt] = s2d;
-  }
-  const int line = 16 * warp + lane / 2, half = lane % 2;
-  for (int kind = 0; kind < 2; ++kind) {  // 0: rows of the tile -> x; 1: columns -> x^T
-    uint8_t* out = kind == 0 ? rows_out : cols_out;
-    if (out == nullptr) continue;
-    // This line in the output: row g_line of length g_len, the tile's part starting at g0.
-    const int64_t g_line = (kind == 0 ? r0 : c0) + line, g_len = kind == 0 ? cols : ldt;
-    const int64_t g0 = kind == 0 ? c0 : r0;
-    const bool line_ok = g_line < (kind == 0 ? rows : cols);
-    const bool vec_out = kind == 0 ? vec_rows_out : vec_cols_out;
-    auto at = [&](int i) {
-      return kind == 0 ? br_tile[line * kBrStride + i] : br_tile[i * kBrStride + line];
+    // ---- codes (x / s through the reciprocal when every scale of the warp allows it), stored
+    // as they are made: x's rows to global memory, x^T's to the shared tile. A row's scale comes
+    // from the lanes that finished it, a column's from this lane or the other half-warp.
+    auto encode = [&](auto fast_div) {
+      auto q = [&](float v, float s, float r) { return fast_div ? div_by_scale(v, s, r) : v / s; };
+      if (rows_out != nullptr) {
+        const int64_t gc = c0 + tc0;
+#pragma unroll
+        for (int k = 0; k < kBrSub; ++k) {
+          float s = s_row, r = r_row;
+          if constexpr (!kTile2d) {
+            const int src = 16 * half + 8 * ((k >> 2) & 1) + 4 * ((k >> 1) & 1) + 2 * (k & 1);
+            s = __shfl_sync(0xffffffffu, s_row, src);
+            r = __shfl_sync(0xffffffffu, r_row, src);
+          }
+          uint32_t w[2] = {0, 0};
+#pragma unroll
+          for (int j = 0; j < kBrSub; j += 2) {
+            const float a = br_element<T>(raw[k], j), b = br_element<T>(raw[k], j + 1);
+            w[j / 4] |= fp8x2_encode(q(a, s, r), q(b, s, r), a, b, e4m3) << (8 * (j % 4));
+          }
+          const int64_t gr = r0 + tr0 + k;
+          if (gr >= rows || gc >= cols) continue;
+          uint8_t* dst = rows_out + gr * cols + gc;
+          if (vec_rows_out && gc + kBrSub <= cols) {
+            *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+          } else {
+            for (int j = 0; j < kBrSub && gc + j < cols; ++j)
+              dst[j] = static_cast<uint8_t>(w[j / 4] >> (8 * (j % 4)));
+          }
+        }
+      }
+      if (cols_out != nullptr) {
+#pragma unroll
+        for (int j = 0; j < kBrSub; ++j) {
+          float s = s_row, r = r_row;
+          if constexpr (!kTile2d) {  // column j: lane half j / 4 finished it, as entry j % 4
+            const float so = __shfl_xor_sync(0xffffffffu, s4[j % 4], 16);
+            const float ro = __shfl_xor_sync(0xffffffffu, r4[j % 4], 16);
+            const bool own = half == j / 4;
+            s = own ? s4[j % 4] : so;
+            r = own ? r4[j % 4] : ro;
+          }
+          uint32_t w[2] = {0, 0};
+#pragma unroll
+          for (int k = 0; k < kBrSub; k += 2) {
+            const float a = br_element<T>(raw[k], j), b = br_element<T>(raw[k + 1], j);
+            w[k / 4] |= fp8x2_encode(q(a, s, r), q(b, s, r), a, b, e4m3) << (8 * (k % 4));
+          }
+          *reinterpret_cast<uint2*>(&codes_t[tc0 + j][kBrSub * (rg ^ cc)]) = make_uint2(w[0], w[1]);
+        }
+      }
     };
-    float s = s2d;
-    if constexpr (!kTile2d) {
-      uint32_t mm = 0;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int i0 = 64 * half + 16 * ((k + half) % 4);
-#pragma unroll
-        for (int j = 0; j < 16; ++j) mm = max(mm, float_bits(fabsf(at(i0 + j))));
-      }
-      mm = max(mm, __shfl_xor_sync(0xffffffffu, mm, 1));
-      s = scale_from_amax(bits_float(mm), fmax);
-      if (half == 0 && line_ok)
-        (kind == 0 ? rows_scales[g_line * nbc + ct] : cols_scales[g_line * nbt + rt]) = s;
+    if (__all_sync(0xffffffffu, ok)) {
+      encode(std::true_type{});
+    } else {
+      encode(std::false_type{});
     }
-    if (!line_ok) continue;
-    const bool fast_div = scale_division_ok(s);
-    const float rs = 1.0f / s;
+    // ---- prefetch the next tile into raw (free now)
+    if (t + gridDim.x < tiles) load_tile(t + gridDim.x);
+    if (cols_out != nullptr) {
+      __syncthreads();  // (B)
+      // Row c of the shared tile = x^T's row c0 + c, bytes r0 + [0, 128): 8 lanes per row, 16
+      // bytes each (logical chunks 2 m, 2 m + 1, stored at chunk pair m ^ (c / 16), swapped
+      // when c / 8 is odd).
+      const int m = threadIdx.x % 8;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int i0 = 64 * half + 16 * ((k + half) % 4);
-      uint32_t w[4] = {0, 0, 0, 0};
-#pragma unroll
-      for (int j = 0; j < 16; j += 2) {
-        const float a = at(i0 + j), b = at(i0 + j + 1);
-        const float qa = fast_div ? div_by_scale(a, s, rs) : a / s;
-        const float qb = fast_div ? div_by_scale(b, s, rs) : b / s;
-        w[j / 4] |= fp8x2_encode(qa, qb, a, b, e4m3) << (8 * (j % 4));
-      }
-      const int64_t pos = g0 + i0;
-      uint8_t* dst = out + g_line * g_len + pos;
-      if (vec_out && pos + 16 <= g_len) {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < 16; ++j)
-          if (pos + j < g_len) dst[j] = static_cast<uint8_t>(w[j / 4] >> (8 * (j % 4)));
+      for (int i = 0; i < kBrTile * 8 / kThreads; ++i) {
+        const int c = (kThreads / 8) * i + threadIdx.x / 8;
+        const int sw = c / kBrSub;
+        uint4 v = *reinterpret_cast<const uint4*>(&codes_t[c][16 * (m ^ (sw >> 1))]);
+        if (sw & 1) v = make_uint4(v.z, v.w, v.x, v.y);
+        const int64_t gc = c0 + c, gr = r0 + 16 * m;
+        if (gc >= cols || gr >= ldt) continue;
+        uint8_t* dst = cols_out + gc * ldt + gr;
+        if (vec_cols_out && gr + 16 <= ldt) {
+          *reinterpret_cast<uint4*>(dst) = v;
+        } else {
+          const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+          for (int b = 0; b < 16 && gr + b < ldt; ++b) dst[b] = static_cast<uint8_t>(w[b / 4] >> (8 * (b % 4)));
+        }
       }
     }
+    // codes_t is written again after the next tile's barrier (A), which every warp reaches after
+    // its reads here; col_m / tile_m [buf] two tiles on, after the next tile's (A) as well.
   }
 }
 
@@ -846,6 +981,38 @@ int scaling_index(Fp8Scaling s) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+int max_grid_blocks() {
+  static const int blocks = [] {
+    int dev = 0, sms = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    return std::max(1, sms) * 8;
+  }();
+  return blocks;
+}
+
+// Grid of a grid-stride kernel over `work` CTA-sized items: as many CTAs as are resident on the
+// GPU at once (SMs x the kernel's occupancy at kThreads), at most one per item. Cached per kernel.
+template <typename Kernel>
+int persistent_grid(Kernel kernel, int64_t work) {
+  static std::mutex mu;
+  static std::map<const void*, int> resident_of;
+  int resident = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    int& r = resident_of[reinterpret_cast<const void*>(kernel)];
+    if (r == 0) {
+      int dev = 0, sms = 0, per_sm = 0;
+      CUDA_CHECK(cudaGetDevice(&dev));
+      CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+      CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+      r = std::max(1, sms) * std::max(1, per_sm);
+    }
+    resident = r;
+  }
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, resident)));
+}
+
 // fp8_block_rows_cols_kernel over x as [rows, cols] (x's leading dims flattened): the codes of x
 // (rows_out, [rows, cols]) and/or of x^T zero-padded to ldt columns (cols_out, [cols, ldt]), with
 // their block scales (1x128: [rows, nb(cols)] and [cols, nb(ldt)]; 128x128: [nb(rows), nb(cols)]
@@ -853,16 +1020,6 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 void launch_block_rows_cols(const Tensor& x, int64_t rows, int64_t cols, int64_t ldt,
                             Fp8Format format, bool tile2d, uint8_t* rows_out, float* rows_scales,
                             uint8_t* cols_out, float* cols_scales) {
-  static std::once_flag smem_opt_in;  // the shared tile is above the default 48 KiB
-  std::call_once(smem_opt_in, [] {
-    const cudaFuncAttribute a = cudaFuncAttributeMaxDynamicSharedMemorySize;
-    CUDA_CHECK(cudaFuncSetAttribute(fp8_block_rows_cols_kernel<float, false>, a, kBrSmemBytes));
-    CUDA_CHECK(cudaFuncSetAttribute(fp8_block_rows_cols_kernel<float, true>, a, kBrSmemBytes));
-    CUDA_CHECK(
-        cudaFuncSetAttribute(fp8_block_rows_cols_kernel<__nv_bfloat16, false>, a, kBrSmemBytes));
-    CUDA_CHECK(
-        cudaFuncSetAttribute(fp8_block_rows_cols_kernel<__nv_bfloat16, true>, a, kBrSmemBytes));
-  });
   const int64_t col_tiles = (cols + kBrTile - 1) / kBrTile;
   const int64_t row_tiles = ((cols_out ? std::max(rows, ldt) : rows) + kBrTile - 1) / kBrTile;
   if (row_tiles == 0 || col_tiles == 0) return;
@@ -872,18 +1029,19 @@ void launch_block_rows_cols(const Tensor& x, int64_t rows, int64_t cols, int64_t
   with_input_type(x, [&](auto* xp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     const bool vec_ok = aligned16(xp) && cols % Vec16<T>::kN == 0;
-    // 16-byte code stores where every output row starts 16-byte aligned
-    const bool vec_rows = aligned16(rows_out) && cols % 16 == 0,
+    // 8-byte code stores of x's rows, 16-byte ones of x^T's, where every output row starts aligned
+    const bool vec_rows = aligned16(rows_out) && cols % kBrSub == 0,
                vec_cols = aligned16(cols_out) && ldt % 16 == 0;
-    const unsigned grid = static_cast<unsigned>(row_tiles * col_tiles);
+    auto launch = [&](auto kernel) {
+      const int grid = persistent_grid(kernel, row_tiles * col_tiles);
+      kernel<<<grid, kThreads, 0, stream>>>(xp, rows, cols, ldt, row_tiles, col_tiles, fmax, e4m3,
+                                            vec_ok, vec_rows, vec_cols, rows_out, rows_scales,
+                                            cols_out, cols_scales);
+    };
     if (tile2d) {
-      fp8_block_rows_cols_kernel<T, true><<<grid, kThreads, kBrSmemBytes, stream>>>(
-          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, vec_rows, vec_cols, rows_out,
-          rows_scales, cols_out, cols_scales);
+      launch(fp8_block_rows_cols_kernel<T, true>);
     } else {
-      fp8_block_rows_cols_kernel<T, false><<<grid, kThreads, kBrSmemBytes, stream>>>(
-          xp, rows, cols, ldt, col_tiles, fmax, e4m3, vec_ok, vec_rows, vec_cols, rows_out,
-          rows_scales, cols_out, cols_scales);
+      launch(fp8_block_rows_cols_kernel<T, false>);
     }
   });
   CUDA_CHECK_LAUNCH("fp8 block quantizer");
@@ -1235,38 +1393,6 @@ void dequantize_fp4_transposed_cuda(Tensor& out, const QuantizedFp4& q, bool wit
 // ---------------------------------------------------------------- projection pieces (host side)
 
 namespace {
-
-int max_grid_blocks() {
-  static const int blocks = [] {
-    int dev = 0, sms = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    return std::max(1, sms) * 8;
-  }();
-  return blocks;
-}
-
-// Grid of a grid-stride kernel over `work` CTA-sized items: as many CTAs as are resident on the
-// GPU at once (SMs x the kernel's occupancy at kThreads), at most one per item. Cached per kernel.
-template <typename Kernel>
-int persistent_grid(Kernel kernel, int64_t work) {
-  static std::mutex mu;
-  static std::map<const void*, int> resident_of;
-  int resident = 0;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    int& r = resident_of[reinterpret_cast<const void*>(kernel)];
-    if (r == 0) {
-      int dev = 0, sms = 0, per_sm = 0;
-      CUDA_CHECK(cudaGetDevice(&dev));
-      CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-      CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-      r = std::max(1, sms) * std::max(1, per_sm);
-    }
-    resident = r;
-  }
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, resident)));
-}
 
 uint32_t* amax_slot(Tensor& bits, int64_t index, const char* fn) {
   LASP_CHECK(bits.defined() && bits.is_cuda() && bits.dtype() == DType::I32 && bits.is_contiguous())

@@ -132,6 +132,8 @@ void run_quantizers(const Options& opt) {
     row("1x128 rows + cols, one pass (dy)", q, 2.0,
         [&] { (void)quantize_fp8_block_rows_cols_cuda(x, e4, b1, true, true); });
     row("  composition: rows, transpose, cols", q, 2.0, [&] { composition(x, b1); });
+    row("1x128 cols (backward x^T)", q, 1.0,
+        [&] { (void)quantize_fp8_block_rows_cols_cuda(x, e4, b1, false, true); });
     row("per tensor rows (quantize_fp8_cuda)", q, 1.0,
         [&] { (void)quantize_fp8_cuda(x, e4, Fp8Scaling::PerTensor); });
     // What the per-tensor projections run: the amax pass, then one pass writing the codes.

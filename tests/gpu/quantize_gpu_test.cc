@@ -437,6 +437,38 @@ TEST(QuantizeGpu, Fp8BlockRowsAndColsInOnePassEqualTheCpuOnXAndItsPaddedTranspos
       << "cols_ld below the rows of x";
 }
 
+// The same quantizer over more 128x128 tiles than CTAs resident on any GPU (785 tiles: its
+// grid-stride loop, the next tile's prefetch and the double-buffered maxima), with scales outside
+// the reciprocal's range (rows of 1e-30 and a whole 128-row tile of 1e30: x / s divides there).
+TEST(QuantizeGpu, Fp8BlockRowsAndColsOverManyTilesAndExtremeScalesEqualTheCpu) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  const uint32_t seed = fresh_seed();
+  std::mt19937 rng(seed);
+  const int64_t rows = 20000, cols = 520;
+  Tensor x = tricky_input({rows, cols}, rng);
+  float* p = x.data<float>();
+  for (int64_t r = 5000; r < 5011; ++r)
+    for (int64_t c = 0; c < cols; ++c) p[r * cols + c] *= 1e-30f;
+  for (int64_t r = 6016; r < 6144; ++r)
+    for (int64_t c = 0; c < cols; ++c) p[r * cols + c] *= 1e30f;
+  x = bf16_rounded(x);
+  const Tensor xg = to_cuda(x, DType::BF16);
+  for (Fp8Scaling s : {Fp8Scaling::Block1x128, Fp8Scaling::Block128x128}) {
+    SCOPED_TRACE(testing::Message() << "scaling " << int(s) << " seed " << seed);
+    const Fp8Format f = s == Fp8Scaling::Block1x128 ? Fp8Format::E5M2 : Fp8Format::E4M3;
+    const QuantizedFp8 ref_rows = quantize_fp8(x, f, s);
+    const QuantizedFp8 ref_cols = quantize_fp8(transposed_padded(x, rows), f, s);
+    const Fp8RowsCols both = quantize_fp8_block_rows_cols_cuda(xg, f, s, true, true);
+    EXPECT_TRUE(bytes_equal(both.rows.codes, ref_rows.codes, "rows codes", &x));
+    EXPECT_TRUE(bytes_equal(both.rows.scales, ref_rows.scales, "rows scales"));
+    EXPECT_TRUE(bytes_equal(both.cols.codes, ref_cols.codes, "cols codes"));
+    EXPECT_TRUE(bytes_equal(both.cols.scales, ref_cols.scales, "cols scales"));
+    const QuantizedFp8 rows_only = quantize_fp8_cuda(xg, f, s);  // the forward's x
+    EXPECT_TRUE(bytes_equal(rows_only.codes, ref_rows.codes, "quantize_fp8_cuda codes", &x));
+    EXPECT_TRUE(bytes_equal(rows_only.scales, ref_rows.scales, "quantize_fp8_cuda scales"));
+  }
+}
+
 TEST(QuantizeGpu, Fp8DelayedScalingFollowsTheSameHistoryAsCpu) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
   const uint32_t seed = fresh_seed();
