@@ -462,10 +462,19 @@ __global__ void transpose_pad_kernel(const T* __restrict__ x, int64_t rows, int6
 //           128 x 128-byte shared tile, in 8-byte chunk (t / 16) XOR (t % 16) of its row, so the
 //           16 lanes of a half-warp hit 16 different bank pairs; after a barrier 8 lanes read a
 //           whole row (16 bytes each, conflict-free) and write it to x^T with 16-byte stores.
+//   paths: a warp takes the fast path when its tile is whole (inside x, aligned) and every
+//           scale it uses passes scale_division_ok: then every quotient is finite (|x / s| <= fmax), so
+//           x / s is Markstein's quotient (qmath::div_by_scale without its guard) and the code
+//           the converter's, the format a template argument: no per-element branch. Anything
+//           else (ragged tiles, x^T's padding, tiny, huge or non-finite scales) takes a rolled
+//           element-by-element loop reading x again, with the IEEE division and the CPU's NaN
+//           codes. Keeping those rare cases out of the unrolled code matters: with them inline
+//           (a NaN branch per pair, both formats) the kernel was bound by instruction fetch and
+//           ran at 8x the HBM floor instead of 1.6-1.8x (docs/performance.md).
 // x^T's rows are zero-padded to ldt >= rows columns: the tile's rows past `rows` are zeros,
 // encoded with the block's scale, as quantizing a zero-padded transpose does.
-// Scales are amax / format max (amax 0 -> 1) and codes encode(x / s), the CPU's rules, x / s
-// through the reciprocal (qmath::div_by_scale) when every scale of the warp allows it.
+// Scales are amax / format max (amax 0 -> 1) and codes encode(x / s), the CPU's rules.
+// 128 registers (2 CTAs per SM); capping them at 80 for 3 CTAs spills and is 10-20% slower.
 constexpr int kBrTile = 128;
 constexpr int kBrSub = 8;  // a thread's sub-block: 8 x 8 elements
 static_assert(kThreads == (kBrTile / kBrSub) * (kBrTile / kBrSub), "one 8 x 8 sub-block per thread");
@@ -504,6 +513,24 @@ __device__ inline uint32_t half_warp_max8(uint32_t (&v)[8], int hl) {
   return max(c, __shfl_xor_sync(0xffffffffu, c, 1));
 }
 
+// x / s for a block whose scale passed scale_division_ok, every |x| <= the block's amax: Markstein's
+// quotient (qmath::div_by_scale) without its overflow guard, which |x / s| <= fmax never needs.
+__device__ inline float div_in_block(float x, float s, float r) {
+  const float q0 = __fmul_rn(x, r);
+  const float q1 = fmaf(fmaf(-q0, s, x), r, q0);
+  return copysignf(fmaf(fmaf(-q1, s, x), r, q1), x);
+}
+
+// Two FP8 codes (qa in the low byte) of finite quotients: the hardware converter alone.
+template <bool kE4m3>
+__device__ inline uint32_t fp8x2_finite(float qa, float qb) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(qa, qb), __NV_SATFINITE, kE4m3 ? __NV_E4M3 : __NV_E5M2);
+}
+
+__device__ inline float pick4(const float (&a)[4], int i) {
+  return i == 0 ? a[0] : i == 1 ? a[1] : i == 2 ? a[2] : a[3];
+}
+
 template <typename T, bool kTile2d>
 __global__ void __launch_bounds__(kThreads, 2)
     fp8_block_rows_cols_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, int64_t ldt,
@@ -512,6 +539,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                                uint8_t* __restrict__ rows_out, float* __restrict__ rows_scales,
                                uint8_t* __restrict__ cols_out, float* __restrict__ cols_scales) {
   constexpr int W = kBrWords<T>, V = Vec16<T>::kN, kWarps = kThreads / 32;
+  constexpr unsigned kFull = 0xffffffffu;
   __shared__ __align__(16) uint8_t codes_t[kBrTile][kBrTile];  // x^T's codes, chunks swizzled
   // Per-warp column maxima (1x128) / tile maxima (128x128), double-buffered by tile parity: a
   // warp may write the next tile's while another still reads this tile's (with no x^T pass there
@@ -525,23 +553,31 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t tiles = row_tiles * col_tiles;
   const int64_t nbc = col_tiles;                      // 128-blocks per row of x
   const int64_t nbt = (ldt + kBrTile - 1) / kBrTile;  // 128-blocks per row of x^T
+  // A whole tile lies inside x, its rows 16-byte aligned (not x^T's zero padding past `rows`).
+  auto whole = [&](int64_t t) {
+    return vec_ok && (t / col_tiles + 1) * kBrTile <= rows && (t % col_tiles + 1) * kBrTile <= cols;
+  };
 
   uint32_t raw[kBrSub][W];
   auto load_tile = [&](int64_t t) {
     const int64_t r0 = (t / col_tiles) * kBrTile, gc = (t % col_tiles) * kBrTile + tc0;
+    if (whole(t)) {
+      const T* p = x + (r0 + tr0) * cols + gc;
 #pragma unroll
-    for (int k = 0; k < kBrSub; ++k) {
-      const int64_t gr = r0 + tr0 + k;
-      if (vec_ok && gr < rows && gc + kBrSub <= cols) {
+      for (int k = 0; k < kBrSub; ++k) {
 #pragma unroll
         for (int i = 0; i < W / 4; ++i) {
-          const uint4 v = *reinterpret_cast<const uint4*>(x + gr * cols + gc + i * V);
+          const uint4 v = *reinterpret_cast<const uint4*>(p + k * cols + i * V);
           raw[k][4 * i] = v.x;
           raw[k][4 * i + 1] = v.y;
           raw[k][4 * i + 2] = v.z;
           raw[k][4 * i + 3] = v.w;
         }
-      } else {
+      }
+    } else {  // element by element, zeros outside x
+#pragma unroll
+      for (int k = 0; k < kBrSub; ++k) {
+        const int64_t gr = r0 + tr0 + k;
 #pragma unroll
         for (int i = 0; i < W; ++i) raw[k][i] = 0;
 #pragma unroll
@@ -582,6 +618,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       s_row = scale_from_amax(bits_float(m), fmax);
       r_row = 1.0f / s_row;
       ok = scale_division_ok(s_row);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s4[i] = r4[i] = 0.0f;  // unused
       if (threadIdx.x == 0) {
         if (rows_scales && r0 < rows) rows_scales[rt * nbc + ct] = s_row;
         if (cols_scales && c0 < cols) cols_scales[ct * nbt + rt] = s_row;
@@ -606,7 +644,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const uint32_t keep = half ? mc[i + 4] : mc[i], send = half ? mc[i] : mc[i + 4];
-        m4[i] = max(keep, __shfl_xor_sync(0xffffffffu, send, 16));
+        m4[i] = max(keep, __shfl_xor_sync(kFull, send, 16));
       }
       const int cq = tc0 + 4 * half;  // the 4 columns this lane finishes: cq + [0, 4)
       *reinterpret_cast<uint4*>(&col_m[buf][warp][cq]) = make_uint4(m4[0], m4[1], m4[2], m4[3]);
@@ -638,63 +676,92 @@ __global__ void __launch_bounds__(kThreads, 2)
           cols_scales[(c0 + cq + i) * nbt + rt] = s4[i];
       }
     }
-    // ---- codes (x / s through the reciprocal when every scale of the warp allows it), stored
-    // as they are made: x's rows to global memory, x^T's to the shared tile. A row's scale comes
-    // from the lanes that finished it, a column's from this lane or the other half-warp.
-    auto encode = [&](auto fast_div) {
-      auto q = [&](float v, float s, float r) { return fast_div ? div_by_scale(v, s, r) : v / s; };
+    // Scale (and reciprocal) of sub-block row k / column j: a row's comes from the lanes that
+    // finished it, a column's from this lane or the other half-warp. Every lane calls these.
+    auto row_scale = [&](int k, float& s, float& r) {
+      s = s_row;
+      r = r_row;
+      if constexpr (!kTile2d) {
+        const int src = 16 * half + 8 * ((k >> 2) & 1) + 4 * ((k >> 1) & 1) + 2 * (k & 1);
+        s = __shfl_sync(kFull, s_row, src);
+        r = __shfl_sync(kFull, r_row, src);
+      }
+    };
+    auto col_scale = [&](int j, float& s, float& r) {
+      s = s_row;
+      r = r_row;
+      if constexpr (!kTile2d) {
+        const float ms = pick4(s4, j % 4), mr = pick4(r4, j % 4);
+        const float so = __shfl_xor_sync(kFull, ms, 16), ro = __shfl_xor_sync(kFull, mr, 16);
+        const bool own = half == j / 4;
+        s = own ? ms : so;
+        r = own ? mr : ro;
+      }
+    };
+    // ---- codes, stored as they are made: x's rows to global memory, x^T's to the shared tile.
+    // Fast path (a whole tile, every scale of the warp fit for the reciprocal, so every quotient
+    // is finite): Markstein quotients and the converter, unrolled over the registers. Otherwise
+    // (ragged or padding tiles, extreme or non-finite scales) element by element from x again,
+    // the IEEE division and the CPU's NaN codes, in a rolled loop that stays out of the
+    // instruction cache's way.
+    const bool all_ok = __all_sync(kFull, ok);
+    const bool fast = all_ok && whole(t) && (rows_out == nullptr || vec_rows_out);
+    auto encode_fast = [&](auto fmt) {
+      constexpr bool kE4m3 = decltype(fmt)::value;
       if (rows_out != nullptr) {
-        const int64_t gc = c0 + tc0;
+        uint8_t* dst = rows_out + (r0 + tr0) * cols + c0 + tc0;
 #pragma unroll
         for (int k = 0; k < kBrSub; ++k) {
-          float s = s_row, r = r_row;
-          if constexpr (!kTile2d) {
-            const int src = 16 * half + 8 * ((k >> 2) & 1) + 4 * ((k >> 1) & 1) + 2 * (k & 1);
-            s = __shfl_sync(0xffffffffu, s_row, src);
-            r = __shfl_sync(0xffffffffu, r_row, src);
-          }
+          float s, r;
+          row_scale(k, s, r);
           uint32_t w[2] = {0, 0};
 #pragma unroll
           for (int j = 0; j < kBrSub; j += 2) {
             const float a = br_element<T>(raw[k], j), b = br_element<T>(raw[k], j + 1);
-            w[j / 4] |= fp8x2_encode(q(a, s, r), q(b, s, r), a, b, e4m3) << (8 * (j % 4));
+            w[j / 4] |= fp8x2_finite<kE4m3>(div_in_block(a, s, r), div_in_block(b, s, r)) << (8 * (j % 4));
           }
-          const int64_t gr = r0 + tr0 + k;
-          if (gr >= rows || gc >= cols) continue;
-          uint8_t* dst = rows_out + gr * cols + gc;
-          if (vec_rows_out && gc + kBrSub <= cols) {
-            *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
-          } else {
-            for (int j = 0; j < kBrSub && gc + j < cols; ++j)
-              dst[j] = static_cast<uint8_t>(w[j / 4] >> (8 * (j % 4)));
-          }
+          *reinterpret_cast<uint2*>(dst + k * cols) = make_uint2(w[0], w[1]);
         }
       }
       if (cols_out != nullptr) {
 #pragma unroll
         for (int j = 0; j < kBrSub; ++j) {
-          float s = s_row, r = r_row;
-          if constexpr (!kTile2d) {  // column j: lane half j / 4 finished it, as entry j % 4
-            const float so = __shfl_xor_sync(0xffffffffu, s4[j % 4], 16);
-            const float ro = __shfl_xor_sync(0xffffffffu, r4[j % 4], 16);
-            const bool own = half == j / 4;
-            s = own ? s4[j % 4] : so;
-            r = own ? r4[j % 4] : ro;
-          }
+          float s, r;
+          col_scale(j, s, r);
           uint32_t w[2] = {0, 0};
 #pragma unroll
           for (int k = 0; k < kBrSub; k += 2) {
             const float a = br_element<T>(raw[k], j), b = br_element<T>(raw[k + 1], j);
-            w[k / 4] |= fp8x2_encode(q(a, s, r), q(b, s, r), a, b, e4m3) << (8 * (k % 4));
+            w[k / 4] |= fp8x2_finite<kE4m3>(div_in_block(a, s, r), div_in_block(b, s, r)) << (8 * (k % 4));
           }
           *reinterpret_cast<uint2*>(&codes_t[tc0 + j][kBrSub * (rg ^ cc)]) = make_uint2(w[0], w[1]);
         }
       }
     };
-    if (__all_sync(0xffffffffu, ok)) {
-      encode(std::true_type{});
+    if (fast && e4m3) {
+      encode_fast(std::true_type{});
+    } else if (fast) {
+      encode_fast(std::false_type{});
     } else {
-      encode(std::false_type{});
+      auto code = [&](float v, float s) {
+        return static_cast<uint8_t>(fp8x2_encode(v / s, 0.0f, v, 0.0f, e4m3));
+      };
+#pragma unroll 1
+      for (int k = 0; k < kBrSub; ++k) {
+        float sk, rk;
+        row_scale(k, sk, rk);
+        const int64_t gr = r0 + tr0 + k;
+#pragma unroll 1
+        for (int j = 0; j < kBrSub; ++j) {
+          float sj, rj;
+          col_scale(j, sj, rj);
+          const int64_t gc = c0 + tc0 + j;
+          const bool in = gr < rows && gc < cols;
+          const float v = in ? to_float(x[gr * cols + gc]) : 0.0f;
+          if (rows_out != nullptr && in) rows_out[gr * cols + gc] = code(v, sk);
+          if (cols_out != nullptr) codes_t[tc0 + j][kBrSub * (rg ^ cc) + k] = code(v, sj);
+        }
+      }
     }
     // ---- prefetch the next tile into raw (free now)
     if (t + gridDim.x < tiles) load_tile(t + gridDim.x);
