@@ -20,8 +20,8 @@
 //                            codes row-major and/or transposed (through shared memory) in one
 //                            pass, 16-byte loads and stores on both sides, optionally recording
 //                            the amax (delayed scaling); x / s through the reciprocal
-//                            (qmath::div_by_scale, the IEEE quotient), encoded by the hardware
-//                            converter (same codes as the CPU, tested)
+//                            (Markstein, the IEEE quotient), encoded by the hardware converter
+//                            (same codes as the CPU, tested)
 //   transpose_pad_kernel     32x32 shared-memory transpose with zero padding
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -241,6 +241,23 @@ __device__ inline uint32_t fp8x2_encode(float qa, float qb, float xa, float xb, 
   return c;
 }
 
+// The fast paths of the FP8 kernels: x / s where s passes scale_division_ok and x is finite with
+// |x r| < 2^120 (per tensor: |x| < kFastAbsBound = 2^59, r <= 2^60; block: s is the block's
+// amax / fmax, so |x r| <= fmax), so every quotient is finite: Markstein's quotient
+// (qmath::div_by_scale) without its overflow guard, and the converter without the NaN fix-up
+// (fp8x2_finite). The kernels check this once per warp and send everything else down a generic
+// element-by-element path, so that no per-element branch bloats the unrolled code.
+constexpr uint32_t kFastAbsBound = 0x5D000000u;  // float bits of 2^59
+__device__ inline float div_fast(float x, float s, float r) {
+  const float q0 = __fmul_rn(x, r);
+  const float q1 = fmaf(fmaf(-q0, s, x), r, q0);
+  return copysignf(fmaf(fmaf(-q1, s, x), r, q1), x);
+}
+template <bool kE4m3>
+__device__ inline uint32_t fp8x2_finite(float qa, float qb) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(qa, qb), __NV_SATFINITE, kE4m3 ? __NV_E4M3 : __NV_E5M2);
+}
+
 struct ScaleArgs {
   const uint32_t* amax = nullptr;  // scale from max over amax[0..n) except skip
   int n = 0;
@@ -268,6 +285,10 @@ __device__ inline float device_scale(const ScaleArgs& a, float fmax) {
 //          gathers tile rows [16 g, 16 g + 16) of column c into one 16-byte store of x^T. A warp
 //          takes 16 columns x 2 adjacent segments: 32 contiguous bytes per x^T row, and with the
 //          68-byte shared row stride (17 words) its shared reads hit 8 distinct banks per row pair.
+//   paths: a warp whose units are all whole, with the scale passing scale_division_ok and
+//          every |x| < 2^59 (so finite quotients), encodes on the fast path (div_fast, the
+//          converter, the format a template argument); otherwise rows_cols_generic, element by
+//          element. 80 registers (3 CTAs per SM): at 64 (4 CTAs) it spills and is 10-15% slower.
 // Codes outside [rows, cols) (the zero padding up to rows_p / cols_p) are stored as 0.
 constexpr int kRcRows = 128;                          // tile rows
 constexpr int kRcCols = 64;                           // tile columns
@@ -309,8 +330,32 @@ __device__ inline float raw_element(const uint32_t (&w)[kRawWords<T>], int j) {
   }
 }
 
+// fp8_rows_cols_kernel's generic path for a tile (ragged units, bounds, non-finite or extreme
+// values or scales): this thread's two units element by element from x, the IEEE division and the
+// CPU's NaN codes; codes outside x are 0 whatever the scale (a NaN scale would encode NaN).
+// Written straight to rows_out and the shared tile (rows kRcStride bytes apart). Not inlined: its
+// registers stay out of the fast path's budget.
+template <typename T, bool kCols>
+__device__ __noinline__ void rows_cols_generic(const T* __restrict__ x, int64_t rows, int64_t cols,
+                                               int64_t cols_p, int64_t r0, int64_t c0, float s,
+                                               bool e4m3, uint8_t* __restrict__ rows_out,
+                                               uint8_t* tile) {
+  for (int k = 0; k < kRcUnits; ++k) {
+    const int u = threadIdx.x + k * kThreads;
+    const int tr = u / kRcUnitsPerRow, tc = (u % kRcUnitsPerRow) * kRcUnit;
+    const int64_t gr = r0 + tr, gc = c0 + tc;
+    for (int j = 0; j < kRcUnit; ++j) {
+      const bool in = gr < rows && gc + j < cols;
+      const float v = in ? to_float(x[gr * cols + gc + j]) : 0.0f;
+      const uint8_t code = in ? static_cast<uint8_t>(fp8x2_encode(v / s, 0.0f, v, 0.0f, e4m3)) : 0;
+      if (rows_out != nullptr && gr < rows && gc + j < cols_p) rows_out[gr * cols_p + gc + j] = code;
+      if constexpr (kCols) tile[tr * kRcStride + tc + j] = code;
+    }
+  }
+}
+
 template <typename T, bool kCols, bool kRecord>
-__global__ void __launch_bounds__(kThreads, 4) fp8_rows_cols_kernel(
+__global__ void __launch_bounds__(kThreads, 3) fp8_rows_cols_kernel(
     const T* __restrict__ x, int64_t rows, int64_t cols, int64_t cols_p, int64_t rows_p, int64_t row_tiles,
     int64_t col_tiles, ScaleArgs sa, float fmax, bool e4m3, bool vec_ok, uint8_t* __restrict__ rows_out,
     uint8_t* __restrict__ cols_out, float* scale_out) {
@@ -356,44 +401,55 @@ __global__ void __launch_bounds__(kThreads, 4) fp8_rows_cols_kernel(
   if (blockIdx.x < tiles) load_tile(blockIdx.x, raw, full);
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t r0 = (t / col_tiles) * kRcRows, c0 = (t % col_tiles) * kRcCols;
-    // ---- encode both units
+    // ---- max |x| of this thread's elements (the recorded amax; the fast path's bound)
+    uint32_t mt = 0;
+#pragma unroll
+    for (int k = 0; k < kRcUnits; ++k)
+#pragma unroll
+      for (int j = 0; j < kRcUnit; ++j) mt = max(mt, float_bits(fabsf(raw_element<T>(raw[k], j))));
+    if constexpr (kRecord) m = max(m, mt);
+    // ---- encode both units: fast (whole units, finite bounded quotients, the format a template
+    // argument) when the whole warp qualifies, else element by element from x (kept rolled)
+    bool whole = true;
+#pragma unroll
+    for (int k = 0; k < kRcUnits; ++k) whole = whole && full[k];
+    const bool fast = __all_sync(0xffffffffu, whole && fast_div && mt < kFastAbsBound);
     uint32_t packed[kRcUnits][kRcUnit / 4];
+    auto encode_fast = [&](auto fmt) {
+      constexpr bool kE4m3 = decltype(fmt)::value;
 #pragma unroll
-    for (int k = 0; k < kRcUnits; ++k) {
-      const int u = threadIdx.x + k * kThreads;
-      const int tr = u / kRcUnitsPerRow, tc = (u % kRcUnitsPerRow) * kRcUnit;
-      const int64_t gr = r0 + tr, gc = c0 + tc;
+      for (int k = 0; k < kRcUnits; ++k)
 #pragma unroll
-      for (int w = 0; w < kRcUnit / 4; ++w) packed[k][w] = 0;
-#pragma unroll
-      for (int j = 0; j < kRcUnit; j += 2) {
-        const float a = raw_element<T>(raw[k], j), b = raw_element<T>(raw[k], j + 1);
-        if constexpr (kRecord) m = max(m, max(float_bits(fabsf(a)), float_bits(fabsf(b))));
-        const float qa = fast_div ? div_by_scale(a, s, rs) : a / s;
-        const float qb = fast_div ? div_by_scale(b, s, rs) : b / s;
-        packed[k][j / 4] |= fp8x2_encode(qa, qb, a, b, e4m3) << (8 * (j % 4));
-      }
-      if (!full[k]) {  // padding codes are 0 whatever the scale (a NaN scale would encode NaN)
-#pragma unroll
-        for (int j = 0; j < kRcUnit; ++j)
-          if (gr >= rows || gc + j >= cols) packed[k][j / 4] &= ~(0xFFu << (8 * (j % 4)));
-      }
+        for (int w = 0; w < kRcUnit / 4; ++w) {
+          const float a = raw_element<T>(raw[k], 4 * w), b = raw_element<T>(raw[k], 4 * w + 1);
+          const float c = raw_element<T>(raw[k], 4 * w + 2), d = raw_element<T>(raw[k], 4 * w + 3);
+          packed[k][w] = fp8x2_finite<kE4m3>(div_fast(a, s, rs), div_fast(b, s, rs)) |
+                         fp8x2_finite<kE4m3>(div_fast(c, s, rs), div_fast(d, s, rs)) << 16;
+        }
+    };
+    if (fast && e4m3) {
+      encode_fast(std::true_type{});
+    } else if (fast) {
+      encode_fast(std::false_type{});
+    } else {
+      rows_cols_generic<T, kCols>(x, rows, cols, cols_p, r0, c0, s, e4m3, rows_out, &tile[0][0]);
     }
     // ---- prefetch the next tile into raw (free now)
     if (t + gridDim.x < tiles) load_tile(t + gridDim.x, raw, full);
-    // ---- store the row-major codes, stage them for x^T
+    // ---- fast path: store the row-major codes, stage them for x^T
+    if (fast) {
 #pragma unroll
-    for (int k = 0; k < kRcUnits; ++k) {
-      const int u = threadIdx.x + k * kThreads;
-      const int tr = u / kRcUnitsPerRow, tc = (u % kRcUnitsPerRow) * kRcUnit;
-      const int64_t gr = r0 + tr, gc = c0 + tc;
-      // cols_p % 16 == 0 and gc % 16 == 0: a unit is wholly inside or outside [0, cols_p).
-      if (rows_out != nullptr && gr < rows && gc < cols_p)
-        *reinterpret_cast<uint4*>(rows_out + gr * cols_p + gc) =
-            make_uint4(packed[k][0], packed[k][1], packed[k][2], packed[k][3]);
-      if constexpr (kCols) {
+      for (int k = 0; k < kRcUnits; ++k) {
+        const int u = threadIdx.x + k * kThreads;
+        const int tr = u / kRcUnitsPerRow, tc = (u % kRcUnitsPerRow) * kRcUnit;
+        const int64_t gr = r0 + tr, gc = c0 + tc;  // a whole unit: inside x
+        if (rows_out != nullptr)
+          *reinterpret_cast<uint4*>(rows_out + gr * cols_p + gc) =
+              make_uint4(packed[k][0], packed[k][1], packed[k][2], packed[k][3]);
+        if constexpr (kCols) {  // 4-byte stores: the shared rows are 68 bytes apart
 #pragma unroll
-        for (int w = 0; w < kRcUnit / 4; ++w) *reinterpret_cast<uint32_t*>(&tile[tr][tc + 4 * w]) = packed[k][w];
+          for (int w = 0; w < kRcUnit / 4; ++w) *reinterpret_cast<uint32_t*>(&tile[tr][tc + 4 * w]) = packed[k][w];
+        }
       }
     }
     if constexpr (kCols) {
@@ -511,20 +567,6 @@ __device__ inline uint32_t half_warp_max8(uint32_t (&v)[8], int hl) {
   const uint32_t keep = b1 ? b[1] : b[0], send = b1 ? b[0] : b[1];
   const uint32_t c = max(keep, __shfl_xor_sync(0xffffffffu, send, 2));
   return max(c, __shfl_xor_sync(0xffffffffu, c, 1));
-}
-
-// x / s for a block whose scale passed scale_division_ok, every |x| <= the block's amax: Markstein's
-// quotient (qmath::div_by_scale) without its overflow guard, which |x / s| <= fmax never needs.
-__device__ inline float div_in_block(float x, float s, float r) {
-  const float q0 = __fmul_rn(x, r);
-  const float q1 = fmaf(fmaf(-q0, s, x), r, q0);
-  return copysignf(fmaf(fmaf(-q1, s, x), r, q1), x);
-}
-
-// Two FP8 codes (qa in the low byte) of finite quotients: the hardware converter alone.
-template <bool kE4m3>
-__device__ inline uint32_t fp8x2_finite(float qa, float qb) {
-  return __nv_cvt_float2_to_fp8x2(make_float2(qa, qb), __NV_SATFINITE, kE4m3 ? __NV_E4M3 : __NV_E5M2);
 }
 
 __device__ inline float pick4(const float (&a)[4], int i) {
@@ -718,7 +760,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int j = 0; j < kBrSub; j += 2) {
             const float a = br_element<T>(raw[k], j), b = br_element<T>(raw[k], j + 1);
-            w[j / 4] |= fp8x2_finite<kE4m3>(div_in_block(a, s, r), div_in_block(b, s, r)) << (8 * (j % 4));
+            w[j / 4] |= fp8x2_finite<kE4m3>(div_fast(a, s, r), div_fast(b, s, r)) << (8 * (j % 4));
           }
           *reinterpret_cast<uint2*>(dst + k * cols) = make_uint2(w[0], w[1]);
         }
@@ -732,7 +774,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int k = 0; k < kBrSub; k += 2) {
             const float a = br_element<T>(raw[k], j), b = br_element<T>(raw[k + 1], j);
-            w[k / 4] |= fp8x2_finite<kE4m3>(div_in_block(a, s, r), div_in_block(b, s, r)) << (8 * (k % 4));
+            w[k / 4] |= fp8x2_finite<kE4m3>(div_fast(a, s, r), div_fast(b, s, r)) << (8 * (k % 4));
           }
           *reinterpret_cast<uint2*>(&codes_t[tc0 + j][kBrSub * (rg ^ cc)]) = make_uint2(w[0], w[1]);
         }

@@ -241,6 +241,26 @@ TEST(ProjectionKernelsGpu, Fp8RowsColsEncodesEveryCodeMidpointAndSpecialLikeTheC
       }
     }
     EXPECT_EQ(bad, 0) << "of " << v.size() << " values";
+    // The same values (the finite ones below 2^59) in every row of whole 128 x 64 tiles: the
+    // kernel's fast path (a single row above takes the element-by-element one).
+    std::vector<float> fin;
+    for (float a : v)
+      if (std::isfinite(a) && std::fabs(a) < 0x1p59f) fin.push_back(a);
+    const int64_t tr = 128, tc = (static_cast<int64_t>(fin.size()) + 63) / 64 * 64;
+    std::vector<double> td(static_cast<size_t>(tr * tc), 0.0);
+    for (int64_t r = 0; r < tr; ++r)
+      for (size_t i = 0; i < fin.size(); ++i) td[r * tc + i] = fin[(i + r) % fin.size()];
+    const Tensor xt = Tensor::from_values(td, {tr, tc}, DType::F32);
+    const Fp8RowsCols qt = quantize_fp8_rows_cols_cuda(xt.to(cuda()), f, sc, true, true);
+    const Tensor rt = qt.rows.codes.to(cpu()), ct = qt.cols.codes.to(cpu());
+    int bad_tiled = 0;
+    for (int64_t r = 0; r < tr; ++r)
+      for (int64_t c = 0; c < tc; ++c) {
+        const uint8_t want = fp8_encode(static_cast<float>(td[r * tc + c]), f);
+        if (rt.data<uint8_t>()[r * tc + c] != want || ct.data<uint8_t>()[c * tr + r] != want)
+          ++bad_tiled;
+      }
+    EXPECT_EQ(bad_tiled, 0) << "of " << tr * tc << " values in whole tiles";
   }
 }
 

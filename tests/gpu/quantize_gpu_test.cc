@@ -469,6 +469,46 @@ TEST(QuantizeGpu, Fp8BlockRowsAndColsOverManyTilesAndExtremeScalesEqualTheCpu) {
   }
 }
 
+// The block quantizer's fast path (whole tiles, in-range scales) on every code, every midpoint
+// between neighbours and the floats next to it, signed zeros and subnormals: fmax on each tile's
+// diagonal makes every 1x128 row and column block, and every 128x128 tile, scale exactly 1, so
+// those values reach the converter as they are.
+TEST(QuantizeGpu, Fp8BlockFastPathEncodesEveryCodeAndMidpointLikeTheCpu) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  for (Fp8Format f : {Fp8Format::E4M3, Fp8Format::E5M2}) {
+    const float fmax = fp8_format_max(f);
+    std::vector<float> v;
+    for (int c = 0; c < 128; ++c) {
+      const float a = fp8_decode(static_cast<uint8_t>(c), f), b = fp8_decode(static_cast<uint8_t>(c + 1), f);
+      if (!std::isfinite(a) || a > fmax) continue;
+      v.push_back(a);
+      if (std::isfinite(b) && b > a && b <= fmax) {
+        const float mid = 0.5f * (a + b);
+        v.insert(v.end(), {mid, std::nextafter(mid, 0.0f), std::nextafter(mid, INFINITY)});
+      }
+    }
+    v.insert(v.end(), {1e-30f, 0.0f, 1e-40f});
+    const size_t n = v.size();
+    for (size_t i = 0; i < n; ++i) v.push_back(-v[i]);
+    const int64_t rows = 256, cols = 384;  // 2 x 3 whole tiles
+    Tensor x = Tensor::empty({rows, cols}, DType::F32);
+    float* p = x.data<float>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        p[r * cols + c] = r % 128 == c % 128 ? fmax : v[static_cast<size_t>(r * 7 + c) % v.size()];
+    for (Fp8Scaling s : {Fp8Scaling::Block1x128, Fp8Scaling::Block128x128}) {
+      SCOPED_TRACE(testing::Message() << "format " << int(f) << " scaling " << int(s));
+      const QuantizedFp8 ref_rows = quantize_fp8(x, f, s);
+      const QuantizedFp8 ref_cols = quantize_fp8(transposed_padded(x, rows), f, s);
+      for (float sc : ref_rows.scales.to_vector()) ASSERT_EQ(sc, 1.0f);  // the construction
+      const Fp8RowsCols both = quantize_fp8_block_rows_cols_cuda(x.to(cuda()), f, s, true, true);
+      EXPECT_TRUE(bytes_equal(both.rows.codes, ref_rows.codes, "rows codes", &x));
+      EXPECT_TRUE(bytes_equal(both.cols.codes, ref_cols.codes, "cols codes"));
+      EXPECT_TRUE(bytes_equal(both.cols.scales, ref_cols.scales, "cols scales"));
+    }
+  }
+}
+
 TEST(QuantizeGpu, Fp8DelayedScalingFollowsTheSameHistoryAsCpu) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
   const uint32_t seed = fresh_seed();
