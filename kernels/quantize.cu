@@ -321,6 +321,25 @@ __device__ inline void load_unit_raw(const T* p, uint32_t (&w)[kRawWords<T>]) {
 }
 __device__ inline uint32_t raw_bits(float v) { return __float_as_uint(v); }
 __device__ inline uint32_t raw_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+// Elements gc + [0, N) of row gr of x ([rows, cols]) as raw bits (bf16: two per word, the lower
+// address in the low half; fp32: one per word), element by element, zeros outside x.
+template <typename T, int N>
+__device__ inline void load_raw_guarded(const T* __restrict__ x, int64_t rows, int64_t cols, int64_t gr,
+                                        int64_t gc, uint32_t (&w)[N * sizeof(T) / 4]) {
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(N * sizeof(T) / 4); ++i) w[i] = 0;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    if (gr < rows && gc + j < cols) {
+      const uint32_t b = raw_bits(x[gr * cols + gc + j]);
+      if constexpr (sizeof(T) == 2) {
+        w[j / 2] |= b << (16 * (j % 2));
+      } else {
+        w[j] = b;
+      }
+    }
+  }
+}
 template <typename T>
 __device__ inline float raw_element(const uint32_t (&w)[kRawWords<T>], int j) {
   if constexpr (sizeof(T) == 2) {
@@ -378,19 +397,7 @@ __global__ void __launch_bounds__(kThreads, 3) fp8_rows_cols_kernel(
       if (full[k]) {
         load_unit_raw(x + gr * cols + gc, raw[k]);
       } else {
-#pragma unroll
-        for (int i = 0; i < kRawWords<T>; ++i) raw[k][i] = 0;
-#pragma unroll
-        for (int j = 0; j < kRcUnit; ++j) {
-          if (gr < rows && gc + j < cols) {
-            const uint32_t b = raw_bits(x[gr * cols + gc + j]);
-            if constexpr (sizeof(T) == 2) {
-              raw[k][j / 2] |= b << (16 * (j % 2));
-            } else {
-              raw[k][j] = b;
-            }
-          }
-        }
+        load_raw_guarded<T, kRcUnit>(x, rows, cols, gr, gc, raw[k]);
       }
     }
   };
@@ -620,19 +627,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int k = 0; k < kBrSub; ++k) {
         const int64_t gr = r0 + tr0 + k;
-#pragma unroll
-        for (int i = 0; i < W; ++i) raw[k][i] = 0;
-#pragma unroll
-        for (int j = 0; j < kBrSub; ++j) {
-          if (gr < rows && gc + j < cols) {
-            const uint32_t b = raw_bits(x[gr * cols + gc + j]);
-            if constexpr (sizeof(T) == 2) {
-              raw[k][j / 2] |= b << (16 * (j % 2));
-            } else {
-              raw[k][j] = b;
-            }
-          }
-        }
+        load_raw_guarded<T, kBrSub>(x, rows, cols, gr, gc, raw[k]);
       }
     }
   };
