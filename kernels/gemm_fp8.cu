@@ -192,8 +192,8 @@ int64_t gemm_fp8_lasp_launches() { return g_lasp_launches.load(); }
 
 // lasp's own kernel (gemm_fp8_sm90.cu) on an aligned problem.
 void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, const void* a_codes,
-                       Fp8Format fa, const float* scale_a, const void* b_codes, Fp8Format fb,
-                       const float* scale_b, float alpha, float beta, const Fp8KernelConfig& cfg);
+                       const QuantizedFp8& a, const void* b_codes, const QuantizedFp8& b,
+                       float alpha, float beta, const Fp8KernelConfig& cfg);
 
 void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha,
                    float beta, bool fast_accum, Fp8GemmBackend backend, const Fp8KernelConfig& cfg) {
@@ -208,13 +208,15 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
   const bool block = a.scaling != Fp8Scaling::PerTensor || b.scaling != Fp8Scaling::PerTensor;
   if (backend == Fp8GemmBackend::Auto) {
     backend = gemm_fp8_lasp_available() &&
-                      fp8_auto_prefers_lasp(k, !block, c.dtype() == DType::BF16, beta)
+                      fp8_auto_prefers_lasp(k, a.scaling, b.scaling, c.dtype() == DType::BF16, beta)
                   ? Fp8GemmBackend::Lasp
                   : Fp8GemmBackend::CublasLt;
   }
   const bool lasp_kernel = backend == Fp8GemmBackend::Lasp;
-  LASP_CHECK(!(lasp_kernel && block))
-      << "gemm_fp8: lasp's FP8 kernel takes per-tensor scales only (block scaling runs in cuBLASLt): " << what;
+  LASP_CHECK(!lasp_kernel || gemm_fp8_lasp_takes(a.scaling, b.scaling))
+      << "gemm_fp8: lasp's FP8 kernel does not take a 1x128-scaled B (one factor per column of "
+         "C; cuBLASLt runs it): "
+      << what;
   LASP_CHECK(lasp_kernel || !(a.format == Fp8Format::E5M2 && b.format == Fp8Format::E5M2))
       << "gemm_fp8: E5M2 x E5M2 is not supported by cuBLASLt (use E4M3 for the non-gradient "
          "operand): "
@@ -245,9 +247,8 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
   if (lasp_kernel) {
     Fp8KernelConfig run_cfg = cfg;
     if (fast_accum) run_cfg.promote_every = static_cast<int>((kp + 127) / 128);
-    gemm_fp8_lasp_run(out.run.raw(), c.dtype() == DType::F32, mp, np, kp, a_codes.raw(), a.format,
-                      a.scales.data<float>(), b_codes.raw(), b.format, b.scales.data<float>(), alpha, beta,
-                      run_cfg);
+    gemm_fp8_lasp_run(out.run.raw(), c.dtype() == DType::F32, mp, np, kp, a_codes.raw(), a,
+                      b_codes.raw(), b, alpha, beta, run_cfg);
     g_lasp_launches.fetch_add(1);
     out.finish();
     return;

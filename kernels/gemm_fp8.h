@@ -66,7 +66,10 @@ Fp8GemmBackend fp8_gemm_backend_from_env();
 // 1.66-1.79x bf16 against cuBLASLt's 1.61-1.79x); cuBLASLt for the rest (K = 8192: 1.72 vs 1.75x,
 // 8192^3: 1.83 vs 1.96x; block scaling; fp32 C or beta != 0, which our kernel stores from
 // registers). docs/fp8_gpu.md, "Our FP8 kernel".
-bool fp8_auto_prefers_lasp(int64_t k, bool per_tensor, bool c_bf16, float beta);
+bool fp8_auto_prefers_lasp(int64_t k, Fp8Scaling a, Fp8Scaling b, bool c_bf16, float beta);
+// The scalings lasp's kernel takes: A per tensor, 1x128 or 128x128; B per tensor or 128x128 (a
+// 1x128 B would need one factor per column of C, 48 per thread and K block: cuBLASLt runs it).
+bool gemm_fp8_lasp_takes(Fp8Scaling a, Fp8Scaling b);
 // gemm_fp8 on a chosen kernel (benchmarks and tests compare them). Lasp needs per-tensor scales
 // and gemm_fp8_lasp_available(); fast_accum there means promote_every = the whole K. CPU tensors
 // ignore the choice (the exact emulation).

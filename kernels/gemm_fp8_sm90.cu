@@ -71,6 +71,16 @@ struct Fp8GemmArgs {
   int stages = 0;         // Fp8Tiles<BN>::stages(tma_store)
   int stagger = 0;        // consumer 1 starts after consumer 0's first K block (Fp8KernelConfig)
   int tma_store = 0;      // bf16 C, beta = 0, through shared memory and map_c
+  // Block scaling (the kBlock kernels; scale_a / scale_b unused): the dequantization factor of
+  // A's row r in K block kb is sa[(min(r, sa_rows - 1) / sa_div) * sa_ld + kb * sa_kstride]
+  // (1x128: div 1, ld L, kstride 1; 128x128: div 128; per tensor: ld = kstride = 0), and of B's
+  // 128-row block cb (a 128-column block of C) sb[min(cb, sb_blocks - 1) * sb_ld + kb *
+  // sb_kstride] (128x128: ld L, kstride 1; per tensor: 0, 0). Rows and blocks past the operand
+  // are clamped: they meet zero codes (TMA's fill) and their outputs are dropped.
+  const float* sa = nullptr;
+  const float* sb = nullptr;
+  int sa_rows = 1, sa_div = 1, sa_ld = 0, sa_kstride = 0;
+  int sb_blocks = 1, sb_ld = 0, sb_kstride = 0;
 };
 
 // ---- wgmma m64nNk32 with fp8 operands, both K-major from shared memory ----------------------
@@ -137,7 +147,7 @@ LASP_F8_MMA_STRUCT(192, 96, LASP_F8_D96, LASP_F8_ACC96, E5M2, E5M2, "e5m2", "e5m
 // 1 where this file's kernels were compiled for sm_90a (read once per device by the host).
 __device__ int fp8_sm90_compiled = LASP_SM90_WGMMA;
 
-template <int BN, Fp8Format FA, Fp8Format FB>
+template <int BN, Fp8Format FA, Fp8Format FB, bool kBlock>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_fp8_sm90_kernel(const Fp8GemmArgs p, const __grid_constant__ CUtensorMap map_a,
                          const __grid_constant__ CUtensorMap map_b,
@@ -195,7 +205,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // c through a shuffle: ptxas then knows it is the same across the warp (a wait whose address
   // depends on a value it cannot prove uniform makes it serialise the wgmmas, C7518).
   const int c = __shfl_sync(0xffffffffu, wg - 1, 0), t = threadIdx.x % 128;
-  const float scale = p.alpha * *p.scale_a * *p.scale_b;
+  // Per tensor: the epilogue applies alpha s_A s_B. Block scaling: every K block's partial sums
+  // are scaled by their blocks' factors when they are added into total; the epilogue applies alpha.
+  const float scale = kBlock ? p.alpha : p.alpha * *p.scale_a * *p.scale_b;
   // Stagger: consumer 1 waits until consumer 0's first K block is done, so that their waits and
   // promotions need not fall together (measured +1-4% before the K loop lost its division, within
   // noise since; it costs one wait per kernel).
@@ -212,6 +224,25 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int m0 = (tile / p.tiles_n) * kBM, n0 = (tile % p.tiles_n) * BN;
 #pragma unroll
     for (int i = 0; i < R; ++i) total[i] = 0.0f;
+    // Block scaling: this thread's rows 16 w + g and + 8 (the accumulator layout, see the
+    // epilogue) meet A factors fa0 / fa1; the tile's columns below `split` are in B's block
+    // n0 / 128 (factor fb0), the rest in the next one (fb1; a tile of 192 spans two blocks at
+    // most). The factors of block kb + 1 are loaded while block kb's wgmmas run.
+    const float *pa0 = nullptr, *pa1 = nullptr, *pb0 = nullptr, *pb1 = nullptr;
+    float na0 = 0.0f, na1 = 0.0f, nb0 = 0.0f, nb1 = 0.0f;
+    int split = 0;
+    if constexpr (kBlock) {
+      const int r = m0 + 64 * c + 16 * (t / 32) + (t % 32) / 4, cb = n0 / 128;
+      pa0 = p.sa + (min(r, p.sa_rows - 1) / p.sa_div) * static_cast<int64_t>(p.sa_ld);
+      pa1 = p.sa + (min(r + 8, p.sa_rows - 1) / p.sa_div) * static_cast<int64_t>(p.sa_ld);
+      pb0 = p.sb + min(cb, p.sb_blocks - 1) * static_cast<int64_t>(p.sb_ld);
+      pb1 = p.sb + min(cb + 1, p.sb_blocks - 1) * static_cast<int64_t>(p.sb_ld);
+      split = 128 * (cb + 1) - n0;
+      na0 = __ldg(pa0);
+      na1 = __ldg(pa1);
+      nb0 = __ldg(pb0);
+      nb1 = __ldg(pb1);
+    }
     // A promotion batch is promote_every K blocks: its first wgmma overwrites acc, its last is
     // followed by wait<0> and total += acc. Inside a batch, wait<1> after each block's wgmmas
     // lets the previous block's stage go back while this block's run.
@@ -231,6 +262,21 @@ __global__ void __launch_bounds__(kThreads, 1)
         Fp8Mma<BN, FA, FB>::run(acc, sm90::desc_kmajor(a, kk), sm90::desc_kmajor(b, kk),
                                 !fresh || kk > 0);
       sm90::commit();
+      float f00 = 0.0f, f01 = 0.0f, f10 = 0.0f, f11 = 0.0f;  // block kb's factors (kBlock)
+      if constexpr (kBlock) {
+        f00 = na0 * nb0;
+        f01 = na0 * nb1;
+        f10 = na1 * nb0;
+        f11 = na1 * nb1;
+        if (kb + 1 < nk) {
+          const int64_t oa = static_cast<int64_t>(kb + 1) * p.sa_kstride,
+                        ob = static_cast<int64_t>(kb + 1) * p.sb_kstride;
+          na0 = __ldg(pa0 + oa);
+          na1 = __ldg(pa1 + oa);
+          nb0 = __ldg(pb0 + ob);
+          nb1 = __ldg(pb1 + ob);
+        }
+      }
       // Once a stage's wgmmas are done reading it, one thread hands it back to the producer.
       if (promote) {
         sm90::wait<0>();
@@ -238,8 +284,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm90::mbar_arrive_if(empty0 + 8 * pending, t == 0 && pending >= 0);
         sm90::mbar_arrive_if(empty0 + 8 * s, t == 0);
         pending = -1;
+        if constexpr (kBlock) {  // promote_every is 1 here: acc holds block kb alone
 #pragma unroll
-        for (int i = 0; i < R; ++i) total[i] += acc[i];
+          for (int j = 0; j < BN / 8; ++j) {
+            const float lo = 8 * j < split ? f00 : f01, hi = 8 * j < split ? f10 : f11;
+            total[4 * j] = fmaf(acc[4 * j], lo, total[4 * j]);
+            total[4 * j + 1] = fmaf(acc[4 * j + 1], lo, total[4 * j + 1]);
+            total[4 * j + 2] = fmaf(acc[4 * j + 2], hi, total[4 * j + 2]);
+            total[4 * j + 3] = fmaf(acc[4 * j + 3], hi, total[4 * j + 3]);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < R; ++i) total[i] += acc[i];
+        }
       } else {
         sm90::wait<1>();
         sm90::mbar_arrive_if(empty0 + 8 * pending, t == 0 && pending >= 0);
@@ -348,10 +405,10 @@ struct Fp8Maps {
 };
 
 // A persistent grid: one CTA per SM (at most one per tile).
-template <int BN, Fp8Format FA, Fp8Format FB>
+template <int BN, Fp8Format FA, Fp8Format FB, bool kBlock>
 void launch_fp8(const Fp8GemmArgs& args, const Fp8Maps& maps) {
   using T = Fp8Tiles<BN>;
-  auto kernel = gemm_fp8_sm90_kernel<BN, FA, FB>;
+  auto kernel = gemm_fp8_sm90_kernel<BN, FA, FB, kBlock>;
   static std::once_flag once[64];
   std::call_once(once[cuda_current_device() % 64], [&] {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -363,13 +420,13 @@ void launch_fp8(const Fp8GemmArgs& args, const Fp8Maps& maps) {
   CUDA_CHECK_LAUNCH("gemm_fp8_lasp");
 }
 
-template <int BN>
+template <int BN, bool kBlock>
 void launch_formats(const Fp8GemmArgs& args, Fp8Format fa, Fp8Format fb, const Fp8Maps& maps) {
   using F = Fp8Format;
-  if (fa == F::E4M3 && fb == F::E4M3) return launch_fp8<BN, F::E4M3, F::E4M3>(args, maps);
-  if (fa == F::E4M3 && fb == F::E5M2) return launch_fp8<BN, F::E4M3, F::E5M2>(args, maps);
-  if (fa == F::E5M2 && fb == F::E4M3) return launch_fp8<BN, F::E5M2, F::E4M3>(args, maps);
-  return launch_fp8<BN, F::E5M2, F::E5M2>(args, maps);
+  if (fa == F::E4M3 && fb == F::E4M3) return launch_fp8<BN, F::E4M3, F::E4M3, kBlock>(args, maps);
+  if (fa == F::E4M3 && fb == F::E5M2) return launch_fp8<BN, F::E4M3, F::E5M2, kBlock>(args, maps);
+  if (fa == F::E5M2 && fb == F::E4M3) return launch_fp8<BN, F::E5M2, F::E4M3, kBlock>(args, maps);
+  return launch_fp8<BN, F::E5M2, F::E5M2, kBlock>(args, maps);
 }
 
 }  // namespace
@@ -388,11 +445,12 @@ bool gemm_fp8_lasp_available() {
   return yes;
 }
 
-// Operands: contiguous [m, k] / [n, k] codes with k % 16 == 0 and 16-byte aligned data (TMA's
-// rules; gemm_fp8_cuda pads anything else), C contiguous [m, n] with n even.
+// Operands: contiguous [m, k] / [n, k] codes (m, n, k possibly padded beyond a.rows(), b.rows(),
+// a.cols()) with k % 16 == 0 and 16-byte aligned data (TMA's rules; gemm_fp8_cuda pads anything
+// else), C contiguous [m, n] with n even; scales and scaling modes from a and b.
 void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, const void* a_codes,
-                       Fp8Format fa, const float* scale_a, const void* b_codes, Fp8Format fb,
-                       const float* scale_b, float alpha, float beta, const Fp8KernelConfig& cfg) {
+                       const QuantizedFp8& a, const void* b_codes, const QuantizedFp8& b,
+                       float alpha, float beta, const Fp8KernelConfig& cfg) {
   LASP_CHECK(gemm_fp8_lasp_available()) << "gemm_fp8_lasp: needs a compute capability 9.0 GPU, "
                                            "code built for sm_90a and a driver with "
                                            "cuTensorMapEncodeTiled";
@@ -401,11 +459,19 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
       << "gemm_fp8_lasp: internal error, unaligned problem m=" << m << " n=" << n << " k=" << k;
   LASP_CHECK(m < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31))
       << "gemm_fp8_lasp: dims must fit int32, got " << m << " x " << n << " x " << k;
+  LASP_CHECK(gemm_fp8_lasp_takes(a.scaling, b.scaling))
+      << "gemm_fp8_lasp: B (the [N, K] operand) with 1x128 scales is not supported (per-column "
+         "factors); cuBLASLt runs it";
+  const bool block = a.scaling != Fp8Scaling::PerTensor || b.scaling != Fp8Scaling::PerTensor;
   const int bn = cfg.tile_n != 0 ? cfg.tile_n : 192;  // 192 ran faster on every shape measured
   LASP_CHECK(bn == 128 || bn == 192)
       << "gemm_fp8_lasp: tile_n must be 128 or 192, got " << cfg.tile_n;
   LASP_CHECK(cfg.promote_every >= 1)
       << "gemm_fp8_lasp: promote_every must be >= 1, got " << cfg.promote_every;
+  LASP_CHECK(!block || cfg.promote_every == 1)
+      << "gemm_fp8_lasp: block scaling promotes every K block of 128 (promote_every 1, no fast "
+         "accumulation), got promote_every "
+      << cfg.promote_every;
   LASP_CHECK(cfg.stagger >= -1 && cfg.stagger <= 1 && cfg.tma_store >= -1 && cfg.tma_store <= 1)
       << "gemm_fp8_lasp: stagger and tma_store must be -1, 0 or 1, got " << cfg.stagger << ", "
       << cfg.tma_store;
@@ -426,18 +492,38 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
   args.c_f32 = c_f32 ? 1 : 0;
   args.alpha = alpha;
   args.beta = beta;
-  args.scale_a = scale_a;
-  args.scale_b = scale_b;
+  args.scale_a = a.scales.data<float>();
+  args.scale_b = b.scales.data<float>();
+  if (block) {
+    // Blocks along K: ceil(cols / 128) of the unpadded operand (padding K to 16 adds none).
+    const int nb = static_cast<int>((a.cols() + kBK - 1) / kBK);
+    LASP_CHECK(nb == (k + kBK - 1) / kBK && a.rows() >= 1 && b.rows() >= 1)
+        << "gemm_fp8_lasp: internal error, " << nb << " scale blocks for k=" << k;
+    args.sa = a.scales.data<float>();
+    args.sa_rows = static_cast<int>(a.rows());
+    if (a.scaling != Fp8Scaling::PerTensor) {
+      args.sa_div = a.scaling == Fp8Scaling::Block128x128 ? 128 : 1;
+      args.sa_ld = nb;
+      args.sa_kstride = 1;
+    }
+    args.sb = b.scales.data<float>();
+    args.sb_blocks = static_cast<int>((b.rows() + 127) / 128);
+    if (b.scaling == Fp8Scaling::Block128x128) {
+      args.sb_ld = nb;
+      args.sb_kstride = 1;
+    }
+  }
   args.tiles_m = static_cast<int>((m + kBM - 1) / kBM);
   args.tiles_n = static_cast<int>((n + bn - 1) / bn);
   args.promote_every = cfg.promote_every;
   args.stagger = cfg.stagger != 0 ? 1 : 0;
   args.tma_store = tma_store ? 1 : 0;
   args.stages = bn == 128 ? Fp8Tiles<128>::stages(tma_store) : Fp8Tiles<192>::stages(tma_store);
+  const Fp8Format fa = a.format, fb = b.format;
   if (bn == 128) {
-    launch_formats<128>(args, fa, fb, maps);
+    block ? launch_formats<128, true>(args, fa, fb, maps) : launch_formats<128, false>(args, fa, fb, maps);
   } else {
-    launch_formats<192>(args, fa, fb, maps);
+    block ? launch_formats<192, true>(args, fa, fb, maps) : launch_formats<192, false>(args, fa, fb, maps);
   }
 }
 

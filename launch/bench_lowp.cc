@@ -486,7 +486,8 @@ GemmOperands gemm_operands(const Shape3& g, uint32_t& seed) {
 
 // lasp's own FP8 kernel (kernels/gemm_fp8_sm90.cu) next to cuBLASLt, timed in the same
 // interleaved rounds: tile N 128 and 192 promoting every 128 of K (what cuBLASLt computes), tile
-// 128 promoting every 512, and fast accumulation (one promotion at the end) of both.
+// 128 promoting every 512, and fast accumulation (one promotion at the end) of both; then block
+// scaling (x 1x128, W 128x128, the fp8block projections' forward) in cuBLASLt and in ours.
 void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
   if (!gemm_fp8_lasp_available()) {
     std::printf(
@@ -494,52 +495,61 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
     return;
   }
   std::printf(
-      "\nlasp FP8 kernel vs cuBLASLt, bf16 out, per-tensor E4M3 (interleaved rounds; speedups over "
-      "bf16)\n");
-  // name, fast accumulation, config (tile_n, promote_every)
+      "\nlasp FP8 kernel vs cuBLASLt, bf16 out, E4M3, per tensor unless b* / lt_blk (interleaved "
+      "rounds; speedups over bf16)\n");
   struct Variant {
     const char* name;
     bool fast;
-    Fp8KernelConfig cfg;
+    Fp8KernelConfig cfg;  // {tile_n, promote_every, stagger, tma_store}
+    bool block;           // x 1x128, W 128x128
   };
-  // {tile_n, promote_every, stagger, tma_store}
   const std::vector<Variant> variants = {
-      {"n128", false, {128, 1, 0, 0}},     {"n192", false, {192, 1, 0, 0}},
-      {"n192s", false, {192, 1, 1, 0}},    {"n192t", false, {192, 1, 0, 1}},
-      {"n192st", false, {192, 1, 1, 1}},   {"n128st", false, {128, 1, 1, 1}},
-      {"n192p4st", false, {192, 4, 1, 1}}, {"n192fast", true, {192, 1, 0, 0}},
-      {"n192fastt", true, {192, 1, 0, 1}}};
-  std::printf("%-26s %-18s %8s %8s %8s", "op", "MxNxK", "bf16_ms", "lt_ms", "ltfast");
+      {"n128", false, {128, 1, 0, 0}, false},     {"n192", false, {192, 1, 0, 0}, false},
+      {"n192s", false, {192, 1, 1, 0}, false},    {"n192t", false, {192, 1, 0, 1}, false},
+      {"n192st", false, {192, 1, 1, 1}, false},   {"n128st", false, {128, 1, 1, 1}, false},
+      {"n192p4st", false, {192, 4, 1, 1}, false}, {"n192fast", true, {192, 1, 0, 0}, false},
+      {"n192fastt", true, {192, 1, 0, 1}, false}, {"b192st", false, {192, 1, 1, 1}, true},
+      {"b128st", false, {128, 1, 1, 1}, true}};
+  std::printf("%-26s %-18s %8s %8s %8s %8s", "op", "MxNxK", "bf16_ms", "lt_ms", "ltfast", "lt_blk");
   for (const Variant& v : variants) std::printf(" %10s", v.name);
-  std::printf("   (ms; then bf16_ms / ms for lt, ltfast and each)\n");
+  std::printf("   (ms; then bf16_ms / ms for lt, ltfast, lt_blk and each)\n");
   uint32_t seed = 301;
   const Fp8GemmBackend lt = Fp8GemmBackend::CublasLt, ours = Fp8GemmBackend::Lasp;
   for (const Shape3& g : shapes) {
     GemmOperands o = gemm_operands(g, seed);
     Tensor &x = o.x, &w = o.w, &y = o.y;
     const QuantizedFp8 &xq = o.xq, &wq = o.wq;
+    const QuantizedFp8 xb = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128);
+    const QuantizedFp8 wb = quantize_fp8_cuda(w, Fp8Format::E4M3, Fp8Scaling::Block128x128);
     std::vector<std::function<void()> > fns = {
         [&] { gemm(y, x, false, w, true); },
         [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, lt); },
-        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, true, lt); }};
+        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, true, lt); },
+        [&] { gemm_fp8_with(y, xb, wb, 1.0f, 0.0f, false, lt); }};
     for (size_t i = 0; i < variants.size(); ++i) {
       const Variant v = variants[i];
-      fns.push_back([&, v] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, v.fast, ours, v.cfg); });
+      if (v.block) {
+        fns.push_back([&, v] { gemm_fp8_with(y, xb, wb, 1.0f, 0.0f, v.fast, ours, v.cfg); });
+      } else {
+        fns.push_back([&, v] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, v.fast, ours, v.cfg); });
+      }
     }
     const std::vector<double> ms = median_event_ms_interleaved(fns, opt.iters, opt.warmup);
     const std::string shape = shape_str(g);
-    std::printf("%-26s %-18s %8.3f %8.3f %8.3f", g.what, shape.c_str(), ms[0], ms[1], ms[2]);
-    for (size_t i = 3; i < ms.size(); ++i) std::printf(" %10.3f", ms[i]);
-    std::printf("\n%-26s %-18s %8s %8.2f %8.2f", "", "  speedup over bf16", "", ms[0] / ms[1],
-                ms[0] / ms[2]);
-    for (size_t i = 3; i < ms.size(); ++i) std::printf(" %10.2f", ms[0] / ms[i]);
+    std::printf("%-26s %-18s %8.3f %8.3f %8.3f %8.3f", g.what, shape.c_str(), ms[0], ms[1], ms[2],
+                ms[3]);
+    for (size_t i = 4; i < ms.size(); ++i) std::printf(" %10.3f", ms[i]);
+    std::printf("\n%-26s %-18s %8s %8.2f %8.2f %8.2f", "", "  speedup over bf16", "", ms[0] / ms[1],
+                ms[0] / ms[2], ms[0] / ms[3]);
+    for (size_t i = 4; i < ms.size(); ++i) std::printf(" %10.2f", ms[0] / ms[i]);
     std::printf("\n");
     std::fflush(stdout);
   }
   std::printf(
-      "columns: lt = cuBLASLt (promotion), ltfast = cuBLASLt fast accumulation; n128 / n192 = lasp "
-      "tile 128 x N promoting every 128 of K, p4 = promoting every 512, fast = one promotion at "
-      "the end; s = staggered consumers, t = TMA-store epilogue\n");
+      "columns: lt = cuBLASLt (promotion), ltfast = cuBLASLt fast accumulation, lt_blk = cuBLASLt "
+      "block-scaled (x 1x128, W 128x128); n128 / n192 = lasp tile 128 x N promoting every 128 of "
+      "K, p4 = promoting every 512, fast = one promotion at the end; s = staggered consumers, t = "
+      "TMA-store epilogue; b192st / b128st = lasp block-scaled (x 1x128, W 128x128)\n");
 }
 
 // How the timing condition moves the FP8 speedup (cuBLASLt, promotion): one call on an idle GPU
@@ -609,7 +619,7 @@ int run(const Options& opt) {
       opt.iters);
   std::printf(
       "floors: bf16 %.0f TFLOP/s, fp8 %.0f TFLOP/s; fp8 = E4M3 x E4M3 per-tensor scales "
-      "(fast accumulation off); blk = x 1x128, W 128x128\n",
+      "(fast accumulation off); blk = cuBLASLt with x 1x128, W 128x128 block scales\n",
       kBf16FloorFlops / 1e12, kFp8FloorFlops / 1e12);
   std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %9s %9s\n", "op",
               "MxNxK", "bf16_ms", "fp8_ms", "fast_ms", "blk_ms", "auto_ms", "bf16_TF", "fp8_TF",
@@ -631,7 +641,7 @@ int run(const Options& opt) {
         {[&] { gemm(y, x, false, w, true); },
          [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt); },
          [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, true, Fp8GemmBackend::CublasLt); },
-         [&] { gemm_fp8(y, xb, wb); },
+         [&] { gemm_fp8_with(y, xb, wb, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt); },
          [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Auto); }},
         opt.iters, opt.warmup);
     const double bf16_ms = ms[0], fp8_ms = ms[1], fast_ms = ms[2], blk_ms = ms[3], auto_ms = ms[4];

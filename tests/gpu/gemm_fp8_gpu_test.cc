@@ -75,16 +75,27 @@ TEST(GemmFp8Cpu, KernelChoiceFromTheEnvironment) {
   }
 }
 
-// Auto's rule: our kernel only where it was measured at least as fast (per-tensor, bf16 C,
-// beta = 0, K <= 4096); everything else stays on cuBLASLt.
+// Auto's rule: our kernel only where it was measured at least as fast (scalings it takes, bf16
+// C, beta = 0, K <= 4096); everything else stays on cuBLASLt.
 TEST(GemmFp8Cpu, AutoPrefersOurKernelOnlyWhereItWasMeasuredFaster) {
-  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, true, true, 0.0f));
-  EXPECT_TRUE(fp8_auto_prefers_lasp(4096, true, true, 0.0f));
-  EXPECT_FALSE(fp8_auto_prefers_lasp(4112, true, true, 0.0f));
-  EXPECT_FALSE(fp8_auto_prefers_lasp(8192, true, true, 0.0f));
-  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, false, true, 0.0f));  // block scaling
-  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, true, false, 0.0f));  // fp32 C
-  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, true, true, 1.0f));   // beta != 0
+  const Fp8Scaling t = Fp8Scaling::PerTensor, v = Fp8Scaling::Block1x128,
+                   b = Fp8Scaling::Block128x128;
+  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, t, t, true, 0.0f));
+  EXPECT_TRUE(fp8_auto_prefers_lasp(4096, t, t, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(4112, t, t, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(8192, t, t, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, t, t, false, 0.0f));  // fp32 C
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, t, t, true, 1.0f));   // beta != 0
+  // Block scaling: activations / gradients 1x128 times weights 128x128 (the projections'
+  // forward and dgrad), not a 1x128 B (the weight gradient's x^T), not K > 4096.
+  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, v, b, true, 0.0f));
+  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, b, b, true, 0.0f));
+  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, v, t, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, v, v, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(8192, v, b, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, v, b, false, 0.0f));
+  EXPECT_TRUE(gemm_fp8_lasp_takes(b, t));
+  EXPECT_FALSE(gemm_fp8_lasp_takes(t, v));
 }
 
 #ifdef LASP_HAVE_CUDA
@@ -105,9 +116,13 @@ struct Fp8Case {
 };
 
 // One GEMM: CPU-quantized operands copied to the GPU (identical codes), compared with the CPU.
+// varied_blocks: x's K blocks of 128 and w's 128 x 128 blocks also differ in magnitude (powers
+// of two from 2^-6 to 2^6), so a block factor applied to the wrong K block, row or column block
+// shows as an O(1) error.
 void check_fp8(const Fp8Case& g, Fp8Format fa, Fp8Format fb, Fp8Scaling sa, Fp8Scaling sb,
                DType cdt, float alpha, float beta, bool fast, double tol,
-               Fp8GemmBackend backend = Fp8GemmBackend::CublasLt, Fp8KernelConfig cfg = {}) {
+               Fp8GemmBackend backend = Fp8GemmBackend::CublasLt, Fp8KernelConfig cfg = {},
+               bool varied_blocks = false) {
   const uint32_t seed = fresh_seed();
   const int64_t fallbacks_before = gemm_fp8_fallback_count();
   SCOPED_TRACE(
@@ -119,12 +134,20 @@ void check_fp8(const Fp8Case& g, Fp8Format fa, Fp8Format fb, Fp8Scaling sa, Fp8S
                          << " kernel=" << (backend == Fp8GemmBackend::Lasp ? "lasp" : "cublaslt")
                          << " tile_n=" << cfg.tile_n << " promote_every=" << cfg.promote_every
                          << " stagger=" << cfg.stagger << " tma_store=" << cfg.tma_store
-                         << " seed=" << seed);
+                         << " varied_blocks=" << varied_blocks << " seed=" << seed);
   std::mt19937 rng(seed);
   // Rows of very different magnitude, so block scales matter.
   Tensor x = random_bf16_values({g.m, g.k}, rng), w = random_bf16_values({g.n, g.k}, rng, 0.05);
   for (int64_t i = 0; i < x.numel(); ++i)
     if ((i / g.k) % 3 == 1) x.set_item(i, x.item(i) * 100.0);
+  if (varied_blocks) {
+    for (int64_t i = 0; i < x.numel(); ++i)
+      x.set_item(i, std::ldexp(x.item(i), static_cast<int>((i % g.k) / 128 * 5 % 7) - 3));
+    for (int64_t i = 0; i < w.numel(); ++i) {
+      const int64_t rb = i / g.k / 128, kb = (i % g.k) / 128;
+      w.set_item(i, std::ldexp(w.item(i), static_cast<int>((3 * rb + kb) % 7) - 3));
+    }
+  }
   const QuantizedFp8 a = quantize_fp8(x, fa, sa), b = quantize_fp8(w, fb, sb);
   const Tensor c0 = random_bf16_values({g.m, g.n}, rng);
   Tensor ref = Tensor::empty({g.m, g.n}, DType::F32);
@@ -249,10 +272,10 @@ TEST(GemmFp8Gpu, ViolationsOfCublasLtLimitsFailWithAClearError) {
       "E5M2 x E5M2");
   expect_error(
       [&] {
-        gemm_fp8_with(c, q(32, 32, e4, Fp8Scaling::Block1x128), q(32, 32, e4), 1.0f, 0.0f, false,
+        gemm_fp8_with(c, q(32, 32, e4), q(32, 32, e4, Fp8Scaling::Block1x128), 1.0f, 0.0f, false,
                       Fp8GemmBackend::Lasp);
       },
-      "per-tensor scales only");
+      "1x128-scaled B");
   expect_error(
       [&] { gemm_fp8(c, q(32, 32, e4, Fp8Scaling::Block1x128), q(32, 32, e4), 1.0f, 0.0f, true); },
       "fast accumulation");
@@ -308,6 +331,69 @@ TEST(GemmFp8LaspGpu, EveryFormatTileAndPromotionIntervalMatchesEmulation) {
     check_fp8(g, F::E4M3, F::E4M3, t, t, DType::F32, 1.0f, 0.0f, true, 5e-3, lasp);
 }
 
+// Block scaling in our kernel: A per tensor, 1x128 or 128x128 times B per tensor or 128x128
+// (a 1x128 B is cuBLASLt's), over the shapes above (ragged K: the last block's factor; tiles of
+// 192 that straddle two of B's 128-row blocks, at either offset; rows and blocks past M and N),
+// both tile widths, both epilogues, the gradient formats, alpha and beta, with block magnitudes
+// spread over 2^-6 .. 2^6 and rows 100x apart. The per-tensor x per-tensor case stays on the
+// per-tensor kernel (the test above).
+TEST(GemmFp8LaspGpu, BlockScalingMatchesEmulationForEveryScalingItTakes) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  if (!gemm_fp8_lasp_available())
+    GTEST_SKIP() << "lasp's FP8 kernel needs an sm_90 GPU and sm_90a code";
+  using F = Fp8Format;
+  const Fp8Scaling t = Fp8Scaling::PerTensor, v = Fp8Scaling::Block1x128,
+                   b = Fp8Scaling::Block128x128;
+  const std::pair<Fp8Scaling, Fp8Scaling> kScalings[] = {{v, b}, {b, b}, {v, t}, {t, b}, {b, t}};
+  const Fp8KernelConfig kConfigs[] = {{128, 1, 0, 0}, {192, 1, 1, 0}, {192, 1, -1, -1}};
+  const Fp8GemmBackend lasp = Fp8GemmBackend::Lasp;
+  const int64_t before = gemm_fp8_lasp_launches();
+  int gemms = 0;
+  auto three = [&](const Fp8Case& g, Fp8Scaling sa, Fp8Scaling sb, const Fp8KernelConfig& cfg) {
+    check_fp8(g, F::E4M3, F::E4M3, sa, sb, DType::F32, 1.0f, 0.0f, false, 5e-4, lasp, cfg, true);
+    check_fp8(g, F::E5M2, F::E4M3, sa, sb, DType::BF16, 1.0f, 0.0f, false, 8e-3, lasp, cfg, true);
+    check_fp8(g, F::E4M3, F::E5M2, sa, sb, DType::F32, 0.5f, 1.0f, false, 5e-4, lasp, cfg, true);
+    gemms += 3;
+  };
+  // N = 272: tiles of 192 at n0 = 0 and 192 (B blocks split at column 128 and 64); K = 144, 1040:
+  // a ragged last block; 129 x 384 x 4096: 32 K blocks.
+  const Fp8Case kBlockCases[] = {
+      {16, 16, 16}, {17, 48, 144}, {100, 272, 128}, {300, 200, 1040}, {129, 384, 4096}};
+  for (const auto& g : kBlockCases)
+    for (const auto& [sa, sb] : kScalings)
+      for (const Fp8KernelConfig& cfg : kConfigs) three(g, sa, sb, cfg);
+  // More tiles than SMs (each CTA's later tiles reload their factors), the projections' scalings.
+  three({2053, 2112, 512}, v, b, {});
+  EXPECT_EQ(gemm_fp8_lasp_launches() - before, gemms) << "every block-scaled GEMM ran our kernel";
+}
+
+// Block factors change every 128 of K, so our kernel must promote after every K block: a longer
+// promotion interval or fast accumulation with block scales is an error, not a silent wrong sum.
+TEST(GemmFp8LaspGpu, BlockScalingRejectsFastAccumulationAndLongerPromotion) {
+  if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
+  if (!gemm_fp8_lasp_available())
+    GTEST_SKIP() << "lasp's FP8 kernel needs an sm_90 GPU and sm_90a code";
+  auto q = [](int64_t r, int64_t k, Fp8Scaling s) {
+    return quantize_fp8_cuda(Tensor::full({r, k}, 0.5, DType::F32, cuda()), Fp8Format::E4M3, s);
+  };
+  Tensor c = Tensor::zeros({32, 32}, DType::BF16, cuda());
+  const QuantizedFp8 a = q(32, 256, Fp8Scaling::Block1x128), b = q(32, 256, Fp8Scaling::Block128x128);
+  for (const int promote : {2, 4}) {
+    try {
+      gemm_fp8_with(c, a, b, 1.0f, 0.0f, false, Fp8GemmBackend::Lasp, {192, promote, -1, -1});
+      ADD_FAILURE() << "promote_every " << promote << " was accepted with block scaling";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("promote_every"), std::string::npos) << e.what();
+    }
+  }
+  try {
+    gemm_fp8_with(c, a, b, 1.0f, 0.0f, true, Fp8GemmBackend::Lasp);
+    ADD_FAILURE() << "fast accumulation was accepted with block scaling";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("fast accumulation"), std::string::npos) << e.what();
+  }
+}
+
 // Auto (gemm_fp8's default) sends a per-tensor, bf16-out, beta = 0, K <= 4096 problem to our
 // kernel on a GPU that has it, and a fp32-out one to cuBLASLt; both match the emulation.
 TEST(GemmFp8LaspGpu, AutoRunsOurKernelExactlyWhereItsRuleSays) {
@@ -325,6 +411,17 @@ TEST(GemmFp8LaspGpu, AutoRunsOurKernelExactlyWhereItsRuleSays) {
   check_fp8({64, 128, 8192}, F::E4M3, F::E4M3, t, t, DType::BF16, 1.0f, 0.0f, false, 8e-3,
             automatic);
   EXPECT_EQ(gemm_fp8_lasp_launches(), mid) << "fp32 C and K = 8192 stay on cuBLASLt";
+  // Block scaling: x 1x128 times W 128x128 (the projections' forward) follows the same rule;
+  // a 1x128 B (the weight gradient's x^T) stays on cuBLASLt.
+  const Fp8Scaling v = Fp8Scaling::Block1x128, b = Fp8Scaling::Block128x128;
+  const int64_t blk = gemm_fp8_lasp_launches();
+  check_fp8({300, 200, 1040}, F::E4M3, F::E4M3, v, b, DType::BF16, 1.0f, 0.0f, false, 8e-3,
+            automatic);
+  const bool takes = gemm_fp8_lasp_available() && fp8_auto_prefers_lasp(1040, v, b, true, 0.0f);
+  EXPECT_EQ(gemm_fp8_lasp_launches() - blk, takes ? 1 : 0);
+  check_fp8({300, 200, 1040}, F::E4M3, F::E4M3, v, v, DType::BF16, 1.0f, 0.0f, false, 8e-3,
+            automatic);
+  EXPECT_EQ(gemm_fp8_lasp_launches() - blk, takes ? 1 : 0) << "a 1x128 B stays on cuBLASLt";
 }
 
 // Promotion is what keeps long sums accurate: on all-positive data (every partial sum grows) at
