@@ -144,6 +144,23 @@ LASP_F8_MMA_STRUCT(192, 96, LASP_F8_D96, LASP_F8_ACC96, E5M2, E5M2, "e5m2", "e5m
 #undef LASP_F8_ACC64
 #undef LASP_F8_ACC96
 
+// total += f acc for one K block of block scaling: columns 8 j + 2 q (+ 1) of rows g (acc 4 j,
+// 4 j + 1) and g + 8 (4 j + 2, 4 j + 3); the first J0 column groups of 8 lie in B's first block
+// (factors f00 for row g, f10 for row g + 8), the rest in the next (f01, f11). J0 is a template
+// argument so the choice costs no instruction per element.
+template <int BN, int J0>
+__device__ __forceinline__ void promote_scaled(float (&total)[BN / 2], const float (&acc)[BN / 2],
+                                               float f00, float f01, float f10, float f11) {
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const float lo = j < J0 ? f00 : f01, hi = j < J0 ? f10 : f11;
+    total[4 * j] = fmaf(acc[4 * j], lo, total[4 * j]);
+    total[4 * j + 1] = fmaf(acc[4 * j + 1], lo, total[4 * j + 1]);
+    total[4 * j + 2] = fmaf(acc[4 * j + 2], hi, total[4 * j + 2]);
+    total[4 * j + 3] = fmaf(acc[4 * j + 3], hi, total[4 * j + 3]);
+  }
+}
+
 // 1 where this file's kernels were compiled for sm_90a (read once per device by the host).
 __device__ int fp8_sm90_compiled = LASP_SM90_WGMMA;
 
@@ -225,23 +242,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < R; ++i) total[i] = 0.0f;
     // Block scaling: this thread's rows 16 w + g and + 8 (the accumulator layout, see the
-    // epilogue) meet A factors fa0 / fa1; the tile's columns below `split` are in B's block
-    // n0 / 128 (factor fb0), the rest in the next one (fb1; a tile of 192 spans two blocks at
-    // most). The factors of block kb + 1 are loaded while block kb's wgmmas run.
-    const float *pa0 = nullptr, *pa1 = nullptr, *pb0 = nullptr, *pb1 = nullptr;
-    float na0 = 0.0f, na1 = 0.0f, nb0 = 0.0f, nb1 = 0.0f;
-    int split = 0;
+    // epilogue) take A factors at p.sa + oa0 / oa1 + kb sa_kstride; the tile's columns meet B
+    // blocks n0 / 128 (ob0) and the next (ob1). A tile of 192 starting at an odd multiple of 64
+    // (`half`) has its first 64 columns in the first block, any other tile its first 128. Offsets
+    // are int (the host checks that the scale arrays fit) and the bases stay in the kernel
+    // parameters: this path must not cost the consumer registers it does not have.
+    int oa0 = 0, oa1 = 0, ob0 = 0, ob1 = 0;
+    bool half = false;
     if constexpr (kBlock) {
       const int r = m0 + 64 * c + 16 * (t / 32) + (t % 32) / 4, cb = n0 / 128;
-      pa0 = p.sa + (min(r, p.sa_rows - 1) / p.sa_div) * static_cast<int64_t>(p.sa_ld);
-      pa1 = p.sa + (min(r + 8, p.sa_rows - 1) / p.sa_div) * static_cast<int64_t>(p.sa_ld);
-      pb0 = p.sb + min(cb, p.sb_blocks - 1) * static_cast<int64_t>(p.sb_ld);
-      pb1 = p.sb + min(cb + 1, p.sb_blocks - 1) * static_cast<int64_t>(p.sb_ld);
-      split = 128 * (cb + 1) - n0;
-      na0 = __ldg(pa0);
-      na1 = __ldg(pa1);
-      nb0 = __ldg(pb0);
-      nb1 = __ldg(pb1);
+      oa0 = (min(r, p.sa_rows - 1) / p.sa_div) * p.sa_ld;
+      oa1 = (min(r + 8, p.sa_rows - 1) / p.sa_div) * p.sa_ld;
+      ob0 = min(cb, p.sb_blocks - 1) * p.sb_ld;
+      ob1 = min(cb + 1, p.sb_blocks - 1) * p.sb_ld;
+      half = n0 % 128 != 0;
     }
     // A promotion batch is promote_every K blocks: its first wgmma overwrites acc, its last is
     // followed by wait<0> and total += acc. Inside a batch, wait<1> after each block's wgmmas
@@ -262,20 +276,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         Fp8Mma<BN, FA, FB>::run(acc, sm90::desc_kmajor(a, kk), sm90::desc_kmajor(b, kk),
                                 !fresh || kk > 0);
       sm90::commit();
-      float f00 = 0.0f, f01 = 0.0f, f10 = 0.0f, f11 = 0.0f;  // block kb's factors (kBlock)
+      // Block kb's factors, loaded while its wgmmas run (L1 hits after a row's first block).
+      float fa0 = 0.0f, fa1 = 0.0f, fb0 = 0.0f, fb1 = 0.0f;
       if constexpr (kBlock) {
-        f00 = na0 * nb0;
-        f01 = na0 * nb1;
-        f10 = na1 * nb0;
-        f11 = na1 * nb1;
-        if (kb + 1 < nk) {
-          const int64_t oa = static_cast<int64_t>(kb + 1) * p.sa_kstride,
-                        ob = static_cast<int64_t>(kb + 1) * p.sb_kstride;
-          na0 = __ldg(pa0 + oa);
-          na1 = __ldg(pa1 + oa);
-          nb0 = __ldg(pb0 + ob);
-          nb1 = __ldg(pb1 + ob);
-        }
+        const int ka = kb * p.sa_kstride, kbb = kb * p.sb_kstride;
+        fa0 = __ldg(p.sa + oa0 + ka);
+        fa1 = __ldg(p.sa + oa1 + ka);
+        fb0 = __ldg(p.sb + ob0 + kbb);
+        fb1 = __ldg(p.sb + ob1 + kbb);
       }
       // Once a stage's wgmmas are done reading it, one thread hands it back to the producer.
       if (promote) {
@@ -285,13 +293,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm90::mbar_arrive_if(empty0 + 8 * s, t == 0);
         pending = -1;
         if constexpr (kBlock) {  // promote_every is 1 here: acc holds block kb alone
-#pragma unroll
-          for (int j = 0; j < BN / 8; ++j) {
-            const float lo = 8 * j < split ? f00 : f01, hi = 8 * j < split ? f10 : f11;
-            total[4 * j] = fmaf(acc[4 * j], lo, total[4 * j]);
-            total[4 * j + 1] = fmaf(acc[4 * j + 1], lo, total[4 * j + 1]);
-            total[4 * j + 2] = fmaf(acc[4 * j + 2], hi, total[4 * j + 2]);
-            total[4 * j + 3] = fmaf(acc[4 * j + 3], hi, total[4 * j + 3]);
+          if (BN == 192 && half) {
+            promote_scaled<BN, 8>(total, acc, fa0 * fb0, fa0 * fb1, fa1 * fb0, fa1 * fb1);
+          } else {
+            promote_scaled<BN, 16>(total, acc, fa0 * fb0, fa0 * fb1, fa1 * fb0, fa1 * fb1);
           }
         } else {
 #pragma unroll
@@ -499,6 +504,9 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
     const int nb = static_cast<int>((a.cols() + kBK - 1) / kBK);
     LASP_CHECK(nb == (k + kBK - 1) / kBK && a.rows() >= 1 && b.rows() >= 1)
         << "gemm_fp8_lasp: internal error, " << nb << " scale blocks for k=" << k;
+    LASP_CHECK(a.scales.numel() < (int64_t{1} << 31) && b.scales.numel() < (int64_t{1} << 31))
+        << "gemm_fp8_lasp: block scale arrays must have fewer than 2^31 entries, got "
+        << a.scales.numel() << " and " << b.scales.numel();
     args.sa = a.scales.data<float>();
     args.sa_rows = static_cast<int>(a.rows());
     if (a.scaling != Fp8Scaling::PerTensor) {
