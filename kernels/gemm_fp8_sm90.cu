@@ -3,7 +3,10 @@
 // and measured speed, at or above cuBLASLt's at the 1B model's K = 2048 shapes, in
 // docs/fp8_gpu.md, "Our FP8 kernel"): C[M, N] = alpha s_A s_B A[M, K] B[N, K]^T + beta C,
 // per-tensor scales, both operands K-major E4M3/E5M2 codes, fp32 accumulation with the tensor
-// cores' partial sums promoted into fp32 registers every `promote_every` K blocks of 128.
+// cores' partial sums promoted into fp32 registers every `promote_every` K blocks of 128. The
+// kBlock kernels take block scales instead (A 1x128 / 128x128 / per tensor, B 128x128 / per
+// tensor): every K block is promoted with its factors, C = alpha sum_kb f_A f_B P_kb + beta C
+// (docs/fp8_gpu.md, "Block scaling in our kernel").
 //
 // Tiles and stages (names as in the code):
 //   CTA tile kBM x BN (128 x 128 or 128 x 192) of C, K in blocks of kBK = 128 bytes (one 128-byte
