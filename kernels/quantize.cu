@@ -244,15 +244,11 @@ __device__ inline uint32_t fp8x2_encode(float qa, float qb, float xa, float xb, 
 // The fast paths of the FP8 kernels: x / s where s passes scale_division_ok and x is finite with
 // |x r| < 2^120 (per tensor: |x| < kFastAbsBound = 2^59, r <= 2^60; block: s is the block's
 // amax / fmax, so |x r| <= fmax), so every quotient is finite: Markstein's quotient
-// (qmath::div_by_scale) without its overflow guard, and the converter without the NaN fix-up
-// (fp8x2_finite). The kernels check this once per warp and send everything else down a generic
-// element-by-element path, so that no per-element branch bloats the unrolled code.
+// without its overflow guard (qmath::div_by_scale_finite), and the converter without the NaN
+// fix-up (fp8x2_finite). The kernels check this once per warp and send everything else down a
+// generic element-by-element path, so that no per-element branch bloats the unrolled code.
 constexpr uint32_t kFastAbsBound = 0x5D000000u;  // float bits of 2^59
-__device__ inline float div_fast(float x, float s, float r) {
-  const float q0 = __fmul_rn(x, r);
-  const float q1 = fmaf(fmaf(-q0, s, x), r, q0);
-  return copysignf(fmaf(fmaf(-q1, s, x), r, q1), x);
-}
+using qmath::div_by_scale_finite;
 template <bool kE4m3>
 __device__ inline uint32_t fp8x2_finite(float qa, float qb) {
   return __nv_cvt_float2_to_fp8x2(make_float2(qa, qb), __NV_SATFINITE, kE4m3 ? __NV_E4M3 : __NV_E5M2);
@@ -286,7 +282,7 @@ __device__ inline float device_scale(const ScaleArgs& a, float fmax) {
 //          takes 16 columns x 2 adjacent segments: 32 contiguous bytes per x^T row, and with the
 //          68-byte shared row stride (17 words) its shared reads hit 8 distinct banks per row pair.
 //   paths: a warp whose units are all whole, with the scale passing scale_division_ok and
-//          every |x| < 2^59 (so finite quotients), encodes on the fast path (div_fast, the
+//          every |x| < 2^59 (so finite quotients), encodes on the fast path (div_by_scale_finite, the
 //          converter, the format a template argument); otherwise rows_cols_generic, element by
 //          element. 80 registers (3 CTAs per SM): at 64 (4 CTAs) it spills and is 10-15% slower.
 // Codes outside [rows, cols) (the zero padding up to rows_p / cols_p) are stored as 0.
@@ -430,8 +426,8 @@ __global__ void __launch_bounds__(kThreads, 3) fp8_rows_cols_kernel(
         for (int w = 0; w < kRcUnit / 4; ++w) {
           const float a = raw_element<T>(raw[k], 4 * w), b = raw_element<T>(raw[k], 4 * w + 1);
           const float c = raw_element<T>(raw[k], 4 * w + 2), d = raw_element<T>(raw[k], 4 * w + 3);
-          packed[k][w] = fp8x2_finite<kE4m3>(div_fast(a, s, rs), div_fast(b, s, rs)) |
-                         fp8x2_finite<kE4m3>(div_fast(c, s, rs), div_fast(d, s, rs)) << 16;
+          packed[k][w] = fp8x2_finite<kE4m3>(div_by_scale_finite(a, s, rs), div_by_scale_finite(b, s, rs)) |
+                         fp8x2_finite<kE4m3>(div_by_scale_finite(c, s, rs), div_by_scale_finite(d, s, rs)) << 16;
         }
     };
     if (fast && e4m3) {
@@ -527,7 +523,7 @@ __global__ void transpose_pad_kernel(const T* __restrict__ x, int64_t rows, int6
 //           whole row (16 bytes each, conflict-free) and write it to x^T with 16-byte stores.
 //   paths: a warp takes the fast path when its tile is whole (inside x, aligned) and every
 //           scale it uses passes scale_division_ok: then every quotient is finite (|x / s| <= fmax), so
-//           x / s is Markstein's quotient (qmath::div_by_scale without its guard) and the code
+//           x / s is Markstein's quotient (qmath::div_by_scale_finite) and the code
 //           the converter's, the format a template argument: no per-element branch. Anything
 //           else (ragged tiles, x^T's padding, tiny, huge or non-finite scales) takes a rolled
 //           element-by-element loop reading x again, with the IEEE division and the CPU's NaN
@@ -655,8 +651,6 @@ __global__ void __launch_bounds__(kThreads, 2)
       s_row = scale_from_amax(bits_float(m), fmax);
       r_row = 1.0f / s_row;
       ok = scale_division_ok(s_row);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s4[i] = r4[i] = 0.0f;  // unused
       if (threadIdx.x == 0) {
         if (rows_scales && r0 < rows) rows_scales[rt * nbc + ct] = s_row;
         if (cols_scales && c0 < cols) cols_scales[ct * nbt + rt] = s_row;
@@ -755,7 +749,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int j = 0; j < kBrSub; j += 2) {
             const float a = br_element<T>(raw[k], j), b = br_element<T>(raw[k], j + 1);
-            w[j / 4] |= fp8x2_finite<kE4m3>(div_fast(a, s, r), div_fast(b, s, r)) << (8 * (j % 4));
+            w[j / 4] |= fp8x2_finite<kE4m3>(div_by_scale_finite(a, s, r), div_by_scale_finite(b, s, r)) << (8 * (j % 4));
           }
           *reinterpret_cast<uint2*>(dst + k * cols) = make_uint2(w[0], w[1]);
         }
@@ -769,7 +763,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int k = 0; k < kBrSub; k += 2) {
             const float a = br_element<T>(raw[k], j), b = br_element<T>(raw[k + 1], j);
-            w[k / 4] |= fp8x2_finite<kE4m3>(div_fast(a, s, r), div_fast(b, s, r)) << (8 * (k % 4));
+            w[k / 4] |= fp8x2_finite<kE4m3>(div_by_scale_finite(a, s, r), div_by_scale_finite(b, s, r)) << (8 * (k % 4));
           }
           *reinterpret_cast<uint2*>(&codes_t[tc0 + j][kBrSub * (rg ^ cc)]) = make_uint2(w[0], w[1]);
         }

@@ -300,16 +300,26 @@ LASP_HOST_DEVICE inline void eden_correct_block(const Load& load, const uint8_t*
 // tests/gpu/quantize_gpu_test.cc (QuantizeDeviceMath, no GPU needed) checks it against x / s.
 LASP_HOST_DEVICE inline bool scale_division_ok(float s) { return s >= 0x1p-60f && s <= 0x1p60f; }
 
-LASP_HOST_DEVICE inline float div_by_scale(float x, float s, float r) {
+LASP_HOST_DEVICE inline float scaled_by_reciprocal(float x, float r) {
 #if defined(__CUDA_ARCH__)
-  const float q0 = __fmul_rn(x, r);
+  return __fmul_rn(x, r);
 #else
-  const float q0 = x * r;
+  return x * r;
 #endif
+}
+// The quotient without the guard, for callers that know |x r| < 2^120 (the FP8 kernels' fast
+// paths check it once per warp: per tensor |x| < 2^59 with r <= 2^60; block scales |x| <= the
+// block's amax, so |x / s| <= fmax).
+LASP_HOST_DEVICE inline float div_by_scale_finite(float x, float s, float r) {
+  const float q0 = scaled_by_reciprocal(x, r);
   const float q1 = fmaf(fmaf(-q0, s, x), r, q0);
   const float q2 = fmaf(fmaf(-q1, s, x), r, q1);
   // s > 0, so x / s has x's sign; copysign restores it for x = -0 (the FMAs give +0 there).
-  return fabsf(q0) < 0x1p120f ? copysignf(q2, x) : q0;
+  return copysignf(q2, x);
+}
+LASP_HOST_DEVICE inline float div_by_scale(float x, float s, float r) {
+  const float q0 = scaled_by_reciprocal(x, r);
+  return fabsf(q0) < 0x1p120f ? div_by_scale_finite(x, s, r) : q0;
 }
 
 }  // namespace lasp::qmath
