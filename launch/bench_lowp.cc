@@ -528,11 +528,8 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
         [&] { gemm_fp8_with(y, xb, wb, 1.0f, 0.0f, false, lt); }};
     for (size_t i = 0; i < variants.size(); ++i) {
       const Variant v = variants[i];
-      if (v.block) {
-        fns.push_back([&, v] { gemm_fp8_with(y, xb, wb, 1.0f, 0.0f, v.fast, ours, v.cfg); });
-      } else {
-        fns.push_back([&, v] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, v.fast, ours, v.cfg); });
-      }
+      const QuantizedFp8 *a = v.block ? &xb : &xq, *b = v.block ? &wb : &wq;
+      fns.push_back([&, v, a, b] { gemm_fp8_with(y, *a, *b, 1.0f, 0.0f, v.fast, ours, v.cfg); });
     }
     const std::vector<double> ms = median_event_ms_interleaved(fns, opt.iters, opt.warmup);
     const std::string shape = shape_str(g);
