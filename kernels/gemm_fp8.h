@@ -53,11 +53,15 @@ enum class Fp8GemmBackend { CublasLt, Lasp, Auto };
 // consumers' promotions fall under each other's wgmmas instead of together; tma_store writes a
 // bf16 C (beta = 0) through shared memory with TMA stores, so a consumer starts its next tile
 // while the stores drain.
+// narrow_edge (-1 = the default, on): with 192-wide tiles, a last column of tiles at most 128 wide
+// runs 128-wide wgmmas, and each row of tiles starts one column further, so that the narrow tiles
+// spread over the CTAs (N = 2048: 10 full columns and one of 128).
 struct Fp8KernelConfig {
   int tile_n = 0;
   int promote_every = 1;
   int stagger = -1;
   int tma_store = -1;
+  int narrow_edge = -1;
 };
 // LASP_FP8_GEMM (gemm_fp8 reads it once per process): "cublaslt", "lasp", or "auto"/unset
 // (= Auto). Other values are an error naming the variable.

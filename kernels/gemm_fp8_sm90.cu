@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <type_traits>
 
 #include "core/log.h"
 #include "core/tensor.h"
@@ -74,6 +75,10 @@ struct Fp8GemmArgs {
   int stages = 0;         // Fp8Tiles<BN>::stages(tma_store)
   int stagger = 0;        // consumer 1 starts after consumer 0's first K block (Fp8KernelConfig)
   int tma_store = 0;      // bf16 C, beta = 0, through shared memory and map_c
+  // BN = 192 with a last column of tiles at most 128 wide: that column runs m64n128 wgmmas
+  // (2/3 of a full tile's tensor-core time), and the columns rotate by the tile row
+  // (tile_origin), so that every CTA meets about as many narrow tiles as the others.
+  int narrow_edge = 0;
   // Block scaling (the kBlock kernels; scale_a / scale_b unused): the dequantization factor of
   // A's row r in K block kb is sa[(min(r, sa_rows - 1) / sa_div) * sa_ld + kb * sa_kstride]
   // (1x128: div 1, ld L, kstride 1; 128x128: div 128; per tensor: ld = kstride = 0), and of B's
@@ -123,12 +128,15 @@ struct Fp8GemmArgs {
 template <int BN, Fp8Format FA, Fp8Format FB>
 struct Fp8Mma;
 
-#define LASP_F8_MMA_STRUCT(N, R, D, ACC, FA, FB, TA, TB, IA, IB, IP)                             \
-  template <>                                                                                    \
-  struct Fp8Mma<N, Fp8Format::FA, Fp8Format::FB> {                                               \
-    __device__ __forceinline__ static void run(float (&d)[R], uint64_t a, uint64_t b, int acc) { \
-      if constexpr (LASP_SM90_WGMMA) LASP_F8_MMA(N, D, ACC, TA, TB, IA, IB, IP);                 \
-    }                                                                                            \
+// d may be longer than R (a narrow tile uses the front of the kernel's accumulator).
+#define LASP_F8_MMA_STRUCT(N, R, D, ACC, FA, FB, TA, TB, IA, IB, IP)                           \
+  template <>                                                                                  \
+  struct Fp8Mma<N, Fp8Format::FA, Fp8Format::FB> {                                             \
+    template <int R2>                                                                          \
+    __device__ __forceinline__ static void run(float (&d)[R2], uint64_t a, uint64_t b, int acc) { \
+      static_assert(R2 >= R, "accumulator too short");                                         \
+      if constexpr (LASP_SM90_WGMMA) LASP_F8_MMA(N, D, ACC, TA, TB, IA, IB, IP);               \
+    }                                                                                          \
   };
 LASP_F8_MMA_STRUCT(128, 64, LASP_F8_D64, LASP_F8_ACC64, E4M3, E4M3, "e4m3", "e4m3", 64, 65, 66)
 LASP_F8_MMA_STRUCT(128, 64, LASP_F8_D64, LASP_F8_ACC64, E4M3, E5M2, "e4m3", "e5m2", 64, 65, 66)
@@ -150,18 +158,33 @@ LASP_F8_MMA_STRUCT(192, 96, LASP_F8_D96, LASP_F8_ACC96, E5M2, E5M2, "e5m2", "e5m
 // total += f acc for one K block of block scaling: columns 8 j + 2 q (+ 1) of rows g (acc 4 j,
 // 4 j + 1) and g + 8 (4 j + 2, 4 j + 3); the first J0 column groups of 8 lie in B's first block
 // (factors f00 for row g, f10 for row g + 8), the rest in the next (f01, f11). J0 is a template
-// argument so the choice costs no instruction per element.
-template <int BN, int J0>
-__device__ __forceinline__ void promote_scaled(float (&total)[BN / 2], const float (&acc)[BN / 2],
-                                               float f00, float f01, float f10, float f11) {
+// argument so the choice costs no instruction per element. NI: the tile's width (the first NI / 2
+// registers of total and acc).
+template <int NI, int J0, int R>
+__device__ __forceinline__ void promote_scaled(float (&total)[R], const float (&acc)[R], float f00,
+                                               float f01, float f10, float f11) {
+  static_assert(R >= NI / 2, "accumulator too short");
 #pragma unroll
-  for (int j = 0; j < BN / 8; ++j) {
+  for (int j = 0; j < NI / 8; ++j) {
     const float lo = j < J0 ? f00 : f01, hi = j < J0 ? f10 : f11;
     total[4 * j] = fmaf(acc[4 * j], lo, total[4 * j]);
     total[4 * j + 1] = fmaf(acc[4 * j + 1], lo, total[4 * j + 1]);
     total[4 * j + 2] = fmaf(acc[4 * j + 2], hi, total[4 * j + 2]);
     total[4 * j + 3] = fmaf(acc[4 * j + 3], hi, total[4 * j + 3]);
   }
+}
+
+// Tile t's C origin (row m0, column n0) in a grid of tiles_m x tiles_n tiles of 128 x BN. Tiles go
+// row of tiles after row (concurrent CTAs share A's row blocks in L2); with p.narrow_edge, row tm
+// starts at column tm (mod tiles_n), so that a CTA walking t, t + G, ... meets every column, the
+// narrow last one included, about equally often (without the rotation, G = 132 and 11 columns
+// would give 12 CTAs every narrow tile and the others none).
+template <int BN>
+__device__ __forceinline__ int2 tile_origin(const Fp8GemmArgs& p, int t) {
+  const int tm = t / p.tiles_n;
+  int tn = t - tm * p.tiles_n;
+  if (p.narrow_edge) tn = (tn + tm) % p.tiles_n;
+  return make_int2(tm * kBM, tn * BN);
 }
 
 // 1 where this file's kernels were compiled for sm_90a (read once per device by the host).
@@ -203,7 +226,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       int s = 0;
       uint32_t round = 0;  // how many times stage s has been filled before
       for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int m0 = (tile / p.tiles_n) * kBM, n0 = (tile % p.tiles_n) * BN;
+        const int2 o = tile_origin<BN>(p, tile);
+        const int m0 = o.x, n0 = o.y;
         for (int kb = 0; kb < nk; ++kb) {
           if (round > 0) sm90::mbar_wait(empty0 + 8 * s, (round - 1) & 1);
           const uint32_t a = base + s * T::kStageBytes, bar = full0 + 8 * s;
@@ -240,18 +264,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < R; ++i) acc[i] = 0.0f;
   int s = 0;
   uint32_t phase = 0;
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int m0 = (tile / p.tiles_n) * kBM, n0 = (tile % p.tiles_n) * BN;
+  const void* const map_c_ptr = &map_c;
+  // One tile of C at (m0, n0) with NI-wide wgmmas: NI = BN, or 128 for a 192 kernel's narrow last
+  // column (p.narrow_edge), which then issues, promotes and stores only the first NI / 2 registers
+  // of acc and total. The stages hold BN rows of B either way (TMA fills the rows past N with
+  // zeros).
+  auto run_tile = [&](auto ni, const int m0, const int n0) {
+    constexpr int NI = decltype(ni)::value, RI = NI / 2;
 #pragma unroll
-    for (int i = 0; i < R; ++i) total[i] = 0.0f;
+    for (int i = 0; i < RI; ++i) total[i] = 0.0f;
     // Block scaling: this thread's rows 16 w + g and + 8 (the accumulator layout, see the
     // epilogue) take A factors at p.sa + oa0 / oa1 + kb sa_kstride; the tile's columns meet B
-    // blocks n0 / 128 (ob0) and the next (ob1). A tile of 192 starting at an odd multiple of 64
-    // (`half`) has its first 64 columns in the first block, any other tile its first 128. Offsets
-    // are int (the host checks that the scale arrays fit) and the bases stay in the kernel
-    // parameters: this path must not cost the consumer registers it does not have.
-    int oa0 = 0, oa1 = 0, ob0 = 0, ob1 = 0;
-    bool half = false;
+    // blocks n0 / 128 (ob0) and the next (ob1). A tile starting at an odd multiple of 64 (`half`,
+    // only 192 kernels have them) has its first 64 columns in the first block, any other tile its
+    // first 128. Offsets are int (the host checks that the scale arrays fit) and the bases stay in
+    // the kernel parameters: this path must not cost the consumer registers it does not have.
+    [[maybe_unused]] int oa0 = 0, oa1 = 0, ob0 = 0, ob1 = 0;
+    [[maybe_unused]] bool half = false;
     if constexpr (kBlock) {
       const int r = m0 + 64 * c + 16 * (t / 32) + (t % 32) / 4, cb = n0 / 128;
       oa0 = (min(r, p.sa_rows - 1) / p.sa_div) * p.sa_ld;
@@ -276,11 +305,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                      b = base + s * T::kStageBytes + T::kABytes;
 #pragma unroll
       for (int kk = 0; kk < kBK / 32; ++kk)
-        Fp8Mma<BN, FA, FB>::run(acc, sm90::desc_kmajor(a, kk), sm90::desc_kmajor(b, kk),
+        Fp8Mma<NI, FA, FB>::run(acc, sm90::desc_kmajor(a, kk), sm90::desc_kmajor(b, kk),
                                 !fresh || kk > 0);
       sm90::commit();
       // Block kb's factors, loaded while its wgmmas run (L1 hits after a row's first block).
-      float fa0 = 0.0f, fa1 = 0.0f, fb0 = 0.0f, fb1 = 0.0f;
+      [[maybe_unused]] float fa0 = 0.0f, fa1 = 0.0f, fb0 = 0.0f, fb1 = 0.0f;
       if constexpr (kBlock) {
         const int ka = kb * p.sa_kstride, kbb = kb * p.sb_kstride;
         fa0 = __ldg(p.sa + oa0 + ka);
@@ -296,14 +325,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         sm90::mbar_arrive_if(empty0 + 8 * s, t == 0);
         pending = -1;
         if constexpr (kBlock) {  // promote_every is 1 here: acc holds block kb alone
-          if (BN == 192 && half) {
-            promote_scaled<BN, 8>(total, acc, fa0 * fb0, fa0 * fb1, fa1 * fb0, fa1 * fb1);
+          if (half) {
+            promote_scaled<NI, 8>(total, acc, fa0 * fb0, fa0 * fb1, fa1 * fb0, fa1 * fb1);
           } else {
-            promote_scaled<BN, 16>(total, acc, fa0 * fb0, fa0 * fb1, fa1 * fb0, fa1 * fb1);
+            promote_scaled<NI, 16>(total, acc, fa0 * fb0, fa0 * fb1, fa1 * fb0, fa1 * fb1);
           }
         } else {
 #pragma unroll
-          for (int i = 0; i < R; ++i) total[i] += acc[i];
+          for (int i = 0; i < RI; ++i) total[i] += acc[i];
         }
       } else {
         sm90::wait<1>();
@@ -323,24 +352,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int w = t / 32;
     if (p.tma_store) {
       // ---- epilogue through shared memory: each warp stages its 16 rows of scale * total as
-      // bf16 in BN / 64 swizzled panels and stores them with TMA (rows and columns outside C are
+      // bf16 in NI / 64 swizzled panels and stores them with TMA (rows and columns outside C are
       // dropped); the stores drain while the next tile's main loop runs. ----
       const uint32_t mine = c_tile + c * (BN / 64) * sm90::kSwPanelBytes;
       if (t % 32 == 0) sm90::bulk_wait_read();  // the previous tile's stores have read the panels
       __syncwarp();
 #pragma unroll
-      for (int i = 0; i < R; ++i) total[i] *= scale;
-      sm90::store_acc_bf16_sw128<BN / 8>(mine, total);
+      for (int i = 0; i < RI; ++i) total[i] *= scale;
+      sm90::store_acc_bf16_sw128<NI / 8>(mine, total);
       sm90::fence_proxy();
       __syncwarp();
       if (t % 32 == 0) {
 #pragma unroll
-        for (int panel = 0; panel < BN / 64; ++panel)
-          sm90::tma_store_2d(&map_c, mine + panel * sm90::kSwPanelBytes + 16 * w * 128,
+        for (int panel = 0; panel < NI / 64; ++panel)
+          sm90::tma_store_2d(map_c_ptr, mine + panel * sm90::kSwPanelBytes + 16 * w * 128,
                              n0 + 64 * panel, m0 + 64 * c + 16 * w);
         sm90::bulk_commit();
       }
-      continue;
+      return;
     }
     // ---- epilogue: C = scale * total (+ beta C), straight from the accumulator layout ----
     // Thread t = 32 w + 4 g + q holds rows 16 w + g (+ 8) and columns 8 j + 2 q, + 1.
@@ -350,7 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int row = m0 + 64 * c + 16 * w + g + 8 * h;
       if (row >= p.m) continue;
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
+      for (int j = 0; j < NI / 8; ++j) {
         const int col = n0 + 8 * j + 2 * q;
         if (col >= p.n) continue;
         float v0 = scale * total[4 * j + 2 * h], v1 = scale * total[4 * j + 2 * h + 1];
@@ -375,6 +404,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+  };
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int2 o = tile_origin<BN>(p, tile);
+    if constexpr (BN == 192) {
+      if (p.narrow_edge && p.n - o.y <= 128) {
+        run_tile(std::integral_constant<int, 128>{}, o.x, o.y);
+        continue;
+      }
+    }
+    run_tile(std::integral_constant<int, BN>{}, o.x, o.y);
   }
   if (hold && t == 0) sm90::mbar_arrive(stagger_bar + 8);  // consumer 0 ran no K block
   if (p.tma_store && t % 32 == 0) sm90::bulk_wait();  // the last stores, before shared memory goes
@@ -480,9 +519,10 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
       << "gemm_fp8_lasp: block scaling promotes every K block of 128 (promote_every 1, no fast "
          "accumulation), got promote_every "
       << cfg.promote_every;
-  LASP_CHECK(cfg.stagger >= -1 && cfg.stagger <= 1 && cfg.tma_store >= -1 && cfg.tma_store <= 1)
-      << "gemm_fp8_lasp: stagger and tma_store must be -1, 0 or 1, got " << cfg.stagger << ", "
-      << cfg.tma_store;
+  auto tri = [](int v) { return v >= -1 && v <= 1; };
+  LASP_CHECK(tri(cfg.stagger) && tri(cfg.tma_store) && tri(cfg.narrow_edge))
+      << "gemm_fp8_lasp: stagger, tma_store and narrow_edge must be -1, 0 or 1, got "
+      << cfg.stagger << ", " << cfg.tma_store << ", " << cfg.narrow_edge;
   // The TMA-store epilogue writes bf16 C with beta = 0 and needs TMA's 16-byte row pitch and
   // alignment; anything else stores from registers.
   const bool tma_store = cfg.tma_store != 0 && !c_f32 && beta == 0.0f && n % 8 == 0 &&
@@ -529,6 +569,9 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
   args.promote_every = cfg.promote_every;
   args.stagger = cfg.stagger != 0 ? 1 : 0;
   args.tma_store = tma_store ? 1 : 0;
+  // A last column of 192-wide tiles with at most 128 columns runs 128-wide (and the columns
+  // rotate); the default.
+  args.narrow_edge = bn == 192 && cfg.narrow_edge != 0 && n % 192 != 0 && n % 192 <= 128 ? 1 : 0;
   args.stages = bn == 128 ? Fp8Tiles<128>::stages(tma_store) : Fp8Tiles<192>::stages(tma_store);
   const Fp8Format fa = a.format, fb = b.format;
   if (bn == 128) {

@@ -381,9 +381,11 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float x, float y) {
 // (j + 1, 0), (j + 1, 1); lane l addresses row l % 8 of matrix l / 8. A matrix row is one 16-byte
 // swizzle chunk, (j % 8) ^ (row % 8) with row % 8 = l % 8 (j % 8 is even, so j % 8 + l / 16 =
 // (j % 8) ^ (l / 16)).
-template <int NJ>
-__device__ __forceinline__ void store_acc_bf16_sw128(uint32_t tile, const float (&acc)[4 * NJ]) {
+// acc may be longer than 4 NJ (a kernel whose narrower tiles use the front of its accumulator).
+template <int NJ, int R>
+__device__ __forceinline__ void store_acc_bf16_sw128(uint32_t tile, const float (&acc)[R]) {
   static_assert(NJ % 2 == 0, "pairs of 8-column blocks");
+  static_assert(R >= 4 * NJ, "the accumulator holds 4 NJ values per thread");
 #if LASP_SM90_WGMMA
   const int l = threadIdx.x % 32, w = (threadIdx.x / 32) % 4;
   const int row = 16 * w + 8 * ((l / 8) % 2) + l % 8;

@@ -24,8 +24,12 @@ double median_event_ms(const std::function<void()>& fn, int iters, int warmup) {
   return median_event_ms_interleaved({fn}, iters, warmup).front();
 }
 
-std::vector<double> median_event_ms_interleaved(const std::vector<std::function<void()>>& fns,
-                                                int rounds, int warmup, int reps) {
+namespace {
+
+// The rounds of median_event_ms_interleaved; flush != nullptr: a memset of flush_bytes there is
+// queued before each timed sample (median_event_ms_queued).
+std::vector<double> interleaved_rounds(const std::vector<std::function<void()>>& fns, int rounds,
+                                       int warmup, int reps, void* flush, size_t flush_bytes) {
   auto stream = static_cast<cudaStream_t>(current_stream().handle);
   for (int i = 0; i < warmup; ++i)
     for (const auto& fn : fns) fn();
@@ -36,6 +40,7 @@ std::vector<double> median_event_ms_interleaved(const std::vector<std::function<
   std::vector<std::vector<double>> t(fns.size());
   for (int i = 0; i < rounds; ++i) {
     for (size_t f = 0; f < fns.size(); ++f) {
+      if (flush != nullptr) BENCH_UTIL_CUDA(cudaMemsetAsync(flush, i & 0xff, flush_bytes, stream));
       BENCH_UTIL_CUDA(cudaEventRecord(start, stream));
       for (int r = 0; r < reps; ++r) fns[f]();
       BENCH_UTIL_CUDA(cudaEventRecord(stop, stream));
@@ -53,6 +58,24 @@ std::vector<double> median_event_ms_interleaved(const std::vector<std::function<
     medians.push_back(v[v.size() / 2]);
   }
   return medians;
+}
+
+}  // namespace
+
+std::vector<double> median_event_ms_interleaved(const std::vector<std::function<void()>>& fns,
+                                                int rounds, int warmup, int reps) {
+  return interleaved_rounds(fns, rounds, warmup, reps, nullptr, 0);
+}
+
+std::vector<double> median_event_ms_queued(const std::vector<std::function<void()>>& fns,
+                                           int rounds, int warmup) {
+  constexpr size_t kFlushBytes = size_t{256} << 20;  // 5x the H200's 50 MB L2
+  static void* flush = [] {
+    void* p = nullptr;
+    BENCH_UTIL_CUDA(cudaMalloc(&p, kFlushBytes));
+    return p;
+  }();
+  return interleaved_rounds(fns, rounds, warmup, 1, flush, kFlushBytes);
 }
 
 double host_issue_us(const std::function<void()>& fn, int calls) {

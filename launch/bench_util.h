@@ -25,6 +25,13 @@ double median_event_ms(const std::function<void()>& fn, int iters, int warmup);
 std::vector<double> median_event_ms_interleaved(const std::vector<std::function<void()>>& fns,
                                                 int rounds, int warmup, int reps = 1);
 
+// The same (reps = 1) with every timed call queued behind a memset of 256 MiB: the start event is
+// recorded while the GPU is still busy with it, so neither the host's time to issue fn nor the
+// launch latency is counted, and fn starts on a cold L2 (the memset evicted its operands) —
+// the GPU time of the call, as Triton's do_bench and nvbench's cold runs measure it.
+std::vector<double> median_event_ms_queued(const std::vector<std::function<void()>>& fns,
+                                           int rounds, int warmup);
+
 // Host time in microseconds to issue one call of fn (mean over `calls`, the GPU kept busy).
 double host_issue_us(const std::function<void()>& fn, int calls);
 

@@ -301,10 +301,13 @@ TEST(GemmFp8Gpu, RaggedMNAndKRunOnPaddedCopiesAndMatchTheEmulation) {
 // tiles), K not a multiple of 128 (TMA's zero fill), M and N off the 128 x BN tile (the TMA
 // stores must drop what lies outside C), both tile widths, promotion every block and every
 // third, staggered consumers and the TMA-store epilogue, every format pair (E5M2 x E5M2 too,
-// which cuBLASLt lacks), both C types, alpha and beta.
+// which cuBLASLt lacks), both C types, alpha and beta. With 192-wide tiles, N = 16 .. 128 is one
+// narrow tile, N = 200 and 272 end in one (8 and 80 columns, the latter starting at an odd
+// multiple of 64), N = 384 has none, and 2053 x 2048 (10 full columns and one of 128, 187 tiles)
+// has CTAs walking rotated columns.
 const Fp8Case kLaspCases[] = {{16, 16, 16},      {1, 32, 64},     {17, 48, 144},
                               {100, 272, 128},   {257, 128, 384}, {300, 200, 1040},
-                              {2053, 2112, 512}, {129, 384, 4096}};
+                              {2053, 2048, 512}, {129, 384, 4096}};
 
 TEST(GemmFp8LaspGpu, EveryFormatTileAndPromotionIntervalMatchesEmulation) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
@@ -313,11 +316,14 @@ TEST(GemmFp8LaspGpu, EveryFormatTileAndPromotionIntervalMatchesEmulation) {
   using F = Fp8Format;
   const Fp8Scaling t = Fp8Scaling::PerTensor;
   const Fp8GemmBackend lasp = Fp8GemmBackend::Lasp;
-  // {tile_n, promote_every, stagger, tma_store}; the TMA-store epilogue runs on the bf16, beta = 0
-  // checks (the others store from registers).
-  const Fp8KernelConfig kConfigs[] = {{128, 1, 0, 0}, {192, 1, 0, 0}, {128, 3, 0, 0},
-                                      {192, 3, 0, 0}, {192, 1, 1, 0}, {192, 1, 0, 1},
-                                      {128, 1, 1, 1}, {192, 3, 1, 1}, {192, 1, -1, -1}};
+  // {tile_n, promote_every, stagger, tma_store, narrow_edge}; the TMA-store epilogue
+  // runs on the bf16, beta = 0 checks (the others store from registers); narrow_edge is on unless
+  // 0.
+  const Fp8KernelConfig kConfigs[] = {
+      {128, 1, 0, 0},        {192, 1, 0, 0},         {128, 3, 0, 0},
+      {192, 3, 0, 0},        {192, 1, 1, 0},         {192, 1, 0, 1},
+      {128, 1, 1, 1},        {192, 3, 1, 1},         {192, 1, -1, -1},
+      {192, 1, -1, -1, 0},   {192, 3, 1, 1, 0}};
   for (const auto& g : kLaspCases)
     for (const Fp8KernelConfig& cfg : kConfigs) {
       const double tol32 = cfg.promote_every == 1 ? 5e-4 : 2e-3;
@@ -363,7 +369,8 @@ TEST(GemmFp8LaspGpu, BlockScalingMatchesEmulationForEveryScalingItTakes) {
     for (const auto& [sa, sb] : kScalings)
       for (const Fp8KernelConfig& cfg : kConfigs) three(g, sa, sb, cfg);
   // More tiles than SMs (each CTA's later tiles reload their factors), the projections' scalings.
-  three({2053, 2112, 512}, v, b, {});
+  three({2053, 2048, 512}, v, b, {});
+  three({2053, 2048, 512}, v, b, {192, 1, -1, -1, 0});
   EXPECT_EQ(gemm_fp8_lasp_launches() - before, gemms) << "every block-scaled GEMM ran our kernel";
 }
 
