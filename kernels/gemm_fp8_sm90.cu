@@ -25,6 +25,10 @@
 //   consumer stores straight from registers. The producer meanwhile loads the next tile.
 //   The grid is persistent: one CTA per SM walks tiles blockIdx.x, + gridDim.x, ... (N fastest,
 //   so concurrent CTAs share A's row blocks in L2).
+//   Narrow edge (128 x 192 tiles): where N leaves a last column of at most 128, those tiles run
+//   m64n128 wgmmas (2/3 of the tensor-core time) and each row of tiles starts one column further
+//   (tile_origin), so that the narrow tiles spread over the CTAs: N = 2048 is 10 full columns and
+//   one of 128, 10.67 full-tile times per SM instead of 11.
 // Registers: the consumers hold acc and total (BN / 2 fp32 each); setmaxnreg moves registers from
 // the producer (40) to them (232).
 #include <cuda_bf16.h>
