@@ -27,8 +27,8 @@
 //   so concurrent CTAs share A's row blocks in L2).
 //   Narrow edge (128 x 192 tiles): where N leaves a last column of at most 128, those tiles run
 //   m64n128 wgmmas (2/3 of the tensor-core time) and each row of tiles starts one column further
-//   (tile_origin), so that the narrow tiles spread over the CTAs: N = 2048 is 10 full columns and
-//   one of 128, 10.67 full-tile times per SM instead of 11.
+//   (kernels/gemm_fp8_tiles.h), so that the narrow tiles spread over the CTAs: N = 2048 is 10
+//   full columns and one of 128, 10.67 full-tile times per SM instead of 11.
 // Registers: the consumers hold acc and total (BN / 2 fp32 each); setmaxnreg moves registers from
 // the producer (40) to them (232).
 #include <cuda_bf16.h>
@@ -41,6 +41,7 @@
 #include "core/tensor.h"
 #include "kernels/cuda_utils.cuh"
 #include "kernels/gemm_fp8.h"
+#include "kernels/gemm_fp8_tiles.h"
 #include "kernels/ops_cuda_util.cuh"
 #include "kernels/sm90_wgmma.cuh"
 
@@ -178,17 +179,12 @@ __device__ __forceinline__ void promote_scaled(float (&total)[R], const float (&
   }
 }
 
-// Tile t's C origin (row m0, column n0) in a grid of tiles_m x tiles_n tiles of 128 x BN. Tiles go
-// row of tiles after row (concurrent CTAs share A's row blocks in L2); with p.narrow_edge, row tm
-// starts at column tm (mod tiles_n), so that a CTA walking t, t + G, ... meets every column, the
-// narrow last one included, about equally often (without the rotation, G = 132 and 11 columns
-// would give 12 CTAs every narrow tile and the others none).
+// Tile t's C origin (row m0, column n0): fp8tiles::tile_rc's walk, its columns rotated by the row
+// where there is a narrow edge.
 template <int BN>
 __device__ __forceinline__ int2 tile_origin(const Fp8GemmArgs& p, int t) {
-  const int tm = t / p.tiles_n;
-  int tn = t - tm * p.tiles_n;
-  if (p.narrow_edge) tn = (tn + tm) % p.tiles_n;
-  return make_int2(tm * kBM, tn * BN);
+  const fp8tiles::TileRC rc = fp8tiles::tile_rc(t, p.tiles_n, p.narrow_edge != 0);
+  return make_int2(rc.row * kBM, rc.col * BN);
 }
 
 // 1 where this file's kernels were compiled for sm_90a (read once per device by the host).
@@ -575,7 +571,7 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
   args.tma_store = tma_store ? 1 : 0;
   // A last column of 192-wide tiles with at most 128 columns runs 128-wide (and the columns
   // rotate); the default.
-  args.narrow_edge = bn == 192 && cfg.narrow_edge != 0 && n % 192 != 0 && n % 192 <= 128 ? 1 : 0;
+  args.narrow_edge = cfg.narrow_edge != 0 && fp8tiles::narrow_edge(static_cast<int>(n), bn) ? 1 : 0;
   args.stages = bn == 128 ? Fp8Tiles<128>::stages(tma_store) : Fp8Tiles<192>::stages(tma_store);
   const Fp8Format fa = a.format, fb = b.format;
   if (bn == 128) {

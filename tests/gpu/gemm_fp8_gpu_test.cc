@@ -11,14 +11,17 @@
 // cuBLASLt ran the block-scaled problem itself.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "kernels/gemm_fp8.h"
+#include "kernels/gemm_fp8_tiles.h"
 #include "kernels/quantize.h"
 #include "tests/gpu/gpu_test_util.h"
 
@@ -96,6 +99,51 @@ TEST(GemmFp8Cpu, AutoPrefersOurKernelOnlyWhereItWasMeasuredFaster) {
   EXPECT_FALSE(fp8_auto_prefers_lasp(2048, v, b, false, 0.0f));
   EXPECT_TRUE(gemm_fp8_lasp_takes(b, t));
   EXPECT_FALSE(gemm_fp8_lasp_takes(t, v));
+}
+
+// Our FP8 kernel's tile walk (kernels/gemm_fp8_tiles.h, the code the kernel runs), on the host:
+// every tile exactly once, rotated or not, and the narrow-edge rule and its load balance.
+TEST(GemmFp8Cpu, TileWalkCoversEveryTileOnceAndSpreadsTheNarrowColumn) {
+  using fp8tiles::tile_rc;
+  for (const int tiles_m : {1, 2, 7, 17, 128})
+    for (const int tiles_n : {1, 2, 3, 11, 16, 43})
+      for (const bool rotate : {false, true}) {
+        std::vector<int> seen(static_cast<size_t>(tiles_m * tiles_n), 0);
+        for (int t = 0; t < tiles_m * tiles_n; ++t) {
+          const fp8tiles::TileRC rc = tile_rc(t, tiles_n, rotate);
+          ASSERT_TRUE(rc.row >= 0 && rc.row < tiles_m && rc.col >= 0 && rc.col < tiles_n)
+              << "tile " << t << " of " << tiles_m << " x " << tiles_n << " -> (" << rc.row
+              << ", " << rc.col << ")";
+          ++seen[static_cast<size_t>(rc.row * tiles_n + rc.col)];
+        }
+        for (int i = 0; i < tiles_m * tiles_n; ++i)
+          ASSERT_EQ(seen[static_cast<size_t>(i)], 1)
+              << "tile (" << i / tiles_n << ", " << i % tiles_n << ") of " << tiles_m << " x "
+              << tiles_n << (rotate ? " rotated" : "");
+      }
+  // 192-wide tiles leave a narrow last column where N mod 192 is 1 .. 128; tiles of 128 never do.
+  EXPECT_TRUE(fp8tiles::narrow_edge(2048, 192));  // 10 x 192 + 128
+  EXPECT_TRUE(fp8tiles::narrow_edge(200, 192));
+  EXPECT_TRUE(fp8tiles::narrow_edge(48, 192));
+  EXPECT_TRUE(fp8tiles::narrow_edge(320, 192));  // 192 + 128
+  EXPECT_FALSE(fp8tiles::narrow_edge(336, 192));  // 192 + 144
+  EXPECT_FALSE(fp8tiles::narrow_edge(2112, 192));  // 11 x 192
+  EXPECT_FALSE(fp8tiles::narrow_edge(2048 + 64, 128));
+  // The o-proj (M = 16384, N = 2048: 128 x 11 tiles) on 132 SMs, in thirds of a full tile's
+  // tensor-core time (full 3, narrow 2): without the rotation the busiest CTAs run 11 full tiles,
+  // with it 10 full and one narrow.
+  auto busiest = [](int tiles_m, int tiles_n, int grid, bool rotate) {
+    int worst = 0;
+    for (int cta = 0; cta < grid; ++cta) {
+      int load = 0;
+      for (int t = cta; t < tiles_m * tiles_n; t += grid)
+        load += tile_rc(t, tiles_n, rotate).col == tiles_n - 1 ? 2 : 3;
+      worst = std::max(worst, load);
+    }
+    return worst;
+  };
+  EXPECT_EQ(busiest(128, 11, 132, false), 33);
+  EXPECT_EQ(busiest(128, 11, 132, true), 32);
 }
 
 #ifdef LASP_HAVE_CUDA
