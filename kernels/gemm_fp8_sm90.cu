@@ -134,14 +134,14 @@ template <int BN, Fp8Format FA, Fp8Format FB>
 struct Fp8Mma;
 
 // d may be longer than R (a narrow tile uses the front of the kernel's accumulator).
-#define LASP_F8_MMA_STRUCT(N, R, D, ACC, FA, FB, TA, TB, IA, IB, IP)                           \
-  template <>                                                                                  \
-  struct Fp8Mma<N, Fp8Format::FA, Fp8Format::FB> {                                             \
-    template <int R2>                                                                          \
+#define LASP_F8_MMA_STRUCT(N, R, D, ACC, FA, FB, TA, TB, IA, IB, IP)                              \
+  template <>                                                                                     \
+  struct Fp8Mma<N, Fp8Format::FA, Fp8Format::FB> {                                                \
+    template <int R2>                                                                             \
     __device__ __forceinline__ static void run(float (&d)[R2], uint64_t a, uint64_t b, int acc) { \
-      static_assert(R2 >= R, "accumulator too short");                                         \
-      if constexpr (LASP_SM90_WGMMA) LASP_F8_MMA(N, D, ACC, TA, TB, IA, IB, IP);               \
-    }                                                                                          \
+      static_assert(R2 >= R, "accumulator too short");                                            \
+      if constexpr (LASP_SM90_WGMMA) LASP_F8_MMA(N, D, ACC, TA, TB, IA, IB, IP);                  \
+    }                                                                                             \
   };
 LASP_F8_MMA_STRUCT(128, 64, LASP_F8_D64, LASP_F8_ACC64, E4M3, E4M3, "e4m3", "e4m3", 64, 65, 66)
 LASP_F8_MMA_STRUCT(128, 64, LASP_F8_D64, LASP_F8_ACC64, E4M3, E5M2, "e4m3", "e5m2", 64, 65, 66)
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int S = p.stages;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base =
-      (sm90::smem_u32(smem_raw) + 1023u) & ~1023u;  // 128-byte swizzle: 1024-aligned
+      (sm90::smem_u32(smem_raw) + 1023u) & ~1023u;    // 128-byte swizzle: 1024-aligned
   const uint32_t c_tile = base + S * T::kStageBytes;  // the TMA-store epilogue's C tile
   const uint32_t full0 = c_tile + (p.tma_store ? T::kCBytes : 0), empty0 = full0 + 8 * S,
                  stagger_bar = empty0 + 8 * S;
@@ -521,8 +521,8 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
       << cfg.promote_every;
   auto tri = [](int v) { return v >= -1 && v <= 1; };
   LASP_CHECK(tri(cfg.stagger) && tri(cfg.tma_store) && tri(cfg.narrow_edge))
-      << "gemm_fp8_lasp: stagger, tma_store and narrow_edge must be -1, 0 or 1, got "
-      << cfg.stagger << ", " << cfg.tma_store << ", " << cfg.narrow_edge;
+      << "gemm_fp8_lasp: stagger, tma_store and narrow_edge must be -1, 0 or 1, got " << cfg.stagger
+      << ", " << cfg.tma_store << ", " << cfg.narrow_edge;
   // The TMA-store epilogue writes bf16 C with beta = 0 and needs TMA's 16-byte row pitch and
   // alignment; anything else stores from registers.
   const bool tma_store = cfg.tma_store != 0 && !c_f32 && beta == 0.0f && n % 8 == 0 &&
@@ -575,9 +575,11 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
   args.stages = bn == 128 ? Fp8Tiles<128>::stages(tma_store) : Fp8Tiles<192>::stages(tma_store);
   const Fp8Format fa = a.format, fb = b.format;
   if (bn == 128) {
-    block ? launch_formats<128, true>(args, fa, fb, maps) : launch_formats<128, false>(args, fa, fb, maps);
+    block ? launch_formats<128, true>(args, fa, fb, maps)
+          : launch_formats<128, false>(args, fa, fb, maps);
   } else {
-    block ? launch_formats<192, true>(args, fa, fb, maps) : launch_formats<192, false>(args, fa, fb, maps);
+    block ? launch_formats<192, true>(args, fa, fb, maps)
+          : launch_formats<192, false>(args, fa, fb, maps);
   }
 }
 

@@ -504,13 +504,13 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
     bool block;           // x 1x128, W 128x128
   };
   const std::vector<Variant> variants = {
-      {"n128", false, {128, 1, 0, 0}, false},     {"n192", false, {192, 1, 0, 0}, false},
-      {"n192s", false, {192, 1, 1, 0}, false},    {"n192t", false, {192, 1, 0, 1}, false},
-      {"n192st", false, {192, 1, 1, 1}, false},   {"n192st_w", false, {192, 1, 1, 1, 0}, false},
-      {"n128st", false, {128, 1, 1, 1}, false},
-      {"n192p4st", false, {192, 4, 1, 1}, false}, {"n192fast", true, {192, 1, 0, 0}, false},
-      {"n192fastt", true, {192, 1, 0, 1}, false}, {"b192st", false, {192, 1, 1, 1}, true},
-      {"b192t", false, {192, 1, 0, 1}, true},     {"b128st", false, {128, 1, 1, 1}, true}};
+      {"n128", false, {128, 1, 0, 0}, false},    {"n192", false, {192, 1, 0, 0}, false},
+      {"n192s", false, {192, 1, 1, 0}, false},   {"n192t", false, {192, 1, 0, 1}, false},
+      {"n192st", false, {192, 1, 1, 1}, false},  {"n192st_w", false, {192, 1, 1, 1, 0}, false},
+      {"n128st", false, {128, 1, 1, 1}, false},  {"n192p4st", false, {192, 4, 1, 1}, false},
+      {"n192fast", true, {192, 1, 0, 0}, false}, {"n192fastt", true, {192, 1, 0, 1}, false},
+      {"b192st", false, {192, 1, 1, 1}, true},   {"b192t", false, {192, 1, 0, 1}, true},
+      {"b128st", false, {128, 1, 1, 1}, true}};
   std::printf("%-26s %-18s %8s %8s %8s %8s", "op", "MxNxK", "bf16_ms", "lt_ms", "ltfast", "lt_blk");
   for (const Variant& v : variants) std::printf(" %10s", v.name);
   std::printf("   (ms; then bf16_ms / ms for lt, ltfast, lt_blk and each)\n");
@@ -548,7 +548,8 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
       "block-scaled (x 1x128, W 128x128); n128 / n192 = lasp tile 128 x N promoting every 128 of "
       "K, p4 = promoting every 512, fast = one promotion at the end; s = staggered consumers, t = "
       "TMA-store epilogue; 192-wide variants run a last column of <= 128 columns 128-wide with "
-      "rotated columns (narrow_edge, the default) except n192st_w (every tile 192-wide); b192st / b192t / b128st = lasp block-scaled (x 1x128, W 128x128)\n");
+      "rotated columns (narrow_edge, the default) except n192st_w (every tile 192-wide); b192st / "
+      "b192t / b128st = lasp block-scaled (x 1x128, W 128x128)\n");
 }
 
 // How the timing condition moves the FP8 speedup (cuBLASLt, promotion): one call on an idle GPU

@@ -12,10 +12,10 @@
 #include "core/check.h"
 #include "core/device.h"
 
-#define BENCH_UTIL_CUDA(expr)                                                         \
-  do {                                                                                \
-    cudaError_t err_ = (expr);                                                        \
-    LASP_CHECK(err_ == cudaSuccess) << #expr << ": " << cudaGetErrorString(err_);     \
+#define BENCH_UTIL_CUDA(expr)                                                     \
+  do {                                                                            \
+    cudaError_t err_ = (expr);                                                    \
+    LASP_CHECK(err_ == cudaSuccess) << #expr << ": " << cudaGetErrorString(err_); \
   } while (0)
 
 namespace lasp {

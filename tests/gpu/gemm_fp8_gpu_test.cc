@@ -112,8 +112,8 @@ TEST(GemmFp8Cpu, TileWalkCoversEveryTileOnceAndSpreadsTheNarrowColumn) {
         for (int t = 0; t < tiles_m * tiles_n; ++t) {
           const fp8tiles::TileRC rc = tile_rc(t, tiles_n, rotate);
           ASSERT_TRUE(rc.row >= 0 && rc.row < tiles_m && rc.col >= 0 && rc.col < tiles_n)
-              << "tile " << t << " of " << tiles_m << " x " << tiles_n << " -> (" << rc.row
-              << ", " << rc.col << ")";
+              << "tile " << t << " of " << tiles_m << " x " << tiles_n << " -> (" << rc.row << ", "
+              << rc.col << ")";
           ++seen[static_cast<size_t>(rc.row * tiles_n + rc.col)];
         }
         for (int i = 0; i < tiles_m * tiles_n; ++i)
@@ -125,8 +125,8 @@ TEST(GemmFp8Cpu, TileWalkCoversEveryTileOnceAndSpreadsTheNarrowColumn) {
   EXPECT_TRUE(fp8tiles::narrow_edge(2048, 192));  // 10 x 192 + 128
   EXPECT_TRUE(fp8tiles::narrow_edge(200, 192));
   EXPECT_TRUE(fp8tiles::narrow_edge(48, 192));
-  EXPECT_TRUE(fp8tiles::narrow_edge(320, 192));  // 192 + 128
-  EXPECT_FALSE(fp8tiles::narrow_edge(336, 192));  // 192 + 144
+  EXPECT_TRUE(fp8tiles::narrow_edge(320, 192));    // 192 + 128
+  EXPECT_FALSE(fp8tiles::narrow_edge(336, 192));   // 192 + 144
   EXPECT_FALSE(fp8tiles::narrow_edge(2112, 192));  // 11 x 192
   EXPECT_FALSE(fp8tiles::narrow_edge(2048 + 64, 128));
   // The o-proj (M = 16384, N = 2048: 128 x 11 tiles) on 132 SMs, in thirds of a full tile's
@@ -182,8 +182,8 @@ void check_fp8(const Fp8Case& g, Fp8Format fa, Fp8Format fb, Fp8Scaling sa, Fp8S
                          << " kernel=" << (backend == Fp8GemmBackend::Lasp ? "lasp" : "cublaslt")
                          << " tile_n=" << cfg.tile_n << " promote_every=" << cfg.promote_every
                          << " stagger=" << cfg.stagger << " tma_store=" << cfg.tma_store
-                         << " narrow_edge=" << cfg.narrow_edge
-                         << " varied_blocks=" << varied_blocks << " seed=" << seed);
+                         << " narrow_edge=" << cfg.narrow_edge << " varied_blocks=" << varied_blocks
+                         << " seed=" << seed);
   std::mt19937 rng(seed);
   // Rows of very different magnitude, so block scales matter.
   Tensor x = random_bf16_values({g.m, g.k}, rng), w = random_bf16_values({g.n, g.k}, rng, 0.05);
@@ -355,9 +355,8 @@ TEST(GemmFp8Gpu, RaggedMNAndKRunOnPaddedCopiesAndMatchTheEmulation) {
 // multiple of 64), N = 384 has none, and kLaspLarge (10 full columns and one of 128, 187 tiles)
 // has CTAs walking rotated columns; it runs a subset of the configurations (its CPU reference is
 // most of the test's time).
-const Fp8Case kLaspCases[] = {{16, 16, 16},    {1, 32, 64},     {17, 48, 144},
-                              {100, 272, 128}, {257, 128, 384}, {300, 200, 1040},
-                              {129, 384, 4096}};
+const Fp8Case kLaspCases[] = {{16, 16, 16},    {1, 32, 64},      {17, 48, 144},   {100, 272, 128},
+                              {257, 128, 384}, {300, 200, 1040}, {129, 384, 4096}};
 const Fp8Case kLaspLarge = {2053, 2048, 512};
 
 TEST(GemmFp8LaspGpu, EveryFormatTileAndPromotionIntervalMatchesEmulation) {
@@ -370,11 +369,10 @@ TEST(GemmFp8LaspGpu, EveryFormatTileAndPromotionIntervalMatchesEmulation) {
   // {tile_n, promote_every, stagger, tma_store, narrow_edge}; the TMA-store epilogue
   // runs on the bf16, beta = 0 checks (the others store from registers); narrow_edge is on unless
   // 0.
-  const Fp8KernelConfig kConfigs[] = {
-      {128, 1, 0, 0},        {192, 1, 0, 0},         {128, 3, 0, 0},
-      {192, 3, 0, 0},        {192, 1, 1, 0},         {192, 1, 0, 1},
-      {128, 1, 1, 1},        {192, 3, 1, 1},         {192, 1, -1, -1},
-      {192, 1, -1, -1, 0},   {192, 3, 1, 1, 0}};
+  const Fp8KernelConfig kConfigs[] = {{128, 1, 0, 0},      {192, 1, 0, 0},   {128, 3, 0, 0},
+                                      {192, 3, 0, 0},      {192, 1, 1, 0},   {192, 1, 0, 1},
+                                      {128, 1, 1, 1},      {192, 3, 1, 1},   {192, 1, -1, -1},
+                                      {192, 1, -1, -1, 0}, {192, 3, 1, 1, 0}};
   auto five = [&](const Fp8Case& g, const Fp8KernelConfig& cfg) {
     const double tol32 = cfg.promote_every == 1 ? 5e-4 : 2e-3;
     check_fp8(g, F::E4M3, F::E4M3, t, t, DType::F32, 1.0f, 0.0f, false, tol32, lasp, cfg);
@@ -441,7 +439,8 @@ TEST(GemmFp8LaspGpu, BlockScalingRejectsFastAccumulationAndLongerPromotion) {
     return quantize_fp8_cuda(Tensor::full({r, k}, 0.5, DType::F32, cuda()), Fp8Format::E4M3, s);
   };
   Tensor c = Tensor::zeros({32, 32}, DType::BF16, cuda());
-  const QuantizedFp8 a = q(32, 256, Fp8Scaling::Block1x128), b = q(32, 256, Fp8Scaling::Block128x128);
+  const QuantizedFp8 a = q(32, 256, Fp8Scaling::Block1x128),
+                     b = q(32, 256, Fp8Scaling::Block128x128);
   for (const int promote : {2, 4}) {
     try {
       gemm_fp8_with(c, a, b, 1.0f, 0.0f, false, Fp8GemmBackend::Lasp, {192, promote, -1, -1});
