@@ -253,6 +253,11 @@ template <bool kE4m3>
 __device__ inline uint32_t fp8x2_finite(float qa, float qb) {
   return __nv_cvt_float2_to_fp8x2(make_float2(qa, qb), __NV_SATFINITE, kE4m3 ? __NV_E4M3 : __NV_E5M2);
 }
+// The fast paths' encoding of a pair: codes of x_a / s and x_b / s (r = 1 / s) in the low 16 bits.
+template <bool kE4m3>
+__device__ inline uint32_t encode_pair_fast(float xa, float xb, float s, float r) {
+  return fp8x2_finite<kE4m3>(div_by_scale_finite(xa, s, r), div_by_scale_finite(xb, s, r));
+}
 
 struct ScaleArgs {
   const uint32_t* amax = nullptr;  // scale from max over amax[0..n) except skip
@@ -282,9 +287,9 @@ __device__ inline float device_scale(const ScaleArgs& a, float fmax) {
 //          takes 16 columns x 2 adjacent segments: 32 contiguous bytes per x^T row, and with the
 //          68-byte shared row stride (17 words) its shared reads hit 8 distinct banks per row pair.
 //   paths: a warp whose units are all whole, with the scale passing scale_division_ok and
-//          every |x| < 2^59 (so finite quotients), encodes on the fast path (div_by_scale_finite, the
-//          converter, the format a template argument); otherwise rows_cols_generic, element by
-//          element. 80 registers (3 CTAs per SM): at 64 (4 CTAs) it spills and is 10-15% slower.
+//          every |x| < 2^59 (so finite quotients), encodes on the fast path (encode_pair_fast,
+//          the format a template argument); otherwise rows_cols_generic, element by element.
+//          80 registers (3 CTAs per SM): at 64 (4 CTAs) it spills and is 10-15% slower.
 // Codes outside [rows, cols) (the zero padding up to rows_p / cols_p) are stored as 0.
 constexpr int kRcRows = 128;                          // tile rows
 constexpr int kRcCols = 64;                           // tile columns
@@ -426,8 +431,8 @@ __global__ void __launch_bounds__(kThreads, 3) fp8_rows_cols_kernel(
         for (int w = 0; w < kRcUnit / 4; ++w) {
           const float a = raw_element<T>(raw[k], 4 * w), b = raw_element<T>(raw[k], 4 * w + 1);
           const float c = raw_element<T>(raw[k], 4 * w + 2), d = raw_element<T>(raw[k], 4 * w + 3);
-          packed[k][w] = fp8x2_finite<kE4m3>(div_by_scale_finite(a, s, rs), div_by_scale_finite(b, s, rs)) |
-                         fp8x2_finite<kE4m3>(div_by_scale_finite(c, s, rs), div_by_scale_finite(d, s, rs)) << 16;
+          packed[k][w] =
+              encode_pair_fast<kE4m3>(a, b, s, rs) | encode_pair_fast<kE4m3>(c, d, s, rs) << 16;
         }
     };
     if (fast && e4m3) {
@@ -749,7 +754,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int j = 0; j < kBrSub; j += 2) {
             const float a = br_element<T>(raw[k], j), b = br_element<T>(raw[k], j + 1);
-            w[j / 4] |= fp8x2_finite<kE4m3>(div_by_scale_finite(a, s, r), div_by_scale_finite(b, s, r)) << (8 * (j % 4));
+            w[j / 4] |= encode_pair_fast<kE4m3>(a, b, s, r) << (8 * (j % 4));
           }
           *reinterpret_cast<uint2*>(dst + k * cols) = make_uint2(w[0], w[1]);
         }
@@ -763,7 +768,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int k = 0; k < kBrSub; k += 2) {
             const float a = br_element<T>(raw[k], j), b = br_element<T>(raw[k + 1], j);
-            w[k / 4] |= fp8x2_finite<kE4m3>(div_by_scale_finite(a, s, r), div_by_scale_finite(b, s, r)) << (8 * (k % 4));
+            w[k / 4] |= encode_pair_fast<kE4m3>(a, b, s, r) << (8 * (k % 4));
           }
           *reinterpret_cast<uint2*>(&codes_t[tc0 + j][kBrSub * (rg ^ cc)]) = make_uint2(w[0], w[1]);
         }
