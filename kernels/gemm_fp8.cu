@@ -200,11 +200,12 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
   check_operand(a, "A");
   check_operand(b, "B");
   const int64_t m = a.rows(), k = a.cols(), n = b.rows();
-  const std::string what = describe(a, b, c);
-  LASP_CHECK(b.cols() == k) << "gemm_fp8: inner dims differ: " << what;
+  // Only an error message builds the description (an ostringstream per call cost host time).
+  auto what = [&] { return describe(a, b, c); };
+  LASP_CHECK(b.cols() == k) << "gemm_fp8: inner dims differ: " << what();
   LASP_CHECK(c.is_cuda() && c.is_contiguous() && c.ndim() == 2 && c.dim(0) == m && c.dim(1) == n &&
              (c.dtype() == DType::F32 || c.dtype() == DType::BF16))
-      << "gemm_fp8: C must be a contiguous bf16/fp32 CUDA tensor [" << m << ", " << n << "]: " << what;
+      << "gemm_fp8: C must be a contiguous bf16/fp32 CUDA tensor [" << m << ", " << n << "]: " << what();
   const bool block = a.scaling != Fp8Scaling::PerTensor || b.scaling != Fp8Scaling::PerTensor;
   if (backend == Fp8GemmBackend::Auto) {
     backend = gemm_fp8_lasp_available() &&
@@ -216,13 +217,13 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
   LASP_CHECK(!lasp_kernel || gemm_fp8_lasp_takes(a.scaling, b.scaling))
       << "gemm_fp8: lasp's FP8 kernel does not take a 1x128-scaled B (one factor per column of "
          "C; cuBLASLt runs it): "
-      << what;
+      << what();
   LASP_CHECK(lasp_kernel || !(a.format == Fp8Format::E5M2 && b.format == Fp8Format::E5M2))
       << "gemm_fp8: E5M2 x E5M2 is not supported by cuBLASLt (use E4M3 for the non-gradient "
          "operand): "
-      << what;
+      << what();
   LASP_CHECK(!(block && fast_accum))
-      << "gemm_fp8: fast accumulation is only available with per-tensor scaling: " << what;
+      << "gemm_fp8: fast accumulation is only available with per-tensor scaling: " << what();
   if (m == 0 || n == 0) return;
   if (k == 0) {
     scale_c(c, beta);
@@ -309,11 +310,11 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
   if (!found || status != CUBLAS_STATUS_SUCCESS) {
     const char* why = found ? "cublasLtMatmul failed" : "cuBLASLt found no FP8 algorithm";
     LASP_CHECK(block) << "gemm_fp8: " << why << " (status " << cublasGetStatusString(status)
-                      << ") for " << what << " (cuBLASLt m = " << np << ", n = " << mp << ", k = " << kp
+                      << ") for " << what() << " (cuBLASLt m = " << np << ", n = " << mp << ", k = " << kp
                       << ")";
     g_fallbacks.fetch_add(1);
     LASP_WARN() << "gemm_fp8: " << why << " (status " << cublasGetStatusString(status) << ") for "
-                << what << "; falling back to fp32 dequantize + fp32 GEMM (exact, slow)";
+                << what() << "; falling back to fp32 dequantize + fp32 GEMM (exact, slow)";
     gemm_fp8_dequantized(c, a, b, alpha, beta);
     return;
   }

@@ -59,6 +59,7 @@ struct Options {
   bool algos = false;            // --algos: time every cuBLASLt candidate instead of the tables
   bool quantizers_only = false;  // --quantizers: only the FP8 block quantizer table
   bool kernel_only = false;      // --kernel: only the lasp FP8 kernel table
+  bool latency_only = false;     // --latency: only the fixed-cost table
   std::string shape;             // --shape MxNxK: only that shape (with --kernel)
 };
 
@@ -507,6 +508,7 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
       {"n128", false, {128, 1, 0, 0}, false},    {"n192", false, {192, 1, 0, 0}, false},
       {"n192s", false, {192, 1, 1, 0}, false},   {"n192t", false, {192, 1, 0, 1}, false},
       {"n192st", false, {192, 1, 1, 1}, false},  {"n192st_w", false, {192, 1, 1, 1, 0}, false},
+      {"n192st_e", false, {192, 1, 1, 1, -1, 0}, false},
       {"n128st", false, {128, 1, 1, 1}, false},  {"n192p4st", false, {192, 4, 1, 1}, false},
       {"n192fast", true, {192, 1, 0, 0}, false}, {"n192fastt", true, {192, 1, 0, 1}, false},
       {"b192st", false, {192, 1, 1, 1}, true},   {"b192t", false, {192, 1, 0, 1}, true},
@@ -548,7 +550,9 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
       "block-scaled (x 1x128, W 128x128); n128 / n192 = lasp tile 128 x N promoting every 128 of "
       "K, p4 = promoting every 512, fast = one promotion at the end; s = staggered consumers, t = "
       "TMA-store epilogue; 192-wide variants run a last column of <= 128 columns 128-wide with "
-      "rotated columns (narrow_edge, the default) except n192st_w (every tile 192-wide); b192st / "
+      "rotated columns (narrow_edge, the default) except n192st_w (every tile 192-wide); n192st_e = "
+      "n192st without fast_edges (no tensor-map prefetch, the exit waits for the stores' writes); "
+      "b192st / "
       "b192t / b128st = lasp block-scaled (x 1x128, W 128x128)\n");
 }
 
@@ -561,14 +565,16 @@ void run_timing(const Options& opt, const std::vector<Shape3>& shapes) {
       "\nTiming conditions, cuBLASLt with promotion (fp8) and gemm_fp8's default choice (auto): "
       "alone = one call on an idle GPU (as above), b2b = 10 calls queued back to back (time per "
       "call), gpu = one call queued behind a 256 MiB memset (GPU time only: the host's issue "
-      "time and the launch latency are not counted, L2 starts cold), host = host us to issue "
+      "time and the launch latency are not counted, L2 starts cold), hot = one call queued behind "
+      "a 50 us spin kernel (GPU time, L2 as the previous round left it), host = host us to issue "
       "one call, q+fp8 = per-tensor quantize of x then the cuBLASLt GEMM, back to back\n");
   std::printf(
       "%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s "
-      "%8s\n",
+      "%8s %8s %8s %8s %8s %8s\n",
       "op", "MxNxK", "bf16_ms", "fp8_ms", "speedup", "auto_ms", "spd_auto", "bf16_b2b", "fp8_b2b",
       "spd_b2b", "auto_b2b", "spd_ab2b", "bf16_gpu", "fp8_gpu", "spd_gpu", "auto_gpu", "spd_agpu",
-      "host_bf", "host_f8", "host_au", "q+fp8", "spd_q");
+      "bf16_hot", "fp8_hot", "spd_hot", "auto_hot", "spd_ahot", "host_bf", "host_f8", "host_au",
+      "q+fp8", "spd_q");
   uint32_t seed = 701;
   for (const Shape3& g : shapes) {
     GemmOperands o = gemm_operands(g, seed);
@@ -590,16 +596,66 @@ void run_timing(const Options& opt, const std::vector<Shape3>& shapes) {
         median_event_ms_interleaved({bf16, fp8, q_fp8, fp8_auto}, opt.iters, opt.warmup, 10);
     const std::vector<double> gpu =
         median_event_ms_queued({bf16, fp8, fp8_auto}, opt.iters, opt.warmup);
+    const std::vector<double> hot =
+        median_event_ms_blocked({bf16, fp8, fp8_auto}, opt.iters, opt.warmup);
     const double host_bf = host_issue_us(bf16, 20), host_f8 = host_issue_us(fp8, 20),
                  host_au = host_issue_us(fp8_auto, 20);
     const std::string shape = shape_str(g);
     std::printf(
         "%-26s %-18s %8.3f %8.3f %8.2f %8.3f %8.2f %8.3f %8.3f %8.2f %8.3f %8.2f %8.3f %8.3f %8.2f "
-        "%8.3f %8.2f %8.1f %8.1f %8.1f %8.3f %8.2f\n",
+        "%8.3f %8.2f %8.3f %8.3f %8.2f %8.3f %8.2f %8.1f %8.1f %8.1f %8.3f %8.2f\n",
         g.what, shape.c_str(), alone[0], alone[1], alone[0] / alone[1], alone[2],
         alone[0] / alone[2], b2b[0], b2b[1], b2b[0] / b2b[1], b2b[3], b2b[0] / b2b[3], gpu[0],
-        gpu[1], gpu[0] / gpu[1], gpu[2], gpu[0] / gpu[2], host_bf, host_f8, host_au, b2b[2],
-        b2b[0] / b2b[2]);
+        gpu[1], gpu[0] / gpu[1], gpu[2], gpu[0] / gpu[2], hot[0], hot[1], hot[0] / hot[1], hot[2],
+        hot[0] / hot[2], host_bf, host_f8, host_au, b2b[2], b2b[0] / b2b[2]);
+    std::fflush(stdout);
+  }
+}
+
+// A GEMM call's fixed cost: the same N = 2048 problem over M and K (one wave of 132 tiles at M =
+// 1536, one K block at K = 128), timed alone (host issue + launch + kernel) and hot (behind a spin
+// kernel: the GPU time alone), in microseconds; the first row is an empty kernel launch.
+void run_latency(const Options& opt) {
+  std::printf(
+      "\nFixed cost of one call (us; alone = on an idle GPU, with the host's issue time and the "
+      "launch; hot = queued behind a 50 us spin kernel, GPU time only); ours = gemm_fp8's "
+      "default (LASP_FP8_GEMM=auto), ours_e = ours without fast_edges; host_* = host us per call\n");
+  std::printf("%-26s %-18s %9s %9s %9s %9s %9s %9s %9s %9s %8s %8s\n", "op", "MxNxK", "bf16",
+              "lt", "ours", "ours_e", "bf16_hot", "lt_hot", "ours_hot", "ourse_hot", "host_bf",
+              "host_us");
+  {
+    const std::function<void()> empty = [] { stream_spin_ns(0); };
+    const double alone = median_event_ms_interleaved({empty}, opt.iters, opt.warmup)[0];
+    const double hot = median_event_ms_blocked({empty}, opt.iters, opt.warmup)[0];
+    std::printf("%-26s %-18s %9.1f %9s %9s %9s %9.1f %9s %9s %9s %8s %8.1f\n", "empty kernel", "-",
+                alone * 1e3, "-", "-", "-", hot * 1e3, "-", "-", "-", "-",
+                host_issue_us(empty, 20));
+  }
+  const std::vector<Shape3> shapes = {{1536, 2048, 128, "one wave, one K block"},
+                                      {1536, 2048, 2048, "one wave"},
+                                      {16384, 2048, 128, "o-proj rows, K 128"},
+                                      {16384, 2048, 512, "o-proj rows, K 512"},
+                                      {16384, 2048, 2048, "o-proj"},
+                                      {16384, 8192, 2048, "mlp up"}};
+  uint32_t seed = 901;
+  for (const Shape3& g : shapes) {
+    GemmOperands o = gemm_operands(g, seed);
+    Tensor &x = o.x, &w = o.w, &y = o.y;
+    const QuantizedFp8 &xq = o.xq, &wq = o.wq;
+    Fp8KernelConfig no_edges;
+    no_edges.fast_edges = 0;
+    const std::vector<std::function<void()>> fns = {
+        [&] { gemm(y, x, false, w, true); },
+        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt); },
+        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Auto); },
+        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Lasp, no_edges); }};
+    const std::vector<double> alone = median_event_ms_interleaved(fns, opt.iters, opt.warmup);
+    const std::vector<double> hot = median_event_ms_blocked(fns, opt.iters, opt.warmup);
+    const std::string shape = shape_str(g);
+    std::printf("%-26s %-18s %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.1f %8.1f\n", g.what,
+                shape.c_str(), alone[0] * 1e3, alone[1] * 1e3, alone[2] * 1e3, alone[3] * 1e3,
+                hot[0] * 1e3, hot[1] * 1e3, hot[2] * 1e3, hot[3] * 1e3, host_issue_us(fns[0], 20),
+                host_issue_us(fns[2], 20));
     std::fflush(stdout);
   }
 }
@@ -684,6 +740,7 @@ int run(const Options& opt) {
         static_cast<long>(fallbacks));
   }
   run_timing(opt, shapes);
+  run_latency(opt);
   run_lasp_kernel(opt, shapes);
   if (!opt.quick) run_accuracy({shapes[1], shapes[4]});
   run_quantizers(opt);
@@ -715,6 +772,8 @@ int bench_lowp_main(int argc, char** argv) {
       opt.quantizers_only = true;
     } else if (a == "--kernel") {
       opt.kernel_only = true;
+    } else if (a == "--latency") {
+      opt.latency_only = true;
     } else if (a == "--shape") {
       LASP_CHECK(i + 1 < argc) << "lasp bench lowp: --shape needs a value MxNxK";
       opt.shape = argv[++i];
@@ -723,7 +782,7 @@ int bench_lowp_main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "lasp bench lowp: unknown argument '%s' (expected --iters N, --warmup N, "
-                   "--quick, --algos, --quantizers, --kernel, --shape MxNxK)\n",
+                   "--quick, --algos, --quantizers, --kernel, --latency, --shape MxNxK)\n",
                    a.c_str());
       return 2;
     }
@@ -733,6 +792,10 @@ int bench_lowp_main(int argc, char** argv) {
     return 2;
   }
   set_log_quiet(true);
+  if (opt.latency_only) {
+    run_latency(opt);
+    return 0;
+  }
   if (opt.quantizers_only) {
     run_quantizers(opt);
     return 0;

@@ -10,6 +10,8 @@
 //   --algos: instead, every algorithm cuBLASLt's heuristic offers for bf16 / FP8 / FP8 fast
 //   accumulation / E4M3 x E5M2 at 16384x2048x2048 and 16384x6144x2048, timed in --iters
 //   interleaved rounds of 10 back-to-back runs, with each one's configuration.
+//   --latency: only the fixed-cost table (an N = 2048 GEMM over M and K, alone and behind a spin
+//   kernel, in us; also part of the full run)
 // Returns non-zero with a message in a CPU-only build or without a GPU.
 #pragma once
 

@@ -27,9 +27,11 @@ double median_event_ms(const std::function<void()>& fn, int iters, int warmup) {
 namespace {
 
 // The rounds of median_event_ms_interleaved; flush != nullptr: a memset of flush_bytes there is
-// queued before each timed sample (median_event_ms_queued).
+// queued before each timed sample (median_event_ms_queued); spin_ns > 0: a spin kernel instead
+// (median_event_ms_blocked).
 std::vector<double> interleaved_rounds(const std::vector<std::function<void()>>& fns, int rounds,
-                                       int warmup, int reps, void* flush, size_t flush_bytes) {
+                                       int warmup, int reps, void* flush, size_t flush_bytes,
+                                       int64_t spin_ns = 0) {
   auto stream = static_cast<cudaStream_t>(current_stream().handle);
   for (int i = 0; i < warmup; ++i)
     for (const auto& fn : fns) fn();
@@ -41,6 +43,7 @@ std::vector<double> interleaved_rounds(const std::vector<std::function<void()>>&
   for (int i = 0; i < rounds; ++i) {
     for (size_t f = 0; f < fns.size(); ++f) {
       if (flush != nullptr) BENCH_UTIL_CUDA(cudaMemsetAsync(flush, i & 0xff, flush_bytes, stream));
+      if (spin_ns > 0) stream_spin_ns(spin_ns);
       BENCH_UTIL_CUDA(cudaEventRecord(start, stream));
       for (int r = 0; r < reps; ++r) fns[f]();
       BENCH_UTIL_CUDA(cudaEventRecord(stop, stream));
@@ -76,6 +79,11 @@ std::vector<double> median_event_ms_queued(const std::vector<std::function<void(
     return p;
   }();
   return interleaved_rounds(fns, rounds, warmup, 1, flush, kFlushBytes);
+}
+
+std::vector<double> median_event_ms_blocked(const std::vector<std::function<void()>>& fns,
+                                            int rounds, int warmup) {
+  return interleaved_rounds(fns, rounds, warmup, 1, nullptr, 0, 50000);
 }
 
 double host_issue_us(const std::function<void()>& fn, int calls) {

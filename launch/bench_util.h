@@ -32,6 +32,16 @@ std::vector<double> median_event_ms_interleaved(const std::vector<std::function<
 std::vector<double> median_event_ms_queued(const std::vector<std::function<void()>>& fns,
                                            int rounds, int warmup);
 
+// The same (reps = 1) with every timed call queued behind a kernel that spins for 50 us on one
+// thread (nvbench's blocking kernel): the host has issued fn before the GPU reaches the start
+// event, so the host's time and the launch latency are not counted, and fn's operands stay as warm
+// in L2 as the previous round left them — the GPU time of a call inside a busy stream.
+std::vector<double> median_event_ms_blocked(const std::vector<std::function<void()>>& fns,
+                                            int rounds, int warmup);
+
+// Queues a one-thread kernel that spins for about ns nanoseconds on the current stream.
+void stream_spin_ns(int64_t ns);
+
 // Host time in microseconds to issue one call of fn (mean over `calls`, the GPU kept busy).
 double host_issue_us(const std::function<void()>& fn, int calls);
 
