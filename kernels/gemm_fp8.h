@@ -56,17 +56,12 @@ enum class Fp8GemmBackend { CublasLt, Lasp, Auto };
 // narrow_edge (-1 = the default, on): with 192-wide tiles, a last column of tiles at most 128 wide
 // runs 128-wide wgmmas, and each row of tiles starts one column further, so that the narrow tiles
 // spread over the CTAs (N = 2048: 10 full columns and one of 128).
-// fast_edges (-1 = the default, on): the kernel's first and last microseconds; the producer
-// prefetches the tensor maps before the barriers are set up, and a CTA exits once its last TMA
-// stores have read shared memory instead of waiting for their writes to land (the kernel's end
-// still orders them before anything after it).
 struct Fp8KernelConfig {
   int tile_n = 0;
   int promote_every = 1;
   int stagger = -1;
   int tma_store = -1;
   int narrow_edge = -1;
-  int fast_edges = -1;
 };
 // LASP_FP8_GEMM (gemm_fp8 reads it once per process): "cublaslt", "lasp", or "auto"/unset
 // (= Auto). Other values are an error naming the variable.

@@ -84,7 +84,6 @@ struct Fp8GemmArgs {
   // (2/3 of a full tile's tensor-core time), and the columns rotate by the tile row
   // (tile_origin), so that every CTA meets about as many narrow tiles as the others.
   int narrow_edge = 0;
-  int fast_edges = 0;  // prefetch the tensor maps; exit once the last stores have read smem
   // Block scaling (the kBlock kernels; scale_a / scale_b unused): the dequantization factor of
   // A's row r in K block kb is sa[(min(r, sa_rows - 1) / sa_div) * sa_ld + kb * sa_kstride]
   // (1x128: div 1, ld L, kstride 1; 128x128: div 128; per tensor: ld = kstride = 0), and of B's
@@ -207,11 +206,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t full0 = c_tile + (p.tma_store ? T::kCBytes : 0), empty0 = full0 + 8 * S,
                  stagger_bar = empty0 + 8 * S;
   const int wg = threadIdx.x / 128;
-  if (p.fast_edges && threadIdx.x == 0) {  // the first TMA load need not fetch its descriptor
-    sm90::prefetch_tensor_map(&map_a);
-    sm90::prefetch_tensor_map(&map_b);
-    if (p.tma_store) sm90::prefetch_tensor_map(&map_c);
-  }
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
       sm90::mbar_init(full0 + 8 * s, 1);   // the producer's arrive + the TMA bytes
@@ -422,9 +416,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     run_tile(std::integral_constant<int, BN>{}, o.x, o.y);
   }
   if (hold && t == 0) sm90::mbar_arrive(stagger_bar + 8);  // consumer 0 ran no K block
-  // The last stores must have read shared memory before the CTA exits; their writes complete
-  // before the kernel does (fast_edges), or are waited for here.
-  if (p.tma_store && t % 32 == 0) p.fast_edges ? sm90::bulk_wait_read() : sm90::bulk_wait();
+  if (p.tma_store && t % 32 == 0) sm90::bulk_wait();  // the last stores, before shared memory goes
 #else
   __trap();  // the host never launches it on a device without sm_90a code
 #endif
@@ -528,11 +520,9 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
          "accumulation), got promote_every "
       << cfg.promote_every;
   auto tri = [](int v) { return v >= -1 && v <= 1; };
-  LASP_CHECK(tri(cfg.stagger) && tri(cfg.tma_store) && tri(cfg.narrow_edge) &&
-             tri(cfg.fast_edges))
-      << "gemm_fp8_lasp: stagger, tma_store, narrow_edge and fast_edges must be -1, 0 or 1, got "
-      << cfg.stagger << ", " << cfg.tma_store << ", " << cfg.narrow_edge << ", "
-      << cfg.fast_edges;
+  LASP_CHECK(tri(cfg.stagger) && tri(cfg.tma_store) && tri(cfg.narrow_edge))
+      << "gemm_fp8_lasp: stagger, tma_store and narrow_edge must be -1, 0 or 1, got " << cfg.stagger
+      << ", " << cfg.tma_store << ", " << cfg.narrow_edge;
   // The TMA-store epilogue writes bf16 C with beta = 0 and needs TMA's 16-byte row pitch and
   // alignment; anything else stores from registers.
   const bool tma_store = cfg.tma_store != 0 && !c_f32 && beta == 0.0f && n % 8 == 0 &&
@@ -582,7 +572,6 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
   // A last column of 192-wide tiles with at most 128 columns runs 128-wide (and the columns
   // rotate); the default.
   args.narrow_edge = cfg.narrow_edge != 0 && fp8tiles::narrow_edge(static_cast<int>(n), bn) ? 1 : 0;
-  args.fast_edges = cfg.fast_edges != 0 ? 1 : 0;
   args.stages = bn == 128 ? Fp8Tiles<128>::stages(tma_store) : Fp8Tiles<192>::stages(tma_store);
   const Fp8Format fa = a.format, fb = b.format;
   if (bn == 128) {

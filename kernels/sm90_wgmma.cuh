@@ -303,14 +303,6 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* map, uint3
 #endif
 }
 // Box (c0, c1) of the 2-D tensor map `map` into shared address `dst`, completing on `bar`.
-// Fetches a TMA descriptor (a __grid_constant__ kernel parameter) into the descriptor cache ahead
-// of its first use.
-__device__ __forceinline__ void prefetch_tensor_map(const void* map) {
-#if LASP_SM90_WGMMA
-  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
-#endif
-}
-
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, uint32_t bar, int c0,
                                             int c1) {
 #if LASP_SM90_WGMMA

@@ -508,7 +508,6 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
       {"n128", false, {128, 1, 0, 0}, false},    {"n192", false, {192, 1, 0, 0}, false},
       {"n192s", false, {192, 1, 1, 0}, false},   {"n192t", false, {192, 1, 0, 1}, false},
       {"n192st", false, {192, 1, 1, 1}, false},  {"n192st_w", false, {192, 1, 1, 1, 0}, false},
-      {"n192st_e", false, {192, 1, 1, 1, -1, 0}, false},
       {"n128st", false, {128, 1, 1, 1}, false},  {"n192p4st", false, {192, 4, 1, 1}, false},
       {"n192fast", true, {192, 1, 0, 0}, false}, {"n192fastt", true, {192, 1, 0, 1}, false},
       {"b192st", false, {192, 1, 1, 1}, true},   {"b192t", false, {192, 1, 0, 1}, true},
@@ -542,7 +541,7 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
     std::printf("\n%-26s %-18s %8s %8.2f %8.2f %8.2f", "", "  speedup over bf16", "", ms[0] / ms[1],
                 ms[0] / ms[2], ms[0] / ms[3]);
     for (size_t i = 4; i < ms.size(); ++i) std::printf(" %10.2f", ms[0] / ms[i]);
-    std::printf("\n");
+    std::printf("   (end %s UTC)\n", utc_clock().c_str());
     std::fflush(stdout);
   }
   std::printf(
@@ -550,9 +549,7 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
       "block-scaled (x 1x128, W 128x128); n128 / n192 = lasp tile 128 x N promoting every 128 of "
       "K, p4 = promoting every 512, fast = one promotion at the end; s = staggered consumers, t = "
       "TMA-store epilogue; 192-wide variants run a last column of <= 128 columns 128-wide with "
-      "rotated columns (narrow_edge, the default) except n192st_w (every tile 192-wide); n192st_e = "
-      "n192st without fast_edges (no tensor-map prefetch, the exit waits for the stores' writes); "
-      "b192st / "
+      "rotated columns (narrow_edge, the default) except n192st_w (every tile 192-wide); b192st / "
       "b192t / b128st = lasp block-scaled (x 1x128, W 128x128)\n");
 }
 
@@ -570,11 +567,11 @@ void run_timing(const Options& opt, const std::vector<Shape3>& shapes) {
       "one call, q+fp8 = per-tensor quantize of x then the cuBLASLt GEMM, back to back\n");
   std::printf(
       "%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s "
-      "%8s %8s %8s %8s %8s %8s\n",
+      "%8s %8s %8s %8s %8s %8s %12s\n",
       "op", "MxNxK", "bf16_ms", "fp8_ms", "speedup", "auto_ms", "spd_auto", "bf16_b2b", "fp8_b2b",
       "spd_b2b", "auto_b2b", "spd_ab2b", "bf16_gpu", "fp8_gpu", "spd_gpu", "auto_gpu", "spd_agpu",
       "bf16_hot", "fp8_hot", "spd_hot", "auto_hot", "spd_ahot", "host_bf", "host_f8", "host_au",
-      "q+fp8", "spd_q");
+      "q+fp8", "spd_q", "end_utc");
   uint32_t seed = 701;
   for (const Shape3& g : shapes) {
     GemmOperands o = gemm_operands(g, seed);
@@ -603,11 +600,11 @@ void run_timing(const Options& opt, const std::vector<Shape3>& shapes) {
     const std::string shape = shape_str(g);
     std::printf(
         "%-26s %-18s %8.3f %8.3f %8.2f %8.3f %8.2f %8.3f %8.3f %8.2f %8.3f %8.2f %8.3f %8.3f %8.2f "
-        "%8.3f %8.2f %8.3f %8.3f %8.2f %8.3f %8.2f %8.1f %8.1f %8.1f %8.3f %8.2f\n",
+        "%8.3f %8.2f %8.3f %8.3f %8.2f %8.3f %8.2f %8.1f %8.1f %8.1f %8.3f %8.2f %12s\n",
         g.what, shape.c_str(), alone[0], alone[1], alone[0] / alone[1], alone[2],
         alone[0] / alone[2], b2b[0], b2b[1], b2b[0] / b2b[1], b2b[3], b2b[0] / b2b[3], gpu[0],
         gpu[1], gpu[0] / gpu[1], gpu[2], gpu[0] / gpu[2], hot[0], hot[1], hot[0] / hot[1], hot[2],
-        hot[0] / hot[2], host_bf, host_f8, host_au, b2b[2], b2b[0] / b2b[2]);
+        hot[0] / hot[2], host_bf, host_f8, host_au, b2b[2], b2b[0] / b2b[2], utc_clock().c_str());
     std::fflush(stdout);
   }
 }
@@ -619,17 +616,16 @@ void run_latency(const Options& opt) {
   std::printf(
       "\nFixed cost of one call (us; alone = on an idle GPU, with the host's issue time and the "
       "launch; hot = queued behind a 50 us spin kernel, GPU time only); ours = gemm_fp8's "
-      "default (LASP_FP8_GEMM=auto), ours_e = ours without fast_edges; host_* = host us per call\n");
-  std::printf("%-26s %-18s %9s %9s %9s %9s %9s %9s %9s %9s %8s %8s\n", "op", "MxNxK", "bf16",
-              "lt", "ours", "ours_e", "bf16_hot", "lt_hot", "ours_hot", "ourse_hot", "host_bf",
-              "host_us");
+      "default (LASP_FP8_GEMM=auto); host_* = host us per call\n");
+  std::printf("%-26s %-18s %9s %9s %9s %9s %9s %9s %8s %8s %12s\n", "op", "MxNxK", "bf16", "lt",
+              "ours", "bf16_hot", "lt_hot", "ours_hot", "host_bf", "host_us", "end_utc");
   {
     const std::function<void()> empty = [] { stream_spin_ns(0); };
     const double alone = median_event_ms_interleaved({empty}, opt.iters, opt.warmup)[0];
     const double hot = median_event_ms_blocked({empty}, opt.iters, opt.warmup)[0];
-    std::printf("%-26s %-18s %9.1f %9s %9s %9s %9.1f %9s %9s %9s %8s %8.1f\n", "empty kernel", "-",
-                alone * 1e3, "-", "-", "-", hot * 1e3, "-", "-", "-", "-",
-                host_issue_us(empty, 20));
+    std::printf("%-26s %-18s %9.1f %9s %9s %9.1f %9s %9s %8s %8.1f %12s\n", "empty kernel", "-",
+                alone * 1e3, "-", "-", hot * 1e3, "-", "-", "-", host_issue_us(empty, 20),
+                utc_clock().c_str());
   }
   const std::vector<Shape3> shapes = {{1536, 2048, 128, "one wave, one K block"},
                                       {1536, 2048, 2048, "one wave"},
@@ -642,20 +638,17 @@ void run_latency(const Options& opt) {
     GemmOperands o = gemm_operands(g, seed);
     Tensor &x = o.x, &w = o.w, &y = o.y;
     const QuantizedFp8 &xq = o.xq, &wq = o.wq;
-    Fp8KernelConfig no_edges;
-    no_edges.fast_edges = 0;
     const std::vector<std::function<void()>> fns = {
         [&] { gemm(y, x, false, w, true); },
         [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt); },
-        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Auto); },
-        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Lasp, no_edges); }};
+        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Auto); }};
     const std::vector<double> alone = median_event_ms_interleaved(fns, opt.iters, opt.warmup);
     const std::vector<double> hot = median_event_ms_blocked(fns, opt.iters, opt.warmup);
     const std::string shape = shape_str(g);
-    std::printf("%-26s %-18s %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.1f %8.1f\n", g.what,
-                shape.c_str(), alone[0] * 1e3, alone[1] * 1e3, alone[2] * 1e3, alone[3] * 1e3,
-                hot[0] * 1e3, hot[1] * 1e3, hot[2] * 1e3, hot[3] * 1e3, host_issue_us(fns[0], 20),
-                host_issue_us(fns[2], 20));
+    std::printf("%-26s %-18s %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.1f %8.1f %12s\n", g.what,
+                shape.c_str(), alone[0] * 1e3, alone[1] * 1e3, alone[2] * 1e3, hot[0] * 1e3,
+                hot[1] * 1e3, hot[2] * 1e3, host_issue_us(fns[0], 20), host_issue_us(fns[2], 20),
+                utc_clock().c_str());
     std::fflush(stdout);
   }
 }
@@ -685,10 +678,10 @@ int run(const Options& opt) {
       "floors: bf16 %.0f TFLOP/s, fp8 %.0f TFLOP/s; fp8 = E4M3 x E4M3 per-tensor scales "
       "(fast accumulation off); blk = cuBLASLt with x 1x128, W 128x128 block scales\n",
       kBf16FloorFlops / 1e12, kFp8FloorFlops / 1e12);
-  std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %9s %9s\n", "op",
+  std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %9s %9s %12s\n", "op",
               "MxNxK", "bf16_ms", "fp8_ms", "fast_ms", "blk_ms", "auto_ms", "bf16_TF", "fp8_TF",
               "blk_TF", "bf16/fl", "fp8/fl", "speedup", "spd_fast", "spd_auto", "q_tensor",
-              "q_1x128");
+              "q_1x128", "end_utc");
   uint32_t seed = 1;
   const int64_t fallbacks_before = gemm_fp8_fallback_count();
   for (const Shape3& g : shapes) {
@@ -720,11 +713,11 @@ int run(const Options& opt) {
     const std::string shape = shape_str(g);
     std::printf(
         "%-26s %-18s %8.3f %8.3f %8.3f %8.3f %8.3f %8.0f %8.0f %8.0f %8.2f %8.2f %8.2f %8.2f %8.2f "
-        "%9.3f %9.3f\n",
+        "%9.3f %9.3f %12s\n",
         g.what, shape.c_str(), bf16_ms, fp8_ms, fast_ms, blk_ms, auto_ms, flops / (bf16_ms * 1e9),
         flops / (fp8_ms * 1e9), flops / (blk_ms * 1e9), bf16_ms / bf16_floor_ms,
         fp8_ms / fp8_floor_ms, bf16_ms / fp8_ms, bf16_ms / fast_ms, bf16_ms / auto_ms, q_tensor_ms,
-        q_block_ms);
+        q_block_ms, utc_clock().c_str());
     std::fflush(stdout);
   }
   std::printf(

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <ctime>
 #include <random>
 #include <vector>
 
@@ -84,6 +86,18 @@ std::vector<double> median_event_ms_queued(const std::vector<std::function<void(
 std::vector<double> median_event_ms_blocked(const std::vector<std::function<void()>>& fns,
                                             int rounds, int warmup) {
   return interleaved_rounds(fns, rounds, warmup, 1, nullptr, 0, 50000);
+}
+
+std::string utc_clock() {
+  const auto now = std::chrono::system_clock::now();
+  const std::time_t secs = std::chrono::system_clock::to_time_t(now);
+  const int ms = static_cast<int>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000);
+  std::tm utc{};
+  gmtime_r(&secs, &utc);
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%02d:%02d:%02d.%03d", utc.tm_hour, utc.tm_min, utc.tm_sec, ms);
+  return buf;
 }
 
 double host_issue_us(const std::function<void()>& fn, int calls) {

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "core/tensor.h"
@@ -38,6 +39,10 @@ std::vector<double> median_event_ms_queued(const std::vector<std::function<void(
 // in L2 as the previous round left them — the GPU time of a call inside a busy stream.
 std::vector<double> median_event_ms_blocked(const std::vector<std::function<void()>>& fns,
                                             int rounds, int warmup);
+
+// The wall clock as HH:MM:SS.mmm (UTC), to line benchmark rows up with a clock/power log
+// (scripts/device_check.sh samples nvidia-smi during `lasp bench lowp`).
+std::string utc_clock();
 
 // Queues a one-thread kernel that spins for about ns nanoseconds on the current stream.
 void stream_spin_ns(int64_t ns);

@@ -146,10 +146,27 @@ if [ -z "$LASP_BIN" ] && [ -n "$GPU_BIN" ] && [ "${BENCH:-1}" != 0 ]; then
 fi
 
 # ---- 4b. low-precision GEMMs (bf16 vs fp8) ----
+# CLOCKS=1 (default) samples the SM clock, power and the clock-event reasons every 100 ms while it
+# runs (clocks_lowp.csv; the bench's rows carry their end time in UTC to line up with it).
 LOWP_RESULT="not run"
 if [ -n "$LASP_BIN" ] && [ "${LOWP:-1}" = 1 ]; then
+  CLOCK_PID=""
+  if [ "${CLOCKS:-1}" = 1 ] && command -v nvidia-smi >/dev/null; then
+    REASONS=clocks_event_reasons.active
+    nvidia-smi --query-gpu=$REASONS --format=csv,noheader >/dev/null 2>&1 || REASONS=clocks_throttle_reasons.active
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,$REASONS \
+      --format=csv -lms 100 >"$OUT/clocks_lowp.csv" 2>&1 &
+    CLOCK_PID=$!
+  fi
   timeout "$(left ${LOWP_CAP_S:-240})" "$LASP_BIN" bench lowp ${LOWP_ARGS:-} 2>&1 | tee "$OUT/bench_lowp.log" | tail -20
   LOWP_RESULT="rc=$? (lasp bench lowp)"
+  if [ -n "$CLOCK_PID" ]; then
+    kill "$CLOCK_PID" 2>/dev/null
+    LOWP_RESULT="$LOWP_RESULT; SM clock $(awk -F', ' 'NR > 1 && $2 + 0 > 0 {n++; s += $2; p += $4;
+      if (min == "" || $2 + 0 < min) min = $2 + 0; if ($2 + 0 > max) max = $2 + 0}
+      END {if (n) printf "mean %.0f MHz (%d to %d), power mean %.0f W over %d samples", s / n, min, max, p / n, n}' \
+      "$OUT/clocks_lowp.csv")"
+  fi
   [ "${OPS:-1}" = 1 ] && timeout "$(left 90)" "$LASP_BIN" bench ops 2>&1 | tee -a "$OUT/bench_lowp.log" | tail -20
 fi
 
