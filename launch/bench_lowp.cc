@@ -3,6 +3,7 @@
 #include "launch/bench_lowp.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -60,6 +61,7 @@ struct Options {
   bool quantizers_only = false;  // --quantizers: only the FP8 block quantizer table
   bool kernel_only = false;      // --kernel: only the lasp FP8 kernel table
   bool latency_only = false;     // --latency: only the fixed-cost table
+  bool sustained_only = false;   // --sustained: only the sustained (power-capped) table
   std::string shape;             // --shape MxNxK: only that shape (with --kernel)
 };
 
@@ -653,6 +655,46 @@ void run_latency(const Options& opt) {
   }
 }
 
+// Sustained: each GEMM alone, queued back to back for about a second before it is timed, so the
+// GPU reaches the clock its power cap allows for that GEMM (a training step runs at that clock;
+// the tables above time calls in bursts of a few ms, mostly before the cap bites). Then 10
+// samples of 20 calls back to back; the median time per call. Each cell prints its UTC window, to
+// read the SM clock off device_check's clocks_lowp.csv.
+void run_sustained(const Options& opt, const std::vector<Shape3>& shapes) {
+  std::printf(
+      "\nSustained (each GEMM back to back for ~1 s, then 10 samples of 20 calls; ms per call; "
+      "windows in UTC): bf16, cuBLASLt FP8 (lt) and gemm_fp8's default (ours)\n");
+  std::printf("%-26s %-18s %8s %8s %8s %8s %8s   %s\n", "op", "MxNxK", "bf16_ms", "lt_ms",
+              "ours_ms", "spd_lt", "spd_ours", "windows (bf16 | lt | ours)");
+  auto stream = static_cast<cudaStream_t>(current_stream().handle);
+  uint32_t seed = 1101;
+  for (const Shape3& g : shapes) {
+    GemmOperands o = gemm_operands(g, seed);
+    Tensor &x = o.x, &w = o.w, &y = o.y;
+    const QuantizedFp8 &xq = o.xq, &wq = o.wq;
+    const std::vector<std::function<void()>> fns = {
+        [&] { gemm(y, x, false, w, true); },
+        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt); },
+        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Auto); }};
+    double ms[3];
+    std::string windows;
+    for (int f = 0; f < 3; ++f) {
+      const std::string from = utc_clock();
+      const auto t0 = std::chrono::steady_clock::now();
+      while (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(1000)) {
+        for (int i = 0; i < 50; ++i) fns[f]();
+        CUDA_CHECK(cudaStreamSynchronize(stream));  // keeps the queue short
+      }
+      ms[f] = median_event_ms_interleaved({fns[f]}, std::max(opt.iters / 2, 5), 0, 20)[0];
+      windows += (f ? " | " : "") + from + "-" + utc_clock();
+    }
+    const std::string shape = shape_str(g);
+    std::printf("%-26s %-18s %8.3f %8.3f %8.3f %8.2f %8.2f   %s\n", g.what, shape.c_str(), ms[0],
+                ms[1], ms[2], ms[0] / ms[1], ms[0] / ms[2], windows.c_str());
+    std::fflush(stdout);
+  }
+}
+
 // 8192^3 and the 1B model's projections at M = 16384 tokens (--quick: M = 4096, 4096^3).
 std::vector<Shape3> bench_shapes(bool quick) {
   if (quick) {
@@ -734,6 +776,7 @@ int run(const Options& opt) {
   }
   run_timing(opt, shapes);
   run_latency(opt);
+  run_sustained(opt, shapes);
   run_lasp_kernel(opt, shapes);
   if (!opt.quick) run_accuracy({shapes[1], shapes[4]});
   run_quantizers(opt);
@@ -767,6 +810,8 @@ int bench_lowp_main(int argc, char** argv) {
       opt.kernel_only = true;
     } else if (a == "--latency") {
       opt.latency_only = true;
+    } else if (a == "--sustained") {
+      opt.sustained_only = true;
     } else if (a == "--shape") {
       LASP_CHECK(i + 1 < argc) << "lasp bench lowp: --shape needs a value MxNxK";
       opt.shape = argv[++i];
@@ -775,7 +820,7 @@ int bench_lowp_main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "lasp bench lowp: unknown argument '%s' (expected --iters N, --warmup N, "
-                   "--quick, --algos, --quantizers, --kernel, --latency, --shape MxNxK)\n",
+                   "--quick, --algos, --quantizers, --kernel, --latency, --sustained, --shape MxNxK)\n",
                    a.c_str());
       return 2;
     }
@@ -787,6 +832,10 @@ int bench_lowp_main(int argc, char** argv) {
   set_log_quiet(true);
   if (opt.latency_only) {
     run_latency(opt);
+    return 0;
+  }
+  if (opt.sustained_only) {
+    run_sustained(opt, bench_shapes(opt.quick));
     return 0;
   }
   if (opt.quantizers_only) {

@@ -12,6 +12,8 @@
 //   interleaved rounds of 10 back-to-back runs, with each one's configuration.
 //   --latency: only the fixed-cost table (an N = 2048 GEMM over M and K, alone and behind a spin
 //   kernel, in us; also part of the full run)
+//   --sustained: only the sustained table (each GEMM back to back for ~1 s first, so that it runs
+//   at the clock the power cap allows; also part of the full run)
 // Returns non-zero with a message in a CPU-only build or without a GPU.
 #pragma once
 
