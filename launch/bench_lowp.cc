@@ -663,9 +663,12 @@ void run_latency(const Options& opt) {
 void run_sustained(const Options& opt, const std::vector<Shape3>& shapes) {
   std::printf(
       "\nSustained (each GEMM back to back for ~1 s, then 10 samples of 20 calls; ms per call; "
-      "windows in UTC): bf16, cuBLASLt FP8 (lt) and gemm_fp8's default (ours)\n");
-  std::printf("%-26s %-18s %8s %8s %8s %8s %8s   %s\n", "op", "MxNxK", "bf16_ms", "lt_ms",
-              "ours_ms", "spd_lt", "spd_ours", "windows (bf16 | lt | ours)");
+      "windows in UTC): bf16, cuBLASLt FP8 (lt) and gemm_fp8's default (ours); *_MHz = the SM "
+      "clock right behind 20 more calls (cycles of a one-thread kernel over 100 us of the global "
+      "timer)\n");
+  std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s   %s\n", "op", "MxNxK", "bf16_ms",
+              "lt_ms", "ours_ms", "spd_lt", "spd_ours", "bf16_MHz", "lt_MHz", "ours_MHz",
+              "windows (bf16 | lt | ours)");
   auto stream = static_cast<cudaStream_t>(current_stream().handle);
   uint32_t seed = 1101;
   for (const Shape3& g : shapes) {
@@ -676,7 +679,7 @@ void run_sustained(const Options& opt, const std::vector<Shape3>& shapes) {
         [&] { gemm(y, x, false, w, true); },
         [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt); },
         [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Auto); }};
-    double ms[3];
+    double ms[3], mhz[3];
     std::string windows;
     for (int f = 0; f < 3; ++f) {
       const std::string from = utc_clock();
@@ -686,11 +689,14 @@ void run_sustained(const Options& opt, const std::vector<Shape3>& shapes) {
         CUDA_CHECK(cudaStreamSynchronize(stream));  // keeps the queue short
       }
       ms[f] = median_event_ms_interleaved({fns[f]}, std::max(opt.iters / 2, 5), 0, 20)[0];
+      for (int i = 0; i < 20; ++i) fns[f]();
+      mhz[f] = stream_sm_clock_mhz();  // right behind 20 calls: the clock they ran at
       windows += (f ? " | " : "") + from + "-" + utc_clock();
     }
     const std::string shape = shape_str(g);
-    std::printf("%-26s %-18s %8.3f %8.3f %8.3f %8.2f %8.2f   %s\n", g.what, shape.c_str(), ms[0],
-                ms[1], ms[2], ms[0] / ms[1], ms[0] / ms[2], windows.c_str());
+    std::printf("%-26s %-18s %8.3f %8.3f %8.3f %8.2f %8.2f %8.0f %8.0f %8.0f   %s\n", g.what,
+                shape.c_str(), ms[0], ms[1], ms[2], ms[0] / ms[1], ms[0] / ms[2], mhz[0], mhz[1],
+                mhz[2], windows.c_str());
     std::fflush(stdout);
   }
 }

@@ -47,6 +47,11 @@ std::string utc_clock();
 // Queues a one-thread kernel that spins for about ns nanoseconds on the current stream.
 void stream_spin_ns(int64_t ns);
 
+// The SM clock in MHz right after the work queued so far on the current stream: a one-thread
+// kernel counts SM cycles over ns nanoseconds of the global timer (clock changes take
+// milliseconds, so it reads the clock the preceding work ran at). Synchronises the stream.
+double stream_sm_clock_mhz(int64_t ns = 100000);
+
 // Host time in microseconds to issue one call of fn (mean over `calls`, the GPU kept busy).
 double host_issue_us(const std::function<void()>& fn, int calls);
 
