@@ -640,7 +640,7 @@ void run_latency(const Options& opt) {
     GemmOperands o = gemm_operands(g, seed);
     Tensor &x = o.x, &w = o.w, &y = o.y;
     const QuantizedFp8 &xq = o.xq, &wq = o.wq;
-    const std::vector<std::function<void()>> fns = {
+    const std::vector<std::function<void()> > fns = {
         [&] { gemm(y, x, false, w, true); },
         [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt); },
         [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Auto); }};
@@ -675,7 +675,7 @@ void run_sustained(const Options& opt, const std::vector<Shape3>& shapes) {
     GemmOperands o = gemm_operands(g, seed);
     Tensor &x = o.x, &w = o.w, &y = o.y;
     const QuantizedFp8 &xq = o.xq, &wq = o.wq;
-    const std::vector<std::function<void()>> fns = {
+    const std::vector<std::function<void()> > fns = {
         [&] { gemm(y, x, false, w, true); },
         [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt); },
         [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Auto); }};
@@ -726,10 +726,10 @@ int run(const Options& opt) {
       "floors: bf16 %.0f TFLOP/s, fp8 %.0f TFLOP/s; fp8 = E4M3 x E4M3 per-tensor scales "
       "(fast accumulation off); blk = cuBLASLt with x 1x128, W 128x128 block scales\n",
       kBf16FloorFlops / 1e12, kFp8FloorFlops / 1e12);
-  std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %9s %9s %12s\n", "op",
-              "MxNxK", "bf16_ms", "fp8_ms", "fast_ms", "blk_ms", "auto_ms", "bf16_TF", "fp8_TF",
-              "blk_TF", "bf16/fl", "fp8/fl", "speedup", "spd_fast", "spd_auto", "q_tensor",
-              "q_1x128", "end_utc");
+  std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %9s %9s %12s\n",
+              "op", "MxNxK", "bf16_ms", "fp8_ms", "fast_ms", "blk_ms", "auto_ms", "bf16_TF",
+              "fp8_TF", "blk_TF", "bf16/fl", "fp8/fl", "speedup", "spd_fast", "spd_auto",
+              "q_tensor", "q_1x128", "end_utc");
   uint32_t seed = 1;
   const int64_t fallbacks_before = gemm_fp8_fallback_count();
   for (const Shape3& g : shapes) {
@@ -824,10 +824,11 @@ int bench_lowp_main(int argc, char** argv) {
     } else if (a == "lowp" || a == "bench") {
       continue;  // tolerate the subcommand words if the caller passes them through
     } else {
-      std::fprintf(stderr,
-                   "lasp bench lowp: unknown argument '%s' (expected --iters N, --warmup N, "
-                   "--quick, --algos, --quantizers, --kernel, --latency, --sustained, --shape MxNxK)\n",
-                   a.c_str());
+      std::fprintf(
+          stderr,
+          "lasp bench lowp: unknown argument '%s' (expected --iters N, --warmup N, "
+          "--quick, --algos, --quantizers, --kernel, --latency, --sustained, --shape MxNxK)\n",
+          a.c_str());
       return 2;
     }
   }

@@ -35,7 +35,8 @@ double stream_sm_clock_mhz(int64_t ns) {
   clock_kernel<<<1, 1, 0, cuda_stream()>>>(ns, out);
   CUDA_CHECK_LAUNCH("stream_sm_clock_mhz");
   CUDA_CHECK(cudaStreamSynchronize(cuda_stream()));
-  const double mhz = out[1] > 0 ? 1e3 * static_cast<double>(out[0]) / static_cast<double>(out[1]) : 0.0;
+  const double mhz =
+      out[1] > 0 ? 1e3 * static_cast<double>(out[0]) / static_cast<double>(out[1]) : 0.0;
   CUDA_CHECK(cudaFreeHost(out));
   return mhz;
 }
