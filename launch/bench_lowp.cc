@@ -487,6 +487,14 @@ GemmOperands gemm_operands(const Shape3& g, uint32_t& seed) {
   return o;
 }
 
+// The three GEMMs the fixed-cost and sustained tables compare on o: bf16, cuBLASLt FP8 and
+// gemm_fp8's default choice (Auto), all per tensor with promotion.
+std::vector<std::function<void()> > bf16_lt_auto(GemmOperands& o) {
+  return {[&o] { gemm(o.y, o.x, false, o.w, true); },
+          [&o] { gemm_fp8_with(o.y, o.xq, o.wq, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt); },
+          [&o] { gemm_fp8_with(o.y, o.xq, o.wq, 1.0f, 0.0f, false, Fp8GemmBackend::Auto); }};
+}
+
 // lasp's own FP8 kernel (kernels/gemm_fp8_sm90.cu) next to cuBLASLt, timed in the same
 // interleaved rounds: tile N 128 and 192 promoting every 128 of K (what cuBLASLt computes), tile
 // 128 promoting every 512, and fast accumulation (one promotion at the end) of both; then block
@@ -638,12 +646,7 @@ void run_latency(const Options& opt) {
   uint32_t seed = 901;
   for (const Shape3& g : shapes) {
     GemmOperands o = gemm_operands(g, seed);
-    Tensor &x = o.x, &w = o.w, &y = o.y;
-    const QuantizedFp8 &xq = o.xq, &wq = o.wq;
-    const std::vector<std::function<void()> > fns = {
-        [&] { gemm(y, x, false, w, true); },
-        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt); },
-        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Auto); }};
+    const std::vector<std::function<void()> > fns = bf16_lt_auto(o);
     const std::vector<double> alone = median_event_ms_interleaved(fns, opt.iters, opt.warmup);
     const std::vector<double> hot = median_event_ms_blocked(fns, opt.iters, opt.warmup);
     const std::string shape = shape_str(g);
@@ -673,12 +676,7 @@ void run_sustained(const Options& opt, const std::vector<Shape3>& shapes) {
   uint32_t seed = 1101;
   for (const Shape3& g : shapes) {
     GemmOperands o = gemm_operands(g, seed);
-    Tensor &x = o.x, &w = o.w, &y = o.y;
-    const QuantizedFp8 &xq = o.xq, &wq = o.wq;
-    const std::vector<std::function<void()> > fns = {
-        [&] { gemm(y, x, false, w, true); },
-        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt); },
-        [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Auto); }};
+    const std::vector<std::function<void()> > fns = bf16_lt_auto(o);
     double ms[3], mhz[3];
     std::string windows;
     for (int f = 0; f < 3; ++f) {
