@@ -487,7 +487,7 @@ GemmOperands gemm_operands(const Shape3& g, uint32_t& seed) {
   return o;
 }
 
-// The three GEMMs the fixed-cost and sustained tables compare on o: bf16, cuBLASLt FP8 and
+// The three GEMMs the timing, fixed-cost and sustained tables compare on o: bf16, cuBLASLt FP8 and
 // gemm_fp8's default choice (Auto), all per tensor with promotion.
 std::vector<std::function<void()> > bf16_lt_auto(GemmOperands& o) {
   return {[&o] { gemm(o.y, o.x, false, o.w, true); },
@@ -585,17 +585,11 @@ void run_timing(const Options& opt, const std::vector<Shape3>& shapes) {
   uint32_t seed = 701;
   for (const Shape3& g : shapes) {
     GemmOperands o = gemm_operands(g, seed);
-    Tensor &x = o.x, &w = o.w, &y = o.y;
-    const QuantizedFp8 &xq = o.xq, &wq = o.wq;
-    const Fp8GemmBackend lt = Fp8GemmBackend::CublasLt;
-    const std::function<void()> bf16 = [&] { gemm(y, x, false, w, true); };
-    const std::function<void()> fp8 = [&] { gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, lt); };
-    const std::function<void()> fp8_auto = [&] {
-      gemm_fp8_with(y, xq, wq, 1.0f, 0.0f, false, Fp8GemmBackend::Auto);
-    };
+    const std::vector<std::function<void()> > fns = bf16_lt_auto(o);
+    const std::function<void()>&bf16 = fns[0], &fp8 = fns[1], &fp8_auto = fns[2];
     const std::function<void()> q_fp8 = [&] {
-      const QuantizedFp8 q = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
-      gemm_fp8_with(y, q, wq, 1.0f, 0.0f, false, lt);
+      const QuantizedFp8 q = quantize_fp8_cuda(o.x, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+      gemm_fp8_with(o.y, q, o.wq, 1.0f, 0.0f, false, Fp8GemmBackend::CublasLt);
     };
     const std::vector<double> alone =
         median_event_ms_interleaved({bf16, fp8, fp8_auto}, opt.iters, opt.warmup);
