@@ -10,7 +10,7 @@
 # (extra --set options in TRAIN_SET), checks that TensorBoard reads the run's event files, and with
 # 2+ GPUs runs the multi-rank tests over NCCL. TRAIN_VARIANTS="ce16k fp8 fp8fast swiglu" trains the first
 # config again with one LM-head chunk / FP8 projections and LM head / FP8 fast accumulation /
-# train.recompute=swiglu (also: fp4 = FP4 projections; fp8block = FP8 with block scaling; VARIANT_PROFILE=1 adds a 3-step LASP_PROFILE=1
+# train.recompute=swiglu (also: fp4 = FP4 projections; fp8block = FP8 with block scaling; VARIANT_PROFILE=1 (or shapes) adds a 3-step LASP_PROFILE=1 (or shapes)
 # run of each variant to its log). FP4_PROFILE=1
 # times and profiles the FP4 emulation on configs/hybrid_27m.yaml (fp4_profile.log).
 # TRAIN_SH=1 also runs scripts/train.sh (the README's first command) for 100 steps; PRECISION_SEEDS="1 2 3" runs scripts/compare_precision.sh with
@@ -294,8 +294,8 @@ if [ -n "$LASP_BIN" ] && ((TRAIN)); then
     train_run "$log" "$(left 200)" "$ROOT/configs/$first" \
       --set train.steps="$TRAIN_STEPS" --set run.dir=/tmp/lasp-run-$variant $TRAIN_SET "${sets[@]}"
     TRAIN_RESULT="$TRAIN_RESULT | $variant rc=$? $(grep -E '^step' "$log" | tail -1)"
-    if [ "${VARIANT_PROFILE:-0}" = 1 ]; then  # where this variant's time goes (3 steps, LASP_PROFILE=1)
-      LASP_PROFILE=1 timeout "$(left 120)" "$LASP_BIN" train "$ROOT/configs/$first" --set train.steps=3 \
+    if [ "${VARIANT_PROFILE:-0}" != 0 ]; then  # where this variant's time goes (3 steps, LASP_PROFILE=1|shapes)
+      LASP_PROFILE=$VARIANT_PROFILE timeout "$(left 120)" "$LASP_BIN" train "$ROOT/configs/$first" --set train.steps=3 \
         --set run.dir=/tmp/lasp-prof-$variant $TRAIN_SET "${sets[@]}" 2>&1 | sed -n '/^profile/,$p' >>"$log"
     fi
   done
