@@ -21,13 +21,10 @@ Fp8GemmBackend fp8_gemm_backend_from_env() {
                        : Fp8GemmBackend::Auto;
 }
 
-bool gemm_fp8_lasp_takes(Fp8Scaling a, Fp8Scaling b) {
-  (void)a;
-  return b != Fp8Scaling::Block1x128;
-}
-
 bool fp8_auto_prefers_lasp(int64_t k, Fp8Scaling a, Fp8Scaling b, bool c_bf16, float beta) {
-  return gemm_fp8_lasp_takes(a, b) && c_bf16 && beta == 0.0f && k <= 4096;
+  (void)a;
+  if (b == Fp8Scaling::Block1x128) return true;  // the block-scaled weight gradients
+  return c_bf16 && beta == 0.0f && k <= 4096;
 }
 
 void gemm_fp8(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha, float beta,

@@ -25,9 +25,9 @@
 //
 // Kernel (on an sm_90 GPU): cuBLASLt, or lasp's own warp-specialised TMA + wgmma kernel
 // (kernels/gemm_fp8_sm90.cu: the same products and fp32 promotion every 128 of K, also E5M2 x
-// E5M2; block scaling with A per tensor / 1x128 / 128x128 and B per tensor / 128x128, the
-// factors applied at every promotion), chosen by LASP_FP8_GEMM = auto | cublaslt | lasp (auto:
-// fp8_auto_prefers_lasp). A 1x128-scaled B always runs in cuBLASLt.
+// E5M2; block scaling with A per tensor / 1x128 / 128x128 and B per tensor / 1x128 / 128x128,
+// the factors applied at every promotion), chosen by LASP_FP8_GEMM = auto | cublaslt | lasp
+// (auto: fp8_auto_prefers_lasp).
 //
 // CPU tensors run gemm_fp8_emulated (fp32 C only).
 #pragma once
@@ -66,19 +66,17 @@ struct Fp8KernelConfig {
 // LASP_FP8_GEMM (gemm_fp8 reads it once per process): "cublaslt", "lasp", or "auto"/unset
 // (= Auto). Other values are an error naming the variable.
 Fp8GemmBackend fp8_gemm_backend_from_env();
-// Auto's rule on an sm_90 GPU: our kernel for scalings it takes (gemm_fp8_lasp_takes), bf16 C,
-// beta = 0 and K <= 4096, where `lasp bench lowp` measured it at or above cuBLASLt (per tensor,
-// the 1B model's K = 2048 projections: 1.66-1.79x bf16 against cuBLASLt's 1.61-1.79x; block
-// scaling: see docs/fp8_gpu.md); cuBLASLt for the rest (K = 8192: 1.72 vs 1.75x, 8192^3: 1.83
-// vs 1.96x; a 1x128 B; fp32 C or beta != 0, which our kernel stores from registers).
+// Auto's rule on an sm_90 GPU: our kernel where `lasp bench lowp` measured it at or above
+// cuBLASLt: bf16 C, beta = 0 and K <= 4096 (per tensor, the 1B model's K = 2048 projections:
+// 1.66-1.79x bf16 against cuBLASLt's 1.61-1.79x; x 1x128 times W 128x128), and any GEMM with a
+// 1x128 B (the block-scaled weight gradients, dy^T x with both 1x128 along the tokens: see
+// docs/fp8_gpu.md); cuBLASLt for the rest (per tensor K = 8192: 1.72 vs 1.75x, 8192^3: 1.83 vs
+// 1.96x; fp32 C or beta != 0, which our kernel stores from registers).
 // docs/fp8_gpu.md, "Our FP8 kernel".
 bool fp8_auto_prefers_lasp(int64_t k, Fp8Scaling a, Fp8Scaling b, bool c_bf16, float beta);
-// The scalings lasp's kernel takes: A per tensor, 1x128 or 128x128; B per tensor or 128x128 (a
-// 1x128 B would need one factor per column of C, 48 per thread and K block: cuBLASLt runs it).
-bool gemm_fp8_lasp_takes(Fp8Scaling a, Fp8Scaling b);
-// gemm_fp8 on a chosen kernel (benchmarks and tests compare them). Lasp needs per-tensor scales
-// and gemm_fp8_lasp_available(); fast_accum there means promote_every = the whole K. CPU tensors
-// ignore the choice (the exact emulation).
+// gemm_fp8 on a chosen kernel (benchmarks and tests compare them). Lasp needs
+// gemm_fp8_lasp_available(); fast_accum there means promote_every = the whole K (per tensor
+// only). CPU tensors ignore the choice (the exact emulation).
 void gemm_fp8_with(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, float alpha, float beta,
                    bool fast_accum, Fp8GemmBackend backend, Fp8KernelConfig cfg = {});
 // True on a compute capability 9.0 GPU with this build's sm_90a code (false without CUDA).

@@ -4,9 +4,10 @@
 // docs/fp8_gpu.md, "Our FP8 kernel"): C[M, N] = alpha s_A s_B A[M, K] B[N, K]^T + beta C,
 // per-tensor scales, both operands K-major E4M3/E5M2 codes, fp32 accumulation with the tensor
 // cores' partial sums promoted into fp32 registers every `promote_every` K blocks of 128. The
-// kBlock kernels take block scales instead (A 1x128 / 128x128 / per tensor, B 128x128 / per
-// tensor): every K block is promoted with its factors, C = alpha sum_kb f_A f_B P_kb + beta C
-// (docs/fp8_gpu.md, "Block scaling in our kernel").
+// block-scaled kernels (kScale != kTensorScale) take block scales instead (A 1x128 / 128x128 /
+// per tensor; B 128x128 / per tensor, or 1x128 = one factor per column of C per K block, which
+// TMA stages in shared memory next to the operands): every K block is promoted with its factors,
+// C = alpha sum_kb f_A f_B P_kb + beta C (docs/fp8_gpu.md, "Block scaling in our kernel").
 //
 // Tiles and stages (names as in the code):
 //   CTA tile kBM x BN (128 x 128 or 128 x 192) of C, K in blocks of kBK = 128 bytes (one 128-byte
@@ -51,20 +52,30 @@ namespace {
 constexpr int kBM = 128, kBK = 128, kThreads = 384;
 constexpr int kSmemLimit = 227 * 1024;
 
+// How a kernel scales its products: per tensor (alpha s_A s_B in the epilogue), block factors of
+// A's rows and B's 128-row blocks (registers, loaded per K block), or block factors of A's rows
+// and B's rows (one per column of C: staged in shared memory by TMA with the operands).
+enum ScaleKind { kTensorScale = 0, kBlockScale = 1, kColumnScale = 2 };
+
 template <int BN>
 struct Fp8Tiles {
   static constexpr int kAccRegs = BN / 2;  // fp32 accumulator registers per thread (64 x BN / 128)
   static constexpr int kABytes = kBM * kBK, kBBytes = BN * kBK, kStageBytes = kABytes + kBBytes;
+  // kColumnScale: per stage, the fp32 factors of the tile's BN columns in its K block (a
+  // multiple of 128 bytes, TMA's alignment), kept apart from the operands (which stay 1024-aligned).
+  static constexpr int kColBytes = BN * 4;
   // The TMA-store epilogue's bf16 C tile: per consumer, BN / 64 swizzle panels of 64 rows.
   static constexpr int kCBytes = 2 * (BN / 64) * sm90::kSwPanelBytes;
-  static constexpr int stages(bool tma_store) {
-    return std::min(8, (kSmemLimit - 1024 - 256 - (tma_store ? kCBytes : 0)) / kStageBytes);
+  static constexpr int per_stage(bool cols) { return kStageBytes + (cols ? kColBytes : 0); }
+  static constexpr int stages(bool tma_store, bool cols) {
+    return std::min(8, (kSmemLimit - 1024 - 256 - (tma_store ? kCBytes : 0)) / per_stage(cols));
   }
-  // Layout from the 1024-aligned base: stages, [C tile], full and empty barriers, the two stagger
-  // barriers.
-  static constexpr int smem_bytes(bool tma_store) {
-    return 1024 + stages(tma_store) * kStageBytes + (tma_store ? kCBytes : 0) +
-           16 * stages(tma_store) + 16;
+  // Layout from the 1024-aligned base: stages, [C tile], [column factors], full and empty
+  // barriers, the two stagger barriers.
+  static constexpr int smem_bytes(bool tma_store, bool cols) {
+    const int s = stages(tma_store, cols);
+    return 1024 + s * kStageBytes + (tma_store ? kCBytes : 0) + (cols ? s * kColBytes : 0) +
+           16 * s + 16;
   }
 };
 
@@ -77,19 +88,22 @@ struct Fp8GemmArgs {
   const float* scale_b = nullptr;
   int tiles_m = 0, tiles_n = 0;
   int promote_every = 1;  // K blocks between promotions; >= nk: one promotion at the end
-  int stages = 0;         // Fp8Tiles<BN>::stages(tma_store)
+  int stages = 0;         // Fp8Tiles<BN>::stages(tma_store, kScale == kColumnScale)
   int stagger = 0;        // consumer 1 starts after consumer 0's first K block (Fp8KernelConfig)
   int tma_store = 0;      // bf16 C, beta = 0, through shared memory and map_c
   // BN = 192 with a last column of tiles at most 128 wide: that column runs m64n128 wgmmas
   // (2/3 of a full tile's tensor-core time), and the columns rotate by the tile row
   // (tile_origin), so that every CTA meets about as many narrow tiles as the others.
   int narrow_edge = 0;
-  // Block scaling (the kBlock kernels; scale_a / scale_b unused): the dequantization factor of
-  // A's row r in K block kb is sa[(min(r, sa_rows - 1) / sa_div) * sa_ld + kb * sa_kstride]
-  // (1x128: div 1, ld L, kstride 1; 128x128: div 128; per tensor: ld = kstride = 0), and of B's
-  // 128-row block cb (a 128-column block of C) sb[min(cb, sb_blocks - 1) * sb_ld + kb *
-  // sb_kstride] (128x128: ld L, kstride 1; per tensor: 0, 0). Rows and blocks past the operand
-  // are clamped: they meet zero codes (TMA's fill) and their outputs are dropped.
+  // Block scaling (kScale != kTensorScale; scale_a / scale_b unused): the dequantization factor
+  // of A's row r in K block kb is sa[(min(r, sa_rows - 1) / sa_div) * sa_ld + kb * sa_kstride]
+  // (1x128: div 1, ld L, kstride 1; 128x128: div 128; per tensor: ld = kstride = 0), and, in the
+  // kBlockScale kernels, of B's 128-row block cb (a 128-column block of C) sb[min(cb, sb_blocks -
+  // 1) * sb_ld + kb * sb_kstride] (128x128: ld L, kstride 1; per tensor: 0, 0). Rows and blocks
+  // past the operand are clamped: they meet zero codes (TMA's fill) and their outputs are
+  // dropped. The kColumnScale kernels read B's factors (1x128) from map_sb instead: a [K blocks,
+  // columns] fp32 matrix, B's factors transposed, whose box of BN columns of one K block TMA
+  // loads with each stage (zeros past the matrix).
   const float* sa = nullptr;
   const float* sb = nullptr;
   int sa_rows = 1, sa_div = 1, sa_ld = 0, sa_kstride = 0;
@@ -179,6 +193,26 @@ __device__ __forceinline__ void promote_scaled(float (&total)[R], const float (&
   }
 }
 
+// total += f acc for one K block with a factor per column of C (kColumnScale): column 8 j + 2 q
+// (+ 1) takes the fp32 pair at shared address `cols` + 4 (8 j + 2 q) (one 8-byte load per column
+// pair; the threads of a quad read 32 consecutive bytes, the warp's 8 quads the same ones), rows g
+// and g + 8 take fa0 and fa1. Two fp32 operations per element (the per-tensor promotion's one
+// add, the 128x128 path's one fma).
+template <int NI, int R>
+__device__ __forceinline__ void promote_columns(float (&total)[R], const float (&acc)[R], float fa0,
+                                                float fa1, uint32_t cols) {
+  static_assert(R >= NI / 2, "accumulator too short");
+#pragma unroll
+  for (int j = 0; j < NI / 8; ++j) {
+    float fx, fy;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(fx), "=f"(fy) : "r"(cols + 32 * j));
+    total[4 * j] = fmaf(acc[4 * j] * fx, fa0, total[4 * j]);
+    total[4 * j + 1] = fmaf(acc[4 * j + 1] * fy, fa0, total[4 * j + 1]);
+    total[4 * j + 2] = fmaf(acc[4 * j + 2] * fx, fa1, total[4 * j + 2]);
+    total[4 * j + 3] = fmaf(acc[4 * j + 3] * fy, fa1, total[4 * j + 3]);
+  }
+}
+
 // Tile t's C origin (row m0, column n0): fp8tiles::tile_rc's walk, its columns rotated by the row
 // where there is a narrow edge.
 template <int BN>
@@ -190,26 +224,31 @@ __device__ __forceinline__ int2 tile_origin(const Fp8GemmArgs& p, int t) {
 // 1 where this file's kernels were compiled for sm_90a (read once per device by the host).
 __device__ int fp8_sm90_compiled = LASP_SM90_WGMMA;
 
-template <int BN, Fp8Format FA, Fp8Format FB, bool kBlock>
+template <int BN, Fp8Format FA, Fp8Format FB, int kScale>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_fp8_sm90_kernel(const Fp8GemmArgs p, const __grid_constant__ CUtensorMap map_a,
                          const __grid_constant__ CUtensorMap map_b,
-                         const __grid_constant__ CUtensorMap map_c) {
+                         const __grid_constant__ CUtensorMap map_c,
+                         const __grid_constant__ CUtensorMap map_sb) {
 #if LASP_SM90_WGMMA
   using T = Fp8Tiles<BN>;
   constexpr int R = T::kAccRegs;
+  constexpr bool kBlock = kScale != kTensorScale, kCols = kScale == kColumnScale;
   const int S = p.stages;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base =
       (sm90::smem_u32(smem_raw) + 1023u) & ~1023u;    // 128-byte swizzle: 1024-aligned
   const uint32_t c_tile = base + S * T::kStageBytes;  // the TMA-store epilogue's C tile
-  const uint32_t full0 = c_tile + (p.tma_store ? T::kCBytes : 0), empty0 = full0 + 8 * S,
+  const uint32_t cols0 = c_tile + (p.tma_store ? T::kCBytes : 0);  // kCols: stage s's factors
+  const uint32_t full0 = cols0 + (kCols ? S * T::kColBytes : 0), empty0 = full0 + 8 * S,
                  stagger_bar = empty0 + 8 * S;
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
       sm90::mbar_init(full0 + 8 * s, 1);   // the producer's arrive + the TMA bytes
-      sm90::mbar_init(empty0 + 8 * s, 2);  // one arrival per consumer warpgroup
+      // One arrival per consumer warpgroup; with column factors, one per consumer warp (each
+      // warp's lanes read the stage's factors).
+      sm90::mbar_init(empty0 + 8 * s, kCols ? 8 : 2);
     }
     sm90::mbar_init(stagger_bar, 1);
     sm90::mbar_init(stagger_bar + 8, 1);
@@ -231,9 +270,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int kb = 0; kb < nk; ++kb) {
           if (round > 0) sm90::mbar_wait(empty0 + 8 * s, (round - 1) & 1);
           const uint32_t a = base + s * T::kStageBytes, bar = full0 + 8 * s;
-          sm90::mbar_arrive_expect_tx(bar, T::kStageBytes);
+          sm90::mbar_arrive_expect_tx(bar, T::per_stage(kCols));
           sm90::tma_load_2d(a, &map_a, bar, kb * kBK, m0);
           sm90::tma_load_2d(a + T::kABytes, &map_b, bar, kb * kBK, n0);
+          if constexpr (kCols) sm90::tma_load_2d(cols0 + s * T::kColBytes, &map_sb, bar, n0, kb);
           if (++s == S) {
             s = 0;
             ++round;
@@ -249,6 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // c through a shuffle: ptxas then knows it is the same across the warp (a wait whose address
   // depends on a value it cannot prove uniform makes it serialise the wgmmas, C7518).
   const int c = __shfl_sync(0xffffffffu, wg - 1, 0), t = threadIdx.x % 128;
+  const bool releaser = kCols ? t % 32 == 0 : t == 0;  // who hands a stage back
   // Per tensor: the epilogue applies alpha s_A s_B. Block scaling: every K block's partial sums
   // are scaled by their blocks' factors when they are added into total; the epilogue applies alpha.
   const float scale = kBlock ? p.alpha : p.alpha * *p.scale_a * *p.scale_b;
@@ -282,12 +323,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     [[maybe_unused]] int oa0 = 0, oa1 = 0, ob0 = 0, ob1 = 0;
     [[maybe_unused]] bool half = false;
     if constexpr (kBlock) {
-      const int r = m0 + 64 * c + 16 * (t / 32) + (t % 32) / 4, cb = n0 / 128;
+      const int r = m0 + 64 * c + 16 * (t / 32) + (t % 32) / 4;
       oa0 = (min(r, p.sa_rows - 1) / p.sa_div) * p.sa_ld;
       oa1 = (min(r + 8, p.sa_rows - 1) / p.sa_div) * p.sa_ld;
-      ob0 = min(cb, p.sb_blocks - 1) * p.sb_ld;
-      ob1 = min(cb + 1, p.sb_blocks - 1) * p.sb_ld;
-      half = n0 % 128 != 0;
+      if constexpr (!kCols) {
+        const int cb = n0 / 128;
+        ob0 = min(cb, p.sb_blocks - 1) * p.sb_ld;
+        ob1 = min(cb + 1, p.sb_blocks - 1) * p.sb_ld;
+        half = n0 % 128 != 0;
+      }
     }
     // A promotion batch is promote_every K blocks: its first wgmma overwrites acc, its last is
     // followed by wait<0> and total += acc. Inside a batch, wait<1> after each block's wgmmas
@@ -311,20 +355,29 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Block kb's factors, loaded while its wgmmas run (L1 hits after a row's first block).
       [[maybe_unused]] float fa0 = 0.0f, fa1 = 0.0f, fb0 = 0.0f, fb1 = 0.0f;
       if constexpr (kBlock) {
-        const int ka = kb * p.sa_kstride, kbb = kb * p.sb_kstride;
+        const int ka = kb * p.sa_kstride;
         fa0 = __ldg(p.sa + oa0 + ka);
         fa1 = __ldg(p.sa + oa1 + ka);
-        fb0 = __ldg(p.sb + ob0 + kbb);
-        fb1 = __ldg(p.sb + ob1 + kbb);
+        if constexpr (!kCols) {
+          const int kbb = kb * p.sb_kstride;
+          fb0 = __ldg(p.sb + ob0 + kbb);
+          fb1 = __ldg(p.sb + ob1 + kbb);
+        }
       }
-      // Once a stage's wgmmas are done reading it, one thread hands it back to the producer.
+      // Once a stage's wgmmas are done reading it, one thread hands it back to the producer (with
+      // column factors, after the promotion has read the stage's factors).
       if (promote) {
         sm90::wait<0>();
         sm90::fence_operands(acc);
-        sm90::mbar_arrive_if(empty0 + 8 * pending, t == 0 && pending >= 0);
-        sm90::mbar_arrive_if(empty0 + 8 * s, t == 0);
+        sm90::mbar_arrive_if(empty0 + 8 * pending, releaser && pending >= 0);
+        if constexpr (!kCols) sm90::mbar_arrive_if(empty0 + 8 * s, releaser);
         pending = -1;
-        if constexpr (kBlock) {  // promote_every is 1 here: acc holds block kb alone
+        if constexpr (kCols) {  // promote_every is 1 here: acc holds block kb alone
+          promote_columns<NI>(total, acc, fa0, fa1, cols0 + s * T::kColBytes + 8 * (t % 4));
+          // Each warp releases the stage once all its lanes have read the factors.
+          __syncwarp();
+          sm90::mbar_arrive_if(empty0 + 8 * s, releaser);
+        } else if constexpr (kBlock) {  // promote_every is 1 here: acc holds block kb alone
           if (half) {
             promote_scaled<NI, 8>(total, acc, fa0 * fb0, fa0 * fb1, fa1 * fb0, fa1 * fb1);
           } else {
@@ -336,7 +389,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       } else {
         sm90::wait<1>();
-        sm90::mbar_arrive_if(empty0 + 8 * pending, t == 0 && pending >= 0);
+        sm90::mbar_arrive_if(empty0 + 8 * pending, releaser && pending >= 0);
         pending = s;
       }
       // An mbarrier, not a named barrier: bar.arrive in this loop makes ptxas serialise the
@@ -447,33 +500,56 @@ bool encode_output(CUtensorMap* map, void* c, int64_t m, int64_t n) {
                                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// B's 1x128 factors transposed, [nb, ld] fp32 (ld a multiple of 4: TMA's 16-byte row pitch), for
+// the kColumnScale kernels: boxes of box_cols columns (a tile's) x 1 K block, zeros outside.
+bool encode_column_factors(CUtensorMap* map, const float* f, int64_t nb, int64_t ld, int box_cols) {
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(ld), static_cast<cuuint64_t>(nb)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * 4};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), 1}, elem[2] = {1, 1};
+  return sm90::tensor_map_encoder()(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, const_cast<float*>(f),
+                                    dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                    CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// out[kb * ld + r] = in[r * nb + kb] (B's 1x128 factors, K block major), zero for rows >= rows.
+__global__ void column_factors_kernel(float* out, int64_t ld, int64_t rows, int64_t nb,
+                                      const float* in) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= ld * nb) return;
+  const int64_t kb = i / ld, r = i % ld;
+  out[i] = r < rows ? in[r * nb + kb] : 0.0f;
+}
+
 struct Fp8Maps {
   CUtensorMap a{}, b{}, c{};  // c: only read with args.tma_store
+  CUtensorMap sb{};           // only read by the kColumnScale kernels
 };
 
 // A persistent grid: one CTA per SM (at most one per tile).
-template <int BN, Fp8Format FA, Fp8Format FB, bool kBlock>
+template <int BN, Fp8Format FA, Fp8Format FB, int kScale>
 void launch_fp8(const Fp8GemmArgs& args, const Fp8Maps& maps) {
   using T = Fp8Tiles<BN>;
-  auto kernel = gemm_fp8_sm90_kernel<BN, FA, FB, kBlock>;
+  constexpr bool cols = kScale == kColumnScale;
+  auto kernel = gemm_fp8_sm90_kernel<BN, FA, FB, kScale>;
   static std::once_flag once[64];
   std::call_once(once[cuda_current_device() % 64], [&] {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    std::max(T::smem_bytes(false), T::smem_bytes(true))));
+                                    std::max(T::smem_bytes(false, cols), T::smem_bytes(true, cols))));
   });
   const int grid = std::min(args.tiles_m * args.tiles_n, ops_cuda::sm_count());
-  kernel<<<grid, kThreads, T::smem_bytes(args.tma_store != 0), cuda_stream()>>>(args, maps.a,
-                                                                                maps.b, maps.c);
+  kernel<<<grid, kThreads, T::smem_bytes(args.tma_store != 0, cols), cuda_stream()>>>(
+      args, maps.a, maps.b, maps.c, maps.sb);
   CUDA_CHECK_LAUNCH("gemm_fp8_lasp");
 }
 
-template <int BN, bool kBlock>
+template <int BN, int kScale>
 void launch_formats(const Fp8GemmArgs& args, Fp8Format fa, Fp8Format fb, const Fp8Maps& maps) {
   using F = Fp8Format;
-  if (fa == F::E4M3 && fb == F::E4M3) return launch_fp8<BN, F::E4M3, F::E4M3, kBlock>(args, maps);
-  if (fa == F::E4M3 && fb == F::E5M2) return launch_fp8<BN, F::E4M3, F::E5M2, kBlock>(args, maps);
-  if (fa == F::E5M2 && fb == F::E4M3) return launch_fp8<BN, F::E5M2, F::E4M3, kBlock>(args, maps);
-  return launch_fp8<BN, F::E5M2, F::E5M2, kBlock>(args, maps);
+  if (fa == F::E4M3 && fb == F::E4M3) return launch_fp8<BN, F::E4M3, F::E4M3, kScale>(args, maps);
+  if (fa == F::E4M3 && fb == F::E5M2) return launch_fp8<BN, F::E4M3, F::E5M2, kScale>(args, maps);
+  if (fa == F::E5M2 && fb == F::E4M3) return launch_fp8<BN, F::E5M2, F::E4M3, kScale>(args, maps);
+  return launch_fp8<BN, F::E5M2, F::E5M2, kScale>(args, maps);
 }
 
 }  // namespace
@@ -506,10 +582,8 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
       << "gemm_fp8_lasp: internal error, unaligned problem m=" << m << " n=" << n << " k=" << k;
   LASP_CHECK(m < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31))
       << "gemm_fp8_lasp: dims must fit int32, got " << m << " x " << n << " x " << k;
-  LASP_CHECK(gemm_fp8_lasp_takes(a.scaling, b.scaling))
-      << "gemm_fp8_lasp: B (the [N, K] operand) with 1x128 scales is not supported (per-column "
-         "factors); cuBLASLt runs it";
   const bool block = a.scaling != Fp8Scaling::PerTensor || b.scaling != Fp8Scaling::PerTensor;
+  const bool cols = b.scaling == Fp8Scaling::Block1x128;  // one factor per column of C
   const int bn = cfg.tile_n != 0 ? cfg.tile_n : 192;  // 192 ran faster on every shape measured
   LASP_CHECK(bn == 128 || bn == 192)
       << "gemm_fp8_lasp: tile_n must be 128 or 192, got " << cfg.tile_n;
@@ -564,6 +638,20 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
       args.sb_kstride = 1;
     }
   }
+  // A 1x128 B: its factors K block major ([nb, n], n a multiple of 16 here: gemm_fp8_cuda pads
+  // N to 16), so that one K block's factors of a tile's columns are one TMA box. The copy lives
+  // until the kernel has run (the allocator orders reuse on the stream).
+  Tensor col_factors;
+  if (cols) {
+    const int64_t nb = (k + kBK - 1) / kBK;
+    col_factors = Tensor::empty({nb, n}, DType::F32, b.scales.device());
+    column_factors_kernel<<<static_cast<unsigned>((nb * n + 255) / 256), 256, 0, cuda_stream()>>>(
+        col_factors.data<float>(), n, b.rows(), nb, b.scales.data<float>());
+    CUDA_CHECK_LAUNCH("gemm_fp8_lasp (column factors)");
+    LASP_CHECK(n % 4 == 0 && encode_column_factors(&maps.sb, col_factors.data<float>(), nb, n, bn))
+        << "gemm_fp8_lasp: the driver refused the column factors' tensor map for n=" << n
+        << " k=" << k;
+  }
   args.tiles_m = static_cast<int>((m + kBM - 1) / kBM);
   args.tiles_n = static_cast<int>((n + bn - 1) / bn);
   args.promote_every = cfg.promote_every;
@@ -572,14 +660,18 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
   // A last column of 192-wide tiles with at most 128 columns runs 128-wide (and the columns
   // rotate); the default.
   args.narrow_edge = cfg.narrow_edge != 0 && fp8tiles::narrow_edge(static_cast<int>(n), bn) ? 1 : 0;
-  args.stages = bn == 128 ? Fp8Tiles<128>::stages(tma_store) : Fp8Tiles<192>::stages(tma_store);
+  args.stages = bn == 128 ? Fp8Tiles<128>::stages(tma_store, cols)
+                          : Fp8Tiles<192>::stages(tma_store, cols);
   const Fp8Format fa = a.format, fb = b.format;
+  const int kind = cols ? kColumnScale : block ? kBlockScale : kTensorScale;
   if (bn == 128) {
-    block ? launch_formats<128, true>(args, fa, fb, maps)
-          : launch_formats<128, false>(args, fa, fb, maps);
+    kind == kColumnScale  ? launch_formats<128, kColumnScale>(args, fa, fb, maps)
+    : kind == kBlockScale ? launch_formats<128, kBlockScale>(args, fa, fb, maps)
+                          : launch_formats<128, kTensorScale>(args, fa, fb, maps);
   } else {
-    block ? launch_formats<192, true>(args, fa, fb, maps)
-          : launch_formats<192, false>(args, fa, fb, maps);
+    kind == kColumnScale  ? launch_formats<192, kColumnScale>(args, fa, fb, maps)
+    : kind == kBlockScale ? launch_formats<192, kBlockScale>(args, fa, fb, maps)
+                          : launch_formats<192, kTensorScale>(args, fa, fb, maps);
   }
 }
 

@@ -62,6 +62,7 @@ struct Options {
   bool kernel_only = false;      // --kernel: only the lasp FP8 kernel table
   bool latency_only = false;     // --latency: only the fixed-cost table
   bool sustained_only = false;   // --sustained: only the sustained (power-capped) table
+  bool wgrad_only = false;       // --wgrad: only the weight-gradient table
   std::string shape;             // --shape MxNxK: only that shape (with --kernel)
 };
 
@@ -563,6 +564,52 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
       "b192t / b128st = lasp block-scaled (x 1x128, W 128x128)\n");
 }
 
+// The weight gradients dW[M, N] += dy^T x (fp32 accumulating, K = the tokens) of the 1B model's
+// projections: bf16 (the real TN call), cuBLASLt FP8 per tensor (dy E5M2, x E4M3) and with both
+// operands 1x128 along the tokens (the fp8block recipe), and ours block-scaled (a factor per row
+// of dy^T and per column of C), interleaved rounds.
+void run_wgrad(const Options& opt) {
+  const int64_t tokens = opt.quick ? 4096 : 16384;
+  const std::vector<Shape3> shapes = {{2048, 2048, tokens, "1B wgrad attn proj"},
+                                      {6144, 2048, tokens, "1B wgrad fused q/k/v"},
+                                      {8192, 2048, tokens, "1B wgrad mlp gate/up"},
+                                      {2048, 8192, tokens, "1B wgrad mlp down"}};
+  std::printf(
+      "\nWeight gradients dW[M, N] += dy^T x (fp32 C, beta = 1, K = tokens), speedups over bf16 "
+      "(interleaved rounds): lt = cuBLASLt per tensor, lt_blk = cuBLASLt 1x128 x 1x128, b192 / "
+      "b128 = lasp 1x128 x 1x128 with 128 x 192 / 128 x 128 tiles, auto = gemm_fp8's default\n");
+  std::printf("%-26s %-18s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %12s\n", "op", "MxNxK",
+              "bf16_ms", "lt_ms", "blk_ms", "b192_ms", "b128_ms", "auto_ms", "spd_lt", "spd_blk",
+              "spd_b192", "spd_b128", "spd_auto", "b192_TF", "end_utc");
+  const Fp8Format e4 = Fp8Format::E4M3, e5 = Fp8Format::E5M2;
+  const Fp8Scaling pt = Fp8Scaling::PerTensor, v = Fp8Scaling::Block1x128;
+  const Fp8GemmBackend lt = Fp8GemmBackend::CublasLt, ours = Fp8GemmBackend::Lasp;
+  uint32_t seed = 901;
+  for (const Shape3& g : shapes) {
+    const Tensor dy = random_bf16({g.k, g.m}, 1.0, seed++), x = random_bf16({g.k, g.n}, 1.0, seed++);
+    const Tensor dyt = random_bf16({g.m, g.k}, 1.0, seed++), xt = random_bf16({g.n, g.k}, 1.0, seed++);
+    const QuantizedFp8 a_t = quantize_fp8_cuda(dyt, e5, pt), b_t = quantize_fp8_cuda(xt, e4, pt);
+    const QuantizedFp8 a_v = quantize_fp8_cuda(dyt, e5, v), b_v = quantize_fp8_cuda(xt, e4, v);
+    Tensor dw = Tensor::zeros({g.m, g.n}, DType::F32, cuda());
+    const std::vector<double> ms = median_event_ms_interleaved(
+        {[&] { gemm(dw, dy, true, x, false, 1.0f, 1.0f); },
+         [&] { gemm_fp8_with(dw, a_t, b_t, 1.0f, 1.0f, false, lt); },
+         [&] { gemm_fp8_with(dw, a_v, b_v, 1.0f, 1.0f, false, lt); },
+         [&] { gemm_fp8_with(dw, a_v, b_v, 1.0f, 1.0f, false, ours, {192}); },
+         [&] { gemm_fp8_with(dw, a_v, b_v, 1.0f, 1.0f, false, ours, {128}); },
+         [&] { gemm_fp8_with(dw, a_v, b_v, 1.0f, 1.0f, false, Fp8GemmBackend::Auto); }},
+        opt.iters, opt.warmup);
+    const std::string shape = shape_str(g);
+    std::printf(
+        "%-26s %-18s %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.2f %8.2f %8.2f %8.2f %8.2f %8.0f "
+        "%12s\n",
+        g.what, shape.c_str(), ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], ms[0] / ms[1],
+        ms[0] / ms[2], ms[0] / ms[3], ms[0] / ms[4], ms[0] / ms[5],
+        2.0 * g.m * g.n * g.k / (ms[3] * 1e9), utc_clock().c_str());
+    std::fflush(stdout);
+  }
+}
+
 // How the timing condition moves the FP8 speedup (cuBLASLt, promotion): one call on an idle GPU
 // (the main table; includes the host's time to issue it), 10 calls queued back to back (a
 // training step keeps the GPU's queue full; the operands stay warm in L2 as far as they fit), the
@@ -776,6 +823,7 @@ int run(const Options& opt) {
   run_latency(opt);
   run_sustained(opt, shapes);
   run_lasp_kernel(opt, shapes);
+  run_wgrad(opt);
   if (!opt.quick) run_accuracy({shapes[1], shapes[4]});
   run_quantizers(opt);
   run_fp4(opt, shapes);
@@ -810,6 +858,8 @@ int bench_lowp_main(int argc, char** argv) {
       opt.latency_only = true;
     } else if (a == "--sustained") {
       opt.sustained_only = true;
+    } else if (a == "--wgrad") {
+      opt.wgrad_only = true;
     } else if (a == "--shape") {
       LASP_CHECK(i + 1 < argc) << "lasp bench lowp: --shape needs a value MxNxK";
       opt.shape = argv[++i];
@@ -819,7 +869,8 @@ int bench_lowp_main(int argc, char** argv) {
       std::fprintf(
           stderr,
           "lasp bench lowp: unknown argument '%s' (expected --iters N, --warmup N, "
-          "--quick, --algos, --quantizers, --kernel, --latency, --sustained, --shape MxNxK)\n",
+          "--quick, --algos, --quantizers, --kernel, --latency, --sustained, --wgrad, --shape "
+          "MxNxK)\n",
           a.c_str());
       return 2;
     }
@@ -835,6 +886,14 @@ int bench_lowp_main(int argc, char** argv) {
   }
   if (opt.sustained_only) {
     run_sustained(opt, bench_shapes(opt.quick));
+    return 0;
+  }
+  if (opt.wgrad_only) {
+    if (!gemm_fp8_lasp_available()) {
+      std::printf("lasp FP8 kernel: not available on this GPU/build (needs sm_90 and sm_90a code)\n");
+      return 0;
+    }
+    run_wgrad(opt);
     return 0;
   }
   if (opt.quantizers_only) {

@@ -14,6 +14,9 @@
 //   kernel, in us; also part of the full run)
 //   --sustained: only the sustained table (each GEMM back to back for ~1 s first, so that it runs
 //   at the clock the power cap allows; also part of the full run)
+//   --wgrad: only the weight-gradient table (dW += dy^T x, fp32 C, K = 16384 tokens: bf16,
+//   cuBLASLt FP8 per tensor and 1x128 x 1x128, lasp's kernel 1x128 x 1x128; also part of the full
+//   run)
 // Returns non-zero with a message in a CPU-only build or without a GPU.
 #pragma once
 

@@ -90,15 +90,16 @@ TEST(GemmFp8Cpu, AutoPrefersOurKernelOnlyWhereItWasMeasuredFaster) {
   EXPECT_FALSE(fp8_auto_prefers_lasp(2048, t, t, false, 0.0f));  // fp32 C
   EXPECT_FALSE(fp8_auto_prefers_lasp(2048, t, t, true, 1.0f));   // beta != 0
   // Block scaling: activations / gradients 1x128 times weights 128x128 (the projections'
-  // forward and dgrad), not a 1x128 B (the weight gradient's x^T), not K > 4096.
+  // forward and dgrad) by the same rule, not K > 4096; a 1x128 B (the weight gradient's x^T,
+  // fp32 C accumulating over K = the tokens) always.
   EXPECT_TRUE(fp8_auto_prefers_lasp(2048, v, b, true, 0.0f));
   EXPECT_TRUE(fp8_auto_prefers_lasp(2048, b, b, true, 0.0f));
   EXPECT_TRUE(fp8_auto_prefers_lasp(2048, v, t, true, 0.0f));
-  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, v, v, true, 0.0f));
   EXPECT_FALSE(fp8_auto_prefers_lasp(8192, v, b, true, 0.0f));
   EXPECT_FALSE(fp8_auto_prefers_lasp(2048, v, b, false, 0.0f));
-  EXPECT_TRUE(gemm_fp8_lasp_takes(b, t));
-  EXPECT_FALSE(gemm_fp8_lasp_takes(t, v));
+  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, v, v, true, 0.0f));
+  EXPECT_TRUE(fp8_auto_prefers_lasp(16384, v, v, false, 1.0f));
+  EXPECT_TRUE(fp8_auto_prefers_lasp(16384, t, v, false, 0.0f));
 }
 
 // Our FP8 kernel's tile walk (kernels/gemm_fp8_tiles.h, the code the kernel runs), on the host:
@@ -192,9 +193,11 @@ void check_fp8(const Fp8Case& g, Fp8Format fa, Fp8Format fb, Fp8Scaling sa, Fp8S
   if (varied_blocks) {
     for (int64_t i = 0; i < x.numel(); ++i)
       x.set_item(i, std::ldexp(x.item(i), static_cast<int>((i % g.k) / 128 * 5 % 7) - 3));
+    // w: by 128 x 128 block, and by row within it (a 1x128 B's factor per column of C).
     for (int64_t i = 0; i < w.numel(); ++i) {
-      const int64_t rb = i / g.k / 128, kb = (i % g.k) / 128;
-      w.set_item(i, std::ldexp(w.item(i), static_cast<int>((3 * rb + kb) % 7) - 3));
+      const int64_t row = i / g.k, rb = row / 128, kb = (i % g.k) / 128;
+      const int e = static_cast<int>((3 * rb + kb) % 7 + (row * 5 + kb) % 3) - 4;
+      w.set_item(i, std::ldexp(w.item(i), e));
     }
   }
   const QuantizedFp8 a = quantize_fp8(x, fa, sa), b = quantize_fp8(w, fb, sb);
@@ -392,8 +395,8 @@ TEST(GemmFp8LaspGpu, EveryFormatTileAndPromotionIntervalMatchesEmulation) {
   check_fp8(kLaspLarge, F::E4M3, F::E4M3, t, t, DType::F32, 1.0f, 0.0f, true, 5e-3, lasp);
 }
 
-// Block scaling in our kernel: A per tensor, 1x128 or 128x128 times B per tensor or 128x128
-// (a 1x128 B is cuBLASLt's), over the shapes above (ragged K: the last block's factor; tiles of
+// Block scaling in our kernel: A per tensor, 1x128 or 128x128 times B per tensor, 128x128 or
+// 1x128 (a factor per column of C, staged by TMA), over the shapes above (ragged K: the last block's factor; tiles of
 // 192 that straddle two of B's 128-row blocks, at either offset; rows and blocks past M and N),
 // both tile widths, both epilogues, the gradient formats, alpha and beta, with block magnitudes
 // spread over 2^-6 .. 2^6 and rows 100x apart. The per-tensor x per-tensor case stays on the
@@ -405,7 +408,8 @@ TEST(GemmFp8LaspGpu, BlockScalingMatchesEmulationForEveryScalingItTakes) {
   using F = Fp8Format;
   const Fp8Scaling t = Fp8Scaling::PerTensor, v = Fp8Scaling::Block1x128,
                    b = Fp8Scaling::Block128x128;
-  const std::pair<Fp8Scaling, Fp8Scaling> kScalings[] = {{v, b}, {b, b}, {v, t}, {t, b}, {b, t}};
+  const std::pair<Fp8Scaling, Fp8Scaling> kScalings[] = {{v, b}, {b, b}, {v, t}, {t, b},
+                                                          {b, t}, {v, v}, {t, v}, {b, v}};
   const Fp8KernelConfig kConfigs[] = {{128, 1, 0, 0}, {192, 1, 1, 0}, {192, 1, -1, -1}};
   const Fp8GemmBackend lasp = Fp8GemmBackend::Lasp;
   const int64_t before = gemm_fp8_lasp_launches();
@@ -423,9 +427,12 @@ TEST(GemmFp8LaspGpu, BlockScalingMatchesEmulationForEveryScalingItTakes) {
   for (const auto& g : kBlockCases)
     for (const auto& [sa, sb] : kScalings)
       for (const Fp8KernelConfig& cfg : kConfigs) three(g, sa, sb, cfg);
-  // More tiles than SMs (each CTA's later tiles reload their factors), the projections' scalings.
+  // More tiles than SMs (each CTA's later tiles reload their factors), the projections' scalings
+  // and the weight gradient's.
   three(kLaspLarge, v, b, {});
   three(kLaspLarge, v, b, {192, 1, -1, -1, 0});
+  three(kLaspLarge, v, v, {});
+  three(kLaspLarge, v, v, {128, 1, -1, -1});
   EXPECT_EQ(gemm_fp8_lasp_launches() - before, gemms) << "every block-scaled GEMM ran our kernel";
 }
 
@@ -475,16 +482,18 @@ TEST(GemmFp8LaspGpu, AutoRunsOurKernelExactlyWhereItsRuleSays) {
             automatic);
   EXPECT_EQ(gemm_fp8_lasp_launches(), mid) << "fp32 C and K = 8192 stay on cuBLASLt";
   // Block scaling: x 1x128 times W 128x128 (the projections' forward) follows the same rule;
-  // a 1x128 B (the weight gradient's x^T) stays on cuBLASLt.
+  // a 1x128 B (the weight gradient's x^T) runs ours, fp32 C and beta included.
   const Fp8Scaling v = Fp8Scaling::Block1x128, b = Fp8Scaling::Block128x128;
   const int64_t blk = gemm_fp8_lasp_launches();
   check_fp8({300, 200, 1040}, F::E4M3, F::E4M3, v, b, DType::BF16, 1.0f, 0.0f, false, 8e-3,
             automatic);
   const bool takes = gemm_fp8_lasp_available() && fp8_auto_prefers_lasp(1040, v, b, true, 0.0f);
   EXPECT_EQ(gemm_fp8_lasp_launches() - blk, takes ? 1 : 0);
-  check_fp8({300, 200, 1040}, F::E4M3, F::E4M3, v, v, DType::BF16, 1.0f, 0.0f, false, 8e-3,
+  const int64_t wgrad = gemm_fp8_lasp_launches();
+  check_fp8({300, 200, 1040}, F::E5M2, F::E4M3, v, v, DType::F32, 1.0f, 1.0f, false, 5e-4,
             automatic);
-  EXPECT_EQ(gemm_fp8_lasp_launches() - blk, takes ? 1 : 0) << "a 1x128 B stays on cuBLASLt";
+  const bool takes_v = gemm_fp8_lasp_available() && fp8_auto_prefers_lasp(1040, v, v, false, 1.0f);
+  EXPECT_EQ(gemm_fp8_lasp_launches() - wgrad, takes_v ? 1 : 0);
 }
 
 // Promotion is what keeps long sums accurate: on all-positive data (every partial sum grows) at
