@@ -427,33 +427,43 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---- epilogue: C = scale * total (+ beta C), straight from the accumulator layout ----
     // Thread t = 32 w + 4 g + q holds rows 16 w + g (+ 8) and columns 8 j + 2 q, + 1.
     const int g = (t % 32) / 4, q = t % 4;
+    float* const c32 = static_cast<float*>(p.c);
+    __nv_bfloat16* const c16 = static_cast<__nv_bfloat16*>(p.c);
+    // With beta != 0 each group of 8 column pairs reads all its old values before it stores:
+    // loads interleaved with the stores wait for memory one by one (a store may alias the next
+    // load). 16 registers: acc is not free here (reading it would serialise the wgmmas, C7514).
+    constexpr int kGroup = 8;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = m0 + 64 * c + 16 * w + g + 8 * h;
       if (row >= p.m) continue;
+      const int64_t row_off = static_cast<int64_t>(row) * p.n;
 #pragma unroll
-      for (int j = 0; j < NI / 8; ++j) {
-        const int col = n0 + 8 * j + 2 * q;
-        if (col >= p.n) continue;
-        float v0 = scale * total[4 * j + 2 * h], v1 = scale * total[4 * j + 2 * h + 1];
-        const int64_t off = static_cast<int64_t>(row) * p.n + col;
-        if (p.c_f32) {
-          float2* dst = reinterpret_cast<float2*>(static_cast<float*>(p.c) + off);
-          if (p.beta != 0.0f) {
-            const float2 old = *dst;
-            v0 += p.beta * old.x;
-            v1 += p.beta * old.y;
+      for (int j0 = 0; j0 < NI / 8; j0 += kGroup) {
+        float old[2 * kGroup];
+#pragma unroll
+        for (int jj = 0; jj < kGroup; ++jj) {
+          const int col = n0 + 8 * (j0 + jj) + 2 * q;
+          float2 o = make_float2(0.0f, 0.0f);
+          if (p.beta != 0.0f && col < p.n) {
+            o = p.c_f32 ? *reinterpret_cast<const float2*>(c32 + row_off + col)
+                        : __bfloat1622float2(
+                              *reinterpret_cast<const __nv_bfloat162*>(c16 + row_off + col));
           }
-          *dst = make_float2(v0, v1);
-        } else {
-          __nv_bfloat162* dst =
-              reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.c) + off);
-          if (p.beta != 0.0f) {
-            const float2 old = __bfloat1622float2(*dst);
-            v0 += p.beta * old.x;
-            v1 += p.beta * old.y;
+          old[2 * jj] = o.x;
+          old[2 * jj + 1] = o.y;
+        }
+#pragma unroll
+        for (int jj = 0; jj < kGroup; ++jj) {
+          const int col = n0 + 8 * (j0 + jj) + 2 * q, i = 4 * (j0 + jj) + 2 * h;
+          if (col >= p.n) continue;
+          const float v0 = fmaf(p.beta, old[2 * jj], scale * total[i]),
+                      v1 = fmaf(p.beta, old[2 * jj + 1], scale * total[i + 1]);
+          if (p.c_f32) {
+            *reinterpret_cast<float2*>(c32 + row_off + col) = make_float2(v0, v1);
+          } else {
+            *reinterpret_cast<__nv_bfloat162*>(c16 + row_off + col) = __floats2bfloat162_rn(v0, v1);
           }
-          *dst = __floats2bfloat162_rn(v0, v1);
         }
       }
     }

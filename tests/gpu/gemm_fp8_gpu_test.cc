@@ -323,12 +323,6 @@ TEST(GemmFp8Gpu, ViolationsOfCublasLtLimitsFailWithAClearError) {
       },
       "E5M2 x E5M2");
   expect_error(
-      [&] {
-        gemm_fp8_with(c, q(32, 32, e4), q(32, 32, e4, Fp8Scaling::Block1x128), 1.0f, 0.0f, false,
-                      Fp8GemmBackend::Lasp);
-      },
-      "1x128-scaled B");
-  expect_error(
       [&] { gemm_fp8(c, q(32, 32, e4, Fp8Scaling::Block1x128), q(32, 32, e4), 1.0f, 0.0f, true); },
       "fast accumulation");
   Tensor wrong = Tensor::zeros({31, 32}, DType::F32, cuda());
