@@ -300,9 +300,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Every consumer waits for phase 0, consumer 1 on stagger_bar + 8 (consumer 0's arrival),
   // everyone else on stagger_bar (complete from the start).
   sm90::mbar_wait(stagger_bar + (p.stagger != 0 && c == 1 ? 8 : 0), 0);
-  // kDouble: a second accumulator (kColumnScale with 128-wide tiles only: 3 x 64 registers fit).
-  constexpr bool kDouble = kCols && BN == 128;
-  float acc[R], total[R], acc2[kDouble ? R : 1];
+  float acc[R], total[R];
 #pragma unroll
   for (int i = 0; i < R; ++i) acc[i] = 0.0f;
   int s = 0;
@@ -335,136 +333,72 @@ __global__ void __launch_bounds__(kThreads, 1)
         half = n0 % 128 != 0;
       }
     }
-    if constexpr (kDouble) {
-      // Column factors with 128-wide tiles: two accumulators, so that block kb's wgmmas run
-      // while this consumer promotes block kb - 1 (two fp32 operations per element, too long
-      // to hide behind the other consumer alone). Even blocks go to acc, odd ones to acc2; the
-      // steady-state loop has no conditions, so that ptxas sees which accumulator each wait
-      // retires (otherwise it serialises the wgmmas, C7514).
-      int ns = 0, ps = 0;                                  // stages of the newest / pending block
-      float nf0 = 0.0f, nf1 = 0.0f, pf0 = 0.0f, pf1 = 0.0f;  // their A factors
-      auto issue = [&](auto& cur, const int kb) {
-        sm90::mbar_wait(full0 + 8 * s, phase);
-        sm90::fence();  // orders this array's last promotion reads before these wgmmas
-        const uint32_t a = base + s * T::kStageBytes + c * (64 * kBK),
-                       b = base + s * T::kStageBytes + T::kABytes;
+    // A promotion batch is promote_every K blocks: its first wgmma overwrites acc, its last is
+    // followed by wait<0> and total += acc. Inside a batch, wait<1> after each block's wgmmas
+    // lets the previous block's stage go back while this block's run.
+    int pending = -1;  // a stage whose wgmmas were issued but not yet known to be done
+    int in_batch = 0;  // K blocks of this promotion batch issued so far (no kb % promote_every:
+                       // that division sat in every block's path to its first wgmma)
+    for (int kb = 0; kb < nk; ++kb) {
+      const bool fresh = in_batch == 0;
+      const bool promote = in_batch == p.promote_every - 1 || kb == nk - 1;
+      in_batch = promote ? 0 : in_batch + 1;
+      sm90::mbar_wait(full0 + 8 * s, phase);
+      sm90::fence();  // orders the last promotion's reads of acc before these wgmmas
+      const uint32_t a = base + s * T::kStageBytes + c * (64 * kBK),
+                     b = base + s * T::kStageBytes + T::kABytes;
 #pragma unroll
-        for (int kk = 0; kk < kBK / 32; ++kk)
-          Fp8Mma<NI, FA, FB>::run(cur, sm90::desc_kmajor(a, kk), sm90::desc_kmajor(b, kk), kk > 0);
-        sm90::commit();
-        nf0 = __ldg(p.sa + oa0 + kb * p.sa_kstride);
-        nf1 = __ldg(p.sa + oa1 + kb * p.sa_kstride);
-        ns = s;
-        if (++s == S) {
-          s = 0;
-          phase ^= 1;
+      for (int kk = 0; kk < kBK / 32; ++kk)
+        Fp8Mma<NI, FA, FB>::run(acc, sm90::desc_kmajor(a, kk), sm90::desc_kmajor(b, kk),
+                                !fresh || kk > 0);
+      sm90::commit();
+      // Block kb's factors, loaded while its wgmmas run (L1 hits after a row's first block).
+      [[maybe_unused]] float fa0 = 0.0f, fa1 = 0.0f, fb0 = 0.0f, fb1 = 0.0f;
+      if constexpr (kBlock) {
+        const int ka = kb * p.sa_kstride;
+        fa0 = __ldg(p.sa + oa0 + ka);
+        fa1 = __ldg(p.sa + oa1 + ka);
+        if constexpr (!kCols) {
+          const int kbb = kb * p.sb_kstride;
+          fb0 = __ldg(p.sb + ob0 + kbb);
+          fb1 = __ldg(p.sb + ob1 + kbb);
         }
-      };
-      auto promote = [&](auto& done) {  // the pending block, whose wgmmas have been waited for
-        sm90::fence_operands(done);
-        promote_columns<NI>(total, done, pf0, pf1, cols0 + ps * T::kColBytes + 8 * (t % 4));
-        __syncwarp();
-        sm90::mbar_arrive_if(empty0 + 8 * ps, releaser);
-        sm90::mbar_arrive_if(stagger_bar + 8, hold && t == 0);
-        hold = false;
-      };
-      auto shift = [&] {
-        ps = ns;
-        pf0 = nf0;
-        pf1 = nf1;
-      };
-      issue(acc, 0);
-      shift();
-      int kb = 1;
-      for (; kb + 1 < nk; kb += 2) {
-        issue(acc2, kb);
-        sm90::wait<1>();
-        promote(acc);
-        shift();
-        issue(acc, kb + 1);
-        sm90::wait<1>();
-        promote(acc2);
-        shift();
       }
-      if (kb < nk) {  // an even count: block nk - 1 goes to acc2
-        issue(acc2, kb);
-        sm90::wait<1>();
-        promote(acc);
-        shift();
+      // Once a stage's wgmmas are done reading it, one thread hands it back to the producer (with
+      // column factors, after the promotion has read the stage's factors).
+      if (promote) {
         sm90::wait<0>();
-        promote(acc2);
-      } else {
-        sm90::wait<0>();
-        promote(acc);
-      }
-    } else {
-      // A promotion batch is promote_every K blocks: its first wgmma overwrites acc, its last is
-      // followed by wait<0> and total += acc. Inside a batch, wait<1> after each block's wgmmas
-      // lets the previous block's stage go back while this block's run.
-      int pending = -1;  // a stage whose wgmmas were issued but not yet known to be done
-      int in_batch = 0;  // K blocks of this promotion batch issued so far (no kb % promote_every:
-                         // that division sat in every block's path to its first wgmma)
-      for (int kb = 0; kb < nk; ++kb) {
-        const bool fresh = in_batch == 0;
-        const bool promote = in_batch == p.promote_every - 1 || kb == nk - 1;
-        in_batch = promote ? 0 : in_batch + 1;
-        sm90::mbar_wait(full0 + 8 * s, phase);
-        sm90::fence();  // orders the last promotion's reads of acc before these wgmmas
-        const uint32_t a = base + s * T::kStageBytes + c * (64 * kBK),
-                       b = base + s * T::kStageBytes + T::kABytes;
-  #pragma unroll
-        for (int kk = 0; kk < kBK / 32; ++kk)
-          Fp8Mma<NI, FA, FB>::run(acc, sm90::desc_kmajor(a, kk), sm90::desc_kmajor(b, kk),
-                                  !fresh || kk > 0);
-        sm90::commit();
-        // Block kb's factors, loaded while its wgmmas run (L1 hits after a row's first block).
-        [[maybe_unused]] float fa0 = 0.0f, fa1 = 0.0f, fb0 = 0.0f, fb1 = 0.0f;
-        if constexpr (kBlock) {
-          const int ka = kb * p.sa_kstride;
-          fa0 = __ldg(p.sa + oa0 + ka);
-          fa1 = __ldg(p.sa + oa1 + ka);
-          if constexpr (!kCols) {
-            const int kbb = kb * p.sb_kstride;
-            fb0 = __ldg(p.sb + ob0 + kbb);
-            fb1 = __ldg(p.sb + ob1 + kbb);
-          }
-        }
-        // Once a stage's wgmmas are done reading it, one thread hands it back to the producer (with
-        // column factors, after the promotion has read the stage's factors).
-        if (promote) {
-          sm90::wait<0>();
-          sm90::fence_operands(acc);
-          sm90::mbar_arrive_if(empty0 + 8 * pending, releaser && pending >= 0);
-          if constexpr (!kCols) sm90::mbar_arrive_if(empty0 + 8 * s, releaser);
-          pending = -1;
-          if constexpr (kCols) {  // promote_every is 1 here: acc holds block kb alone
-            promote_columns<NI>(total, acc, fa0, fa1, cols0 + s * T::kColBytes + 8 * (t % 4));
-            // Each warp releases the stage once all its lanes have read the factors.
-            __syncwarp();
-            sm90::mbar_arrive_if(empty0 + 8 * s, releaser);
-          } else if constexpr (kBlock) {  // promote_every is 1 here: acc holds block kb alone
-            if (half) {
-              promote_scaled<NI, 8>(total, acc, fa0 * fb0, fa0 * fb1, fa1 * fb0, fa1 * fb1);
-            } else {
-              promote_scaled<NI, 16>(total, acc, fa0 * fb0, fa0 * fb1, fa1 * fb0, fa1 * fb1);
-            }
+        sm90::fence_operands(acc);
+        sm90::mbar_arrive_if(empty0 + 8 * pending, releaser && pending >= 0);
+        if constexpr (!kCols) sm90::mbar_arrive_if(empty0 + 8 * s, releaser);
+        pending = -1;
+        if constexpr (kCols) {  // promote_every is 1 here: acc holds block kb alone
+          promote_columns<NI>(total, acc, fa0, fa1, cols0 + s * T::kColBytes + 8 * (t % 4));
+          // Each warp releases the stage once all its lanes have read the factors.
+          __syncwarp();
+          sm90::mbar_arrive_if(empty0 + 8 * s, releaser);
+        } else if constexpr (kBlock) {  // promote_every is 1 here: acc holds block kb alone
+          if (half) {
+            promote_scaled<NI, 8>(total, acc, fa0 * fb0, fa0 * fb1, fa1 * fb0, fa1 * fb1);
           } else {
-  #pragma unroll
-            for (int i = 0; i < RI; ++i) total[i] += acc[i];
+            promote_scaled<NI, 16>(total, acc, fa0 * fb0, fa0 * fb1, fa1 * fb0, fa1 * fb1);
           }
         } else {
-          sm90::wait<1>();
-          sm90::mbar_arrive_if(empty0 + 8 * pending, releaser && pending >= 0);
-          pending = s;
+#pragma unroll
+          for (int i = 0; i < RI; ++i) total[i] += acc[i];
         }
-        // An mbarrier, not a named barrier: bar.arrive in this loop makes ptxas serialise the
-        // wgmmas (C7518).
-        sm90::mbar_arrive_if(stagger_bar + 8, hold && t == 0);
-        hold = false;
-        if (++s == S) {
-          s = 0;
-          phase ^= 1;
-        }
+      } else {
+        sm90::wait<1>();
+        sm90::mbar_arrive_if(empty0 + 8 * pending, releaser && pending >= 0);
+        pending = s;
+      }
+      // An mbarrier, not a named barrier: bar.arrive in this loop makes ptxas serialise the
+      // wgmmas (C7518).
+      sm90::mbar_arrive_if(stagger_bar + 8, hold && t == 0);
+      hold = false;
+      if (++s == S) {
+        s = 0;
+        phase ^= 1;
       }
     }
 
@@ -660,9 +594,7 @@ void gemm_fp8_lasp_run(void* c, bool c_f32, int64_t m, int64_t n, int64_t k, con
       << "gemm_fp8_lasp: dims must fit int32, got " << m << " x " << n << " x " << k;
   const bool block = a.scaling != Fp8Scaling::PerTensor || b.scaling != Fp8Scaling::PerTensor;
   const bool cols = b.scaling == Fp8Scaling::Block1x128;  // one factor per column of C
-  // 192 ran faster on every shape measured, except with column factors, where only 128-wide tiles
-  // have the registers for a second accumulator (kDouble in the kernel).
-  const int bn = cfg.tile_n != 0 ? cfg.tile_n : cols ? 128 : 192;
+  const int bn = cfg.tile_n != 0 ? cfg.tile_n : 192;  // 192 ran faster on every shape measured
   LASP_CHECK(bn == 128 || bn == 192)
       << "gemm_fp8_lasp: tile_n must be 128 or 192, got " << cfg.tile_n;
   LASP_CHECK(cfg.promote_every >= 1)
