@@ -433,6 +433,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // loads interleaved with the stores wait for memory one by one (a store may alias the next
     // load). 16 registers: acc is not free here (reading it would serialise the wgmmas, C7514).
     constexpr int kGroup = 8;
+    static_assert((NI / 8) % kGroup == 0, "column pairs come in whole groups");
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = m0 + 64 * c + 16 * w + g + 8 * h;
