@@ -393,8 +393,8 @@ TEST(GemmFp8LaspGpu, EveryFormatTileAndPromotionIntervalMatchesEmulation) {
 // 1x128 (a factor per column of C, staged by TMA), over the shapes above (ragged K: the last
 // block's factor; tiles of 192 that straddle two of B's 128-row blocks, at either offset; rows and
 // blocks past M and N), both tile widths, both epilogues, the gradient formats, alpha and beta,
-// with block magnitudes spread over 2^-7 .. 2^7 (B's also by row) and rows 100x apart. The per-tensor x per-tensor case stays on the
-// per-tensor kernel (the test above).
+// with block magnitudes spread over 2^-7 .. 2^7 (B's also by row) and rows 100x apart. The
+// per-tensor x per-tensor case stays on the per-tensor kernel (the test above).
 TEST(GemmFp8LaspGpu, BlockScalingMatchesEmulationForEveryScalingItTakes) {
   if (!lasp::cuda_available()) GTEST_SKIP() << "no GPU";
   if (!gemm_fp8_lasp_available())
