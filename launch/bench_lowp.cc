@@ -569,6 +569,11 @@ void run_lasp_kernel(const Options& opt, const std::vector<Shape3>& shapes) {
 // operands 1x128 along the tokens (the fp8block recipe), and ours block-scaled (a factor per row
 // of dy^T and per column of C), interleaved rounds.
 void run_wgrad(const Options& opt) {
+  if (!gemm_fp8_lasp_available()) {
+    std::printf("\nweight gradients: lasp FP8 kernel not available on this GPU/build (needs sm_90 "
+                "and sm_90a code)\n");
+    return;
+  }
   const int64_t tokens = opt.quick ? 4096 : 16384;
   const std::vector<Shape3> shapes = {{2048, 2048, tokens, "1B wgrad attn proj"},
                                       {6144, 2048, tokens, "1B wgrad fused q/k/v"},
@@ -892,10 +897,6 @@ int bench_lowp_main(int argc, char** argv) {
     return 0;
   }
   if (opt.wgrad_only) {
-    if (!gemm_fp8_lasp_available()) {
-      std::printf("lasp FP8 kernel: not available on this GPU/build (needs sm_90 and sm_90a code)\n");
-      return 0;
-    }
     run_wgrad(opt);
     return 0;
   }
