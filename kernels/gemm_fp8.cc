@@ -42,14 +42,13 @@ void gemm_fp8_with(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
   if (profile_shapes_enabled()) {
     // "gemm_fp8 MxNxK ->bf16+ 1x128.128x128": C [M, N] = A [M, K] B [N, K]^T, "+" when C
     // accumulates, then the scalings of A and B when either is block-scaled.
-    auto name = [](Fp8Scaling s) {
-      return s == Fp8Scaling::PerTensor ? "t" : s == Fp8Scaling::Block1x128 ? "1x128" : "128x128";
-    };
     const bool block = a.scaling != Fp8Scaling::PerTensor || b.scaling != Fp8Scaling::PerTensor;
     profile.gemm("gemm_fp8", a.rows(), b.rows(), a.cols(),
                  std::string(fast_accum ? " fast" : "") + " ->" + dtype_name(c.dtype()) +
                      (beta != 0.0f ? "+" : "") +
-                     (block ? std::string(" ") + name(a.scaling) + "." + name(b.scaling) : ""));
+                     (block ? std::string(" ") + fp8_scaling_name(a.scaling) + "." +
+                                  fp8_scaling_name(b.scaling)
+                            : ""));
   }
   check_same_device(a.codes, b.codes, "gemm_fp8");
   check_same_device(a.codes, c, "gemm_fp8");

@@ -46,9 +46,6 @@ std::atomic<int64_t> g_fallbacks{0};
 std::atomic<int64_t> g_lasp_launches{0};
 
 const char* format_name(Fp8Format f) { return f == Fp8Format::E4M3 ? "e4m3" : "e5m2"; }
-const char* scaling_name(Fp8Scaling s) {
-  return s == Fp8Scaling::PerTensor ? "per-tensor" : s == Fp8Scaling::Block1x128 ? "1x128" : "128x128";
-}
 cudaDataType_t fp8_cuda_type(Fp8Format f) {
   return f == Fp8Format::E4M3 ? CUDA_R_8F_E4M3 : CUDA_R_8F_E5M2;
 }
@@ -56,9 +53,9 @@ cudaDataType_t fp8_cuda_type(Fp8Format f) {
 // "A e4m3 1x128 [M, K] x B e4m3 128x128 [N, K]^T -> C bf16 [M, N]" for error messages.
 std::string describe(const QuantizedFp8& a, const QuantizedFp8& b, const Tensor& c) {
   std::ostringstream s;
-  s << "A " << format_name(a.format) << " " << scaling_name(a.scaling) << " [" << a.rows() << ", "
-    << a.cols() << "] x B " << format_name(b.format) << " " << scaling_name(b.scaling) << " ["
-    << b.rows() << ", " << b.cols() << "]^T -> C " << c.str();
+  s << "A " << format_name(a.format) << " " << fp8_scaling_name(a.scaling) << " [" << a.rows()
+    << ", " << a.cols() << "] x B " << format_name(b.format) << " " << fp8_scaling_name(b.scaling)
+    << " [" << b.rows() << ", " << b.cols() << "]^T -> C " << c.str();
   return s.str();
 }
 
@@ -76,8 +73,8 @@ void check_operand(const QuantizedFp8& q, const char* name) {
   LASP_CHECK(q.scales.defined() && q.scales.is_cuda() && q.scales.dtype() == DType::F32 &&
              q.scales.is_contiguous() && q.scales.numel() == want)
       << "gemm_fp8: " << name << " scales must be contiguous fp32 CUDA with " << want
-      << " entries for " << scaling_name(q.scaling) << " scaling of [" << rows << ", " << q.cols()
-      << "], got " << q.scales.str();
+      << " entries for " << fp8_scaling_name(q.scaling) << " scaling of [" << rows << ", "
+      << q.cols() << "], got " << q.scales.str();
 }
 
 // out[kb * outer_p + o] = scale of (row o, K block kb) for o < outer, 1 for padded rows.

@@ -44,6 +44,12 @@ namespace lasp {
 
 enum class Fp8Format : uint8_t { E4M3, E5M2 };
 enum class Fp8Scaling : uint8_t { PerTensor, Block1x128, Block128x128 };
+// "per-tensor", "1x128", "128x128" (messages, profile regions, test traces).
+inline const char* fp8_scaling_name(Fp8Scaling s) {
+  return s == Fp8Scaling::PerTensor    ? "per-tensor"
+         : s == Fp8Scaling::Block1x128 ? "1x128"
+                                       : "128x128";
+}
 
 constexpr int64_t kFp8BlockSize = 128;
 

@@ -156,10 +156,6 @@ QuantizedFp8 to_device(const QuantizedFp8& q) {
   return d;
 }
 
-const char* scaling_str(Fp8Scaling s) {
-  return s == Fp8Scaling::PerTensor ? "tensor" : s == Fp8Scaling::Block1x128 ? "1x128" : "128x128";
-}
-
 struct Fp8Case {
   int64_t m, n, k;
 };
@@ -176,10 +172,10 @@ void check_fp8(const Fp8Case& g, Fp8Format fa, Fp8Format fb, Fp8Scaling sa, Fp8S
   const int64_t fallbacks_before = gemm_fp8_fallback_count();
   SCOPED_TRACE(
       testing::Message() << "M=" << g.m << " N=" << g.n << " K=" << g.k << " A "
-                         << (fa == Fp8Format::E4M3 ? "e4m3 " : "e5m2 ") << scaling_str(sa) << " B "
-                         << (fb == Fp8Format::E4M3 ? "e4m3 " : "e5m2 ") << scaling_str(sb) << " C "
-                         << dtype_name(cdt) << " alpha=" << alpha << " beta=" << beta
-                         << " fast_accum=" << fast
+                         << (fa == Fp8Format::E4M3 ? "e4m3 " : "e5m2 ") << fp8_scaling_name(sa)
+                         << " B " << (fb == Fp8Format::E4M3 ? "e4m3 " : "e5m2 ")
+                         << fp8_scaling_name(sb) << " C " << dtype_name(cdt) << " alpha=" << alpha
+                         << " beta=" << beta << " fast_accum=" << fast
                          << " kernel=" << (backend == Fp8GemmBackend::Lasp ? "lasp" : "cublaslt")
                          << " tile_n=" << cfg.tile_n << " promote_every=" << cfg.promote_every
                          << " stagger=" << cfg.stagger << " tma_store=" << cfg.tma_store
