@@ -22,8 +22,10 @@
 //               operand that scales by the window's max and records the tensor's own amax. The
 //               forward's x and W scales are reused by the backward, as on the CPU. No caching
 //               (each forward records into the histories, as the CPU does).
-//   block       1x128 / 128x128 scales through the existing quantizers and cuBLASLt's block
-//               modes; transposes materialised (slower; correctness first).
+//   block       1x128 (x, x^T, dy, dy^T) / 128x128 (W, W^T) scales; the GEMMs in cuBLASLt's
+//               block modes or our kernel (gemm_fp8's Auto). W once per epoch and a shared x
+//               once per direction, through the same caches as per_tensor; dy's rows and dy^T's
+//               1x128 blocks in one pass.
 // FP4 (Quartet): Hadamard rotations, MXFP4/NVFP4 quantization (QuEST clipping forward,
 // stochastic rounding backward) on the GPU with the CPU's seeds and streams, then gemm_fp4: native
 // FP4 tensor cores on sm_100 and later, on Hopper the exact dequantization to bf16 and the bf16
@@ -126,25 +128,35 @@ Fp8DeviceScale delayed_scale(DeviceAmaxHistory& h, const Tensor& x) {
   return s;
 }
 
-// x or x^T in E4M3 with x's current per-tensor scale, through the one-entry cache. known_scale
-// (optional): a device scale already computed from this x (the forward's), which saves the amax
-// pass.
-QuantizedFp8 activation_current(const Tensor& x, bool transposed,
-                                const Tensor& known_scale = Tensor()) {
+// x (the forward's A) or x^T zero-padded to np columns (the wgrad's B) in E4M3, through the
+// one-entry cache of that direction: with x's current per-tensor scale (known_scale, optional: a
+// device scale already computed from this x, the forward's, which saves the amax pass), or in
+// 1x128 blocks along the GEMM's inner dim (block mode: x's rows for the forward, x^T's rows, i.e.
+// 128 tokens of one feature, for the wgrad).
+QuantizedFp8 activation_codes(const Tensor& x, bool transposed, Fp8ScaleMode mode, int64_t np,
+                              const Tensor& known_scale = Tensor()) {
+  const Fp8Scaling scaling = mode == Fp8ScaleMode::Block ? Fp8Scaling::Block1x128 : Fp8Scaling::PerTensor;
   ActivationEntry& e = transposed ? g_backward_xt : g_forward_x;
   {
     std::lock_guard<std::mutex> lock(g_cache_mu);
-    if (e.matches(x)) return e.q;
+    if (e.matches(x) && e.q.scaling == scaling) return e.q;
   }
-  Fp8DeviceScale scale;
-  if (known_scale.defined()) {
-    scale.scale = known_scale;
+  QuantizedFp8 out;
+  if (mode == Fp8ScaleMode::Block) {
+    out = transposed
+              ? quantize_fp8_block_rows_cols_cuda(x, Fp8Format::E4M3, scaling, false, true, np).cols
+              : quantize_fp8_cuda(x, Fp8Format::E4M3, scaling);
   } else {
-    scale = current_scale(x);
+    Fp8DeviceScale scale;
+    if (known_scale.defined()) {
+      scale.scale = known_scale;
+    } else {
+      scale = current_scale(x);
+    }
+    const Fp8RowsCols q =
+        quantize_fp8_rows_cols_cuda(x, Fp8Format::E4M3, scale, !transposed, transposed);
+    out = transposed ? q.cols : q.rows;
   }
-  const Fp8RowsCols q =
-      quantize_fp8_rows_cols_cuda(x, Fp8Format::E4M3, scale, !transposed, transposed);
-  const QuantizedFp8& out = transposed ? q.cols : q.rows;
   if (cache_control().enabled) {
     std::lock_guard<std::mutex> lock(g_cache_mu);
     e.src = x;
@@ -313,10 +325,10 @@ void fp8_forward_cuda(Tensor& y, const Tensor& x, Param& w) {
     LASP_PROFILE_SCOPE("fp8_quantize");
     if (mode == Fp8ScaleMode::Block) {
       fp8_weight(w, st, mode);
-      xq = quantize_fp8_cuda(x, Fp8Format::E4M3, Fp8Scaling::Block1x128);
+      xq = activation_codes(x, false, mode, 0);
     } else if (mode == Fp8ScaleMode::PerTensor) {
       fp8_weight(w, st, mode);
-      xq = activation_current(x, false);
+      xq = activation_codes(x, false, mode, 0);
       if (cache_control().enabled) remember_forward_x(st, x, xq.scales);
     } else {
       xq = quantize_fp8_rows_cols_cuda(x, Fp8Format::E4M3, delayed_scale(st.x_dev, x), true, false)
@@ -344,19 +356,19 @@ void fp8_backward_cuda(Tensor& dx, bool accumulate_dx, Param& w, const Tensor& d
     LASP_PROFILE_SCOPE("fp8_quantize");
     if (mode == Fp8ScaleMode::Block) {
       fp8_weight(w, st, mode);
-      // One pass each: dy's rows (dgrad) and 1x128 blocks of dy^T and x^T (wgrad, inner dim the
-      // tokens, zero-padded to np).
+      // dy's rows (dgrad) and 1x128 blocks of dy^T in one pass, x^T's (wgrad, inner dim the
+      // tokens, zero-padded to np) through the cache.
       const Fp8Scaling b = Fp8Scaling::Block1x128;
       const Fp8RowsCols d =
           quantize_fp8_block_rows_cols_cuda(dy, Fp8Format::E5M2, b, dx.defined(), true, np);
       dy_rows = d.rows;
       dy_cols = d.cols;
-      x_cols = quantize_fp8_block_rows_cols_cuda(x, Fp8Format::E4M3, b, false, true, np).cols;
+      x_cols = activation_codes(x, true, mode, np);
     } else {
       Fp8DeviceScale dy_scale;
       if (mode == Fp8ScaleMode::PerTensor) {
         fp8_weight(w, st, mode);
-        x_cols = activation_current(x, true, forward_x_scale(st, x));
+        x_cols = activation_codes(x, true, mode, np, forward_x_scale(st, x));
         dy_scale = current_scale(dy);
       } else {
         LASP_CHECK(st.fp8_forward_done && st.x_scale_dev.defined())

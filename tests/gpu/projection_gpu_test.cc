@@ -544,42 +544,55 @@ TEST(ProjectionFp8Gpu, BlockScalingMatchesTheCpuEmulation) {
 
 TEST(ProjectionFp8Gpu, CachedWeightsAndSharedActivationsFollowTheStepAndWeightChanges) {
   LASP_SKIP_WITHOUT_GPU();
-  set_projection_options(precision_config("per_tensor"), 11);
-  set_projection_step(0);  // the trainer's mode: per-step caches on
-  std::mt19937 rng(fresh_seed());
-  const Dims d{128, 64, 32};
-  const Tensor x = activation(d.n, d.in, rng), dy = activation(d.n, d.out, rng, 1e-3);
-  const Tensor w1 = random_uniform({d.out, d.in}, rng, -0.1, 0.1),
-               w2 = random_uniform({d.out, d.in}, rng, -0.3, 0.3);
-  // Two projections of one activation (quantized once) with different weights.
-  Param q_cpu = make_weight("q", w1, Precision::Fp8, cpu()),
-        k_cpu = make_weight("k", w2, Precision::Fp8, cpu());
-  Param q_gpu = make_weight("q", w1, Precision::Fp8, cuda()),
-        k_gpu = make_weight("k", w2, Precision::Fp8, cuda());
-  const Tensor xg = to_cuda(x, DType::BF16), dyg = to_cuda(dy, DType::BF16);
-  for (Param* p : {&q_gpu, &k_gpu}) {
-    Param& c = p == &q_gpu ? q_cpu : k_cpu;
-    Tensor y = poisoned_cuda({d.n, d.out}, DType::BF16),
-           yc = Tensor::empty({d.n, d.out}, DType::F32);
-    projection_forward(y, xg, *p);
-    projection_forward(yc, x, c);
-    EXPECT_LT(rel_error(y, yc), kBf16Tol) << p->name;
-    Tensor dx = poisoned_cuda({d.n, d.in}, DType::BF16),
-           dxc = Tensor::empty({d.n, d.in}, DType::F32);
-    projection_backward(dx, false, *p, dyg, xg);
-    projection_backward(dxc, false, c, dy, x);
-    EXPECT_LT(rel_error(dx, dxc), kBf16Tol) << p->name;
-    EXPECT_LT(rel_error(p->grad.to(cpu()), c.grad), kFp8GradTol) << p->name;
+  // Both scalings whose activations go through the caches (x once per direction, W per epoch).
+  for (const char* scaling : {"per_tensor", "block"}) {
+    SCOPED_TRACE(scaling);
+    set_projection_options(precision_config(scaling), 11);
+    projection_weights_changed();  // nothing cached from the previous scaling
+    set_projection_step(0);  // the trainer's mode: per-step caches on
+    std::mt19937 rng(fresh_seed());
+    const Dims d{200, 160, 48};  // 200 tokens: x^T's 1x128 blocks are one whole and one ragged
+    const Tensor x = activation(d.n, d.in, rng), dy = activation(d.n, d.out, rng, 1e-3);
+    const Tensor w1 = random_uniform({d.out, d.in}, rng, -0.1, 0.1),
+                 w2 = random_uniform({d.out, d.in}, rng, -0.3, 0.3);
+    // Two projections of one activation (quantized once) with different weights.
+    Param q_cpu = make_weight("q", w1, Precision::Fp8, cpu()),
+          k_cpu = make_weight("k", w2, Precision::Fp8, cpu());
+    Param q_gpu = make_weight("q", w1, Precision::Fp8, cuda()),
+          k_gpu = make_weight("k", w2, Precision::Fp8, cuda());
+    const Tensor xg = to_cuda(x, DType::BF16), dyg = to_cuda(dy, DType::BF16);
+    for (Param* p : {&q_gpu, &k_gpu}) {
+      Param& c = p == &q_gpu ? q_cpu : k_cpu;
+      Tensor y = poisoned_cuda({d.n, d.out}, DType::BF16),
+             yc = Tensor::empty({d.n, d.out}, DType::F32);
+      projection_forward(y, xg, *p);
+      projection_forward(yc, x, c);
+      EXPECT_LT(rel_error(y, yc), kBf16Tol) << p->name;
+      Tensor dx = poisoned_cuda({d.n, d.in}, DType::BF16),
+             dxc = Tensor::empty({d.n, d.in}, DType::F32);
+      projection_backward(dx, false, *p, dyg, xg);
+      projection_backward(dxc, false, c, dy, x);
+      EXPECT_LT(rel_error(dx, dxc), kBf16Tol) << p->name;
+      EXPECT_LT(rel_error(p->grad.to(cpu()), c.grad), kFp8GradTol) << p->name;
+    }
+    // Another activation of the same shape in the same step: its own codes, not the cached x's.
+    const Tensor x2 = activation(d.n, d.in, rng, 3.0);
+    const Tensor x2g = to_cuda(x2, DType::BF16);
+    Param k2_cpu = make_weight("k", w2, Precision::Fp8, cpu());
+    Tensor y2 = poisoned_cuda({d.n, d.out}, DType::BF16), y2c = Tensor::empty({d.n, d.out}, DType::F32);
+    projection_forward(y2, x2g, k_gpu);
+    projection_forward(y2c, x2, k2_cpu);
+    EXPECT_LT(rel_error(y2, y2c), kBf16Tol) << "the cached codes of the other x were used";
+    // New weights (the optimizer's update) announced: the next forward quantizes them.
+    q_gpu.value.copy_from(w2.to(cuda()));
+    projection_weights_changed();
+    Param q2_cpu = make_weight("q", w2, Precision::Fp8, cpu());
+    Tensor y = poisoned_cuda({d.n, d.out}, DType::BF16), yc = Tensor::empty({d.n, d.out}, DType::F32);
+    projection_forward(y, xg, q_gpu);
+    projection_forward(yc, x, q2_cpu);
+    EXPECT_LT(rel_error(y, yc), kBf16Tol) << "the cached W of the old weights was used";
+    set_projection_step(1);
   }
-  // New weights (the optimizer's update) announced: the next forward quantizes them.
-  q_gpu.value.copy_from(w2.to(cuda()));
-  projection_weights_changed();
-  Param q2_cpu = make_weight("q", w2, Precision::Fp8, cpu());
-  Tensor y = poisoned_cuda({d.n, d.out}, DType::BF16), yc = Tensor::empty({d.n, d.out}, DType::F32);
-  projection_forward(y, xg, q_gpu);
-  projection_forward(yc, x, q2_cpu);
-  EXPECT_LT(rel_error(y, yc), kBf16Tol) << "the cached W of the old weights was used";
-  set_projection_step(1);
 }
 
 // In the trainer's mode the backward quantizes x^T with the scale its forward computed for the
