@@ -206,7 +206,7 @@ void gemm_fp8_cuda(Tensor& c, const QuantizedFp8& a, const QuantizedFp8& b, floa
   const bool block = a.scaling != Fp8Scaling::PerTensor || b.scaling != Fp8Scaling::PerTensor;
   if (backend == Fp8GemmBackend::Auto) {
     backend = gemm_fp8_lasp_available() &&
-                      fp8_auto_prefers_lasp(k, a.scaling, b.scaling, c.dtype() == DType::BF16, beta)
+                      fp8_auto_prefers_lasp(n, k, a.scaling, b.scaling, c.dtype() == DType::BF16, beta)
                   ? Fp8GemmBackend::Lasp
                   : Fp8GemmBackend::CublasLt;
   }

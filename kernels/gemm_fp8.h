@@ -67,13 +67,13 @@ struct Fp8KernelConfig {
 // (= Auto). Other values are an error naming the variable.
 Fp8GemmBackend fp8_gemm_backend_from_env();
 // Auto's rule on an sm_90 GPU: our kernel where `lasp bench lowp` measured it at or above
-// cuBLASLt: bf16 C, beta = 0 and K <= 4096 (per tensor, the 1B model's K = 2048 projections:
-// 1.66-1.79x bf16 against cuBLASLt's 1.61-1.79x; x 1x128 times W 128x128); cuBLASLt for the
-// rest (per tensor K = 8192: 1.72 vs 1.75x, 8192^3: 1.83 vs 1.96x; fp32 C or beta != 0, which
-// our kernel stores from registers; a 1x128 B — the block-scaled weight gradients dy^T x, both
-// 1x128 along the tokens — 1.1-1.5x slower in ours, docs/fp8_gpu.md).
-// docs/fp8_gpu.md, "Our FP8 kernel".
-bool fp8_auto_prefers_lasp(int64_t k, Fp8Scaling a, Fp8Scaling b, bool c_bf16, float beta);
+// cuBLASLt: bf16 C, beta = 0, K <= 4096 and N <= 8192 (per tensor, the 1B model's K = 2048
+// projections: 1.66-1.79x bf16 against cuBLASLt's 1.61-1.79x; x 1x128 times W 128x128); cuBLASLt
+// for the rest (per tensor K = 8192: 1.72 vs 1.75x, 8192^3: 1.83 vs 1.96x; the LM head's
+// 4096 x 128256 x 2048: 1.55 vs 1.76x; fp32 C or beta != 0, which our kernel stores from
+// registers; a 1x128 B — the block-scaled weight gradients dy^T x, both 1x128 along the tokens —
+// 1.1-1.5x slower in ours). docs/fp8_gpu.md, "Our FP8 kernel".
+bool fp8_auto_prefers_lasp(int64_t n, int64_t k, Fp8Scaling a, Fp8Scaling b, bool c_bf16, float beta);
 // gemm_fp8 on a chosen kernel (benchmarks and tests compare them). Lasp needs
 // gemm_fp8_lasp_available(); fast_accum there means promote_every = the whole K (per tensor
 // only). CPU tensors ignore the choice (the exact emulation).

@@ -79,27 +79,30 @@ TEST(GemmFp8Cpu, KernelChoiceFromTheEnvironment) {
 }
 
 // Auto's rule: our kernel only where it was measured at least as fast (scalings it takes, bf16
-// C, beta = 0, K <= 4096); everything else stays on cuBLASLt.
+// C, beta = 0, K <= 4096, N <= 8192); everything else stays on cuBLASLt.
 TEST(GemmFp8Cpu, AutoPrefersOurKernelOnlyWhereItWasMeasuredFaster) {
   const Fp8Scaling t = Fp8Scaling::PerTensor, v = Fp8Scaling::Block1x128,
                    b = Fp8Scaling::Block128x128;
-  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, t, t, true, 0.0f));
-  EXPECT_TRUE(fp8_auto_prefers_lasp(4096, t, t, true, 0.0f));
-  EXPECT_FALSE(fp8_auto_prefers_lasp(4112, t, t, true, 0.0f));
-  EXPECT_FALSE(fp8_auto_prefers_lasp(8192, t, t, true, 0.0f));
-  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, t, t, false, 0.0f));  // fp32 C
-  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, t, t, true, 1.0f));   // beta != 0
+  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, 2048, t, t, true, 0.0f));
+  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, 4096, t, t, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, 4112, t, t, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, 8192, t, t, true, 0.0f));
+  EXPECT_TRUE(fp8_auto_prefers_lasp(8192, 2048, t, t, true, 0.0f));     // the MLP up projection
+  EXPECT_FALSE(fp8_auto_prefers_lasp(8208, 2048, t, t, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(128256, 2048, t, t, true, 0.0f));  // the LM head
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, 2048, t, t, false, 0.0f));  // fp32 C
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, 2048, t, t, true, 1.0f));   // beta != 0
   // Block scaling: activations / gradients 1x128 times weights 128x128 (the projections'
   // forward and dgrad) by the same rule, not K > 4096; a 1x128 B (the weight gradient's x^T,
   // which our kernel takes but ran slower) never.
-  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, v, b, true, 0.0f));
-  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, b, b, true, 0.0f));
-  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, v, t, true, 0.0f));
-  EXPECT_FALSE(fp8_auto_prefers_lasp(8192, v, b, true, 0.0f));
-  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, v, b, false, 0.0f));
-  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, v, v, true, 0.0f));
-  EXPECT_FALSE(fp8_auto_prefers_lasp(16384, v, v, false, 1.0f));
-  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, t, v, true, 0.0f));
+  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, 2048, v, b, true, 0.0f));
+  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, 2048, b, b, true, 0.0f));
+  EXPECT_TRUE(fp8_auto_prefers_lasp(2048, 2048, v, t, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, 8192, v, b, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, 2048, v, b, false, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, 2048, v, v, true, 0.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, 16384, v, v, false, 1.0f));
+  EXPECT_FALSE(fp8_auto_prefers_lasp(2048, 2048, t, v, true, 0.0f));
 }
 
 // Our FP8 kernel's tile walk (kernels/gemm_fp8_tiles.h, the code the kernel runs), on the host:
@@ -470,14 +473,16 @@ TEST(GemmFp8LaspGpu, AutoRunsOurKernelExactlyWhereItsRuleSays) {
             automatic);
   check_fp8({64, 128, 8192}, F::E4M3, F::E4M3, t, t, DType::BF16, 1.0f, 0.0f, false, 8e-3,
             automatic);
-  EXPECT_EQ(gemm_fp8_lasp_launches(), mid) << "fp32 C and K = 8192 stay on cuBLASLt";
+  check_fp8({64, 8320, 256}, F::E4M3, F::E4M3, t, t, DType::BF16, 1.0f, 0.0f, false, 8e-3,
+            automatic);
+  EXPECT_EQ(gemm_fp8_lasp_launches(), mid) << "fp32 C, K = 8192 and N = 8320 stay on cuBLASLt";
   // Block scaling: x 1x128 times W 128x128 (the projections' forward) follows the same rule;
   // a 1x128 B (the weight gradient's x^T, fp32 C accumulating) stays on cuBLASLt.
   const Fp8Scaling v = Fp8Scaling::Block1x128, b = Fp8Scaling::Block128x128;
   const int64_t blk = gemm_fp8_lasp_launches();
   check_fp8({300, 200, 1040}, F::E4M3, F::E4M3, v, b, DType::BF16, 1.0f, 0.0f, false, 8e-3,
             automatic);
-  const bool takes = gemm_fp8_lasp_available() && fp8_auto_prefers_lasp(1040, v, b, true, 0.0f);
+  const bool takes = gemm_fp8_lasp_available() && fp8_auto_prefers_lasp(200, 1040, v, b, true, 0.0f);
   EXPECT_EQ(gemm_fp8_lasp_launches() - blk, takes ? 1 : 0);
   const int64_t wgrad = gemm_fp8_lasp_launches();
   check_fp8({300, 200, 1040}, F::E5M2, F::E4M3, v, v, DType::F32, 1.0f, 1.0f, false, 5e-4,
