@@ -18,6 +18,7 @@
 #include "core/check.h"
 #include "data/checksum.h"
 #include "launch/checkpoint.pb.h"
+#include "launch/metrics.h"
 
 namespace lasp {
 
@@ -450,24 +451,6 @@ const char* safetensors_dtype(DType t) {
   }
   LASP_FAIL() << "export_safetensors: unknown dtype";
   return "";
-}
-
-std::string json_string(const std::string& s) {
-  std::string out = "\"";
-  for (char c : s) {
-    const auto u = static_cast<unsigned char>(c);
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (u < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof(buf), "\\u%04x", u);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
 }
 
 }  // namespace

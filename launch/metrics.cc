@@ -22,24 +22,6 @@ double now_unix() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
-void append_json_string(std::string& out, const std::string& s) {
-  out += '"';
-  for (char c : s) {
-    const auto u = static_cast<unsigned char>(c);
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (u < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof(buf), "\\u%04x", u);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  out += '"';
-}
-
 void append_json_number(std::string& out, double v) {
   if (!std::isfinite(v)) {  // JSON has no NaN / inf
     out += "null";
@@ -58,6 +40,24 @@ std::string host_name() {
 
 }  // namespace
 
+std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    const auto u = static_cast<unsigned char>(c);
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (u < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\u%04x", u);
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
 std::string metrics_json_line(int64_t step, double wall_time,
                               const std::vector<std::pair<std::string, double>>& values) {
   std::string line = "{\"step\":" + std::to_string(step) + ",\"time\":";
@@ -66,7 +66,7 @@ std::string metrics_json_line(int64_t step, double wall_time,
   line += buf;
   for (const auto& [key, value] : values) {
     line += ',';
-    append_json_string(line, key);
+    line += json_string(key);
     line += ':';
     append_json_number(line, value);
   }

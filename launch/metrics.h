@@ -43,6 +43,10 @@ class MetricsWriter {  // only rank 0 constructs it enabled
   std::FILE* events_ = nullptr;
 };
 
+// s as a JSON string literal: quoted, with " \ and control characters escaped (metrics.jsonl
+// keys, the safetensors header's tensor names).
+std::string json_string(const std::string& s);
+
 // Formats one metrics.jsonl line (without the newline); exposed for tests and tools.
 std::string metrics_json_line(int64_t step, double wall_time,
                               const std::vector<std::pair<std::string, double>>& values);

@@ -105,6 +105,13 @@ TEST(Metrics, JsonLinesHoldStepTimeAndValuesInOrder) {
   }
 }
 
+TEST(Metrics, JsonStringEscapesQuotesBackslashesAndControlCharacters) {
+  EXPECT_EQ(json_string("plain/name.0"), "\"plain/name.0\"");
+  EXPECT_EQ(json_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
+  EXPECT_EQ(json_string(std::string("t\tn\n\x01") + '\0'), "\"t\\u0009n\\u000a\\u0001\\u0000\"");
+  EXPECT_EQ(json_string("\xc3\xa9"), "\"\xc3\xa9\"");  // UTF-8 passes through
+}
+
 TEST(Metrics, WritesJsonlAndTensorBoardEventsThatReadBackWithValidCrcs) {
   TempDir dir;
   std::mt19937_64 rng(std::random_device{}());
