@@ -316,6 +316,9 @@ struct LtProblem {
   const char* name;
   cudaDataType_t ta, tb;  // cuBLASLt's A (our W, [N, K]) and B (our x, [M, K])
   bool fast;
+  // The block-scaled weight gradient: both operands 1x128 (VEC128, factors all 1), fp32 C,
+  // beta = 1 — what gemm_fp8 asks cuBLASLt for dW += dy^T x under fp8_scaling: block.
+  bool block_wgrad = false;
 };
 
 std::string algo_config(const cublasLtMatmulAlgo_t& algo) {
@@ -352,19 +355,34 @@ void survey_problem(const Options& opt, cublasLtHandle_t handle, void* workspace
       cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
   CUBLAS_CHECK(
       cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+  // VEC128 factors (outer-major, one per row and 128 of K), all 1: the timing does not depend on them.
+  Tensor a_factors, b_factors;
+  const void* a_scale = scale;
+  const void* b_scale = scale;
+  if (pr.block_wgrad) {
+    const int64_t nb = (g.k + 127) / 128;
+    a_factors = Tensor::full({nb * g.n}, 1.0, DType::F32, cuda());
+    b_factors = Tensor::full({nb * g.m}, 1.0, DType::F32, cuda());
+    a_scale = a_factors.raw();
+    b_scale = b_factors.raw();
+    const cublasLtMatmulMatrixScale_t vec = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &vec, sizeof(vec)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec, sizeof(vec)));
+  }
   if (fp8) {
     const int8_t fast = pr.fast ? 1 : 0;
     CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale,
-                                                sizeof(scale)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale,
-                                                sizeof(scale)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale,
+                                                sizeof(a_scale)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale,
+                                                sizeof(b_scale)));
   }
   cublasLtMatrixLayout_t la, lb, lc;
+  const cudaDataType_t tc = pr.block_wgrad ? CUDA_R_32F : CUDA_R_16BF;
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, pr.ta, g.k, g.n, g.k));
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb, pr.tb, g.k, g.m, g.k));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, g.n, g.m, g.n));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc, tc, g.n, g.m, g.n));
   cublasLtMatmulPreference_t pref;
   CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -374,7 +392,7 @@ void survey_problem(const Options& opt, cublasLtHandle_t handle, void* workspace
   CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, op, la, lb, lc, lc, pref,
                                               static_cast<int>(res.size()), res.data(), &count));
   res.resize(static_cast<size_t>(count));
-  const float alpha = 1.0f, beta = 0.0f;
+  const float alpha = 1.0f, beta = pr.block_wgrad ? 1.0f : 0.0f;
   auto run_algo = [&](const cublasLtMatmulAlgo_t& algo) {
     return cublasLtMatmul(handle, op, &alpha, a, la, b, lb, &beta, c, lc, c, lc, &algo, workspace,
                           ws_bytes, stream);
@@ -426,6 +444,35 @@ void survey_problem(const Options& opt, cublasLtHandle_t handle, void* workspace
   cublasLtMatrixLayoutDestroy(lb);
   cublasLtMatrixLayoutDestroy(la);
   cublasLtMatmulDescDestroy(op);
+}
+
+// --algos --wgrad: every candidate of cuBLASLt's heuristic for the block-scaled weight gradients
+// of the 1B model (dW[M, N] += dy^T x, K = 16384 tokens, E5M2 x E4M3, 1x128 x 1x128, fp32 C).
+int run_algos_wgrad(const Options& opt) {
+  std::printf(
+      "lasp bench lowp --algos --wgrad: dW[M,N] += dy^T x, 1x128 x 1x128, fp32 C, beta = 1; every "
+      "candidate of cuBLASLt's heuristic (up to 64), median over %d interleaved rounds of 10 runs; "
+      "rank 0 is what lasp uses\n",
+      opt.iters);
+  cublasLtHandle_t handle;
+  CUBLAS_CHECK(cublasLtCreate(&handle));
+  const size_t ws_bytes = 32u << 20;
+  void* workspace = nullptr;
+  LOWP_CUDA(cudaMalloc(&workspace, ws_bytes));
+  const LtProblem pr{"fp8 block wgrad e4m3 x e5m2 (x^T, dy^T)", CUDA_R_8F_E4M3, CUDA_R_8F_E5M2, false, true};
+  uint32_t seed = 17;
+  for (const Shape3& g : {Shape3{2048, 2048, 16384, "attn proj"}, Shape3{6144, 2048, 16384, "q/k/v"},
+                          Shape3{8192, 2048, 16384, "mlp gate/up"}, Shape3{2048, 8192, 16384, "mlp down"}}) {
+    Tensor dyt = random_bf16({g.m, g.k}, 1.0, seed++), xt = random_bf16({g.n, g.k}, 1.0, seed++);
+    const QuantizedFp8 d5 = quantize_fp8_cuda(dyt, Fp8Format::E5M2, Fp8Scaling::PerTensor);
+    const QuantizedFp8 x4 = quantize_fp8_cuda(xt, Fp8Format::E4M3, Fp8Scaling::PerTensor);
+    Tensor c = Tensor::zeros({g.m, g.n}, DType::F32, cuda());
+    survey_problem(opt, handle, workspace, ws_bytes, g, pr, x4.codes.raw(), d5.codes.raw(), c.raw(),
+                   nullptr);
+  }
+  LOWP_CUDA(cudaFree(workspace));
+  cublasLtDestroy(handle);
+  return 0;
 }
 
 int run_algos(const Options& opt) {
@@ -877,7 +924,7 @@ int bench_lowp_main(int argc, char** argv) {
       std::fprintf(
           stderr,
           "lasp bench lowp: unknown argument '%s' (expected --iters N, --warmup N, "
-          "--quick, --algos, --quantizers, --kernel, --latency, --sustained, --wgrad, --shape "
+          "--quick, --algos [--wgrad], --quantizers, --kernel, --latency, --sustained, --wgrad, --shape "
           "MxNxK)\n",
           a.c_str());
       return 2;
@@ -896,6 +943,7 @@ int bench_lowp_main(int argc, char** argv) {
     run_sustained(opt, bench_shapes(opt.quick));
     return 0;
   }
+  if (opt.algos && opt.wgrad_only) return run_algos_wgrad(opt);
   if (opt.wgrad_only) {
     run_wgrad(opt);
     return 0;
