@@ -446,6 +446,23 @@ void survey_problem(const Options& opt, cublasLtHandle_t handle, void* workspace
   cublasLtMatmulDescDestroy(op);
 }
 
+// The --algos surveys' cuBLASLt handle and 32 MiB workspace (gemm_fp8's size).
+struct LtSurvey {
+  cublasLtHandle_t handle = nullptr;
+  size_t ws_bytes = 32u << 20;
+  void* workspace = nullptr;
+  LtSurvey() {
+    CUBLAS_CHECK(cublasLtCreate(&handle));
+    LOWP_CUDA(cudaMalloc(&workspace, ws_bytes));
+  }
+  ~LtSurvey() {
+    cudaFree(workspace);
+    cublasLtDestroy(handle);
+  }
+  LtSurvey(const LtSurvey&) = delete;
+  LtSurvey& operator=(const LtSurvey&) = delete;
+};
+
 // --algos --wgrad: every candidate of cuBLASLt's heuristic for the block-scaled weight gradients
 // of the 1B model (dW[M, N] += dy^T x, K = 16384 tokens, E5M2 x E4M3, 1x128 x 1x128, fp32 C).
 int run_algos_wgrad(const Options& opt) {
@@ -454,11 +471,7 @@ int run_algos_wgrad(const Options& opt) {
       "candidate of cuBLASLt's heuristic (up to 64), median over %d interleaved rounds of 10 runs; "
       "rank 0 is what lasp uses\n",
       opt.iters);
-  cublasLtHandle_t handle;
-  CUBLAS_CHECK(cublasLtCreate(&handle));
-  const size_t ws_bytes = 32u << 20;
-  void* workspace = nullptr;
-  LOWP_CUDA(cudaMalloc(&workspace, ws_bytes));
+  const LtSurvey lt;
   const LtProblem pr{"fp8 block wgrad e4m3 x e5m2 (x^T, dy^T)", CUDA_R_8F_E4M3, CUDA_R_8F_E5M2, false, true};
   uint32_t seed = 17;
   for (const Shape3& g : {Shape3{2048, 2048, 16384, "attn proj"}, Shape3{6144, 2048, 16384, "q/k/v"},
@@ -467,11 +480,9 @@ int run_algos_wgrad(const Options& opt) {
     const QuantizedFp8 d5 = quantize_fp8_cuda(dyt, Fp8Format::E5M2, Fp8Scaling::PerTensor);
     const QuantizedFp8 x4 = quantize_fp8_cuda(xt, Fp8Format::E4M3, Fp8Scaling::PerTensor);
     Tensor c = Tensor::zeros({g.m, g.n}, DType::F32, cuda());
-    survey_problem(opt, handle, workspace, ws_bytes, g, pr, x4.codes.raw(), d5.codes.raw(), c.raw(),
-                   nullptr);
+    survey_problem(opt, lt.handle, lt.workspace, lt.ws_bytes, g, pr, x4.codes.raw(),
+                   d5.codes.raw(), c.raw(), nullptr);
   }
-  LOWP_CUDA(cudaFree(workspace));
-  cublasLtDestroy(handle);
   return 0;
 }
 
@@ -488,11 +499,7 @@ int run_algos(const Options& opt) {
       "heuristic (up to 64), median over %d interleaved rounds of 10 runs; rank 0 is what lasp "
       "uses\n",
       opt.iters);
-  cublasLtHandle_t handle;
-  CUBLAS_CHECK(cublasLtCreate(&handle));
-  const size_t ws_bytes = 32u << 20;
-  void* workspace = nullptr;
-  LOWP_CUDA(cudaMalloc(&workspace, ws_bytes));
+  const LtSurvey lt;
   float* scale = nullptr;
   LOWP_CUDA(cudaMalloc(&scale, sizeof(float)));
   const float one = 1.0f;
@@ -510,12 +517,10 @@ int run_algos(const Options& opt) {
       const void* b = pr.tb == CUDA_R_16BF      ? x.raw()
                       : pr.tb == CUDA_R_8F_E4M3 ? x4.codes.raw()
                                                 : x5.codes.raw();
-      survey_problem(opt, handle, workspace, ws_bytes, g, pr, a, b, y.raw(), scale);
+      survey_problem(opt, lt.handle, lt.workspace, lt.ws_bytes, g, pr, a, b, y.raw(), scale);
     }
   }
   LOWP_CUDA(cudaFree(scale));
-  LOWP_CUDA(cudaFree(workspace));
-  cublasLtDestroy(handle);
   return 0;
 }
 
